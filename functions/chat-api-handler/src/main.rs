@@ -1,0 +1,28 @@
+//! chat-api-handler: every route of the WebSocket API. Validates the request and writes the
+//! state change with its event to DynamoDB; never broadcasts (the fan-out does).
+
+use aws_lambda_events::apigw::ApiGatewayWebsocketProxyRequest;
+use chat_shared::config::{HandlerConfig, Retention, Tables};
+use chat_shared::handler::handle_request;
+use chat_shared::store::dynamodb::DynamoStore;
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    chat_shared::telemetry::init();
+    let config = HandlerConfig::from_env()?;
+    // Built once per execution environment and reused by every invocation.
+    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let store = DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&aws),
+        Tables::from_env()?,
+        Retention::from_env()?,
+    );
+    let (store, config) = (&store, &config);
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {
+            handle_request(store, config, event.payload, chat_shared::now_ms()).await
+        },
+    ))
+    .await
+}

@@ -1,0 +1,29 @@
+//! chat-fanout: the event table's DynamoDB stream in, frames out through `@connections`,
+//! with a partial batch response so one failing record never fails the batch.
+
+use aws_lambda_events::event::dynamodb::Event;
+use chat_shared::config::{connections_endpoint_from_env, FanoutConfig, Retention, Tables};
+use chat_shared::delivery::ManagementApi;
+use chat_shared::fanout::handle_stream_event;
+use chat_shared::store::dynamodb::DynamoStore;
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    chat_shared::telemetry::init();
+    let config = FanoutConfig::from_env()?;
+    // One SDK config, one DynamoDB client and one Management API client (one HTTP pool)
+    // for the life of the execution environment.
+    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let store = DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&aws),
+        Tables::from_env()?,
+        Retention::from_env()?,
+    );
+    let api = ManagementApi::new(&aws, &connections_endpoint_from_env()?);
+    let (store, api, config) = (&store, &api, &config);
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Event>| async move {
+        Ok::<_, Error>(handle_stream_event(store, api, config, event.payload, chat_shared::now_ms).await)
+    }))
+    .await
+}

@@ -1,0 +1,198 @@
+//! Settings read from the environment (the Lambdas' `Environment` in template.yaml), with
+//! the defaults used when a variable is unset.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::validation::DEFAULT_MAX_MESSAGE_BYTES;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("environment variable {0} is required")]
+    Missing(&'static str),
+    #[error("environment variable {name} = {value:?} is not valid: {why}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// The two table names.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    /// `EVENTS_TABLE`: the immutable event log (message history), with a stream.
+    pub events: String,
+    /// `CONNECTIONS_TABLE`: connections, name claims and the room's sequence counter.
+    pub connections: String,
+}
+
+/// Lifetimes of stored items.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// `CONNECTION_TTL_SECONDS` (default 10,800 = 3 h): a connection and its name claim expire
+    /// this long after connecting. API Gateway closes every connection after 2 h at most, so
+    /// this must be at least 7,200; the extra hour covers a `$disconnect` that never came.
+    pub connection_ttl: Duration,
+    /// `EVENT_RETENTION_DAYS` (default 30): how long the history keeps an event.
+    pub event_retention: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            connection_ttl: Duration::from_secs(DEFAULT_CONNECTION_TTL_SECONDS),
+            event_retention: Duration::from_secs(DEFAULT_EVENT_RETENTION_DAYS * 86_400),
+        }
+    }
+}
+
+pub const DEFAULT_CONNECTION_TTL_SECONDS: u64 = 10_800;
+pub const MIN_CONNECTION_TTL_SECONDS: u64 = 7_200;
+pub const DEFAULT_EVENT_RETENTION_DAYS: u64 = 30;
+pub const DEFAULT_FANOUT_CONCURRENCY: usize = 256;
+
+/// What chat-api-handler needs.
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    /// `MAX_MESSAGE_BYTES` (default 4096).
+    pub max_message_bytes: usize,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        HandlerConfig {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+/// What the fan-out needs.
+#[derive(Debug, Clone)]
+pub struct FanoutConfig {
+    /// `FANOUT_CONCURRENCY` (default 256): `@connections` calls in flight at once.
+    pub concurrency: usize,
+    /// Attempts per delivery for throttling (429) and server errors (5xx), with exponential
+    /// backoff and jitter between them.
+    pub max_attempts: u32,
+    /// The first backoff; each retry doubles it.
+    pub base_backoff: Duration,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        FanoutConfig {
+            concurrency: DEFAULT_FANOUT_CONCURRENCY,
+            max_attempts: 4,
+            base_backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+fn var(name: &'static str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn parse_var<T: std::str::FromStr>(
+    name: &'static str,
+    default: T,
+    why: &'static str,
+) -> Result<T, ConfigError> {
+    match var(name) {
+        None => Ok(default),
+        Some(value) => value.trim().parse().map_err(|_| ConfigError::Invalid {
+            name,
+            value,
+            why,
+        }),
+    }
+}
+
+impl Tables {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Tables {
+            events: var("EVENTS_TABLE").ok_or(ConfigError::Missing("EVENTS_TABLE"))?,
+            connections: var("CONNECTIONS_TABLE").ok_or(ConfigError::Missing("CONNECTIONS_TABLE"))?,
+        })
+    }
+}
+
+impl Retention {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let ttl = parse_var(
+            "CONNECTION_TTL_SECONDS",
+            DEFAULT_CONNECTION_TTL_SECONDS,
+            "expected whole seconds",
+        )?;
+        if ttl < MIN_CONNECTION_TTL_SECONDS {
+            return Err(ConfigError::Invalid {
+                name: "CONNECTION_TTL_SECONDS",
+                value: ttl.to_string(),
+                why: "must be at least 7200, API Gateway's maximum connection duration",
+            });
+        }
+        let days = parse_var(
+            "EVENT_RETENTION_DAYS",
+            DEFAULT_EVENT_RETENTION_DAYS,
+            "expected whole days",
+        )?;
+        if days == 0 {
+            return Err(ConfigError::Invalid {
+                name: "EVENT_RETENTION_DAYS",
+                value: "0".into(),
+                why: "must be at least 1",
+            });
+        }
+        Ok(Retention {
+            connection_ttl: Duration::from_secs(ttl),
+            event_retention: Duration::from_secs(days * 86_400),
+        })
+    }
+}
+
+impl HandlerConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let max = parse_var(
+            "MAX_MESSAGE_BYTES",
+            DEFAULT_MAX_MESSAGE_BYTES,
+            "expected a number of bytes",
+        )?;
+        if max == 0 {
+            return Err(ConfigError::Invalid {
+                name: "MAX_MESSAGE_BYTES",
+                value: "0".into(),
+                why: "must be at least 1",
+            });
+        }
+        Ok(HandlerConfig {
+            max_message_bytes: max,
+        })
+    }
+}
+
+impl FanoutConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let concurrency = parse_var(
+            "FANOUT_CONCURRENCY",
+            DEFAULT_FANOUT_CONCURRENCY,
+            "expected a positive number",
+        )?;
+        if concurrency == 0 {
+            return Err(ConfigError::Invalid {
+                name: "FANOUT_CONCURRENCY",
+                value: "0".into(),
+                why: "must be at least 1",
+            });
+        }
+        Ok(FanoutConfig {
+            concurrency,
+            ..FanoutConfig::default()
+        })
+    }
+}
+
+/// `CONNECTIONS_ENDPOINT`: the Management API endpoint, `https://{api-id}.execute-api.{region}.amazonaws.com/{stage}`.
+pub fn connections_endpoint_from_env() -> Result<String, ConfigError> {
+    var("CONNECTIONS_ENDPOINT").ok_or(ConfigError::Missing("CONNECTIONS_ENDPOINT"))
+}

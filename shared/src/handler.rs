@@ -1,0 +1,154 @@
+//! chat-api-handler's logic: one API Gateway WebSocket event in, one response out.
+//!
+//! It validates the request and writes the state change with its event; it never calls
+//! `@connections`. A refused request is answered with one error frame as the route's
+//! response, which API Gateway sends to the caller only (the message routes are two-way).
+
+use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
+use aws_lambda_events::encodings::Body;
+use lambda_runtime::Diagnostic;
+use thiserror::Error;
+use tracing::{error, info, warn};
+
+use crate::config::HandlerConfig;
+use crate::events::LeaveReason;
+use crate::protocol::{parse_request, ClientRequest, ErrorCode, Refusal};
+use crate::store::{ChatStore, StoreError};
+use crate::validation::{validate_message, validate_name};
+
+#[derive(Debug, Error)]
+pub enum HandlerError {
+    /// Not an API Gateway WebSocket event: a wiring mistake, not a client's.
+    #[error("the event has no requestContext.connectionId")]
+    MissingConnectionId,
+    /// `$disconnect` could not be recorded; the connection will be pruned on 410 or expire.
+    #[error("recording the disconnect failed")]
+    Store(#[from] StoreError),
+}
+
+impl From<HandlerError> for Diagnostic {
+    fn from(e: HandlerError) -> Diagnostic {
+        let error_type = match &e {
+            HandlerError::MissingConnectionId => "NonRetryable.BadEvent",
+            HandlerError::Store(s) if s.is_retryable() => "Retryable.Store",
+            HandlerError::Store(_) => "NonRetryable.Store",
+        };
+        Diagnostic {
+            error_type: error_type.into(),
+            error_message: e.to_string(),
+        }
+    }
+}
+
+fn response(status: i64, body: Option<String>) -> ApiGatewayProxyResponse {
+    let mut r = ApiGatewayProxyResponse::default();
+    r.status_code = status;
+    r.body = body.map(Body::Text);
+    r
+}
+
+fn refused(refusal: &Refusal) -> ApiGatewayProxyResponse {
+    // 200: the refusal is a normal answer, delivered as the route response.
+    response(200, Some(refusal.to_frame()))
+}
+
+/// Maps a store refusal to what the client is told.
+pub fn refusal_for(err: &StoreError, action: &str) -> Refusal {
+    let (code, message) = match err {
+        StoreError::NotConnected(_) => (ErrorCode::NotConnected, "This connection is not known; reconnect and try again.".to_owned()),
+        StoreError::NameRequired => (ErrorCode::NameRequired, "Set a name with setName before sending messages.".to_owned()),
+        StoreError::NameTaken(name) => (ErrorCode::NameTaken, format!("The name \"{name}\" is taken; choose another.")),
+        StoreError::UnknownRecipient(_) => (ErrorCode::UnknownRecipient, "No member has that name.".to_owned()),
+        StoreError::SelfRecipient => (ErrorCode::InvalidRecipient, "You cannot send a private message to yourself.".to_owned()),
+        StoreError::Contention(_) | StoreError::Backend { .. } | StoreError::Malformed(_) => {
+            (ErrorCode::InternalError, "The chat could not store this request; nothing was sent. Try again.".to_owned())
+        }
+    };
+    Refusal::new(code, message, Some(action))
+}
+
+pub async fn handle_request(
+    store: &dyn ChatStore,
+    config: &HandlerConfig,
+    request: ApiGatewayWebsocketProxyRequest,
+    now_ms: i64,
+) -> Result<ApiGatewayProxyResponse, HandlerError> {
+    let ctx = &request.request_context;
+    let connection_id = ctx.connection_id.as_deref().ok_or(HandlerError::MissingConnectionId)?;
+    match ctx.route_key.as_deref() {
+        Some("$connect") => match store.add_connection(connection_id, now_ms).await {
+            Ok(_) => {
+                info!(connection_id, "connected");
+                Ok(response(200, None))
+            }
+            Err(e) => {
+                // A non-2xx status makes API Gateway refuse the handshake: better than a
+                // connection the chat has no record of.
+                error!(connection_id, error = %e, cause = ?std::error::Error::source(&e), "could not record the connection; refusing it");
+                Ok(response(500, None))
+            }
+        },
+        Some("$disconnect") => {
+            let left = store.remove_connection(connection_id, LeaveReason::Disconnected, now_ms).await?;
+            info!(connection_id, had_joined = left.is_some(), "disconnected");
+            Ok(response(200, None))
+        }
+        _ => {
+            if request.is_base64_encoded {
+                let refusal = Refusal::new(ErrorCode::InvalidJson, "Binary frames are not supported; send JSON text.", None);
+                return Ok(refused(&refusal));
+            }
+            let outcome = match parse_request(request.body.as_deref()) {
+                Ok(req) => perform(store, config, connection_id, req, now_ms).await,
+                Err(refusal) => Err(refusal),
+            };
+            match outcome {
+                Ok(()) => Ok(response(200, None)),
+                Err(refusal) => {
+                    warn!(connection_id, code = refusal.code.as_str(), action = refusal.action.as_deref(), "request refused");
+                    Ok(refused(&refusal))
+                }
+            }
+        }
+    }
+}
+
+async fn perform(
+    store: &dyn ChatStore,
+    config: &HandlerConfig,
+    connection_id: &str,
+    req: ClientRequest,
+    now_ms: i64,
+) -> Result<(), Refusal> {
+    let action = req.action();
+    let result = match &req {
+        ClientRequest::SetName { name } => {
+            let name = validate_name(name)?;
+            store.set_name(connection_id, &name, now_ms).await.map(|event| {
+                if let Some(event) = event {
+                    info!(connection_id, event_id = event.seq, kind = event.event.type_name(), "name set");
+                }
+            })
+        }
+        ClientRequest::SendPublic { message } => {
+            validate_message(message, config.max_message_bytes, action)?;
+            store
+                .post_public(connection_id, message, now_ms)
+                .await
+                .map(|event| info!(connection_id, event_id = event.seq, "public message stored"))
+        }
+        ClientRequest::SendPrivate { to, message } => {
+            validate_message(message, config.max_message_bytes, action)?;
+            store
+                .post_private(connection_id, to, message, now_ms)
+                .await
+                .map(|event| info!(connection_id, event_id = event.seq, "private message stored"))
+        }
+    };
+    result.map_err(|e| {
+        if matches!(e, StoreError::Backend { .. } | StoreError::Contention(_) | StoreError::Malformed(_)) {
+            error!(connection_id, action, error = %e, cause = ?std::error::Error::source(&e), "store failed");
+        }
+        refusal_for(&e, action)
+    })
+}

@@ -1,0 +1,33 @@
+//! The library behind both chat Lambdas (and, later, the local stack).
+//!
+//! Each module owns one concern:
+//! - [`protocol`]: the JSON frames on the wire, parsed and serialised;
+//! - [`validation`]: the rules a name or a message must meet;
+//! - [`events`]: what happened in the chat, as immutable past-tense events;
+//! - [`keys`]: every table name, key format and attribute name, in one place;
+//! - [`store`]: the narrow store port and its DynamoDB adapter;
+//! - [`delivery`]: sending frames through the API Gateway Management API (`@connections`);
+//! - [`handler`]: the chat-api-handler logic (routes → validated state changes + events);
+//! - [`fanout`]: the stream fan-out logic (events → deliveries, pruning on 410);
+//! - [`config`]: settings read from the environment, with their defaults.
+
+pub mod config;
+pub mod delivery;
+pub mod events;
+pub mod fanout;
+pub mod handler;
+pub mod keys;
+pub mod protocol;
+pub mod store;
+pub mod telemetry;
+pub mod validation;
+
+/// Milliseconds since the Unix epoch, as the chat's one notion of "now".
+pub fn now_ms() -> i64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        // A clock before 1970 is a broken host; 0 keeps the arithmetic defined.
+        .unwrap_or(0)
+}

@@ -1,0 +1,380 @@
+//! The JSON frames on the wire: client requests in, chat frames and error frames out.
+//!
+//! The frames are those of the classic API Gateway WebSocket chat tutorial, kept exactly;
+//! what we add is additive (`id` and `ts` on chat frames, the `error` frame), so the old
+//! client keeps working. Parsing is done by hand over `serde_json::Value` rather than with a
+//! tagged serde enum because every way a frame can be wrong deserves its own precise error
+//! code, and serde's messages are neither stable nor meant for end users.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A request a client sends, selected by its `action` key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientRequest {
+    /// `{"action":"setName","name":"alice"}`: join, or rename when sent again.
+    SetName { name: String },
+    /// `{"action":"sendPublic","message":"hello"}`: say something to every member.
+    SendPublic { message: String },
+    /// `{"action":"sendPrivate","to":"bob","message":"psst"}`: to one member only.
+    SendPrivate { to: String, message: String },
+}
+
+impl ClientRequest {
+    pub fn action(&self) -> &'static str {
+        match self {
+            ClientRequest::SetName { .. } => "setName",
+            ClientRequest::SendPublic { .. } => "sendPublic",
+            ClientRequest::SendPrivate { .. } => "sendPrivate",
+        }
+    }
+}
+
+/// Every reason a request can be refused. The snake_case names are part of the public API
+/// (documented in the README); never rename one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is empty or not valid JSON.
+    InvalidJson,
+    /// The frame is JSON but not an object.
+    InvalidRequest,
+    /// `action` is missing, not a string, or not one of ours (case matters).
+    UnknownAction,
+    /// A key the action needs is missing.
+    MissingField,
+    /// A key has the wrong JSON type.
+    InvalidField,
+    /// The name breaks a naming rule (length, control or bidi characters).
+    InvalidName,
+    /// Another connection holds this name (ignoring case).
+    NameTaken,
+    /// The connection must `setName` before it can send.
+    NameRequired,
+    /// The message is empty or only whitespace.
+    InvalidMessage,
+    /// The message is over the configured byte limit.
+    MessageTooLarge,
+    /// `to` is not the name of a current member.
+    UnknownRecipient,
+    /// `to` names the sender.
+    InvalidRecipient,
+    /// The connection is not known (already closed or expired).
+    NotConnected,
+    /// The store failed; nothing was written; the client may try again.
+    InternalError,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 14] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidRequest,
+        ErrorCode::UnknownAction,
+        ErrorCode::MissingField,
+        ErrorCode::InvalidField,
+        ErrorCode::InvalidName,
+        ErrorCode::NameTaken,
+        ErrorCode::NameRequired,
+        ErrorCode::InvalidMessage,
+        ErrorCode::MessageTooLarge,
+        ErrorCode::UnknownRecipient,
+        ErrorCode::InvalidRecipient,
+        ErrorCode::NotConnected,
+        ErrorCode::InternalError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::UnknownAction => "unknown_action",
+            ErrorCode::MissingField => "missing_field",
+            ErrorCode::InvalidField => "invalid_field",
+            ErrorCode::InvalidName => "invalid_name",
+            ErrorCode::NameTaken => "name_taken",
+            ErrorCode::NameRequired => "name_required",
+            ErrorCode::InvalidMessage => "invalid_message",
+            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::UnknownRecipient => "unknown_recipient",
+            ErrorCode::InvalidRecipient => "invalid_recipient",
+            ErrorCode::NotConnected => "not_connected",
+            ErrorCode::InternalError => "internal_error",
+        }
+    }
+}
+
+/// A refused request: what goes back to its sender, and only to its sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    /// One sentence for a person.
+    pub message: String,
+    /// The request's action, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>, action: Option<&str>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+            action: action.map(str::to_owned),
+        }
+    }
+
+    /// The frame `{"error":{"code","message","action"}}`.
+    pub fn to_frame(&self) -> String {
+        #[derive(Serialize)]
+        struct ErrorFrame<'a> {
+            error: &'a Refusal,
+        }
+        serde_json::to_string(&ErrorFrame { error: self })
+            .expect("an error frame holds only strings")
+    }
+}
+
+/// Parses the body of a WebSocket message into a request, or says precisely why not.
+pub fn parse_request(body: Option<&str>) -> Result<ClientRequest, Refusal> {
+    let body = body.unwrap_or("");
+    if body.trim().is_empty() {
+        return Err(Refusal::new(
+            ErrorCode::InvalidJson,
+            "The frame is empty; send a JSON object with an \"action\" key.",
+            None,
+        ));
+    }
+    let value: Value = serde_json::from_str(body).map_err(|e| {
+        Refusal::new(
+            ErrorCode::InvalidJson,
+            format!("The frame is not valid JSON ({e})."),
+            None,
+        )
+    })?;
+    let Value::Object(object) = value else {
+        return Err(Refusal::new(
+            ErrorCode::InvalidRequest,
+            "The frame must be a JSON object with an \"action\" key.",
+            None,
+        ));
+    };
+    let action = match object.get("action") {
+        None => {
+            return Err(Refusal::new(
+                ErrorCode::UnknownAction,
+                "The frame has no \"action\" key.",
+                None,
+            ))
+        }
+        Some(Value::String(action)) => action.as_str(),
+        Some(_) => {
+            return Err(Refusal::new(
+                ErrorCode::UnknownAction,
+                "\"action\" must be a string.",
+                None,
+            ))
+        }
+    };
+    let field = |key: &str| string_field(&object, action, key);
+    match action {
+        "setName" => Ok(ClientRequest::SetName {
+            name: field("name")?,
+        }),
+        "sendPublic" => Ok(ClientRequest::SendPublic {
+            message: field("message")?,
+        }),
+        "sendPrivate" => Ok(ClientRequest::SendPrivate {
+            to: field("to")?,
+            message: field("message")?,
+        }),
+        other => Err(Refusal::new(
+            ErrorCode::UnknownAction,
+            format!(
+                "Unknown action \"{}\"; use setName, sendPublic or sendPrivate.",
+                truncate_for_display(other)
+            ),
+            Some(other),
+        )),
+    }
+}
+
+fn string_field(object: &Map<String, Value>, action: &str, key: &str) -> Result<String, Refusal> {
+    match object.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None | Some(Value::Null) => Err(Refusal::new(
+            ErrorCode::MissingField,
+            format!("{action} needs a \"{key}\" string."),
+            Some(action),
+        )),
+        Some(_) => Err(Refusal::new(
+            ErrorCode::InvalidField,
+            format!("\"{key}\" must be a string."),
+            Some(action),
+        )),
+    }
+}
+
+/// Client-chosen text echoed in an error message is cut short so a huge frame cannot
+/// produce a huge error.
+fn truncate_for_display(s: &str) -> String {
+    const MAX: usize = 40;
+    if s.chars().count() <= MAX {
+        s.to_owned()
+    } else {
+        let mut cut: String = s.chars().take(MAX).collect();
+        cut.push('…');
+        cut
+    }
+}
+
+/// What a chat frame says; the key names are the tutorial client's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FrameBody {
+    Members(Vec<String>),
+    SystemMessage(String),
+    PublicMessage(String),
+    PrivateMessage(String),
+}
+
+/// A frame the fan-out delivers. `id` is the id of the event it comes from and `ts` that
+/// event's commit time (ms): additive keys the tutorial client ignores, which newer clients
+/// use to drop redeliveries (dedupe on `id` and the frame's kind: one join yields both a
+/// `members` and a `systemMessage` frame with the same `id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    #[serde(flatten)]
+    pub body: FrameBody,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<i64>,
+}
+
+impl Frame {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a chat frame holds only strings and numbers")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(body: &str) -> Refusal {
+        parse_request(Some(body)).expect_err("should be refused")
+    }
+
+    #[test]
+    fn parses_the_three_tutorial_actions() {
+        // GIVEN the tutorial client's frames  WHEN parsed  THEN each maps to its request
+        assert_eq!(
+            parse_request(Some(r#"{"action":"setName","name":"alice"}"#)),
+            Ok(ClientRequest::SetName {
+                name: "alice".into()
+            })
+        );
+        assert_eq!(
+            parse_request(Some(r#"{"action":"sendPublic","message":"hi"}"#)),
+            Ok(ClientRequest::SendPublic {
+                message: "hi".into()
+            })
+        );
+        assert_eq!(
+            parse_request(Some(r#"{"action":"sendPrivate","to":"bob","message":"psst"}"#)),
+            Ok(ClientRequest::SendPrivate {
+                to: "bob".into(),
+                message: "psst".into()
+            })
+        );
+    }
+
+    #[test]
+    fn extra_keys_are_ignored_so_clients_can_add_fields() {
+        let parsed = parse_request(Some(r#"{"action":"sendPublic","message":"hi","x":[1]}"#));
+        assert_eq!(
+            parsed,
+            Ok(ClientRequest::SendPublic {
+                message: "hi".into()
+            })
+        );
+    }
+
+    #[test]
+    fn each_malformation_gets_its_own_code() {
+        let cases: &[(&str, ErrorCode, Option<&str>)] = &[
+            ("", ErrorCode::InvalidJson, None),
+            ("hello", ErrorCode::InvalidJson, None),
+            ("{\"action\":", ErrorCode::InvalidJson, None),
+            ("[1,2]", ErrorCode::InvalidRequest, None),
+            ("\"setName\"", ErrorCode::InvalidRequest, None),
+            ("{}", ErrorCode::UnknownAction, None),
+            (r#"{"action":7}"#, ErrorCode::UnknownAction, None),
+            (r#"{"action":"dance"}"#, ErrorCode::UnknownAction, Some("dance")),
+            (r#"{"action":"SetName","name":"a"}"#, ErrorCode::UnknownAction, Some("SetName")),
+            (r#"{"action":"setName"}"#, ErrorCode::MissingField, Some("setName")),
+            (r#"{"action":"setName","name":null}"#, ErrorCode::MissingField, Some("setName")),
+            (r#"{"action":"setName","name":5}"#, ErrorCode::InvalidField, Some("setName")),
+            (r#"{"action":"sendPublic"}"#, ErrorCode::MissingField, Some("sendPublic")),
+            (r#"{"action":"sendPublic","message":{"a":1}}"#, ErrorCode::InvalidField, Some("sendPublic")),
+            (r#"{"action":"sendPrivate","message":"x"}"#, ErrorCode::MissingField, Some("sendPrivate")),
+            (r#"{"action":"sendPrivate","to":["bob"],"message":"x"}"#, ErrorCode::InvalidField, Some("sendPrivate")),
+        ];
+        for (body, code, action) in cases {
+            let r = refusal(body);
+            assert_eq!(r.code, *code, "body {body:?}: {r:?}");
+            assert_eq!(r.action.as_deref(), *action, "body {body:?}");
+            assert!(!r.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn deep_nesting_and_huge_numbers_are_refused_without_panicking() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(refusal(&deep).code, ErrorCode::InvalidJson);
+        assert_eq!(
+            refusal(r#"{"action":"sendPublic","message":1e999}"#).code,
+            ErrorCode::InvalidJson
+        );
+    }
+
+    #[test]
+    fn error_frame_has_the_documented_shape() {
+        let frame = Refusal::new(ErrorCode::NameTaken, "Taken.", Some("setName")).to_frame();
+        let v: Value = serde_json::from_str(&frame).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"error":{"code":"name_taken","message":"Taken.","action":"setName"}})
+        );
+        let no_action = Refusal::new(ErrorCode::InvalidJson, "Bad.", None).to_frame();
+        assert_eq!(no_action, r#"{"error":{"code":"invalid_json","message":"Bad."}}"#);
+    }
+
+    #[test]
+    fn error_codes_serialise_as_their_documented_names() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_value(code).expect("json");
+            assert_eq!(json, Value::String(code.as_str().to_owned()));
+        }
+    }
+
+    #[test]
+    fn chat_frames_keep_the_tutorial_keys_and_add_id_and_ts() {
+        let cases = [
+            (FrameBody::Members(vec!["alice".into(), "bob".into()]), r#"{"members":["alice","bob"]"#),
+            (FrameBody::SystemMessage("alice has joined the chat".into()), r#"{"systemMessage":"alice has joined the chat""#),
+            (FrameBody::PublicMessage("alice: hello".into()), r#"{"publicMessage":"alice: hello""#),
+            (FrameBody::PrivateMessage("alice: psst".into()), r#"{"privateMessage":"alice: psst""#),
+        ];
+        for (body, prefix) in cases {
+            let frame = Frame { body, id: Some(7), ts: Some(1_700_000_000_000) };
+            let json = frame.to_json();
+            assert!(json.starts_with(prefix), "{json}");
+            assert!(json.ends_with(r#","id":7,"ts":1700000000000}"#), "{json}");
+            let back: Frame = serde_json::from_str(&json).expect("round trip");
+            assert_eq!(back, frame);
+        }
+        let bare = Frame { body: FrameBody::SystemMessage("x".into()), id: None, ts: None };
+        assert_eq!(bare.to_json(), r#"{"systemMessage":"x"}"#);
+    }
+}

@@ -1,0 +1,657 @@
+//! The DynamoDB adapter of [`ChatStore`], and the table definitions it relies on.
+//!
+//! Every state change is one `TransactWriteItems`: the state items, the room's sequence
+//! counter and the event item commit together or not at all. Event ids come from the
+//! counter: a writer reads the counter `n` (strongly consistent), then commits
+//! `seq = n + 1` on the condition that the counter is still `n`. Two writers that read the same
+//! `n` cannot both commit, so ids are dense and committed in id order: a reader that has seen
+//! id `k` can never later find a new event with an id below `k`. The loser re-reads and tries
+//! again with jittered backoff, which is what caps one room near DynamoDB's per-partition write
+//! rate (documented in the README).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, KeySchemaElement, KeyType,
+    Put, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus, TimeToLiveSpecification,
+    TransactWriteItem, Update,
+};
+use aws_sdk_dynamodb::Client;
+use rand::Rng;
+use serde::Deserialize;
+
+use super::{epoch_secs, ChatStore, Connection, Member, MembersPage, StoreError};
+use crate::config::{Retention, Tables};
+use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
+use crate::keys::{self, CONN_PREFIX};
+use crate::validation::{name_key, ValidName};
+
+/// How many times a change is re-read and re-tried when a concurrent writer took the
+/// sequence number (or changed the state it depended on) first.
+const MAX_ATTEMPTS: u32 = 40;
+
+/// Expression attribute names used by this adapter. `name` is a DynamoDB reserved word,
+/// so every attribute goes through a placeholder.
+const NAMES: [(&str, &str); 7] = [
+    ("#pk", keys::PK),
+    ("#sk", keys::SK),
+    ("#seq", keys::SEQ),
+    ("#name", keys::NAME),
+    ("#conn", keys::CONNECTION_ID),
+    ("#exp", keys::EXPIRES_AT),
+    ("#nkey", keys::NAME_KEY),
+];
+
+pub struct DynamoStore {
+    client: Client,
+    tables: Tables,
+    retention: Retention,
+    room: String,
+    room_pk: String,
+    /// `Limit` for member queries; `None` lets DynamoDB fill 1 MB pages. Tests set it low to
+    /// exercise pagination.
+    page_limit: Option<i32>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConnItem {
+    connection_id: String,
+    connected_at: i64,
+    expires_at: i64,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    name_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ClaimItem {
+    connection_id: String,
+    expires_at: i64,
+}
+
+#[derive(Deserialize)]
+struct SeqItem {
+    seq: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MemberItem {
+    connection_id: String,
+    name: String,
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+/// Whether `token` (`#name`, `:me`) occurs in `expr` as a whole placeholder, not as the
+/// prefix of a longer one. DynamoDB rejects placeholders a request does not use.
+fn uses(expr: &str, token: &str) -> bool {
+    expr.match_indices(token).any(|(i, _)| {
+        expr[i + token.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !(c.is_alphanumeric() || c == '_'))
+    })
+}
+
+/// A condition or update expression with the placeholders it uses, and only those.
+struct Expr {
+    text: String,
+    values: Vec<(&'static str, AttributeValue)>,
+}
+
+impl Expr {
+    fn new(text: impl Into<String>) -> Self {
+        Expr {
+            text: text.into(),
+            values: Vec::new(),
+        }
+    }
+
+    fn value(mut self, placeholder: &'static str, v: AttributeValue) -> Self {
+        self.values.push((placeholder, v));
+        self
+    }
+}
+
+/// The placeholders of one or two expressions (a condition and an update share them).
+fn placeholders(
+    exprs: &[&Expr],
+) -> (Option<HashMap<String, String>>, Option<HashMap<String, AttributeValue>>) {
+    let names: HashMap<String, String> = NAMES
+        .iter()
+        .filter(|(p, _)| exprs.iter().any(|e| uses(&e.text, p)))
+        .map(|(p, a)| ((*p).to_owned(), (*a).to_owned()))
+        .collect();
+    let values: HashMap<String, AttributeValue> = exprs
+        .iter()
+        .flat_map(|e| e.values.iter())
+        .filter(|(p, _)| exprs.iter().any(|e| uses(&e.text, p)))
+        .map(|(p, v)| ((*p).to_owned(), v.clone()))
+        .collect();
+    (
+        (!names.is_empty()).then_some(names),
+        (!values.is_empty()).then_some(values),
+    )
+}
+
+fn build_err(e: aws_sdk_dynamodb::error::BuildError) -> StoreError {
+    StoreError::backend("build request", e)
+}
+
+impl DynamoStore {
+    pub fn new(client: Client, tables: Tables, retention: Retention) -> Self {
+        let room = keys::DEFAULT_ROOM.to_owned();
+        DynamoStore {
+            client,
+            tables,
+            retention,
+            room_pk: keys::room_pk(&room),
+            room,
+            page_limit: None,
+        }
+    }
+
+    /// Caps each member query page at `limit` items (for tests of pagination).
+    pub fn with_page_limit(mut self, limit: i32) -> Self {
+        self.page_limit = Some(limit);
+        self
+    }
+
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    fn key(&self, sk: String) -> HashMap<String, AttributeValue> {
+        HashMap::from([
+            (keys::PK.to_owned(), s(&self.room_pk)),
+            (keys::SK.to_owned(), s(sk)),
+        ])
+    }
+
+    async fn get(&self, sk: String, op: &'static str) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.connections)
+            .set_key(Some(self.key(sk)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| StoreError::backend(op, e))?;
+        Ok(out.item)
+    }
+
+    async fn get_conn(&self, connection_id: &str) -> Result<Option<ConnItem>, StoreError> {
+        match self.get(keys::conn_sk(connection_id), "GetItem connection").await? {
+            None => Ok(None),
+            Some(item) => serde_dynamo::from_item(item)
+                .map(Some)
+                .map_err(|e| StoreError::Malformed(format!("connection {connection_id}: {e}"))),
+        }
+    }
+
+    async fn get_claim(&self, key: &str) -> Result<Option<ClaimItem>, StoreError> {
+        match self.get(keys::name_sk(key), "GetItem name claim").await? {
+            None => Ok(None),
+            Some(item) => serde_dynamo::from_item(item)
+                .map(Some)
+                .map_err(|e| StoreError::Malformed(format!("name claim {key}: {e}"))),
+        }
+    }
+
+    async fn current_seq(&self) -> Result<u64, StoreError> {
+        match self.get(keys::SEQ_SK.to_owned(), "GetItem sequence").await? {
+            None => Ok(0),
+            Some(item) => serde_dynamo::from_item::<_, SeqItem>(item)
+                .map(|i| i.seq)
+                .map_err(|e| StoreError::Malformed(format!("sequence counter: {e}"))),
+        }
+    }
+
+    fn put(&self, table: &str, item: HashMap<String, AttributeValue>, cond: Option<Expr>) -> Result<TransactWriteItem, StoreError> {
+        let mut b = Put::builder().table_name(table).set_item(Some(item));
+        if let Some(cond) = cond {
+            let (names, values) = placeholders(&[&cond]);
+            b = b
+                .condition_expression(cond.text)
+                .set_expression_attribute_names(names)
+                .set_expression_attribute_values(values);
+        }
+        Ok(TransactWriteItem::builder().put(b.build().map_err(build_err)?).build())
+    }
+
+    fn update(&self, sk: String, update: Expr, cond: Expr) -> Result<TransactWriteItem, StoreError> {
+        let (names, values) = placeholders(&[&update, &cond]);
+        let u = Update::builder()
+            .table_name(&self.tables.connections)
+            .set_key(Some(self.key(sk)))
+            .update_expression(update.text)
+            .condition_expression(cond.text)
+            .set_expression_attribute_names(names)
+            .set_expression_attribute_values(values)
+            .build()
+            .map_err(build_err)?;
+        Ok(TransactWriteItem::builder().update(u).build())
+    }
+
+    fn delete(&self, sk: String, cond: Expr) -> Result<TransactWriteItem, StoreError> {
+        let (names, values) = placeholders(&[&cond]);
+        let d = Delete::builder()
+            .table_name(&self.tables.connections)
+            .set_key(Some(self.key(sk)))
+            .condition_expression(cond.text)
+            .set_expression_attribute_names(names)
+            .set_expression_attribute_values(values)
+            .build()
+            .map_err(build_err)?;
+        Ok(TransactWriteItem::builder().delete(d).build())
+    }
+
+    fn check(&self, sk: String, cond: Expr) -> Result<TransactWriteItem, StoreError> {
+        let (names, values) = placeholders(&[&cond]);
+        let c = ConditionCheck::builder()
+            .table_name(&self.tables.connections)
+            .set_key(Some(self.key(sk)))
+            .condition_expression(cond.text)
+            .set_expression_attribute_names(names)
+            .set_expression_attribute_values(values)
+            .build()
+            .map_err(build_err)?;
+        Ok(TransactWriteItem::builder().condition_check(c).build())
+    }
+
+    /// The two items that give an event its id: the counter moves from `current` to
+    /// `current + 1` only if nobody moved it first, and the event is put under that id.
+    fn append(&self, current: u64, event: ChatEvent, now_ms: i64) -> Result<(StoredEvent, [TransactWriteItem; 2]), StoreError> {
+        let stored = StoredEvent {
+            room: self.room.clone(),
+            seq: current + 1,
+            ts: now_ms,
+            event,
+        };
+        let cond = if current == 0 {
+            Expr::new("attribute_not_exists(#seq)")
+        } else {
+            Expr::new("#seq = :cur").value(":cur", n(current))
+        };
+        let counter = self.update(
+            keys::SEQ_SK.to_owned(),
+            Expr::new("SET #seq = :next").value(":next", n(current + 1)),
+            cond,
+        )?;
+        let expires = epoch_secs(now_ms) + self.retention.event_retention.as_secs() as i64;
+        let item = serde_dynamo::to_item(EventItem::new(&stored, expires))
+            .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
+        let put = self.put(&self.tables.events, item, Some(Expr::new("attribute_not_exists(#seq)")))?;
+        Ok((stored, [counter, put]))
+    }
+
+    /// Commits the items; `Ok(false)` when DynamoDB cancelled the transaction (a condition
+    /// failed or a concurrent transaction touched the same items), so the caller re-reads.
+    async fn transact(&self, op: &'static str, items: Vec<TransactWriteItem>) -> Result<bool, StoreError> {
+        match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(e)) if matches!(e.err(), TransactWriteItemsError::TransactionCanceledException(_)) => {
+                Ok(false)
+            }
+            Err(e) => Err(StoreError::backend(op, e)),
+        }
+    }
+}
+
+/// Jittered exponential backoff between attempts, so colliding writers spread out.
+async fn backoff(attempt: u32) {
+    let cap_ms = 2u64.saturating_pow(attempt.min(7)).max(2);
+    let ms = rand::rng().random_range(1..=cap_ms);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+fn live_conn(conn: Option<ConnItem>, now_ms: i64) -> Option<ConnItem> {
+    conn.filter(|c| c.expires_at > epoch_secs(now_ms))
+}
+
+#[async_trait]
+impl ChatStore for DynamoStore {
+    async fn add_connection(&self, connection_id: &str, now_ms: i64) -> Result<Connection, StoreError> {
+        let expires_at = epoch_secs(now_ms) + self.retention.connection_ttl.as_secs() as i64;
+        let mut item = self.key(keys::conn_sk(connection_id));
+        item.insert(keys::CONNECTION_ID.into(), s(connection_id));
+        item.insert(keys::CONNECTED_AT.into(), n(now_ms));
+        item.insert(keys::EXPIRES_AT.into(), n(expires_at));
+        self.client
+            .put_item()
+            .table_name(&self.tables.connections)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| StoreError::backend("PutItem connection", e))?;
+        Ok(Connection {
+            connection_id: connection_id.to_owned(),
+            connected_at: now_ms,
+            expires_at,
+            name: None,
+        })
+    }
+
+    async fn connection(&self, connection_id: &str, now_ms: i64) -> Result<Option<Connection>, StoreError> {
+        Ok(live_conn(self.get_conn(connection_id).await?, now_ms).map(|c| Connection {
+            connection_id: c.connection_id,
+            connected_at: c.connected_at,
+            expires_at: c.expires_at,
+            name: c.name,
+        }))
+    }
+
+    async fn set_name(&self, connection_id: &str, name: &ValidName, now_ms: i64) -> Result<Option<StoredEvent>, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        for attempt in 1..=MAX_ATTEMPTS {
+            let conn = live_conn(self.get_conn(connection_id).await?, now_ms)
+                .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+            if conn.name.as_deref() == Some(name.display.as_str()) {
+                return Ok(None);
+            }
+            // The claim lives as long as the connection, so an abandoned name frees itself.
+            let mut claim = self.key(keys::name_sk(&name.key));
+            claim.insert(keys::CONNECTION_ID.into(), s(connection_id));
+            claim.insert(keys::NAME.into(), s(&name.display));
+            claim.insert(keys::EXPIRES_AT.into(), n(conn.expires_at));
+            let mut items = vec![self.put(
+                &self.tables.connections,
+                claim,
+                Some(
+                    Expr::new("attribute_not_exists(#pk) OR #conn = :me OR #exp <= :now")
+                        .value(":me", s(connection_id))
+                        .value(":now", n(now_s)),
+                ),
+            )?];
+            let set = Expr::new("SET #name = :name, #nkey = :nkey")
+                .value(":name", s(&name.display))
+                .value(":nkey", s(&name.key));
+            let unchanged = match &conn.name {
+                Some(old) => Expr::new("#name = :old").value(":old", s(old)),
+                None => Expr::new("attribute_exists(#pk) AND attribute_not_exists(#name)"),
+            };
+            items.push(self.update(keys::conn_sk(connection_id), set, unchanged)?);
+            if let Some(old_key) = conn.name_key.as_deref().filter(|k| *k != name.key) {
+                // Release the old name only if it is still ours: an expired claim may already
+                // belong to someone else, and deleting theirs would be wrong.
+                if let Some(old_claim) = self.get_claim(old_key).await? {
+                    if old_claim.connection_id == connection_id {
+                        items.push(self.delete(
+                            keys::name_sk(old_key),
+                            Expr::new("#conn = :me").value(":me", s(connection_id)),
+                        )?);
+                    }
+                }
+            }
+            let event = match conn.name.clone() {
+                None => ChatEvent::MemberJoined {
+                    connection_id: connection_id.to_owned(),
+                    name: name.display.clone(),
+                },
+                Some(old_name) => ChatEvent::MemberRenamed {
+                    connection_id: connection_id.to_owned(),
+                    old_name,
+                    name: name.display.clone(),
+                },
+            };
+            let (stored, append) = self.append(self.current_seq().await?, event, now_ms)?;
+            items.extend(append);
+            if self.transact("TransactWriteItems setName", items).await? {
+                return Ok(Some(stored));
+            }
+            // Cancelled: either the name is held by someone else (final), or a concurrent
+            // writer moved the counter or this connection (try again).
+            if let Some(holder) = self.get_claim(&name.key).await? {
+                if holder.connection_id != connection_id && holder.expires_at > now_s {
+                    return Err(StoreError::NameTaken(name.display.clone()));
+                }
+            }
+            backoff(attempt).await;
+        }
+        Err(StoreError::Contention(MAX_ATTEMPTS))
+    }
+
+    async fn post_public(&self, connection_id: &str, message: &str, now_ms: i64) -> Result<StoredEvent, StoreError> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            let conn = live_conn(self.get_conn(connection_id).await?, now_ms)
+                .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+            let name = conn.name.ok_or(StoreError::NameRequired)?;
+            let mut items = vec![self.check(
+                keys::conn_sk(connection_id),
+                Expr::new("#name = :name").value(":name", s(&name)),
+            )?];
+            let event = ChatEvent::MessagePosted {
+                connection_id: connection_id.to_owned(),
+                name,
+                message: message.to_owned(),
+            };
+            let (stored, append) = self.append(self.current_seq().await?, event, now_ms)?;
+            items.extend(append);
+            if self.transact("TransactWriteItems sendPublic", items).await? {
+                return Ok(stored);
+            }
+            backoff(attempt).await;
+        }
+        Err(StoreError::Contention(MAX_ATTEMPTS))
+    }
+
+    async fn post_private(&self, connection_id: &str, to: &str, message: &str, now_ms: i64) -> Result<StoredEvent, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let to_key = name_key(to.trim());
+        for attempt in 1..=MAX_ATTEMPTS {
+            let conn = live_conn(self.get_conn(connection_id).await?, now_ms)
+                .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+            let name = conn.name.ok_or(StoreError::NameRequired)?;
+            if conn.name_key.as_deref() == Some(to_key.as_str()) {
+                return Err(StoreError::SelfRecipient);
+            }
+            let recipient = self
+                .get_claim(&to_key)
+                .await?
+                .filter(|c| c.expires_at > now_s)
+                .ok_or_else(|| StoreError::UnknownRecipient(to.to_owned()))?;
+            let to_conn = live_conn(self.get_conn(&recipient.connection_id).await?, now_ms)
+                .filter(|c| c.name_key.as_deref() == Some(to_key.as_str()))
+                .ok_or_else(|| StoreError::UnknownRecipient(to.to_owned()))?;
+            let to_name = to_conn.name.clone().unwrap_or_default();
+            let mut items = vec![
+                self.check(
+                    keys::conn_sk(connection_id),
+                    Expr::new("#name = :name").value(":name", s(&name)),
+                )?,
+                self.check(
+                    keys::name_sk(&to_key),
+                    Expr::new("#conn = :to").value(":to", s(&to_conn.connection_id)),
+                )?,
+            ];
+            let event = ChatEvent::PrivateMessageSent {
+                connection_id: connection_id.to_owned(),
+                name,
+                to_connection_id: to_conn.connection_id,
+                to_name,
+                message: message.to_owned(),
+            };
+            let (stored, append) = self.append(self.current_seq().await?, event, now_ms)?;
+            items.extend(append);
+            if self.transact("TransactWriteItems sendPrivate", items).await? {
+                return Ok(stored);
+            }
+            backoff(attempt).await;
+        }
+        Err(StoreError::Contention(MAX_ATTEMPTS))
+    }
+
+    async fn remove_connection(
+        &self,
+        connection_id: &str,
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            // Expired connections are removed too: `$disconnect` for them is still real.
+            let Some(conn) = self.get_conn(connection_id).await? else {
+                return Ok(None);
+            };
+            let (Some(name), Some(key)) = (conn.name, conn.name_key) else {
+                let cond = Expr::new("attribute_exists(#pk) AND attribute_not_exists(#name)");
+                let item = self.delete(keys::conn_sk(connection_id), cond)?;
+                if self.transact("TransactWriteItems $disconnect", vec![item]).await? {
+                    return Ok(None);
+                }
+                backoff(attempt).await;
+                continue;
+            };
+            let mut items = vec![self.delete(
+                keys::conn_sk(connection_id),
+                Expr::new("#name = :name").value(":name", s(&name)),
+            )?];
+            if let Some(claim) = self.get_claim(&key).await? {
+                if claim.connection_id == connection_id {
+                    items.push(self.delete(
+                        keys::name_sk(&key),
+                        Expr::new("#conn = :me").value(":me", s(connection_id)),
+                    )?);
+                }
+            }
+            let event = ChatEvent::MemberLeft {
+                connection_id: connection_id.to_owned(),
+                name,
+                reason,
+            };
+            let (stored, append) = self.append(self.current_seq().await?, event, now_ms)?;
+            items.extend(append);
+            if self.transact("TransactWriteItems $disconnect", items).await? {
+                return Ok(Some(stored));
+            }
+            backoff(attempt).await;
+        }
+        Err(StoreError::Contention(MAX_ATTEMPTS))
+    }
+
+    async fn members_page(&self, after: Option<&str>, now_ms: i64) -> Result<MembersPage, StoreError> {
+        let start = after.map(|sk| self.key(sk.to_owned()));
+        let out = self
+            .client
+            .query()
+            .table_name(&self.tables.connections)
+            .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
+            .filter_expression("attribute_exists(#name) AND #exp > :now")
+            .expression_attribute_names("#pk", keys::PK)
+            .expression_attribute_names("#sk", keys::SK)
+            .expression_attribute_names("#name", keys::NAME)
+            .expression_attribute_names("#exp", keys::EXPIRES_AT)
+            .expression_attribute_values(":pk", s(&self.room_pk))
+            .expression_attribute_values(":prefix", s(CONN_PREFIX))
+            .expression_attribute_values(":now", n(epoch_secs(now_ms)))
+            .set_exclusive_start_key(start)
+            .set_limit(self.page_limit)
+            .send()
+            .await
+            .map_err(|e| StoreError::backend("Query members", e))?;
+        let mut members = Vec::with_capacity(out.items().len());
+        for item in out.items.unwrap_or_default() {
+            let m: MemberItem = serde_dynamo::from_item(item)
+                .map_err(|e| StoreError::Malformed(format!("member item: {e}")))?;
+            members.push(Member {
+                connection_id: m.connection_id,
+                name: m.name,
+            });
+        }
+        let next = out
+            .last_evaluated_key
+            .and_then(|k| k.get(keys::SK).and_then(|v| v.as_s().ok()).cloned());
+        Ok(MembersPage { members, next })
+    }
+}
+
+/// Creates the two tables with exactly the keys, stream and TTL of template.yaml, unless they
+/// exist already, and waits until they are active. Used by tests and by local runs against
+/// moto or DynamoDB Local; on AWS, CloudFormation creates them.
+pub async fn create_tables(client: &Client, tables: &Tables) -> Result<(), StoreError> {
+    let key = |name: &str, kind: KeyType| KeySchemaElement::builder().attribute_name(name).key_type(kind).build().map_err(build_err);
+    let attr = |name: &str, t: ScalarAttributeType| {
+        AttributeDefinition::builder().attribute_name(name).attribute_type(t).build().map_err(build_err)
+    };
+    let specs = [
+        (
+            &tables.events,
+            [key(keys::PK, KeyType::Hash)?, key(keys::SEQ, KeyType::Range)?],
+            [attr(keys::PK, ScalarAttributeType::S)?, attr(keys::SEQ, ScalarAttributeType::N)?],
+            true,
+        ),
+        (
+            &tables.connections,
+            [key(keys::PK, KeyType::Hash)?, key(keys::SK, KeyType::Range)?],
+            [attr(keys::PK, ScalarAttributeType::S)?, attr(keys::SK, ScalarAttributeType::S)?],
+            false,
+        ),
+    ];
+    for (name, key_schema, attrs, stream) in specs {
+        let mut req = client
+            .create_table()
+            .table_name(name)
+            .billing_mode(BillingMode::PayPerRequest)
+            .set_key_schema(Some(key_schema.to_vec()))
+            .set_attribute_definitions(Some(attrs.to_vec()));
+        if stream {
+            req = req.stream_specification(
+                StreamSpecification::builder()
+                    .stream_enabled(true)
+                    .stream_view_type(StreamViewType::NewImage)
+                    .build()
+                    .map_err(build_err)?,
+            );
+        }
+        match req.send().await {
+            Ok(_) => {}
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_resource_in_use_exception()) => continue,
+            Err(e) => return Err(StoreError::backend("CreateTable", e)),
+        }
+        wait_active(client, name).await?;
+        client
+            .update_time_to_live()
+            .table_name(name)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder()
+                    .attribute_name(keys::EXPIRES_AT)
+                    .enabled(true)
+                    .build()
+                    .map_err(build_err)?,
+            )
+            .send()
+            .await
+            .map_err(|e| StoreError::backend("UpdateTimeToLive", e))?;
+    }
+    Ok(())
+}
+
+async fn wait_active(client: &Client, table: &str) -> Result<(), StoreError> {
+    for _ in 0..120 {
+        let out = client
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(|e| StoreError::backend("DescribeTable", e))?;
+        if out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(StoreError::backend("DescribeTable", format!("table {table} did not become ACTIVE within 60 s")))
+}

@@ -1,0 +1,129 @@
+//! The rules a display name and a message must meet before anything is written.
+//!
+//! Names: trimmed of surrounding whitespace, then 1–32 characters (Unicode scalar values),
+//! with no control characters and no bidirectional-override or isolate characters (they let
+//! a name render as a different one). Uniqueness ignores case: the claim key is the
+//! lower-cased name. Names are *not* Unicode-normalised (no NFKC): two names that differ only
+//! in normalisation are different names. Messages: non-empty once whitespace is ignored,
+//! and at most `max_bytes` bytes of UTF-8 (4096 by default, `MAX_MESSAGE_BYTES`).
+
+use crate::protocol::{ErrorCode, Refusal};
+
+pub const NAME_MAX_CHARS: usize = 32;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4096;
+
+/// A name that passed the rules: how it is shown, and the key that makes it unique.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidName {
+    pub display: String,
+    pub key: String,
+}
+
+/// Characters that reorder text: LRE, RLE, PDF, LRO, RLO (U+202A–U+202E) and the isolates
+/// LRI, RLI, FSI, PDI (U+2066–U+2069).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+pub fn name_key(display: &str) -> String {
+    display.to_lowercase()
+}
+
+pub fn validate_name(raw: &str) -> Result<ValidName, Refusal> {
+    let refuse = |message: String| Err(Refusal::new(ErrorCode::InvalidName, message, Some("setName")));
+    let display = raw.trim();
+    let chars = display.chars().count();
+    if chars == 0 {
+        return refuse("A name must have at least one visible character.".into());
+    }
+    if chars > NAME_MAX_CHARS {
+        return refuse(format!(
+            "A name can have at most {NAME_MAX_CHARS} characters; this one has {chars}."
+        ));
+    }
+    if display.chars().any(char::is_control) {
+        return refuse("A name cannot contain control characters.".into());
+    }
+    if display.chars().any(is_bidi_control) {
+        return refuse("A name cannot contain bidirectional override characters.".into());
+    }
+    Ok(ValidName {
+        display: display.to_owned(),
+        key: name_key(display),
+    })
+}
+
+pub fn validate_message(raw: &str, max_bytes: usize, action: &str) -> Result<(), Refusal> {
+    if raw.trim().is_empty() {
+        return Err(Refusal::new(
+            ErrorCode::InvalidMessage,
+            "A message cannot be empty.",
+            Some(action),
+        ));
+    }
+    if raw.len() > max_bytes {
+        return Err(Refusal::new(
+            ErrorCode::MessageTooLarge,
+            format!(
+                "A message can be at most {max_bytes} bytes; this one is {} bytes.",
+                raw.len()
+            ),
+            Some(action),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_trimmed_and_keyed_without_case() {
+        // GIVEN a padded mixed-case name  WHEN validated  THEN trimmed, key lower-cased
+        let n = validate_name("  Alice ").expect("valid");
+        assert_eq!(n.display, "Alice");
+        assert_eq!(n.key, "alice");
+        assert_eq!(validate_name("ALICE").expect("valid").key, n.key);
+    }
+
+    #[test]
+    fn name_length_counts_characters_not_bytes() {
+        assert!(validate_name(&"é".repeat(32)).is_ok());
+        assert!(validate_name(&"a".repeat(32)).is_ok());
+        let r = validate_name(&"a".repeat(33)).expect_err("too long");
+        assert_eq!(r.code, ErrorCode::InvalidName);
+    }
+
+    #[test]
+    fn bad_names_are_refused_with_invalid_name() {
+        for bad in ["", "   ", "\t\n", "a\u{0}b", "a\nb", "bob\u{7}", "\u{202E}evil", "x\u{2066}y", "a\u{202A}"] {
+            let r = validate_name(bad).expect_err(bad);
+            assert_eq!(r.code, ErrorCode::InvalidName, "{bad:?}");
+            assert_eq!(r.action.as_deref(), Some("setName"));
+        }
+    }
+
+    #[test]
+    fn unicode_names_are_allowed() {
+        for ok in ["Zoë", "山田", "a b", "🙂"] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn messages_must_be_non_empty_and_within_the_limit() {
+        assert!(validate_message("hi", 4096, "sendPublic").is_ok());
+        assert!(validate_message(&"x".repeat(4096), 4096, "sendPublic").is_ok());
+        let big = validate_message(&"x".repeat(4097), 4096, "sendPublic").expect_err("big");
+        assert_eq!(big.code, ErrorCode::MessageTooLarge);
+        // The limit is in bytes: 2,049 two-byte characters are 4,098 bytes.
+        let wide = validate_message(&"é".repeat(2049), 4096, "sendPrivate").expect_err("wide");
+        assert_eq!(wide.code, ErrorCode::MessageTooLarge);
+        assert_eq!(wide.action.as_deref(), Some("sendPrivate"));
+        for empty in ["", " ", "\n\t"] {
+            let r = validate_message(empty, 4096, "sendPublic").expect_err("empty");
+            assert_eq!(r.code, ErrorCode::InvalidMessage);
+        }
+    }
+}
