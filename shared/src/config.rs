@@ -101,11 +101,10 @@ fn parse_var<T: std::str::FromStr>(
 ) -> Result<T, ConfigError> {
     match var(name) {
         None => Ok(default),
-        Some(value) => value.trim().parse().map_err(|_| ConfigError::Invalid {
-            name,
-            value,
-            why,
-        }),
+        Some(value) => value
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::Invalid { name, value, why }),
     }
 }
 
@@ -113,7 +112,8 @@ impl Tables {
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Tables {
             events: var("EVENTS_TABLE").ok_or(ConfigError::Missing("EVENTS_TABLE"))?,
-            connections: var("CONNECTIONS_TABLE").ok_or(ConfigError::Missing("CONNECTIONS_TABLE"))?,
+            connections: var("CONNECTIONS_TABLE")
+                .ok_or(ConfigError::Missing("CONNECTIONS_TABLE"))?,
         })
     }
 }

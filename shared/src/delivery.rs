@@ -41,7 +41,10 @@ pub enum DeliveryError {
 
 impl DeliveryError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, DeliveryError::Throttled(_) | DeliveryError::Transient(_))
+        matches!(
+            self,
+            DeliveryError::Throttled(_) | DeliveryError::Transient(_)
+        )
     }
 }
 
@@ -84,8 +87,12 @@ fn classify(err: SdkError<PostToConnectionError>) -> DeliveryError {
             let status = ctx.raw().status().as_u16();
             match ctx.into_err() {
                 PostToConnectionError::GoneException(_) => DeliveryError::Gone,
-                PostToConnectionError::LimitExceededException(e) => DeliveryError::Throttled(e.into()),
-                PostToConnectionError::PayloadTooLargeException(_) => DeliveryError::PayloadTooLarge,
+                PostToConnectionError::LimitExceededException(e) => {
+                    DeliveryError::Throttled(e.into())
+                }
+                PostToConnectionError::PayloadTooLargeException(_) => {
+                    DeliveryError::PayloadTooLarge
+                }
                 PostToConnectionError::ForbiddenException(e) => DeliveryError::Forbidden(e.into()),
                 other => match status {
                     410 => DeliveryError::Gone,
@@ -97,9 +104,9 @@ fn classify(err: SdkError<PostToConnectionError>) -> DeliveryError {
                 },
             }
         }
-        e @ (SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)) => {
-            DeliveryError::Transient(e.into())
-        }
+        e @ (SdkError::TimeoutError(_)
+        | SdkError::DispatchFailure(_)
+        | SdkError::ResponseError(_)) => DeliveryError::Transient(e.into()),
         other => DeliveryError::Other(other.into()),
     }
 }

@@ -250,7 +250,8 @@ impl TryFrom<EventItem> for StoredEvent {
             .strip_prefix("ROOM#")
             .ok_or_else(|| DecodeError::BadPartitionKey(item.pk.clone()))?
             .to_owned();
-        let need = |v: Option<String>, what: &'static str| v.ok_or(DecodeError::MissingAttribute(what));
+        let need =
+            |v: Option<String>, what: &'static str| v.ok_or(DecodeError::MissingAttribute(what));
         let EventItem {
             connection_id,
             name,
@@ -310,10 +311,25 @@ mod tests {
     #[test]
     fn every_event_round_trips_through_its_item() {
         let events = [
-            ChatEvent::MemberJoined { connection_id: "c1".into(), name: "alice".into() },
-            ChatEvent::MemberRenamed { connection_id: "c1".into(), old_name: "alice".into(), name: "al".into() },
-            ChatEvent::MemberLeft { connection_id: "c1".into(), name: "al".into(), reason: LeaveReason::Gone },
-            ChatEvent::MessagePosted { connection_id: "c1".into(), name: "al".into(), message: "hi".into() },
+            ChatEvent::MemberJoined {
+                connection_id: "c1".into(),
+                name: "alice".into(),
+            },
+            ChatEvent::MemberRenamed {
+                connection_id: "c1".into(),
+                old_name: "alice".into(),
+                name: "al".into(),
+            },
+            ChatEvent::MemberLeft {
+                connection_id: "c1".into(),
+                name: "al".into(),
+                reason: LeaveReason::Gone,
+            },
+            ChatEvent::MessagePosted {
+                connection_id: "c1".into(),
+                name: "al".into(),
+                message: "hi".into(),
+            },
             ChatEvent::PrivateMessageSent {
                 connection_id: "c1".into(),
                 name: "al".into(),
@@ -336,29 +352,64 @@ mod tests {
 
     #[test]
     fn frames_follow_the_tutorial_wording_and_order() {
-        let join = stored(ChatEvent::MemberJoined { connection_id: "c".into(), name: "alice".into() });
+        let join = stored(ChatEvent::MemberJoined {
+            connection_id: "c".into(),
+            name: "alice".into(),
+        });
         let frames = join.membership_frames(vec!["alice".into()]);
         assert_eq!(frames[0].body, FrameBody::Members(vec!["alice".into()]));
-        assert_eq!(frames[1].body, FrameBody::SystemMessage("alice has joined the chat".into()));
-        let leave = stored(ChatEvent::MemberLeft { connection_id: "c".into(), name: "alice".into(), reason: LeaveReason::Disconnected });
+        assert_eq!(
+            frames[1].body,
+            FrameBody::SystemMessage("alice has joined the chat".into())
+        );
+        let leave = stored(ChatEvent::MemberLeft {
+            connection_id: "c".into(),
+            name: "alice".into(),
+            reason: LeaveReason::Disconnected,
+        });
         let frames = leave.membership_frames(vec![]);
-        assert_eq!(frames[0].body, FrameBody::SystemMessage("alice has left the chat".into()));
+        assert_eq!(
+            frames[0].body,
+            FrameBody::SystemMessage("alice has left the chat".into())
+        );
         assert_eq!(frames[1].body, FrameBody::Members(vec![]));
-        assert!(frames.iter().all(|f| f.id == Some(3) && f.ts == Some(1_000)));
-        let public = stored(ChatEvent::MessagePosted { connection_id: "c".into(), name: "alice".into(), message: "hello".into() });
-        assert_eq!(public.message_frame().body, FrameBody::PublicMessage("alice: hello".into()));
+        assert!(frames
+            .iter()
+            .all(|f| f.id == Some(3) && f.ts == Some(1_000)));
+        let public = stored(ChatEvent::MessagePosted {
+            connection_id: "c".into(),
+            name: "alice".into(),
+            message: "hello".into(),
+        });
+        assert_eq!(
+            public.message_frame().body,
+            FrameBody::PublicMessage("alice: hello".into())
+        );
     }
 
     #[test]
     fn items_that_cannot_be_events_are_decode_errors() {
-        let s = stored(ChatEvent::MessagePosted { connection_id: "c".into(), name: "a".into(), message: "m".into() });
+        let s = stored(ChatEvent::MessagePosted {
+            connection_id: "c".into(),
+            name: "a".into(),
+            message: "m".into(),
+        });
         let mut item = EventItem::new(&s, 1);
         item.kind = "Exploded".into();
-        assert_eq!(StoredEvent::try_from(item.clone()), Err(DecodeError::UnknownType("Exploded".into())));
+        assert_eq!(
+            StoredEvent::try_from(item.clone()),
+            Err(DecodeError::UnknownType("Exploded".into()))
+        );
         item.kind = "MessagePosted".into();
         item.message = None;
-        assert_eq!(StoredEvent::try_from(item.clone()), Err(DecodeError::MissingAttribute("message")));
+        assert_eq!(
+            StoredEvent::try_from(item.clone()),
+            Err(DecodeError::MissingAttribute("message"))
+        );
         item.v = 9;
-        assert_eq!(StoredEvent::try_from(item), Err(DecodeError::UnsupportedVersion(9)));
+        assert_eq!(
+            StoredEvent::try_from(item),
+            Err(DecodeError::UnsupportedVersion(9))
+        );
     }
 }

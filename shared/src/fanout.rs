@@ -117,7 +117,10 @@ pub async fn handle_stream_event(
 
 /// Pages of members as one stream, read lazily so the next page is fetched while the
 /// previous one is still being delivered.
-fn members(store: &dyn ChatStore, now_ms: i64) -> impl Stream<Item = Result<Member, StoreError>> + '_ {
+fn members(
+    store: &dyn ChatStore,
+    now_ms: i64,
+) -> impl Stream<Item = Result<Member, StoreError>> + '_ {
     enum Cursor {
         Start,
         After(String),
@@ -153,9 +156,14 @@ pub async fn deliver_event(
 ) -> Result<DeliveryReport, FanoutError> {
     // Each frame is serialised once and shared by every recipient.
     let outcomes: Vec<(String, Result<(), DeliveryError>)> = match &stored.event {
-        ChatEvent::PrivateMessageSent { to_connection_id, .. } => {
+        ChatEvent::PrivateMessageSent {
+            to_connection_id, ..
+        } => {
             let frame: Arc<[Vec<u8>]> = Arc::new([stored.message_frame().to_json().into_bytes()]);
-            vec![(to_connection_id.clone(), send_all(deliver, config, to_connection_id, &frame).await)]
+            vec![(
+                to_connection_id.clone(),
+                send_all(deliver, config, to_connection_id, &frame).await,
+            )]
         }
         ChatEvent::MessagePosted { .. } => {
             let frame: Arc<[Vec<u8>]> = Arc::new([stored.message_frame().to_json().into_bytes()]);
@@ -186,14 +194,16 @@ pub async fn deliver_event(
             }
             outcomes
         }
-        ChatEvent::MemberJoined { .. } | ChatEvent::MemberRenamed { .. } | ChatEvent::MemberLeft { .. } => {
+        ChatEvent::MemberJoined { .. }
+        | ChatEvent::MemberRenamed { .. }
+        | ChatEvent::MemberLeft { .. } => {
             // The member list is needed whole for the `members` frame anyway.
             let mut all: Vec<Member> = members(store, now_ms)
                 .collect::<Vec<_>>()
                 .await
                 .into_iter()
                 .collect::<Result<_, _>>()?;
-            all.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+            all.sort_by_key(|m| m.name.to_lowercase());
             let names = all.iter().map(|m| m.name.clone()).collect();
             let frames: Arc<[Vec<u8>]> = stored
                 .membership_frames(names)
@@ -233,7 +243,9 @@ pub async fn deliver_event(
     }
     for connection_id in &report.pruned {
         // Its MemberLeft event goes through the stream like any other, so others see it leave.
-        store.remove_connection(connection_id, LeaveReason::Gone, now_ms).await?;
+        store
+            .remove_connection(connection_id, LeaveReason::Gone, now_ms)
+            .await?;
     }
     match last_retryable {
         Some(last) => Err(FanoutError::Undelivered {
@@ -246,14 +258,24 @@ pub async fn deliver_event(
 
 /// Sends a recipient its frames in order (a join's `members` before its `systemMessage`),
 /// each with retries; stops at the first frame that cannot be delivered.
-async fn send_all(deliver: &dyn Deliver, config: &FanoutConfig, connection_id: &str, frames: &[Vec<u8>]) -> Result<(), DeliveryError> {
+async fn send_all(
+    deliver: &dyn Deliver,
+    config: &FanoutConfig,
+    connection_id: &str,
+    frames: &[Vec<u8>],
+) -> Result<(), DeliveryError> {
     for frame in frames {
         send_with_retry(deliver, config, connection_id, frame).await?;
     }
     Ok(())
 }
 
-async fn send_with_retry(deliver: &dyn Deliver, config: &FanoutConfig, connection_id: &str, data: &[u8]) -> Result<(), DeliveryError> {
+async fn send_with_retry(
+    deliver: &dyn Deliver,
+    config: &FanoutConfig,
+    connection_id: &str,
+    data: &[u8],
+) -> Result<(), DeliveryError> {
     let mut attempt = 1;
     loop {
         match deliver.post(connection_id, data).await {

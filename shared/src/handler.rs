@@ -55,14 +55,30 @@ fn refused(refusal: &Refusal) -> ApiGatewayProxyResponse {
 /// Maps a store refusal to what the client is told.
 pub fn refusal_for(err: &StoreError, action: &str) -> Refusal {
     let (code, message) = match err {
-        StoreError::NotConnected(_) => (ErrorCode::NotConnected, "This connection is not known; reconnect and try again.".to_owned()),
-        StoreError::NameRequired => (ErrorCode::NameRequired, "Set a name with setName before sending messages.".to_owned()),
-        StoreError::NameTaken(name) => (ErrorCode::NameTaken, format!("The name \"{name}\" is taken; choose another.")),
-        StoreError::UnknownRecipient(_) => (ErrorCode::UnknownRecipient, "No member has that name.".to_owned()),
-        StoreError::SelfRecipient => (ErrorCode::InvalidRecipient, "You cannot send a private message to yourself.".to_owned()),
-        StoreError::Contention(_) | StoreError::Backend { .. } | StoreError::Malformed(_) => {
-            (ErrorCode::InternalError, "The chat could not store this request; nothing was sent. Try again.".to_owned())
-        }
+        StoreError::NotConnected(_) => (
+            ErrorCode::NotConnected,
+            "This connection is not known; reconnect and try again.".to_owned(),
+        ),
+        StoreError::NameRequired => (
+            ErrorCode::NameRequired,
+            "Set a name with setName before sending messages.".to_owned(),
+        ),
+        StoreError::NameTaken(name) => (
+            ErrorCode::NameTaken,
+            format!("The name \"{name}\" is taken; choose another."),
+        ),
+        StoreError::UnknownRecipient(_) => (
+            ErrorCode::UnknownRecipient,
+            "No member has that name.".to_owned(),
+        ),
+        StoreError::SelfRecipient => (
+            ErrorCode::InvalidRecipient,
+            "You cannot send a private message to yourself.".to_owned(),
+        ),
+        StoreError::Contention(_) | StoreError::Backend { .. } | StoreError::Malformed(_) => (
+            ErrorCode::InternalError,
+            "The chat could not store this request; nothing was sent. Try again.".to_owned(),
+        ),
     };
     Refusal::new(code, message, Some(action))
 }
@@ -74,7 +90,10 @@ pub async fn handle_request(
     now_ms: i64,
 ) -> Result<ApiGatewayProxyResponse, HandlerError> {
     let ctx = &request.request_context;
-    let connection_id = ctx.connection_id.as_deref().ok_or(HandlerError::MissingConnectionId)?;
+    let connection_id = ctx
+        .connection_id
+        .as_deref()
+        .ok_or(HandlerError::MissingConnectionId)?;
     match ctx.route_key.as_deref() {
         Some("$connect") => match store.add_connection(connection_id, now_ms).await {
             Ok(_) => {
@@ -89,13 +108,19 @@ pub async fn handle_request(
             }
         },
         Some("$disconnect") => {
-            let left = store.remove_connection(connection_id, LeaveReason::Disconnected, now_ms).await?;
+            let left = store
+                .remove_connection(connection_id, LeaveReason::Disconnected, now_ms)
+                .await?;
             info!(connection_id, had_joined = left.is_some(), "disconnected");
             Ok(response(200, None))
         }
         _ => {
             if request.is_base64_encoded {
-                let refusal = Refusal::new(ErrorCode::InvalidJson, "Binary frames are not supported; send JSON text.", None);
+                let refusal = Refusal::new(
+                    ErrorCode::InvalidJson,
+                    "Binary frames are not supported; send JSON text.",
+                    None,
+                );
                 return Ok(refused(&refusal));
             }
             let outcome = match parse_request(request.body.as_deref()) {
@@ -105,7 +130,12 @@ pub async fn handle_request(
             match outcome {
                 Ok(()) => Ok(response(200, None)),
                 Err(refusal) => {
-                    warn!(connection_id, code = refusal.code.as_str(), action = refusal.action.as_deref(), "request refused");
+                    warn!(
+                        connection_id,
+                        code = refusal.code.as_str(),
+                        action = refusal.action.as_deref(),
+                        "request refused"
+                    );
                     Ok(refused(&refusal))
                 }
             }
@@ -124,11 +154,19 @@ async fn perform(
     let result = match &req {
         ClientRequest::SetName { name } => {
             let name = validate_name(name)?;
-            store.set_name(connection_id, &name, now_ms).await.map(|event| {
-                if let Some(event) = event {
-                    info!(connection_id, event_id = event.seq, kind = event.event.type_name(), "name set");
-                }
-            })
+            store
+                .set_name(connection_id, &name, now_ms)
+                .await
+                .map(|event| {
+                    if let Some(event) = event {
+                        info!(
+                            connection_id,
+                            event_id = event.seq,
+                            kind = event.event.type_name(),
+                            "name set"
+                        );
+                    }
+                })
         }
         ClientRequest::SendPublic { message } => {
             validate_message(message, config.max_message_bytes, action)?;
@@ -142,7 +180,13 @@ async fn perform(
             store
                 .post_private(connection_id, to, message, now_ms)
                 .await
-                .map(|event| info!(connection_id, event_id = event.seq, "private message stored"))
+                .map(|event| {
+                    info!(
+                        connection_id,
+                        event_id = event.seq,
+                        "private message stored"
+                    )
+                })
         }
     };
     result.map_err(|e| {

@@ -281,7 +281,9 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_request(Some(r#"{"action":"sendPrivate","to":"bob","message":"psst"}"#)),
+            parse_request(Some(
+                r#"{"action":"sendPrivate","to":"bob","message":"psst"}"#
+            )),
             Ok(ClientRequest::SendPrivate {
                 to: "bob".into(),
                 message: "psst".into()
@@ -310,15 +312,51 @@ mod tests {
             ("\"setName\"", ErrorCode::InvalidRequest, None),
             ("{}", ErrorCode::UnknownAction, None),
             (r#"{"action":7}"#, ErrorCode::UnknownAction, None),
-            (r#"{"action":"dance"}"#, ErrorCode::UnknownAction, Some("dance")),
-            (r#"{"action":"SetName","name":"a"}"#, ErrorCode::UnknownAction, Some("SetName")),
-            (r#"{"action":"setName"}"#, ErrorCode::MissingField, Some("setName")),
-            (r#"{"action":"setName","name":null}"#, ErrorCode::MissingField, Some("setName")),
-            (r#"{"action":"setName","name":5}"#, ErrorCode::InvalidField, Some("setName")),
-            (r#"{"action":"sendPublic"}"#, ErrorCode::MissingField, Some("sendPublic")),
-            (r#"{"action":"sendPublic","message":{"a":1}}"#, ErrorCode::InvalidField, Some("sendPublic")),
-            (r#"{"action":"sendPrivate","message":"x"}"#, ErrorCode::MissingField, Some("sendPrivate")),
-            (r#"{"action":"sendPrivate","to":["bob"],"message":"x"}"#, ErrorCode::InvalidField, Some("sendPrivate")),
+            (
+                r#"{"action":"dance"}"#,
+                ErrorCode::UnknownAction,
+                Some("dance"),
+            ),
+            (
+                r#"{"action":"SetName","name":"a"}"#,
+                ErrorCode::UnknownAction,
+                Some("SetName"),
+            ),
+            (
+                r#"{"action":"setName"}"#,
+                ErrorCode::MissingField,
+                Some("setName"),
+            ),
+            (
+                r#"{"action":"setName","name":null}"#,
+                ErrorCode::MissingField,
+                Some("setName"),
+            ),
+            (
+                r#"{"action":"setName","name":5}"#,
+                ErrorCode::InvalidField,
+                Some("setName"),
+            ),
+            (
+                r#"{"action":"sendPublic"}"#,
+                ErrorCode::MissingField,
+                Some("sendPublic"),
+            ),
+            (
+                r#"{"action":"sendPublic","message":{"a":1}}"#,
+                ErrorCode::InvalidField,
+                Some("sendPublic"),
+            ),
+            (
+                r#"{"action":"sendPrivate","message":"x"}"#,
+                ErrorCode::MissingField,
+                Some("sendPrivate"),
+            ),
+            (
+                r#"{"action":"sendPrivate","to":["bob"],"message":"x"}"#,
+                ErrorCode::InvalidField,
+                Some("sendPrivate"),
+            ),
         ];
         for (body, code, action) in cases {
             let r = refusal(body);
@@ -347,7 +385,10 @@ mod tests {
             serde_json::json!({"error":{"code":"name_taken","message":"Taken.","action":"setName"}})
         );
         let no_action = Refusal::new(ErrorCode::InvalidJson, "Bad.", None).to_frame();
-        assert_eq!(no_action, r#"{"error":{"code":"invalid_json","message":"Bad."}}"#);
+        assert_eq!(
+            no_action,
+            r#"{"error":{"code":"invalid_json","message":"Bad."}}"#
+        );
     }
 
     #[test]
@@ -361,20 +402,40 @@ mod tests {
     #[test]
     fn chat_frames_keep_the_tutorial_keys_and_add_id_and_ts() {
         let cases = [
-            (FrameBody::Members(vec!["alice".into(), "bob".into()]), r#"{"members":["alice","bob"]"#),
-            (FrameBody::SystemMessage("alice has joined the chat".into()), r#"{"systemMessage":"alice has joined the chat""#),
-            (FrameBody::PublicMessage("alice: hello".into()), r#"{"publicMessage":"alice: hello""#),
-            (FrameBody::PrivateMessage("alice: psst".into()), r#"{"privateMessage":"alice: psst""#),
+            (
+                FrameBody::Members(vec!["alice".into(), "bob".into()]),
+                r#"{"members":["alice","bob"]"#,
+            ),
+            (
+                FrameBody::SystemMessage("alice has joined the chat".into()),
+                r#"{"systemMessage":"alice has joined the chat""#,
+            ),
+            (
+                FrameBody::PublicMessage("alice: hello".into()),
+                r#"{"publicMessage":"alice: hello""#,
+            ),
+            (
+                FrameBody::PrivateMessage("alice: psst".into()),
+                r#"{"privateMessage":"alice: psst""#,
+            ),
         ];
         for (body, prefix) in cases {
-            let frame = Frame { body, id: Some(7), ts: Some(1_700_000_000_000) };
+            let frame = Frame {
+                body,
+                id: Some(7),
+                ts: Some(1_700_000_000_000),
+            };
             let json = frame.to_json();
             assert!(json.starts_with(prefix), "{json}");
             assert!(json.ends_with(r#","id":7,"ts":1700000000000}"#), "{json}");
             let back: Frame = serde_json::from_str(&json).expect("round trip");
             assert_eq!(back, frame);
         }
-        let bare = Frame { body: FrameBody::SystemMessage("x".into()), id: None, ts: None };
+        let bare = Frame {
+            body: FrameBody::SystemMessage("x".into()),
+            id: None,
+            ts: None,
+        };
         assert_eq!(bare.to_json(), r#"{"systemMessage":"x"}"#);
     }
 }

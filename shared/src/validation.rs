@@ -30,7 +30,13 @@ pub fn name_key(display: &str) -> String {
 }
 
 pub fn validate_name(raw: &str) -> Result<ValidName, Refusal> {
-    let refuse = |message: String| Err(Refusal::new(ErrorCode::InvalidName, message, Some("setName")));
+    let refuse = |message: String| {
+        Err(Refusal::new(
+            ErrorCode::InvalidName,
+            message,
+            Some("setName"),
+        ))
+    };
     let display = raw.trim();
     let chars = display.chars().count();
     if chars == 0 {
@@ -97,7 +103,17 @@ mod tests {
 
     #[test]
     fn bad_names_are_refused_with_invalid_name() {
-        for bad in ["", "   ", "\t\n", "a\u{0}b", "a\nb", "bob\u{7}", "\u{202E}evil", "x\u{2066}y", "a\u{202A}"] {
+        for bad in [
+            "",
+            "   ",
+            "\t\n",
+            "a\u{0}b",
+            "a\nb",
+            "bob\u{7}",
+            "\u{202E}evil",
+            "x\u{2066}y",
+            "a\u{202A}",
+        ] {
             let r = validate_name(bad).expect_err(bad);
             assert_eq!(r.code, ErrorCode::InvalidName, "{bad:?}");
             assert_eq!(r.action.as_deref(), Some("setName"));

@@ -23,7 +23,9 @@ async fn main() -> Result<(), Error> {
     let api = ManagementApi::new(&aws, &connections_endpoint_from_env()?);
     let (store, api, config) = (&store, &api, &config);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Event>| async move {
-        Ok::<_, Error>(handle_stream_event(store, api, config, event.payload, chat_shared::now_ms).await)
+        Ok::<_, Error>(
+            handle_stream_event(store, api, config, event.payload, chat_shared::now_ms).await,
+        )
     }))
     .await
 }

@@ -16,9 +16,9 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, KeySchemaElement, KeyType,
-    Put, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus, TimeToLiveSpecification,
-    TransactWriteItem, Update,
+    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, KeySchemaElement,
+    KeyType, Put, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus,
+    TimeToLiveSpecification, TransactWriteItem, Update,
 };
 use aws_sdk_dynamodb::Client;
 use rand::Rng;
@@ -127,10 +127,11 @@ impl Expr {
     }
 }
 
+type Names = Option<HashMap<String, String>>;
+type Values = Option<HashMap<String, AttributeValue>>;
+
 /// The placeholders of one or two expressions (a condition and an update share them).
-fn placeholders(
-    exprs: &[&Expr],
-) -> (Option<HashMap<String, String>>, Option<HashMap<String, AttributeValue>>) {
+fn placeholders(exprs: &[&Expr]) -> (Names, Values) {
     let names: HashMap<String, String> = NAMES
         .iter()
         .filter(|(p, _)| exprs.iter().any(|e| uses(&e.text, p)))
@@ -182,7 +183,11 @@ impl DynamoStore {
         ])
     }
 
-    async fn get(&self, sk: String, op: &'static str) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
+    async fn get(
+        &self,
+        sk: String,
+        op: &'static str,
+    ) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
         let out = self
             .client
             .get_item()
@@ -196,7 +201,10 @@ impl DynamoStore {
     }
 
     async fn get_conn(&self, connection_id: &str) -> Result<Option<ConnItem>, StoreError> {
-        match self.get(keys::conn_sk(connection_id), "GetItem connection").await? {
+        match self
+            .get(keys::conn_sk(connection_id), "GetItem connection")
+            .await?
+        {
             None => Ok(None),
             Some(item) => serde_dynamo::from_item(item)
                 .map(Some)
@@ -214,7 +222,10 @@ impl DynamoStore {
     }
 
     async fn current_seq(&self) -> Result<u64, StoreError> {
-        match self.get(keys::SEQ_SK.to_owned(), "GetItem sequence").await? {
+        match self
+            .get(keys::SEQ_SK.to_owned(), "GetItem sequence")
+            .await?
+        {
             None => Ok(0),
             Some(item) => serde_dynamo::from_item::<_, SeqItem>(item)
                 .map(|i| i.seq)
@@ -222,7 +233,12 @@ impl DynamoStore {
         }
     }
 
-    fn put(&self, table: &str, item: HashMap<String, AttributeValue>, cond: Option<Expr>) -> Result<TransactWriteItem, StoreError> {
+    fn put(
+        &self,
+        table: &str,
+        item: HashMap<String, AttributeValue>,
+        cond: Option<Expr>,
+    ) -> Result<TransactWriteItem, StoreError> {
         let mut b = Put::builder().table_name(table).set_item(Some(item));
         if let Some(cond) = cond {
             let (names, values) = placeholders(&[&cond]);
@@ -231,10 +247,17 @@ impl DynamoStore {
                 .set_expression_attribute_names(names)
                 .set_expression_attribute_values(values);
         }
-        Ok(TransactWriteItem::builder().put(b.build().map_err(build_err)?).build())
+        Ok(TransactWriteItem::builder()
+            .put(b.build().map_err(build_err)?)
+            .build())
     }
 
-    fn update(&self, sk: String, update: Expr, cond: Expr) -> Result<TransactWriteItem, StoreError> {
+    fn update(
+        &self,
+        sk: String,
+        update: Expr,
+        cond: Expr,
+    ) -> Result<TransactWriteItem, StoreError> {
         let (names, values) = placeholders(&[&update, &cond]);
         let u = Update::builder()
             .table_name(&self.tables.connections)
@@ -276,7 +299,12 @@ impl DynamoStore {
 
     /// The two items that give an event its id: the counter moves from `current` to
     /// `current + 1` only if nobody moved it first, and the event is put under that id.
-    fn append(&self, current: u64, event: ChatEvent, now_ms: i64) -> Result<(StoredEvent, [TransactWriteItem; 2]), StoreError> {
+    fn append(
+        &self,
+        current: u64,
+        event: ChatEvent,
+        now_ms: i64,
+    ) -> Result<(StoredEvent, [TransactWriteItem; 2]), StoreError> {
         let stored = StoredEvent {
             room: self.room.clone(),
             seq: current + 1,
@@ -296,16 +324,35 @@ impl DynamoStore {
         let expires = epoch_secs(now_ms) + self.retention.event_retention.as_secs() as i64;
         let item = serde_dynamo::to_item(EventItem::new(&stored, expires))
             .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
-        let put = self.put(&self.tables.events, item, Some(Expr::new("attribute_not_exists(#seq)")))?;
+        let put = self.put(
+            &self.tables.events,
+            item,
+            Some(Expr::new("attribute_not_exists(#seq)")),
+        )?;
         Ok((stored, [counter, put]))
     }
 
     /// Commits the items; `Ok(false)` when DynamoDB cancelled the transaction (a condition
     /// failed or a concurrent transaction touched the same items), so the caller re-reads.
-    async fn transact(&self, op: &'static str, items: Vec<TransactWriteItem>) -> Result<bool, StoreError> {
-        match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+    async fn transact(
+        &self,
+        op: &'static str,
+        items: Vec<TransactWriteItem>,
+    ) -> Result<bool, StoreError> {
+        match self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await
+        {
             Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e)) if matches!(e.err(), TransactWriteItemsError::TransactionCanceledException(_)) => {
+            Err(SdkError::ServiceError(e))
+                if matches!(
+                    e.err(),
+                    TransactWriteItemsError::TransactionCanceledException(_)
+                ) =>
+            {
                 Ok(false)
             }
             Err(e) => Err(StoreError::backend(op, e)),
@@ -326,7 +373,11 @@ fn live_conn(conn: Option<ConnItem>, now_ms: i64) -> Option<ConnItem> {
 
 #[async_trait]
 impl ChatStore for DynamoStore {
-    async fn add_connection(&self, connection_id: &str, now_ms: i64) -> Result<Connection, StoreError> {
+    async fn add_connection(
+        &self,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Connection, StoreError> {
         let expires_at = epoch_secs(now_ms) + self.retention.connection_ttl.as_secs() as i64;
         let mut item = self.key(keys::conn_sk(connection_id));
         item.insert(keys::CONNECTION_ID.into(), s(connection_id));
@@ -347,22 +398,40 @@ impl ChatStore for DynamoStore {
         })
     }
 
-    async fn connection(&self, connection_id: &str, now_ms: i64) -> Result<Option<Connection>, StoreError> {
-        Ok(live_conn(self.get_conn(connection_id).await?, now_ms).map(|c| Connection {
-            connection_id: c.connection_id,
-            connected_at: c.connected_at,
-            expires_at: c.expires_at,
-            name: c.name,
-        }))
+    async fn connection(
+        &self,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Connection>, StoreError> {
+        Ok(
+            live_conn(self.get_conn(connection_id).await?, now_ms).map(|c| Connection {
+                connection_id: c.connection_id,
+                connected_at: c.connected_at,
+                expires_at: c.expires_at,
+                name: c.name,
+            }),
+        )
     }
 
-    async fn set_name(&self, connection_id: &str, name: &ValidName, now_ms: i64) -> Result<Option<StoredEvent>, StoreError> {
+    async fn set_name(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        now_ms: i64,
+    ) -> Result<Option<StoredEvent>, StoreError> {
         let now_s = epoch_secs(now_ms);
         for attempt in 1..=MAX_ATTEMPTS {
             let conn = live_conn(self.get_conn(connection_id).await?, now_ms)
                 .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
             if conn.name.as_deref() == Some(name.display.as_str()) {
                 return Ok(None);
+            }
+            // Read the claim first: a name that is plainly taken costs one read instead of a
+            // cancelled transaction. The transaction's condition still settles races.
+            if let Some(holder) = self.get_claim(&name.key).await? {
+                if holder.connection_id != connection_id && holder.expires_at > now_s {
+                    return Err(StoreError::NameTaken(name.display.clone()));
+                }
             }
             // The claim lives as long as the connection, so an abandoned name frees itself.
             let mut claim = self.key(keys::name_sk(&name.key));
@@ -426,7 +495,12 @@ impl ChatStore for DynamoStore {
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
 
-    async fn post_public(&self, connection_id: &str, message: &str, now_ms: i64) -> Result<StoredEvent, StoreError> {
+    async fn post_public(
+        &self,
+        connection_id: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
         for attempt in 1..=MAX_ATTEMPTS {
             let conn = live_conn(self.get_conn(connection_id).await?, now_ms)
                 .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
@@ -442,7 +516,10 @@ impl ChatStore for DynamoStore {
             };
             let (stored, append) = self.append(self.current_seq().await?, event, now_ms)?;
             items.extend(append);
-            if self.transact("TransactWriteItems sendPublic", items).await? {
+            if self
+                .transact("TransactWriteItems sendPublic", items)
+                .await?
+            {
                 return Ok(stored);
             }
             backoff(attempt).await;
@@ -450,7 +527,13 @@ impl ChatStore for DynamoStore {
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
 
-    async fn post_private(&self, connection_id: &str, to: &str, message: &str, now_ms: i64) -> Result<StoredEvent, StoreError> {
+    async fn post_private(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
         let now_s = epoch_secs(now_ms);
         let to_key = name_key(to.trim());
         for attempt in 1..=MAX_ATTEMPTS {
@@ -488,7 +571,10 @@ impl ChatStore for DynamoStore {
             };
             let (stored, append) = self.append(self.current_seq().await?, event, now_ms)?;
             items.extend(append);
-            if self.transact("TransactWriteItems sendPrivate", items).await? {
+            if self
+                .transact("TransactWriteItems sendPrivate", items)
+                .await?
+            {
                 return Ok(stored);
             }
             backoff(attempt).await;
@@ -510,7 +596,10 @@ impl ChatStore for DynamoStore {
             let (Some(name), Some(key)) = (conn.name, conn.name_key) else {
                 let cond = Expr::new("attribute_exists(#pk) AND attribute_not_exists(#name)");
                 let item = self.delete(keys::conn_sk(connection_id), cond)?;
-                if self.transact("TransactWriteItems $disconnect", vec![item]).await? {
+                if self
+                    .transact("TransactWriteItems $disconnect", vec![item])
+                    .await?
+                {
                     return Ok(None);
                 }
                 backoff(attempt).await;
@@ -535,7 +624,10 @@ impl ChatStore for DynamoStore {
             };
             let (stored, append) = self.append(self.current_seq().await?, event, now_ms)?;
             items.extend(append);
-            if self.transact("TransactWriteItems $disconnect", items).await? {
+            if self
+                .transact("TransactWriteItems $disconnect", items)
+                .await?
+            {
                 return Ok(Some(stored));
             }
             backoff(attempt).await;
@@ -543,7 +635,11 @@ impl ChatStore for DynamoStore {
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
 
-    async fn members_page(&self, after: Option<&str>, now_ms: i64) -> Result<MembersPage, StoreError> {
+    async fn members_page(
+        &self,
+        after: Option<&str>,
+        now_ms: i64,
+    ) -> Result<MembersPage, StoreError> {
         let start = after.map(|sk| self.key(sk.to_owned()));
         let out = self
             .client
@@ -583,21 +679,43 @@ impl ChatStore for DynamoStore {
 /// exist already, and waits until they are active. Used by tests and by local runs against
 /// moto or DynamoDB Local; on AWS, CloudFormation creates them.
 pub async fn create_tables(client: &Client, tables: &Tables) -> Result<(), StoreError> {
-    let key = |name: &str, kind: KeyType| KeySchemaElement::builder().attribute_name(name).key_type(kind).build().map_err(build_err);
+    let key = |name: &str, kind: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+            .map_err(build_err)
+    };
     let attr = |name: &str, t: ScalarAttributeType| {
-        AttributeDefinition::builder().attribute_name(name).attribute_type(t).build().map_err(build_err)
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(t)
+            .build()
+            .map_err(build_err)
     };
     let specs = [
         (
             &tables.events,
-            [key(keys::PK, KeyType::Hash)?, key(keys::SEQ, KeyType::Range)?],
-            [attr(keys::PK, ScalarAttributeType::S)?, attr(keys::SEQ, ScalarAttributeType::N)?],
+            [
+                key(keys::PK, KeyType::Hash)?,
+                key(keys::SEQ, KeyType::Range)?,
+            ],
+            [
+                attr(keys::PK, ScalarAttributeType::S)?,
+                attr(keys::SEQ, ScalarAttributeType::N)?,
+            ],
             true,
         ),
         (
             &tables.connections,
-            [key(keys::PK, KeyType::Hash)?, key(keys::SK, KeyType::Range)?],
-            [attr(keys::PK, ScalarAttributeType::S)?, attr(keys::SK, ScalarAttributeType::S)?],
+            [
+                key(keys::PK, KeyType::Hash)?,
+                key(keys::SK, KeyType::Range)?,
+            ],
+            [
+                attr(keys::PK, ScalarAttributeType::S)?,
+                attr(keys::SK, ScalarAttributeType::S)?,
+            ],
             false,
         ),
     ];
@@ -619,7 +737,12 @@ pub async fn create_tables(client: &Client, tables: &Tables) -> Result<(), Store
         }
         match req.send().await {
             Ok(_) => {}
-            Err(e) if e.as_service_error().is_some_and(|se| se.is_resource_in_use_exception()) => continue,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_resource_in_use_exception()) =>
+            {
+                continue
+            }
             Err(e) => return Err(StoreError::backend("CreateTable", e)),
         }
         wait_active(client, name).await?;
@@ -653,5 +776,8 @@ async fn wait_active(client: &Client, table: &str) -> Result<(), StoreError> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(StoreError::backend("DescribeTable", format!("table {table} did not become ACTIVE within 60 s")))
+    Err(StoreError::backend(
+        "DescribeTable",
+        format!("table {table} did not become ACTIVE within 60 s"),
+    ))
 }

@@ -92,10 +92,18 @@ impl StoreError {
 #[async_trait]
 pub trait ChatStore: Send + Sync {
     /// Records a new connection (`$connect`), expiring after the connection TTL.
-    async fn add_connection(&self, connection_id: &str, now_ms: i64) -> Result<Connection, StoreError>;
+    async fn add_connection(
+        &self,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Connection, StoreError>;
 
     /// The connection, if recorded and not expired.
-    async fn connection(&self, connection_id: &str, now_ms: i64) -> Result<Option<Connection>, StoreError>;
+    async fn connection(
+        &self,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Connection>, StoreError>;
 
     /// Claims `name` for the connection, atomically: of two connections racing for one name
     /// exactly one wins. The first name records `MemberJoined`; a different later name
@@ -109,7 +117,12 @@ pub trait ChatStore: Send + Sync {
     ) -> Result<Option<StoredEvent>, StoreError>;
 
     /// Records `MessagePosted` from a member.
-    async fn post_public(&self, connection_id: &str, message: &str, now_ms: i64) -> Result<StoredEvent, StoreError>;
+    async fn post_public(
+        &self,
+        connection_id: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError>;
 
     /// Records `PrivateMessageSent` from a member to the member named `to` (ignoring case).
     async fn post_private(
@@ -130,7 +143,11 @@ pub trait ChatStore: Send + Sync {
     ) -> Result<Option<StoredEvent>, StoreError>;
 
     /// A page of current members, in a stable order, starting after the cursor `after`.
-    async fn members_page(&self, after: Option<&str>, now_ms: i64) -> Result<MembersPage, StoreError>;
+    async fn members_page(
+        &self,
+        after: Option<&str>,
+        now_ms: i64,
+    ) -> Result<MembersPage, StoreError>;
 }
 
 /// Epoch seconds of a ms timestamp, for TTL comparisons.

@@ -1,0 +1,806 @@
+//! The backend end to end against a real DynamoDB API (moto): chat-api-handler driven with
+//! real API Gateway WebSocket event JSON, the fan-out driven with the stream records read back
+//! from moto's DynamoDB Streams API, delivering through the real `aws-sdk-apigatewaymanagement`
+//! client to a real HTTP `@connections` endpoint.
+
+use std::time::Duration;
+
+use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
+use aws_lambda_events::encodings::Body;
+use aws_lambda_events::event::dynamodb::Event;
+use aws_lambda_events::event::streams::DynamoDbEventResponse;
+use aws_sdk_dynamodb::types::AttributeValue;
+use chat_shared::config::{FanoutConfig, HandlerConfig, Retention, Tables};
+use chat_shared::delivery::ManagementApi;
+use chat_shared::fanout::handle_stream_event;
+use chat_shared::handler::handle_request;
+use chat_shared::store::dynamodb::{create_tables, DynamoStore};
+use chat_shared::store::ChatStore;
+use chat_tests::{fixture_json, unique_name, ConnectionsEndpoint, Moto, StreamReader};
+use serde_json::{json, Value};
+
+struct World {
+    moto: Moto,
+    tables: Tables,
+    store: DynamoStore,
+    stream: StreamReader,
+    endpoint: ConnectionsEndpoint,
+    api: ManagementApi,
+    handler: HandlerConfig,
+    fanout: FanoutConfig,
+}
+
+impl World {
+    async fn new() -> anyhow::Result<World> {
+        let moto = Moto::start().await?;
+        let tables = Tables {
+            events: unique_name("events"),
+            connections: unique_name("connections"),
+        };
+        create_tables(&moto.dynamodb(), &tables).await?;
+        // Small pages so every broadcast walks several member pages.
+        let store = DynamoStore::new(moto.dynamodb(), tables.clone(), Retention::default())
+            .with_page_limit(2);
+        let stream = StreamReader::new(&moto.dynamodb(), moto.streams(), &tables.events).await?;
+        let endpoint = ConnectionsEndpoint::start("prod").await?;
+        let api = ManagementApi::new(&moto.sdk_config(), &endpoint.url());
+        let fanout = FanoutConfig {
+            base_backoff: Duration::from_millis(5),
+            ..FanoutConfig::default()
+        };
+        Ok(World {
+            moto,
+            tables,
+            store,
+            stream,
+            endpoint,
+            api,
+            handler: HandlerConfig::default(),
+            fanout,
+        })
+    }
+
+    /// A real API Gateway WebSocket event from the fixtures, for this connection and route.
+    fn event(
+        route: &str,
+        connection_id: &str,
+        body: Option<&str>,
+    ) -> ApiGatewayWebsocketProxyRequest {
+        let (fixture, event_type) = match route {
+            "$connect" => ("apigw-websocket-connect.json", "CONNECT"),
+            "$disconnect" => ("apigw-websocket-disconnect.json", "DISCONNECT"),
+            _ => ("apigw-websocket-sendpublic.json", "MESSAGE"),
+        };
+        let mut v = fixture_json(fixture);
+        v["requestContext"]["connectionId"] = json!(connection_id);
+        v["requestContext"]["routeKey"] = json!(route);
+        v["requestContext"]["eventType"] = json!(event_type);
+        if event_type == "MESSAGE" {
+            v["body"] = body.map_or(Value::Null, |b| json!(b));
+        }
+        serde_json::from_value(v).expect("fixture is an API Gateway WebSocket event")
+    }
+
+    async fn call(
+        &self,
+        route: &str,
+        connection_id: &str,
+        body: Option<&str>,
+    ) -> ApiGatewayProxyResponse {
+        handle_request(
+            &self.store,
+            &self.handler,
+            Self::event(route, connection_id, body),
+            chat_shared::now_ms(),
+        )
+        .await
+        .expect("handler")
+    }
+
+    async fn connect(&self, id: &str) {
+        let r = self.call("$connect", id, None).await;
+        assert_eq!(r.status_code, 200, "$connect accepted");
+    }
+
+    async fn disconnect(&self, id: &str) {
+        let r = self.call("$disconnect", id, None).await;
+        assert_eq!(r.status_code, 200);
+    }
+
+    /// Sends a frame; returns the error frame the sender got back, if any.
+    async fn send(&self, id: &str, frame: Value) -> Option<Value> {
+        self.send_raw(id, &frame.to_string()).await
+    }
+
+    async fn send_raw(&self, id: &str, body: &str) -> Option<Value> {
+        let route = serde_json::from_str::<Value>(body)
+            .ok()
+            .and_then(|v| v["action"].as_str().map(str::to_owned))
+            .filter(|a| ["setName", "sendPublic", "sendPrivate"].contains(&a.as_str()))
+            .unwrap_or_else(|| "$default".into());
+        let r = self.call(&route, id, Some(body)).await;
+        assert_eq!(r.status_code, 200);
+        match r.body {
+            None | Some(Body::Empty) => None,
+            Some(Body::Text(t)) => Some(serde_json::from_str(&t).expect("error frame is JSON")),
+            Some(other) => panic!("unexpected response body {other:?}"),
+        }
+    }
+
+    async fn join(&self, id: &str, name: &str) {
+        self.connect(id).await;
+        let err = self.send(id, json!({"action":"setName","name":name})).await;
+        assert_eq!(err, None, "{name} joins");
+    }
+
+    /// Runs the fan-out on every stream record written since the last call.
+    async fn fan_out(&mut self) -> DynamoDbEventResponse {
+        let event = self.stream.next_event().await.expect("read stream");
+        self.fan_out_event(event).await
+    }
+
+    async fn fan_out_event(&self, event: Event) -> DynamoDbEventResponse {
+        handle_stream_event(
+            &self.store,
+            &self.api,
+            &self.fanout,
+            event,
+            chat_shared::now_ms,
+        )
+        .await
+    }
+
+    fn frames(&self, id: &str) -> Vec<Value> {
+        self.endpoint
+            .frames_for(id)
+            .into_iter()
+            .map(|mut f| {
+                // ids and timestamps are checked separately; strip them to compare content.
+                if let Some(o) = f.as_object_mut() {
+                    o.remove("id");
+                    o.remove("ts");
+                }
+                f
+            })
+            .collect()
+    }
+}
+
+fn members(names: &[&str]) -> Value {
+    json!({ "members": names })
+}
+
+fn system(text: &str) -> Value {
+    json!({ "systemMessage": text })
+}
+
+fn code(frame: &Option<Value>) -> &str {
+    frame
+        .as_ref()
+        .and_then(|f| f["error"]["code"].as_str())
+        .unwrap_or("<no error>")
+}
+
+#[tokio::test]
+async fn joins_send_members_then_system_message_to_every_member() {
+    // GIVEN carol connects without a name
+    let mut w = World::new().await.expect("world");
+    w.connect("C").await;
+
+    // WHEN alice joins and the fan-out runs, then bob joins and the fan-out runs
+    w.join("A", "alice").await;
+    // The handler itself never talks to @connections.
+    assert_eq!(w.endpoint.post_count(), 0);
+    let first = w.fan_out().await;
+    w.join("B", "bob").await;
+    let second = w.fan_out().await;
+
+    // THEN each member got members then systemMessage, in the tutorial's order
+    assert!(first.batch_item_failures.is_empty() && second.batch_item_failures.is_empty());
+    assert_eq!(
+        w.frames("A"),
+        vec![
+            members(&["alice"]),
+            system("alice has joined the chat"),
+            members(&["alice", "bob"]),
+            system("bob has joined the chat"),
+        ]
+    );
+    assert_eq!(
+        w.frames("B"),
+        vec![
+            members(&["alice", "bob"]),
+            system("bob has joined the chat")
+        ]
+    );
+    // AND a connection without a name receives nothing
+    assert!(w.frames("C").is_empty());
+    // AND every frame carries its event's id and timestamp
+    let ids: Vec<u64> = w
+        .endpoint
+        .frames_for("A")
+        .iter()
+        .map(|f| f["id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(ids, vec![1, 1, 2, 2]);
+    assert!(w
+        .endpoint
+        .frames_for("A")
+        .iter()
+        .all(|f| f["ts"].as_i64().is_some()));
+}
+
+#[tokio::test]
+async fn public_message_reaches_every_member_and_private_only_its_recipient() {
+    // GIVEN three members (more than one member page) and a connection without a name
+    let mut w = World::new().await.expect("world");
+    for (id, name) in [("A", "alice"), ("B", "bob"), ("D", "dave")] {
+        w.join(id, name).await;
+    }
+    w.connect("C").await;
+    w.fan_out().await;
+    w.endpoint.clear();
+
+    // WHEN alice says hello publicly, then whispers to bob (named in another case)
+    assert_eq!(
+        w.send("A", json!({"action":"sendPublic","message":"hello"}))
+            .await,
+        None
+    );
+    assert_eq!(
+        w.send(
+            "A",
+            json!({"action":"sendPrivate","to":"BOB","message":"psst"})
+        )
+        .await,
+        None
+    );
+    let response = w.fan_out().await;
+
+    // THEN every member got the public message, only bob the private one
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(w.frames("A"), vec![json!({"publicMessage":"alice: hello"})]);
+    assert_eq!(
+        w.frames("B"),
+        vec![
+            json!({"publicMessage":"alice: hello"}),
+            json!({"privateMessage":"alice: psst"})
+        ]
+    );
+    assert_eq!(w.frames("D"), vec![json!({"publicMessage":"alice: hello"})]);
+    assert!(w.frames("C").is_empty());
+    let ids: Vec<u64> = w
+        .endpoint
+        .frames_for("B")
+        .iter()
+        .map(|f| f["id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(ids, vec![4, 5], "ids follow the room's sequence");
+}
+
+#[tokio::test]
+async fn rename_tells_everyone_and_releases_the_old_name() {
+    // GIVEN alice and bob
+    let mut w = World::new().await.expect("world");
+    w.join("A", "alice").await;
+    w.join("B", "bob").await;
+    w.fan_out().await;
+    w.endpoint.clear();
+
+    // WHEN alice renames herself to zed, and setting the same name again changes nothing
+    assert_eq!(
+        w.send("A", json!({"action":"setName","name":"zed"})).await,
+        None
+    );
+    assert_eq!(
+        w.send("A", json!({"action":"setName","name":"zed"})).await,
+        None
+    );
+    w.fan_out().await;
+
+    // THEN both see the new member list and one rename message
+    let expected = vec![
+        members(&["bob", "zed"]),
+        system("alice is now known as zed"),
+    ];
+    assert_eq!(w.frames("A"), expected);
+    assert_eq!(w.frames("B"), expected);
+    // AND "alice" is free again, while "zed" is not
+    w.connect("C").await;
+    assert_eq!(
+        w.send("C", json!({"action":"setName","name":"ZED"}))
+            .await
+            .as_ref()
+            .map(|f| f["error"]["code"].clone()),
+        Some(json!("name_taken"))
+    );
+    assert_eq!(
+        w.send("C", json!({"action":"setName","name":"Alice"}))
+            .await,
+        None
+    );
+    // AND a change of case only is a rename too (same claim)
+    assert_eq!(
+        w.send("A", json!({"action":"setName","name":"Zed"})).await,
+        None
+    );
+    w.fan_out().await;
+    assert_eq!(
+        w.frames("B").last(),
+        Some(&system("zed is now known as Zed"))
+    );
+}
+
+#[tokio::test]
+async fn leave_sends_system_message_then_members_and_disconnect_is_idempotent() {
+    // GIVEN alice and bob
+    let mut w = World::new().await.expect("world");
+    w.join("A", "alice").await;
+    w.join("B", "bob").await;
+    w.fan_out().await;
+    w.endpoint.clear();
+
+    // WHEN bob disconnects, twice (a late duplicate), and a never-joined connection disconnects
+    w.disconnect("B").await;
+    w.disconnect("B").await;
+    w.connect("C").await;
+    w.disconnect("C").await;
+    w.fan_out().await;
+
+    // THEN alice hears it once, system message first
+    assert_eq!(
+        w.frames("A"),
+        vec![system("bob has left the chat"), members(&["alice"])]
+    );
+    assert!(w.frames("B").is_empty());
+    // AND bob's connection and name are gone
+    let now = chat_shared::now_ms();
+    assert_eq!(w.store.connection("B", now).await.expect("read"), None);
+    assert_eq!(w.store.connection("C", now).await.expect("read"), None);
+    w.connect("D").await;
+    assert_eq!(
+        w.send("D", json!({"action":"setName","name":"bob"})).await,
+        None
+    );
+}
+
+#[tokio::test]
+async fn connect_records_an_expiry_beyond_the_two_hour_maximum() {
+    let w = World::new().await.expect("world");
+    let before = chat_shared::now_ms();
+    w.connect("A").await;
+    let conn = w
+        .store
+        .connection("A", before)
+        .await
+        .expect("read")
+        .expect("recorded");
+    assert_eq!(conn.connection_id, "A");
+    assert!(conn.connected_at >= before);
+    assert!(
+        conn.expires_at - before / 1000 >= 7_200,
+        "TTL at least API Gateway's 2 h maximum"
+    );
+    assert_eq!(conn.name, None);
+}
+
+#[tokio::test]
+async fn two_connections_racing_for_one_name_exactly_one_wins() {
+    let w = World::new().await.expect("world");
+    for round in 0..5 {
+        // GIVEN two fresh connections
+        let (a, b) = (format!("A{round}"), format!("B{round}"));
+        w.connect(&a).await;
+        w.connect(&b).await;
+        // WHEN both claim the same name (differing in case) at the same moment
+        let name = format!("Sam{round}");
+        let (ra, rb) = tokio::join!(
+            w.send(&a, json!({"action":"setName","name": name})),
+            w.send(&b, json!({"action":"setName","name": name.to_uppercase()})),
+        );
+        // THEN exactly one wins and the other is told the name is taken
+        let codes = [code(&ra), code(&rb)];
+        assert!(
+            codes == ["<no error>", "name_taken"] || codes == ["name_taken", "<no error>"],
+            "round {round}: {ra:?} / {rb:?}"
+        );
+        let now = chat_shared::now_ms();
+        let named = [
+            w.store
+                .connection(&a, now)
+                .await
+                .expect("a")
+                .and_then(|c| c.name),
+            w.store
+                .connection(&b, now)
+                .await
+                .expect("b")
+                .and_then(|c| c.name),
+        ];
+        assert_eq!(
+            named.iter().flatten().count(),
+            1,
+            "round {round}: {named:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_connection_answering_410_is_pruned_and_others_see_it_leave() {
+    // GIVEN alice, bob and carol, and bob's connection has silently died
+    let mut w = World::new().await.expect("world");
+    for (id, name) in [("A", "alice"), ("B", "bob"), ("C", "carol")] {
+        w.join(id, name).await;
+    }
+    w.fan_out().await;
+    w.endpoint.clear();
+    w.endpoint.mark_gone("B");
+
+    // WHEN alice broadcasts
+    assert_eq!(
+        w.send("A", json!({"action":"sendPublic","message":"anyone?"}))
+            .await,
+        None
+    );
+    let response = w.fan_out().await;
+
+    // THEN the living got it, bob's 410 pruned his connection and released his name
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(
+        w.frames("A"),
+        vec![json!({"publicMessage":"alice: anyone?"})]
+    );
+    assert_eq!(
+        w.frames("C"),
+        vec![json!({"publicMessage":"alice: anyone?"})]
+    );
+    assert!(w.endpoint.gone_hits() >= 1);
+    assert_eq!(
+        w.store
+            .connection("B", chat_shared::now_ms())
+            .await
+            .expect("read"),
+        None
+    );
+
+    // AND the prune recorded a leave that the next fan-out delivers to the others
+    w.endpoint.clear();
+    w.fan_out().await;
+    let leave = vec![
+        system("bob has left the chat"),
+        members(&["alice", "carol"]),
+    ];
+    assert_eq!(w.frames("A"), leave);
+    assert_eq!(w.frames("C"), leave);
+    w.connect("D").await;
+    assert_eq!(
+        w.send("D", json!({"action":"setName","name":"bob"})).await,
+        None
+    );
+    // AND a late $disconnect for the pruned connection is harmless
+    w.disconnect("B").await;
+    assert!(w
+        .stream
+        .next_event()
+        .await
+        .expect("stream")
+        .records
+        .iter()
+        .all(|r| r.event_name != "INSERT"
+            || r.change
+                .new_image
+                .get("type")
+                .is_some_and(|t| t == &serde_dynamo::AttributeValue::S("MemberJoined".into()))));
+}
+
+#[tokio::test]
+async fn every_refusal_gets_its_error_frame_and_changes_nothing() {
+    // GIVEN alice and bob are members, carol is connected without a name
+    let mut w = World::new().await.expect("world");
+    w.join("A", "alice").await;
+    w.join("B", "bob").await;
+    w.connect("C").await;
+    w.fan_out().await;
+    w.endpoint.clear();
+    let big = "x".repeat(4097);
+    let cases: Vec<(&str, String, &str, Option<&str>)> = vec![
+        ("A", "not json".into(), "invalid_json", None),
+        ("A", "".into(), "invalid_json", None),
+        ("A", "[1]".into(), "invalid_request", None),
+        ("A", r#"{"message":"hi"}"#.into(), "unknown_action", None),
+        (
+            "A",
+            r#"{"action":"shout","message":"hi"}"#.into(),
+            "unknown_action",
+            Some("shout"),
+        ),
+        (
+            "A",
+            r#"{"action":"setName"}"#.into(),
+            "missing_field",
+            Some("setName"),
+        ),
+        (
+            "A",
+            r#"{"action":"sendPublic","message":42}"#.into(),
+            "invalid_field",
+            Some("sendPublic"),
+        ),
+        (
+            "A",
+            r#"{"action":"setName","name":"   "}"#.into(),
+            "invalid_name",
+            Some("setName"),
+        ),
+        (
+            "A",
+            r#"{"action":"setName","name":"a\u202Eb"}"#.into(),
+            "invalid_name",
+            Some("setName"),
+        ),
+        (
+            "A",
+            format!(r#"{{"action":"setName","name":"{}"}}"#, "n".repeat(33)),
+            "invalid_name",
+            Some("setName"),
+        ),
+        (
+            "C",
+            r#"{"action":"setName","name":" BOB "}"#.into(),
+            "name_taken",
+            Some("setName"),
+        ),
+        (
+            "C",
+            r#"{"action":"sendPublic","message":"hi"}"#.into(),
+            "name_required",
+            Some("sendPublic"),
+        ),
+        (
+            "C",
+            r#"{"action":"sendPrivate","to":"bob","message":"hi"}"#.into(),
+            "name_required",
+            Some("sendPrivate"),
+        ),
+        (
+            "A",
+            r#"{"action":"sendPublic","message":"  "}"#.into(),
+            "invalid_message",
+            Some("sendPublic"),
+        ),
+        (
+            "A",
+            format!(r#"{{"action":"sendPublic","message":"{big}"}}"#),
+            "message_too_large",
+            Some("sendPublic"),
+        ),
+        (
+            "A",
+            format!(r#"{{"action":"sendPrivate","to":"bob","message":"{big}"}}"#),
+            "message_too_large",
+            Some("sendPrivate"),
+        ),
+        (
+            "A",
+            r#"{"action":"sendPrivate","to":"nobody","message":"hi"}"#.into(),
+            "unknown_recipient",
+            Some("sendPrivate"),
+        ),
+        (
+            "A",
+            r#"{"action":"sendPrivate","to":"carol","message":"hi"}"#.into(),
+            "unknown_recipient",
+            Some("sendPrivate"),
+        ),
+        (
+            "A",
+            r#"{"action":"sendPrivate","to":"ALICE","message":"hi"}"#.into(),
+            "invalid_recipient",
+            Some("sendPrivate"),
+        ),
+        (
+            "Z",
+            r#"{"action":"sendPublic","message":"hi"}"#.into(),
+            "not_connected",
+            Some("sendPublic"),
+        ),
+        (
+            "Z",
+            r#"{"action":"setName","name":"zed"}"#.into(),
+            "not_connected",
+            Some("setName"),
+        ),
+    ];
+    for (sender, body, expected, action) in &cases {
+        // WHEN the request is sent
+        let frame = w.send_raw(sender, body).await;
+        // THEN its sender gets exactly that error, with a message for a person
+        let err = frame.unwrap_or_else(|| panic!("{body:?} should be refused"));
+        assert_eq!(err["error"]["code"], json!(expected), "{body:?}");
+        assert_eq!(err["error"]["action"].as_str(), *action, "{body:?}");
+        assert!(err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    // AND nothing was written: no event reached the stream, nobody received anything
+    let event = w.stream.next_event().await.expect("stream");
+    assert!(
+        event.records.is_empty(),
+        "refusals wrote events: {:?}",
+        event.records
+    );
+    assert_eq!(w.endpoint.post_count(), 0);
+    let now = chat_shared::now_ms();
+    assert_eq!(
+        w.store
+            .connection("C", now)
+            .await
+            .expect("read")
+            .and_then(|c| c.name),
+        None
+    );
+    assert_eq!(
+        w.store
+            .connection("A", now)
+            .await
+            .expect("read")
+            .and_then(|c| c.name)
+            .as_deref(),
+        Some("alice")
+    );
+    // AND binary frames are refused too
+    let mut binary = World::event("$default", "A", Some("AAEC"));
+    binary.is_base64_encoded = true;
+    let r = handle_request(&w.store, &w.handler, binary, now)
+        .await
+        .expect("handler");
+    let Some(Body::Text(t)) = r.body else {
+        panic!("binary frame refused with a frame")
+    };
+    assert!(t.contains("invalid_json"));
+}
+
+#[tokio::test]
+async fn a_store_failure_is_an_internal_error_and_nothing_is_half_written() {
+    // GIVEN alice is connected, but the event table has vanished (the store will fail)
+    let w = World::new().await.expect("world");
+    w.connect("A").await;
+    w.moto
+        .dynamodb()
+        .delete_table()
+        .table_name(&w.tables.events)
+        .send()
+        .await
+        .expect("drop events table");
+
+    // WHEN she tries to join
+    let err = w
+        .send("A", json!({"action":"setName","name":"alice"}))
+        .await;
+
+    // THEN she is told to try again, and the name was not taken half-way
+    assert_eq!(code(&err), "internal_error");
+    let now = chat_shared::now_ms();
+    assert_eq!(
+        w.store
+            .connection("A", now)
+            .await
+            .expect("read")
+            .and_then(|c| c.name),
+        None
+    );
+    w.connect("B").await;
+    let claim = w
+        .moto
+        .dynamodb()
+        .get_item()
+        .table_name(&w.tables.connections)
+        .key("pk", AttributeValue::S("ROOM#lobby".into()))
+        .key("sk", AttributeValue::S("NAME#alice".into()))
+        .send()
+        .await
+        .expect("read claim");
+    assert!(claim.item.is_none(), "no name claim without its event");
+}
+
+#[tokio::test]
+async fn mixed_batch_reports_only_the_failing_record_and_skips_poison() {
+    // GIVEN alice and bob, then in one stream batch: a private message to alice, a poison
+    // item nobody can decode, a TTL removal, a public message that bob's endpoint keeps
+    // failing with 500, and a later public message
+    let mut w = World::new().await.expect("world");
+    w.join("A", "alice").await;
+    w.join("B", "bob").await;
+    w.fan_out().await;
+    w.endpoint.clear();
+    let db = w.moto.dynamodb();
+    assert_eq!(
+        w.send(
+            "B",
+            json!({"action":"sendPrivate","to":"alice","message":"one"})
+        )
+        .await,
+        None
+    );
+    db.put_item()
+        .table_name(&w.tables.events)
+        .item("pk", AttributeValue::S("ROOM#lobby".into()))
+        .item("seq", AttributeValue::N("1000".into()))
+        .item("type", AttributeValue::S("Gibberish".into()))
+        .send()
+        .await
+        .expect("poison");
+    db.delete_item()
+        .table_name(&w.tables.events)
+        .key("pk", AttributeValue::S("ROOM#lobby".into()))
+        .key("seq", AttributeValue::N("1000".into()))
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(
+        w.send("A", json!({"action":"sendPublic","message":"two"}))
+            .await,
+        None
+    );
+    assert_eq!(
+        w.send("A", json!({"action":"sendPublic","message":"three"}))
+            .await,
+        None
+    );
+    let mut records = w.stream.next_records_json().await.expect("records");
+    assert_eq!(records.len(), 5);
+    records[2] = chat_tests::as_ttl_removal(records[2].clone());
+    let event: Event =
+        serde_json::from_value(chat_tests::lambda_event_json(&records)).expect("event");
+    assert_eq!(event.records[2].event_name, "REMOVE");
+    let seq_of = |i: usize| event.records[i].change.sequence_number.clone();
+    w.endpoint.fail_next("B", 500, 1_000);
+
+    // WHEN the fan-out handles the batch
+    let response = w.fan_out_event(event.clone()).await;
+
+    // THEN only the record of "two" is reported (Lambda retries from there; "one" is done,
+    // the poison and the removal are skipped, "three" waits behind "two")
+    let failed: Vec<_> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone())
+        .collect();
+    assert_eq!(failed, vec![seq_of(3)]);
+    assert_eq!(
+        w.frames("A"),
+        vec![
+            json!({"privateMessage":"bob: one"}),
+            json!({"publicMessage":"alice: two"})
+        ]
+    );
+    assert!(w.frames("B").is_empty());
+    assert!(
+        w.endpoint.faults_served() >= 2,
+        "the 500s were retried before giving up"
+    );
+
+    // WHEN bob's endpoint recovers and Lambda redelivers from the reported record
+    w.endpoint.fail_next("B", 500, 0);
+    w.endpoint.clear();
+    let mut retry = event.clone();
+    retry.records.drain(..3);
+    let response = w.fan_out_event(retry).await;
+
+    // THEN the rest is delivered; alice sees "two" again (at least once; the id dedupes it)
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(
+        w.frames("B"),
+        vec![
+            json!({"publicMessage":"alice: two"}),
+            json!({"publicMessage":"alice: three"})
+        ]
+    );
+    assert_eq!(
+        w.frames("A"),
+        vec![
+            json!({"publicMessage":"alice: two"}),
+            json!({"publicMessage":"alice: three"})
+        ]
+    );
+}

@@ -1,0 +1,245 @@
+//! Every fixture parses into the `aws_lambda_events` type the Lambdas receive, survives a
+//! serialise/parse roundtrip unchanged, and carries the fields the chat relies on.
+
+use aws_lambda_events::event::apigw::ApiGatewayWebsocketProxyRequest;
+use aws_lambda_events::event::dynamodb::Event;
+use chat_tests::fixtures::fixture_path;
+use chat_tests::{fixture, fixture_json};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+const WEBSOCKET_FIXTURES: [&str; 6] = [
+    "apigw-websocket-connect.json",
+    "apigw-websocket-setname.json",
+    "apigw-websocket-sendpublic.json",
+    "apigw-websocket-sendprivate.json",
+    "apigw-websocket-default.json",
+    "apigw-websocket-disconnect.json",
+];
+
+const DYNAMODB_FIXTURES: [&str; 2] = [
+    "dynamodb-stream-insert.json",
+    "dynamodb-stream-ttl-remove.json",
+];
+
+/// Parses a fixture, serialises it, parses that again, and checks nothing was lost.
+fn roundtrip<T>(name: &str) -> T
+where
+    T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug,
+{
+    let parsed: T = serde_json::from_str(&fixture(name)).expect("fixture parses");
+    let written = serde_json::to_string(&parsed).expect("serialises");
+    let reparsed: T = serde_json::from_str(&written).expect("serialised form parses");
+    assert_eq!(parsed, reparsed, "{name} changed in a roundtrip");
+    parsed
+}
+
+fn websocket(name: &str) -> ApiGatewayWebsocketProxyRequest {
+    roundtrip(name)
+}
+
+#[test]
+fn every_fixture_file_is_covered() {
+    // GIVEN the fixture directory
+    let dir = fixture_path("");
+
+    // WHEN listing its JSON files
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("fixtures dir")
+        .map(|entry| {
+            entry
+                .expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.ends_with(".json"))
+        .collect();
+    names.sort();
+
+    // THEN each one is roundtripped by this file
+    let mut covered: Vec<String> = WEBSOCKET_FIXTURES
+        .iter()
+        .chain(DYNAMODB_FIXTURES.iter())
+        .map(|name| name.to_string())
+        .collect();
+    covered.sort();
+    assert_eq!(names, covered);
+}
+
+#[test]
+fn websocket_fixtures_roundtrip() {
+    for name in WEBSOCKET_FIXTURES {
+        // GIVEN / WHEN
+        let event = websocket(name);
+
+        // THEN every event has the context the handler uses
+        let context = &event.request_context;
+        assert_eq!(
+            context.connection_id.as_deref(),
+            Some("CfGLwe_CtjMCIdA="),
+            "{name}"
+        );
+        assert_eq!(
+            context.domain_name.as_deref(),
+            Some("abc123.execute-api.us-east-1.amazonaws.com"),
+            "{name}"
+        );
+        assert_eq!(context.stage.as_deref(), Some("prod"), "{name}");
+        assert_eq!(context.apiid.as_deref(), Some("abc123"), "{name}");
+        assert_eq!(context.connected_at, 1_732_636_801_185, "{name}");
+        assert!(context.request_time_epoch >= context.connected_at, "{name}");
+        assert_eq!(
+            context.identity.source_ip.as_deref(),
+            Some("203.0.113.25"),
+            "{name}"
+        );
+        assert_eq!(context.message_direction.as_deref(), Some("IN"), "{name}");
+    }
+}
+
+#[test]
+fn connect_fixture_has_handshake_headers_and_query() {
+    // GIVEN / WHEN
+    let event = websocket("apigw-websocket-connect.json");
+
+    // THEN
+    let context = &event.request_context;
+    assert_eq!(context.route_key.as_deref(), Some("$connect"));
+    assert_eq!(context.event_type.as_deref(), Some("CONNECT"));
+    assert_eq!(context.message_id, None);
+    assert_eq!(event.body, None);
+    assert_eq!(
+        event
+            .headers
+            .get("Sec-WebSocket-Key")
+            .and_then(|v| v.to_str().ok()),
+        Some("X/MA+DSRXZ8WnITjBpxm3g==")
+    );
+    assert_eq!(
+        event.headers.get("host").and_then(|v| v.to_str().ok()),
+        Some("abc123.execute-api.us-east-1.amazonaws.com")
+    );
+    assert_eq!(event.query_string_parameters.first("room"), Some("lobby"));
+}
+
+#[test]
+fn message_fixtures_carry_the_client_frames() {
+    let cases = [
+        (
+            "apigw-websocket-setname.json",
+            "setName",
+            serde_json::json!({"action": "setName", "name": "alice"}),
+        ),
+        (
+            "apigw-websocket-sendpublic.json",
+            "sendPublic",
+            serde_json::json!({"action": "sendPublic", "message": "hello everyone"}),
+        ),
+        (
+            "apigw-websocket-sendprivate.json",
+            "sendPrivate",
+            serde_json::json!({"action": "sendPrivate", "to": "bob", "message": "psst"}),
+        ),
+    ];
+    for (name, route, frame) in cases {
+        // GIVEN / WHEN
+        let event = websocket(name);
+
+        // THEN the route is the action and the body is that frame, as a JSON string
+        let context = &event.request_context;
+        assert_eq!(context.route_key.as_deref(), Some(route), "{name}");
+        assert_eq!(context.event_type.as_deref(), Some("MESSAGE"), "{name}");
+        assert!(context.message_id.is_some(), "{name}");
+        let body: serde_json::Value =
+            serde_json::from_str(event.body.as_deref().expect("body")).expect("JSON body");
+        assert_eq!(body, frame, "{name}");
+        assert!(!event.is_base64_encoded, "{name}");
+    }
+}
+
+#[test]
+fn default_fixture_has_a_body_that_is_not_json() {
+    // GIVEN / WHEN
+    let event = websocket("apigw-websocket-default.json");
+
+    // THEN
+    assert_eq!(event.request_context.route_key.as_deref(), Some("$default"));
+    assert_eq!(event.request_context.event_type.as_deref(), Some("MESSAGE"));
+    let body = event.body.expect("body");
+    assert_eq!(body, "hello");
+    assert!(serde_json::from_str::<serde_json::Value>(&body).is_err());
+}
+
+#[test]
+fn disconnect_fixture_has_status_and_reason() {
+    // GIVEN / WHEN
+    let event = websocket("apigw-websocket-disconnect.json");
+
+    // THEN
+    let context = &event.request_context;
+    assert_eq!(context.route_key.as_deref(), Some("$disconnect"));
+    assert_eq!(context.event_type.as_deref(), Some("DISCONNECT"));
+    assert_eq!(context.disconnect_status_code, Some(1001));
+    assert_eq!(context.disconnect_reason.as_deref(), Some("Going away"));
+    assert_eq!(event.body, None);
+}
+
+#[test]
+fn dynamodb_insert_fixture_roundtrips() {
+    // GIVEN / WHEN
+    let event: Event = roundtrip("dynamodb-stream-insert.json");
+
+    // THEN two INSERTs of MessagePosted items in this schema, not from TTL
+    assert_eq!(event.records.len(), 2);
+    let first = &event.records[0];
+    assert_eq!(first.event_name, "INSERT");
+    assert_eq!(first.event_source.as_deref(), Some("aws:dynamodb"));
+    assert_eq!(
+        first.change.sequence_number.as_deref(),
+        Some("4421584500000000017450439091")
+    );
+    assert!(first.user_identity.is_none());
+    let image = serde_json::to_value(&first.change.new_image).expect("image json");
+    assert_eq!(
+        image,
+        serde_json::json!({
+            "pk": {"S": "ROOM#lobby"},
+            "seq": {"N": "1"},
+            "type": {"S": "MessagePosted"},
+            "v": {"N": "1"},
+            "ts": {"N": "1732636803250"},
+            "expiresAt": {"N": "1732723203"},
+            "connectionId": {"S": "CfGLwe_CtjMCIdA="},
+            "name": {"S": "alice"},
+            "message": {"S": "hello everyone"}
+        })
+    );
+    assert_eq!(
+        first.change.approximate_creation_date_time.timestamp(),
+        1_732_636_803
+    );
+    let raw = fixture_json("dynamodb-stream-insert.json");
+    assert_eq!(raw["Records"][1]["dynamodb"]["Keys"]["seq"]["N"], "2");
+}
+
+#[test]
+fn dynamodb_ttl_remove_fixture_roundtrips() {
+    // GIVEN / WHEN
+    let event: Event = roundtrip("dynamodb-stream-ttl-remove.json");
+
+    // THEN one REMOVE by the DynamoDB service (a TTL expiry), with the expired item
+    assert_eq!(event.records.len(), 1);
+    let record = &event.records[0];
+    assert_eq!(record.event_name, "REMOVE");
+    let identity = record.user_identity.as_ref().expect("userIdentity");
+    assert_eq!(identity.type_, "Service");
+    assert_eq!(identity.principal_id, "dynamodb.amazonaws.com");
+    assert_eq!(
+        record.change.sequence_number.as_deref(),
+        Some("4421599800000000017450512877")
+    );
+    assert!(record.change.new_image.is_empty());
+    let old = serde_json::to_value(&record.change.old_image).expect("old image json");
+    assert_eq!(old["type"], serde_json::json!({"S": "MessagePosted"}));
+}
