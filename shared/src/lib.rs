@@ -9,6 +9,7 @@
 //! - [`delivery`]: sending frames through the API Gateway Management API (`@connections`);
 //! - [`handler`]: the chat-api-handler logic (routes → validated state changes + events);
 //! - [`fanout`]: the stream fan-out logic (events → deliveries, pruning on 410);
+//! - [`stream`]: the stream-record source port the local event source mapping polls;
 //! - [`config`]: settings read from the environment, with their defaults.
 
 pub mod config;
@@ -19,6 +20,7 @@ pub mod handler;
 pub mod keys;
 pub mod protocol;
 pub mod store;
+pub mod stream;
 pub mod telemetry;
 pub mod validation;
 

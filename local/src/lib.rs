@@ -1,0 +1,7 @@
+//! The local stack: everything `chat-local` runs, as a library so tests can start it on port 0.
+//!
+//! - [`gateway`]: an API Gateway WebSocket API emulator with a real `@connections` endpoint;
+//! - [`esm`]: Lambda's DynamoDB event source mapping (batches, checkpoints, retries);
+//! - [`streams_api`]: a DynamoDB Streams API poller, for runs against a real DynamoDB API.
+
+pub mod gateway;
