@@ -1,0 +1,230 @@
+//! Lambda's event source mapping for a DynamoDB stream, in-process: it polls a
+//! [`RecordSource`] in batches, invokes the fan-out with the same `Event` type Lambda sends,
+//! and moves the checkpoint the way Lambda does with `ReportBatchItemFailures`:
+//!
+//! - no failures reported → the whole batch is done;
+//! - failures reported → everything before the *lowest* reported sequence number is done, and
+//!   the next batch starts at that record (so records after it are delivered again: at least
+//!   once);
+//! - the function itself failed, or reported an identifier not in the batch → nothing is
+//!   done and the whole batch is retried;
+//! - after `max_retry_attempts` retries of the same record the batch's head is given up on —
+//!   logged as sent to the on-failure destination, as Lambda would — so one poison record
+//!   cannot stop the stream (template.yaml: `MaximumRetryAttempts`, `DestinationConfig`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_lambda_events::event::dynamodb::{Event, EventRecord};
+use aws_lambda_events::event::streams::DynamoDbEventResponse;
+use chat_shared::stream::RecordSource;
+use tokio::sync::watch;
+use tracing::{debug, error, warn};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The function the mapping invokes (the fan-out, in-process).
+#[async_trait]
+pub trait StreamTarget: Send + Sync + 'static {
+    async fn invoke(&self, event: Event) -> Result<DynamoDbEventResponse, BoxError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct EsmConfig {
+    /// `BatchSize` (template.yaml: 100).
+    pub batch_size: usize,
+    /// How long one poll waits for records; Lambda polls a shard about four times a second.
+    pub poll_wait: Duration,
+    /// `MaximumRetryAttempts` (template.yaml: 5).
+    pub max_retry_attempts: u32,
+    /// Pause before retrying a failed batch (doubles per attempt, capped at 5 s).
+    pub retry_backoff: Duration,
+}
+
+impl Default for EsmConfig {
+    fn default() -> Self {
+        EsmConfig {
+            batch_size: 100,
+            poll_wait: Duration::from_millis(250),
+            max_retry_attempts: 5,
+            retry_backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What to do after one invocation.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Checkpoint after this sequence number (`None`: nothing is done) and whether to retry.
+    Checkpoint { after: Option<String>, failed: bool },
+}
+
+/// Lambda's reading of a partial batch response.
+fn interpret(batch: &[EventRecord], outcome: &Result<DynamoDbEventResponse, BoxError>) -> Next {
+    let seq = |r: &EventRecord| r.change.sequence_number.clone();
+    let last = batch.last().and_then(seq);
+    let response = match outcome {
+        Err(_) => return Next::Checkpoint { after: None, failed: true },
+        Ok(response) => response,
+    };
+    if response.batch_item_failures.is_empty() {
+        return Next::Checkpoint { after: last, failed: false };
+    }
+    // The earliest failing record in stream order; an identifier that is missing or not in
+    // the batch makes Lambda treat the whole batch as failed.
+    let mut lowest: Option<usize> = None;
+    for failure in &response.batch_item_failures {
+        let position = failure
+            .item_identifier
+            .as_deref()
+            .and_then(|id| batch.iter().position(|r| r.change.sequence_number.as_deref() == Some(id)));
+        match position {
+            None => return Next::Checkpoint { after: None, failed: true },
+            Some(p) => lowest = Some(lowest.map_or(p, |l| l.min(p))),
+        }
+    }
+    let lowest = lowest.unwrap_or(0);
+    let after = if lowest == 0 { None } else { seq(&batch[lowest - 1]) };
+    Next::Checkpoint { after, failed: true }
+}
+
+/// Runs the mapping until `stop` turns true and the source is drained (a poll returns no
+/// records), so the events written while shutting down (the `$disconnect`s) are delivered.
+pub async fn run(
+    mut source: Box<dyn RecordSource>,
+    target: Arc<dyn StreamTarget>,
+    config: EsmConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut attempts: u32 = 0;
+    loop {
+        let stopping = *stop.borrow();
+        let batch = match source.poll(config.batch_size, config.poll_wait).await {
+            Ok(batch) => batch,
+            Err(e) => {
+                warn!(error = %e, cause = ?std::error::Error::source(&e), "polling the stream failed; retrying");
+                if wait_or_stop(&mut stop, config.retry_backoff).await && stopping {
+                    return;
+                }
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            if stopping {
+                return;
+            }
+            continue;
+        }
+        let size = batch.len();
+        let mut event = Event::default();
+        event.records = batch;
+        let outcome = target.invoke(event.clone()).await;
+        let Next::Checkpoint { after, failed } = interpret(&event.records, &outcome);
+        if let Some(seq) = &after {
+            source.checkpoint(seq);
+        }
+        if !failed {
+            debug!(records = size, "batch done");
+            attempts = 0;
+            continue;
+        }
+        attempts += 1;
+        let head = event
+            .records
+            .iter()
+            .position(|r| r.change.sequence_number == after)
+            .map_or(0, |p| p + 1);
+        let head_seq = event.records.get(head).and_then(|r| r.change.sequence_number.clone());
+        if let Err(e) = &outcome {
+            warn!(error = %e, attempt = attempts, "fan-out invocation failed; retrying the batch");
+        }
+        if attempts > config.max_retry_attempts {
+            // Lambda would send the batch's metadata to the on-failure destination and move on.
+            error!(sequence_number = ?head_seq, attempts, "giving up on a stream record after the maximum retry attempts (on AWS: sent to the on-failure destination)");
+            if let Some(seq) = &head_seq {
+                source.checkpoint(seq);
+            }
+            attempts = 0;
+            continue;
+        }
+        let backoff = config.retry_backoff.saturating_mul(1 << (attempts - 1).min(5)).min(Duration::from_secs(5));
+        debug!(sequence_number = ?head_seq, attempt = attempts, ?backoff, "retrying from the reported record");
+        wait_or_stop(&mut stop, backoff).await;
+    }
+}
+
+/// Sleeps for `d`, returning early (true) if the stop signal changes meanwhile.
+async fn wait_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.changed() => true,
+    }
+}
+
+/// Spawns [`run`] and returns a handle that stops it (after draining) when asked.
+pub struct Mapping {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Mapping {
+    pub fn spawn(source: Box<dyn RecordSource>, target: Arc<dyn StreamTarget>, config: EsmConfig) -> Self {
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(run(source, target, config, rx));
+        Mapping { stop, task }
+    }
+
+    /// Asks the mapping to finish the records already in the stream, then waits for it (at
+    /// most `limit`: a fan-out that keeps failing must not hold the shutdown forever).
+    pub async fn drain(self, limit: Duration) {
+        let _ = self.stop.send(true);
+        let mut task = self.task;
+        if tokio::time::timeout(limit, &mut task).await.is_err() {
+            warn!(?limit, "the stream was not drained in time; stopping anyway");
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lambda_events::event::streams::DynamoDbBatchItemFailure;
+
+    fn batch(seqs: &[&str]) -> Vec<EventRecord> {
+        seqs.iter()
+            .map(|s| {
+                let mut r = EventRecord::default();
+                r.change.sequence_number = Some((*s).to_owned());
+                r
+            })
+            .collect()
+    }
+
+    fn failures(ids: &[Option<&str>]) -> Result<DynamoDbEventResponse, BoxError> {
+        let mut response = DynamoDbEventResponse::default();
+        for id in ids {
+            let mut f = DynamoDbBatchItemFailure::default();
+            f.item_identifier = id.map(str::to_owned);
+            response.batch_item_failures.push(f);
+        }
+        Ok(response)
+    }
+
+    #[test]
+    fn partial_batch_responses_move_the_checkpoint_like_lambda() {
+        let b = batch(&["10", "20", "30", "40"]);
+        // GIVEN no failures THEN the whole batch is done
+        assert_eq!(interpret(&b, &failures(&[])), Next::Checkpoint { after: Some("40".into()), failed: false });
+        // GIVEN failures at 40 and 20 THEN done up to 10, retry from 20 (the lowest)
+        assert_eq!(interpret(&b, &failures(&[Some("40"), Some("20")])), Next::Checkpoint { after: Some("10".into()), failed: true });
+        // GIVEN a failure at the first record THEN nothing is done
+        assert_eq!(interpret(&b, &failures(&[Some("10")])), Next::Checkpoint { after: None, failed: true });
+        // GIVEN an identifier that is not in the batch, or none THEN the whole batch failed
+        assert_eq!(interpret(&b, &failures(&[Some("99")])), Next::Checkpoint { after: None, failed: true });
+        assert_eq!(interpret(&b, &failures(&[None])), Next::Checkpoint { after: None, failed: true });
+        // GIVEN the function failed THEN the whole batch failed
+        assert_eq!(interpret(&b, &Err("boom".into())), Next::Checkpoint { after: None, failed: true });
+    }
+}
