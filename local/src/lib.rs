@@ -4,4 +4,6 @@
 //! - [`esm`]: Lambda's DynamoDB event source mapping (batches, checkpoints, retries);
 //! - [`streams_api`]: a DynamoDB Streams API poller, for runs against a real DynamoDB API.
 
+pub mod esm;
 pub mod gateway;
+pub mod streams_api;
