@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::config::HandlerConfig;
 use crate::events::LeaveReason;
+use crate::history::history_response;
 use crate::protocol::{parse_request, ClientRequest, ErrorCode, Refusal};
 use crate::store::{ChatStore, StoreError};
 use crate::validation::{validate_message, validate_name};
@@ -128,14 +129,9 @@ pub async fn handle_request(
                 Err(refusal) => Err(refusal),
             };
             match outcome {
-                Ok(()) => Ok(response(200, None)),
+                Ok(body) => Ok(response(200, body)),
                 Err(refusal) => {
-                    warn!(
-                        connection_id,
-                        code = refusal.code.as_str(),
-                        action = refusal.action.as_deref(),
-                        "request refused"
-                    );
+                    warn!(connection_id, code = refusal.code.as_str(), action = refusal.action.as_deref(), "request refused");
                     Ok(refused(&refusal))
                 }
             }
@@ -149,7 +145,7 @@ async fn perform(
     connection_id: &str,
     req: ClientRequest,
     now_ms: i64,
-) -> Result<(), Refusal> {
+) -> Result<Option<String>, Refusal> {
     let action = req.action();
     let result = match &req {
         ClientRequest::SetName { name } => {
@@ -188,11 +184,27 @@ async fn perform(
                     )
                 })
         }
-    };
-    result.map_err(|e| {
-        if matches!(e, StoreError::Backend { .. } | StoreError::Contention(_) | StoreError::Malformed(_)) {
-            error!(connection_id, action, error = %e, cause = ?std::error::Error::source(&e), "store failed");
+        ClientRequest::History(request) => {
+            // Any known connection may read public history, named or not: a client catching up
+            // after a reconnect asks before it has set its name again.
+            match store.connection(connection_id, now_ms).await {
+                Ok(Some(_)) => {
+                    return history_response(store, *request, now_ms)
+                        .await
+                        .map(Some)
+                        .map_err(|e| log_and_refuse(connection_id, action, &e));
+                }
+                Ok(None) => Err(StoreError::NotConnected(connection_id.to_owned())),
+                Err(e) => Err(e),
+            }
         }
-        refusal_for(&e, action)
-    })
+    };
+    result.map(|()| None).map_err(|e| log_and_refuse(connection_id, action, &e))
+}
+
+fn log_and_refuse(connection_id: &str, action: &str, e: &StoreError) -> Refusal {
+    if matches!(e, StoreError::Backend { .. } | StoreError::Contention(_) | StoreError::Malformed(_)) {
+        error!(connection_id, action, error = %e, cause = ?std::error::Error::source(e), "store failed");
+    }
+    refusal_for(e, action)
 }

@@ -8,6 +8,7 @@
 //! - [`store`]: the narrow store port and its DynamoDB adapter;
 //! - [`delivery`]: sending frames through the API Gateway Management API (`@connections`);
 //! - [`handler`]: the chat-api-handler logic (routes → validated state changes + events);
+//! - [`history`]: the `history` route's pages of public history;
 //! - [`fanout`]: the stream fan-out logic (events → deliveries, pruning on 410);
 //! - [`stream`]: the stream-record source port the local event source mapping polls;
 //! - [`config`]: settings read from the environment, with their defaults.
@@ -17,6 +18,7 @@ pub mod delivery;
 pub mod events;
 pub mod fanout;
 pub mod handler;
+pub mod history;
 pub mod keys;
 pub mod protocol;
 pub mod store;

@@ -18,7 +18,29 @@ pub enum ClientRequest {
     SendPublic { message: String },
     /// `{"action":"sendPrivate","to":"bob","message":"psst"}`: to one member only.
     SendPrivate { to: String, message: String },
+    /// `{"action":"history","limit":50,"before":120}` pages backwards through public history;
+    /// `{"action":"history","after":97}` reads forwards from an id (catch-up after a reconnect).
+    History(HistoryRequest),
 }
+
+/// The public history a client asks for. At most one of `before` and `after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryRequest {
+    /// Frames per response, 1..=[`HISTORY_MAX_LIMIT`]; default [`HISTORY_DEFAULT_LIMIT`].
+    pub limit: usize,
+    pub direction: HistoryDirection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryDirection {
+    /// Events with ids greater than this, oldest first.
+    After(u64),
+    /// Events with ids smaller than this (or the newest), newest first.
+    Before(Option<u64>),
+}
+
+pub const HISTORY_DEFAULT_LIMIT: usize = 50;
+pub const HISTORY_MAX_LIMIT: usize = 100;
 
 impl ClientRequest {
     pub fn action(&self) -> &'static str {
@@ -26,6 +48,7 @@ impl ClientRequest {
             ClientRequest::SetName { .. } => "setName",
             ClientRequest::SendPublic { .. } => "sendPublic",
             ClientRequest::SendPrivate { .. } => "sendPrivate",
+            ClientRequest::History(_) => "history",
         }
     }
 }
@@ -187,15 +210,64 @@ pub fn parse_request(body: Option<&str>) -> Result<ClientRequest, Refusal> {
             to: field("to")?,
             message: field("message")?,
         }),
+        "history" => parse_history(&object).map(ClientRequest::History),
         other => Err(Refusal::new(
             ErrorCode::UnknownAction,
             format!(
-                "Unknown action \"{}\"; use setName, sendPublic or sendPrivate.",
+                "Unknown action \"{}\"; use setName, sendPublic, sendPrivate or history.",
                 truncate_for_display(other)
             ),
             Some(other),
         )),
     }
+}
+
+/// An optional whole number `key`, at most `max`.
+fn number_field(object: &Map<String, Value>, key: &str, max: u64) -> Result<Option<u64>, Refusal> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) if v <= max => Ok(Some(v)),
+            _ => Err(Refusal::new(
+                ErrorCode::InvalidField,
+                format!("\"{key}\" must be a whole number from 0 to {max}."),
+                Some("history"),
+            )),
+        },
+        Some(_) => Err(Refusal::new(
+            ErrorCode::InvalidField,
+            format!("\"{key}\" must be a number."),
+            Some("history"),
+        )),
+    }
+}
+
+fn parse_history(object: &Map<String, Value>) -> Result<HistoryRequest, Refusal> {
+    // Ids stay below 2^53 so every JavaScript client can hold them exactly.
+    const MAX_ID: u64 = (1 << 53) - 1;
+    let limit = match number_field(object, "limit", HISTORY_MAX_LIMIT as u64)? {
+        Some(0) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidField,
+                format!("\"limit\" must be from 1 to {HISTORY_MAX_LIMIT}."),
+                Some("history"),
+            ))
+        }
+        Some(n) => n as usize,
+        None => HISTORY_DEFAULT_LIMIT,
+    };
+    let direction = match (number_field(object, "before", MAX_ID)?, number_field(object, "after", MAX_ID)?) {
+        (Some(_), Some(_)) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidField,
+                "Use either \"before\" or \"after\", not both.",
+                Some("history"),
+            ))
+        }
+        (_, Some(after)) => HistoryDirection::After(after),
+        (before, None) => HistoryDirection::Before(before),
+    };
+    Ok(HistoryRequest { limit, direction })
 }
 
 fn string_field(object: &Map<String, Value>, action: &str, key: &str) -> Result<String, Refusal> {
@@ -363,6 +435,45 @@ mod tests {
             assert_eq!(r.code, *code, "body {body:?}: {r:?}");
             assert_eq!(r.action.as_deref(), *action, "body {body:?}");
             assert!(!r.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn history_requests_parse_with_defaults_and_bounds() {
+        let parse = |b: &str| parse_request(Some(b));
+        assert_eq!(
+            parse(r#"{"action":"history"}"#),
+            Ok(ClientRequest::History(HistoryRequest {
+                limit: HISTORY_DEFAULT_LIMIT,
+                direction: HistoryDirection::Before(None)
+            }))
+        );
+        assert_eq!(
+            parse(r#"{"action":"history","limit":5,"before":40}"#),
+            Ok(ClientRequest::History(HistoryRequest {
+                limit: 5,
+                direction: HistoryDirection::Before(Some(40))
+            }))
+        );
+        assert_eq!(
+            parse(r#"{"action":"history","after":0}"#),
+            Ok(ClientRequest::History(HistoryRequest {
+                limit: HISTORY_DEFAULT_LIMIT,
+                direction: HistoryDirection::After(0)
+            }))
+        );
+        for bad in [
+            r#"{"action":"history","limit":0}"#,
+            r#"{"action":"history","limit":101}"#,
+            r#"{"action":"history","limit":2.5}"#,
+            r#"{"action":"history","after":-1}"#,
+            r#"{"action":"history","after":"7"}"#,
+            r#"{"action":"history","after":1,"before":9}"#,
+            r#"{"action":"history","before":9007199254740992}"#,
+        ] {
+            let r = parse(bad).expect_err(bad);
+            assert_eq!(r.code, ErrorCode::InvalidField, "{bad}");
+            assert_eq!(r.action.as_deref(), Some("history"));
         }
     }
 

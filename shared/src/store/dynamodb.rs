@@ -24,7 +24,7 @@ use aws_sdk_dynamodb::Client;
 use rand::Rng;
 use serde::Deserialize;
 
-use super::{epoch_secs, ChatStore, Connection, Member, MembersPage, StoreError};
+use super::{epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError};
 use crate::config::{Retention, Tables};
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys::{self, CONN_PREFIX};
@@ -672,6 +672,55 @@ impl ChatStore for DynamoStore {
             .last_evaluated_key
             .and_then(|k| k.get(keys::SK).and_then(|v| v.as_s().ok()).cloned());
         Ok(MembersPage { members, next })
+    }
+
+    async fn read_events(&self, range: EventRange, limit: usize, now_ms: i64) -> Result<EventsPage, StoreError> {
+        let limit = limit.max(1);
+        let (condition, bound, forward) = match range {
+            EventRange::After(after) => ("#pk = :pk AND #seq > :bound", Some(after), true),
+            EventRange::Before(Some(before)) => ("#pk = :pk AND #seq < :bound", Some(before), false),
+            EventRange::Before(None) => ("#pk = :pk", None, false),
+        };
+        let mut names = HashMap::from([("#pk".to_owned(), keys::PK.to_owned()), ("#exp".to_owned(), keys::EXPIRES_AT.to_owned())]);
+        let mut values = HashMap::from([(":pk".to_owned(), s(&self.room_pk)), (":now".to_owned(), n(epoch_secs(now_ms)))]);
+        if let Some(bound) = bound {
+            // Only with a bound: DynamoDB rejects placeholders a request does not use.
+            names.insert("#seq".to_owned(), keys::SEQ.to_owned());
+            values.insert(":bound".to_owned(), n(bound));
+        }
+        let mut events = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        // Expired items are filtered out, so one Query page can come back short: keep reading
+        // until the page is full or the range is exhausted.
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.tables.events)
+                .key_condition_expression(condition)
+                .filter_expression("#exp > :now")
+                .set_expression_attribute_names(Some(names.clone()))
+                .set_expression_attribute_values(Some(values.clone()))
+                .scan_index_forward(forward)
+                .consistent_read(true)
+                .limit(i32::try_from(limit - events.len()).unwrap_or(i32::MAX))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| StoreError::backend("Query events", e))?;
+            for item in out.items.unwrap_or_default() {
+                let item: EventItem = serde_dynamo::from_item(item).map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
+                let event = StoredEvent::try_from(item).map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
+                events.push(event);
+            }
+            match out.last_evaluated_key {
+                Some(key) if events.len() < limit => start = Some(key),
+                Some(_) => break,
+                None => return Ok(EventsPage { events, next: None }),
+            }
+        }
+        let next = events.last().map(|e| e.seq);
+        Ok(EventsPage { events, next })
     }
 }
 

@@ -8,6 +8,7 @@
 //! `TransactWriteItems` per change; an embedded adapter must keep exactly the same contract.
 
 pub mod dynamodb;
+pub mod embedded;
 
 use async_trait::async_trait;
 use thiserror::Error;
@@ -34,6 +35,23 @@ pub struct Connection {
 pub struct Member {
     pub connection_id: String,
     pub name: String,
+}
+
+/// Which stretch of the event log to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventRange {
+    /// Ids greater than this, oldest first.
+    After(u64),
+    /// Ids smaller than this (`None`: from the newest), newest first.
+    Before(Option<u64>),
+}
+
+/// One page of the event log, in the range's order. `next` is the cursor to continue from (an
+/// id to pass as the new `After`/`Before` bound) when more events may follow.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EventsPage {
+    pub events: Vec<StoredEvent>,
+    pub next: Option<u64>,
 }
 
 /// One page of members; `next` continues after it.
@@ -148,6 +166,16 @@ pub trait ChatStore: Send + Sync {
         after: Option<&str>,
         now_ms: i64,
     ) -> Result<MembersPage, StoreError>;
+
+    /// Up to `limit` events of the room's log in `range`, every kind, skipping events whose
+    /// retention has passed (TTL deletion is only eventual). Strongly consistent: an event
+    /// whose write has returned is in the next read.
+    async fn read_events(
+        &self,
+        range: EventRange,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<EventsPage, StoreError>;
 }
 
 /// Epoch seconds of a ms timestamp, for TTL comparisons.

@@ -1,0 +1,716 @@
+//! The embedded (in-process) adapter of [`ChatStore`], and its change feed.
+//!
+//! This module owns the whole state of a chat that runs without DynamoDB: connections, name
+//! claims, the room's sequence counter and the event log, all behind one mutex so every
+//! operation checks and writes atomically, the way one `TransactWriteItems` does in
+//! [`super::dynamodb::DynamoStore`]. It keeps that adapter's contract exactly (the shared
+//! contract suite in `tests/tests/store_contract.rs` runs against both): the same conditions,
+//! the same errors, the same TTL arithmetic (`expiresAt` in epoch seconds, and every read
+//! treating `expiresAt <= now` as absent), the same member order and pagination.
+//!
+//! Every committed event also becomes a stream record, shaped exactly as DynamoDB Streams
+//! hands it to Lambda (`INSERT`, `Keys`, `NewImage` = the same [`EventItem`] the DynamoDB
+//! adapter writes, a `SequenceNumber` whose string order is its numeric order). An
+//! [`EmbeddedFeed`] reads those records as a [`RecordSource`], so the local event source
+//! mapping drives the fan-out from it as Lambda would from the table's stream.
+//! [`EmbeddedStore::expire`] plays DynamoDB's TTL sweeper: expired items go, and each expired
+//! event leaves a `REMOVE` record marked as done by the DynamoDB service.
+//!
+//! The feed keeps every record for the life of the process (DynamoDB Streams trims after
+//! 24 h; a local run is not expected to live long enough for that to matter).
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_lambda_events::event::dynamodb::{EventRecord, StreamRecord, StreamViewType, UserIdentity};
+use serde_dynamo::{AttributeValue, Item};
+use serde_json::json;
+use tokio::sync::Notify;
+use tracing::warn;
+
+use super::{
+    epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError,
+};
+use crate::config::Retention;
+use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
+use crate::keys;
+use crate::stream::{RecordSource, SourceError};
+use crate::validation::{name_key, ValidName};
+
+/// The region, account and stream label of the ARN every record carries. Nothing routes on
+/// them; they only have to look like a DynamoDB stream ARN.
+const STREAM_ARN_PREFIX: &str = "arn:aws:dynamodb:local:000000000000:table/";
+const REGION: &str = "local";
+/// Digits of a stream sequence number: zero-padded so comparing the strings compares the
+/// numbers, as with DynamoDB's own (21-digit) sequence numbers.
+const SEQUENCE_DIGITS: usize = 21;
+
+/// A connection item (`CONN#<id>`).
+#[derive(Debug, Clone)]
+struct ConnItem {
+    connection_id: String,
+    connected_at: i64,
+    /// TTL, epoch seconds.
+    expires_at: i64,
+    /// Set by `setName`: the display name and its claim key, always together.
+    name: Option<Named>,
+}
+
+#[derive(Debug, Clone)]
+struct Named {
+    display: String,
+    key: String,
+}
+
+/// A name claim (`NAME#<nameKey>`): who holds the name, until when.
+#[derive(Debug, Clone)]
+struct Claim {
+    connection_id: String,
+    /// Kept as the DynamoDB claim item keeps it, though nothing here reads it back.
+    #[allow(dead_code)]
+    name: String,
+    /// The holder's connection expiry: an abandoned name frees itself.
+    expires_at: i64,
+}
+
+/// An event item in the event table.
+#[derive(Debug, Clone)]
+struct StoredItem {
+    event: StoredEvent,
+    expires_at: i64,
+}
+
+/// Everything the mutex guards: one operation sees and changes all of it at once.
+#[derive(Debug, Default)]
+struct State {
+    /// Keyed by the connection's sort key (`CONN#<id>`), so iterating the map is the order of
+    /// DynamoDB's member query (byte-wise lexicographic on the sort key) and a page cursor is
+    /// the same string in both adapters.
+    connections: BTreeMap<String, ConnItem>,
+    /// Keyed by the lower-cased name.
+    claims: HashMap<String, Claim>,
+    /// The last event id given out in the room (the `SEQ` item).
+    seq: u64,
+    /// The event table, by id.
+    events: BTreeMap<u64, StoredItem>,
+    /// The event table's stream, in commit order, with each record's sequence number.
+    log: Vec<(u64, EventRecord)>,
+    /// The last stream sequence number given out (INSERTs and REMOVEs share it).
+    stream_seq: u64,
+    /// Write operations still to fail, for tests of failure handling.
+    failures_left: usize,
+}
+
+impl State {
+    fn live_conn(&self, connection_id: &str, now_s: i64) -> Option<&ConnItem> {
+        self.connections
+            .get(&keys::conn_sk(connection_id))
+            .filter(|c| c.expires_at > now_s)
+    }
+
+    fn live_claim(&self, key: &str, now_s: i64) -> Option<&Claim> {
+        self.claims.get(key).filter(|c| c.expires_at > now_s)
+    }
+
+    /// Fails the operation `op` if a failure was injected; checked before anything is read or
+    /// written, so a failed operation leaves no trace.
+    fn injected_failure(&mut self, op: &'static str) -> Result<(), StoreError> {
+        if self.failures_left == 0 {
+            return Ok(());
+        }
+        self.failures_left -= 1;
+        Err(StoreError::backend(
+            op,
+            "injected failure (EmbeddedStore::fail_next_writes)",
+        ))
+    }
+
+    /// Gives the next stream sequence number to `record` and appends it to the stream.
+    fn publish(&mut self, instance: u64, mut record: EventRecord) {
+        self.stream_seq += 1;
+        record.change.sequence_number = Some(format!(
+            "{:0width$}",
+            self.stream_seq,
+            width = SEQUENCE_DIGITS
+        ));
+        // Unique across stores in one process and across runs, like DynamoDB's event ids.
+        record.event_id = format!("{instance:016x}{:016x}", self.stream_seq);
+        self.log.push((self.stream_seq, record));
+    }
+
+    /// Commits a prepared event: the counter moves to its id, the item is stored and its
+    /// INSERT record is published. Infallible, so it runs only once every check has passed.
+    fn commit(&mut self, instance: u64, pending: PendingEvent) -> StoredEvent {
+        self.seq = pending.item.event.seq;
+        let stored = pending.item.event.clone();
+        self.events.insert(stored.seq, pending.item);
+        self.publish(instance, pending.record);
+        stored
+    }
+}
+
+/// An event with its id and stream record built, not yet committed. Building is the only
+/// fallible part of an append, so it happens before any state changes.
+struct PendingEvent {
+    item: StoredItem,
+    record: EventRecord,
+}
+
+/// What the store and its feeds share.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// Woken after every change to the stream, so waiting feeds need not poll.
+    changed: Notify,
+    retention: Retention,
+    room: String,
+    room_pk: String,
+    stream_arn: String,
+    /// Random per store: the high half of every record's `eventID`.
+    instance: u64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every operation checks and builds everything fallible before its first change, so a
+        // panic under the lock cannot have left half an operation behind; the state is sound.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Builds event `seq = current + 1` and its stream record, as the DynamoDB adapter's
+    /// `append` does: the event expires after the history's retention.
+    fn prepare(
+        &self,
+        current: u64,
+        event: ChatEvent,
+        now_ms: i64,
+    ) -> Result<PendingEvent, StoreError> {
+        let stored = StoredEvent {
+            room: self.room.clone(),
+            seq: current + 1,
+            ts: now_ms,
+            event,
+        };
+        let expires_at = epoch_secs(now_ms) + self.retention.event_retention.as_secs() as i64;
+        // The same item the DynamoDB adapter writes: `EventItem` is the one source of its shape.
+        let image: Item = serde_dynamo::to_item(EventItem::new(&stored, expires_at))
+            .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
+        let keys = event_keys(&self.room_pk, stored.seq);
+        let change = stream_change(now_ms, keys, image)
+            .map_err(|e| StoreError::Malformed(format!("stream record: {e}")))?;
+        let record = self.record("INSERT", change);
+        Ok(PendingEvent {
+            item: StoredItem {
+                event: stored,
+                expires_at,
+            },
+            record,
+        })
+    }
+
+    /// A stream record of the event table, everything but its sequence number and id.
+    fn record(&self, event_name: &str, change: StreamRecord) -> EventRecord {
+        let mut record = EventRecord::default();
+        record.aws_region = REGION.to_owned();
+        record.change = change;
+        record.event_name = event_name.to_owned();
+        record.event_source = Some("aws:dynamodb".to_owned());
+        record.event_version = Some("1.1".to_owned());
+        record.event_source_arn = Some(self.stream_arn.clone());
+        record
+    }
+
+    /// Records after stream sequence number `after`, at most `max`.
+    fn records_after(&self, after: u64, max: usize) -> Vec<EventRecord> {
+        let state = self.lock();
+        let start = state.log.partition_point(|(seq, _)| *seq <= after);
+        state.log[start..]
+            .iter()
+            .take(max)
+            .map(|(_, record)| record.clone())
+            .collect()
+    }
+}
+
+/// The key of an event item (`pk`, `seq`), as a stream record's `Keys`.
+fn event_keys(room_pk: &str, seq: u64) -> Item {
+    Item::from(HashMap::from([
+        (keys::PK.to_owned(), AttributeValue::S(room_pk.to_owned())),
+        (keys::SEQ.to_owned(), AttributeValue::N(seq.to_string())),
+    ]))
+}
+
+/// The `dynamodb` member of a record. `ApproximateCreationDateTime` is set by deserialising
+/// whole epoch seconds, which is what Lambda sends (and chrono is not a dependency here).
+fn stream_change(
+    now_ms: i64,
+    keys: Item,
+    new_image: Item,
+) -> Result<StreamRecord, serde_json::Error> {
+    let mut change: StreamRecord = serde_json::from_value(json!({
+        "ApproximateCreationDateTime": epoch_secs(now_ms),
+        "SizeBytes": item_size(&keys) + item_size(&new_image),
+    }))?;
+    change.keys = keys;
+    change.new_image = new_image;
+    // The event table's stream view type (template.yaml): images of new items only, so a
+    // REMOVE carries its keys and no image.
+    change.stream_view_type = Some(StreamViewType::NewImage);
+    Ok(change)
+}
+
+/// Roughly DynamoDB's item size: attribute names plus values (strings by their UTF-8 length,
+/// numbers about one byte per two digits). `SizeBytes` is informational; nothing relies on
+/// the exact figure.
+fn item_size(item: &Item) -> i64 {
+    item.iter()
+        .map(|(name, value)| {
+            let value = match value {
+                AttributeValue::S(s) => s.len(),
+                AttributeValue::N(n) => n.len().div_ceil(2) + 1,
+                _ => 1,
+            };
+            (name.len() + value) as i64
+        })
+        .sum()
+}
+
+/// The embedded store: cheap to clone, every clone (and every [`EmbeddedFeed`]) sees the same
+/// chat.
+#[derive(Debug, Clone)]
+pub struct EmbeddedStore {
+    shared: Arc<Shared>,
+    /// Connection items evaluated per member page, like DynamoDB's `Limit`; `None` returns
+    /// every member in one page.
+    page_limit: Option<usize>,
+}
+
+impl EmbeddedStore {
+    /// A store for the one room ([`keys::DEFAULT_ROOM`]) with the given item lifetimes.
+    pub fn new(retention: Retention) -> Self {
+        let room = keys::DEFAULT_ROOM.to_owned();
+        EmbeddedStore {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                changed: Notify::new(),
+                retention,
+                room_pk: keys::room_pk(&room),
+                room,
+                stream_arn: format!("{STREAM_ARN_PREFIX}events/stream/embedded"),
+                instance: rand::random(),
+            }),
+            page_limit: None,
+        }
+    }
+
+    /// Evaluates at most `limit` connection items per member page (for tests of pagination),
+    /// as [`super::dynamodb::DynamoStore::with_page_limit`] does. DynamoDB rejects a `Limit`
+    /// of 0, so 0 is taken as 1.
+    pub fn with_page_limit(mut self, limit: usize) -> Self {
+        self.page_limit = Some(limit.max(1));
+        self
+    }
+
+    /// A new reader of the change feed, starting at the oldest record (TRIM_HORIZON) with its
+    /// own checkpoint.
+    pub fn feed(&self) -> EmbeddedFeed {
+        EmbeddedFeed {
+            shared: Arc::clone(&self.shared),
+            checkpoint: 0,
+        }
+    }
+
+    /// The events in the event table, in id order (expired events stay until [`Self::expire`]
+    /// removes them, as in DynamoDB).
+    pub fn events(&self) -> Vec<StoredEvent> {
+        self.shared
+            .lock()
+            .events
+            .values()
+            .map(|item| item.event.clone())
+            .collect()
+    }
+
+    /// DynamoDB's TTL sweeper: deletes every item whose `expiresAt` has passed at `now_ms`
+    /// (events, connections and name claims; never the sequence counter). Each deleted event
+    /// appears in the feed as a `REMOVE` record by the DynamoDB service, as TTL deletions do on
+    /// a real stream. Returns how many items were deleted.
+    pub fn expire(&self, now_ms: i64) -> usize {
+        let now_s = epoch_secs(now_ms);
+        let mut state = self.shared.lock();
+        let expired: Vec<u64> = state
+            .events
+            .iter()
+            .filter(|(_, item)| item.expires_at <= now_s)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in &expired {
+            state.events.remove(seq);
+            match stream_change(
+                now_ms,
+                event_keys(&self.shared.room_pk, *seq),
+                Item::default(),
+            ) {
+                Ok(change) => {
+                    let mut record = self.shared.record("REMOVE", change);
+                    let mut identity = UserIdentity::default();
+                    identity.type_ = "Service".to_owned();
+                    identity.principal_id = "dynamodb.amazonaws.com".to_owned();
+                    record.user_identity = Some(identity);
+                    state.publish(self.shared.instance, record);
+                }
+                // Cannot happen for a timestamp and a size; the item is gone either way, and
+                // the fan-out skips removals, so only the log line is lost.
+                Err(e) => warn!(seq, error = %e, "could not build the REMOVE record"),
+            }
+        }
+        let connections = state.connections.len();
+        state.connections.retain(|_, c| c.expires_at > now_s);
+        let claims = state.claims.len();
+        state.claims.retain(|_, c| c.expires_at > now_s);
+        let removed =
+            expired.len() + (connections - state.connections.len()) + (claims - state.claims.len());
+        drop(state);
+        if !expired.is_empty() {
+            self.shared.changed.notify_waiters();
+        }
+        removed
+    }
+
+    /// Makes the next `n` write operations (`add_connection`, `set_name`, `post_public`,
+    /// `post_private`, `remove_connection`, whatever their outcome would have been) fail with
+    /// [`StoreError::Backend`] before they read or change anything.
+    pub fn fail_next_writes(&self, n: usize) {
+        self.shared.lock().failures_left = n;
+    }
+
+    /// Commits `pending` (after the caller's state changes) and wakes the feeds.
+    fn finish(&self, state: &mut State, pending: PendingEvent) -> StoredEvent {
+        let stored = state.commit(self.shared.instance, pending);
+        self.shared.changed.notify_waiters();
+        stored
+    }
+}
+
+#[async_trait]
+impl ChatStore for EmbeddedStore {
+    async fn add_connection(
+        &self,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Connection, StoreError> {
+        let expires_at = epoch_secs(now_ms) + self.shared.retention.connection_ttl.as_secs() as i64;
+        let mut state = self.shared.lock();
+        state.injected_failure("PutItem connection")?;
+        // A put replaces the whole item, as PutItem does (a reused id starts without a name).
+        state.connections.insert(
+            keys::conn_sk(connection_id),
+            ConnItem {
+                connection_id: connection_id.to_owned(),
+                connected_at: now_ms,
+                expires_at,
+                name: None,
+            },
+        );
+        Ok(Connection {
+            connection_id: connection_id.to_owned(),
+            connected_at: now_ms,
+            expires_at,
+            name: None,
+        })
+    }
+
+    async fn connection(
+        &self,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Connection>, StoreError> {
+        let state = self.shared.lock();
+        Ok(state
+            .live_conn(connection_id, epoch_secs(now_ms))
+            .map(|c| Connection {
+                connection_id: c.connection_id.clone(),
+                connected_at: c.connected_at,
+                expires_at: c.expires_at,
+                name: c.name.as_ref().map(|n| n.display.clone()),
+            }))
+    }
+
+    async fn set_name(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        now_ms: i64,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let mut state = self.shared.lock();
+        state.injected_failure("TransactWriteItems setName")?;
+        let conn = state
+            .live_conn(connection_id, now_s)
+            .cloned()
+            .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+        let old = conn.name.clone();
+        if old.as_ref().map(|n| n.display.as_str()) == Some(name.display.as_str()) {
+            return Ok(None);
+        }
+        // The claim condition: free, ours already, or expired (its holder is gone).
+        if let Some(holder) = state.live_claim(&name.key, now_s) {
+            if holder.connection_id != connection_id {
+                return Err(StoreError::NameTaken(name.display.clone()));
+            }
+        }
+        let event = match &old {
+            None => ChatEvent::MemberJoined {
+                connection_id: connection_id.to_owned(),
+                name: name.display.clone(),
+            },
+            Some(old) => ChatEvent::MemberRenamed {
+                connection_id: connection_id.to_owned(),
+                old_name: old.display.clone(),
+                name: name.display.clone(),
+            },
+        };
+        let pending = self.shared.prepare(state.seq, event, now_ms)?;
+        if let Some(old) = old.filter(|o| o.key != name.key) {
+            // Release the old name only if it is still ours: an expired claim may already
+            // belong to someone else.
+            if state
+                .claims
+                .get(&old.key)
+                .is_some_and(|c| c.connection_id == connection_id)
+            {
+                state.claims.remove(&old.key);
+            }
+        }
+        state.claims.insert(
+            name.key.clone(),
+            Claim {
+                connection_id: connection_id.to_owned(),
+                name: name.display.clone(),
+                expires_at: conn.expires_at,
+            },
+        );
+        if let Some(c) = state.connections.get_mut(&keys::conn_sk(connection_id)) {
+            c.name = Some(Named {
+                display: name.display.clone(),
+                key: name.key.clone(),
+            });
+        }
+        Ok(Some(self.finish(&mut state, pending)))
+    }
+
+    async fn post_public(
+        &self,
+        connection_id: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        let mut state = self.shared.lock();
+        state.injected_failure("TransactWriteItems sendPublic")?;
+        let conn = state
+            .live_conn(connection_id, epoch_secs(now_ms))
+            .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+        let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
+        let event = ChatEvent::MessagePosted {
+            connection_id: connection_id.to_owned(),
+            name: name.display.clone(),
+            message: message.to_owned(),
+        };
+        let pending = self.shared.prepare(state.seq, event, now_ms)?;
+        Ok(self.finish(&mut state, pending))
+    }
+
+    async fn post_private(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let to_key = name_key(to.trim());
+        let mut state = self.shared.lock();
+        state.injected_failure("TransactWriteItems sendPrivate")?;
+        let conn = state
+            .live_conn(connection_id, now_s)
+            .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+        let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
+        if name.key == to_key {
+            return Err(StoreError::SelfRecipient);
+        }
+        let unknown = || StoreError::UnknownRecipient(to.to_owned());
+        let recipient = state.live_claim(&to_key, now_s).ok_or_else(unknown)?;
+        let to_conn = state
+            .live_conn(&recipient.connection_id, now_s)
+            .filter(|c| c.name.as_ref().is_some_and(|n| n.key == to_key))
+            .ok_or_else(unknown)?;
+        let event = ChatEvent::PrivateMessageSent {
+            connection_id: connection_id.to_owned(),
+            name: name.display.clone(),
+            to_connection_id: to_conn.connection_id.clone(),
+            to_name: to_conn
+                .name
+                .as_ref()
+                .map(|n| n.display.clone())
+                .unwrap_or_default(),
+            message: message.to_owned(),
+        };
+        let pending = self.shared.prepare(state.seq, event, now_ms)?;
+        Ok(self.finish(&mut state, pending))
+    }
+
+    async fn remove_connection(
+        &self,
+        connection_id: &str,
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        let mut state = self.shared.lock();
+        state.injected_failure("TransactWriteItems $disconnect")?;
+        let sk = keys::conn_sk(connection_id);
+        // Expired connections are removed too: `$disconnect` for them is still real.
+        let Some(conn) = state.connections.get(&sk).cloned() else {
+            return Ok(None);
+        };
+        let Some(named) = conn.name else {
+            state.connections.remove(&sk);
+            return Ok(None);
+        };
+        let event = ChatEvent::MemberLeft {
+            connection_id: connection_id.to_owned(),
+            name: named.display,
+            reason,
+        };
+        let pending = self.shared.prepare(state.seq, event, now_ms)?;
+        state.connections.remove(&sk);
+        // Only a claim this connection still holds is released (an expired one may have been
+        // taken by someone else since).
+        if state
+            .claims
+            .get(&named.key)
+            .is_some_and(|c| c.connection_id == connection_id)
+        {
+            state.claims.remove(&named.key);
+        }
+        Ok(Some(self.finish(&mut state, pending)))
+    }
+
+    async fn members_page(
+        &self,
+        after: Option<&str>,
+        now_ms: i64,
+    ) -> Result<MembersPage, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let state = self.shared.lock();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut members = Vec::new();
+        let mut evaluated = 0;
+        let mut last = None;
+        // Like a DynamoDB Query with `Limit` and a filter: `Limit` counts the items read, the
+        // filter (named and not expired) applies after, and a page that stopped at `Limit`
+        // carries a cursor even when nothing follows (the caller finds an empty page then).
+        for (sk, conn) in state.connections.range::<str, _>((start, Bound::Unbounded)) {
+            if self.page_limit.is_some_and(|limit| evaluated == limit) {
+                break;
+            }
+            evaluated += 1;
+            last = Some(sk);
+            if let (Some(name), true) = (&conn.name, conn.expires_at > now_s) {
+                members.push(Member {
+                    connection_id: conn.connection_id.clone(),
+                    name: name.display.clone(),
+                });
+            }
+        }
+        let next = match self.page_limit {
+            Some(limit) if evaluated == limit => last.cloned(),
+            _ => None,
+        };
+        Ok(MembersPage { members, next })
+    }
+
+    async fn read_events(
+        &self,
+        range: EventRange,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<EventsPage, StoreError> {
+        let limit = limit.max(1);
+        let now_s = epoch_secs(now_ms);
+        let state = self.shared.lock();
+        let live = |item: &&StoredItem| item.expires_at > now_s;
+        let events: Vec<StoredEvent> = match range {
+            EventRange::After(after) => state
+                .events
+                .range((Bound::Excluded(after), Bound::Unbounded))
+                .map(|(_, item)| item)
+                .filter(live)
+                .take(limit)
+                .map(|item| item.event.clone())
+                .collect(),
+            EventRange::Before(before) => state
+                .events
+                .range((Bound::Unbounded, before.map_or(Bound::Unbounded, Bound::Excluded)))
+                .rev()
+                .map(|(_, item)| item)
+                .filter(live)
+                .take(limit)
+                .map(|item| item.event.clone())
+                .collect(),
+        };
+        // As DynamoDB with `Limit`: a full page carries a cursor even if nothing follows.
+        let next = (events.len() == limit).then(|| events.last().map(|e| e.seq)).flatten();
+        Ok(EventsPage { events, next })
+    }
+}
+
+/// A reader of an [`EmbeddedStore`]'s change feed with its own checkpoint.
+#[derive(Debug)]
+pub struct EmbeddedFeed {
+    shared: Arc<Shared>,
+    /// Every record up to this stream sequence number is done.
+    checkpoint: u64,
+}
+
+impl EmbeddedFeed {
+    /// The stream ARN every record carries as `eventSourceARN`.
+    pub fn stream_arn(&self) -> &str {
+        &self.shared.stream_arn
+    }
+}
+
+#[async_trait]
+impl RecordSource for EmbeddedFeed {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<EventRecord>, SourceError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so a commit between the look and the wait still
+            // wakes this reader.
+            changed.as_mut().enable();
+            let batch = self.shared.records_after(self.checkpoint, max);
+            if !batch.is_empty() || max == 0 {
+                return Ok(batch);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    fn checkpoint(&mut self, sequence_number: &str) {
+        match sequence_number.parse::<u64>() {
+            // Only forward: an older sequence number is already done.
+            Ok(seq) => self.checkpoint = self.checkpoint.max(seq),
+            Err(e) => {
+                warn!(sequence_number, error = %e, "ignoring a checkpoint that is not one of this feed's sequence numbers")
+            }
+        }
+    }
+}

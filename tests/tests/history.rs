@@ -1,0 +1,241 @@
+//! The message history: the `history` route's pages (through chat-api-handler's code, on both
+//! stores) and the id guarantee under concurrent writers.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use aws_lambda_events::apigw::ApiGatewayWebsocketProxyRequest;
+use aws_lambda_events::encodings::Body;
+use chat_shared::config::{HandlerConfig, Retention, Tables};
+use chat_shared::handler::handle_request;
+use chat_shared::store::dynamodb::{create_tables, DynamoStore};
+use chat_shared::store::embedded::EmbeddedStore;
+use chat_shared::store::{ChatStore, EventRange};
+use chat_shared::validation::validate_name;
+use chat_tests::{fixture_json, unique_name, Moto};
+use serde_json::{json, Value};
+
+/// A store to test, and what keeps it alive.
+struct Subject {
+    store: Arc<dyn ChatStore>,
+    _moto: Option<Moto>,
+}
+
+async fn embedded() -> Subject {
+    Subject {
+        store: Arc::new(EmbeddedStore::new(Retention::default()).with_page_limit(3)),
+        _moto: None,
+    }
+}
+
+async fn dynamodb() -> Subject {
+    let moto = Moto::start().await.expect("moto must start (run scripts/test)");
+    let tables = Tables {
+        events: unique_name("events"),
+        connections: unique_name("connections"),
+    };
+    create_tables(&moto.dynamodb(), &tables).await.expect("tables");
+    let store = DynamoStore::new(moto.dynamodb(), tables, Retention::default()).with_page_limit(3);
+    Subject {
+        store: Arc::new(store),
+        _moto: Some(moto),
+    }
+}
+
+fn request(connection_id: &str, body: &Value) -> ApiGatewayWebsocketProxyRequest {
+    let mut v = fixture_json("apigw-websocket-sendpublic.json");
+    v["requestContext"]["connectionId"] = json!(connection_id);
+    v["requestContext"]["routeKey"] = json!("history");
+    v["body"] = json!(body.to_string());
+    serde_json::from_value(v).expect("event")
+}
+
+/// Sends a `history` request through the handler; returns the response frame.
+async fn history(store: &dyn ChatStore, connection_id: &str, body: Value) -> Value {
+    let r = handle_request(store, &HandlerConfig::default(), request(connection_id, &body), chat_shared::now_ms())
+        .await
+        .expect("handler");
+    match r.body {
+        Some(Body::Text(t)) => serde_json::from_str(&t).expect("JSON"),
+        other => panic!("expected a body, got {other:?}"),
+    }
+}
+
+/// Follows `next` from a first request until the end; returns every frame, page by page.
+async fn all_pages(store: &dyn ChatStore, connection_id: &str, first: Value) -> Vec<Vec<Value>> {
+    let mut pages = Vec::new();
+    let mut req = Some(first);
+    while let Some(body) = req.take() {
+        let response = history(store, connection_id, body).await;
+        let page = &response["history"];
+        assert!(page.is_object(), "not a history frame: {response}");
+        pages.push(page["frames"].as_array().expect("frames").clone());
+        if let Some(next) = page.get("next") {
+            req = Some(next.clone());
+        }
+        assert!(pages.len() < 1000, "pagination does not end");
+    }
+    pages
+}
+
+fn ids(frames: &[Value]) -> Vec<u64> {
+    frames.iter().map(|f| f["id"].as_u64().expect("id")).collect()
+}
+
+/// alice joins, posts 12 public messages with a private one to bob in the middle; bob joins
+/// after the third message. Returns the ids of all public history events in order.
+async fn populate(store: &dyn ChatStore) -> Vec<u64> {
+    let now = chat_shared::now_ms();
+    store.add_connection("A", now).await.expect("A");
+    store.add_connection("B", now).await.expect("B");
+    let mut public = vec![];
+    public.push(store.set_name("A", &validate_name("alice").expect("name"), now).await.expect("join").expect("event").seq);
+    for i in 0..12 {
+        if i == 3 {
+            public.push(store.set_name("B", &validate_name("bob").expect("name"), now).await.expect("join").expect("event").seq);
+        }
+        if i == 6 {
+            store.post_private("A", "bob", "secret", now).await.expect("private");
+        }
+        public.push(store.post_public("A", &format!("m{i}"), now).await.expect("post").seq);
+    }
+    public
+}
+
+async fn forward_and_backward_pages_cover_public_history_exactly_once(s: Subject) {
+    // GIVEN 14 public history events and one private message among them
+    let store = s.store.as_ref();
+    let public = populate(store).await;
+
+    // WHEN a client reads forwards from 0, 5 at a time
+    let pages = all_pages(store, "B", json!({"action":"history","after":0,"limit":5})).await;
+    // THEN it gets every public event once, in order, never the private one, 5 per full page
+    let forward: Vec<Value> = pages.concat();
+    assert_eq!(ids(&forward), public);
+    assert!(pages.iter().all(|p| p.len() <= 5));
+    assert!(forward.iter().all(|f| f.get("privateMessage").is_none()));
+    assert_eq!(forward[0], json!({"systemMessage":"alice has joined the chat","id":public[0],"ts":forward[0]["ts"]}));
+    assert!(forward.iter().any(|f| f["publicMessage"] == json!("alice: m11")));
+
+    // WHEN it pages backwards from the newest, 4 at a time
+    let pages = all_pages(store, "B", json!({"action":"history","limit":4})).await;
+    // THEN each page is in id order, pages go back in time, and together they are the history
+    assert_eq!(ids(&pages[0]), public[public.len() - 4..].to_vec());
+    let mut backward: Vec<u64> = pages.iter().rev().flat_map(|p| ids(p)).collect();
+    backward.dedup();
+    assert_eq!(backward, public);
+
+    // AND the boundaries: nothing after the last id, nothing before the first
+    let last = *public.last().expect("last");
+    let after_last = history(store, "B", json!({"action":"history","after":last})).await;
+    assert_eq!(after_last, json!({"history":{"frames":[]}}));
+    let before_first = history(store, "B", json!({"action":"history","before":public[0]})).await;
+    assert_eq!(before_first, json!({"history":{"frames":[]}}));
+    // AND a cursor on the private message's id continues with the next public one
+    let private_id = (1..last).find(|id| !public.contains(id)).expect("the private message's id");
+    let after_private = history(store, "B", json!({"action":"history","after":private_id,"limit":1})).await;
+    assert_eq!(ids(after_private["history"]["frames"].as_array().expect("frames")), vec![private_id + 1]);
+    // AND an unknown connection is refused
+    let refused = history(store, "nobody", json!({"action":"history"})).await;
+    assert_eq!(refused["error"]["code"], json!("not_connected"));
+}
+
+async fn large_pages_stay_under_the_message_limit(s: Subject) {
+    // GIVEN 60 messages of 4 KB: 100 of them would not fit in one 128 KB WebSocket message
+    let store = s.store.as_ref();
+    let now = chat_shared::now_ms();
+    store.add_connection("A", now).await.expect("A");
+    store.set_name("A", &validate_name("alice").expect("name"), now).await.expect("join");
+    for i in 0..60 {
+        store.post_public("A", &format!("{i:04}{}", "x".repeat(4092)), now).await.expect("post");
+    }
+    // WHEN a client asks for 100 at once, and follows `next`
+    let first = history(store, "A", json!({"action":"history","after":0,"limit":100})).await;
+    // THEN each response is under 128 KB and the pages still add up to everything
+    assert!(first.to_string().len() < 128 * 1024, "{} bytes", first.to_string().len());
+    assert!(first["history"]["next"].is_object(), "a continuation marker");
+    let pages = all_pages(store, "A", json!({"action":"history","after":0,"limit":100})).await;
+    assert!(pages.len() >= 2);
+    assert_eq!(ids(&pages.concat()), (1..=61).collect::<Vec<_>>());
+}
+
+async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
+    // GIVEN four members
+    let store = Arc::clone(&s.store);
+    let now = chat_shared::now_ms();
+    for (id, name) in [("W0", "w0"), ("W1", "w1"), ("W2", "w2"), ("W3", "w3")] {
+        store.add_connection(id, now).await.expect("connect");
+        store.set_name(id, &validate_name(name).expect("name"), now).await.expect("join");
+    }
+    // WHEN they post concurrently while a reader keeps reading forwards from its cursor
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut mine = vec![];
+                for i in 0..8 {
+                    let e = store.post_public(&format!("W{w}"), &format!("w{w}-{i}"), chat_shared::now_ms()).await.expect("post");
+                    mine.push(e.seq);
+                }
+                mine
+            })
+        })
+        .collect();
+    let reader = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let mut cursor = 0;
+            let mut seen = vec![];
+            for _ in 0..400 {
+                let page = store.read_events(EventRange::After(cursor), 5, chat_shared::now_ms()).await.expect("read");
+                for e in page.events {
+                    seen.push(e.seq);
+                    cursor = e.seq;
+                }
+                if cursor >= 36 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            seen
+        })
+    };
+    let mut written = BTreeSet::new();
+    for w in writers {
+        written.extend(w.await.expect("writer"));
+    }
+    let seen = reader.await.expect("reader");
+    // THEN the ids are dense, and the reader — whose cursor only ever moved to ids it had
+    // seen — saw every event exactly once, in order: none committed later with a smaller id
+    assert_eq!(written, (5..=36).collect::<BTreeSet<_>>());
+    assert_eq!(seen, (1..=36).collect::<Vec<_>>());
+}
+
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod embedded_store {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(embedded().await).await;
+                }
+            )*
+        }
+        mod dynamodb_store {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(dynamodb().await).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    forward_and_backward_pages_cover_public_history_exactly_once,
+    large_pages_stay_under_the_message_limit,
+    concurrent_writers_never_let_a_cursor_skip_an_event,
+);

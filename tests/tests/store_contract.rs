@@ -1,0 +1,988 @@
+//! The store contract: one suite of cases, each run against both adapters of [`ChatStore`] —
+//! the embedded store and the DynamoDB store on a real DynamoDB API (moto) — so the embedded
+//! one cannot drift from what DynamoDB does (a conditional write it forgets to reject, an
+//! expiry it forgets to apply, ...).
+//!
+//! Each case is a plain async function over a [`Fixture`]: the store (used only through
+//! `&dyn ChatStore`) and its change feed, read the way Lambda reads it. For DynamoDB that is
+//! the event table's stream read back from moto; for the embedded store its [`EmbeddedFeed`].
+//! Both are decoded the same way (`NewImage` → `EventItem` → `StoredEvent`, the fan-out's own
+//! decoder), which also proves both feeds carry the same item shape.
+//!
+//! What only the embedded store can show (moto has no TTL sweeper, and failures cannot be
+//! injected into it) is tested after the shared cases.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_lambda_events::event::dynamodb::{EventRecord, StreamViewType};
+use chat_shared::config::{Retention, Tables};
+use chat_shared::events::{ChatEvent, LeaveReason, StoredEvent};
+use chat_shared::fanout::{decode_record, is_removal};
+use chat_shared::keys;
+use chat_shared::store::dynamodb::{create_tables, DynamoStore};
+use chat_shared::store::embedded::{EmbeddedFeed, EmbeddedStore};
+use chat_shared::store::{epoch_secs, ChatStore, Member, StoreError};
+use chat_shared::stream::RecordSource;
+use chat_shared::validation::{validate_name, ValidName};
+use chat_tests::{unique_name, Moto, StreamReader};
+
+/// Members per page in every store under test, so a handful of members spans several pages.
+const PAGE_LIMIT: usize = 2;
+
+/// Where a fixture's committed events are read from.
+enum Feed {
+    /// The events table's stream, read back from moto.
+    Dynamo(StreamReader),
+    /// The embedded store's change feed.
+    Embedded(EmbeddedFeed),
+}
+
+/// One store under test and its change feed.
+struct Fixture {
+    store: Arc<dyn ChatStore>,
+    feed: Feed,
+    /// Kept for the test's lifetime: dropping it kills moto.
+    _moto: Option<Moto>,
+}
+
+impl Fixture {
+    fn embedded() -> Fixture {
+        let store = EmbeddedStore::new(Retention::default()).with_page_limit(PAGE_LIMIT);
+        Fixture {
+            feed: Feed::Embedded(store.feed()),
+            store: Arc::new(store),
+            _moto: None,
+        }
+    }
+
+    async fn dynamodb() -> Fixture {
+        let moto = Moto::start().await.expect("moto starts");
+        let tables = Tables {
+            events: unique_name("events"),
+            connections: unique_name("connections"),
+        };
+        create_tables(&moto.dynamodb(), &tables)
+            .await
+            .expect("tables created");
+        let store = DynamoStore::new(moto.dynamodb(), tables.clone(), Retention::default())
+            .with_page_limit(PAGE_LIMIT as i32);
+        let reader = StreamReader::new(&moto.dynamodb(), moto.streams(), &tables.events)
+            .await
+            .expect("stream reader");
+        Fixture {
+            store: Arc::new(store),
+            feed: Feed::Dynamo(reader),
+            _moto: Some(moto),
+        }
+    }
+
+    fn store(&self) -> &dyn ChatStore {
+        self.store.as_ref()
+    }
+
+    /// Every feed record not read before, as Lambda would be handed them.
+    async fn records(&mut self) -> Vec<EventRecord> {
+        match &mut self.feed {
+            Feed::Dynamo(reader) => reader.next_event().await.expect("read stream").records,
+            Feed::Embedded(feed) => {
+                let mut records = Vec::new();
+                loop {
+                    let batch = feed.poll(100, Duration::ZERO).await.expect("poll feed");
+                    let Some(last) = batch.last() else {
+                        return records;
+                    };
+                    let seq = last
+                        .change
+                        .sequence_number
+                        .clone()
+                        .expect("records have sequence numbers");
+                    feed.checkpoint(&seq);
+                    records.extend(batch);
+                }
+            }
+        }
+    }
+
+    /// The events committed since the last call, decoded from the feed's INSERT records.
+    async fn committed(&mut self) -> Vec<StoredEvent> {
+        self.records()
+            .await
+            .iter()
+            .map(|r| {
+                assert_eq!(r.event_name, "INSERT", "only inserts without a TTL sweep");
+                decode_record(r).expect("record decodes to an event")
+            })
+            .collect()
+    }
+}
+
+fn name(raw: &str) -> ValidName {
+    validate_name(raw).expect("valid name")
+}
+
+fn ttl_secs() -> i64 {
+    Retention::default().connection_ttl.as_secs() as i64
+}
+
+/// A time at which everything connected at `now_ms` has expired.
+fn past_connection_ttl(now_ms: i64) -> i64 {
+    now_ms + (ttl_secs() + 1) * 1000
+}
+
+async fn join(store: &dyn ChatStore, id: &str, display: &str, now_ms: i64) -> StoredEvent {
+    store.add_connection(id, now_ms).await.expect("connect");
+    store
+        .set_name(id, &name(display), now_ms)
+        .await
+        .expect("set name")
+        .expect("a first name records an event")
+}
+
+/// Every member, following `next` until it is `None`, checking each page's size.
+async fn all_members(store: &dyn ChatStore, now_ms: i64) -> Vec<Member> {
+    let mut members = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..100 {
+        let page = store
+            .members_page(after.as_deref(), now_ms)
+            .await
+            .expect("members page");
+        assert!(page.members.len() <= PAGE_LIMIT, "page too big: {page:?}");
+        members.extend(page.members);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return members,
+        }
+    }
+    panic!("members pagination did not end after 100 pages");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The contract
+// ---------------------------------------------------------------------------------------------
+
+async fn a_connection_is_recorded_until_it_expires(f: &mut Fixture) {
+    // GIVEN a connection made now
+    let now = chat_shared::now_ms();
+    let made = f.store().add_connection("c1", now).await.expect("connect");
+
+    // WHEN it is read back, now and after its TTL, and an unknown one is read
+    let read = f.store().connection("c1", now).await.expect("read");
+    let unknown = f.store().connection("nobody", now).await.expect("read");
+    let later = f
+        .store()
+        .connection("c1", past_connection_ttl(now))
+        .await
+        .expect("read");
+
+    // THEN it lives at least as long as API Gateway keeps a connection, then is gone
+    let read = read.expect("connection recorded");
+    assert_eq!(read, made);
+    assert_eq!(read.connected_at, now);
+    assert_eq!(read.name, None);
+    assert!(read.expires_at >= epoch_secs(now) + 7_200, "{read:?}");
+    assert_eq!(unknown, None);
+    assert_eq!(later, None);
+    assert!(
+        f.committed().await.is_empty(),
+        "connecting records no event"
+    );
+}
+
+async fn names_join_rename_and_free_the_old_name(f: &mut Fixture) {
+    // GIVEN two connections
+    let now = chat_shared::now_ms();
+    let s = f.store();
+    s.add_connection("a", now).await.expect("connect");
+    s.add_connection("b", now).await.expect("connect");
+
+    // WHEN a names itself, renames, repeats the name, changes only its case; b takes the old name
+    let joined = s.set_name("a", &name("alice"), now).await.expect("join");
+    let renamed = s.set_name("a", &name("al"), now).await.expect("rename");
+    let same = s.set_name("a", &name("al"), now).await.expect("same name");
+    let recased = s.set_name("a", &name("AL"), now).await.expect("recase");
+    let taken_old = s
+        .set_name("b", &name("alice"), now)
+        .await
+        .expect("old name");
+
+    // THEN join (id 1), rename (id 2), nothing, rename (id 3); the old name was free
+    let joined = joined.expect("join recorded");
+    assert_eq!(joined.seq, 1);
+    assert_eq!(
+        joined.event,
+        ChatEvent::MemberJoined {
+            connection_id: "a".into(),
+            name: "alice".into()
+        }
+    );
+    let renamed = renamed.expect("rename recorded");
+    assert_eq!(renamed.seq, 2);
+    assert_eq!(
+        renamed.event,
+        ChatEvent::MemberRenamed {
+            connection_id: "a".into(),
+            old_name: "alice".into(),
+            name: "al".into()
+        }
+    );
+    assert_eq!(same, None);
+    let recased = recased.expect("a case change is a rename");
+    assert_eq!(recased.seq, 3);
+    assert_eq!(
+        recased.event,
+        ChatEvent::MemberRenamed {
+            connection_id: "a".into(),
+            old_name: "al".into(),
+            name: "AL".into()
+        }
+    );
+    let taken_old = taken_old.expect("b joins as alice");
+    assert_eq!(taken_old.seq, 4);
+    let a = s.connection("a", now).await.expect("read").expect("a");
+    assert_eq!(a.name.as_deref(), Some("AL"));
+    // The case change kept the claim: the name is still a's, whatever the case.
+    s.add_connection("c", now).await.expect("connect");
+    let err = s.set_name("c", &name("al"), now).await.expect_err("taken");
+    assert!(
+        matches!(err, StoreError::NameTaken(ref n) if n == "al"),
+        "{err:?}"
+    );
+    assert_eq!(
+        f.committed().await,
+        vec![joined, renamed, recased, taken_old],
+        "the feed has every event, once, in order"
+    );
+}
+
+async fn a_name_taken_ignoring_case_is_refused_without_change(f: &mut Fixture) {
+    // GIVEN alice has joined and bob is connected without a name
+    let now = chat_shared::now_ms();
+    let s = f.store();
+    let joined = join(s, "a", "alice", now).await;
+    s.add_connection("b", now).await.expect("connect");
+
+    // WHEN bob asks for the same name in another case
+    let err = s
+        .set_name("b", &name("ALICE"), now)
+        .await
+        .expect_err("taken");
+
+    // THEN NameTaken, and nothing changed: no name for bob, alice still alice, no event
+    assert!(
+        matches!(err, StoreError::NameTaken(ref n) if n == "ALICE"),
+        "{err:?}"
+    );
+    let b = s.connection("b", now).await.expect("read").expect("b");
+    assert_eq!(b.name, None);
+    let a = s.connection("a", now).await.expect("read").expect("a");
+    assert_eq!(a.name.as_deref(), Some("alice"));
+    assert_eq!(f.committed().await, vec![joined]);
+}
+
+async fn racing_claims_for_one_name_have_exactly_one_winner(f: &mut Fixture) {
+    let now = chat_shared::now_ms();
+    let mut winners = Vec::new();
+    for round in 0..10 {
+        // GIVEN two connections
+        let (x, y) = (format!("x{round}"), format!("y{round}"));
+        f.store().add_connection(&x, now).await.expect("connect");
+        f.store().add_connection(&y, now).await.expect("connect");
+
+        // WHEN both claim the same name at once (separate tasks, so they really overlap)
+        let wanted = name(&format!("racer{round}"));
+        let claim = |id: String| {
+            let store = Arc::clone(&f.store);
+            let wanted = wanted.clone();
+            tokio::spawn(async move { store.set_name(&id, &wanted, now).await })
+        };
+        let (rx, ry) = tokio::join!(claim(x.clone()), claim(y.clone()));
+        let (rx, ry) = (rx.expect("task"), ry.expect("task"));
+
+        // THEN exactly one wins; the other is told the name is taken and stays unnamed
+        let (winner, won, lost, loser) = match (rx, ry) {
+            (Ok(Some(e)), Err(l)) => (x, e, l, y),
+            (Err(l), Ok(Some(e))) => (y, e, l, x),
+            other => panic!("round {round}: expected one winner, got {other:?}"),
+        };
+        assert!(matches!(lost, StoreError::NameTaken(_)), "{lost:?}");
+        assert_eq!(
+            won.event,
+            ChatEvent::MemberJoined {
+                connection_id: winner.clone(),
+                name: wanted.display.clone()
+            }
+        );
+        let loser_conn = f.store().connection(&loser, now).await.expect("read");
+        assert_eq!(loser_conn.expect("loser still connected").name, None);
+        winners.push(won);
+    }
+    assert_eq!(f.committed().await, winners, "one join per round, no more");
+}
+
+async fn an_expired_claim_can_be_taken_by_a_new_connection(f: &mut Fixture) {
+    // GIVEN alice joined, and her connection has since expired (no $disconnect came)
+    let now = chat_shared::now_ms();
+    let later = past_connection_ttl(now);
+    let s = f.store();
+    let alice = join(s, "a", "alice", now).await;
+
+    // WHEN a new connection asks for the name after the expiry
+    let taken = join(s, "b", "ALICE", later).await;
+
+    // THEN it gets it; the expired connection is gone for every operation
+    assert_eq!(
+        taken.event,
+        ChatEvent::MemberJoined {
+            connection_id: "b".into(),
+            name: "ALICE".into()
+        }
+    );
+    assert_eq!(s.connection("a", later).await.expect("read"), None);
+    let err = s.post_public("a", "hi", later).await.expect_err("expired");
+    assert!(
+        matches!(err, StoreError::NotConnected(ref id) if id == "a"),
+        "{err:?}"
+    );
+    let err = s
+        .set_name("a", &name("alicia"), later)
+        .await
+        .expect_err("expired");
+    assert!(matches!(err, StoreError::NotConnected(_)), "{err:?}");
+    // Private messages to the name reach the new holder.
+    let carol = join(s, "c", "carol", later).await;
+    let private = s
+        .post_private("c", "alice", "hello", later)
+        .await
+        .expect("private");
+    assert_eq!(
+        private.event,
+        ChatEvent::PrivateMessageSent {
+            connection_id: "c".into(),
+            name: "carol".into(),
+            to_connection_id: "b".into(),
+            to_name: "ALICE".into(),
+            message: "hello".into()
+        }
+    );
+    // A late $disconnect of the expired connection still removes it, and leaves b's claim alone.
+    let left = s
+        .remove_connection("a", LeaveReason::Disconnected, later)
+        .await
+        .expect("remove")
+        .expect("a had joined");
+    assert_eq!(
+        left.event,
+        ChatEvent::MemberLeft {
+            connection_id: "a".into(),
+            name: "alice".into(),
+            reason: LeaveReason::Disconnected
+        }
+    );
+    s.add_connection("d", later).await.expect("connect");
+    let err = s
+        .set_name("d", &name("alice"), later)
+        .await
+        .expect_err("b still holds it");
+    assert!(matches!(err, StoreError::NameTaken(_)), "{err:?}");
+    assert_eq!(
+        f.committed().await,
+        vec![alice, taken, carol, private, left]
+    );
+}
+
+async fn public_messages_need_a_named_connection(f: &mut Fixture) {
+    // GIVEN alice has joined and u is connected without a name
+    let now = chat_shared::now_ms();
+    let s = f.store();
+    let joined = join(s, "a", "alice", now).await;
+    s.add_connection("u", now).await.expect("connect");
+
+    // WHEN each posts, and so does a connection that never connected
+    let unnamed = s.post_public("u", "hi", now).await.expect_err("no name");
+    let unknown = s
+        .post_public("ghost", "hi", now)
+        .await
+        .expect_err("unknown");
+    let posted = s.post_public("a", "hello all", now).await.expect("post");
+
+    // THEN only the member's message is recorded, with her name
+    assert!(matches!(unnamed, StoreError::NameRequired), "{unnamed:?}");
+    assert!(
+        matches!(unknown, StoreError::NotConnected(ref id) if id == "ghost"),
+        "{unknown:?}"
+    );
+    assert_eq!(posted.seq, 2);
+    assert_eq!(posted.ts, now);
+    assert_eq!(
+        posted.event,
+        ChatEvent::MessagePosted {
+            connection_id: "a".into(),
+            name: "alice".into(),
+            message: "hello all".into()
+        }
+    );
+    assert_eq!(f.committed().await, vec![joined, posted]);
+}
+
+async fn private_messages_reach_members_by_name(f: &mut Fixture) {
+    // GIVEN alice and Bob have joined, u is connected without a name
+    let now = chat_shared::now_ms();
+    let s = f.store();
+    let alice = join(s, "a", "alice", now).await;
+    let bob = join(s, "b", "Bob", now).await;
+    s.add_connection("u", now).await.expect("connect");
+
+    // WHEN alice writes to " BOB " and to names nobody (or only an unnamed connection) has
+    let sent = s
+        .post_private("a", " BOB ", "psst", now)
+        .await
+        .expect("private");
+    let unknown = s
+        .post_private("a", "carol", "psst", now)
+        .await
+        .expect_err("unknown");
+    let unnamed = s.post_private("a", "u", "psst", now).await.expect_err("u");
+    let to_self = s
+        .post_private("a", "ALICE", "psst", now)
+        .await
+        .expect_err("self");
+    let from_unnamed = s
+        .post_private("u", "alice", "psst", now)
+        .await
+        .expect_err("no name");
+    let from_unknown = s
+        .post_private("ghost", "alice", "psst", now)
+        .await
+        .expect_err("unknown sender");
+
+    // THEN the message names the recipient as they call themselves; the rest are refused
+    assert_eq!(
+        sent.event,
+        ChatEvent::PrivateMessageSent {
+            connection_id: "a".into(),
+            name: "alice".into(),
+            to_connection_id: "b".into(),
+            to_name: "Bob".into(),
+            message: "psst".into()
+        }
+    );
+    assert!(
+        matches!(unknown, StoreError::UnknownRecipient(ref n) if n == "carol"),
+        "{unknown:?}"
+    );
+    assert!(
+        matches!(unnamed, StoreError::UnknownRecipient(_)),
+        "{unnamed:?}"
+    );
+    assert!(matches!(to_self, StoreError::SelfRecipient), "{to_self:?}");
+    assert!(
+        matches!(from_unnamed, StoreError::NameRequired),
+        "{from_unnamed:?}"
+    );
+    assert!(
+        matches!(from_unknown, StoreError::NotConnected(_)),
+        "{from_unknown:?}"
+    );
+    assert_eq!(f.committed().await, vec![alice, bob, sent]);
+}
+
+async fn removing_a_connection_releases_its_name_once(f: &mut Fixture) {
+    // GIVEN alice has joined and u is connected without a name
+    let now = chat_shared::now_ms();
+    let s = f.store();
+    let joined = join(s, "a", "alice", now).await;
+    s.add_connection("u", now).await.expect("connect");
+
+    // WHEN alice is removed (twice), u is removed, and a never-connected id is removed
+    let left = s
+        .remove_connection("a", LeaveReason::Gone, now)
+        .await
+        .expect("remove");
+    let again = s
+        .remove_connection("a", LeaveReason::Gone, now)
+        .await
+        .expect("remove again");
+    let unnamed = s
+        .remove_connection("u", LeaveReason::Disconnected, now)
+        .await
+        .expect("remove unnamed");
+    let never = s
+        .remove_connection("ghost", LeaveReason::Disconnected, now)
+        .await
+        .expect("remove unknown");
+
+    // THEN one MemberLeft with the reason; the others are no-ops; both connections are gone
+    let left = left.expect("a member leaving is recorded");
+    assert_eq!(
+        left.event,
+        ChatEvent::MemberLeft {
+            connection_id: "a".into(),
+            name: "alice".into(),
+            reason: LeaveReason::Gone
+        }
+    );
+    assert_eq!(again, None);
+    assert_eq!(unnamed, None);
+    assert_eq!(never, None);
+    assert_eq!(s.connection("a", now).await.expect("read"), None);
+    assert_eq!(s.connection("u", now).await.expect("read"), None);
+    // AND the name is free again
+    let rejoined = join(s, "b", "Alice", now).await;
+    assert_eq!(f.committed().await, vec![joined, left, rejoined]);
+}
+
+async fn member_pages_list_every_live_member_once(f: &mut Fixture) {
+    // GIVEN five members, one unnamed connection, and a member whose connection expires soon
+    let now = chat_shared::now_ms();
+    let s = f.store();
+    let ids = ["m3", "M1", "m10", "zed", "m2"];
+    for (i, id) in ids.iter().enumerate() {
+        join(s, id, &format!("member{i}"), now).await;
+    }
+    s.add_connection("unnamed", now).await.expect("connect");
+    // Connected long enough ago that it expires 100 s from now.
+    let early = now - (ttl_secs() - 100) * 1000;
+    join(s, "old", "old-timer", early).await;
+
+    // WHEN every page is read now, and again once the old connection has expired
+    let current = all_members(s, now).await;
+    let after_expiry = all_members(s, now + 200_000).await;
+
+    // THEN each named, live member appears exactly once, in connection-id byte order (the
+    // order of the connection items' sort keys); the unnamed and the expired ones never do
+    let mut expected: Vec<&str> = ids.iter().copied().chain(["old"]).collect();
+    expected.sort_unstable();
+    let got: Vec<&str> = current.iter().map(|m| m.connection_id.as_str()).collect();
+    assert_eq!(got, expected);
+    let old = current
+        .iter()
+        .find(|m| m.connection_id == "old")
+        .expect("old listed");
+    assert_eq!(old.name, "old-timer");
+    expected.retain(|id| *id != "old");
+    let got: Vec<&str> = after_expiry
+        .iter()
+        .map(|m| m.connection_id.as_str())
+        .collect();
+    assert_eq!(got, expected);
+}
+
+async fn concurrent_posts_get_dense_ids_in_commit_order(f: &mut Fixture) {
+    // GIVEN four members (events 1..=4)
+    let now = chat_shared::now_ms();
+    let mut returned = Vec::new();
+    for i in 0..4 {
+        returned.push(join(f.store(), &format!("p{i}"), &format!("poster{i}"), now).await);
+    }
+
+    // WHEN they post 20 messages at once, from separate tasks
+    let posts: Vec<_> = (0..20)
+        .map(|n| {
+            let store = Arc::clone(&f.store);
+            tokio::spawn(async move {
+                store
+                    .post_public(&format!("p{}", n % 4), &format!("message {n}"), now)
+                    .await
+            })
+        })
+        .collect();
+    for post in posts {
+        returned.push(post.await.expect("task").expect("every post succeeds"));
+    }
+
+    // THEN the ids are exactly 1..=24, each once
+    let ids: BTreeSet<u64> = returned.iter().map(|e| e.seq).collect();
+    assert_eq!(ids.len(), returned.len(), "no id given twice");
+    assert_eq!(ids, (1..=24).collect::<BTreeSet<u64>>(), "ids are dense");
+    // AND the feed delivers every committed event once, in id order, as it was returned
+    let committed = f.committed().await;
+    let seqs: Vec<u64> = committed.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=24).collect::<Vec<u64>>());
+    let by_id: HashMap<u64, &StoredEvent> = returned.iter().map(|e| (e.seq, e)).collect();
+    for event in &committed {
+        assert_eq!(Some(&event), by_id.get(&event.seq), "event {}", event.seq);
+    }
+}
+
+async fn feed_records_look_like_lambdas_and_decode_to_the_returned_events(f: &mut Fixture) {
+    // GIVEN every kind of event, committed in turn
+    let now = chat_shared::now_ms();
+    let s = f.store();
+    let mut returned = vec![
+        join(s, "a", "alice", now).await,
+        join(s, "b", "bob", now).await,
+    ];
+    returned.extend(s.set_name("a", &name("Alicia"), now).await.expect("rename"));
+    returned.push(s.post_public("a", "hello", now).await.expect("public"));
+    returned.push(
+        s.post_private("a", "bob", "psst", now)
+            .await
+            .expect("private"),
+    );
+    returned.extend(
+        s.remove_connection("b", LeaveReason::Disconnected, now)
+            .await
+            .expect("leave"),
+    );
+
+    // WHEN the feed is read
+    let records = f.records().await;
+
+    // THEN each record is an INSERT as Lambda presents it, keyed by the event's pk and seq,
+    // in sequence-number order, and the new images decode to exactly the returned events
+    assert_eq!(records.len(), returned.len());
+    let mut last_sequence = 0u128;
+    for (record, event) in records.iter().zip(&returned) {
+        assert_eq!(record.event_name, "INSERT");
+        assert_eq!(record.event_source.as_deref(), Some("aws:dynamodb"));
+        assert_eq!(record.event_version.as_deref(), Some("1.1"));
+        assert!(!record.event_id.is_empty());
+        assert!(record
+            .event_source_arn
+            .as_deref()
+            .is_some_and(|arn| arn.starts_with("arn:aws:dynamodb:")));
+        assert_eq!(
+            record.change.stream_view_type,
+            Some(StreamViewType::NewImage)
+        );
+        assert_eq!(record.user_identity, None);
+        let key_json: serde_json::Value =
+            serde_json::to_value(&record.change.keys).expect("keys as JSON");
+        assert_eq!(
+            key_json,
+            serde_json::json!({
+                "pk": {"S": keys::room_pk(keys::DEFAULT_ROOM)},
+                "seq": {"N": event.seq.to_string()}
+            })
+        );
+        let sequence: u128 = record
+            .change
+            .sequence_number
+            .as_deref()
+            .expect("sequence number")
+            .parse()
+            .expect("sequence numbers are decimal");
+        assert!(sequence > last_sequence, "sequence numbers increase");
+        last_sequence = sequence;
+        assert_eq!(&decode_record(record).expect("decodes"), event);
+        // Lambda's JSON round-trips without loss.
+        let json = serde_json::to_value(record).expect("record as JSON");
+        let back: EventRecord = serde_json::from_value(json).expect("record from JSON");
+        assert_eq!(&back, record);
+    }
+    assert_eq!(
+        returned
+            .iter()
+            .map(|e| e.event.type_name())
+            .collect::<Vec<_>>(),
+        [
+            "MemberJoined",
+            "MemberJoined",
+            "MemberRenamed",
+            "MessagePosted",
+            "PrivateMessageSent",
+            "MemberLeft"
+        ]
+    );
+}
+
+/// Generates one test per case and store: `embedded::<case>` and `dynamodb::<case>`.
+/// Multi-threaded runtimes, so cases that spawn concurrent writers really run them in parallel.
+macro_rules! contract {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&mut super::Fixture::embedded()).await;
+                }
+            )*
+        }
+        mod dynamodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&mut super::Fixture::dynamodb().await).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    a_connection_is_recorded_until_it_expires,
+    names_join_rename_and_free_the_old_name,
+    a_name_taken_ignoring_case_is_refused_without_change,
+    racing_claims_for_one_name_have_exactly_one_winner,
+    an_expired_claim_can_be_taken_by_a_new_connection,
+    public_messages_need_a_named_connection,
+    private_messages_reach_members_by_name,
+    removing_a_connection_releases_its_name_once,
+    member_pages_list_every_live_member_once,
+    concurrent_posts_get_dense_ids_in_commit_order,
+    feed_records_look_like_lambdas_and_decode_to_the_returned_events,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Both stores side by side
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn both_feeds_carry_the_same_items_for_the_same_operations() {
+    // GIVEN both stores
+    let mut stores = [Fixture::embedded(), Fixture::dynamodb().await];
+    let now = chat_shared::now_ms();
+
+    // WHEN each is put through the same operations at the same time
+    let mut images = Vec::new();
+    for f in &mut stores {
+        let s = f.store();
+        join(s, "a", "alice", now).await;
+        join(s, "b", "bob", now).await;
+        s.post_public("a", "hi", now).await.expect("public");
+        s.post_private("b", "ALICE", "psst", now)
+            .await
+            .expect("private");
+        s.remove_connection("a", LeaveReason::Gone, now)
+            .await
+            .expect("leave");
+        let records = f.records().await;
+        images.push(
+            records
+                .into_iter()
+                .map(|r| (r.change.keys, r.change.new_image))
+                .collect::<Vec<_>>(),
+        );
+    }
+
+    // THEN both feeds carry identical keys and items, attribute for attribute
+    assert_eq!(images[0].len(), 5);
+    assert_eq!(images[0], images[1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The embedded store only
+// ---------------------------------------------------------------------------------------------
+
+fn embedded() -> EmbeddedStore {
+    EmbeddedStore::new(Retention::default()).with_page_limit(PAGE_LIMIT)
+}
+
+async fn drain(feed: &mut EmbeddedFeed) -> Vec<EventRecord> {
+    let records = feed.poll(1_000, Duration::ZERO).await.expect("poll");
+    if let Some(seq) = records
+        .last()
+        .and_then(|r| r.change.sequence_number.clone())
+    {
+        feed.checkpoint(&seq);
+    }
+    records
+}
+
+#[tokio::test]
+async fn embedded_expiry_removes_items_like_dynamodbs_ttl_sweeper() {
+    // GIVEN alice joined and posted (events 1 and 2), and the feed has been read
+    let store = embedded();
+    let mut feed = store.feed();
+    let now = chat_shared::now_ms();
+    join(&store, "a", "alice", now).await;
+    store.post_public("a", "hi", now).await.expect("post");
+    let inserts = drain(&mut feed).await;
+    assert_eq!(inserts.len(), 2);
+
+    // WHEN the sweeper runs after the connection TTL, then after the history's retention
+    let removed_connections = store.expire(past_connection_ttl(now));
+    let after_connections = drain(&mut feed).await;
+    let retention_ms = Retention::default().event_retention.as_millis() as i64;
+    let history_gone_at = now + retention_ms + 1_000;
+    let removed_events = store.expire(history_gone_at);
+    let removals = drain(&mut feed).await;
+
+    // THEN first the connection and its claim go (no stream on that table), then both events,
+    // each as a REMOVE record by the DynamoDB service with the keys and no image
+    assert_eq!(removed_connections, 2);
+    assert!(after_connections.is_empty());
+    assert_eq!(
+        store
+            .remove_connection("a", LeaveReason::Disconnected, now)
+            .await
+            .expect("remove"),
+        None,
+        "the swept connection is gone even for a $disconnect"
+    );
+    assert_eq!(removed_events, 2);
+    assert!(store.events().is_empty());
+    assert_eq!(removals.len(), 2);
+    let last_insert: u128 = inserts[1]
+        .change
+        .sequence_number
+        .as_deref()
+        .and_then(|s| s.parse().ok())
+        .expect("sequence number");
+    for (record, seq) in removals.iter().zip(1u64..) {
+        assert!(is_removal(record));
+        assert_eq!(record.event_name, "REMOVE");
+        let identity = record.user_identity.as_ref().expect("TTL identity");
+        assert_eq!(identity.type_, "Service");
+        assert_eq!(identity.principal_id, "dynamodb.amazonaws.com");
+        assert!(record.change.new_image.is_empty());
+        assert!(record.change.old_image.is_empty());
+        let keys = serde_json::to_value(&record.change.keys).expect("keys");
+        assert_eq!(keys["seq"], serde_json::json!({"N": seq.to_string()}));
+        let sequence: u128 = record
+            .change
+            .sequence_number
+            .as_deref()
+            .and_then(|s| s.parse().ok())
+            .expect("sequence number");
+        assert!(sequence > last_insert);
+        let json = serde_json::to_value(record).expect("record as JSON");
+        assert_eq!(
+            json["userIdentity"],
+            serde_json::json!({"type": "Service", "principalId": "dynamodb.amazonaws.com"})
+        );
+    }
+    // AND the room's counter is not an expiring item: ids go on from 3
+    let rejoined = join(&store, "b", "alice", history_gone_at).await;
+    assert_eq!(rejoined.seq, 3);
+}
+
+#[tokio::test]
+async fn embedded_injected_failures_change_nothing() {
+    // GIVEN alice has joined and the feed has been read
+    let store = embedded();
+    let mut feed = store.feed();
+    let now = chat_shared::now_ms();
+    join(&store, "a", "alice", now).await;
+    drain(&mut feed).await;
+
+    // WHEN the next two writes are made to fail
+    store.fail_next_writes(2);
+    let post = store.post_public("a", "hi", now).await.expect_err("fails");
+    let rename = store
+        .set_name("a", &name("al"), now)
+        .await
+        .expect_err("fails");
+
+    // THEN both are retryable backend errors, and nothing was written
+    for err in [&post, &rename] {
+        assert!(matches!(err, StoreError::Backend { .. }), "{err:?}");
+        assert!(err.is_retryable());
+    }
+    assert_eq!(store.events().len(), 1);
+    assert!(drain(&mut feed).await.is_empty());
+    let a = store.connection("a", now).await.expect("read").expect("a");
+    assert_eq!(a.name.as_deref(), Some("alice"));
+    // AND the next write works and takes the next id: none was used up
+    let posted = store.post_public("a", "hi", now).await.expect("post");
+    assert_eq!(posted.seq, 2);
+    assert_eq!(drain(&mut feed).await.len(), 1);
+}
+
+#[tokio::test]
+async fn embedded_feed_replays_until_checkpointed_and_waits_for_commits() {
+    // GIVEN a member and two feeds
+    let store = embedded();
+    let now = chat_shared::now_ms();
+    join(&store, "a", "alice", now).await;
+    store.post_public("a", "one", now).await.expect("post");
+    let mut first = store.feed();
+    let mut second = store.feed();
+
+    // WHEN the first polls twice without a checkpoint, then checkpoints the first record
+    let batch = first.poll(10, Duration::ZERO).await.expect("poll");
+    let again = first.poll(10, Duration::ZERO).await.expect("poll");
+    let one = first.poll(1, Duration::ZERO).await.expect("poll");
+    first.checkpoint(
+        one[0]
+            .change
+            .sequence_number
+            .as_deref()
+            .expect("sequence number"),
+    );
+    let rest = first.poll(10, Duration::ZERO).await.expect("poll");
+
+    // THEN an uncheckpointed batch comes again, `max` is respected, and the checkpoint moves on;
+    // the other feed still starts at the beginning
+    assert_eq!(batch.len(), 2);
+    assert_eq!(again, batch);
+    assert_eq!(one.len(), 1);
+    assert_eq!(rest, batch[1..].to_vec());
+    assert_eq!(second.poll(10, Duration::ZERO).await.expect("poll"), batch);
+
+    // AND an empty poll waits for a commit instead of returning at once
+    first.checkpoint(
+        rest[0]
+            .change
+            .sequence_number
+            .as_deref()
+            .expect("sequence number"),
+    );
+    let quiet_started = Instant::now();
+    let quiet = first
+        .poll(10, Duration::from_millis(100))
+        .await
+        .expect("poll");
+    assert!(quiet.is_empty());
+    assert!(quiet_started.elapsed() >= Duration::from_millis(100));
+    let writer = store.clone();
+    let post = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        writer.post_public("a", "two", now).await
+    });
+    let woken_started = Instant::now();
+    let woken = first.poll(10, Duration::from_secs(10)).await.expect("poll");
+    let posted = post.await.expect("task").expect("post");
+    assert!(
+        woken_started.elapsed() < Duration::from_secs(5),
+        "woken by the commit"
+    );
+    assert_eq!(woken.len(), 1);
+    assert_eq!(decode_record(&woken[0]).expect("decodes"), posted);
+    assert_eq!(store.events().last(), Some(&posted));
+}
+
+#[tokio::test]
+async fn embedded_feed_sequence_numbers_sort_as_strings() {
+    // GIVEN more than ten records
+    let store = embedded();
+    let now = chat_shared::now_ms();
+    join(&store, "a", "alice", now).await;
+    for n in 0..11 {
+        store
+            .post_public("a", &format!("m{n}"), now)
+            .await
+            .expect("post");
+    }
+
+    // WHEN the feed is read
+    let records = drain(&mut store.feed()).await;
+
+    // THEN the sequence numbers are fixed-width decimals, so string order is numeric order, and
+    // each record carries the embedded stream's ARN
+    let sequences: Vec<String> = records
+        .iter()
+        .map(|r| r.change.sequence_number.clone().expect("sequence number"))
+        .collect();
+    assert_eq!(sequences.len(), 12);
+    assert!(sequences.iter().all(|s| s.len() == 21));
+    let mut sorted = sequences.clone();
+    sorted.sort();
+    assert_eq!(sorted, sequences);
+    let arn = store.feed().stream_arn().to_owned();
+    assert!(records
+        .iter()
+        .all(|r| r.event_source_arn.as_deref() == Some(arn.as_str())));
+    assert_eq!(
+        records
+            .iter()
+            .map(|r| r.event_id.clone())
+            .collect::<BTreeSet<_>>()
+            .len(),
+        12,
+        "event ids are unique"
+    );
+}
