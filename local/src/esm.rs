@@ -65,28 +65,49 @@ fn interpret(batch: &[EventRecord], outcome: &Result<DynamoDbEventResponse, BoxE
     let seq = |r: &EventRecord| r.change.sequence_number.clone();
     let last = batch.last().and_then(seq);
     let response = match outcome {
-        Err(_) => return Next::Checkpoint { after: None, failed: true },
+        Err(_) => {
+            return Next::Checkpoint {
+                after: None,
+                failed: true,
+            }
+        }
         Ok(response) => response,
     };
     if response.batch_item_failures.is_empty() {
-        return Next::Checkpoint { after: last, failed: false };
+        return Next::Checkpoint {
+            after: last,
+            failed: false,
+        };
     }
     // The earliest failing record in stream order; an identifier that is missing or not in
     // the batch makes Lambda treat the whole batch as failed.
     let mut lowest: Option<usize> = None;
     for failure in &response.batch_item_failures {
-        let position = failure
-            .item_identifier
-            .as_deref()
-            .and_then(|id| batch.iter().position(|r| r.change.sequence_number.as_deref() == Some(id)));
+        let position = failure.item_identifier.as_deref().and_then(|id| {
+            batch
+                .iter()
+                .position(|r| r.change.sequence_number.as_deref() == Some(id))
+        });
         match position {
-            None => return Next::Checkpoint { after: None, failed: true },
+            None => {
+                return Next::Checkpoint {
+                    after: None,
+                    failed: true,
+                }
+            }
             Some(p) => lowest = Some(lowest.map_or(p, |l| l.min(p))),
         }
     }
     let lowest = lowest.unwrap_or(0);
-    let after = if lowest == 0 { None } else { seq(&batch[lowest - 1]) };
-    Next::Checkpoint { after, failed: true }
+    let after = if lowest == 0 {
+        None
+    } else {
+        seq(&batch[lowest - 1])
+    };
+    Next::Checkpoint {
+        after,
+        failed: true,
+    }
 }
 
 /// Runs the mapping until `stop` turns true and the source is drained (a poll returns no
@@ -135,7 +156,10 @@ pub async fn run(
             .iter()
             .position(|r| r.change.sequence_number == after)
             .map_or(0, |p| p + 1);
-        let head_seq = event.records.get(head).and_then(|r| r.change.sequence_number.clone());
+        let head_seq = event
+            .records
+            .get(head)
+            .and_then(|r| r.change.sequence_number.clone());
         if let Err(e) = &outcome {
             warn!(error = %e, attempt = attempts, "fan-out invocation failed; retrying the batch");
         }
@@ -148,7 +172,10 @@ pub async fn run(
             attempts = 0;
             continue;
         }
-        let backoff = config.retry_backoff.saturating_mul(1 << (attempts - 1).min(5)).min(Duration::from_secs(5));
+        let backoff = config
+            .retry_backoff
+            .saturating_mul(1 << (attempts - 1).min(5))
+            .min(Duration::from_secs(5));
         debug!(sequence_number = ?head_seq, attempt = attempts, ?backoff, "retrying from the reported record");
         wait_or_stop(&mut stop, backoff).await;
     }
@@ -169,7 +196,11 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    pub fn spawn(source: Box<dyn RecordSource>, target: Arc<dyn StreamTarget>, config: EsmConfig) -> Self {
+    pub fn spawn(
+        source: Box<dyn RecordSource>,
+        target: Arc<dyn StreamTarget>,
+        config: EsmConfig,
+    ) -> Self {
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(run(source, target, config, rx));
         Mapping { stop, task }
@@ -181,7 +212,10 @@ impl Mapping {
         let _ = self.stop.send(true);
         let mut task = self.task;
         if tokio::time::timeout(limit, &mut task).await.is_err() {
-            warn!(?limit, "the stream was not drained in time; stopping anyway");
+            warn!(
+                ?limit,
+                "the stream was not drained in time; stopping anyway"
+            );
             task.abort();
         }
     }
@@ -216,15 +250,51 @@ mod tests {
     fn partial_batch_responses_move_the_checkpoint_like_lambda() {
         let b = batch(&["10", "20", "30", "40"]);
         // GIVEN no failures THEN the whole batch is done
-        assert_eq!(interpret(&b, &failures(&[])), Next::Checkpoint { after: Some("40".into()), failed: false });
+        assert_eq!(
+            interpret(&b, &failures(&[])),
+            Next::Checkpoint {
+                after: Some("40".into()),
+                failed: false
+            }
+        );
         // GIVEN failures at 40 and 20 THEN done up to 10, retry from 20 (the lowest)
-        assert_eq!(interpret(&b, &failures(&[Some("40"), Some("20")])), Next::Checkpoint { after: Some("10".into()), failed: true });
+        assert_eq!(
+            interpret(&b, &failures(&[Some("40"), Some("20")])),
+            Next::Checkpoint {
+                after: Some("10".into()),
+                failed: true
+            }
+        );
         // GIVEN a failure at the first record THEN nothing is done
-        assert_eq!(interpret(&b, &failures(&[Some("10")])), Next::Checkpoint { after: None, failed: true });
+        assert_eq!(
+            interpret(&b, &failures(&[Some("10")])),
+            Next::Checkpoint {
+                after: None,
+                failed: true
+            }
+        );
         // GIVEN an identifier that is not in the batch, or none THEN the whole batch failed
-        assert_eq!(interpret(&b, &failures(&[Some("99")])), Next::Checkpoint { after: None, failed: true });
-        assert_eq!(interpret(&b, &failures(&[None])), Next::Checkpoint { after: None, failed: true });
+        assert_eq!(
+            interpret(&b, &failures(&[Some("99")])),
+            Next::Checkpoint {
+                after: None,
+                failed: true
+            }
+        );
+        assert_eq!(
+            interpret(&b, &failures(&[None])),
+            Next::Checkpoint {
+                after: None,
+                failed: true
+            }
+        );
         // GIVEN the function failed THEN the whole batch failed
-        assert_eq!(interpret(&b, &Err("boom".into())), Next::Checkpoint { after: None, failed: true });
+        assert_eq!(
+            interpret(&b, &Err("boom".into())),
+            Next::Checkpoint {
+                after: None,
+                failed: true
+            }
+        );
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! - [`gateway`]: an API Gateway WebSocket API emulator with a real `@connections` endpoint;
 //! - [`esm`]: Lambda's DynamoDB event source mapping (batches, checkpoints, retries);
-//! - [`streams_api`]: a DynamoDB Streams API poller, for runs against a real DynamoDB API.
+//! - [`streams_api`]: a DynamoDB Streams API poller, for runs against a real DynamoDB API;
+//! - [`stack`]: all of it wired together (what `chat-local` runs).
 
 pub mod esm;
 pub mod gateway;
+pub mod stack;
 pub mod streams_api;

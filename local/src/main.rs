@@ -1,1 +1,129 @@
-fn main() {}
+//! `chat-local`: the whole chat on this machine. An API Gateway WebSocket emulator with a
+//! real `@connections` endpoint, chat-api-handler and the fan-out in-process, and an embedded
+//! store with a stream — or, with `--dynamodb-endpoint`, a real DynamoDB API.
+
+use std::time::Duration;
+
+use chat_local::esm::EsmConfig;
+use chat_local::gateway::GatewayConfig;
+use chat_local::stack::{self, LocalOptions, StoreChoice};
+use chat_shared::config::{
+    FanoutConfig, HandlerConfig, Retention, Tables, DEFAULT_FANOUT_CONCURRENCY,
+};
+use chat_shared::validation::DEFAULT_MAX_MESSAGE_BYTES;
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "chat-local",
+    version,
+    about = "Run the whole chat locally: WebSocket gateway, both functions, and a store with a stream"
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1", env = "CHAT_LOCAL_HOST")]
+    host: String,
+    /// Port for both the WebSocket API and the @connections API.
+    #[arg(long, default_value_t = 8080, env = "CHAT_LOCAL_PORT")]
+    port: u16,
+    /// Stage name: the first path segment, as on AWS.
+    #[arg(long, default_value = "prod")]
+    stage: String,
+    /// Use this DynamoDB API (moto, DynamoDB Local, AWS) instead of the embedded store.
+    #[arg(long, env = "DYNAMODB_ENDPOINT", value_name = "URL")]
+    dynamodb_endpoint: Option<String>,
+    /// Use real AWS DynamoDB (default credential chain) instead of the embedded store.
+    #[arg(long, conflicts_with = "dynamodb_endpoint")]
+    aws: bool,
+    /// Region for the DynamoDB API.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    region: String,
+    /// Event table (created if missing).
+    #[arg(long, env = "EVENTS_TABLE", default_value = "chat-local-events")]
+    events_table: String,
+    /// Connections table (created if missing).
+    #[arg(
+        long,
+        env = "CONNECTIONS_TABLE",
+        default_value = "chat-local-connections"
+    )]
+    connections_table: String,
+    /// Largest accepted chat message, in bytes.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+    /// @connections calls in flight at once per fan-out.
+    #[arg(long, env = "FANOUT_CONCURRENCY", default_value_t = DEFAULT_FANOUT_CONCURRENCY)]
+    fanout_concurrency: usize,
+    /// Close connections idle this long (AWS: 600).
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    idle_timeout: u64,
+    /// Close connections this old (AWS: 7200).
+    #[arg(long, default_value_t = 7200, value_name = "SECONDS")]
+    max_duration: u64,
+    /// Stream records per fan-out invocation (template.yaml BatchSize).
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Never run $disconnect (models AWS losing it; stale connections are then pruned on 410).
+    #[arg(long, hide = true)]
+    drop_disconnect: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    chat_shared::telemetry::init();
+    let args = Args::parse();
+    let store = if args.dynamodb_endpoint.is_some() || args.aws {
+        StoreChoice::DynamoDb {
+            endpoint: args.dynamodb_endpoint.clone(),
+            region: args.region.clone(),
+            tables: Tables {
+                events: args.events_table.clone(),
+                connections: args.connections_table.clone(),
+            },
+        }
+    } else {
+        StoreChoice::Embedded(chat_shared::store::embedded::EmbeddedStore::new(
+            Retention::default(),
+        ))
+    };
+    anyhow::ensure!(
+        args.max_message_bytes > 0,
+        "--max-message-bytes must be at least 1"
+    );
+    anyhow::ensure!(
+        args.fanout_concurrency > 0,
+        "--fanout-concurrency must be at least 1"
+    );
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    let options = LocalOptions {
+        host: args.host,
+        port: args.port,
+        store,
+        gateway: GatewayConfig {
+            stage: args.stage,
+            idle_timeout: Duration::from_secs(args.idle_timeout),
+            max_duration: Duration::from_secs(args.max_duration),
+            drop_disconnect: args.drop_disconnect,
+            ..GatewayConfig::default()
+        },
+        handler: HandlerConfig {
+            max_message_bytes: args.max_message_bytes,
+        },
+        fanout: FanoutConfig {
+            concurrency: args.fanout_concurrency,
+            ..FanoutConfig::default()
+        },
+        retention: Retention::default(),
+        esm: EsmConfig {
+            batch_size: args.batch_size,
+            ..EsmConfig::default()
+        },
+    };
+    let running = stack::start(options).await?;
+    // The same shapes as the stack's Outputs on AWS; scripts and tests read these two lines.
+    println!("WebSocket URL: {}", running.websocket_url);
+    println!("Connection URL: {}", running.connection_url);
+    tokio::signal::ctrl_c().await?;
+    eprintln!("shutting down: closing connections and draining the stream…");
+    running.shutdown().await
+}

@@ -42,7 +42,11 @@ fn read_err(e: impl std::error::Error + Send + Sync + 'static) -> SourceError {
 impl StreamsApiSource {
     /// Positions the source at the end of the stream (`StartingPosition: LATEST`, as in
     /// template.yaml): events written before the local stack started are history, not news.
-    pub async fn at_latest(client: Client, stream_arn: String, region: String) -> Result<Self, SourceError> {
+    pub async fn at_latest(
+        client: Client,
+        stream_arn: String,
+        region: String,
+    ) -> Result<Self, SourceError> {
         let mut source = StreamsApiSource {
             client,
             stream_arn,
@@ -75,7 +79,9 @@ impl StreamsApiSource {
                 .send()
                 .await
                 .map_err(|e| match e.as_service_error() {
-                    Some(se) if se.is_resource_not_found_exception() => SourceError::Gone(self.stream_arn.clone()),
+                    Some(se) if se.is_resource_not_found_exception() => {
+                        SourceError::Gone(self.stream_arn.clone())
+                    }
                     _ => read_err(e),
                 })?;
             let Some(description) = out.stream_description else {
@@ -102,7 +108,11 @@ impl StreamsApiSource {
     /// is closed and nothing is left.
     async fn read_shard(&mut self, i: usize, max: usize) -> Result<Vec<EventRecord>, SourceError> {
         let shard = &self.shards[i];
-        let request = self.client.get_shard_iterator().stream_arn(&self.stream_arn).shard_id(&shard.id);
+        let request = self
+            .client
+            .get_shard_iterator()
+            .stream_arn(&self.stream_arn)
+            .shard_id(&shard.id);
         let request = match &shard.checkpoint {
             Some(seq) => request
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
@@ -112,7 +122,9 @@ impl StreamsApiSource {
         let mut iterator = request.send().await.map_err(read_err)?.shard_iterator;
         let mut out = Vec::new();
         while let Some(current) = iterator.take() {
-            let limit = i32::try_from(max - out.len()).unwrap_or(i32::MAX).clamp(1, 1000);
+            let limit = i32::try_from(max - out.len())
+                .unwrap_or(i32::MAX)
+                .clamp(1, 1000);
             let page = self
                 .client
                 .get_records()
@@ -157,7 +169,10 @@ impl RecordSource for StreamsApiSource {
             if Instant::now() >= deadline {
                 return Ok(Vec::new());
             }
-            tokio::time::sleep(POLL_INTERVAL.min(deadline.saturating_duration_since(Instant::now()))).await;
+            tokio::time::sleep(
+                POLL_INTERVAL.min(deadline.saturating_duration_since(Instant::now())),
+            )
+            .await;
         }
     }
 
@@ -169,7 +184,11 @@ impl RecordSource for StreamsApiSource {
 }
 
 /// A streams-API record in the JSON form Lambda delivers, parsed into the Lambda type.
-pub fn to_lambda_record(record: &Record, stream_arn: &str, region: &str) -> Result<EventRecord, SourceError> {
+pub fn to_lambda_record(
+    record: &Record,
+    stream_arn: &str,
+    region: &str,
+) -> Result<EventRecord, SourceError> {
     let malformed = |why: String| SourceError::Read(why.into());
     let change = record
         .dynamodb()
@@ -178,10 +197,15 @@ pub fn to_lambda_record(record: &Record, stream_arn: &str, region: &str) -> Resu
     if let Some(created) = change.approximate_creation_date_time() {
         dynamodb.insert("ApproximateCreationDateTime".into(), json!(created.secs()));
     }
-    for (name, image) in [("Keys", change.keys()), ("NewImage", change.new_image()), ("OldImage", change.old_image())] {
+    for (name, image) in [
+        ("Keys", change.keys()),
+        ("NewImage", change.new_image()),
+        ("OldImage", change.old_image()),
+    ] {
         if let Some(image) = image {
             let item = serde_dynamo::Item::from(image.clone());
-            let value = serde_json::to_value(&item).map_err(|e| malformed(format!("{name}: {e}")))?;
+            let value =
+                serde_json::to_value(&item).map_err(|e| malformed(format!("{name}: {e}")))?;
             dynamodb.insert(name.into(), value);
         }
     }
@@ -193,11 +217,23 @@ pub fn to_lambda_record(record: &Record, stream_arn: &str, region: &str) -> Resu
         dynamodb.insert("StreamViewType".into(), json!(view.as_str()));
     }
     let mut out = Map::new();
-    out.insert("eventID".into(), json!(record.event_id().unwrap_or_default()));
-    out.insert("eventName".into(), json!(record.event_name().map(|n| n.as_str()).unwrap_or_default()));
+    out.insert(
+        "eventID".into(),
+        json!(record.event_id().unwrap_or_default()),
+    );
+    out.insert(
+        "eventName".into(),
+        json!(record.event_name().map(|n| n.as_str()).unwrap_or_default()),
+    );
     out.insert("eventVersion".into(), json!("1.1"));
-    out.insert("eventSource".into(), json!(record.event_source().unwrap_or("aws:dynamodb")));
-    out.insert("awsRegion".into(), json!(record.aws_region().unwrap_or(region)));
+    out.insert(
+        "eventSource".into(),
+        json!(record.event_source().unwrap_or("aws:dynamodb")),
+    );
+    out.insert(
+        "awsRegion".into(),
+        json!(record.aws_region().unwrap_or(region)),
+    );
     out.insert("dynamodb".into(), Value::Object(dynamodb));
     out.insert("eventSourceARN".into(), json!(stream_arn));
     if let Some(identity) = record.user_identity() {
@@ -206,5 +242,6 @@ pub fn to_lambda_record(record: &Record, stream_arn: &str, region: &str) -> Resu
             json!({"type": identity.r#type().unwrap_or_default(), "principalId": identity.principal_id().unwrap_or_default()}),
         );
     }
-    serde_json::from_value(Value::Object(out)).map_err(|e| malformed(format!("not a Lambda DynamoDB record: {e}")))
+    serde_json::from_value(Value::Object(out))
+        .map_err(|e| malformed(format!("not a Lambda DynamoDB record: {e}")))
 }

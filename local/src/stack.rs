@@ -1,0 +1,304 @@
+//! Wires the local stack together: the gateway emulator in front of chat-api-handler's code,
+//! a store (embedded, or a real DynamoDB API), and the event source mapping driving the
+//! fan-out's code, which reaches clients through the gateway's own `@connections` endpoint
+//! with the same SDK client as on AWS.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use async_trait::async_trait;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
+use aws_lambda_events::event::dynamodb::Event;
+use aws_lambda_events::event::streams::DynamoDbEventResponse;
+use aws_sdk_apigatewaymanagement::config::Credentials;
+use chat_shared::config::{FanoutConfig, HandlerConfig, Retention, Tables};
+use chat_shared::delivery::ManagementApi;
+use chat_shared::fanout::handle_stream_event;
+use chat_shared::handler::handle_request;
+use chat_shared::store::dynamodb::{create_tables, DynamoStore};
+use chat_shared::store::embedded::EmbeddedStore;
+use chat_shared::store::ChatStore;
+use chat_shared::stream::RecordSource;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::esm::{self, EsmConfig, Mapping, StreamTarget};
+use crate::gateway::{self, Gateway, GatewayConfig, Integration};
+use crate::streams_api::StreamsApiSource;
+
+/// Where the chat's state lives.
+#[derive(Clone)]
+pub enum StoreChoice {
+    /// In-process, with a change feed that behaves like DynamoDB Streams (the default). Passed
+    /// in, so a caller (a test) can keep a handle on it.
+    Embedded(EmbeddedStore),
+    /// A real DynamoDB API: moto, DynamoDB Local or AWS.
+    DynamoDb {
+        endpoint: Option<String>,
+        region: String,
+        tables: Tables,
+    },
+}
+
+#[derive(Clone)]
+pub struct LocalOptions {
+    pub host: String,
+    pub port: u16,
+    pub store: StoreChoice,
+    pub gateway: GatewayConfig,
+    pub handler: HandlerConfig,
+    pub fanout: FanoutConfig,
+    pub retention: Retention,
+    pub esm: EsmConfig,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        LocalOptions {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            store: StoreChoice::Embedded(EmbeddedStore::new(Retention::default())),
+            gateway: GatewayConfig::default(),
+            handler: HandlerConfig::default(),
+            fanout: FanoutConfig::default(),
+            retention: Retention::default(),
+            esm: EsmConfig::default(),
+        }
+    }
+}
+
+/// chat-api-handler's code behind the gateway.
+struct HandlerIntegration {
+    store: Arc<dyn ChatStore>,
+    config: HandlerConfig,
+}
+
+#[async_trait]
+impl Integration for HandlerIntegration {
+    async fn invoke(
+        &self,
+        request: ApiGatewayWebsocketProxyRequest,
+    ) -> Result<ApiGatewayProxyResponse, gateway::BoxError> {
+        Ok(handle_request(
+            self.store.as_ref(),
+            &self.config,
+            request,
+            chat_shared::now_ms(),
+        )
+        .await?)
+    }
+}
+
+/// The fan-out's code behind the event source mapping.
+struct FanoutTarget {
+    store: Arc<dyn ChatStore>,
+    api: ManagementApi,
+    config: FanoutConfig,
+}
+
+#[async_trait]
+impl StreamTarget for FanoutTarget {
+    async fn invoke(&self, event: Event) -> Result<DynamoDbEventResponse, esm::BoxError> {
+        Ok(handle_stream_event(
+            self.store.as_ref(),
+            &self.api,
+            &self.config,
+            event,
+            chat_shared::now_ms,
+        )
+        .await)
+    }
+}
+
+/// A running local stack.
+pub struct RunningStack {
+    pub addr: SocketAddr,
+    /// `ws://host:port/{stage}`: what clients connect to (Outputs.WebSocketURL on AWS).
+    pub websocket_url: String,
+    /// `http://host:port/{stage}/@connections` (Outputs.ConnectionURL on AWS).
+    pub connection_url: String,
+    shutdown: oneshot::Sender<()>,
+    gateway: tokio::task::JoinHandle<std::io::Result<()>>,
+    mapping: Mapping,
+    sweeper: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Credentials for the local `@connections` endpoint, which does not verify signatures, and
+/// for DynamoDB APIs when no AWS credentials are configured (moto and DynamoDB Local accept any).
+fn local_credentials() -> Credentials {
+    Credentials::new("local", "local", None, None, "chat-local")
+}
+
+async fn dynamodb_sdk_config(endpoint: Option<&str>, region: &str) -> SdkConfig {
+    let mut loader =
+        aws_config::defaults(BehaviorVersion::latest()).region(Region::new(region.to_owned()));
+    if let Some(endpoint) = endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    let config = loader.load().await;
+    let has_credentials = match config.credentials_provider() {
+        Some(provider) => {
+            use aws_credential_types::provider::ProvideCredentials;
+            tokio::time::timeout(Duration::from_secs(3), provider.provide_credentials())
+                .await
+                .is_ok_and(|r| r.is_ok())
+        }
+        None => false,
+    };
+    if has_credentials || endpoint.is_none() {
+        return config;
+    }
+    info!(
+        "no AWS credentials found; using placeholder credentials for {}",
+        endpoint.unwrap_or_default()
+    );
+    config
+        .into_builder()
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(local_credentials()),
+        )
+        .build()
+}
+
+pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
+    let bind = format!("{}:{}", options.host, options.port);
+    let listener = match TcpListener::bind(&bind).await {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            bail!("{bind} is already in use: stop whatever is listening there, or pick another port with --port")
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot listen on {bind}")),
+    };
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let stage = options.gateway.stage.clone();
+    // Clients of a wildcard bind still reach it on loopback.
+    let client_host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        addr.ip().to_string()
+    };
+    let http_base = format!("http://{client_host}:{}/{stage}", addr.port());
+
+    let (store, source, sweeper): (Arc<dyn ChatStore>, Box<dyn RecordSource>, _) = match &options
+        .store
+    {
+        StoreChoice::Embedded(store) => {
+            let store = store.clone();
+            let feed = store.feed();
+            // DynamoDB's TTL sweeper, in-process: expired connections, claims and history go.
+            let sweeping = store.clone();
+            let sweeper = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    let removed = sweeping.expire(chat_shared::now_ms());
+                    if removed > 0 {
+                        info!(removed, "expired items removed (TTL)");
+                    }
+                }
+            });
+            (Arc::new(store), Box::new(feed), Some(sweeper))
+        }
+        StoreChoice::DynamoDb {
+            endpoint,
+            region,
+            tables,
+        } => {
+            let sdk = dynamodb_sdk_config(endpoint.as_deref(), region).await;
+            let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
+            create_tables(&dynamodb, tables).await.with_context(|| {
+                format!(
+                    "creating or finding the tables {} and {} at {}",
+                    tables.events,
+                    tables.connections,
+                    endpoint.as_deref().unwrap_or("AWS")
+                )
+            })?;
+            let described = dynamodb
+                .describe_table()
+                .table_name(&tables.events)
+                .send()
+                .await
+                .with_context(|| format!("describing table {}", tables.events))?;
+            let Some(stream_arn) = described
+                .table()
+                .and_then(|t| t.latest_stream_arn())
+                .map(str::to_owned)
+            else {
+                bail!(
+                    "table {} has no stream; enable a NEW_IMAGE stream on it (template.yaml does)",
+                    tables.events
+                );
+            };
+            let source = StreamsApiSource::at_latest(
+                aws_sdk_dynamodbstreams::Client::new(&sdk),
+                stream_arn,
+                region.clone(),
+            )
+            .await
+            .context("reading the event table's stream")?;
+            let store = DynamoStore::new(dynamodb, tables.clone(), options.retention);
+            (Arc::new(store), Box::new(source), None)
+        }
+    };
+
+    let integration = Arc::new(HandlerIntegration {
+        store: Arc::clone(&store),
+        config: options.handler.clone(),
+    });
+    let gateway = Gateway::new(options.gateway.clone(), integration);
+    let management = SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(local_credentials()),
+        )
+        .build();
+    let target = Arc::new(FanoutTarget {
+        store,
+        api: ManagementApi::new(&management, &http_base),
+        config: options.fanout.clone(),
+    });
+    let mapping = Mapping::spawn(source, target, options.esm.clone());
+    let (shutdown, on_shutdown) = oneshot::channel::<()>();
+    let serving = gateway.clone();
+    let gateway_task = tokio::spawn(async move {
+        serving
+            .serve(listener, async move {
+                let _ = on_shutdown.await;
+            })
+            .await
+    });
+    Ok(RunningStack {
+        addr,
+        websocket_url: format!("ws://{client_host}:{}/{stage}", addr.port()),
+        connection_url: format!("{http_base}/@connections"),
+        shutdown,
+        gateway: gateway_task,
+        mapping,
+        sweeper,
+    })
+}
+
+impl RunningStack {
+    /// Closes every client (1001), runs their `$disconnect`s, then lets the fan-out deliver
+    /// what is still in the stream before stopping.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(());
+        match self.gateway.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "the gateway stopped with an error"),
+            Err(e) => warn!(error = %e, "the gateway task failed"),
+        }
+        self.mapping.drain(Duration::from_secs(10)).await;
+        if let Some(sweeper) = self.sweeper {
+            sweeper.abort();
+        }
+        info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,133 @@
+//! The `chat-local` binary as a person runs it: it prints the two URLs, serves chat on them,
+//! refuses a taken port with a clear message, and shuts down cleanly on Ctrl-C.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+fn chat_local(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_chat-local"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chat-local starts")
+}
+
+/// Reads the first two stdout lines: the WebSocket URL and the Connection URL.
+fn urls(child: &mut Child) -> (String, String) {
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut next = || lines.next().expect("a line").expect("utf-8");
+    let ws = next();
+    let conn = next();
+    let ws = ws
+        .strip_prefix("WebSocket URL: ")
+        .unwrap_or_else(|| panic!("first line: {ws}"))
+        .to_owned();
+    let conn = conn
+        .strip_prefix("Connection URL: ")
+        .unwrap_or_else(|| panic!("second line: {conn}"))
+        .to_owned();
+    (ws, conn)
+}
+
+fn interrupt(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+async fn next_json(
+    ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+) -> Value {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("frame in time")
+        {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).expect("json"),
+            Some(Ok(_)) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn prints_its_urls_serves_chat_and_stops_on_ctrl_c() {
+    // GIVEN chat-local started on a free port
+    let mut child = chat_local(&["--port", "0"]);
+    let (ws_url, conn_url) = urls(&mut child);
+
+    // THEN the URLs have the shapes of the stack's Outputs, stage in the path
+    assert!(
+        ws_url.starts_with("ws://127.0.0.1:") && ws_url.ends_with("/prod"),
+        "{ws_url}"
+    );
+    assert_eq!(
+        conn_url,
+        format!("{}/@connections", ws_url.replacen("ws://", "http://", 1))
+    );
+
+    // WHEN a client joins THEN it is told so (the whole loop: gateway, handler, store, feed, fan-out)
+    let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url)
+        .await
+        .expect("connect");
+    ws.send(Message::text(
+        json!({"action":"setName","name":"alice"}).to_string(),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(next_json(&mut ws).await["members"], json!(["alice"]));
+    assert_eq!(
+        next_json(&mut ws).await["systemMessage"],
+        json!("alice has joined the chat")
+    );
+
+    // WHEN Ctrl-C THEN the client is closed with 1001 and the process exits cleanly
+    interrupt(&child);
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(15), ws.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(CloseCode::Away));
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error_and_a_non_zero_exit() {
+    // GIVEN something already listens on a port
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    // WHEN chat-local is asked to use it
+    let out = Command::new(env!("CARGO_BIN_EXE_chat-local"))
+        .args(["--port", &port])
+        .output()
+        .expect("run");
+    // THEN it says so and exits non-zero
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("already in use") && stderr.contains(&port),
+        "{stderr}"
+    );
+}

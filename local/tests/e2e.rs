@@ -1,0 +1,491 @@
+//! The local stack end to end, with real WebSocket clients (tokio-tungstenite) over loopback, in
+//! both modes: the embedded store, and moto through `--dynamodb-endpoint` (a real DynamoDB API
+//! whose stream is polled through the DynamoDB Streams API). Every scenario runs in both.
+
+use std::time::Duration;
+
+use chat_local::esm::EsmConfig;
+use chat_local::gateway::GatewayConfig;
+use chat_local::stack::{self, LocalOptions, RunningStack, StoreChoice};
+use chat_shared::config::{Retention, Tables};
+use chat_shared::store::embedded::EmbeddedStore;
+use chat_tests::{unique_name, Moto};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for a frame that should come.
+const EXPECT: Duration = Duration::from_secs(10);
+/// How long a test listens to be sure a frame does not come.
+const QUIET: Duration = Duration::from_millis(700);
+
+enum Mode {
+    Embedded,
+    Moto,
+}
+
+/// A running stack, and what it runs on (moto lives as long as the stack).
+struct Local {
+    stack: Option<RunningStack>,
+    embedded: Option<EmbeddedStore>,
+    moto: Option<Moto>,
+    tables: Option<Tables>,
+}
+
+impl Local {
+    async fn start(mode: Mode, gateway: GatewayConfig) -> Local {
+        let mut options = LocalOptions {
+            port: 0,
+            gateway,
+            esm: EsmConfig {
+                poll_wait: Duration::from_millis(50),
+                retry_backoff: Duration::from_millis(20),
+                ..EsmConfig::default()
+            },
+            ..LocalOptions::default()
+        };
+        let (mut embedded, mut moto, mut tables) = (None, None, None);
+        match mode {
+            Mode::Embedded => {
+                let store = EmbeddedStore::new(Retention::default());
+                embedded = Some(store.clone());
+                options.store = StoreChoice::Embedded(store);
+            }
+            Mode::Moto => {
+                let server = Moto::start()
+                    .await
+                    .expect("moto must start (run scripts/test)");
+                let t = Tables {
+                    events: unique_name("events"),
+                    connections: unique_name("connections"),
+                };
+                options.store = StoreChoice::DynamoDb {
+                    endpoint: Some(server.endpoint()),
+                    region: "us-east-1".into(),
+                    tables: t.clone(),
+                };
+                moto = Some(server);
+                tables = Some(t);
+            }
+        }
+        let stack = stack::start(options).await.expect("local stack starts");
+        Local {
+            stack: Some(stack),
+            embedded,
+            moto,
+            tables,
+        }
+    }
+
+    fn url(&self) -> String {
+        self.stack.as_ref().expect("running").websocket_url.clone()
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(&self.url()).await
+    }
+
+    /// A client that has joined under `name` and consumed its own join frames.
+    async fn member(&self, name: &str) -> Client {
+        let mut c = self.client().await;
+        c.send(json!({"action":"setName","name":name})).await;
+        c.until(|f| f["systemMessage"] == json!(format!("{name} has joined the chat")))
+            .await;
+        c
+    }
+
+    async fn stop(mut self) {
+        if let Some(stack) = self.stack.take() {
+            stack.shutdown().await.expect("clean shutdown");
+        }
+    }
+}
+
+struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    async fn connect(url: &str) -> Client {
+        let (ws, response) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket handshake");
+        assert_eq!(response.status(), 101);
+        Client { ws }
+    }
+
+    async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// The next JSON text frame (pings and pongs are skipped).
+    async fn next(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(EXPECT, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("the connection is open")
+                .expect("a valid frame");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON frame"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame, without `id` and `ts` (checked separately).
+    async fn next_content(&mut self) -> Value {
+        let mut f = self.next().await;
+        if let Some(o) = f.as_object_mut() {
+            o.remove("id");
+            o.remove("ts");
+        }
+        f
+    }
+
+    /// Skips frames until one matches; returns it.
+    async fn until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let f = self.next().await;
+            if pred(&f) {
+                return f;
+            }
+        }
+    }
+
+    async fn expect_silence(&mut self) {
+        match tokio::time::timeout(QUIET, self.ws.next()).await {
+            Err(_) => {}
+            Ok(other) => panic!("expected no frame, got {other:?}"),
+        }
+    }
+
+    /// Waits for the server to close the connection; returns the close code.
+    async fn closed(&mut self) -> Option<CloseCode> {
+        loop {
+            match tokio::time::timeout(EXPECT, self.ws.next())
+                .await
+                .expect("closed in time")
+            {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+}
+
+fn members(names: &[&str]) -> Value {
+    json!({ "members": names })
+}
+
+fn system(text: &str) -> Value {
+    json!({ "systemMessage": text })
+}
+
+async fn chat_scenario(mode: Mode) {
+    let local = Local::start(mode, GatewayConfig::default()).await;
+    // GIVEN alice has joined, and carol is connected without a name
+    let mut alice = local.client().await;
+    alice.send(json!({"action":"setName","name":"alice"})).await;
+    assert_eq!(alice.next_content().await, members(&["alice"]));
+    assert_eq!(
+        alice.next_content().await,
+        system("alice has joined the chat")
+    );
+    let mut carol = local.client().await;
+
+    // WHEN bob joins THEN both see members first, then the system message
+    let mut bob = local.client().await;
+    bob.send(json!({"action":"setName","name":"bob"})).await;
+    for c in [&mut alice, &mut bob] {
+        assert_eq!(c.next_content().await, members(&["alice", "bob"]));
+        assert_eq!(c.next_content().await, system("bob has joined the chat"));
+    }
+
+    // WHEN alice speaks publicly, then privately to bob
+    alice
+        .send(json!({"action":"sendPublic","message":"hello"}))
+        .await;
+    let public = alice.next().await;
+    assert_eq!(public["publicMessage"], json!("alice: hello"));
+    assert!(public["id"].as_u64().is_some() && public["ts"].as_i64().is_some());
+    assert_eq!(
+        bob.next().await,
+        public,
+        "the same frame, id and all, to everyone"
+    );
+    alice
+        .send(json!({"action":"sendPrivate","to":"Bob","message":"psst"}))
+        .await;
+    assert_eq!(
+        bob.next_content().await,
+        json!({"privateMessage":"alice: psst"})
+    );
+
+    // WHEN bob renames himself THEN everyone sees the new list and the rename
+    bob.send(json!({"action":"setName","name":"robert"})).await;
+    for c in [&mut alice, &mut bob] {
+        assert_eq!(c.next_content().await, members(&["alice", "robert"]));
+        assert_eq!(c.next_content().await, system("bob is now known as robert"));
+    }
+
+    // WHEN robert closes his socket THEN alice sees him leave, system message first
+    bob.ws.close(None).await.expect("close");
+    assert_eq!(
+        alice.next_content().await,
+        system("robert has left the chat")
+    );
+    assert_eq!(alice.next_content().await, members(&["alice"]));
+
+    // AND the connection without a name heard nothing at all; alice got no private frame
+    carol.expect_silence().await;
+    alice.expect_silence().await;
+    local.stop().await;
+}
+
+async fn vanish_scenario(mode: Mode) {
+    // GIVEN alice and bob
+    let local = Local::start(mode, GatewayConfig::default()).await;
+    let mut alice = local.member("alice").await;
+    let bob = local.member("bob").await;
+    alice
+        .until(|f| f["systemMessage"] == json!("bob has joined the chat"))
+        .await;
+    // WHEN bob's TCP connection drops without a close frame
+    drop(bob);
+    // THEN alice sees him leave
+    assert_eq!(alice.next_content().await, system("bob has left the chat"));
+    assert_eq!(alice.next_content().await, members(&["alice"]));
+    local.stop().await;
+}
+
+async fn lost_disconnect_scenario(mode: Mode) {
+    // GIVEN a gateway that loses every $disconnect (as AWS may), alice and bob
+    let gateway = GatewayConfig {
+        drop_disconnect: true,
+        ..GatewayConfig::default()
+    };
+    let local = Local::start(mode, gateway).await;
+    let mut alice = local.member("alice").await;
+    let bob = local.member("bob").await;
+    alice
+        .until(|f| f["systemMessage"] == json!("bob has joined the chat"))
+        .await;
+    // WHEN bob vanishes: nobody is told, his connection is still recorded
+    drop(bob);
+    alice.expect_silence().await;
+    // AND alice broadcasts, so the fan-out meets bob's 410
+    alice
+        .send(json!({"action":"sendPublic","message":"still there?"}))
+        .await;
+    assert_eq!(
+        alice.next_content().await,
+        json!({"publicMessage":"alice: still there?"})
+    );
+    // THEN bob is pruned and alice sees him leave, and his name is free again
+    assert_eq!(alice.next_content().await, system("bob has left the chat"));
+    assert_eq!(alice.next_content().await, members(&["alice"]));
+    let _new_bob = local.member("bob").await;
+    local.stop().await;
+}
+
+async fn errors_scenario(mode: Mode) {
+    // GIVEN alice and bob are members and carol has no name
+    let local = Local::start(mode, GatewayConfig::default()).await;
+    let mut alice = local.member("alice").await;
+    let mut bob = local.member("bob").await;
+    alice
+        .until(|f| f["systemMessage"] == json!("bob has joined the chat"))
+        .await;
+    let mut carol = local.client().await;
+    let big = "x".repeat(4097);
+    let cases: Vec<(String, &str)> = vec![
+        ("hello there".into(), "invalid_json"),
+        ("[1,2]".into(), "invalid_request"),
+        (r#"{"action":"dance"}"#.into(), "unknown_action"),
+        (r#"{"action":"setName"}"#.into(), "missing_field"),
+        (
+            r#"{"action":"sendPublic","message":7}"#.into(),
+            "invalid_field",
+        ),
+        (
+            r#"{"action":"setName","name":"\u0007bell"}"#.into(),
+            "invalid_name",
+        ),
+        (
+            r#"{"action":"setName","name":"ALICE"}"#.into(),
+            "name_taken",
+        ),
+        (
+            r#"{"action":"sendPublic","message":"hi"}"#.into(),
+            "name_required",
+        ),
+        (
+            r#"{"action":"sendPrivate","to":"alice","message":"hi"}"#.into(),
+            "name_required",
+        ),
+    ];
+    for (frame, code) in &cases {
+        // WHEN carol sends a bad frame THEN she alone gets its error frame
+        carol.send_text(frame).await;
+        let reply = carol.next().await;
+        assert_eq!(reply["error"]["code"], json!(code), "{frame}");
+        assert!(reply["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    let member_cases: Vec<(String, &str)> = vec![
+        (
+            r#"{"action":"sendPublic","message":" "}"#.into(),
+            "invalid_message",
+        ),
+        (
+            format!(r#"{{"action":"sendPublic","message":"{big}"}}"#),
+            "message_too_large",
+        ),
+        (
+            r#"{"action":"sendPrivate","to":"zed","message":"hi"}"#.into(),
+            "unknown_recipient",
+        ),
+        (
+            r#"{"action":"sendPrivate","to":"alice","message":"hi"}"#.into(),
+            "invalid_recipient",
+        ),
+    ];
+    for (frame, code) in &member_cases {
+        alice.send_text(frame).await;
+        let reply = alice.next().await;
+        assert_eq!(reply["error"]["code"], json!(code), "{frame}");
+    }
+    // AND the error frame carries the action when known
+    carol.send(json!({"action":"setName","name":"  "})).await;
+    assert_eq!(carol.next().await["error"]["action"], json!("setName"));
+    // AND nobody else heard anything, and the chat still works
+    bob.expect_silence().await;
+    alice
+        .send(json!({"action":"sendPublic","message":"fine"}))
+        .await;
+    assert_eq!(
+        bob.next_content().await,
+        json!({"publicMessage":"alice: fine"})
+    );
+    local.stop().await;
+}
+
+async fn size_limit_scenario(mode: Mode) {
+    // GIVEN a connected client
+    let local = Local::start(mode, GatewayConfig::default()).await;
+    let mut c = local.client().await;
+    // WHEN it sends a frame over API Gateway's 32 KB frame limit
+    c.send_text(&"x".repeat(40 * 1024)).await;
+    // THEN the connection is closed with 1009 (message too big)
+    assert_eq!(c.closed().await, Some(CloseCode::Size));
+    local.stop().await;
+}
+
+async fn connect_rejected_scenario(local: Local) {
+    // WHEN a client connects while the store cannot record connections
+    let err = tokio_tungstenite::connect_async(local.url())
+        .await
+        .expect_err("handshake refused");
+    // THEN the handshake is refused with the $connect integration's non-2xx status
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(response) => assert_eq!(response.status(), 500),
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    }
+    local.stop().await;
+}
+
+mod embedded {
+    use super::*;
+
+    #[tokio::test]
+    async fn join_public_private_rename_leave() {
+        chat_scenario(Mode::Embedded).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_vanishes_is_seen_leaving() {
+        vanish_scenario(Mode::Embedded).await;
+    }
+
+    #[tokio::test]
+    async fn a_lost_disconnect_is_pruned_on_the_next_410() {
+        lost_disconnect_scenario(Mode::Embedded).await;
+    }
+
+    #[tokio::test]
+    async fn every_error_frame_goes_to_its_sender_only() {
+        errors_scenario(Mode::Embedded).await;
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_close_with_1009() {
+        size_limit_scenario(Mode::Embedded).await;
+    }
+
+    #[tokio::test]
+    async fn connect_is_rejected_when_the_store_fails() {
+        let local = Local::start(Mode::Embedded, GatewayConfig::default()).await;
+        local
+            .embedded
+            .as_ref()
+            .expect("embedded")
+            .fail_next_writes(1);
+        connect_rejected_scenario(local).await;
+    }
+}
+
+mod moto {
+    use super::*;
+
+    #[tokio::test]
+    async fn join_public_private_rename_leave() {
+        chat_scenario(Mode::Moto).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_vanishes_is_seen_leaving() {
+        vanish_scenario(Mode::Moto).await;
+    }
+
+    #[tokio::test]
+    async fn a_lost_disconnect_is_pruned_on_the_next_410() {
+        lost_disconnect_scenario(Mode::Moto).await;
+    }
+
+    #[tokio::test]
+    async fn every_error_frame_goes_to_its_sender_only() {
+        errors_scenario(Mode::Moto).await;
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_close_with_1009() {
+        size_limit_scenario(Mode::Moto).await;
+    }
+
+    #[tokio::test]
+    async fn connect_is_rejected_when_the_store_fails() {
+        let local = Local::start(Mode::Moto, GatewayConfig::default()).await;
+        let (moto, tables) = (
+            local.moto.as_ref().expect("moto"),
+            local.tables.as_ref().expect("tables"),
+        );
+        moto.dynamodb()
+            .delete_table()
+            .table_name(&tables.connections)
+            .send()
+            .await
+            .expect("drop the connections table");
+        connect_rejected_scenario(local).await;
+    }
+}
