@@ -131,7 +131,12 @@ pub async fn handle_request(
             match outcome {
                 Ok(body) => Ok(response(200, body)),
                 Err(refusal) => {
-                    warn!(connection_id, code = refusal.code.as_str(), action = refusal.action.as_deref(), "request refused");
+                    warn!(
+                        connection_id,
+                        code = refusal.code.as_str(),
+                        action = refusal.action.as_deref(),
+                        "request refused"
+                    );
                     Ok(refused(&refusal))
                 }
             }
@@ -199,11 +204,16 @@ async fn perform(
             }
         }
     };
-    result.map(|()| None).map_err(|e| log_and_refuse(connection_id, action, &e))
+    result
+        .map(|()| None)
+        .map_err(|e| log_and_refuse(connection_id, action, &e))
 }
 
 fn log_and_refuse(connection_id: &str, action: &str, e: &StoreError) -> Refusal {
-    if matches!(e, StoreError::Backend { .. } | StoreError::Contention(_) | StoreError::Malformed(_)) {
+    if matches!(
+        e,
+        StoreError::Backend { .. } | StoreError::Contention(_) | StoreError::Malformed(_)
+    ) {
         error!(connection_id, action, error = %e, cause = ?std::error::Error::source(e), "store failed");
     }
     refusal_for(e, action)

@@ -56,7 +56,11 @@ pub fn public_frame(event: &StoredEvent) -> Option<String> {
 }
 
 /// Reads one page of public history and frames it as the route response.
-pub async fn history_response(store: &dyn ChatStore, request: HistoryRequest, now_ms: i64) -> Result<String, StoreError> {
+pub async fn history_response(
+    store: &dyn ChatStore,
+    request: HistoryRequest,
+    now_ms: i64,
+) -> Result<String, StoreError> {
     let mut range = match request.direction {
         HistoryDirection::After(after) => EventRange::After(after),
         HistoryDirection::Before(before) => EventRange::Before(before),
@@ -68,7 +72,9 @@ pub async fn history_response(store: &dyn ChatStore, request: HistoryRequest, no
     let mut resume: Option<u64> = None;
     let mut exhausted = false;
     'pages: while frames.len() < request.limit {
-        let page = store.read_events(range, request.limit - frames.len(), now_ms).await?;
+        let page = store
+            .read_events(range, request.limit - frames.len(), now_ms)
+            .await?;
         for event in &page.events {
             if let Some(frame) = public_frame(event) {
                 if bytes + frame.len() + 1 > HISTORY_MAX_BYTES && !frames.is_empty() {
@@ -115,7 +121,9 @@ pub async fn history_response(store: &dyn ChatStore, request: HistoryRequest, no
     frames.sort_by_key(|(seq, _)| *seq);
     let raw: Vec<Box<RawValue>> = frames
         .into_iter()
-        .map(|(_, f)| RawValue::from_string(f).map_err(|e| StoreError::Malformed(format!("frame: {e}"))))
+        .map(|(_, f)| {
+            RawValue::from_string(f).map_err(|e| StoreError::Malformed(format!("frame: {e}")))
+        })
         .collect::<Result<_, _>>()?;
     let response = Response {
         history: Page {
@@ -123,5 +131,6 @@ pub async fn history_response(store: &dyn ChatStore, request: HistoryRequest, no
             next,
         },
     };
-    serde_json::to_string(&response).map_err(|e| StoreError::Malformed(format!("history response: {e}")))
+    serde_json::to_string(&response)
+        .map_err(|e| StoreError::Malformed(format!("history response: {e}")))
 }

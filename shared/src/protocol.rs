@@ -256,7 +256,10 @@ fn parse_history(object: &Map<String, Value>) -> Result<HistoryRequest, Refusal>
         Some(n) => n as usize,
         None => HISTORY_DEFAULT_LIMIT,
     };
-    let direction = match (number_field(object, "before", MAX_ID)?, number_field(object, "after", MAX_ID)?) {
+    let direction = match (
+        number_field(object, "before", MAX_ID)?,
+        number_field(object, "after", MAX_ID)?,
+    ) {
         (Some(_), Some(_)) => {
             return Err(Refusal::new(
                 ErrorCode::InvalidField,

@@ -29,12 +29,16 @@ async fn embedded() -> Subject {
 }
 
 async fn dynamodb() -> Subject {
-    let moto = Moto::start().await.expect("moto must start (run scripts/test)");
+    let moto = Moto::start()
+        .await
+        .expect("moto must start (run scripts/test)");
     let tables = Tables {
         events: unique_name("events"),
         connections: unique_name("connections"),
     };
-    create_tables(&moto.dynamodb(), &tables).await.expect("tables");
+    create_tables(&moto.dynamodb(), &tables)
+        .await
+        .expect("tables");
     let store = DynamoStore::new(moto.dynamodb(), tables, Retention::default()).with_page_limit(3);
     Subject {
         store: Arc::new(store),
@@ -52,9 +56,14 @@ fn request(connection_id: &str, body: &Value) -> ApiGatewayWebsocketProxyRequest
 
 /// Sends a `history` request through the handler; returns the response frame.
 async fn history(store: &dyn ChatStore, connection_id: &str, body: Value) -> Value {
-    let r = handle_request(store, &HandlerConfig::default(), request(connection_id, &body), chat_shared::now_ms())
-        .await
-        .expect("handler");
+    let r = handle_request(
+        store,
+        &HandlerConfig::default(),
+        request(connection_id, &body),
+        chat_shared::now_ms(),
+    )
+    .await
+    .expect("handler");
     match r.body {
         Some(Body::Text(t)) => serde_json::from_str(&t).expect("JSON"),
         other => panic!("expected a body, got {other:?}"),
@@ -79,7 +88,10 @@ async fn all_pages(store: &dyn ChatStore, connection_id: &str, first: Value) -> 
 }
 
 fn ids(frames: &[Value]) -> Vec<u64> {
-    frames.iter().map(|f| f["id"].as_u64().expect("id")).collect()
+    frames
+        .iter()
+        .map(|f| f["id"].as_u64().expect("id"))
+        .collect()
 }
 
 /// alice joins, posts 12 public messages with a private one to bob in the middle; bob joins
@@ -89,15 +101,38 @@ async fn populate(store: &dyn ChatStore) -> Vec<u64> {
     store.add_connection("A", now).await.expect("A");
     store.add_connection("B", now).await.expect("B");
     let mut public = vec![];
-    public.push(store.set_name("A", &validate_name("alice").expect("name"), now).await.expect("join").expect("event").seq);
+    public.push(
+        store
+            .set_name("A", &validate_name("alice").expect("name"), now)
+            .await
+            .expect("join")
+            .expect("event")
+            .seq,
+    );
     for i in 0..12 {
         if i == 3 {
-            public.push(store.set_name("B", &validate_name("bob").expect("name"), now).await.expect("join").expect("event").seq);
+            public.push(
+                store
+                    .set_name("B", &validate_name("bob").expect("name"), now)
+                    .await
+                    .expect("join")
+                    .expect("event")
+                    .seq,
+            );
         }
         if i == 6 {
-            store.post_private("A", "bob", "secret", now).await.expect("private");
+            store
+                .post_private("A", "bob", "secret", now)
+                .await
+                .expect("private");
         }
-        public.push(store.post_public("A", &format!("m{i}"), now).await.expect("post").seq);
+        public.push(
+            store
+                .post_public("A", &format!("m{i}"), now)
+                .await
+                .expect("post")
+                .seq,
+        );
     }
     public
 }
@@ -114,8 +149,13 @@ async fn forward_and_backward_pages_cover_public_history_exactly_once(s: Subject
     assert_eq!(ids(&forward), public);
     assert!(pages.iter().all(|p| p.len() <= 5));
     assert!(forward.iter().all(|f| f.get("privateMessage").is_none()));
-    assert_eq!(forward[0], json!({"systemMessage":"alice has joined the chat","id":public[0],"ts":forward[0]["ts"]}));
-    assert!(forward.iter().any(|f| f["publicMessage"] == json!("alice: m11")));
+    assert_eq!(
+        forward[0],
+        json!({"systemMessage":"alice has joined the chat","id":public[0],"ts":forward[0]["ts"]})
+    );
+    assert!(forward
+        .iter()
+        .any(|f| f["publicMessage"] == json!("alice: m11")));
 
     // WHEN it pages backwards from the newest, 4 at a time
     let pages = all_pages(store, "B", json!({"action":"history","limit":4})).await;
@@ -132,9 +172,21 @@ async fn forward_and_backward_pages_cover_public_history_exactly_once(s: Subject
     let before_first = history(store, "B", json!({"action":"history","before":public[0]})).await;
     assert_eq!(before_first, json!({"history":{"frames":[]}}));
     // AND a cursor on the private message's id continues with the next public one
-    let private_id = (1..last).find(|id| !public.contains(id)).expect("the private message's id");
-    let after_private = history(store, "B", json!({"action":"history","after":private_id,"limit":1})).await;
-    assert_eq!(ids(after_private["history"]["frames"].as_array().expect("frames")), vec![private_id + 1]);
+    let private_id = (1..last)
+        .find(|id| !public.contains(id))
+        .expect("the private message's id");
+    let after_private = history(
+        store,
+        "B",
+        json!({"action":"history","after":private_id,"limit":1}),
+    )
+    .await;
+    assert_eq!(
+        ids(after_private["history"]["frames"]
+            .as_array()
+            .expect("frames")),
+        vec![private_id + 1]
+    );
     // AND an unknown connection is refused
     let refused = history(store, "nobody", json!({"action":"history"})).await;
     assert_eq!(refused["error"]["code"], json!("not_connected"));
@@ -145,16 +197,39 @@ async fn large_pages_stay_under_the_message_limit(s: Subject) {
     let store = s.store.as_ref();
     let now = chat_shared::now_ms();
     store.add_connection("A", now).await.expect("A");
-    store.set_name("A", &validate_name("alice").expect("name"), now).await.expect("join");
+    store
+        .set_name("A", &validate_name("alice").expect("name"), now)
+        .await
+        .expect("join");
     for i in 0..60 {
-        store.post_public("A", &format!("{i:04}{}", "x".repeat(4092)), now).await.expect("post");
+        store
+            .post_public("A", &format!("{i:04}{}", "x".repeat(4092)), now)
+            .await
+            .expect("post");
     }
     // WHEN a client asks for 100 at once, and follows `next`
-    let first = history(store, "A", json!({"action":"history","after":0,"limit":100})).await;
+    let first = history(
+        store,
+        "A",
+        json!({"action":"history","after":0,"limit":100}),
+    )
+    .await;
     // THEN each response is under 128 KB and the pages still add up to everything
-    assert!(first.to_string().len() < 128 * 1024, "{} bytes", first.to_string().len());
-    assert!(first["history"]["next"].is_object(), "a continuation marker");
-    let pages = all_pages(store, "A", json!({"action":"history","after":0,"limit":100})).await;
+    assert!(
+        first.to_string().len() < 128 * 1024,
+        "{} bytes",
+        first.to_string().len()
+    );
+    assert!(
+        first["history"]["next"].is_object(),
+        "a continuation marker"
+    );
+    let pages = all_pages(
+        store,
+        "A",
+        json!({"action":"history","after":0,"limit":100}),
+    )
+    .await;
     assert!(pages.len() >= 2);
     assert_eq!(ids(&pages.concat()), (1..=61).collect::<Vec<_>>());
 }
@@ -165,7 +240,10 @@ async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
     let now = chat_shared::now_ms();
     for (id, name) in [("W0", "w0"), ("W1", "w1"), ("W2", "w2"), ("W3", "w3")] {
         store.add_connection(id, now).await.expect("connect");
-        store.set_name(id, &validate_name(name).expect("name"), now).await.expect("join");
+        store
+            .set_name(id, &validate_name(name).expect("name"), now)
+            .await
+            .expect("join");
     }
     // WHEN they post concurrently while a reader keeps reading forwards from its cursor
     let writers: Vec<_> = (0..4)
@@ -174,7 +252,14 @@ async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
             tokio::spawn(async move {
                 let mut mine = vec![];
                 for i in 0..8 {
-                    let e = store.post_public(&format!("W{w}"), &format!("w{w}-{i}"), chat_shared::now_ms()).await.expect("post");
+                    let e = store
+                        .post_public(
+                            &format!("W{w}"),
+                            &format!("w{w}-{i}"),
+                            chat_shared::now_ms(),
+                        )
+                        .await
+                        .expect("post");
                     mine.push(e.seq);
                 }
                 mine
@@ -187,7 +272,10 @@ async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
             let mut cursor = 0;
             let mut seen = vec![];
             for _ in 0..400 {
-                let page = store.read_events(EventRange::After(cursor), 5, chat_shared::now_ms()).await.expect("read");
+                let page = store
+                    .read_events(EventRange::After(cursor), 5, chat_shared::now_ms())
+                    .await
+                    .expect("read");
                 for e in page.events {
                     seen.push(e.seq);
                     cursor = e.seq;

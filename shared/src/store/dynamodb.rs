@@ -24,7 +24,9 @@ use aws_sdk_dynamodb::Client;
 use rand::Rng;
 use serde::Deserialize;
 
-use super::{epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError};
+use super::{
+    epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError,
+};
 use crate::config::{Retention, Tables};
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys::{self, CONN_PREFIX};
@@ -674,15 +676,28 @@ impl ChatStore for DynamoStore {
         Ok(MembersPage { members, next })
     }
 
-    async fn read_events(&self, range: EventRange, limit: usize, now_ms: i64) -> Result<EventsPage, StoreError> {
+    async fn read_events(
+        &self,
+        range: EventRange,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<EventsPage, StoreError> {
         let limit = limit.max(1);
         let (condition, bound, forward) = match range {
             EventRange::After(after) => ("#pk = :pk AND #seq > :bound", Some(after), true),
-            EventRange::Before(Some(before)) => ("#pk = :pk AND #seq < :bound", Some(before), false),
+            EventRange::Before(Some(before)) => {
+                ("#pk = :pk AND #seq < :bound", Some(before), false)
+            }
             EventRange::Before(None) => ("#pk = :pk", None, false),
         };
-        let mut names = HashMap::from([("#pk".to_owned(), keys::PK.to_owned()), ("#exp".to_owned(), keys::EXPIRES_AT.to_owned())]);
-        let mut values = HashMap::from([(":pk".to_owned(), s(&self.room_pk)), (":now".to_owned(), n(epoch_secs(now_ms)))]);
+        let mut names = HashMap::from([
+            ("#pk".to_owned(), keys::PK.to_owned()),
+            ("#exp".to_owned(), keys::EXPIRES_AT.to_owned()),
+        ]);
+        let mut values = HashMap::from([
+            (":pk".to_owned(), s(&self.room_pk)),
+            (":now".to_owned(), n(epoch_secs(now_ms))),
+        ]);
         if let Some(bound) = bound {
             // Only with a bound: DynamoDB rejects placeholders a request does not use.
             names.insert("#seq".to_owned(), keys::SEQ.to_owned());
@@ -709,8 +724,10 @@ impl ChatStore for DynamoStore {
                 .await
                 .map_err(|e| StoreError::backend("Query events", e))?;
             for item in out.items.unwrap_or_default() {
-                let item: EventItem = serde_dynamo::from_item(item).map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
-                let event = StoredEvent::try_from(item).map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
+                let item: EventItem = serde_dynamo::from_item(item)
+                    .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
+                let event = StoredEvent::try_from(item)
+                    .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
                 events.push(event);
             }
             match out.last_evaluated_key {

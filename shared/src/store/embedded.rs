@@ -655,7 +655,10 @@ impl ChatStore for EmbeddedStore {
                 .collect(),
             EventRange::Before(before) => state
                 .events
-                .range((Bound::Unbounded, before.map_or(Bound::Unbounded, Bound::Excluded)))
+                .range((
+                    Bound::Unbounded,
+                    before.map_or(Bound::Unbounded, Bound::Excluded),
+                ))
                 .rev()
                 .map(|(_, item)| item)
                 .filter(live)
@@ -664,7 +667,9 @@ impl ChatStore for EmbeddedStore {
                 .collect(),
         };
         // As DynamoDB with `Limit`: a full page carries a cursor even if nothing follows.
-        let next = (events.len() == limit).then(|| events.last().map(|e| e.seq)).flatten();
+        let next = (events.len() == limit)
+            .then(|| events.last().map(|e| e.seq))
+            .flatten();
         Ok(EventsPage { events, next })
     }
 }
