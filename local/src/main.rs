@@ -123,7 +123,12 @@ async fn main() -> anyhow::Result<()> {
     // The same shapes as the stack's Outputs on AWS; scripts and tests read these two lines.
     println!("WebSocket URL: {}", running.websocket_url);
     println!("Connection URL: {}", running.connection_url);
-    tokio::signal::ctrl_c().await?;
+    // Ctrl-C, or SIGTERM from a process manager: both mean a clean stop.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = terminate.recv() => {}
+    }
     eprintln!("shutting down: closing connections and draining the stream…");
     running.shutdown().await
 }
