@@ -70,6 +70,9 @@ pub struct GatewayConfig {
     pub send_buffer: usize,
     /// Test knob: never invoke `$disconnect`, as when AWS loses it (it is best-effort).
     pub drop_disconnect: bool,
+    /// Benchmark knob: a delay added to every `@connections` call before it is answered, to
+    /// model the round trip to AWS from a Lambda (a few to tens of ms).
+    pub management_latency: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -86,6 +89,7 @@ impl Default for GatewayConfig {
             max_message_bytes: 128 * 1024,
             send_buffer: 1024,
             drop_disconnect: false,
+            management_latency: Duration::ZERO,
         }
     }
 }

@@ -93,6 +93,9 @@ impl Integration for HandlerIntegration {
     }
 }
 
+/// The fan-out function's timeout in template.yaml.
+const FANOUT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The fan-out's code behind the event source mapping.
 struct FanoutTarget {
     store: Arc<dyn ChatStore>,
@@ -109,6 +112,8 @@ impl StreamTarget for FanoutTarget {
             &self.config,
             event,
             chat_shared::now_ms,
+            // As on AWS: the function's timeout (template.yaml: 60 s) bounds each invocation.
+            Some(tokio::time::Instant::now() + FANOUT_TIMEOUT),
         )
         .await)
     }
@@ -183,68 +188,67 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
     };
     let http_base = format!("http://{client_host}:{}/{stage}", addr.port());
 
-    let (store, source, sweeper): (Arc<dyn ChatStore>, Box<dyn RecordSource>, _) = match &options
-        .store
-    {
-        StoreChoice::Embedded(store) => {
-            let store = store.clone();
-            let feed = store.feed();
-            // DynamoDB's TTL sweeper, in-process: expired connections, claims and history go.
-            let sweeping = store.clone();
-            let sweeper = tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(60));
-                loop {
-                    tick.tick().await;
-                    let removed = sweeping.expire(chat_shared::now_ms());
-                    if removed > 0 {
-                        info!(removed, "expired items removed (TTL)");
+    let (store, source, sweeper): (Arc<dyn ChatStore>, Box<dyn RecordSource>, _) =
+        match &options.store {
+            StoreChoice::Embedded(store) => {
+                let store = store.clone();
+                let feed = store.feed();
+                // DynamoDB's TTL sweeper, in-process: expired connections, claims and history go.
+                let sweeping = store.clone();
+                let sweeper = tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(60));
+                    loop {
+                        tick.tick().await;
+                        let removed = sweeping.expire(chat_shared::now_ms());
+                        if removed > 0 {
+                            info!(removed, "expired items removed (TTL)");
+                        }
                     }
-                }
-            });
-            (Arc::new(store), Box::new(feed), Some(sweeper))
-        }
-        StoreChoice::DynamoDb {
-            endpoint,
-            region,
-            tables,
-        } => {
-            let sdk = dynamodb_sdk_config(endpoint.as_deref(), region).await;
-            let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
-            create_tables(&dynamodb, tables).await.with_context(|| {
-                format!(
-                    "creating or finding the tables {} and {} at {}",
-                    tables.events,
-                    tables.connections,
-                    endpoint.as_deref().unwrap_or("AWS")
-                )
-            })?;
-            let described = dynamodb
-                .describe_table()
-                .table_name(&tables.events)
-                .send()
-                .await
-                .with_context(|| format!("describing table {}", tables.events))?;
-            let Some(stream_arn) = described
-                .table()
-                .and_then(|t| t.latest_stream_arn())
-                .map(str::to_owned)
-            else {
-                bail!(
+                });
+                (Arc::new(store), Box::new(feed), Some(sweeper))
+            }
+            StoreChoice::DynamoDb {
+                endpoint,
+                region,
+                tables,
+            } => {
+                let sdk = dynamodb_sdk_config(endpoint.as_deref(), region).await;
+                let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
+                create_tables(&dynamodb, tables).await.with_context(|| {
+                    format!(
+                        "creating or finding the tables {} and {} at {}",
+                        tables.events,
+                        tables.connections,
+                        endpoint.as_deref().unwrap_or("AWS")
+                    )
+                })?;
+                let described = dynamodb
+                    .describe_table()
+                    .table_name(&tables.events)
+                    .send()
+                    .await
+                    .with_context(|| format!("describing table {}", tables.events))?;
+                let Some(stream_arn) = described
+                    .table()
+                    .and_then(|t| t.latest_stream_arn())
+                    .map(str::to_owned)
+                else {
+                    bail!(
                     "table {} has no stream; enable a NEW_IMAGE stream on it (template.yaml does)",
                     tables.events
                 );
-            };
-            let source = StreamsApiSource::at_latest(
-                aws_sdk_dynamodbstreams::Client::new(&sdk),
-                stream_arn,
-                region.clone(),
-            )
-            .await
-            .context("reading the event table's stream")?;
-            let store = DynamoStore::new(dynamodb, tables.clone(), options.retention);
-            (Arc::new(store), Box::new(source), None)
-        }
-    };
+                };
+                let source = StreamsApiSource::at_latest(
+                    aws_sdk_dynamodbstreams::Client::new(&sdk),
+                    stream_arn,
+                    region.clone(),
+                )
+                .await
+                .context("reading the event table's stream")?;
+                let store = DynamoStore::new(dynamodb, tables.clone(), options.retention);
+                (Arc::new(store), Box::new(source), None)
+            }
+        };
 
     let integration = Arc::new(HandlerIntegration {
         store: Arc::clone(&store),

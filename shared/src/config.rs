@@ -52,6 +52,7 @@ pub const DEFAULT_CONNECTION_TTL_SECONDS: u64 = 10_800;
 pub const MIN_CONNECTION_TTL_SECONDS: u64 = 7_200;
 pub const DEFAULT_EVENT_RETENTION_DAYS: u64 = 30;
 pub const DEFAULT_FANOUT_CONCURRENCY: usize = 256;
+pub const DEFAULT_PRESENCE_BROADCAST_LIMIT: usize = 1_000;
 
 /// What chat-api-handler needs.
 #[derive(Debug, Clone)]
@@ -78,6 +79,12 @@ pub struct FanoutConfig {
     pub max_attempts: u32,
     /// The first backoff; each retry doubles it.
     pub base_backoff: Duration,
+    /// `PRESENCE_BROADCAST_LIMIT` (default 1,000): above this many members, joins, renames and
+    /// leaves are not broadcast (see the fan-out's module docs).
+    pub presence_limit: usize,
+    /// Time kept in hand before the invocation's deadline to answer Lambda with a partial
+    /// batch response instead of being cut off.
+    pub time_margin: Duration,
 }
 
 impl Default for FanoutConfig {
@@ -86,6 +93,8 @@ impl Default for FanoutConfig {
             concurrency: DEFAULT_FANOUT_CONCURRENCY,
             max_attempts: 4,
             base_backoff: Duration::from_millis(50),
+            presence_limit: DEFAULT_PRESENCE_BROADCAST_LIMIT,
+            time_margin: Duration::from_millis(1500),
         }
     }
 }
@@ -185,8 +194,14 @@ impl FanoutConfig {
                 why: "must be at least 1",
             });
         }
+        let presence_limit = parse_var(
+            "PRESENCE_BROADCAST_LIMIT",
+            DEFAULT_PRESENCE_BROADCAST_LIMIT,
+            "expected a number of members",
+        )?;
         Ok(FanoutConfig {
             concurrency,
+            presence_limit,
             ..FanoutConfig::default()
         })
     }

@@ -34,6 +34,9 @@ pub enum DeliveryError {
     /// 5xx, a timeout or a broken connection. Retried with backoff.
     #[error("transient failure")]
     Transient(#[source] BoxError),
+    /// The invocation's deadline came first: left for Lambda to retry.
+    #[error("out of time before the frame could be sent")]
+    OutOfTime,
     /// Anything else: reported, not retried.
     #[error("delivery failed")]
     Other(#[source] BoxError),

@@ -1,12 +1,28 @@
-//! The fan-out: turns each event from the event table's stream into deliveries through
+//! The fan-out: turns the events on the event table's stream into deliveries through
 //! `@connections`, and prunes connections that answer 410 Gone.
 //!
-//! Records are processed in stream order, one at a time (that keeps each room's order);
-//! the deliveries of one record run concurrently, at most `concurrency` at once, while the
-//! next page of members is read. A record that fails for a retryable reason stops the batch
-//! and is reported as the batch item failure, so Lambda retries from it (the records before
-//! it are done); a record that can never be decoded is logged and skipped.
+//! - **Order.** Records are processed in stream order, one unit at a time (that keeps the
+//!   room's order); the deliveries of a unit run concurrently, at most `concurrency` at once.
+//! - **Streaming.** A broadcast reads the members page by page while it sends, never holding
+//!   every recipient; each frame is serialised once and shared by all recipients.
+//! - **Presence coalescing.** Consecutive joins, renames and leaves in one batch are one unit:
+//!   each member gets one `members` frame (the list after the last of them) and one
+//!   `systemMessage`, so N joins in a batch cost O(N) deliveries, not O(N²). A single change
+//!   gets exactly the tutorial's two frames.
+//! - **Large rooms.** Above `presence_limit` members (default 1,000) presence is not broadcast
+//!   at all: a list of a few thousand names no longer fits API Gateway's 128 KB frame, and each
+//!   change would cost a broadcast. Messages are unaffected; joins and leaves stay in history.
+//! - **Retries.** 429 and 5xx are retried with exponential backoff and full jitter, bounded by
+//!   `max_attempts` and by the invocation's deadline; 410 is never retried (the connection is
+//!   pruned), nor are 403 and 413 (reported).
+//! - **Failures.** A unit that cannot finish (deliveries still failing, out of time, a store
+//!   error) stops the batch and its first record is reported as the batch item failure, so
+//!   Lambda retries from there — nothing is dropped silently, and records before it are done.
+//!   A record that can never be decoded is logged and skipped.
+//! - **Pruning in batches.** The 410s of a unit are removed together after it
+//!   ([`ChatStore::remove_connections`]); their leave events go through the stream like any other.
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,11 +31,13 @@ use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventR
 use futures::stream::{self, Stream, StreamExt};
 use rand::Rng;
 use thiserror::Error;
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::config::FanoutConfig;
 use crate::delivery::{Deliver, DeliveryError};
 use crate::events::{ChatEvent, DecodeError, EventItem, LeaveReason, StoredEvent};
+use crate::protocol::{Frame, FrameBody};
 use crate::store::{ChatStore, Member, StoreError};
 
 #[derive(Debug, Error)]
@@ -32,6 +50,8 @@ pub enum FanoutError {
         #[source]
         last: DeliveryError,
     },
+    #[error("the invocation ran out of time")]
+    OutOfTime,
 }
 
 #[derive(Debug, Error)]
@@ -44,15 +64,17 @@ pub enum RecordError {
     Event(#[from] DecodeError),
 }
 
-/// What one event's fan-out did.
+/// What one unit's fan-out did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DeliveryReport {
-    /// Frames accepted by `@connections`.
+    /// Recipients whose frames `@connections` accepted.
     pub delivered: usize,
     /// Connections that answered 410 and were pruned.
     pub pruned: Vec<String>,
-    /// Frames refused for good (403, 413, other): logged, not retried.
+    /// Recipients refused for good (403, 413, other): logged, not retried.
     pub rejected: usize,
+    /// Presence not broadcast because the room is over `presence_limit`.
+    pub presence_skipped: bool,
 }
 
 /// Decodes the new image of an INSERT or MODIFY record into an event.
@@ -70,15 +92,25 @@ pub fn is_removal(record: &EventRecord) -> bool {
     record.event_name == "REMOVE"
 }
 
+/// What is delivered together: one event, or a run of presence changes.
+enum Unit {
+    Single(StoredEvent),
+    Presence(Vec<StoredEvent>),
+}
+
 /// The Lambda handler's logic: every record in order, with a partial batch response.
+/// `deadline` is when the invocation must have answered (Lambda's context deadline); the
+/// fan-out keeps `config.time_margin` in hand to answer in time.
 pub async fn handle_stream_event(
     store: &dyn ChatStore,
     deliver: &dyn Deliver,
     config: &FanoutConfig,
     event: Event,
     now_ms: impl Fn() -> i64,
+    deadline: Option<Instant>,
 ) -> DynamoDbEventResponse {
-    let mut response = DynamoDbEventResponse::default();
+    let deadline = deadline.map(|d| d.checked_sub(config.time_margin).unwrap_or(d));
+    let mut units: Vec<(Option<String>, Unit)> = Vec::new();
     for record in &event.records {
         let seq_no = record.change.sequence_number.clone();
         if is_removal(record) {
@@ -93,19 +125,53 @@ pub async fn handle_stream_event(
                 continue;
             }
         };
-        match deliver_event(store, deliver, config, &stored, now_ms()).await {
+        match (units.last_mut(), stored.event.changes_membership()) {
+            (Some((_, Unit::Presence(run))), true) => run.push(stored),
+            (_, true) => units.push((seq_no, Unit::Presence(vec![stored]))),
+            (_, false) => units.push((seq_no, Unit::Single(stored))),
+        }
+    }
+
+    let mut response = DynamoDbEventResponse::default();
+    for (first_seq_no, unit) in units {
+        let work = async {
+            match &unit {
+                Unit::Single(event) => {
+                    deliver_event_until(store, deliver, config, event, now_ms(), deadline).await
+                }
+                Unit::Presence(run) => {
+                    deliver_presence(store, deliver, config, run, now_ms(), deadline).await
+                }
+            }
+        };
+        // A backstop for a store call that hangs: the per-delivery checks stop sending in time.
+        let outcome = match deadline {
+            Some(d) => tokio::time::timeout_at(d, work)
+                .await
+                .unwrap_or(Err(FanoutError::OutOfTime)),
+            None => work.await,
+        };
+        let (first, last) = match &unit {
+            Unit::Single(e) => (e.seq, e.seq),
+            Unit::Presence(run) => (
+                run.first().map_or(0, |e| e.seq),
+                run.last().map_or(0, |e| e.seq),
+            ),
+        };
+        match outcome {
             Ok(report) => info!(
-                event_id = stored.seq,
-                kind = stored.event.type_name(),
+                first_event_id = first,
+                last_event_id = last,
                 delivered = report.delivered,
                 pruned = report.pruned.len(),
                 rejected = report.rejected,
+                presence_skipped = report.presence_skipped,
                 "fanned out"
             ),
             Err(e) => {
-                warn!(event_id = stored.seq, error = %e, cause = ?std::error::Error::source(&e), "fan-out failed; Lambda will retry from this record");
+                warn!(first_event_id = first, error = %e, cause = ?std::error::Error::source(&e), "fan-out failed; Lambda will retry from this record");
                 let mut failure = DynamoDbBatchItemFailure::default();
-                failure.item_identifier = seq_no;
+                failure.item_identifier = first_seq_no;
                 response.batch_item_failures.push(failure);
                 // Later records wait: delivering them now would reorder the room.
                 break;
@@ -154,40 +220,50 @@ pub async fn deliver_event(
     stored: &StoredEvent,
     now_ms: i64,
 ) -> Result<DeliveryReport, FanoutError> {
-    // Each frame is serialised once and shared by every recipient.
-    let outcomes: Vec<(String, Result<(), DeliveryError>)> = match &stored.event {
+    deliver_event_until(store, deliver, config, stored, now_ms, None).await
+}
+
+/// [`deliver_event`] that stops retrying at `deadline`.
+pub async fn deliver_event_until(
+    store: &dyn ChatStore,
+    deliver: &dyn Deliver,
+    config: &FanoutConfig,
+    stored: &StoredEvent,
+    now_ms: i64,
+    deadline: Option<Instant>,
+) -> Result<DeliveryReport, FanoutError> {
+    let sender = Sender {
+        deliver,
+        config,
+        deadline,
+    };
+    let outcomes = match &stored.event {
         ChatEvent::PrivateMessageSent {
             to_connection_id, ..
         } => {
-            let frame: Arc<[Vec<u8>]> = Arc::new([stored.message_frame().to_json().into_bytes()]);
+            let frames: Arc<[Vec<u8>]> = Arc::new([stored.message_frame().to_json().into_bytes()]);
             vec![(
                 to_connection_id.clone(),
-                send_all(deliver, config, to_connection_id, &frame).await,
+                sender.send_all(to_connection_id, &frames).await,
             )]
         }
         ChatEvent::MessagePosted { .. } => {
-            let frame: Arc<[Vec<u8>]> = Arc::new([stored.message_frame().to_json().into_bytes()]);
+            let frames: Arc<[Vec<u8>]> = Arc::new([stored.message_frame().to_json().into_bytes()]);
             let mut failed_read = None;
-            let outcomes = members(store, now_ms)
-                .filter_map(|m| {
-                    let member = match m {
-                        Ok(member) => Some(member),
-                        Err(e) => {
-                            failed_read.get_or_insert(e);
-                            None
-                        }
-                    };
-                    async move { member }
-                })
-                .map(|m| {
-                    let frame = Arc::clone(&frame);
-                    async move {
-                        let r = send_all(deliver, config, &m.connection_id, &frame).await;
-                        (m.connection_id, r)
-                    }
-                })
-                .buffer_unordered(config.concurrency)
-                .collect::<Vec<_>>()
+            let outcomes = sender
+                .broadcast(
+                    members(store, now_ms).filter_map(|m| {
+                        let member = match m {
+                            Ok(member) => Some(member),
+                            Err(e) => {
+                                failed_read.get_or_insert(e);
+                                None
+                            }
+                        };
+                        async move { member }
+                    }),
+                    &frames,
+                )
                 .await;
             if let Some(e) = failed_read {
                 return Err(e.into());
@@ -197,33 +273,127 @@ pub async fn deliver_event(
         ChatEvent::MemberJoined { .. }
         | ChatEvent::MemberRenamed { .. }
         | ChatEvent::MemberLeft { .. } => {
-            // The member list is needed whole for the `members` frame anyway.
-            let mut all: Vec<Member> = members(store, now_ms)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<Result<_, _>>()?;
-            all.sort_by_key(|m| m.name.to_lowercase());
-            let names = all.iter().map(|m| m.name.clone()).collect();
-            let frames: Arc<[Vec<u8>]> = stored
-                .membership_frames(names)
-                .iter()
-                .map(|f| f.to_json().into_bytes())
-                .collect();
-            stream::iter(all)
-                .map(|m| {
-                    let frames = Arc::clone(&frames);
-                    async move {
-                        let r = send_all(deliver, config, &m.connection_id, &frames).await;
-                        (m.connection_id, r)
-                    }
-                })
-                .buffer_unordered(config.concurrency)
-                .collect()
-                .await
+            return deliver_presence(
+                store,
+                deliver,
+                config,
+                std::slice::from_ref(stored),
+                now_ms,
+                deadline,
+            )
+            .await;
         }
     };
+    settle(store, outcomes, now_ms).await
+}
 
+/// Delivers a run of presence changes as one `members` frame and one `systemMessage` per
+/// member (see the module docs), unless the room is over `presence_limit`.
+pub async fn deliver_presence(
+    store: &dyn ChatStore,
+    deliver: &dyn Deliver,
+    config: &FanoutConfig,
+    run: &[StoredEvent],
+    now_ms: i64,
+    deadline: Option<Instant>,
+) -> Result<DeliveryReport, FanoutError> {
+    // The `members` frame needs the whole list, so this is the one place members are held;
+    // the limit bounds it.
+    let mut all: Vec<Member> = Vec::new();
+    let mut listing = pin!(members(store, now_ms));
+    while let Some(member) = listing.next().await {
+        all.push(member?);
+        if all.len() > config.presence_limit {
+            debug!(
+                limit = config.presence_limit,
+                "room over the presence limit; not broadcasting presence"
+            );
+            return Ok(DeliveryReport {
+                presence_skipped: true,
+                ..DeliveryReport::default()
+            });
+        }
+    }
+    all.sort_by_key(|m| m.name.to_lowercase());
+    let names = all.iter().map(|m| m.name.clone()).collect();
+    let frames: Arc<[Vec<u8>]> = presence_frames(run, names)
+        .iter()
+        .map(|f| f.to_json().into_bytes())
+        .collect();
+    let sender = Sender {
+        deliver,
+        config,
+        deadline,
+    };
+    let outcomes = sender.broadcast(stream::iter(all), &frames).await;
+    settle(store, outcomes, now_ms).await
+}
+
+/// The frames of a run of presence changes. One change: the tutorial's own two frames, in its
+/// order. Several: the final `members` list, then one `systemMessage` saying what happened,
+/// both with the id of the last change (clients dedupe on id and frame key).
+pub fn presence_frames(run: &[StoredEvent], names: Vec<String>) -> Vec<Frame> {
+    let (Some(last), [_, _, ..]) = (run.last(), run) else {
+        return run
+            .first()
+            .map(|e| e.membership_frames(names))
+            .unwrap_or_default();
+    };
+    let (mut joined, mut left, mut renamed) = (Vec::new(), Vec::new(), Vec::new());
+    for event in run {
+        match &event.event {
+            ChatEvent::MemberJoined { name, .. } => joined.push(name.as_str()),
+            ChatEvent::MemberLeft { name, .. } => left.push(name.as_str()),
+            ChatEvent::MemberRenamed { old_name, name, .. } => {
+                renamed.push(format!("{old_name} is now known as {name}"))
+            }
+            ChatEvent::MessagePosted { .. } | ChatEvent::PrivateMessageSent { .. } => {}
+        }
+    }
+    let mut parts = Vec::new();
+    if !joined.is_empty() {
+        parts.push(format!("{} joined the chat", names_phrase(&joined)));
+    }
+    if !left.is_empty() {
+        parts.push(format!("{} left the chat", names_phrase(&left)));
+    }
+    let only_leaves = joined.is_empty() && renamed.is_empty();
+    parts.extend(renamed);
+    let frame = |body| Frame {
+        body,
+        id: Some(last.seq),
+        ts: Some(last.ts),
+    };
+    let members = frame(FrameBody::Members(names));
+    let message = frame(FrameBody::SystemMessage(parts.join("; ")));
+    if only_leaves {
+        vec![message, members]
+    } else {
+        vec![members, message]
+    }
+}
+
+/// "alice has", "alice and bob have", "a, b, c, d, e and 7 others have".
+fn names_phrase(names: &[&str]) -> String {
+    const SHOWN: usize = 5;
+    match names {
+        [one] => format!("{one} has"),
+        [init @ .., last] if names.len() <= SHOWN => format!("{} and {last} have", init.join(", ")),
+        _ => format!(
+            "{} and {} others have",
+            names[..SHOWN].join(", "),
+            names.len() - SHOWN
+        ),
+    }
+}
+
+/// Tallies the outcomes, prunes the connections found gone, and fails if deliveries that can
+/// succeed later did not.
+async fn settle(
+    store: &dyn ChatStore,
+    outcomes: Vec<(String, Result<(), DeliveryError>)>,
+    now_ms: i64,
+) -> Result<DeliveryReport, FanoutError> {
     let mut report = DeliveryReport::default();
     let mut retryable = 0;
     let mut last_retryable = None;
@@ -241,10 +411,10 @@ pub async fn deliver_event(
             }
         }
     }
-    for connection_id in &report.pruned {
-        // Its MemberLeft event goes through the stream like any other, so others see it leave.
+    if !report.pruned.is_empty() {
+        // Their MemberLeft events go through the stream like any other, so others see them leave.
         store
-            .remove_connection(connection_id, LeaveReason::Gone, now_ms)
+            .remove_connections(&report.pruned, LeaveReason::Gone, now_ms)
             .await?;
     }
     match last_retryable {
@@ -256,39 +426,151 @@ pub async fn deliver_event(
     }
 }
 
-/// Sends a recipient its frames in order (a join's `members` before its `systemMessage`),
-/// each with retries; stops at the first frame that cannot be delivered.
-async fn send_all(
-    deliver: &dyn Deliver,
-    config: &FanoutConfig,
-    connection_id: &str,
-    frames: &[Vec<u8>],
-) -> Result<(), DeliveryError> {
-    for frame in frames {
-        send_with_retry(deliver, config, connection_id, frame).await?;
-    }
-    Ok(())
+/// Sends frames with bounded concurrency, retries and the deadline.
+struct Sender<'a> {
+    deliver: &'a dyn Deliver,
+    config: &'a FanoutConfig,
+    deadline: Option<Instant>,
 }
 
-async fn send_with_retry(
-    deliver: &dyn Deliver,
-    config: &FanoutConfig,
-    connection_id: &str,
-    data: &[u8],
-) -> Result<(), DeliveryError> {
-    let mut attempt = 1;
-    loop {
-        match deliver.post(connection_id, data).await {
-            Err(e) if e.is_retryable() && attempt < config.max_attempts => {
-                // Full jitter: spreads the retries of a throttled broadcast instead of
-                // sending them back in one synchronised wave.
-                let cap = config.base_backoff.as_millis() as u64 * (1 << (attempt - 1).min(10));
-                let wait = rand::rng().random_range(0..=cap.max(1));
-                debug!(connection_id, attempt, wait_ms = wait, error = %e, "retrying delivery");
-                tokio::time::sleep(Duration::from_millis(wait)).await;
-                attempt += 1;
-            }
-            other => return other,
+impl Sender<'_> {
+    /// Sends `frames` to every member of the stream, `concurrency` recipients at a time.
+    async fn broadcast(
+        &self,
+        recipients: impl Stream<Item = Member>,
+        frames: &Arc<[Vec<u8>]>,
+    ) -> Vec<(String, Result<(), DeliveryError>)> {
+        recipients
+            .map(|m| {
+                let frames = Arc::clone(frames);
+                async move {
+                    let r = self.send_all(&m.connection_id, &frames).await;
+                    (m.connection_id, r)
+                }
+            })
+            .buffer_unordered(self.config.concurrency)
+            .collect()
+            .await
+    }
+
+    /// A recipient's frames in order (a join's `members` before its `systemMessage`), each
+    /// with retries; stops at the first frame that cannot be delivered.
+    async fn send_all(&self, connection_id: &str, frames: &[Vec<u8>]) -> Result<(), DeliveryError> {
+        for frame in frames {
+            self.send_with_retry(connection_id, frame).await?;
         }
+        Ok(())
+    }
+
+    async fn send_with_retry(&self, connection_id: &str, data: &[u8]) -> Result<(), DeliveryError> {
+        let mut attempt = 1;
+        loop {
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(DeliveryError::OutOfTime);
+            }
+            match self.deliver.post(connection_id, data).await {
+                Err(e) if e.is_retryable() && attempt < self.config.max_attempts => {
+                    // Full jitter: spreads the retries of a throttled broadcast instead of
+                    // sending them back in one synchronised wave.
+                    let cap =
+                        self.config.base_backoff.as_millis() as u64 * (1 << (attempt - 1).min(10));
+                    let wait = Duration::from_millis(rand::rng().random_range(0..=cap.max(1)));
+                    if self.deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                        // No time to wait and try again: leave it to Lambda's retry.
+                        return Err(e);
+                    }
+                    debug!(connection_id, attempt, ?wait, error = %e, "retrying delivery");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, event: ChatEvent) -> StoredEvent {
+        StoredEvent {
+            room: "lobby".into(),
+            seq,
+            ts: seq as i64 * 10,
+            event,
+        }
+    }
+
+    fn joined(seq: u64, name: &str) -> StoredEvent {
+        event(
+            seq,
+            ChatEvent::MemberJoined {
+                connection_id: name.into(),
+                name: name.into(),
+            },
+        )
+    }
+
+    fn left(seq: u64, name: &str) -> StoredEvent {
+        event(
+            seq,
+            ChatEvent::MemberLeft {
+                connection_id: name.into(),
+                name: name.into(),
+                reason: LeaveReason::Disconnected,
+            },
+        )
+    }
+
+    #[test]
+    fn one_change_gets_the_tutorials_frames() {
+        let frames = presence_frames(&[joined(4, "alice")], vec!["alice".into()]);
+        assert_eq!(
+            frames,
+            joined(4, "alice").membership_frames(vec!["alice".into()])
+        );
+    }
+
+    #[test]
+    fn a_run_of_changes_is_one_members_frame_and_one_message() {
+        // GIVEN seven joins, a leave and a rename in one batch
+        let mut run: Vec<StoredEvent> = ["a", "b", "c", "d", "e", "f", "g"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| joined(i as u64 + 1, n))
+            .collect();
+        run.push(left(8, "z"));
+        run.push(event(
+            9,
+            ChatEvent::MemberRenamed {
+                connection_id: "a".into(),
+                old_name: "a".into(),
+                name: "aa".into(),
+            },
+        ));
+        // WHEN framed
+        let frames = presence_frames(&run, vec!["aa".into(), "b".into()]);
+        // THEN members first, then one summary, both with the last id
+        assert_eq!(frames.len(), 2);
+        assert_eq!(
+            frames[0].body,
+            FrameBody::Members(vec!["aa".into(), "b".into()])
+        );
+        assert_eq!(
+            frames[1].body,
+            FrameBody::SystemMessage(
+                "a, b, c, d, e and 2 others have joined the chat; z has left the chat; a is now known as aa"
+                    .into()
+            )
+        );
+        assert!(frames.iter().all(|f| f.id == Some(9) && f.ts == Some(90)));
+        // AND leaves only keep the tutorial's order: the message before the list
+        let frames = presence_frames(&[left(1, "x"), left(2, "y")], vec![]);
+        assert_eq!(
+            frames[0].body,
+            FrameBody::SystemMessage("x and y have left the chat".into())
+        );
+        assert_eq!(frames[1].body, FrameBody::Members(vec![]));
     }
 }

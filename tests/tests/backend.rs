@@ -146,6 +146,7 @@ impl World {
             &self.fanout,
             event,
             chat_shared::now_ms,
+            None,
         )
         .await
     }
@@ -319,6 +320,7 @@ async fn rename_tells_everyone_and_releases_the_old_name() {
             .await,
         None
     );
+    w.fan_out().await;
     // AND a change of case only is a rename too (same claim)
     assert_eq!(
         w.send("A", json!({"action":"setName","name":"Zed"})).await,
@@ -802,5 +804,100 @@ async fn mixed_batch_reports_only_the_failing_record_and_skips_poison() {
             json!({"publicMessage":"alice: two"}),
             json!({"publicMessage":"alice: three"})
         ]
+    );
+}
+
+#[tokio::test]
+async fn presence_changes_in_one_batch_cost_one_members_frame_per_member() {
+    // GIVEN alice has joined, and her join was fanned out
+    let mut w = World::new().await.expect("world");
+    w.join("A", "alice").await;
+    w.fan_out().await;
+    w.endpoint.clear();
+
+    // WHEN six more join and one of them leaves before the fan-out runs: one stream batch
+    for (id, name) in [
+        ("B", "bob"),
+        ("C", "carol"),
+        ("D", "dave"),
+        ("E", "erin"),
+        ("F", "frank"),
+        ("G", "gina"),
+    ] {
+        w.join(id, name).await;
+    }
+    w.disconnect("G").await;
+    let response = w.fan_out().await;
+
+    // THEN every current member gets exactly two frames: the final list and one summary
+    assert!(response.batch_item_failures.is_empty());
+    let expected = vec![
+        members(&["alice", "bob", "carol", "dave", "erin", "frank"]),
+        system("bob, carol, dave, erin, frank and 1 others have joined the chat; gina has left the chat"),
+    ];
+    for id in ["A", "B", "C", "D", "E", "F"] {
+        assert_eq!(w.frames(id), expected, "{id}");
+    }
+    // AND 6 members x 2 frames were posted, not one broadcast per change
+    assert_eq!(w.endpoint.post_count(), 12);
+    let ids: Vec<u64> = w
+        .endpoint
+        .frames_for("A")
+        .iter()
+        .map(|f| f["id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(ids, vec![8, 8], "the frames carry the last change's id");
+}
+
+#[tokio::test]
+async fn many_gone_connections_are_pruned_together() {
+    // GIVEN 40 members, 35 of whose connections have died silently
+    let mut w = World::new().await.expect("world");
+    for i in 0..40 {
+        w.join(&format!("c{i:02}"), &format!("n{i:02}")).await;
+    }
+    w.fan_out().await;
+    w.endpoint.clear();
+    for i in 5..40 {
+        w.endpoint.mark_gone(&format!("c{i:02}"));
+    }
+
+    // WHEN one broadcast meets all the 410s
+    assert_eq!(
+        w.send("c00", json!({"action":"sendPublic","message":"roll call"}))
+            .await,
+        None
+    );
+    let response = w.fan_out().await;
+
+    // THEN the five live members got it and all 35 are gone, their names free
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(w.endpoint.post_count(), 5);
+    let now = chat_shared::now_ms();
+    for i in 5..40 {
+        assert_eq!(
+            w.store
+                .connection(&format!("c{i:02}"), now)
+                .await
+                .expect("read"),
+            None
+        );
+    }
+    // AND the 35 leaves reach the living as one coalesced update
+    w.endpoint.clear();
+    w.fan_out().await;
+    let frames = w.frames("c01");
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    assert_eq!(
+        frames[0]["systemMessage"],
+        json!("n05, n06, n07, n08, n09 and 30 others have left the chat")
+    );
+    assert_eq!(frames[1], members(&["n00", "n01", "n02", "n03", "n04"]));
+    // AND their names are free again
+    w.connect("new").await;
+    assert_eq!(
+        w.send("new", json!({"action":"setName","name":"n39"}))
+            .await,
+        None
     );
 }

@@ -23,8 +23,24 @@ async fn main() -> Result<(), Error> {
     let api = ManagementApi::new(&aws, &connections_endpoint_from_env()?);
     let (store, api, config) = (&store, &api, &config);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Event>| async move {
+        // Lambda's deadline (epoch ms) as an Instant: retries stop in time to answer with a
+        // partial batch response rather than being cut off mid-batch.
+        let now = chat_shared::now_ms();
+        let left = event
+            .context
+            .deadline
+            .saturating_sub(u64::try_from(now).unwrap_or(0));
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(left);
         Ok::<_, Error>(
-            handle_stream_event(store, api, config, event.payload, chat_shared::now_ms).await,
+            handle_stream_event(
+                store,
+                api,
+                config,
+                event.payload,
+                chat_shared::now_ms,
+                Some(deadline),
+            )
+            .await,
         )
     }))
     .await

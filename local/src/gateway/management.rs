@@ -94,6 +94,10 @@ pub(super) async fn post_to_connection(
     body: Body,
 ) -> Result<Response, ManagementError> {
     let data = read_body(body).await?;
+    let latency = shared.config.management_latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let frame = match String::from_utf8(data) {
         Ok(text) => Message::text(text),
         Err(not_utf8) => Message::binary(not_utf8.into_bytes()),

@@ -16,9 +16,9 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, KeySchemaElement,
-    KeyType, Put, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus,
-    TimeToLiveSpecification, TransactWriteItem, Update,
+    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, DeleteRequest,
+    KeySchemaElement, KeyType, Put, ScalarAttributeType, StreamSpecification, StreamViewType,
+    TableStatus, TimeToLiveSpecification, TransactWriteItem, Update, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
 use rand::Rng;
@@ -31,6 +31,10 @@ use crate::config::{Retention, Tables};
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys::{self, CONN_PREFIX};
 use crate::validation::{name_key, ValidName};
+
+/// Leaves per pruning transaction: three items each (connection, claim, event) plus the
+/// counter stays within TransactWriteItems' 100 actions.
+const LEAVES_PER_TRANSACTION: usize = 30;
 
 /// How many times a change is re-read and re-tried when a concurrent writer took the
 /// sequence number (or changed the state it depended on) first.
@@ -306,32 +310,147 @@ impl DynamoStore {
         current: u64,
         event: ChatEvent,
         now_ms: i64,
-    ) -> Result<(StoredEvent, [TransactWriteItem; 2]), StoreError> {
-        let stored = StoredEvent {
-            room: self.room.clone(),
-            seq: current + 1,
-            ts: now_ms,
-            event,
-        };
+    ) -> Result<(StoredEvent, Vec<TransactWriteItem>), StoreError> {
+        let (mut stored, items) = self.append_all(current, vec![event], now_ms)?;
+        let stored = stored
+            .pop()
+            .ok_or_else(|| StoreError::Malformed("no event appended".into()))?;
+        Ok((stored, items))
+    }
+
+    /// [`Self::append`] for several events at once: ids `current + 1 ..= current + k`, one
+    /// counter update. No events, no items.
+    fn append_all(
+        &self,
+        current: u64,
+        events: Vec<ChatEvent>,
+        now_ms: i64,
+    ) -> Result<(Vec<StoredEvent>, Vec<TransactWriteItem>), StoreError> {
+        if events.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let last = current + events.len() as u64;
         let cond = if current == 0 {
             Expr::new("attribute_not_exists(#seq)")
         } else {
             Expr::new("#seq = :cur").value(":cur", n(current))
         };
-        let counter = self.update(
+        let mut items = vec![self.update(
             keys::SEQ_SK.to_owned(),
-            Expr::new("SET #seq = :next").value(":next", n(current + 1)),
+            Expr::new("SET #seq = :next").value(":next", n(last)),
             cond,
-        )?;
+        )?];
         let expires = epoch_secs(now_ms) + self.retention.event_retention.as_secs() as i64;
-        let item = serde_dynamo::to_item(EventItem::new(&stored, expires))
-            .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
-        let put = self.put(
-            &self.tables.events,
-            item,
-            Some(Expr::new("attribute_not_exists(#seq)")),
-        )?;
-        Ok((stored, [counter, put]))
+        let mut stored_events = Vec::with_capacity(events.len());
+        for (seq, event) in (current + 1..).zip(events) {
+            let stored = StoredEvent {
+                room: self.room.clone(),
+                seq,
+                ts: now_ms,
+                event,
+            };
+            let item = serde_dynamo::to_item(EventItem::new(&stored, expires))
+                .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
+            items.push(self.put(
+                &self.tables.events,
+                item,
+                Some(Expr::new("attribute_not_exists(#seq)")),
+            )?);
+            stored_events.push(stored);
+        }
+        Ok((stored_events, items))
+    }
+
+    /// Deletes connections that have no name (so no event to record) with BatchWriteItem,
+    /// 25 per request, retrying what DynamoDB leaves unprocessed.
+    async fn batch_delete_connections(&self, ids: &[&str]) -> Result<(), StoreError> {
+        for chunk in ids.chunks(25) {
+            let mut requests: Vec<WriteRequest> = chunk
+                .iter()
+                .map(|id| {
+                    DeleteRequest::builder()
+                        .set_key(Some(self.key(keys::conn_sk(id))))
+                        .build()
+                        .map(|d| WriteRequest::builder().delete_request(d).build())
+                        .map_err(build_err)
+                })
+                .collect::<Result<_, _>>()?;
+            for attempt in 1..=MAX_ATTEMPTS {
+                let out = self
+                    .client
+                    .batch_write_item()
+                    .request_items(&self.tables.connections, requests)
+                    .send()
+                    .await
+                    .map_err(|e| StoreError::backend("BatchWriteItem prune", e))?;
+                requests = out
+                    .unprocessed_items
+                    .and_then(|mut m| m.remove(&self.tables.connections))
+                    .unwrap_or_default();
+                if requests.is_empty() {
+                    break;
+                }
+                if attempt == MAX_ATTEMPTS {
+                    return Err(StoreError::Contention(MAX_ATTEMPTS));
+                }
+                backoff(attempt).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes up to [`LEAVES_PER_TRANSACTION`] named connections in one transaction: each
+    /// connection, its name claim and its `MemberLeft` event, with one counter update.
+    async fn remove_named(
+        &self,
+        ids: &[&str],
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            let conns =
+                futures::future::try_join_all(ids.iter().map(|id| self.get_conn(id))).await?;
+            let mut items = Vec::new();
+            let mut events = Vec::new();
+            for (id, conn) in ids.iter().zip(conns) {
+                let Some(ConnItem {
+                    name: Some(name),
+                    name_key: Some(key),
+                    ..
+                }) = conn
+                else {
+                    // Gone already, or never named: nothing to announce.
+                    continue;
+                };
+                items.push(self.delete(
+                    keys::conn_sk(id),
+                    Expr::new("#name = :name").value(":name", s(&name)),
+                )?);
+                if let Some(claim) = self.get_claim(&key).await? {
+                    if claim.connection_id == *id {
+                        items.push(self.delete(
+                            keys::name_sk(&key),
+                            Expr::new("#conn = :me").value(":me", s(*id)),
+                        )?);
+                    }
+                }
+                events.push(ChatEvent::MemberLeft {
+                    connection_id: (*id).to_owned(),
+                    name,
+                    reason,
+                });
+            }
+            if events.is_empty() {
+                return Ok(Vec::new());
+            }
+            let (stored, append) = self.append_all(self.current_seq().await?, events, now_ms)?;
+            items.extend(append);
+            if self.transact("TransactWriteItems prune", items).await? {
+                return Ok(stored);
+            }
+            backoff(attempt).await;
+        }
+        Err(StoreError::Contention(MAX_ATTEMPTS))
     }
 
     /// Commits the items; `Ok(false)` when DynamoDB cancelled the transaction (a condition
@@ -635,6 +754,31 @@ impl ChatStore for DynamoStore {
             backoff(attempt).await;
         }
         Err(StoreError::Contention(MAX_ATTEMPTS))
+    }
+
+    async fn remove_connections(
+        &self,
+        connection_ids: &[String],
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let conns =
+            futures::future::try_join_all(connection_ids.iter().map(|id| self.get_conn(id)))
+                .await?;
+        let (mut named, mut unnamed) = (Vec::new(), Vec::new());
+        for (id, conn) in connection_ids.iter().zip(conns) {
+            match conn {
+                None => {}
+                Some(c) if c.name.is_some() => named.push(id.as_str()),
+                Some(_) => unnamed.push(id.as_str()),
+            }
+        }
+        self.batch_delete_connections(&unnamed).await?;
+        let mut left = Vec::new();
+        for chunk in named.chunks(LEAVES_PER_TRANSACTION) {
+            left.extend(self.remove_named(chunk, reason, now_ms).await?);
+        }
+        Ok(left)
     }
 
     async fn members_page(

@@ -160,6 +160,22 @@ pub trait ChatStore: Send + Sync {
         now_ms: i64,
     ) -> Result<Option<StoredEvent>, StoreError>;
 
+    /// Removes many connections at once (the fan-out's pruning after 410s): the same as
+    /// [`ChatStore::remove_connection`] for each, returning the `MemberLeft` events recorded.
+    /// Adapters batch it; this default does them one by one.
+    async fn remove_connections(
+        &self,
+        connection_ids: &[String],
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut left = Vec::new();
+        for id in connection_ids {
+            left.extend(self.remove_connection(id, reason, now_ms).await?);
+        }
+        Ok(left)
+    }
+
     /// A page of current members, in a stable order, starting after the cursor `after`.
     async fn members_page(
         &self,
