@@ -2,9 +2,10 @@
 //!
 //! Names: trimmed of surrounding whitespace, then 1–32 characters (Unicode scalar values),
 //! with no control characters and no bidirectional-override or isolate characters (they let
-//! a name render as a different one). Uniqueness ignores case: the claim key is the
-//! lower-cased name. Names are *not* Unicode-normalised (no NFKC): two names that differ only
-//! in normalisation are different names. Messages: non-empty once whitespace is ignored,
+//! a name render as a different one). Uniqueness ignores case and Unicode compatibility
+//! differences: the claim key is the NFKC-normalised, lower-cased name, so names that only
+//! look different in their encoding (full-width letters, ligatures, composed and decomposed
+//! accents) are the same name. The name is shown as typed (trimmed). Messages: non-empty once whitespace is ignored,
 //! and at most `max_bytes` bytes of UTF-8 (4096 by default, `MAX_MESSAGE_BYTES`).
 
 use crate::protocol::{ErrorCode, Refusal};
@@ -25,8 +26,13 @@ fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
+/// The key that makes a name unique: NFKC-normalised, then lower-cased, then NFKC again
+/// (lower-casing can denormalise). So `Alice`, `ALICE`, `Ａｌｉｃｅ` (full-width) and an `é`
+/// typed as `e` + combining accent all claim the same name.
 pub fn name_key(display: &str) -> String {
-    display.to_lowercase()
+    use unicode_normalization::UnicodeNormalization;
+    let folded: String = display.nfkc().collect::<String>().to_lowercase();
+    folded.nfkc().collect()
 }
 
 pub fn validate_name(raw: &str) -> Result<ValidName, Refusal> {
@@ -91,6 +97,20 @@ mod tests {
         assert_eq!(n.display, "Alice");
         assert_eq!(n.key, "alice");
         assert_eq!(validate_name("ALICE").expect("valid").key, n.key);
+    }
+
+    #[test]
+    fn names_that_differ_only_in_case_or_normalisation_share_a_key() {
+        let key = |n: &str| validate_name(n).expect("valid").key;
+        assert_eq!(key("Alice"), key("ＡＬＩＣＥ"));
+        assert_eq!(key("José"), key("Jose\u{301}"));
+        assert_eq!(key("ﬁona"), key("Fiona"));
+        assert_ne!(key("alice"), key("alicia"));
+        // Shown as typed.
+        assert_eq!(
+            validate_name(" ＡＬＩＣＥ ").expect("valid").display,
+            "ＡＬＩＣＥ"
+        );
     }
 
     #[test]
