@@ -10,6 +10,7 @@ use chat_local::stack::{self, LocalOptions, StoreChoice};
 use chat_shared::config::{
     FanoutConfig, HandlerConfig, Retention, Tables, DEFAULT_FANOUT_CONCURRENCY,
 };
+use chat_shared::ratelimit::{RateLimit, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND};
 use chat_shared::validation::DEFAULT_MAX_MESSAGE_BYTES;
 use clap::Parser;
 
@@ -51,6 +52,12 @@ struct Args {
     /// Largest accepted chat message, in bytes.
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
+    /// Requests per second each connection may make (0: no limit).
+    #[arg(long, env = "RATE_LIMIT_PER_SECOND", default_value_t = DEFAULT_RATE_PER_SECOND)]
+    rate_limit_per_second: u32,
+    /// Requests a connection may make in a burst.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = DEFAULT_RATE_BURST)]
+    rate_limit_burst: u32,
     /// @connections calls in flight at once per fan-out.
     #[arg(long, env = "FANOUT_CONCURRENCY", default_value_t = DEFAULT_FANOUT_CONCURRENCY)]
     fanout_concurrency: usize,
@@ -95,6 +102,10 @@ async fn main() -> anyhow::Result<()> {
         "--fanout-concurrency must be at least 1"
     );
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(
+        args.rate_limit_per_second == 0 || args.rate_limit_burst > 0,
+        "--rate-limit-burst must be at least 1 when the rate limit is on"
+    );
     let options = LocalOptions {
         host: args.host,
         port: args.port,
@@ -108,6 +119,10 @@ async fn main() -> anyhow::Result<()> {
         },
         handler: HandlerConfig {
             max_message_bytes: args.max_message_bytes,
+            rate_limit: RateLimit {
+                per_second: args.rate_limit_per_second,
+                burst: args.rate_limit_burst,
+            },
         },
         fanout: FanoutConfig {
             concurrency: args.fanout_concurrency,

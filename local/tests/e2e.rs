@@ -37,6 +37,14 @@ struct Local {
 
 impl Local {
     async fn start(mode: Mode, gateway: GatewayConfig) -> Local {
+        Self::start_with(mode, gateway, |_| {}).await
+    }
+
+    async fn start_with(
+        mode: Mode,
+        gateway: GatewayConfig,
+        adjust: impl FnOnce(&mut LocalOptions),
+    ) -> Local {
         let mut options = LocalOptions {
             port: 0,
             gateway,
@@ -71,6 +79,7 @@ impl Local {
                 tables = Some(t);
             }
         }
+        adjust(&mut options);
         let stack = stack::start(options).await.expect("local stack starts");
         Local {
             stack: Some(stack),
@@ -405,8 +414,77 @@ async fn connect_rejected_scenario(local: Local) {
     local.stop().await;
 }
 
+async fn rate_limit_scenario(mode: Mode) {
+    // GIVEN a limit of 2 requests/s with bursts of 3, and alice and bob
+    let local = Local::start_with(mode, GatewayConfig::default(), |o| {
+        o.handler.rate_limit = chat_shared::ratelimit::RateLimit {
+            per_second: 2,
+            burst: 3,
+        };
+    })
+    .await;
+    let mut alice = local.member("alice").await; // 1 request
+    let mut bob = local.member("bob").await;
+    alice
+        .until(|f| f["systemMessage"] == json!("bob has joined the chat"))
+        .await;
+    // WHEN alice floods with 5 messages at once
+    for i in 0..5 {
+        alice
+            .send(json!({"action":"sendPublic","message":format!("m{i}")}))
+            .await;
+    }
+    // THEN what is over her burst is refused, to her only, with rate_limited
+    let mut refused = 0;
+    let mut echoed = 0;
+    for _ in 0..5 {
+        let f = alice.next().await;
+        if f["error"]["code"] == json!("rate_limited") {
+            assert_eq!(f["error"]["action"], json!("sendPublic"));
+            refused += 1;
+        } else {
+            assert!(f["publicMessage"].is_string(), "{f}");
+            echoed += 1;
+        }
+    }
+    assert_eq!(
+        (echoed, refused),
+        (2, 3),
+        "the join used one of the 3 tokens"
+    );
+    // AND bob got exactly the messages that passed, and his own requests are unaffected
+    assert_eq!(
+        bob.next_content().await,
+        json!({"publicMessage":"alice: m0"})
+    );
+    assert_eq!(
+        bob.next_content().await,
+        json!({"publicMessage":"alice: m1"})
+    );
+    bob.send(json!({"action":"sendPublic","message":"fine here"}))
+        .await;
+    assert_eq!(
+        bob.next_content().await,
+        json!({"publicMessage":"bob: fine here"})
+    );
+    // AND a second later alice may speak again
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    alice
+        .send(json!({"action":"sendPublic","message":"later"}))
+        .await;
+    alice
+        .until(|f| f["publicMessage"] == json!("alice: later"))
+        .await;
+    local.stop().await;
+}
+
 mod embedded {
     use super::*;
+
+    #[tokio::test]
+    async fn a_flooding_connection_is_rate_limited_alone() {
+        rate_limit_scenario(Mode::Embedded).await;
+    }
 
     #[tokio::test]
     async fn join_public_private_rename_leave() {
@@ -447,6 +525,11 @@ mod embedded {
 
 mod moto {
     use super::*;
+
+    #[tokio::test]
+    async fn a_flooding_connection_is_rate_limited_alone() {
+        rate_limit_scenario(Mode::Moto).await;
+    }
 
     #[tokio::test]
     async fn join_public_private_rename_leave() {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::ratelimit::{RateLimit, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND};
 use crate::validation::DEFAULT_MAX_MESSAGE_BYTES;
 
 #[derive(Debug, Error)]
@@ -59,12 +60,15 @@ pub const DEFAULT_PRESENCE_BROADCAST_LIMIT: usize = 1_000;
 pub struct HandlerConfig {
     /// `MAX_MESSAGE_BYTES` (default 4096).
     pub max_message_bytes: usize,
+    /// `RATE_LIMIT_PER_SECOND` / `RATE_LIMIT_BURST` (default 5/s, burst 20; rate 0 turns it off).
+    pub rate_limit: RateLimit,
 }
 
 impl Default for HandlerConfig {
     fn default() -> Self {
         HandlerConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            rate_limit: RateLimit::default(),
         }
     }
 }
@@ -174,8 +178,28 @@ impl HandlerConfig {
                 why: "must be at least 1",
             });
         }
+        let rate_limit = RateLimit {
+            per_second: parse_var(
+                "RATE_LIMIT_PER_SECOND",
+                DEFAULT_RATE_PER_SECOND,
+                "expected requests per second (0 turns the limit off)",
+            )?,
+            burst: parse_var(
+                "RATE_LIMIT_BURST",
+                DEFAULT_RATE_BURST,
+                "expected a number of requests",
+            )?,
+        };
+        if !rate_limit.is_off() && rate_limit.burst == 0 {
+            return Err(ConfigError::Invalid {
+                name: "RATE_LIMIT_BURST",
+                value: "0".into(),
+                why: "must be at least 1 when the rate limit is on",
+            });
+        }
         Ok(HandlerConfig {
             max_message_bytes: max,
+            rate_limit,
         })
     }
 }

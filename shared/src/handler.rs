@@ -124,7 +124,24 @@ pub async fn handle_request(
                 );
                 return Ok(refused(&refusal));
             }
-            let outcome = match parse_request(request.body.as_deref()) {
+            let parsed = parse_request(request.body.as_deref());
+            // Every frame counts against the limit, malformed ones too: a flood of garbage is
+            // still a flood.
+            if !within_rate_limit(store, config, connection_id, now_ms).await {
+                let action = parsed.as_ref().ok().map(ClientRequest::action);
+                let limit = config.rate_limit;
+                let refusal = Refusal::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "Too many requests: at most {} per second (bursts of {}). Nothing was done; slow down and retry.",
+                        limit.per_second, limit.burst
+                    ),
+                    action,
+                );
+                warn!(connection_id, "rate limited");
+                return Ok(refused(&refusal));
+            }
+            let outcome = match parsed {
                 Ok(req) => perform(store, config, connection_id, req, now_ms).await,
                 Err(refusal) => Err(refusal),
             };
@@ -140,6 +157,26 @@ pub async fn handle_request(
                     Ok(refused(&refusal))
                 }
             }
+        }
+    }
+}
+
+/// Whether the connection may make another request. A store failure here lets the request
+/// through: the limit protects the chat, and the request's own write will surface the failure.
+async fn within_rate_limit(
+    store: &dyn ChatStore,
+    config: &HandlerConfig,
+    connection_id: &str,
+    now_ms: i64,
+) -> bool {
+    match store
+        .take_request_token(connection_id, config.rate_limit, now_ms)
+        .await
+    {
+        Ok(allowed) => allowed,
+        Err(e) => {
+            warn!(connection_id, error = %e, "rate limit unavailable; letting the request through");
+            true
         }
     }
 }

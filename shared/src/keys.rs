@@ -23,7 +23,7 @@
 //! ## Connections table (`CONNECTIONS_TABLE`) — current state, all items with TTL
 //! | `pk`          | `sk`               | other attributes                                  |
 //! |---------------|--------------------|---------------------------------------------------|
-//! | `ROOM#<room>` | `CONN#<connId>`    | `connectionId`, `connectedAt` (ms), `expiresAt`, and once joined `name`, `nameKey` |
+//! | `ROOM#<room>` | `CONN#<connId>`    | `connectionId`, `connectedAt` (ms), `expiresAt`, once joined `name`, `nameKey`; the rate-limit bucket `rlTokens`, `rlAt` |
 //! | `ROOM#<room>` | `NAME#<nameKey>`   | a name claim: `connectionId`, `name`, `expiresAt` |
 //! | `ROOM#<room>` | `SEQ`              | `seq`: the last event id given out in the room (no TTL) |
 //!
@@ -44,6 +44,9 @@ pub const CONNECTION_ID: &str = "connectionId";
 pub const CONNECTED_AT: &str = "connectedAt";
 pub const NAME: &str = "name";
 pub const NAME_KEY: &str = "nameKey";
+/// The connection's rate-limit bucket: thousandths of a token, and when it was last updated (ms).
+pub const RATE_TOKENS: &str = "rlTokens";
+pub const RATE_AT: &str = "rlAt";
 
 /// The sort key of a room's sequence counter item.
 pub const SEQ_SK: &str = "SEQ";

@@ -5,6 +5,7 @@
 //! - [`validation`]: the rules a name or a message must meet;
 //! - [`events`]: what happened in the chat, as immutable past-tense events;
 //! - [`keys`]: every table name, key format and attribute name, in one place;
+//! - [`ratelimit`]: the per-connection token bucket;
 //! - [`store`]: the narrow store port and its DynamoDB adapter;
 //! - [`delivery`]: sending frames through the API Gateway Management API (`@connections`);
 //! - [`handler`]: the chat-api-handler logic (routes → validated state changes + events);
@@ -21,6 +22,7 @@ pub mod handler;
 pub mod history;
 pub mod keys;
 pub mod protocol;
+pub mod ratelimit;
 pub mod store;
 pub mod stream;
 pub mod telemetry;

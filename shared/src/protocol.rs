@@ -86,10 +86,12 @@ pub enum ErrorCode {
     NotConnected,
     /// The store failed; nothing was written; the client may try again.
     InternalError,
+    /// The connection sent more requests than its rate limit allows; nothing was done.
+    RateLimited,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidRequest,
         ErrorCode::UnknownAction,
@@ -104,6 +106,7 @@ impl ErrorCode {
         ErrorCode::InvalidRecipient,
         ErrorCode::NotConnected,
         ErrorCode::InternalError,
+        ErrorCode::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -122,6 +125,7 @@ impl ErrorCode {
             ErrorCode::InvalidRecipient => "invalid_recipient",
             ErrorCode::NotConnected => "not_connected",
             ErrorCode::InternalError => "internal_error",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }

@@ -691,6 +691,51 @@ async fn feed_records_look_like_lambdas_and_decode_to_the_returned_events(f: &mu
 
 /// Generates one test per case and store: `embedded::<case>` and `dynamodb::<case>`.
 /// Multi-threaded runtimes, so cases that spawn concurrent writers really run them in parallel.
+async fn each_connection_has_its_own_rate_limit_bucket(f: &mut Fixture) {
+    use chat_shared::ratelimit::RateLimit;
+    // GIVEN two connections and a limit of 2/s with bursts of 3
+    let limit = RateLimit {
+        per_second: 2,
+        burst: 3,
+    };
+    let now = chat_shared::now_ms();
+    f.store().add_connection("c1", now).await.expect("connect");
+    f.store().add_connection("c2", now).await.expect("connect");
+    let take = |id: &'static str, at: i64| {
+        let store = f.store();
+        async move { store.take_request_token(id, limit, at).await.expect("take") }
+    };
+
+    // WHEN c1 makes four requests at once THEN the burst passes and the fourth is refused
+    for _ in 0..3 {
+        assert!(take("c1", now).await);
+    }
+    assert!(!take("c1", now).await);
+    // AND c2 is unaffected
+    assert!(take("c2", now).await);
+    // AND half a second later c1 has one more token (2/s), not two
+    assert!(take("c1", now + 500).await);
+    assert!(!take("c1", now + 500).await);
+    // AND an unknown connection is let through (its request fails as not_connected instead)
+    assert!(take("nobody", now).await);
+    // AND with the limit off everything passes
+    let off = RateLimit {
+        per_second: 0,
+        burst: 0,
+    };
+    for _ in 0..10 {
+        assert!(f
+            .store()
+            .take_request_token("c1", off, now)
+            .await
+            .expect("take"));
+    }
+    assert!(
+        f.committed().await.is_empty(),
+        "rate limiting records no event"
+    );
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -724,6 +769,7 @@ contract!(
     member_pages_list_every_live_member_once,
     concurrent_posts_get_dense_ids_in_commit_order,
     feed_records_look_like_lambdas_and_decode_to_the_returned_events,
+    each_connection_has_its_own_rate_limit_bucket,
 );
 
 // ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ use super::{
 };
 use crate::config::{Retention, Tables};
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
+use crate::ratelimit::{self, Bucket, RateLimit};
 use crate::keys::{self, CONN_PREFIX};
 use crate::validation::{name_key, ValidName};
 
@@ -73,6 +74,10 @@ struct ConnItem {
     name: Option<String>,
     #[serde(default)]
     name_key: Option<String>,
+    #[serde(default)]
+    rl_tokens: Option<i64>,
+    #[serde(default)]
+    rl_at: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -779,6 +784,63 @@ impl ChatStore for DynamoStore {
             left.extend(self.remove_named(chunk, reason, now_ms).await?);
         }
         Ok(left)
+    }
+
+    async fn take_request_token(
+        &self,
+        connection_id: &str,
+        limit: RateLimit,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        if limit.is_off() {
+            return Ok(true);
+        }
+        for attempt in 1..=5 {
+            let Some(conn) = self.get_conn(connection_id).await? else {
+                return Ok(true);
+            };
+            let bucket = conn.rl_at.map(|at_ms| Bucket {
+                milli_tokens: conn.rl_tokens.unwrap_or(0),
+                at_ms,
+            });
+            let Some(next) = ratelimit::take(limit, bucket, now_ms) else {
+                return Ok(false);
+            };
+            // Optimistic: the write only lands if nobody took a token since the read.
+            let mut values = HashMap::from([
+                (":tokens".to_owned(), n(next.milli_tokens)),
+                (":now".to_owned(), n(next.at_ms)),
+            ]);
+            let condition = match bucket {
+                Some(b) => {
+                    values.insert(":old".to_owned(), n(b.at_ms));
+                    "attribute_exists(#pk) AND #at = :old"
+                }
+                None => "attribute_exists(#pk) AND attribute_not_exists(#at)",
+            };
+            let result = self
+                .client
+                .update_item()
+                .table_name(&self.tables.connections)
+                .set_key(Some(self.key(keys::conn_sk(connection_id))))
+                .update_expression("SET #tokens = :tokens, #at = :now")
+                .condition_expression(condition)
+                .expression_attribute_names("#pk", keys::PK)
+                .expression_attribute_names("#tokens", keys::RATE_TOKENS)
+                .expression_attribute_names("#at", keys::RATE_AT)
+                .set_expression_attribute_values(Some(values))
+                .send()
+                .await;
+            match result {
+                Ok(_) => return Ok(true),
+                Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
+                    backoff(attempt).await;
+                }
+                Err(e) => return Err(StoreError::backend("UpdateItem rate limit", e)),
+            }
+        }
+        // Requests from this one connection keep colliding: it is sending too fast.
+        Ok(false)
     }
 
     async fn members_page(

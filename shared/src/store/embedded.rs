@@ -38,6 +38,7 @@ use crate::config::Retention;
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys;
 use crate::stream::{RecordSource, SourceError};
+use crate::ratelimit::{self, Bucket, RateLimit};
 use crate::validation::{name_key, ValidName};
 
 /// The region, account and stream label of the ARN every record carries. Nothing routes on
@@ -57,6 +58,8 @@ struct ConnItem {
     expires_at: i64,
     /// Set by `setName`: the display name and its claim key, always together.
     name: Option<Named>,
+    /// The rate-limit bucket (`rlTokens`, `rlAt`).
+    bucket: Option<Bucket>,
 }
 
 #[derive(Debug, Clone)]
@@ -415,6 +418,7 @@ impl ChatStore for EmbeddedStore {
                 connected_at: now_ms,
                 expires_at,
                 name: None,
+                bucket: None,
             },
         );
         Ok(Connection {
@@ -598,6 +602,28 @@ impl ChatStore for EmbeddedStore {
             state.claims.remove(&named.key);
         }
         Ok(Some(self.finish(&mut state, pending)))
+    }
+
+    async fn take_request_token(
+        &self,
+        connection_id: &str,
+        limit: RateLimit,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        if limit.is_off() {
+            return Ok(true);
+        }
+        let mut state = self.shared.lock();
+        let Some(conn) = state.connections.get_mut(&keys::conn_sk(connection_id)) else {
+            return Ok(true);
+        };
+        match ratelimit::take(limit, conn.bucket, now_ms) {
+            Some(next) => {
+                conn.bucket = Some(next);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     async fn members_page(

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 use crate::events::{LeaveReason, StoredEvent};
+use crate::ratelimit::RateLimit;
 use crate::validation::ValidName;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -175,6 +176,16 @@ pub trait ChatStore: Send + Sync {
         }
         Ok(left)
     }
+
+    /// Takes one request token from the connection's rate-limit bucket (atomically, so every
+    /// Lambda instance shares it): `Ok(true)` if the request may go ahead. An unknown
+    /// connection is let through (its request then fails as `not_connected`).
+    async fn take_request_token(
+        &self,
+        connection_id: &str,
+        limit: RateLimit,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
 
     /// A page of current members, in a stable order, starting after the cursor `after`.
     async fn members_page(
