@@ -7,6 +7,7 @@ use std::time::Duration;
 use chat_local::esm::EsmConfig;
 use chat_local::gateway::GatewayConfig;
 use chat_local::stack::{self, LocalOptions, StoreChoice};
+use chat_shared::auth::Authenticator;
 use chat_shared::config::{
     FanoutConfig, HandlerConfig, Retention, Tables, DEFAULT_FANOUT_CONCURRENCY,
 };
@@ -58,6 +59,10 @@ struct Args {
     /// Requests a connection may make in a burst.
     #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = DEFAULT_RATE_BURST)]
     rate_limit_burst: u32,
+    /// Require a JWT signed with this HMAC-SHA256 key at $connect (`?token=…`); its subject
+    /// becomes the connection's identity. Unset: anyone may connect.
+    #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
+    auth_jwt_secret: Option<String>,
     /// @connections calls in flight at once per fan-out.
     #[arg(long, env = "FANOUT_CONCURRENCY", default_value_t = DEFAULT_FANOUT_CONCURRENCY)]
     fanout_concurrency: usize,
@@ -123,6 +128,11 @@ async fn main() -> anyhow::Result<()> {
                 per_second: args.rate_limit_per_second,
                 burst: args.rate_limit_burst,
             },
+            auth: args
+                .auth_jwt_secret
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(|s| Authenticator::hs256(s.as_bytes())),
         },
         fanout: FanoutConfig {
             concurrency: args.fanout_concurrency,

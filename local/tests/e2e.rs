@@ -478,8 +478,88 @@ async fn rate_limit_scenario(mode: Mode) {
     local.stop().await;
 }
 
+/// A JWT for `sub`, signed with `key`, valid for an hour.
+fn token(key: &[u8], sub: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        exp: i64,
+    }
+    let exp = chat_shared::now_ms() / 1000 + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &Claims { sub, exp },
+        &jsonwebtoken::EncodingKey::from_secret(key),
+    )
+    .expect("token")
+}
+
+async fn auth_scenario(mode: Mode) {
+    // GIVEN a stack with a signing key, that loses $disconnects (so a vanished client stays)
+    let key = b"a-test-signing-key";
+    let gateway = GatewayConfig {
+        drop_disconnect: true,
+        ..GatewayConfig::default()
+    };
+    let local = Local::start_with(mode, gateway, |o| {
+        o.handler.auth = Some(chat_shared::auth::Authenticator::hs256(key));
+    })
+    .await;
+    let url = local.url();
+
+    // WHEN clients connect without a token, with a forged one, or with garbage
+    for bad in [
+        url.clone(),
+        format!("{url}?token={}", token(b"another key", "u1")),
+        format!("{url}?token=not-a-jwt"),
+    ] {
+        // THEN the handshake is refused with 401
+        match tokio_tungstenite::connect_async(&bad).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+            other => panic!(
+                "expected 401 for {bad}, got {:?}",
+                other.map(|(_, r)| r.status())
+            ),
+        }
+    }
+
+    // WHEN u1 joins as alice, bob (u2) joins, and u1's connection vanishes
+    let mut alice = Client::connect(&format!("{url}?token={}", token(key, "u1"))).await;
+    alice.send(json!({"action":"setName","name":"alice"})).await;
+    alice
+        .until(|f| f["systemMessage"] == json!("alice has joined the chat"))
+        .await;
+    let mut bob = Client::connect(&format!("{url}?token={}", token(key, "u2"))).await;
+    bob.send(json!({"action":"setName","name":"bob"})).await;
+    bob.until(|f| f["systemMessage"] == json!("bob has joined the chat"))
+        .await;
+    drop(alice);
+
+    // THEN nobody else can take "alice" while it is held for u1
+    let mut mallory = Client::connect(&format!("{url}?token={}", token(key, "u3"))).await;
+    mallory
+        .send(json!({"action":"setName","name":"Alice"}))
+        .await;
+    assert_eq!(mallory.next().await["error"]["code"], json!("name_taken"));
+
+    // WHEN u1 reconnects and asks for its name
+    let mut again = Client::connect(&format!("{url}?token={}", token(key, "u1"))).await;
+    again.send(json!({"action":"setName","name":"alice"})).await;
+    // THEN it gets it back; the stale connection is gone from the member list
+    let members = again.until(|f| f.get("members").is_some()).await;
+    assert_eq!(members["members"], json!(["alice", "bob"]));
+    let seen = bob.until(|f| f.get("members").is_some()).await;
+    assert_eq!(seen["members"], json!(["alice", "bob"]));
+    local.stop().await;
+}
+
 mod embedded {
     use super::*;
+
+    #[tokio::test]
+    async fn with_a_key_only_valid_tokens_connect_and_names_follow_identities() {
+        auth_scenario(Mode::Embedded).await;
+    }
 
     #[tokio::test]
     async fn a_flooding_connection_is_rate_limited_alone() {
@@ -525,6 +605,11 @@ mod embedded {
 
 mod moto {
     use super::*;
+
+    #[tokio::test]
+    async fn with_a_key_only_valid_tokens_connect_and_names_follow_identities() {
+        auth_scenario(Mode::Moto).await;
+    }
 
     #[tokio::test]
     async fn a_flooding_connection_is_rate_limited_alone() {

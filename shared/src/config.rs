@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::auth::Authenticator;
 use crate::ratelimit::{RateLimit, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND};
 use crate::validation::DEFAULT_MAX_MESSAGE_BYTES;
 
@@ -62,6 +63,9 @@ pub struct HandlerConfig {
     pub max_message_bytes: usize,
     /// `RATE_LIMIT_PER_SECOND` / `RATE_LIMIT_BURST` (default 5/s, burst 20; rate 0 turns it off).
     pub rate_limit: RateLimit,
+    /// `AUTH_JWT_SECRET`: when set, `$connect` requires a JWT signed with it (HS256) in the
+    /// query string. Unset (the default): anyone may connect, as in the tutorial.
+    pub auth: Option<Authenticator>,
 }
 
 impl Default for HandlerConfig {
@@ -69,6 +73,7 @@ impl Default for HandlerConfig {
         HandlerConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             rate_limit: RateLimit::default(),
+            auth: None,
         }
     }
 }
@@ -200,6 +205,7 @@ impl HandlerConfig {
         Ok(HandlerConfig {
             max_message_bytes: max,
             rate_limit,
+            auth: var("AUTH_JWT_SECRET").map(|secret| Authenticator::hs256(secret.as_bytes())),
         })
     }
 }

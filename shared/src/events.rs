@@ -17,6 +17,8 @@ pub enum LeaveReason {
     Disconnected,
     /// `@connections` answered 410 Gone: the connection was pruned by the fan-out.
     Gone,
+    /// The same authenticated identity took its name back from a newer connection.
+    Replaced,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,7 @@ use lambda_runtime::Diagnostic;
 use thiserror::Error;
 use tracing::{error, info, warn};
 
+use crate::auth::TOKEN_PARAMETER;
 use crate::config::HandlerConfig;
 use crate::events::LeaveReason;
 use crate::history::history_response;
@@ -96,18 +97,41 @@ pub async fn handle_request(
         .as_deref()
         .ok_or(HandlerError::MissingConnectionId)?;
     match ctx.route_key.as_deref() {
-        Some("$connect") => match store.add_connection(connection_id, now_ms).await {
-            Ok(_) => {
-                info!(connection_id, "connected");
-                Ok(response(200, None))
+        Some("$connect") => {
+            let identity = match &config.auth {
+                None => None,
+                Some(auth) => {
+                    let token = request.query_string_parameters.first(TOKEN_PARAMETER);
+                    match auth.identity(token) {
+                        Ok(identity) => Some(identity),
+                        Err(e) => {
+                            // 401 refuses the handshake; the token itself is never logged.
+                            info!(connection_id, reason = %e, "connection refused: not authenticated");
+                            return Ok(response(401, None));
+                        }
+                    }
+                }
+            };
+            match store
+                .add_identified_connection(connection_id, identity.as_deref(), now_ms)
+                .await
+            {
+                Ok(_) => {
+                    info!(
+                        connection_id,
+                        authenticated = identity.is_some(),
+                        "connected"
+                    );
+                    Ok(response(200, None))
+                }
+                Err(e) => {
+                    // A non-2xx status makes API Gateway refuse the handshake: better than a
+                    // connection the chat has no record of.
+                    error!(connection_id, error = %e, cause = ?std::error::Error::source(&e), "could not record the connection; refusing it");
+                    Ok(response(500, None))
+                }
             }
-            Err(e) => {
-                // A non-2xx status makes API Gateway refuse the handshake: better than a
-                // connection the chat has no record of.
-                error!(connection_id, error = %e, cause = ?std::error::Error::source(&e), "could not record the connection; refusing it");
-                Ok(response(500, None))
-            }
-        },
+        }
         Some("$disconnect") => {
             let left = store
                 .remove_connection(connection_id, LeaveReason::Disconnected, now_ms)

@@ -44,6 +44,8 @@ pub const CONNECTION_ID: &str = "connectionId";
 pub const CONNECTED_AT: &str = "connectedAt";
 pub const NAME: &str = "name";
 pub const NAME_KEY: &str = "nameKey";
+/// The authenticated subject of a connection, and of the identity a name claim is bound to.
+pub const IDENTITY: &str = "identity";
 /// The connection's rate-limit bucket: thousandths of a token, and when it was last updated (ms).
 pub const RATE_TOKENS: &str = "rlTokens";
 pub const RATE_AT: &str = "rlAt";

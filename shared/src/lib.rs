@@ -1,6 +1,7 @@
 //! The library behind both chat Lambdas (and, later, the local stack).
 //!
 //! Each module owns one concern:
+//! - [`auth`]: optional JWT authentication at `$connect`;
 //! - [`protocol`]: the JSON frames on the wire, parsed and serialised;
 //! - [`validation`]: the rules a name or a message must meet;
 //! - [`events`]: what happened in the chat, as immutable past-tense events;
@@ -14,6 +15,7 @@
 //! - [`stream`]: the stream-record source port the local event source mapping polls;
 //! - [`config`]: settings read from the environment, with their defaults.
 
+pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod events;

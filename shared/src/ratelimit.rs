@@ -62,7 +62,10 @@ mod tests {
     #[test]
     fn a_burst_then_the_rate() {
         // GIVEN 2/s with a burst of 3
-        let limit = RateLimit { per_second: 2, burst: 3 };
+        let limit = RateLimit {
+            per_second: 2,
+            burst: 3,
+        };
         let mut bucket = None;
         // WHEN 4 requests come at once THEN 3 pass and the 4th is refused
         for _ in 0..3 {

@@ -23,7 +23,7 @@ use chat_shared::fanout::{decode_record, is_removal};
 use chat_shared::keys;
 use chat_shared::store::dynamodb::{create_tables, DynamoStore};
 use chat_shared::store::embedded::{EmbeddedFeed, EmbeddedStore};
-use chat_shared::store::{epoch_secs, ChatStore, Member, StoreError};
+use chat_shared::store::{epoch_secs, ChatStore, Member, StoreError, NAME_RESERVATION_SECS};
 use chat_shared::stream::RecordSource;
 use chat_shared::validation::{validate_name, ValidName};
 use chat_tests::{unique_name, Moto, StreamReader};
@@ -736,6 +736,113 @@ async fn each_connection_has_its_own_rate_limit_bucket(f: &mut Fixture) {
     );
 }
 
+async fn names_are_bound_to_authenticated_identities(f: &mut Fixture) {
+    // GIVEN u1 joined as alice on connection a1
+    let now = chat_shared::now_ms();
+    let store = f.store();
+    store
+        .add_identified_connection("a1", Some("u1"), now)
+        .await
+        .expect("connect");
+    assert_eq!(
+        store
+            .connection("a1", now)
+            .await
+            .expect("read")
+            .and_then(|c| c.identity),
+        Some("u1".to_owned())
+    );
+    store
+        .set_name("a1", &name("alice"), now)
+        .await
+        .expect("join")
+        .expect("event");
+
+    // WHEN u1 reconnects (a1 went stale, its $disconnect lost) and claims alice again
+    store
+        .add_identified_connection("a2", Some("u1"), now)
+        .await
+        .expect("connect");
+    let joined = store
+        .set_name("a2", &name("Alice"), now)
+        .await
+        .expect("reclaim")
+        .expect("event");
+
+    // THEN it gets the name back, and the stale connection leaves (it is no member any more)
+    assert!(matches!(joined.event, ChatEvent::MemberJoined { .. }));
+    assert_eq!(store.connection("a1", now).await.expect("read"), None);
+    let names: Vec<String> = all_members(store, now)
+        .await
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, vec!["Alice".to_owned()]);
+    let committed = f.committed().await;
+    let store = f.store();
+    assert!(committed.iter().any(|e| matches!(
+        &e.event,
+        ChatEvent::MemberLeft { connection_id, reason: LeaveReason::Replaced, .. } if connection_id == "a1"
+    )));
+
+    // AND another identity, or an anonymous connection, cannot take it
+    store
+        .add_identified_connection("b1", Some("u2"), now)
+        .await
+        .expect("connect");
+    store.add_connection("anon", now).await.expect("connect");
+    for id in ["b1", "anon"] {
+        assert!(matches!(
+            store.set_name(id, &name("alice"), now).await,
+            Err(StoreError::NameTaken(_))
+        ));
+    }
+
+    // WHEN u1 disconnects cleanly THEN the name stays reserved for u1, not for others
+    store
+        .remove_connection("a2", LeaveReason::Disconnected, now)
+        .await
+        .expect("leave");
+    assert!(matches!(
+        store.set_name("b1", &name("alice"), now).await,
+        Err(StoreError::NameTaken(_))
+    ));
+    // AND nobody can whisper to a reserved name
+    store
+        .set_name("b1", &name("bob"), now)
+        .await
+        .expect("join")
+        .expect("event");
+    assert!(matches!(
+        store.post_private("b1", "alice", "psst", now).await,
+        Err(StoreError::UnknownRecipient(_))
+    ));
+    store
+        .add_identified_connection("a3", Some("u1"), now)
+        .await
+        .expect("connect");
+    assert!(store
+        .set_name("a3", &name("alice"), now)
+        .await
+        .expect("u1 takes its name back")
+        .is_some());
+    // AND once the reservation has passed, anyone may have it
+    let much_later = now + (NAME_RESERVATION_SECS + 4 * 3600) * 1000;
+    store
+        .remove_connection("a3", LeaveReason::Disconnected, now)
+        .await
+        .expect("leave");
+    store
+        .add_connection("c1", much_later)
+        .await
+        .expect("connect");
+    assert!(store
+        .set_name("c1", &name("alice"), much_later)
+        .await
+        .expect("free again")
+        .is_some());
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -770,6 +877,7 @@ contract!(
     concurrent_posts_get_dense_ids_in_commit_order,
     feed_records_look_like_lambdas_and_decode_to_the_returned_events,
     each_connection_has_its_own_rate_limit_bucket,
+    names_are_bound_to_authenticated_identities,
 );
 
 // ---------------------------------------------------------------------------------------------

@@ -26,11 +26,12 @@ use serde::Deserialize;
 
 use super::{
     epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError,
+    NAME_RESERVATION_SECS,
 };
 use crate::config::{Retention, Tables};
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
-use crate::ratelimit::{self, Bucket, RateLimit};
 use crate::keys::{self, CONN_PREFIX};
+use crate::ratelimit::{self, Bucket, RateLimit};
 use crate::validation::{name_key, ValidName};
 
 /// Leaves per pruning transaction: three items each (connection, claim, event) plus the
@@ -43,7 +44,7 @@ const MAX_ATTEMPTS: u32 = 40;
 
 /// Expression attribute names used by this adapter. `name` is a DynamoDB reserved word,
 /// so every attribute goes through a placeholder.
-const NAMES: [(&str, &str); 7] = [
+const NAMES: [(&str, &str); 8] = [
     ("#pk", keys::PK),
     ("#sk", keys::SK),
     ("#seq", keys::SEQ),
@@ -51,6 +52,7 @@ const NAMES: [(&str, &str); 7] = [
     ("#conn", keys::CONNECTION_ID),
     ("#exp", keys::EXPIRES_AT),
     ("#nkey", keys::NAME_KEY),
+    ("#ident", keys::IDENTITY),
 ];
 
 pub struct DynamoStore {
@@ -78,12 +80,18 @@ struct ConnItem {
     rl_tokens: Option<i64>,
     #[serde(default)]
     rl_at: Option<i64>,
+    #[serde(default)]
+    identity: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct ClaimItem {
-    connection_id: String,
+    /// `None` once released by an authenticated holder: a reservation for `identity`.
+    #[serde(default)]
+    connection_id: Option<String>,
+    #[serde(default)]
+    identity: Option<String>,
     expires_at: i64,
 }
 
@@ -404,6 +412,27 @@ impl DynamoStore {
         Ok(())
     }
 
+    /// Gives up a name claim the connection holds: deleted, or — for an authenticated
+    /// connection — kept as its identity's reservation for [`NAME_RESERVATION_SECS`].
+    fn release(
+        &self,
+        key: &str,
+        connection_id: &str,
+        identity: Option<&str>,
+        now_ms: i64,
+    ) -> Result<TransactWriteItem, StoreError> {
+        let ours = Expr::new("#conn = :me").value(":me", s(connection_id));
+        match identity {
+            None => self.delete(keys::name_sk(key), ours),
+            Some(_) => self.update(
+                keys::name_sk(key),
+                Expr::new("REMOVE #conn SET #exp = :until")
+                    .value(":until", n(epoch_secs(now_ms) + NAME_RESERVATION_SECS)),
+                ours,
+            ),
+        }
+    }
+
     /// Removes up to [`LEAVES_PER_TRANSACTION`] named connections in one transaction: each
     /// connection, its name claim and its `MemberLeft` event, with one counter update.
     async fn remove_named(
@@ -421,6 +450,7 @@ impl DynamoStore {
                 let Some(ConnItem {
                     name: Some(name),
                     name_key: Some(key),
+                    identity,
                     ..
                 }) = conn
                 else {
@@ -432,11 +462,8 @@ impl DynamoStore {
                     Expr::new("#name = :name").value(":name", s(&name)),
                 )?);
                 if let Some(claim) = self.get_claim(&key).await? {
-                    if claim.connection_id == *id {
-                        items.push(self.delete(
-                            keys::name_sk(&key),
-                            Expr::new("#conn = :me").value(":me", s(*id)),
-                        )?);
+                    if claim.connection_id.as_deref() == Some(*id) {
+                        items.push(self.release(&key, id, identity.as_deref(), now_ms)?);
                     }
                 }
                 events.push(ChatEvent::MemberLeft {
@@ -486,6 +513,36 @@ impl DynamoStore {
     }
 }
 
+/// Where a connection stands with respect to an existing claim on the name it wants.
+#[derive(Debug, PartialEq, Eq)]
+enum Standing {
+    /// Free to take: no live holder, or it is this connection's already.
+    Free,
+    /// Held (or reserved) for this connection's own identity by another of its connections.
+    OwnOtherConnection(String),
+    /// Someone else's.
+    Taken,
+}
+
+fn claim_standing(
+    claim: &ClaimItem,
+    connection_id: &str,
+    identity: Option<&str>,
+    now_s: i64,
+) -> Standing {
+    let mine = claim.connection_id.as_deref() == Some(connection_id);
+    if mine || claim.expires_at <= now_s {
+        return Standing::Free;
+    }
+    if identity.is_some() && claim.identity.as_deref() == identity {
+        return match &claim.connection_id {
+            Some(other) => Standing::OwnOtherConnection(other.clone()),
+            None => Standing::Free,
+        };
+    }
+    Standing::Taken
+}
+
 /// Jittered exponential backoff between attempts, so colliding writers spread out.
 async fn backoff(attempt: u32) {
     let cap_ms = 2u64.saturating_pow(attempt.min(7)).max(2);
@@ -499,9 +556,10 @@ fn live_conn(conn: Option<ConnItem>, now_ms: i64) -> Option<ConnItem> {
 
 #[async_trait]
 impl ChatStore for DynamoStore {
-    async fn add_connection(
+    async fn add_identified_connection(
         &self,
         connection_id: &str,
+        identity: Option<&str>,
         now_ms: i64,
     ) -> Result<Connection, StoreError> {
         let expires_at = epoch_secs(now_ms) + self.retention.connection_ttl.as_secs() as i64;
@@ -509,6 +567,9 @@ impl ChatStore for DynamoStore {
         item.insert(keys::CONNECTION_ID.into(), s(connection_id));
         item.insert(keys::CONNECTED_AT.into(), n(now_ms));
         item.insert(keys::EXPIRES_AT.into(), n(expires_at));
+        if let Some(identity) = identity {
+            item.insert(keys::IDENTITY.into(), s(identity));
+        }
         self.client
             .put_item()
             .table_name(&self.tables.connections)
@@ -521,6 +582,7 @@ impl ChatStore for DynamoStore {
             connected_at: now_ms,
             expires_at,
             name: None,
+            identity: identity.map(str::to_owned),
         })
     }
 
@@ -535,6 +597,7 @@ impl ChatStore for DynamoStore {
                 connected_at: c.connected_at,
                 expires_at: c.expires_at,
                 name: c.name,
+                identity: c.identity,
             }),
         )
     }
@@ -554,9 +617,20 @@ impl ChatStore for DynamoStore {
             }
             // Read the claim first: a name that is plainly taken costs one read instead of a
             // cancelled transaction. The transaction's condition still settles races.
+            let mut evict: Option<(String, String)> = None;
             if let Some(holder) = self.get_claim(&name.key).await? {
-                if holder.connection_id != connection_id && holder.expires_at > now_s {
-                    return Err(StoreError::NameTaken(name.display.clone()));
+                match claim_standing(&holder, connection_id, conn.identity.as_deref(), now_s) {
+                    Standing::Taken => return Err(StoreError::NameTaken(name.display.clone())),
+                    Standing::Free => {}
+                    Standing::OwnOtherConnection(old_id) => {
+                        // The same identity takes its name back: its older connection (a
+                        // stale one, typically) leaves in the same transaction.
+                        if let Some(old) = self.get_conn(&old_id).await? {
+                            if old.name_key.as_deref() == Some(name.key.as_str()) {
+                                evict = Some((old_id, old.name.unwrap_or_default()));
+                            }
+                        }
+                    }
                 }
             }
             // The claim lives as long as the connection, so an abandoned name frees itself.
@@ -564,15 +638,30 @@ impl ChatStore for DynamoStore {
             claim.insert(keys::CONNECTION_ID.into(), s(connection_id));
             claim.insert(keys::NAME.into(), s(&name.display));
             claim.insert(keys::EXPIRES_AT.into(), n(conn.expires_at));
-            let mut items = vec![self.put(
-                &self.tables.connections,
-                claim,
-                Some(
-                    Expr::new("attribute_not_exists(#pk) OR #conn = :me OR #exp <= :now")
-                        .value(":me", s(connection_id))
-                        .value(":now", n(now_s)),
-                ),
-            )?];
+            let mut condition =
+                Expr::new("attribute_not_exists(#pk) OR #conn = :me OR #exp <= :now")
+                    .value(":me", s(connection_id))
+                    .value(":now", n(now_s));
+            if let Some(identity) = &conn.identity {
+                claim.insert(keys::IDENTITY.into(), s(identity));
+                condition = Expr::new(format!("{} OR #ident = :ident", condition.text))
+                    .value(":me", s(connection_id))
+                    .value(":now", n(now_s))
+                    .value(":ident", s(identity));
+            }
+            let mut items = vec![self.put(&self.tables.connections, claim, Some(condition))?];
+            let mut events = Vec::new();
+            if let Some((old_id, old_name)) = evict {
+                items.push(self.delete(
+                    keys::conn_sk(&old_id),
+                    Expr::new("#name = :name").value(":name", s(&old_name)),
+                )?);
+                events.push(ChatEvent::MemberLeft {
+                    connection_id: old_id,
+                    name: old_name,
+                    reason: LeaveReason::Replaced,
+                });
+            }
             let set = Expr::new("SET #name = :name, #nkey = :nkey")
                 .value(":name", s(&name.display))
                 .value(":nkey", s(&name.key));
@@ -585,15 +674,17 @@ impl ChatStore for DynamoStore {
                 // Release the old name only if it is still ours: an expired claim may already
                 // belong to someone else, and deleting theirs would be wrong.
                 if let Some(old_claim) = self.get_claim(old_key).await? {
-                    if old_claim.connection_id == connection_id {
-                        items.push(self.delete(
-                            keys::name_sk(old_key),
-                            Expr::new("#conn = :me").value(":me", s(connection_id)),
+                    if old_claim.connection_id.as_deref() == Some(connection_id) {
+                        items.push(self.release(
+                            old_key,
+                            connection_id,
+                            conn.identity.as_deref(),
+                            now_ms,
                         )?);
                     }
                 }
             }
-            let event = match conn.name.clone() {
+            events.push(match conn.name.clone() {
                 None => ChatEvent::MemberJoined {
                     connection_id: connection_id.to_owned(),
                     name: name.display.clone(),
@@ -603,16 +694,19 @@ impl ChatStore for DynamoStore {
                     old_name,
                     name: name.display.clone(),
                 },
-            };
-            let (stored, append) = self.append(self.current_seq().await?, event, now_ms)?;
+            });
+            let (mut stored, append) =
+                self.append_all(self.current_seq().await?, events, now_ms)?;
             items.extend(append);
             if self.transact("TransactWriteItems setName", items).await? {
-                return Ok(Some(stored));
+                return Ok(stored.pop());
             }
             // Cancelled: either the name is held by someone else (final), or a concurrent
             // writer moved the counter or this connection (try again).
             if let Some(holder) = self.get_claim(&name.key).await? {
-                if holder.connection_id != connection_id && holder.expires_at > now_s {
+                if claim_standing(&holder, connection_id, conn.identity.as_deref(), now_s)
+                    == Standing::Taken
+                {
                     return Err(StoreError::NameTaken(name.display.clone()));
                 }
             }
@@ -674,7 +768,10 @@ impl ChatStore for DynamoStore {
                 .await?
                 .filter(|c| c.expires_at > now_s)
                 .ok_or_else(|| StoreError::UnknownRecipient(to.to_owned()))?;
-            let to_conn = live_conn(self.get_conn(&recipient.connection_id).await?, now_ms)
+            let recipient_id = recipient
+                .connection_id
+                .ok_or_else(|| StoreError::UnknownRecipient(to.to_owned()))?;
+            let to_conn = live_conn(self.get_conn(&recipient_id).await?, now_ms)
                 .filter(|c| c.name_key.as_deref() == Some(to_key.as_str()))
                 .ok_or_else(|| StoreError::UnknownRecipient(to.to_owned()))?;
             let to_name = to_conn.name.clone().unwrap_or_default();
@@ -719,6 +816,7 @@ impl ChatStore for DynamoStore {
             let Some(conn) = self.get_conn(connection_id).await? else {
                 return Ok(None);
             };
+            let identity = conn.identity;
             let (Some(name), Some(key)) = (conn.name, conn.name_key) else {
                 let cond = Expr::new("attribute_exists(#pk) AND attribute_not_exists(#name)");
                 let item = self.delete(keys::conn_sk(connection_id), cond)?;
@@ -736,11 +834,8 @@ impl ChatStore for DynamoStore {
                 Expr::new("#name = :name").value(":name", s(&name)),
             )?];
             if let Some(claim) = self.get_claim(&key).await? {
-                if claim.connection_id == connection_id {
-                    items.push(self.delete(
-                        keys::name_sk(&key),
-                        Expr::new("#conn = :me").value(":me", s(connection_id)),
-                    )?);
+                if claim.connection_id.as_deref() == Some(connection_id) {
+                    items.push(self.release(&key, connection_id, identity.as_deref(), now_ms)?);
                 }
             }
             let event = ChatEvent::MemberLeft {
@@ -833,7 +928,10 @@ impl ChatStore for DynamoStore {
                 .await;
             match result {
                 Ok(_) => return Ok(true),
-                Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+                {
                     backoff(attempt).await;
                 }
                 Err(e) => return Err(StoreError::backend("UpdateItem rate limit", e)),

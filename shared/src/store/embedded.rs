@@ -33,12 +33,13 @@ use tracing::warn;
 
 use super::{
     epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError,
+    NAME_RESERVATION_SECS,
 };
 use crate::config::Retention;
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys;
-use crate::stream::{RecordSource, SourceError};
 use crate::ratelimit::{self, Bucket, RateLimit};
+use crate::stream::{RecordSource, SourceError};
 use crate::validation::{name_key, ValidName};
 
 /// The region, account and stream label of the ARN every record carries. Nothing routes on
@@ -60,6 +61,8 @@ struct ConnItem {
     name: Option<Named>,
     /// The rate-limit bucket (`rlTokens`, `rlAt`).
     bucket: Option<Bucket>,
+    /// The authenticated subject, when `$connect` authentication is on.
+    identity: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,7 +74,10 @@ struct Named {
 /// A name claim (`NAME#<nameKey>`): who holds the name, until when.
 #[derive(Debug, Clone)]
 struct Claim {
-    connection_id: String,
+    /// `None` once released by an authenticated holder: the name is then reserved for its
+    /// identity until `expires_at`.
+    connection_id: Option<String>,
+    identity: Option<String>,
     /// Kept as the DynamoDB claim item keeps it, though nothing here reads it back.
     #[allow(dead_code)]
     name: String,
@@ -120,6 +126,26 @@ impl State {
 
     /// Fails the operation `op` if a failure was injected; checked before anything is read or
     /// written, so a failed operation leaves no trace.
+    /// Gives up a name claim the connection still holds (an expired one may belong to someone
+    /// else by now): removed, or kept for an authenticated holder's identity as a reservation.
+    fn release(&mut self, key: &str, connection_id: &str, identity: Option<&str>, now_s: i64) {
+        let Some(claim) = self.claims.get_mut(key) else {
+            return;
+        };
+        if claim.connection_id.as_deref() != Some(connection_id) {
+            return;
+        }
+        match identity {
+            Some(_) => {
+                claim.connection_id = None;
+                claim.expires_at = now_s + NAME_RESERVATION_SECS;
+            }
+            None => {
+                self.claims.remove(key);
+            }
+        }
+    }
+
     fn injected_failure(&mut self, op: &'static str) -> Result<(), StoreError> {
         if self.failures_left == 0 {
             return Ok(());
@@ -402,9 +428,10 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl ChatStore for EmbeddedStore {
-    async fn add_connection(
+    async fn add_identified_connection(
         &self,
         connection_id: &str,
+        identity: Option<&str>,
         now_ms: i64,
     ) -> Result<Connection, StoreError> {
         let expires_at = epoch_secs(now_ms) + self.shared.retention.connection_ttl.as_secs() as i64;
@@ -419,6 +446,7 @@ impl ChatStore for EmbeddedStore {
                 expires_at,
                 name: None,
                 bucket: None,
+                identity: identity.map(str::to_owned),
             },
         );
         Ok(Connection {
@@ -426,6 +454,7 @@ impl ChatStore for EmbeddedStore {
             connected_at: now_ms,
             expires_at,
             name: None,
+            identity: identity.map(str::to_owned),
         })
     }
 
@@ -442,6 +471,7 @@ impl ChatStore for EmbeddedStore {
                 connected_at: c.connected_at,
                 expires_at: c.expires_at,
                 name: c.name.as_ref().map(|n| n.display.clone()),
+                identity: c.identity.clone(),
             }))
     }
 
@@ -462,11 +492,32 @@ impl ChatStore for EmbeddedStore {
         if old.as_ref().map(|n| n.display.as_str()) == Some(name.display.as_str()) {
             return Ok(None);
         }
-        // The claim condition: free, ours already, or expired (its holder is gone).
+        // The claim condition: free, ours already, expired (its holder is gone), or held for
+        // the same identity — which takes it back, evicting its own older connection.
+        let mut evict = None;
         if let Some(holder) = state.live_claim(&name.key, now_s) {
-            if holder.connection_id != connection_id {
+            let mine = holder.connection_id.as_deref() == Some(connection_id);
+            let same_owner = conn.identity.is_some() && holder.identity == conn.identity;
+            if !mine && !same_owner {
                 return Err(StoreError::NameTaken(name.display.clone()));
             }
+            if !mine {
+                evict = holder
+                    .connection_id
+                    .clone()
+                    .and_then(|old_id| state.connections.get(&keys::conn_sk(&old_id)).cloned())
+                    .filter(|old| old.name.as_ref().is_some_and(|n| n.key == name.key));
+            }
+        }
+        if let Some(old) = evict {
+            let left = ChatEvent::MemberLeft {
+                connection_id: old.connection_id.clone(),
+                name: old.name.map(|n| n.display).unwrap_or_default(),
+                reason: LeaveReason::Replaced,
+            };
+            let pending = self.shared.prepare(state.seq, left, now_ms)?;
+            state.connections.remove(&keys::conn_sk(&old.connection_id));
+            self.finish(&mut state, pending);
         }
         let event = match &old {
             None => ChatEvent::MemberJoined {
@@ -481,20 +532,13 @@ impl ChatStore for EmbeddedStore {
         };
         let pending = self.shared.prepare(state.seq, event, now_ms)?;
         if let Some(old) = old.filter(|o| o.key != name.key) {
-            // Release the old name only if it is still ours: an expired claim may already
-            // belong to someone else.
-            if state
-                .claims
-                .get(&old.key)
-                .is_some_and(|c| c.connection_id == connection_id)
-            {
-                state.claims.remove(&old.key);
-            }
+            state.release(&old.key, connection_id, conn.identity.as_deref(), now_s);
         }
         state.claims.insert(
             name.key.clone(),
             Claim {
-                connection_id: connection_id.to_owned(),
+                connection_id: Some(connection_id.to_owned()),
+                identity: conn.identity.clone(),
                 name: name.display.clone(),
                 expires_at: conn.expires_at,
             },
@@ -550,7 +594,10 @@ impl ChatStore for EmbeddedStore {
         let unknown = || StoreError::UnknownRecipient(to.to_owned());
         let recipient = state.live_claim(&to_key, now_s).ok_or_else(unknown)?;
         let to_conn = state
-            .live_conn(&recipient.connection_id, now_s)
+            .live_conn(
+                recipient.connection_id.as_deref().unwrap_or_default(),
+                now_s,
+            )
             .filter(|c| c.name.as_ref().is_some_and(|n| n.key == to_key))
             .ok_or_else(unknown)?;
         let event = ChatEvent::PrivateMessageSent {
@@ -592,15 +639,12 @@ impl ChatStore for EmbeddedStore {
         };
         let pending = self.shared.prepare(state.seq, event, now_ms)?;
         state.connections.remove(&sk);
-        // Only a claim this connection still holds is released (an expired one may have been
-        // taken by someone else since).
-        if state
-            .claims
-            .get(&named.key)
-            .is_some_and(|c| c.connection_id == connection_id)
-        {
-            state.claims.remove(&named.key);
-        }
+        state.release(
+            &named.key,
+            connection_id,
+            conn.identity.as_deref(),
+            epoch_secs(now_ms),
+        );
         Ok(Some(self.finish(&mut state, pending)))
     }
 

@@ -29,7 +29,13 @@ pub struct Connection {
     pub expires_at: i64,
     /// Set once the connection has joined with `setName`.
     pub name: Option<String>,
+    /// The authenticated subject, when `$connect` authentication is on.
+    pub identity: Option<String>,
 }
+
+/// How long a name stays reserved for an authenticated identity after its connection lets it
+/// go (disconnect, prune, rename): only the same identity can claim it meanwhile.
+pub const NAME_RESERVATION_SECS: i64 = 24 * 3600;
 
 /// A connection that has set a name: someone who receives the chat.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +120,19 @@ pub trait ChatStore: Send + Sync {
     async fn add_connection(
         &self,
         connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Connection, StoreError> {
+        self.add_identified_connection(connection_id, None, now_ms)
+            .await
+    }
+
+    /// [`ChatStore::add_connection`] for an authenticated connection: its names are then
+    /// bound to `identity` — an identity takes back a name its own older connection holds,
+    /// and a name it lets go stays reserved for it for [`NAME_RESERVATION_SECS`].
+    async fn add_identified_connection(
+        &self,
+        connection_id: &str,
+        identity: Option<&str>,
         now_ms: i64,
     ) -> Result<Connection, StoreError>;
 
