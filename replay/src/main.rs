@@ -1,0 +1,20 @@
+//! `chat-replay`: the operator tool's entry point. Parses the command line, runs the command
+//! (all logic is in the library), and turns an error into one line on stderr and exit code 1.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    chat_replay::cli::init_logging();
+    let cli = chat_replay::cli::Cli::parse();
+    match chat_replay::cli::run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` puts the whole cause chain on the one line.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

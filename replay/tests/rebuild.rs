@@ -1,0 +1,310 @@
+//! `chat-replay rebuild` against moto: state built through the chat's store, then corrupted
+//! behind its back with the SDK, then reported, fixed, and used again.
+
+mod common;
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use chat_replay::rebuild::{rebuild, Drift, MemberRef, RebuildReport};
+use chat_shared::events::{ChatEvent, LeaveReason};
+use chat_shared::store::{ChatStore, StoreError};
+use common::{stderr, stdout, valid, World};
+use indicatif::ProgressBar;
+use serde_json::Value;
+
+type Item = HashMap<String, AttributeValue>;
+
+fn s(v: &str) -> AttributeValue {
+    AttributeValue::S(v.to_owned())
+}
+
+fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn key(sk: &str) -> Item {
+    HashMap::from([("pk".to_owned(), s("ROOM#lobby")), ("sk".to_owned(), s(sk))])
+}
+
+impl World {
+    async fn rebuild(&self, apply: bool) -> RebuildReport {
+        rebuild(
+            &self.log(),
+            &self.connections(),
+            apply,
+            chat_shared::now_ms(),
+            &ProgressBar::hidden(),
+        )
+        .await
+        .expect("rebuild")
+    }
+
+    /// Every item of the connections table, in key order.
+    async fn connections_items(&self) -> Vec<Item> {
+        let mut items = self
+            .client
+            .scan()
+            .table_name(&self.tables.connections)
+            .consistent_read(true)
+            .send()
+            .await
+            .expect("scan")
+            .items
+            .unwrap_or_default();
+        items.sort_by_key(|i| format!("{:?}", i.get("sk")));
+        items
+    }
+
+    async fn get(&self, sk: &str) -> Option<Item> {
+        self.client
+            .get_item()
+            .table_name(&self.tables.connections)
+            .set_key(Some(key(sk)))
+            .consistent_read(true)
+            .send()
+            .await
+            .expect("get")
+            .item
+    }
+
+    async fn put(&self, item: Item) {
+        self.client
+            .put_item()
+            .table_name(&self.tables.connections)
+            .set_item(Some(item))
+            .send()
+            .await
+            .expect("put");
+    }
+
+    async fn delete(&self, sk: &str) {
+        self.client
+            .delete_item()
+            .table_name(&self.tables.connections)
+            .set_key(Some(key(sk)))
+            .send()
+            .await
+            .expect("delete");
+    }
+
+    async fn set(&self, sk: &str, attrs: &[(&str, AttributeValue)]) {
+        let mut item = self.get(sk).await.expect("item to change");
+        for (name, value) in attrs {
+            item.insert((*name).to_owned(), value.clone());
+        }
+        self.put(item).await;
+    }
+}
+
+/// 1 alice (A) joins, 2 bob (B) joins, 3 carol (C) joins, 4 alice posts, 5 carol leaves,
+/// 6 dave (D) joins: a consistent room, the way the chat leaves it. Returns C's item as it was
+/// before she left.
+async fn seed(w: &World) -> Item {
+    let now = chat_shared::now_ms();
+    w.join("A", "alice", now).await;
+    w.join("B", "bob", now).await;
+    w.join("C", "carol", now).await;
+    w.store.post_public("A", "hi", now).await.expect("post");
+    let carol = w.get("CONN#C").await.expect("C's item");
+    w.store
+        .remove_connection("C", LeaveReason::Disconnected, now)
+        .await
+        .expect("leave");
+    w.join("D", "dave", now).await;
+    carol
+}
+
+/// The drift the corruption below causes, in report order.
+async fn expected_drift(w: &World) -> Vec<Drift> {
+    let bob = w
+        .store
+        .connection("B", chat_shared::now_ms())
+        .await
+        .expect("read")
+        .expect("bob is connected");
+    vec![
+        Drift::SeqBehind {
+            found: Some(2),
+            expected: 6,
+        },
+        Drift::NameDiffers {
+            connection_id: "A".into(),
+            found: Some("mallory".into()),
+            found_key: Some("mallory".into()),
+            expected: Some("alice".into()),
+        },
+        Drift::LeftButPresent {
+            connection_id: "C".into(),
+            name: Some("carol".into()),
+            owned_claim: None,
+        },
+        Drift::ClaimMissing {
+            connection_id: "B".into(),
+            name: "bob".into(),
+            name_key: "bob".into(),
+            expires_at: bob.expires_at,
+            found_owner: None,
+        },
+        Drift::OrphanClaim {
+            name_key: "ghost".into(),
+            connection_id: "nobody".into(),
+        },
+    ]
+}
+
+/// Corrupts the connections table the five ways the rebuild knows, plus a member whose
+/// connection vanished without an event.
+async fn corrupt(w: &World, carol: Item) {
+    // (4) bob's claim is lost
+    w.delete("NAME#bob").await;
+    // (2) alice's connection shows another name
+    w.set(
+        "CONN#A",
+        &[("name", s("mallory")), ("nameKey", s("mallory"))],
+    )
+    .await;
+    // (5) a claim nobody holds
+    let mut ghost = key("NAME#ghost");
+    ghost.insert("connectionId".into(), s("nobody"));
+    ghost.insert("name".into(), s("ghost"));
+    ghost.insert("expiresAt".into(), n(chat_shared::now_ms() / 1000 + 3_600));
+    w.put(ghost).await;
+    // (1) the counter is behind the log
+    w.set("SEQ", &[("seq", n(2))]).await;
+    // (3) carol left, but her connection item is back
+    w.put(carol).await;
+    // dave's items vanish without a MemberLeft (as if both expired by TTL)
+    w.delete("CONN#D").await;
+    w.delete("NAME#dave").await;
+}
+
+fn dave() -> Vec<MemberRef> {
+    vec![MemberRef {
+        connection_id: "D".into(),
+        name: "dave".into(),
+    }]
+}
+
+#[tokio::test]
+async fn rebuild_reports_exactly_the_drift_fixes_it_with_apply_and_the_chat_goes_on() {
+    // GIVEN a room built through the chat's store
+    let w = World::new().await;
+    let carol = seed(&w).await;
+    // (a room the chat itself left has no drift)
+    let clean = w.rebuild(false).await;
+    assert_eq!(clean.drifts(), Vec::<&Drift>::new(), "{clean}");
+    assert!(clean.members_without_connection.is_empty());
+    assert_eq!((clean.events_read, clean.max_event_id), (6, 6));
+
+    // AND its connections table corrupted behind the store's back
+    corrupt(&w, carol).await;
+    let expected = expected_drift(&w).await;
+    let before = w.connections_items().await;
+
+    // WHEN rebuild runs without --apply
+    let report = w.rebuild(false).await;
+
+    // THEN it reports exactly those drifts, and dave as a member without a connection
+    assert_eq!(
+        report.drifts(),
+        expected.iter().collect::<Vec<_>>(),
+        "{report}"
+    );
+    assert_eq!(report.members_without_connection, dave());
+    assert!(!report.applied);
+    assert_eq!(report.fixed, 0);
+    // AND it changed nothing
+    assert_eq!(w.connections_items().await, before);
+
+    // WHEN the binary runs it with --apply
+    let out = w.run(&["rebuild", "--apply", "--json"]).await;
+
+    // THEN it fixed all five
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let applied: Value = serde_json::from_str(&stdout(&out)).expect("a JSON report");
+    assert_eq!(applied["applied"], true);
+    assert_eq!(applied["fixed"], 5, "{applied:#}");
+    assert_eq!(applied["skipped"], 0);
+    let kinds: Vec<(&str, &str)> = applied["drift"]
+        .as_array()
+        .expect("drift list")
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap_or_default(),
+                d["outcome"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("seqBehind", "fixed"),
+            ("nameDiffers", "fixed"),
+            ("leftButPresent", "fixed"),
+            ("claimMissing", "fixed"),
+            ("orphanClaim", "fixed"),
+        ]
+    );
+
+    // AND a second run finds no drift (dave is still reported, never fixed)
+    let again = w.rebuild(false).await;
+    assert_eq!(again.drifts(), Vec::<&Drift>::new(), "{again}");
+    assert_eq!(again.members_without_connection, dave());
+
+    // AND the chat works on it: ids continue after the highest, names are where the log says
+    let now = chat_shared::now_ms();
+    let erin = w.join("E", "erin", now).await;
+    assert_eq!(erin.seq, 7);
+    let posted = w.store.post_public("A", "back", now).await.expect("post");
+    assert_eq!(posted.seq, 8);
+    assert!(matches!(posted.event, ChatEvent::MessagePosted { ref name, .. } if name == "alice"));
+    assert!(matches!(
+        w.store.set_name("E", &valid("bob"), now).await,
+        Err(StoreError::NameTaken(_))
+    ));
+    let renamed = w
+        .store
+        .set_name("E", &valid("ghost"), now)
+        .await
+        .expect("the orphaned name is free again")
+        .expect("a rename");
+    assert_eq!(renamed.seq, 9);
+    assert_eq!(
+        w.store.connection("C", now).await.expect("read"),
+        None,
+        "carol stays gone"
+    );
+}
+
+#[tokio::test]
+async fn the_default_dry_run_prints_a_readable_report_and_writes_nothing() {
+    // GIVEN a corrupted room
+    let w = World::new().await;
+    let carol = seed(&w).await;
+    corrupt(&w, carol).await;
+    let before = w.connections_items().await;
+
+    // WHEN the binary runs `rebuild` with no flags
+    let out = w.run(&["rebuild"]).await;
+
+    // THEN a person can read what is wrong, and that nothing was done about it
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let text = stdout(&out);
+    for expected in [
+        "room lobby: 6 events read, highest id 6",
+        "drift (5):",
+        "SEQ counter is 2, below the highest event id 6",
+        "CONN#A has \"mallory\", the log says \"alice\"",
+        "CONN#C (\"carol\") is present but the log says it left",
+        "NAME#bob is missing for member B (\"bob\")",
+        "NAME#ghost is held by nobody, which is not a live member with that name",
+        "members without a connection (1)",
+        "D (\"dave\")",
+        "dry run: nothing was changed; run with --apply to fix 5 drift(s)",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    assert_eq!(w.connections_items().await, before);
+}
