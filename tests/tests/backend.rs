@@ -901,3 +901,41 @@ async fn many_gone_connections_are_pruned_together() {
         None
     );
 }
+
+#[tokio::test]
+async fn a_sequence_counter_behind_the_log_heals_itself() {
+    // GIVEN alice has joined and spoken (ids 1 and 2), then the room's counter is set back to 0
+    // (say, restored from an old backup)
+    let mut w = World::new().await.expect("world");
+    w.join("A", "alice").await;
+    assert_eq!(
+        w.send("A", json!({"action":"sendPublic","message":"one"}))
+            .await,
+        None
+    );
+    w.fan_out().await;
+    w.moto
+        .dynamodb()
+        .put_item()
+        .table_name(&w.tables.connections)
+        .item("pk", AttributeValue::S("ROOM#lobby".into()))
+        .item("sk", AttributeValue::S("SEQ".into()))
+        .item("seq", AttributeValue::N("0".into()))
+        .send()
+        .await
+        .expect("corrupt the counter");
+    w.endpoint.clear();
+
+    // WHEN she speaks again
+    let err = w
+        .send("A", json!({"action":"sendPublic","message":"two"}))
+        .await;
+
+    // THEN it is stored under the next free id, not refused
+    assert_eq!(err, None);
+    w.fan_out().await;
+    let frames = w.endpoint.frames_for("A");
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0]["publicMessage"], json!("alice: two"));
+    assert_eq!(frames[0]["id"], json!(3));
+}

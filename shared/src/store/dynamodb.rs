@@ -343,11 +343,8 @@ impl DynamoStore {
             return Ok((Vec::new(), Vec::new()));
         }
         let last = current + events.len() as u64;
-        let cond = if current == 0 {
-            Expr::new("attribute_not_exists(#seq)")
-        } else {
-            Expr::new("#seq = :cur").value(":cur", n(current))
-        };
+        // A missing counter reads as 0.
+        let cond = Expr::new("attribute_not_exists(#seq) OR #seq = :cur").value(":cur", n(current));
         let mut items = vec![self.update(
             keys::SEQ_SK.to_owned(),
             Expr::new("SET #seq = :next").value(":next", n(last)),
@@ -480,9 +477,66 @@ impl DynamoStore {
             if self.transact("TransactWriteItems prune", items).await? {
                 return Ok(stored);
             }
-            backoff(attempt).await;
+            self.after_cancel(attempt).await?;
         }
         Err(StoreError::Contention(MAX_ATTEMPTS))
+    }
+
+    /// What a writer does after its transaction was cancelled: back off, and on the third try
+    /// check that the room's counter is not behind its newest event. A counter behind the log
+    /// (restored from an old backup, edited by hand) would make every append collide with an
+    /// existing event forever; this moves it forward instead.
+    async fn after_cancel(&self, attempt: u32) -> Result<(), StoreError> {
+        backoff(attempt).await;
+        if attempt == 3 {
+            self.heal_counter().await?;
+        }
+        Ok(())
+    }
+
+    async fn heal_counter(&self) -> Result<(), StoreError> {
+        let counter = self.current_seq().await?;
+        let newest = self
+            .client
+            .query()
+            .table_name(&self.tables.events)
+            .key_condition_expression("#pk = :pk")
+            .expression_attribute_names("#pk", keys::PK)
+            .expression_attribute_values(":pk", s(&self.room_pk))
+            .scan_index_forward(false)
+            .limit(1)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| StoreError::backend("Query newest event", e))?
+            .items
+            .unwrap_or_default()
+            .into_iter()
+            .next()
+            .and_then(|item| {
+                item.get(keys::SEQ)
+                    .and_then(|v| v.as_n().ok())
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        if newest <= counter {
+            return Ok(());
+        }
+        tracing::warn!(
+            counter,
+            newest,
+            "the room's sequence counter was behind its log; moving it forward"
+        );
+        let cond = Expr::new("attribute_not_exists(#seq) OR #seq = :cur").value(":cur", n(counter));
+        let item = self.update(
+            keys::SEQ_SK.to_owned(),
+            Expr::new("SET #seq = :next").value(":next", n(newest)),
+            cond,
+        )?;
+        // A concurrent writer may have moved it first; either way the next read is right.
+        self.transact("TransactWriteItems heal counter", vec![item])
+            .await?;
+        Ok(())
     }
 
     /// Commits the items; `Ok(false)` when DynamoDB cancelled the transaction (a condition
@@ -710,7 +764,7 @@ impl ChatStore for DynamoStore {
                     return Err(StoreError::NameTaken(name.display.clone()));
                 }
             }
-            backoff(attempt).await;
+            self.after_cancel(attempt).await?;
         }
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
@@ -742,7 +796,7 @@ impl ChatStore for DynamoStore {
             {
                 return Ok(stored);
             }
-            backoff(attempt).await;
+            self.after_cancel(attempt).await?;
         }
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
@@ -800,7 +854,7 @@ impl ChatStore for DynamoStore {
             {
                 return Ok(stored);
             }
-            backoff(attempt).await;
+            self.after_cancel(attempt).await?;
         }
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
@@ -851,7 +905,7 @@ impl ChatStore for DynamoStore {
             {
                 return Ok(Some(stored));
             }
-            backoff(attempt).await;
+            self.after_cancel(attempt).await?;
         }
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
