@@ -27,8 +27,8 @@
 //! | `ROOM#<room>` | `NAME#<nameKey>`   | a name claim: `connectionId`, `name`, `expiresAt` |
 //! | `ROOM#<room>` | `SEQ`              | `seq`: the last event id given out in the room (no TTL) |
 //!
-//! `nameKey` is the name NFKC-normalised and lower-cased (`validation::name_key`): names are
-//! unique ignoring case and Unicode compatibility differences. A member is a
+//! `nameKey` is the name's NFKC_Casefold without invisible characters (`validation::name_key`):
+//! names are unique ignoring case and Unicode compatibility differences. A member is a
 //! `CONN#` item with a `name`. `expiresAt` is epoch seconds; DynamoDB deletes expired items
 //! only eventually, so every read also treats `expiresAt <= now` as absent.
 

@@ -2,10 +2,11 @@
 //!
 //! Names: trimmed of surrounding whitespace, then 1–32 characters (Unicode scalar values),
 //! with no control characters and no bidirectional-override or isolate characters (they let
-//! a name render as a different one). Uniqueness ignores case and Unicode compatibility
-//! differences: the claim key is the NFKC-normalised, lower-cased name, so names that only
-//! look different in their encoding (full-width letters, ligatures, composed and decomposed
-//! accents) are the same name. The name is shown as typed (trimmed). Messages: non-empty once whitespace is ignored,
+//! a name render as a different one), and at least one visible character. Uniqueness ignores
+//! case and Unicode compatibility differences: the claim key is the name's NFKC_Casefold (with
+//! invisible characters dropped), so names that only look different in their encoding
+//! (full-width letters, ligatures, composed and decomposed accents, zero-width characters,
+//! `ß`/`ss`) are the same name. The name is shown as typed (trimmed). Messages: non-empty once whitespace is ignored,
 //! and at most `max_bytes` bytes of UTF-8 (4096 by default, `MAX_MESSAGE_BYTES`).
 
 use crate::protocol::{ErrorCode, Refusal};
@@ -26,12 +27,32 @@ fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
-/// The key that makes a name unique: NFKC-normalised, then lower-cased, then NFKC again
-/// (lower-casing can denormalise). So `Alice`, `ALICE`, `Ａｌｉｃｅ` (full-width) and an `é`
-/// typed as `e` + combining accent all claim the same name.
+/// Unicode's Default_Ignorable_Code_Point: characters that render as nothing (zero-width
+/// spaces and joiners, variation selectors, soft hyphens, tags, …). They cannot make a name
+/// different, and a name made only of them shows as nothing.
+fn is_default_ignorable(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}'..='\u{1160}' | '\u{17B4}'..='\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFF8}' | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
+}
+
+/// The key that makes a name unique: Unicode's NFKC_Casefold, near enough — NFKC, full case
+/// folding, invisible (default-ignorable) characters dropped, NFKC again. So `Alice`, `ALICE`,
+/// `Ａｌｉｃｅ` (full-width), `Straße`/`STRASSE`, an `é` typed as `e` + combining accent, and
+/// `bob` with a zero-width space inside all claim one name.
 pub fn name_key(display: &str) -> String {
     use unicode_normalization::UnicodeNormalization;
-    let folded: String = display.nfkc().collect::<String>().to_lowercase();
+    let compatible: String = display.nfkc().collect();
+    // Lower-casing after folding covers letters newer than the folding tables (Rust's own
+    // case data follows the latest Unicode).
+    let folded: String = caseless::default_case_fold_str(&compatible)
+        .to_lowercase()
+        .chars()
+        .filter(|c| !is_default_ignorable(*c))
+        .collect();
     folded.nfkc().collect()
 }
 
@@ -58,6 +79,12 @@ pub fn validate_name(raw: &str) -> Result<ValidName, Refusal> {
     }
     if display.chars().any(is_bidi_control) {
         return refuse("A name cannot contain bidirectional override characters.".into());
+    }
+    if display
+        .chars()
+        .all(|c| c.is_whitespace() || is_default_ignorable(c))
+    {
+        return refuse("A name must have at least one visible character.".into());
     }
     Ok(ValidName {
         display: display.to_owned(),
@@ -105,6 +132,9 @@ mod tests {
         assert_eq!(key("Alice"), key("ＡＬＩＣＥ"));
         assert_eq!(key("José"), key("Jose\u{301}"));
         assert_eq!(key("ﬁona"), key("Fiona"));
+        assert_eq!(key("Straße"), key("STRASSE"));
+        assert_eq!(key("bob"), key("b\u{200B}ob"));
+        assert!(validate_name("\u{200B}\u{FEFF}").is_err());
         assert_ne!(key("alice"), key("alicia"));
         // Shown as typed.
         assert_eq!(

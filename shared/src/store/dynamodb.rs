@@ -1082,11 +1082,19 @@ impl ChatStore for DynamoStore {
                 .await
                 .map_err(|e| StoreError::backend("Query events", e))?;
             for item in out.items.unwrap_or_default() {
-                let item: EventItem = serde_dynamo::from_item(item)
-                    .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
-                let event = StoredEvent::try_from(item)
-                    .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
-                events.push(event);
+                // An item that is not an event (written by hand, or by a newer version) is
+                // skipped, as the fan-out skips it: one bad item must not make the history
+                // unreadable for its whole retention.
+                let seq = item.get(keys::SEQ).and_then(|v| v.as_n().ok()).cloned();
+                match serde_dynamo::from_item::<_, EventItem>(item)
+                    .map_err(|e| e.to_string())
+                    .and_then(|i| StoredEvent::try_from(i).map_err(|e| e.to_string()))
+                {
+                    Ok(event) => events.push(event),
+                    Err(e) => {
+                        tracing::warn!(?seq, error = %e, "skipping an events-table item that is not a chat event")
+                    }
+                }
             }
             match out.last_evaluated_key {
                 Some(key) if events.len() < limit => start = Some(key),
