@@ -478,6 +478,87 @@ async fn rate_limit_scenario(mode: Mode) {
     local.stop().await;
 }
 
+async fn catch_up_scenario(mode: Mode) {
+    // GIVEN alice, bob and carol; alice has seen everything so far
+    let local = Local::start_with(mode, GatewayConfig::default(), |o| {
+        o.handler.rate_limit.per_second = 0;
+    })
+    .await;
+    let mut alice = local.member("alice").await;
+    let mut bob = local.member("bob").await;
+    let mut carol = local.member("carol").await;
+    alice
+        .until(|f| f["systemMessage"] == json!("carol has joined the chat"))
+        .await;
+    bob.send(json!({"action":"sendPublic","message":"before"}))
+        .await;
+    let seen = alice
+        .until(|f| f["publicMessage"] == json!("bob: before"))
+        .await;
+    let last_id = seen["id"].as_u64().expect("id");
+
+    // WHEN alice drops; bob and carol keep writing while she is away, and while she catches up
+    drop(alice);
+    let writer = |mut c: Client, who: &'static str| {
+        tokio::spawn(async move {
+            for i in 0..15 {
+                c.send(json!({"action":"sendPublic","message":format!("{who}-{i}")}))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            c
+        })
+    };
+    let bob_writes = writer(bob, "b");
+    let carol_writes = writer(carol, "c");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut again = local.client().await;
+    again.send(json!({"action":"setName","name":"alice"})).await;
+    again
+        .send(json!({"action":"history","after":last_id,"limit":4}))
+        .await;
+    // She follows `next` and merges with the live frames, deduplicating by id.
+    let mut got: std::collections::BTreeMap<u64, String> = Default::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let expected: Vec<String> = (0..15)
+        .flat_map(|i| [format!("bob: b-{i}"), format!("carol: c-{i}")])
+        .collect();
+    let mut paging = true;
+    while paging || !expected.iter().all(|m| got.values().any(|g| g == m)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "caught up in time: {got:?}"
+        );
+        let f = again.next().await;
+        if let Some(page) = f.get("history") {
+            for frame in page["frames"].as_array().expect("frames") {
+                if let Some(text) = frame["publicMessage"].as_str() {
+                    got.insert(frame["id"].as_u64().expect("id"), text.to_owned());
+                }
+            }
+            match page.get("next") {
+                Some(next) => again.send(next.clone()).await,
+                None => paging = false,
+            }
+        } else if let Some(text) = f["publicMessage"].as_str() {
+            let id = f["id"].as_u64().expect("id");
+            if let Some(previous) = got.insert(id, text.to_owned()) {
+                assert_eq!(previous, text, "one id, one message");
+            }
+        }
+    }
+    bob_writes.await.expect("bob");
+    carol_writes.await.expect("carol");
+
+    // THEN after dedupe by id she has every message sent while she was away, exactly once
+    let texts: Vec<&String> = got.values().collect();
+    for m in &expected {
+        assert_eq!(texts.iter().filter(|t| **t == m).count(), 1, "{m}");
+    }
+    assert!(got.keys().all(|id| *id > last_id));
+    local.stop().await;
+}
+
 /// A JWT for `sub`, signed with `key`, valid for an hour.
 fn token(key: &[u8], sub: &str) -> String {
     #[derive(serde::Serialize)]
@@ -557,6 +638,11 @@ mod embedded {
     use super::*;
 
     #[tokio::test]
+    async fn a_client_that_reconnects_catches_up_on_everything_it_missed() {
+        catch_up_scenario(Mode::Embedded).await;
+    }
+
+    #[tokio::test]
     async fn with_a_key_only_valid_tokens_connect_and_names_follow_identities() {
         auth_scenario(Mode::Embedded).await;
     }
@@ -605,6 +691,11 @@ mod embedded {
 
 mod moto {
     use super::*;
+
+    #[tokio::test]
+    async fn a_client_that_reconnects_catches_up_on_everything_it_missed() {
+        catch_up_scenario(Mode::Moto).await;
+    }
 
     #[tokio::test]
     async fn with_a_key_only_valid_tokens_connect_and_names_follow_identities() {
