@@ -486,7 +486,7 @@ async fn catch_up_scenario(mode: Mode) {
     .await;
     let mut alice = local.member("alice").await;
     let mut bob = local.member("bob").await;
-    let mut carol = local.member("carol").await;
+    let carol = local.member("carol").await;
     alice
         .until(|f| f["systemMessage"] == json!("carol has joined the chat"))
         .await;
