@@ -242,10 +242,12 @@ pub async fn deliver_event_until(
             to_connection_id, ..
         } => {
             let frames: Arc<[Vec<u8>]> = Arc::new([stored.message_frame().to_json().into_bytes()]);
-            vec![(
+            let mut tally = Tally::default();
+            tally.record(
                 to_connection_id.clone(),
                 sender.send_all(to_connection_id, &frames).await,
-            )]
+            );
+            tally
         }
         ChatEvent::MessagePosted { .. } => {
             let frames: Arc<[Vec<u8>]> = Arc::new([stored.message_frame().to_json().into_bytes()]);
@@ -387,30 +389,43 @@ fn names_phrase(names: &[&str]) -> String {
     }
 }
 
-/// Tallies the outcomes, prunes the connections found gone, and fails if deliveries that can
-/// succeed later did not.
-async fn settle(
-    store: &dyn ChatStore,
-    outcomes: Vec<(String, Result<(), DeliveryError>)>,
-    now_ms: i64,
-) -> Result<DeliveryReport, FanoutError> {
-    let mut report = DeliveryReport::default();
-    let mut retryable = 0;
-    let mut last_retryable = None;
-    for (connection_id, outcome) in outcomes {
+/// The outcomes of a unit's deliveries, counted as they complete: a broadcast keeps counts
+/// and the (few) gone connections, never one entry per recipient.
+#[derive(Default)]
+struct Tally {
+    report: DeliveryReport,
+    retryable: usize,
+    last_retryable: Option<DeliveryError>,
+}
+
+impl Tally {
+    fn record(&mut self, connection_id: String, outcome: Result<(), DeliveryError>) {
         match outcome {
-            Ok(()) => report.delivered += 1,
-            Err(DeliveryError::Gone) => report.pruned.push(connection_id),
+            Ok(()) => self.report.delivered += 1,
+            Err(DeliveryError::Gone) => self.report.pruned.push(connection_id),
             Err(e) if e.is_retryable() => {
-                retryable += 1;
-                last_retryable = Some(e);
+                self.retryable += 1;
+                self.last_retryable = Some(e);
             }
             Err(e) => {
                 warn!(connection_id, error = %e, "frame refused; not retrying");
-                report.rejected += 1;
+                self.report.rejected += 1;
             }
         }
     }
+}
+
+/// Prunes the connections found gone, and fails if deliveries that can succeed later did not.
+async fn settle(
+    store: &dyn ChatStore,
+    tally: Tally,
+    now_ms: i64,
+) -> Result<DeliveryReport, FanoutError> {
+    let Tally {
+        report,
+        retryable,
+        last_retryable,
+    } = tally;
     if !report.pruned.is_empty() {
         // Their MemberLeft events go through the stream like any other, so others see them leave.
         store
@@ -439,7 +454,7 @@ impl Sender<'_> {
         &self,
         recipients: impl Stream<Item = Member>,
         frames: &Arc<[Vec<u8>]>,
-    ) -> Vec<(String, Result<(), DeliveryError>)> {
+    ) -> Tally {
         recipients
             .map(|m| {
                 let frames = Arc::clone(frames);
@@ -449,7 +464,10 @@ impl Sender<'_> {
                 }
             })
             .buffer_unordered(self.config.concurrency)
-            .collect()
+            .fold(Tally::default(), |mut tally, (id, outcome)| async move {
+                tally.record(id, outcome);
+                tally
+            })
             .await
     }
 

@@ -309,13 +309,17 @@ fn item_size(item: &Item) -> i64 {
         .sum()
 }
 
+/// Member items per page when no limit is set (see [`EmbeddedStore`]'s `page_limit`).
+pub const DEFAULT_PAGE_ITEMS: usize = 1_000;
+
 /// The embedded store: cheap to clone, every clone (and every [`EmbeddedFeed`]) sees the same
 /// chat.
 #[derive(Debug, Clone)]
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
-    /// Connection items evaluated per member page, like DynamoDB's `Limit`; `None` returns
-    /// every member in one page.
+    /// Connection items evaluated per member page, like DynamoDB's `Limit`. DynamoDB ends a
+    /// page at 1 MB (a few thousand member items) even without one; [`DEFAULT_PAGE_ITEMS`]
+    /// stands in for that, so a broadcast streams its recipients here as it does on AWS.
     page_limit: Option<usize>,
 }
 
@@ -333,7 +337,7 @@ impl EmbeddedStore {
                 stream_arn: format!("{STREAM_ARN_PREFIX}events/stream/embedded"),
                 instance: rand::random(),
             }),
-            page_limit: None,
+            page_limit: Some(DEFAULT_PAGE_ITEMS),
         }
     }
 
