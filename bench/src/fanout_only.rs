@@ -1,0 +1,259 @@
+//! `chat-bench fanout-only`: the fan-out's own cost, with nothing else in the process. No
+//! WebSockets and no gateway: N named connections go straight into an embedded store, one
+//! public message is recorded, and `deliver_event` sends it through the real SDK client to a
+//! sink in another process that answers 200 and counts.
+//!
+//! Memory: the store grows with N, so besides the process's peak (VmHWM) the report gives
+//! the resident size just before `deliver_event` and the peak during it (VmHWM is reset first
+//! where the kernel allows), so their difference is what the fan-out itself needed.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use chat_shared::config::{FanoutConfig, Retention, DEFAULT_FANOUT_CONCURRENCY};
+use chat_shared::fanout::deliver_event;
+use chat_shared::store::embedded::EmbeddedStore;
+use chat_shared::store::ChatStore;
+use chat_shared::validation::validate_name;
+use serde::Serialize;
+
+use crate::agent::client_name;
+use crate::mgmt;
+use crate::progress;
+use crate::sink::{SinkProcess, SinkStats};
+use crate::sys::{self, FdLimit};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FanoutOnlyOptions {
+    /// Named connections in the store, each of which gets one POST.
+    #[arg(long, default_value_t = 5000)]
+    pub clients: usize,
+    /// The fan-out's @connections calls in flight.
+    #[arg(long, default_value_t = DEFAULT_FANOUT_CONCURRENCY)]
+    pub concurrency: usize,
+    /// Delay the sink adds before answering each POST (the round trip to AWS from a Lambda).
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Members per store page, as DynamoDB's 1 MB pages would cut them (default: the
+    /// embedded store's one page).
+    #[arg(long)]
+    pub page_limit: Option<usize>,
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Default for FanoutOnlyOptions {
+    fn default() -> Self {
+        FanoutOnlyOptions {
+            clients: 5000,
+            concurrency: DEFAULT_FANOUT_CONCURRENCY,
+            latency_ms: 0,
+            page_limit: None,
+            json: false,
+        }
+    }
+}
+
+/// Memory figures of the measuring process, in KiB.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FanoutMemory {
+    /// VmHWM after filling the store (the peak of everything before the fan-out).
+    pub peak_before_kib: u64,
+    /// VmRSS just before `deliver_event`.
+    pub rss_before_kib: u64,
+    /// VmHWM after `deliver_event`: the peak during it when `peak_reset`, else the process's.
+    pub peak_after_kib: u64,
+    /// Whether VmHWM was reset just before `deliver_event`.
+    pub peak_reset: bool,
+    /// `peak_after - rss_before`: what the fan-out added at its peak.
+    pub delta_kib: u64,
+    /// The process's peak over the whole run.
+    pub peak_kib: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutOnlyReport {
+    pub clients: usize,
+    pub concurrency: usize,
+    pub latency_ms: u64,
+    pub page_limit: Option<usize>,
+    pub delivered: usize,
+    pub pruned: usize,
+    pub rejected: usize,
+    pub elapsed_ms: f64,
+    pub deliveries_per_s: f64,
+    /// CPU time (user + system, all threads) this process spent in `deliver_event`: the
+    /// fan-out's own cost, the sink's being in its own process.
+    pub cpu_ms: f64,
+    pub cpu_us_per_delivery: f64,
+    /// What one fully busy core would sustain at that cost (1 s / CPU per delivery).
+    pub one_core_deliveries_per_s: f64,
+    pub memory: FanoutMemory,
+    /// What the sink counted during `deliver_event`.
+    pub sink: SinkStats,
+    pub fd_limit: FdLimit,
+    /// Every connection got exactly one POST.
+    pub ok: bool,
+}
+
+/// Runs the measurement; `exe` is this program (it runs the sink as `exe sink`).
+pub async fn run(opts: &FanoutOnlyOptions, exe: &Path) -> anyhow::Result<FanoutOnlyReport> {
+    if opts.clients == 0 || opts.concurrency == 0 {
+        bail!("--clients and --concurrency must be at least 1");
+    }
+    let n = opts.clients;
+    let fd_limit = sys::raise_fd_limit((2 * opts.concurrency + 256) as u64)?;
+    let sink = SinkProcess::spawn(exe, opts.latency_ms).await?;
+    let result = measure(opts, n, &sink, fd_limit).await;
+    sink.stop().await;
+    result
+}
+
+async fn measure(
+    opts: &FanoutOnlyOptions,
+    n: usize,
+    sink: &SinkProcess,
+    fd_limit: FdLimit,
+) -> anyhow::Result<FanoutOnlyReport> {
+    let mut store = EmbeddedStore::new(Retention::default());
+    if let Some(limit) = opts.page_limit {
+        store = store.with_page_limit(limit);
+    }
+    progress(format_args!("filling the store with {n} members"));
+    let now = chat_shared::now_ms();
+    let mut first = None;
+    for i in 0..n {
+        let id = connection_id(i);
+        store
+            .add_connection(&id, now)
+            .await
+            .context("adding a connection")?;
+        let name = validate_name(&client_name(i, n))
+            .map_err(|r| anyhow!("invalid generated name: {}", r.message))?;
+        store
+            .set_name(&id, &name, now)
+            .await
+            .context("setting a name")?;
+        first.get_or_insert(id);
+    }
+    let sender = first.ok_or_else(|| anyhow!("no connection"))?;
+    let event = store
+        .post_public(&sender, "bench-fanout-only", now)
+        .await
+        .context("recording the public message")?;
+
+    let api = mgmt::management_api(&sink.endpoint);
+    let config = FanoutConfig {
+        concurrency: opts.concurrency,
+        ..FanoutConfig::default()
+    };
+    // A warm Lambda has a warm pool: its connections exist before the event arrives, so
+    // they are neither timed nor counted in the fan-out's memory.
+    let warm: Vec<String> = (0..opts.concurrency)
+        .map(|i| format!("warmup{i}"))
+        .collect();
+    mgmt::post_bounded(&api, &warm, b"{}", opts.concurrency).await;
+    sink.reset().await?;
+
+    let before = sys::memory();
+    let peak_reset = sys::reset_peak_memory();
+    progress(format_args!("fanning out to {n}"));
+    let start = Instant::now();
+    let cpu_start = sys::cpu_ns();
+    let report = tokio::time::timeout(
+        TIMEOUT,
+        deliver_event(&store, &api, &config, &event, chat_shared::now_ms()),
+    )
+    .await
+    .context("deliver_event did not finish in time")?
+    .context("deliver_event")?;
+    let elapsed = start.elapsed();
+    let cpu = Duration::from_nanos(sys::cpu_ns().saturating_sub(cpu_start));
+    let after = sys::memory();
+    let stats = sink.stats().await?;
+
+    let peak_after_kib = after.peak_kib;
+    let memory = FanoutMemory {
+        peak_before_kib: before.peak_kib,
+        rss_before_kib: before.rss_kib,
+        peak_after_kib,
+        peak_reset,
+        delta_kib: peak_after_kib.saturating_sub(before.rss_kib),
+        peak_kib: before.peak_kib.max(peak_after_kib),
+    };
+    let n64 = n as u64;
+    let ok = stats.posts == n64
+        && stats.distinct == n64
+        && stats.max_per_id == 1
+        && report.delivered == n
+        && report.pruned.is_empty()
+        && report.rejected == 0;
+    Ok(FanoutOnlyReport {
+        clients: n,
+        concurrency: opts.concurrency,
+        latency_ms: opts.latency_ms,
+        page_limit: opts.page_limit,
+        delivered: report.delivered,
+        pruned: report.pruned.len(),
+        rejected: report.rejected,
+        elapsed_ms: elapsed.as_secs_f64() * 1000.0,
+        deliveries_per_s: n as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
+        cpu_ms: cpu.as_secs_f64() * 1000.0,
+        cpu_us_per_delivery: cpu.as_secs_f64() * 1e6 / n as f64,
+        one_core_deliveries_per_s: n as f64 / cpu.as_secs_f64().max(f64::MIN_POSITIVE),
+        memory,
+        sink: stats,
+        fd_limit,
+        ok,
+    })
+}
+
+/// A connection id shaped like API Gateway's (12 characters), and safe in a URL path.
+fn connection_id(i: usize) -> String {
+    format!("B{i:011}")
+}
+
+/// A stuck sink must not hang the run.
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+pub fn print(r: &FanoutOnlyReport) {
+    let m = &r.memory;
+    println!(
+        "chat-bench fanout-only: N={} concurrency={} latency={}ms page_limit={}",
+        r.clients,
+        r.concurrency,
+        r.latency_ms,
+        r.page_limit.map_or("none".to_owned(), |l| l.to_string())
+    );
+    println!(
+        "deliver_event: {:.1} ms, {:.0} deliveries/s (delivered {}, pruned {}, rejected {})",
+        r.elapsed_ms, r.deliveries_per_s, r.delivered, r.pruned, r.rejected
+    );
+    println!(
+        "CPU in deliver_event: {:.1} ms, {:.1} µs per delivery -> {:.0} deliveries/s per busy core",
+        r.cpu_ms, r.cpu_us_per_delivery, r.one_core_deliveries_per_s
+    );
+    println!(
+        "memory: peak (VmHWM) {:.1} MiB; before deliver_event: RSS {:.1} MiB (peak {:.1} MiB); \
+         peak during deliver_event {:.1} MiB{} -> fan-out delta {:.1} MiB",
+        sys::mib(m.peak_kib),
+        sys::mib(m.rss_before_kib),
+        sys::mib(m.peak_before_kib),
+        sys::mib(m.peak_after_kib),
+        if m.peak_reset {
+            ""
+        } else {
+            " (VmHWM not resettable: process peak)"
+        },
+        sys::mib(m.delta_kib)
+    );
+    println!(
+        "sink: {} POSTs to {} distinct ids, at most {} per id -> {}",
+        r.sink.posts,
+        r.sink.distinct,
+        r.sink.max_per_id,
+        if r.ok { "OK" } else { "FAILED" }
+    );
+}

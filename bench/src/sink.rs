@@ -1,0 +1,236 @@
+//! `chat-bench sink`: a stand-in `@connections` endpoint that answers 200 to every
+//! `POST /{stage}/@connections/{id}` and counts them per id. It runs as its own process so
+//! the process measuring the fan-out holds nothing but the fan-out.
+//!
+//! It prints its endpoint (`http://127.0.0.1:PORT/{stage}`, what `ManagementApi::new` takes)
+//! as the first line on stdout, serves `GET /stats` (the counts, as JSON) and `DELETE /stats`
+//! (forget them), and exits when its stdin closes (its parent is gone) or after `--max-secs`.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SinkOptions {
+    /// Port on 127.0.0.1; 0 picks a free one.
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// The stage in the endpoint's path.
+    #[arg(long, default_value = "prod")]
+    pub stage: String,
+    /// Exits by itself after this long, whatever happens to its parent.
+    #[arg(long, default_value_t = 3600)]
+    pub max_secs: u64,
+    /// Delay before each answer, as the round trip to API Gateway from a Lambda.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+}
+
+/// What the sink has received since it started (or since the last `DELETE /stats`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SinkStats {
+    pub posts: u64,
+    /// Distinct connection ids posted to.
+    pub distinct: u64,
+    /// Most POSTs any one id received.
+    pub max_per_id: u64,
+}
+
+#[derive(Default)]
+struct Counts {
+    posts: AtomicU64,
+    per_id: Mutex<HashMap<String, u64>>,
+    latency: Duration,
+}
+
+impl Counts {
+    fn per_id(&self) -> MutexGuard<'_, HashMap<String, u64>> {
+        // Only increments and clears happen under the lock.
+        self.per_id.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Runs the sink until stdin closes or `max_secs` pass.
+pub async fn serve(opts: &SinkOptions) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, opts.port)))
+        .await
+        .context("binding the sink")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the sink's address")?;
+    let counts = Arc::new(Counts {
+        latency: Duration::from_millis(opts.latency_ms),
+        ..Counts::default()
+    });
+    let router = Router::new()
+        .route(
+            &format!("/{}/@connections/{{id}}", opts.stage),
+            post(count_post),
+        )
+        .route("/stats", get(stats).delete(reset))
+        .with_state(counts);
+    let mut stdout = tokio::io::stdout();
+    stdout
+        .write_all(format!("http://{addr}/{}\n", opts.stage).as_bytes())
+        .await
+        .context("printing the sink's endpoint")?;
+    stdout
+        .flush()
+        .await
+        .context("printing the sink's endpoint")?;
+    let limit = Duration::from_secs(opts.max_secs);
+    let stop = async move {
+        let stdin_closed = async {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = [0_u8; 64];
+            // Bounded by `limit` below; ends at EOF or on an error alike.
+            while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+        };
+        tokio::select! {
+            _ = stdin_closed => {}
+            _ = tokio::time::sleep(limit) => {}
+        }
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop)
+        .await
+        .context("serving")
+}
+
+/// Reads the body (so the connection stays reusable, as API Gateway's does) and counts.
+async fn count_post(
+    State(counts): State<Arc<Counts>>,
+    UrlPath(id): UrlPath<String>,
+    _body: Bytes,
+) -> StatusCode {
+    if !counts.latency.is_zero() {
+        tokio::time::sleep(counts.latency).await;
+    }
+    counts.posts.fetch_add(1, Ordering::Relaxed);
+    *counts.per_id().entry(id).or_insert(0) += 1;
+    StatusCode::OK
+}
+
+async fn stats(State(counts): State<Arc<Counts>>) -> String {
+    let per_id = counts.per_id();
+    let stats = SinkStats {
+        posts: counts.posts.load(Ordering::Relaxed),
+        distinct: per_id.len() as u64,
+        max_per_id: per_id.values().copied().max().unwrap_or(0),
+    };
+    serde_json::to_string(&stats).unwrap_or_default()
+}
+
+async fn reset(State(counts): State<Arc<Counts>>) -> StatusCode {
+    let mut per_id = counts.per_id();
+    per_id.clear();
+    counts.posts.store(0, Ordering::Relaxed);
+    StatusCode::NO_CONTENT
+}
+
+/// A sink running as a child process.
+pub struct SinkProcess {
+    child: Child,
+    /// `http://127.0.0.1:PORT/{stage}`.
+    pub endpoint: String,
+}
+
+impl SinkProcess {
+    /// Starts `exe sink --port 0 --latency-ms …` and reads its endpoint.
+    pub async fn spawn(exe: &Path, latency_ms: u64) -> anyhow::Result<SinkProcess> {
+        let mut child = Command::new(exe)
+            .args(["sink", "--port", "0"])
+            .args(["--latency-ms", &latency_ms.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting the sink {}", exe.display()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("the sink's stdout is not piped"))?;
+        let mut line = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            BufReader::new(stdout).read_line(&mut line),
+        )
+        .await
+        .context("the sink did not print its endpoint in 30 s")?
+        .context("reading the sink's endpoint")?;
+        let endpoint = line.trim().to_owned();
+        if !endpoint.starts_with("http://") {
+            bail!("the sink printed {endpoint:?} instead of its endpoint");
+        }
+        Ok(SinkProcess { child, endpoint })
+    }
+
+    pub async fn stats(&self) -> anyhow::Result<SinkStats> {
+        let body = self.request("GET").await?;
+        serde_json::from_str(&body).with_context(|| format!("the sink's stats {body:?}"))
+    }
+
+    pub async fn reset(&self) -> anyhow::Result<()> {
+        self.request("DELETE").await.map(drop)
+    }
+
+    /// One HTTP/1.0 request to `/stats`, by hand: the bench needs no HTTP client for this.
+    async fn request(&self, method: &str) -> anyhow::Result<String> {
+        let authority = self
+            .endpoint
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let exchange = async {
+            let mut stream = TcpStream::connect(&authority).await?;
+            stream
+                .write_all(
+                    format!("{method} /stats HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes(),
+                )
+                .await?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let response = tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .context("the sink did not answer in 10 s")?
+            .context("asking the sink")?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("the sink's answer is not HTTP: {response:?}"))?;
+        if !(head.starts_with("HTTP/1.0 2") || head.starts_with("HTTP/1.1 2")) {
+            bail!("the sink answered {head:?}");
+        }
+        Ok(body.to_owned())
+    }
+
+    /// Closes its stdin so it exits; kills it if it has not within a few seconds.
+    pub async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The local stack as the benchmarks run it, and what they read from its store.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chat_local::esm::EsmConfig;
+use chat_local::gateway::GatewayConfig;
+use chat_local::stack::{self, LocalOptions, RunningStack, StoreChoice};
+use chat_shared::config::{FanoutConfig, Retention};
+use chat_shared::store::embedded::EmbeddedStore;
+use chat_shared::store::ChatStore;
+
+/// What a benchmark varies in the stack.
+#[derive(Debug, Clone)]
+pub struct StackSettings {
+    /// Added to every `@connections` call by the gateway.
+    pub management_latency: Duration,
+    /// Never run `$disconnect`, so vanished clients stay members until a 410 prunes them.
+    pub drop_disconnect: bool,
+    /// The fan-out's `@connections` calls in flight.
+    pub concurrency: usize,
+}
+
+/// A running stack on an ephemeral loopback port, with a handle on its embedded store.
+pub struct Stack {
+    pub running: RunningStack,
+    pub store: EmbeddedStore,
+}
+
+impl Stack {
+    pub async fn start(settings: &StackSettings) -> anyhow::Result<Stack> {
+        let store = EmbeddedStore::new(Retention::default());
+        let options = LocalOptions {
+            host: "127.0.0.1".into(),
+            port: 0,
+            store: StoreChoice::Embedded(store.clone()),
+            gateway: GatewayConfig {
+                management_latency: settings.management_latency,
+                drop_disconnect: settings.drop_disconnect,
+                // Clients only listen during a run; they must not be closed for idling.
+                idle_timeout: Duration::from_secs(24 * 3600),
+                max_duration: Duration::from_secs(24 * 3600),
+                // A client reading behind a presence storm must not turn deliveries into 429s
+                // (retries would distort every figure); the queue's memory is only what is used.
+                send_buffer: 1 << 16,
+                ..GatewayConfig::default()
+            },
+            fanout: FanoutConfig {
+                concurrency: settings.concurrency,
+                ..FanoutConfig::default()
+            },
+            esm: EsmConfig::default(),
+            ..LocalOptions::default()
+        };
+        let running = stack::start(options)
+            .await
+            .context("starting the local stack")?;
+        Ok(Stack { running, store })
+    }
+
+    /// The Management API endpoint (`http://host:port/{stage}`), to which the SDK appends
+    /// `/@connections/{id}`.
+    pub fn management_endpoint(&self) -> String {
+        self.running
+            .connection_url
+            .trim_end_matches("/@connections")
+            .to_owned()
+    }
+
+    /// Stops the stack; a stack that does not stop in time is left to the process's end.
+    pub async fn shutdown(self) {
+        match tokio::time::timeout(Duration::from_secs(30), self.running.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "the stack stopped with an error"),
+            Err(_) => tracing::warn!("the stack did not stop within 30 s"),
+        }
+    }
+}
+
+/// Every current member, as name → connection id.
+pub async fn members(store: &dyn ChatStore) -> anyhow::Result<HashMap<String, String>> {
+    let now = chat_shared::now_ms();
+    let mut all = HashMap::new();
+    let mut after: Option<String> = None;
+    // Bounded: a page is never empty with a cursor forever, but a bug must not spin here.
+    for _ in 0..1_000_000 {
+        let page = store
+            .members_page(after.as_deref(), now)
+            .await
+            .context("reading the members")?;
+        all.extend(page.members.into_iter().map(|m| (m.name, m.connection_id)));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(all),
+        }
+    }
+    bail!("the member list did not end")
+}
+
+/// Waits until the store has exactly `count` members; returns the last list read, and
+/// whether the count was reached before `timeout`.
+pub async fn wait_for_members(
+    store: &dyn ChatStore,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<(HashMap<String, String>, bool)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = members(store).await?;
+        if now.len() == count {
+            return Ok((now, true));
+        }
+        if Instant::now() >= deadline {
+            return Ok((now, false));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
