@@ -575,6 +575,20 @@ fn token(key: &[u8], sub: &str) -> String {
     .expect("token")
 }
 
+/// The private messages among the whole history the client may read.
+async fn private_history(c: &mut Client) -> Vec<Value> {
+    c.send(json!({"action":"history","after":0,"limit":100}))
+        .await;
+    let page = c.until(|f| f.get("history").is_some()).await;
+    page["history"]["frames"]
+        .as_array()
+        .expect("frames")
+        .iter()
+        .filter(|f| f.get("privateMessage").is_some())
+        .cloned()
+        .collect()
+}
+
 async fn auth_scenario(mode: Mode) {
     // GIVEN a stack with a signing key, that loses $disconnects (so a vanished client stays)
     let key = b"a-test-signing-key";
@@ -614,6 +628,9 @@ async fn auth_scenario(mode: Mode) {
     bob.send(json!({"action":"setName","name":"bob"})).await;
     bob.until(|f| f["systemMessage"] == json!("bob has joined the chat"))
         .await;
+    bob.send(json!({"action":"sendPrivate","to":"alice","message":"for u1 only"}))
+        .await;
+    let whisper = alice.until(|f| f.get("privateMessage").is_some()).await;
     drop(alice);
 
     // THEN nobody else can take "alice" while it is held for u1
@@ -631,6 +648,18 @@ async fn auth_scenario(mode: Mode) {
     assert_eq!(members["members"], json!(["alice", "bob"]));
     let seen = bob.until(|f| f.get("members").is_some()).await;
     assert_eq!(seen["members"], json!(["alice", "bob"]));
+
+    // WHEN u1 (reconnected), bob and mallory read the history
+    // THEN the whisper is there for its two parties, naming its recipient, and for no one else
+    let expected = json!([{
+        "privateMessage": "bob: for u1 only",
+        "to": "alice",
+        "id": whisper["id"],
+        "ts": whisper["ts"],
+    }]);
+    assert_eq!(json!(private_history(&mut again).await), expected);
+    assert_eq!(json!(private_history(&mut bob).await), expected);
+    assert_eq!(json!(private_history(&mut mallory).await), json!([]));
     local.stop().await;
 }
 
@@ -643,7 +672,7 @@ mod embedded {
     }
 
     #[tokio::test]
-    async fn with_a_key_only_valid_tokens_connect_and_names_follow_identities() {
+    async fn with_a_key_only_valid_tokens_connect_and_names_and_whispers_follow_identities() {
         auth_scenario(Mode::Embedded).await;
     }
 
@@ -698,7 +727,7 @@ mod moto {
     }
 
     #[tokio::test]
-    async fn with_a_key_only_valid_tokens_connect_and_names_follow_identities() {
+    async fn with_a_key_only_valid_tokens_connect_and_names_and_whispers_follow_identities() {
         auth_scenario(Mode::Moto).await;
     }
 

@@ -47,10 +47,10 @@ pub enum Command {
         long_about = "Write the room's events in an id and/or time range as JSON Lines, \
         one event per line in id order: {\"id\",\"ts\",\"type\", then the event's fields: \
         \"connectionId\",\"name\", and as the type has them \"oldName\",\"message\",\
-        \"toConnectionId\",\"toName\",\"reason\"}.\n\n\
-        This is an operator export: it includes PRIVATE messages (PrivateMessageSent, with both \
-        parties and the text), which the chat's own history never serves. Handle the output \
-        accordingly.\n\n\
+        \"toConnectionId\",\"toName\",\"reason\",\"identity\",\"toIdentity\"}.\n\n\
+        This is an operator export: it includes every PRIVATE message (PrivateMessageSent, with \
+        both parties, their identities and the text), where the chat's own history serves each \
+        only to its two authenticated parties. Handle the output accordingly.\n\n\
         The table is read page by page (--page-size items per Query) and each line is written as \
         it arrives, so memory stays constant however long the range; the read stops at --to-id. \
         Events past their retention (expiresAt) are left out, as the chat's reads leave them out. \

@@ -37,6 +37,10 @@ pub struct ExportLine<'a> {
     pub to_name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<LeaveReason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_identity: Option<&'a str>,
 }
 
 impl<'a> From<&'a StoredEvent> for ExportLine<'a> {
@@ -52,6 +56,8 @@ impl<'a> From<&'a StoredEvent> for ExportLine<'a> {
             to_connection_id: None,
             to_name: None,
             reason: None,
+            identity: None,
+            to_identity: None,
         };
         match &stored.event {
             ChatEvent::MemberJoined {
@@ -94,12 +100,16 @@ impl<'a> From<&'a StoredEvent> for ExportLine<'a> {
                 to_connection_id,
                 to_name,
                 message,
+                identity,
+                to_identity,
             } => {
                 line.connection_id = connection_id;
                 line.name = name;
                 line.to_connection_id = Some(to_connection_id);
                 line.to_name = Some(to_name);
                 line.message = Some(message);
+                line.identity = identity.as_deref();
+                line.to_identity = to_identity.as_deref();
             }
         }
         line

@@ -222,6 +222,8 @@ mod tests {
             to_connection_id: "b".into(),
             to_name: "bob".into(),
             message: "psst".into(),
+            identity: None,
+            to_identity: None,
         });
         // GIVEN 5 members and a presence limit of 10  THEN everyone, and one for a whisper
         assert_eq!(recipients(&join, 5, 10), 5);

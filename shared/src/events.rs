@@ -48,6 +48,12 @@ pub enum ChatEvent {
         to_connection_id: String,
         to_name: String,
         message: String,
+        /// The sender's authenticated identity, if its connection had one.
+        identity: Option<String>,
+        /// The recipient's authenticated identity, if its connection had one. With
+        /// `identity`, who may read the message back from history (a name is not an
+        /// identity: a later user could take a departed user's name).
+        to_identity: Option<String>,
     },
 }
 
@@ -154,6 +160,10 @@ pub struct EventItem {
     pub to_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<LeaveReason>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_identity: Option<String>,
 }
 
 pub const EVENT_ITEM_VERSION: u32 = 1;
@@ -186,6 +196,8 @@ impl EventItem {
             to_connection_id: None,
             to_name: None,
             reason: None,
+            identity: None,
+            to_identity: None,
         };
         match &stored.event {
             ChatEvent::MemberJoined {
@@ -228,12 +240,16 @@ impl EventItem {
                 to_connection_id,
                 to_name,
                 message,
+                identity,
+                to_identity,
             } => {
                 item.connection_id.clone_from(connection_id);
                 item.name.clone_from(name);
                 item.to_connection_id = Some(to_connection_id.clone());
                 item.to_name = Some(to_name.clone());
                 item.message = Some(message.clone());
+                item.identity.clone_from(identity);
+                item.to_identity.clone_from(to_identity);
             }
         }
         item
@@ -285,6 +301,8 @@ impl TryFrom<EventItem> for StoredEvent {
                 to_connection_id: need(item.to_connection_id, "toConnectionId")?,
                 to_name: need(item.to_name, "toName")?,
                 message: need(item.message, "message")?,
+                identity: item.identity,
+                to_identity: item.to_identity,
             },
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         };
@@ -338,6 +356,17 @@ mod tests {
                 to_connection_id: "c2".into(),
                 to_name: "bob".into(),
                 message: "psst".into(),
+                identity: None,
+                to_identity: None,
+            },
+            ChatEvent::PrivateMessageSent {
+                connection_id: "c1".into(),
+                name: "al".into(),
+                to_connection_id: "c2".into(),
+                to_name: "bob".into(),
+                message: "psst".into(),
+                identity: Some("user-1".into()),
+                to_identity: Some("user-2".into()),
             },
         ];
         for event in events {

@@ -252,10 +252,11 @@ async fn perform(
         }
         ClientRequest::History(request) => {
             // Any known connection may read public history, named or not: a client catching up
-            // after a reconnect asks before it has set its name again.
+            // after a reconnect asks before it has set its name again. Its identity (when
+            // authenticated) adds the private messages it sent or received.
             match store.connection(connection_id, now_ms).await {
-                Ok(Some(_)) => {
-                    return history_response(store, *request, now_ms)
+                Ok(Some(conn)) => {
+                    return history_response(store, *request, conn.identity.as_deref(), now_ms)
                         .await
                         .map(Some)
                         .map_err(|e| log_and_refuse(connection_id, action, &e));

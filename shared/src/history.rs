@@ -11,8 +11,14 @@
 //! `frames` are in id order (oldest first) whichever way the request pages; `next` is the
 //! request that continues (absent when there is nothing more). Public history is every
 //! `publicMessage` and every join/leave/rename `systemMessage`; `members` frames are state, not
-//! history, and private messages are never served (a name is not an identity: a later user
-//! could take a departed user's name).
+//! history.
+//!
+//! A private message is served only to its two parties: when the reader's connection is
+//! authenticated and its identity is the sender's or the recipient's identity recorded with
+//! the message. A name is not an identity (a later user could take a
+//! departed user's name), so without authentication private messages are never served. The
+//! frame is the live one plus `to`, so the sender's own messages say whom they went to:
+//! `{"privateMessage":"alice: psst","to":"bob","id":42,"ts":…}`.
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -47,18 +53,51 @@ struct Response<'a> {
     history: Page<'a>,
 }
 
-/// The frame a history reader sees for an event, or `None` if it is not public history.
-pub fn public_frame(event: &StoredEvent) -> Option<String> {
-    match event.event {
-        ChatEvent::PrivateMessageSent { .. } => None,
+/// A private message as history serves it: the live frame plus its recipient.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PrivateFrame<'a> {
+    private_message: String,
+    to: &'a str,
+    id: u64,
+    ts: i64,
+}
+
+/// The frame `reader` (the authenticated identity of the connection asking, if any) sees for
+/// an event, or `None` if it is not history `reader` may read.
+pub fn history_frame(event: &StoredEvent, reader: Option<&str>) -> Option<String> {
+    match &event.event {
+        ChatEvent::PrivateMessageSent {
+            name,
+            to_name,
+            message,
+            identity,
+            to_identity,
+            ..
+        } => {
+            let reader = reader?;
+            let party = |id: &Option<String>| id.as_deref() == Some(reader);
+            if !(party(identity) || party(to_identity)) {
+                return None;
+            }
+            let frame = PrivateFrame {
+                private_message: format!("{name}: {message}"),
+                to: to_name,
+                id: event.seq,
+                ts: event.ts,
+            };
+            serde_json::to_string(&frame).ok()
+        }
         _ => Some(event.message_frame().to_json()),
     }
 }
 
-/// Reads one page of public history and frames it as the route response.
+/// Reads one page of the history `reader` may read (see the module docs) and frames it as the
+/// route response.
 pub async fn history_response(
     store: &dyn ChatStore,
     request: HistoryRequest,
+    reader: Option<&str>,
     now_ms: i64,
 ) -> Result<String, StoreError> {
     let mut range = match request.direction {
@@ -67,7 +106,7 @@ pub async fn history_response(
     };
     let mut frames: Vec<(u64, String)> = Vec::new();
     let mut bytes = 0;
-    // The last id this response accounts for (served, or skipped as private): `next` resumes
+    // The last id this response accounts for (served, or skipped as not the reader's): `next` resumes
     // right after it, so nothing is skipped or repeated.
     let mut resume: Option<u64> = None;
     let mut exhausted = false;
@@ -76,7 +115,7 @@ pub async fn history_response(
             .read_events(range, request.limit - frames.len(), now_ms)
             .await?;
         for event in &page.events {
-            if let Some(frame) = public_frame(event) {
+            if let Some(frame) = history_frame(event, reader) {
                 if bytes + frame.len() + 1 > HISTORY_MAX_BYTES && !frames.is_empty() {
                     break 'pages;
                 }

@@ -16,15 +16,16 @@
 //! | `oldName`      | S    | renames only                                                   |
 //! | `message`      | S    | messages only                                                  |
 //! | `toConnectionId`, `toName` | S | private messages only: the recipient at send time     |
-//! | `reason`       | S    | leaves only: `disconnected` or `gone` (pruned on 410)          |
+//! | `identity`, `toIdentity` | S | private messages only, when authenticated: the sender's and the recipient's identity, the two who may read it back from history |
+//! | `reason`       | S    | leaves only: `disconnected`, `gone` (pruned on 410) or `replaced` |
 //!
 //! Items are immutable: the only REMOVE records on its stream are TTL deletions.
 //!
 //! ## Connections table (`CONNECTIONS_TABLE`) — current state, all items with TTL
 //! | `pk`          | `sk`               | other attributes                                  |
 //! |---------------|--------------------|---------------------------------------------------|
-//! | `ROOM#<room>` | `CONN#<connId>`    | `connectionId`, `connectedAt` (ms), `expiresAt`, once joined `name`, `nameKey`; the rate-limit bucket `rlTokens`, `rlAt` |
-//! | `ROOM#<room>` | `NAME#<nameKey>`   | a name claim: `connectionId`, `name`, `expiresAt` |
+//! | `ROOM#<room>` | `CONN#<connId>`    | `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once joined `name`, `nameKey`; the rate-limit bucket `rlTokens`, `rlAt` |
+//! | `ROOM#<room>` | `NAME#<nameKey>`   | a name claim: `connectionId`, `name`, `expiresAt`, and `identity` when its holder is authenticated; without `connectionId` it is that identity's reservation |
 //! | `ROOM#<room>` | `SEQ`              | `seq`: the last event id given out in the room (no TTL) |
 //!
 //! `nameKey` is the name's NFKC_Casefold without invisible characters (`validation::name_key`):

@@ -502,7 +502,7 @@ fn attribute_name() -> impl Strategy<Value = String> {
     prop_oneof![
         4 => prop::sample::select(vec![
             "pk", "seq", "type", "v", "ts", "expiresAt", "connectionId", "name", "oldName",
-            "message", "toConnectionId", "toName", "reason",
+            "message", "toConnectionId", "toName", "reason", "identity", "toIdentity",
         ])
         .prop_map(str::to_owned),
         1 => tricky_string(8),
@@ -535,17 +535,24 @@ fn chat_event() -> impl Strategy<Value = ChatEvent> {
             name,
             message
         }),
-        (s(), s(), s(), s(), s()).prop_map(
-            |(connection_id, name, to_connection_id, to_name, message)| {
-                ChatEvent::PrivateMessageSent {
-                    connection_id,
-                    name,
-                    to_connection_id,
-                    to_name,
-                    message,
+        (
+            (s(), s(), s(), s(), s()),
+            prop::option::of(s()),
+            prop::option::of(s())
+        )
+            .prop_map(
+                |((connection_id, name, to_connection_id, to_name, message), identity, to_identity)| {
+                    ChatEvent::PrivateMessageSent {
+                        connection_id,
+                        name,
+                        to_connection_id,
+                        to_name,
+                        message,
+                        identity,
+                        to_identity,
+                    }
                 }
-            }
-        ),
+            ),
     ]
 }
 

@@ -299,6 +299,144 @@ async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
     assert_eq!(seen, (1..=36).collect::<Vec<_>>());
 }
 
+/// Every frame of the whole history as `connection_id` reads it, forwards from the start.
+async fn whole_history(store: &dyn ChatStore, connection_id: &str) -> Vec<Value> {
+    all_pages(
+        store,
+        connection_id,
+        json!({"action": "history", "after": 0, "limit": 2}),
+    )
+    .await
+    .concat()
+}
+
+async fn private_messages_are_history_for_their_two_authenticated_parties(s: Subject) {
+    // GIVEN alice (u1) and bob (u2) authenticated, mallory (u3) authenticated, and an
+    // anonymous connection that later takes the name "bob" once bob has gone
+    let store = &*s.store;
+    let now = chat_shared::now_ms();
+    for (id, identity, display) in [
+        ("A", Some("u1"), Some("alice")),
+        ("B", Some("u2"), Some("bob")),
+        ("M", Some("u3"), Some("mallory")),
+        ("X", None, None),
+    ] {
+        store
+            .add_identified_connection(id, identity, now)
+            .await
+            .expect("connect");
+        if let Some(display) = display {
+            store
+                .set_name(id, &validate_name(display).expect("name"), now)
+                .await
+                .expect("join");
+        }
+    }
+    store.post_public("A", "hello all", now).await.expect("post");
+    let whisper = store
+        .post_private("A", "bob", "psst bob", now)
+        .await
+        .expect("private")
+        .seq;
+    let reply = store
+        .post_private("B", "Alice", "hi alice", now)
+        .await
+        .expect("private")
+        .seq;
+    let aside = store
+        .post_private("M", "alice", "from mallory", now)
+        .await
+        .expect("private")
+        .seq;
+    store.post_public("B", "bye", now).await.expect("post");
+
+    // WHEN each reads the whole history
+    let private_of = |frames: &[Value]| -> Vec<(u64, String, String)> {
+        frames
+            .iter()
+            .filter_map(|f| {
+                Some((
+                    f["id"].as_u64()?,
+                    f["privateMessage"].as_str()?.to_owned(),
+                    f["to"].as_str()?.to_owned(),
+                ))
+            })
+            .collect()
+    };
+    let alice = whole_history(store, "A").await;
+    let bob = whole_history(store, "B").await;
+    let mallory = whole_history(store, "M").await;
+    let anonymous = whole_history(store, "X").await;
+
+    // THEN alice sees all three she sent or received, bob the two between them, mallory
+    // only her own, and an anonymous reader none — with `to` naming the recipient
+    assert_eq!(
+        private_of(&alice),
+        vec![
+            (whisper, "alice: psst bob".into(), "bob".into()),
+            (reply, "bob: hi alice".into(), "alice".into()),
+            (aside, "mallory: from mallory".into(), "alice".into()),
+        ]
+    );
+    assert_eq!(
+        private_of(&bob),
+        vec![
+            (whisper, "alice: psst bob".into(), "bob".into()),
+            (reply, "bob: hi alice".into(), "alice".into()),
+        ]
+    );
+    assert_eq!(
+        private_of(&mallory),
+        vec![(aside, "mallory: from mallory".into(), "alice".into())]
+    );
+    assert_eq!(private_of(&anonymous), vec![]);
+    // AND everyone sees the same public history, exactly once and in order
+    let public = |frames: &[Value]| -> Vec<u64> {
+        ids(frames)
+            .into_iter()
+            .filter(|id| ![whisper, reply, aside].contains(id))
+            .collect()
+    };
+    assert_eq!(ids(&anonymous), public(&alice));
+    assert_eq!(public(&bob), public(&alice));
+    assert_eq!(public(&mallory), public(&alice));
+    let mut sorted = ids(&alice);
+    sorted.dedup();
+    assert_eq!(sorted, ids(&alice), "no repeats");
+    assert!(ids(&alice).windows(2).all(|w| w[0] < w[1]), "in id order");
+
+    // WHEN bob leaves and, once his name's reservation has passed, another identity takes it
+    store
+        .remove_connection("B", chat_shared::events::LeaveReason::Disconnected, now)
+        .await
+        .expect("leave");
+    let later = now + (chat_shared::store::NAME_RESERVATION_SECS + 60) * 1000;
+    store
+        .add_identified_connection("Y", Some("u4"), later)
+        .await
+        .expect("connect");
+    store
+        .set_name("Y", &validate_name("bob").expect("name"), later)
+        .await
+        .expect("the reservation has passed");
+    // THEN the new "bob" reads none of the old bob's private messages
+    let r = handle_request(
+        store,
+        &HandlerConfig::default(),
+        request("Y", &json!({"action": "history", "after": 0, "limit": 100})),
+        later,
+    )
+    .await
+    .expect("handler");
+    let Some(Body::Text(text)) = r.body else {
+        panic!("expected a body")
+    };
+    let page: Value = serde_json::from_str(&text).expect("JSON");
+    let frames = page["history"]["frames"].as_array().expect("frames");
+    assert!(!frames.is_empty());
+    assert_eq!(private_of(frames), vec![]);
+}
+
 macro_rules! on_both_stores {
     ($($case:ident),* $(,)?) => {
         mod embedded_store {
@@ -326,4 +464,5 @@ on_both_stores!(
     forward_and_backward_pages_cover_public_history_exactly_once,
     large_pages_stay_under_the_message_limit,
     concurrent_writers_never_let_a_cursor_skip_an_event,
+    private_messages_are_history_for_their_two_authenticated_parties,
 );

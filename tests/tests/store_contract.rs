@@ -364,7 +364,9 @@ async fn an_expired_claim_can_be_taken_by_a_new_connection(f: &mut Fixture) {
             name: "carol".into(),
             to_connection_id: "b".into(),
             to_name: "ALICE".into(),
-            message: "hello".into()
+            message: "hello".into(),
+            identity: None,
+            to_identity: None,
         }
     );
     // A late $disconnect of the expired connection still removes it, and leaves b's claim alone.
@@ -466,7 +468,9 @@ async fn private_messages_reach_members_by_name(f: &mut Fixture) {
             name: "alice".into(),
             to_connection_id: "b".into(),
             to_name: "Bob".into(),
-            message: "psst".into()
+            message: "psst".into(),
+            identity: None,
+            to_identity: None,
         }
     );
     assert!(
@@ -843,6 +847,50 @@ async fn names_are_bound_to_authenticated_identities(f: &mut Fixture) {
         .is_some());
 }
 
+async fn private_messages_record_both_parties_identities(f: &mut Fixture) {
+    // GIVEN alice (identity u1), bob (identity u2) and carol (anonymous)
+    let now = chat_shared::now_ms();
+    let store = f.store();
+    for (id, identity, display) in [("a", Some("u1"), "alice"), ("b", Some("u2"), "bob")] {
+        store
+            .add_identified_connection(id, identity, now)
+            .await
+            .expect("connect");
+        store
+            .set_name(id, &name(display), now)
+            .await
+            .expect("join")
+            .expect("event");
+    }
+    join(store, "c", "carol", now).await;
+
+    // WHEN alice whispers to bob, and carol to alice
+    let to_bob = store
+        .post_private("a", "bob", "psst", now)
+        .await
+        .expect("private");
+    let to_alice = store
+        .post_private("c", "alice", "hey", now)
+        .await
+        .expect("private");
+
+    // THEN each event names the identities of the parties that had one
+    let parties = |e: &StoredEvent| match &e.event {
+        ChatEvent::PrivateMessageSent {
+            identity,
+            to_identity,
+            ..
+        } => (identity.clone(), to_identity.clone()),
+        other => panic!("not a private message: {other:?}"),
+    };
+    assert_eq!(parties(&to_bob), (Some("u1".into()), Some("u2".into())));
+    assert_eq!(parties(&to_alice), (None, Some("u1".into())));
+    // AND the stream carries them: what the store returned is what was committed
+    let committed = f.committed().await;
+    assert!(committed.contains(&to_bob), "{committed:?}");
+    assert!(committed.contains(&to_alice), "{committed:?}");
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -878,6 +926,7 @@ contract!(
     feed_records_look_like_lambdas_and_decode_to_the_returned_events,
     each_connection_has_its_own_rate_limit_bucket,
     names_are_bound_to_authenticated_identities,
+    private_messages_record_both_parties_identities,
 );
 
 // ---------------------------------------------------------------------------------------------

@@ -845,6 +845,8 @@ impl ChatStore for DynamoStore {
                 to_connection_id: to_conn.connection_id,
                 to_name,
                 message: message.to_owned(),
+                identity: conn.identity,
+                to_identity: to_conn.identity,
             };
             let (stored, append) = self.append(self.current_seq().await?, event, now_ms)?;
             items.extend(append);

@@ -614,6 +614,8 @@ impl ChatStore for EmbeddedStore {
                 .map(|n| n.display.clone())
                 .unwrap_or_default(),
             message: message.to_owned(),
+            identity: conn.identity.clone(),
+            to_identity: to_conn.identity.clone(),
         };
         let pending = self.shared.prepare(state.seq, event, now_ms)?;
         Ok(self.finish(&mut state, pending))
