@@ -71,7 +71,8 @@ impl Stack {
     /// Stops the stack; a stack that does not stop in time is left to the process's end.
     pub async fn shutdown(self) {
         match tokio::time::timeout(Duration::from_secs(30), self.running.shutdown()).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(stopped)) if stopped.drained => {}
+            Ok(Ok(_)) => tracing::warn!("the stack stopped without draining its stream"),
             Ok(Err(e)) => tracing::warn!(error = %e, "the stack stopped with an error"),
             Err(_) => tracing::warn!("the stack did not stop within 30 s"),
         }

@@ -110,6 +110,15 @@ fn interpret(batch: &[EventRecord], outcome: &Result<DynamoDbEventResponse, BoxE
     }
 }
 
+/// What a mapping went through, over its whole run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MappingStats {
+    /// Invocations that failed or reported a failed record (each is retried).
+    pub failed_invocations: u64,
+    /// Records given up on after the maximum retry attempts (on AWS: dead-lettered).
+    pub given_up: u64,
+}
+
 /// Runs the mapping until `stop` turns true and the source is drained (a poll returns no
 /// records), so the events written while shutting down (the `$disconnect`s) are delivered.
 pub async fn run(
@@ -117,7 +126,8 @@ pub async fn run(
     target: Arc<dyn StreamTarget>,
     config: EsmConfig,
     mut stop: watch::Receiver<bool>,
-) {
+) -> MappingStats {
+    let mut stats = MappingStats::default();
     let mut attempts: u32 = 0;
     loop {
         let stopping = *stop.borrow();
@@ -126,14 +136,14 @@ pub async fn run(
             Err(e) => {
                 warn!(error = %e, cause = ?std::error::Error::source(&e), "polling the stream failed; retrying");
                 if wait_or_stop(&mut stop, config.retry_backoff).await && stopping {
-                    return;
+                    return stats;
                 }
                 continue;
             }
         };
         if batch.is_empty() {
             if stopping {
-                return;
+                return stats;
             }
             continue;
         }
@@ -151,6 +161,7 @@ pub async fn run(
             continue;
         }
         attempts += 1;
+        stats.failed_invocations += 1;
         let head = event
             .records
             .iter()
@@ -169,6 +180,7 @@ pub async fn run(
             if let Some(seq) = &head_seq {
                 source.checkpoint(seq);
             }
+            stats.given_up += 1;
             attempts = 0;
             continue;
         }
@@ -192,7 +204,7 @@ async fn wait_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
 /// Spawns [`run`] and returns a handle that stops it (after draining) when asked.
 pub struct Mapping {
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<MappingStats>,
 }
 
 impl Mapping {
@@ -208,15 +220,24 @@ impl Mapping {
 
     /// Asks the mapping to finish the records already in the stream, then waits for it (at
     /// most `limit`: a fan-out that keeps failing must not hold the shutdown forever).
-    pub async fn drain(self, limit: Duration) {
+    /// Returns what the mapping went through, or `None` if it did not finish in time.
+    pub async fn drain(self, limit: Duration) -> Option<MappingStats> {
         let _ = self.stop.send(true);
         let mut task = self.task;
-        if tokio::time::timeout(limit, &mut task).await.is_err() {
-            warn!(
-                ?limit,
-                "the stream was not drained in time; stopping anyway"
-            );
-            task.abort();
+        match tokio::time::timeout(limit, &mut task).await {
+            Ok(Ok(stats)) => Some(stats),
+            Ok(Err(e)) => {
+                warn!(error = %e, "the event source mapping task failed");
+                None
+            }
+            Err(_) => {
+                warn!(
+                    ?limit,
+                    "the stream was not drained in time; stopping anyway"
+                );
+                task.abort();
+                None
+            }
         }
     }
 }

@@ -126,6 +126,22 @@ impl Gateway {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        self.serve_until(listener, shutdown, std::future::ready(()))
+            .await
+    }
+
+    /// [`Gateway::serve`], except that after every client is closed (and its `$disconnect`
+    /// done) the listener keeps answering `@connections` — 410 for every id, as every
+    /// connection is gone — until `stop` resolves. On AWS the API outlives its clients, so a
+    /// fan-out draining the stream after a shutdown gets its 410s; with the listener closed it
+    /// would see refused connections and retry them until its drain limit. New WebSocket
+    /// handshakes meanwhile are refused with 503.
+    pub async fn serve_until(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let shared = Arc::clone(&self.shared);
         // A gateway may serve again after a shutdown.
         shared.shutdown.send_replace(false);
@@ -150,6 +166,8 @@ impl Gateway {
                 shutdown.await;
                 tracing::info!("API Gateway emulator shutting down");
                 shared.shutdown.send_replace(true);
+                shared.connections_finished().await;
+                stop.await;
             }
         };
         // Graceful: stops accepting, lets in-flight HTTP requests (a `$connect` in progress, an
@@ -163,10 +181,17 @@ impl Gateway {
         .await;
         // The shutdown signal may not have fired if the server failed.
         shared.shutdown.send_replace(true);
-        let mut tasks = shared.tasks.subscribe();
-        // The sender lives in `shared`, so this cannot fail; nothing to do if it did.
-        let _ = tasks.wait_for(|running| *running == 0).await;
+        shared.connections_finished().await;
         served
+    }
+
+    /// Resolves once a shutdown has begun and every connection has ended: each client closed,
+    /// each `$disconnect` invoked.
+    pub async fn clients_closed(&self) {
+        let mut stopping = self.shared.shutdown.subscribe();
+        // The sender lives in `shared`, so this cannot fail; nothing to wait for if it did.
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+        self.shared.connections_finished().await;
     }
 
     /// Number of open connections (for tests and logs).
@@ -187,6 +212,13 @@ struct Shared {
 }
 
 impl Shared {
+    /// Resolves when no connection task is running.
+    async fn connections_finished(&self) {
+        let mut tasks = self.tasks.subscribe();
+        // The sender lives in `self`, so this cannot fail; nothing to wait for if it did.
+        let _ = tasks.wait_for(|running| *running == 0).await;
+    }
+
     /// Invokes the integration; a panicking handler counts as a failed invocation, as a
     /// crashed Lambda would.
     async fn invoke(

@@ -155,5 +155,9 @@ async fn main() -> anyhow::Result<()> {
         _ = terminate.recv() => {}
     }
     eprintln!("shutting down: closing connections and draining the stream…");
-    running.shutdown().await
+    let stopped = running.shutdown().await?;
+    if !stopped.drained {
+        eprintln!("the stream was not drained in time: some frames were not delivered");
+    }
+    Ok(())
 }

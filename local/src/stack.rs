@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::esm::{self, EsmConfig, Mapping, StreamTarget};
+use crate::esm::{self, EsmConfig, Mapping, MappingStats, StreamTarget};
 use crate::gateway::{self, Gateway, GatewayConfig, Integration};
 use crate::streams_api::StreamsApiSource;
 
@@ -119,6 +119,19 @@ impl StreamTarget for FanoutTarget {
     }
 }
 
+/// How long a shutdown lets the fan-out finish what is still in the stream.
+pub const SHUTDOWN_DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// What a shutdown managed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shutdown {
+    /// The fan-out finished every record in the stream within [`SHUTDOWN_DRAIN_LIMIT`].
+    pub drained: bool,
+    /// What the event source mapping went through over the stack's life (zeros when it
+    /// did not drain in time).
+    pub mapping: MappingStats,
+}
+
 /// A running local stack.
 pub struct RunningStack {
     pub addr: SocketAddr,
@@ -127,6 +140,9 @@ pub struct RunningStack {
     /// `http://host:port/{stage}/@connections` (Outputs.ConnectionURL on AWS).
     pub connection_url: String,
     shutdown: oneshot::Sender<()>,
+    stop_listening: oneshot::Sender<()>,
+    /// The gateway being served, to learn when its clients are closed.
+    gateway_handle: Gateway,
     gateway: tokio::task::JoinHandle<std::io::Result<()>>,
     mapping: Mapping,
     sweeper: Option<tokio::task::JoinHandle<()>>,
@@ -269,12 +285,19 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
     });
     let mapping = Mapping::spawn(source, target, options.esm.clone());
     let (shutdown, on_shutdown) = oneshot::channel::<()>();
+    let (stop_listening, on_stop_listening) = oneshot::channel::<()>();
     let serving = gateway.clone();
     let gateway_task = tokio::spawn(async move {
         serving
-            .serve(listener, async move {
-                let _ = on_shutdown.await;
-            })
+            .serve_until(
+                listener,
+                async move {
+                    let _ = on_shutdown.await;
+                },
+                async move {
+                    let _ = on_stop_listening.await;
+                },
+            )
             .await
     });
     Ok(RunningStack {
@@ -282,7 +305,9 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
         websocket_url: format!("ws://{client_host}:{}/{stage}", addr.port()),
         connection_url: format!("{http_base}/@connections"),
         shutdown,
+        stop_listening,
         gateway: gateway_task,
+        gateway_handle: gateway,
         mapping,
         sweeper,
     })
@@ -291,18 +316,25 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
 impl RunningStack {
     /// Closes every client (1001), runs their `$disconnect`s, then lets the fan-out deliver
     /// what is still in the stream before stopping.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(self) -> anyhow::Result<Shutdown> {
         let _ = self.shutdown.send(());
+        self.gateway_handle.clients_closed().await;
+        // The leaves just recorded are still in the stream: the fan-out drains them while
+        // `@connections` still answers (410 for everyone), then the listener closes.
+        let mapping = self.mapping.drain(SHUTDOWN_DRAIN_LIMIT).await;
+        let _ = self.stop_listening.send(());
         match self.gateway.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "the gateway stopped with an error"),
             Err(e) => warn!(error = %e, "the gateway task failed"),
         }
-        self.mapping.drain(Duration::from_secs(10)).await;
         if let Some(sweeper) = self.sweeper {
             sweeper.abort();
         }
-        info!("stopped");
-        Ok(())
+        info!(drained = mapping.is_some(), ?mapping, "stopped");
+        Ok(Shutdown {
+            drained: mapping.is_some(),
+            mapping: mapping.unwrap_or_default(),
+        })
     }
 }

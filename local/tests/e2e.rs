@@ -106,9 +106,17 @@ impl Local {
         c
     }
 
+    /// Stops the stack; its members' leaves must drain to the fan-out's end while
+    /// `@connections` still answers (they are 410s then), well inside the drain limit.
     async fn stop(mut self) {
         if let Some(stack) = self.stack.take() {
-            stack.shutdown().await.expect("clean shutdown");
+            let stopped = stack.shutdown().await.expect("clean shutdown");
+            assert!(stopped.drained, "the stream drained before the limit");
+            assert_eq!(stopped.mapping.given_up, 0, "no record given up on");
+            assert_eq!(
+                stopped.mapping.failed_invocations, 0,
+                "no fan-out invocation failed, not even while shutting down"
+            );
         }
     }
 }
@@ -415,52 +423,51 @@ async fn connect_rejected_scenario(local: Local) {
 }
 
 async fn rate_limit_scenario(mode: Mode) {
-    // GIVEN a limit of 2 requests/s with bursts of 3, and alice and bob
+    // GIVEN a limit of 1 request/s with bursts of 4, and alice and bob
     let local = Local::start_with(mode, GatewayConfig::default(), |o| {
         o.handler.rate_limit = chat_shared::ratelimit::RateLimit {
-            per_second: 2,
-            burst: 3,
+            per_second: 1,
+            burst: 4,
         };
     })
     .await;
+    let started = std::time::Instant::now();
     let mut alice = local.member("alice").await; // 1 request
     let mut bob = local.member("bob").await;
     alice
         .until(|f| f["systemMessage"] == json!("bob has joined the chat"))
         .await;
-    // WHEN alice floods with 5 messages at once
-    for i in 0..5 {
+    // WHEN alice floods with 8 messages at once
+    for i in 0..8 {
         alice
             .send(json!({"action":"sendPublic","message":format!("m{i}")}))
             .await;
     }
     // THEN what is over her burst is refused, to her only, with rate_limited
+    let mut passed = Vec::new();
     let mut refused = 0;
-    let mut echoed = 0;
-    for _ in 0..5 {
+    for _ in 0..8 {
         let f = alice.next().await;
         if f["error"]["code"] == json!("rate_limited") {
             assert_eq!(f["error"]["action"], json!("sendPublic"));
             refused += 1;
         } else {
-            assert!(f["publicMessage"].is_string(), "{f}");
-            echoed += 1;
+            passed.push(f["publicMessage"].as_str().expect("an echo").to_owned());
         }
     }
-    assert_eq!(
-        (echoed, refused),
-        (2, 3),
-        "the join used one of the 3 tokens"
+    // The join used one of the 4 tokens; a slow machine may have refilled one per second
+    // since the bucket was made (so this does not depend on how fast the stack runs).
+    let refills = started.elapsed().as_secs() as usize;
+    assert!(
+        (3..=3 + refills).contains(&passed.len()),
+        "{} passed, {refused} refused in {refills} s",
+        passed.len()
     );
+    assert!(refused >= 8 - 3 - refills && refused > 0);
     // AND bob got exactly the messages that passed, and his own requests are unaffected
-    assert_eq!(
-        bob.next_content().await,
-        json!({"publicMessage":"alice: m0"})
-    );
-    assert_eq!(
-        bob.next_content().await,
-        json!({"publicMessage":"alice: m1"})
-    );
+    for text in &passed {
+        assert_eq!(bob.next_content().await, json!({ "publicMessage": text }));
+    }
     bob.send(json!({"action":"sendPublic","message":"fine here"}))
         .await;
     assert_eq!(

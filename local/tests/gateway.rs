@@ -1167,6 +1167,81 @@ async fn shutdown_closes_every_client_with_1001_and_invokes_disconnect() {
 }
 
 #[tokio::test]
+async fn after_shutdown_connections_answers_410_until_told_to_stop_listening() {
+    // GIVEN a gateway served with a separate stop for its listener, and one client
+    init_tracing();
+    let recorder = Recorder::new();
+    let (listener, port) = bind().await;
+    let gateway = Gateway::new(
+        GatewayConfig::default(),
+        Arc::clone(&recorder) as Arc<dyn Integration>,
+    );
+    let _ = recorder.gateway.set(gateway.clone());
+    let (shutdown, on_shutdown) = oneshot::channel::<()>();
+    let (stop, on_stop) = oneshot::channel::<()>();
+    let served = tokio::spawn({
+        let gateway = gateway.clone();
+        async move {
+            gateway
+                .serve_until(
+                    listener,
+                    async {
+                        let _ = on_shutdown.await;
+                    },
+                    async {
+                        let _ = on_stop.await;
+                    },
+                )
+                .await
+        }
+    });
+    let mut ws = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/prod"))
+        .await
+        .expect("connect")
+        .0;
+    let connected = recorder.wait_for("CONNECT", 1).await;
+    let id = connected[0]
+        .request_context
+        .connection_id
+        .clone()
+        .expect("connection id");
+
+    // WHEN the gateway shuts down
+    let _ = shutdown.send(());
+    assert_eq!(expect_close(&mut ws).await.code, CloseCode::Away);
+    tokio::time::timeout(WAIT, gateway.clients_closed())
+        .await
+        .expect("clients closed in time");
+    assert_eq!(recorder.of_type("DISCONNECT").len(), 1);
+
+    // THEN a fan-out still draining gets 410 for the closed client (not a refused connection)
+    let api = management_client(port, "prod");
+    assert!(
+        matches!(
+            post(&api, &id, "late").await,
+            Err(PostToConnectionError::GoneException(_))
+        ),
+        "410 while draining"
+    );
+    // AND a new client is turned away with 503
+    match tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/prod")).await {
+        Err(WsError::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("expected 503, got {:?}", other.map(|(_, r)| r.status())),
+    }
+
+    // WHEN told to stop listening THEN serve returns and the port is closed
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, served)
+        .await
+        .expect("serve returned in time")
+        .expect("serve task")
+        .expect("serve result");
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err());
+}
+
+#[tokio::test]
 async fn drop_disconnect_never_invokes_disconnect() {
     // GIVEN a gateway that loses $disconnect, like AWS sometimes does
     let recorder = Recorder::new();

@@ -23,6 +23,10 @@ pub(super) async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     mut request: Request,
 ) -> Response {
+    if *shared.shutdown.borrow() {
+        // Shutting down: the listener is only still open for the fan-out's drain.
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     let key = match check_handshake(request.headers()) {
         Ok(key) => key,
         Err(rejection) => return rejection.into_response(),
