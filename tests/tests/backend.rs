@@ -5,165 +5,25 @@
 
 use std::time::Duration;
 
-use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;
 use aws_lambda_events::event::dynamodb::Event;
-use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use aws_sdk_dynamodb::types::AttributeValue;
-use chat_shared::config::{FanoutConfig, HandlerConfig, Retention, Tables};
-use chat_shared::delivery::ManagementApi;
-use chat_shared::fanout::handle_stream_event;
+use chat_shared::config::{FanoutConfig, HandlerConfig};
 use chat_shared::handler::handle_request;
-use chat_shared::store::dynamodb::{create_tables, DynamoStore};
 use chat_shared::store::ChatStore;
-use chat_tests::{fixture_json, unique_name, ConnectionsEndpoint, Moto, StreamReader};
+use chat_tests::world::code;
+use chat_tests::{World, WorldConfig};
 use serde_json::{json, Value};
 
-struct World {
-    moto: Moto,
-    tables: Tables,
-    store: DynamoStore,
-    stream: StreamReader,
-    endpoint: ConnectionsEndpoint,
-    api: ManagementApi,
-    handler: HandlerConfig,
-    fanout: FanoutConfig,
-}
-
-impl World {
-    async fn new() -> anyhow::Result<World> {
-        let moto = Moto::start().await?;
-        let tables = Tables {
-            events: unique_name("events"),
-            connections: unique_name("connections"),
-        };
-        create_tables(&moto.dynamodb(), &tables).await?;
-        // Small pages so every broadcast walks several member pages.
-        let store = DynamoStore::new(moto.dynamodb(), tables.clone(), Retention::default())
-            .with_page_limit(2);
-        let stream = StreamReader::new(&moto.dynamodb(), moto.streams(), &tables.events).await?;
-        let endpoint = ConnectionsEndpoint::start("prod").await?;
-        let api = ManagementApi::new(&moto.sdk_config(), &endpoint.url());
-        let fanout = FanoutConfig {
+/// The Lambdas' defaults, with a backoff short enough that the retries in these tests (bob's
+/// 500s in the mixed batch) stay fast.
+fn config() -> WorldConfig {
+    WorldConfig {
+        handler: HandlerConfig::default(),
+        fanout: FanoutConfig {
             base_backoff: Duration::from_millis(5),
             ..FanoutConfig::default()
-        };
-        Ok(World {
-            moto,
-            tables,
-            store,
-            stream,
-            endpoint,
-            api,
-            handler: HandlerConfig::default(),
-            fanout,
-        })
-    }
-
-    /// A real API Gateway WebSocket event from the fixtures, for this connection and route.
-    fn event(
-        route: &str,
-        connection_id: &str,
-        body: Option<&str>,
-    ) -> ApiGatewayWebsocketProxyRequest {
-        let (fixture, event_type) = match route {
-            "$connect" => ("apigw-websocket-connect.json", "CONNECT"),
-            "$disconnect" => ("apigw-websocket-disconnect.json", "DISCONNECT"),
-            _ => ("apigw-websocket-sendpublic.json", "MESSAGE"),
-        };
-        let mut v = fixture_json(fixture);
-        v["requestContext"]["connectionId"] = json!(connection_id);
-        v["requestContext"]["routeKey"] = json!(route);
-        v["requestContext"]["eventType"] = json!(event_type);
-        if event_type == "MESSAGE" {
-            v["body"] = body.map_or(Value::Null, |b| json!(b));
-        }
-        serde_json::from_value(v).expect("fixture is an API Gateway WebSocket event")
-    }
-
-    async fn call(
-        &self,
-        route: &str,
-        connection_id: &str,
-        body: Option<&str>,
-    ) -> ApiGatewayProxyResponse {
-        handle_request(
-            &self.store,
-            &self.handler,
-            Self::event(route, connection_id, body),
-            chat_shared::now_ms(),
-        )
-        .await
-        .expect("handler")
-    }
-
-    async fn connect(&self, id: &str) {
-        let r = self.call("$connect", id, None).await;
-        assert_eq!(r.status_code, 200, "$connect accepted");
-    }
-
-    async fn disconnect(&self, id: &str) {
-        let r = self.call("$disconnect", id, None).await;
-        assert_eq!(r.status_code, 200);
-    }
-
-    /// Sends a frame; returns the error frame the sender got back, if any.
-    async fn send(&self, id: &str, frame: Value) -> Option<Value> {
-        self.send_raw(id, &frame.to_string()).await
-    }
-
-    async fn send_raw(&self, id: &str, body: &str) -> Option<Value> {
-        let route = serde_json::from_str::<Value>(body)
-            .ok()
-            .and_then(|v| v["action"].as_str().map(str::to_owned))
-            .filter(|a| ["setName", "sendPublic", "sendPrivate"].contains(&a.as_str()))
-            .unwrap_or_else(|| "$default".into());
-        let r = self.call(&route, id, Some(body)).await;
-        assert_eq!(r.status_code, 200);
-        match r.body {
-            None | Some(Body::Empty) => None,
-            Some(Body::Text(t)) => Some(serde_json::from_str(&t).expect("error frame is JSON")),
-            Some(other) => panic!("unexpected response body {other:?}"),
-        }
-    }
-
-    async fn join(&self, id: &str, name: &str) {
-        self.connect(id).await;
-        let err = self.send(id, json!({"action":"setName","name":name})).await;
-        assert_eq!(err, None, "{name} joins");
-    }
-
-    /// Runs the fan-out on every stream record written since the last call.
-    async fn fan_out(&mut self) -> DynamoDbEventResponse {
-        let event = self.stream.next_event().await.expect("read stream");
-        self.fan_out_event(event).await
-    }
-
-    async fn fan_out_event(&self, event: Event) -> DynamoDbEventResponse {
-        handle_stream_event(
-            &self.store,
-            &self.api,
-            &self.fanout,
-            event,
-            chat_shared::now_ms,
-            None,
-        )
-        .await
-    }
-
-    fn frames(&self, id: &str) -> Vec<Value> {
-        self.endpoint
-            .frames_for(id)
-            .into_iter()
-            .map(|mut f| {
-                // ids and timestamps are checked separately; strip them to compare content.
-                if let Some(o) = f.as_object_mut() {
-                    o.remove("id");
-                    o.remove("ts");
-                }
-                f
-            })
-            .collect()
+        },
     }
 }
 
@@ -175,17 +35,10 @@ fn system(text: &str) -> Value {
     json!({ "systemMessage": text })
 }
 
-fn code(frame: &Option<Value>) -> &str {
-    frame
-        .as_ref()
-        .and_then(|f| f["error"]["code"].as_str())
-        .unwrap_or("<no error>")
-}
-
 #[tokio::test]
 async fn joins_send_members_then_system_message_to_every_member() {
     // GIVEN carol connects without a name
-    let mut w = World::new().await.expect("world");
+    let mut w = World::new(config()).await.expect("world");
     w.connect("C").await;
 
     // WHEN alice joins and the fan-out runs, then bob joins and the fan-out runs
@@ -234,7 +87,7 @@ async fn joins_send_members_then_system_message_to_every_member() {
 #[tokio::test]
 async fn public_message_reaches_every_member_and_private_only_its_recipient() {
     // GIVEN three members (more than one member page) and a connection without a name
-    let mut w = World::new().await.expect("world");
+    let mut w = World::new(config()).await.expect("world");
     for (id, name) in [("A", "alice"), ("B", "bob"), ("D", "dave")] {
         w.join(id, name).await;
     }
@@ -282,7 +135,7 @@ async fn public_message_reaches_every_member_and_private_only_its_recipient() {
 #[tokio::test]
 async fn rename_tells_everyone_and_releases_the_old_name() {
     // GIVEN alice and bob
-    let mut w = World::new().await.expect("world");
+    let mut w = World::new(config()).await.expect("world");
     w.join("A", "alice").await;
     w.join("B", "bob").await;
     w.fan_out().await;
@@ -336,7 +189,7 @@ async fn rename_tells_everyone_and_releases_the_old_name() {
 #[tokio::test]
 async fn leave_sends_system_message_then_members_and_disconnect_is_idempotent() {
     // GIVEN alice and bob
-    let mut w = World::new().await.expect("world");
+    let mut w = World::new(config()).await.expect("world");
     w.join("A", "alice").await;
     w.join("B", "bob").await;
     w.fan_out().await;
@@ -368,7 +221,7 @@ async fn leave_sends_system_message_then_members_and_disconnect_is_idempotent() 
 
 #[tokio::test]
 async fn connect_records_an_expiry_beyond_the_two_hour_maximum() {
-    let w = World::new().await.expect("world");
+    let w = World::new(config()).await.expect("world");
     let before = chat_shared::now_ms();
     w.connect("A").await;
     let conn = w
@@ -388,7 +241,7 @@ async fn connect_records_an_expiry_beyond_the_two_hour_maximum() {
 
 #[tokio::test]
 async fn two_connections_racing_for_one_name_exactly_one_wins() {
-    let w = World::new().await.expect("world");
+    let w = World::new(config()).await.expect("world");
     for round in 0..5 {
         // GIVEN two fresh connections
         let (a, b) = (format!("A{round}"), format!("B{round}"));
@@ -430,7 +283,7 @@ async fn two_connections_racing_for_one_name_exactly_one_wins() {
 #[tokio::test]
 async fn a_connection_answering_410_is_pruned_and_others_see_it_leave() {
     // GIVEN alice, bob and carol, and bob's connection has silently died
-    let mut w = World::new().await.expect("world");
+    let mut w = World::new(config()).await.expect("world");
     for (id, name) in [("A", "alice"), ("B", "bob"), ("C", "carol")] {
         w.join(id, name).await;
     }
@@ -498,7 +351,7 @@ async fn a_connection_answering_410_is_pruned_and_others_see_it_leave() {
 #[tokio::test]
 async fn every_refusal_gets_its_error_frame_and_changes_nothing() {
     // GIVEN alice and bob are members, carol is connected without a name
-    let mut w = World::new().await.expect("world");
+    let mut w = World::new(config()).await.expect("world");
     w.join("A", "alice").await;
     w.join("B", "bob").await;
     w.connect("C").await;
@@ -665,7 +518,7 @@ async fn every_refusal_gets_its_error_frame_and_changes_nothing() {
 #[tokio::test]
 async fn a_store_failure_is_an_internal_error_and_nothing_is_half_written() {
     // GIVEN alice is connected, but the event table has vanished (the store will fail)
-    let w = World::new().await.expect("world");
+    let w = World::new(config()).await.expect("world");
     w.connect("A").await;
     w.moto
         .dynamodb()
@@ -710,7 +563,7 @@ async fn mixed_batch_reports_only_the_failing_record_and_skips_poison() {
     // GIVEN alice and bob, then in one stream batch: a private message to alice, a poison
     // item nobody can decode, a TTL removal, a public message that bob's endpoint keeps
     // failing with 500, and a later public message
-    let mut w = World::new().await.expect("world");
+    let mut w = World::new(config()).await.expect("world");
     w.join("A", "alice").await;
     w.join("B", "bob").await;
     w.fan_out().await;
@@ -810,7 +663,7 @@ async fn mixed_batch_reports_only_the_failing_record_and_skips_poison() {
 #[tokio::test]
 async fn presence_changes_in_one_batch_cost_one_members_frame_per_member() {
     // GIVEN alice has joined, and her join was fanned out
-    let mut w = World::new().await.expect("world");
+    let mut w = World::new(config()).await.expect("world");
     w.join("A", "alice").await;
     w.fan_out().await;
     w.endpoint.clear();
@@ -852,7 +705,7 @@ async fn presence_changes_in_one_batch_cost_one_members_frame_per_member() {
 #[tokio::test]
 async fn many_gone_connections_are_pruned_together() {
     // GIVEN 40 members, 35 of whose connections have died silently
-    let mut w = World::new().await.expect("world");
+    let mut w = World::new(config()).await.expect("world");
     for i in 0..40 {
         w.join(&format!("c{i:02}"), &format!("n{i:02}")).await;
     }
@@ -906,7 +759,7 @@ async fn many_gone_connections_are_pruned_together() {
 async fn a_sequence_counter_behind_the_log_heals_itself() {
     // GIVEN alice has joined and spoken (ids 1 and 2), then the room's counter is set back to 0
     // (say, restored from an old backup)
-    let mut w = World::new().await.expect("world");
+    let mut w = World::new(config()).await.expect("world");
     w.join("A", "alice").await;
     assert_eq!(
         w.send("A", json!({"action":"sendPublic","message":"one"}))

@@ -19,186 +19,64 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
-use aws_lambda_events::encodings::Body;
 use aws_lambda_events::event::dynamodb::Event;
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use aws_sdk_dynamodb::types::AttributeValue;
 use chat_shared::config::{FanoutConfig, HandlerConfig, Retention, Tables};
 use chat_shared::delivery::{Deliver, DeliveryError, ManagementApi};
 use chat_shared::events::ChatEvent;
-use chat_shared::fanout::{decode_record, handle_stream_event};
+use chat_shared::fanout::decode_record;
 use chat_shared::handler::handle_request;
 use chat_shared::ratelimit::RateLimit;
-use chat_shared::store::dynamodb::{create_tables, DynamoStore};
+use chat_shared::store::dynamodb::DynamoStore;
 use chat_shared::store::ChatStore;
-use chat_tests::{fixture_json, unique_name, ConnectionsEndpoint, Moto, StreamReader};
+use chat_tests::world::code;
+use chat_tests::{unique_name, ConnectionsEndpoint, World, WorldConfig};
 use serde_json::{json, Value};
 
-struct World {
-    moto: Moto,
-    tables: Tables,
-    store: DynamoStore,
-    stream: StreamReader,
-    endpoint: ConnectionsEndpoint,
-    api: ManagementApi,
-    handler: HandlerConfig,
-    fanout: FanoutConfig,
-}
-
-impl World {
-    async fn new() -> World {
-        let moto = Moto::start()
-            .await
-            .expect("moto must start (run scripts/test)");
-        let tables = Tables {
-            events: unique_name("events"),
-            connections: unique_name("connections"),
-        };
-        create_tables(&moto.dynamodb(), &tables)
-            .await
-            .expect("create tables");
-        // Small pages so every broadcast walks several member pages.
-        let store = DynamoStore::new(moto.dynamodb(), tables.clone(), Retention::default())
-            .with_page_limit(2);
-        let stream = StreamReader::new(&moto.dynamodb(), moto.streams(), &tables.events)
-            .await
-            .expect("stream reader");
-        let endpoint = ConnectionsEndpoint::start("prod")
-            .await
-            .expect("@connections endpoint");
-        let api = ManagementApi::new(&moto.sdk_config(), &endpoint.url());
-        // Short backoffs keep the retries fast; 8 attempts let a delivery absorb 7 faults.
-        let fanout = FanoutConfig {
-            base_backoff: Duration::from_millis(2),
-            max_attempts: 8,
-            ..FanoutConfig::default()
-        };
+/// A world for fault injection; panics if it cannot be set up (moto missing: run scripts/test).
+async fn world() -> World {
+    let config = WorldConfig {
         // No rate limit: it writes a bucket on the connection item, which would blur the
         // "nothing was written" checks.
-        let handler = HandlerConfig {
+        handler: HandlerConfig {
             rate_limit: RateLimit {
                 per_second: 0,
                 burst: 0,
             },
             ..HandlerConfig::default()
-        };
-        World {
-            moto,
-            tables,
-            store,
-            stream,
-            endpoint,
-            api,
-            handler,
-            fanout,
-        }
-    }
-
-    /// A real API Gateway WebSocket event from the fixtures, for this connection and route.
-    fn event(
-        route: &str,
-        connection_id: &str,
-        body: Option<&str>,
-    ) -> ApiGatewayWebsocketProxyRequest {
-        let (fixture, event_type) = match route {
-            "$connect" => ("apigw-websocket-connect.json", "CONNECT"),
-            "$disconnect" => ("apigw-websocket-disconnect.json", "DISCONNECT"),
-            _ => ("apigw-websocket-sendpublic.json", "MESSAGE"),
-        };
-        let mut v = fixture_json(fixture);
-        v["requestContext"]["connectionId"] = json!(connection_id);
-        v["requestContext"]["routeKey"] = json!(route);
-        v["requestContext"]["eventType"] = json!(event_type);
-        if event_type == "MESSAGE" {
-            v["body"] = body.map_or(Value::Null, |b| json!(b));
-        }
-        serde_json::from_value(v).expect("fixture is an API Gateway WebSocket event")
-    }
-
-    async fn call_with(
-        &self,
-        store: &dyn ChatStore,
-        route: &str,
-        connection_id: &str,
-        body: Option<&str>,
-    ) -> ApiGatewayProxyResponse {
-        handle_request(
-            store,
-            &self.handler,
-            Self::event(route, connection_id, body),
-            chat_shared::now_ms(),
-        )
+        },
+        // Short backoffs keep the retries fast; 8 attempts let a delivery absorb 7 faults.
+        fanout: FanoutConfig {
+            base_backoff: Duration::from_millis(2),
+            max_attempts: 8,
+            ..FanoutConfig::default()
+        },
+    };
+    World::new(config)
         .await
-        .expect("handler")
-    }
+        .expect("moto must start (run scripts/test)")
+}
 
-    async fn connect(&self, id: &str) {
-        let r = self.call_with(&self.store, "$connect", id, None).await;
-        assert_eq!(r.status_code, 200, "$connect accepted");
-    }
+/// What only the fault tests need from a [`World`], beside the helpers every suite shares.
+trait FaultWorld {
+    async fn say(&self, id: &str, message: &str);
+    async fn redeliver_until_done(
+        &self,
+        event: &Event,
+        response: DynamoDbEventResponse,
+        tries: usize,
+    );
+    fn delivered(&self, id: &str) -> Vec<(u64, String, Value)>;
+    async fn connections_items(&self) -> Vec<BTreeMap<String, String>>;
+}
 
-    /// Sends a frame through `store`; returns the error frame the sender got back, if any.
-    async fn send_with(&self, store: &dyn ChatStore, id: &str, frame: Value) -> Option<Value> {
-        let route = frame["action"]
-            .as_str()
-            .filter(|a| ["setName", "sendPublic", "sendPrivate", "history"].contains(a))
-            .unwrap_or("$default")
-            .to_owned();
-        let r = self
-            .call_with(store, &route, id, Some(&frame.to_string()))
-            .await;
-        assert_eq!(r.status_code, 200);
-        match r.body {
-            None | Some(Body::Empty) => None,
-            Some(Body::Text(t)) => Some(serde_json::from_str(&t).expect("response is JSON")),
-            Some(other) => panic!("unexpected response body {other:?}"),
-        }
-    }
-
-    async fn send(&self, id: &str, frame: Value) -> Option<Value> {
-        self.send_with(&self.store, id, frame).await
-    }
-
+impl FaultWorld for World {
     async fn say(&self, id: &str, message: &str) {
         let refused = self
             .send(id, json!({"action":"sendPublic","message":message}))
             .await;
         assert_eq!(refused, None, "{id} says {message:?}");
-    }
-
-    async fn join(&self, id: &str, name: &str) {
-        self.connect(id).await;
-        let err = self.send(id, json!({"action":"setName","name":name})).await;
-        assert_eq!(err, None, "{name} joins");
-    }
-
-    /// Runs the fan-out on every stream record written since the last call.
-    async fn fan_out(&mut self) -> DynamoDbEventResponse {
-        let event = self.stream.next_event().await.expect("read stream");
-        self.fan_out_event(event).await
-    }
-
-    async fn fan_out_event(&self, event: Event) -> DynamoDbEventResponse {
-        self.fan_out_via(&self.store, &self.api, event, None).await
-    }
-
-    async fn fan_out_via(
-        &self,
-        store: &dyn ChatStore,
-        deliver: &dyn Deliver,
-        event: Event,
-        deadline: Option<tokio::time::Instant>,
-    ) -> DynamoDbEventResponse {
-        handle_stream_event(
-            store,
-            deliver,
-            &self.fanout,
-            event,
-            chat_shared::now_ms,
-            deadline,
-        )
-        .await
     }
 
     /// Redelivers `event` the way Lambda does after a partial batch response: from the reported
@@ -241,21 +119,6 @@ impl World {
             .collect()
     }
 
-    /// The frames delivered to `id`, without `id` and `ts` (checked separately).
-    fn frames(&self, id: &str) -> Vec<Value> {
-        self.endpoint
-            .frames_for(id)
-            .into_iter()
-            .map(|mut f| {
-                if let Some(o) = f.as_object_mut() {
-                    o.remove("id");
-                    o.remove("ts");
-                }
-                f
-            })
-            .collect()
-    }
-
     /// Every item of the connections table, sorted: the chat's whole state.
     async fn connections_items(&self) -> Vec<BTreeMap<String, String>> {
         let out = self
@@ -289,13 +152,6 @@ fn frame_key(frame: &Value) -> String {
         .as_object()
         .and_then(|o| o.keys().find(|k| *k != "id" && *k != "ts").cloned())
         .unwrap_or_else(|| panic!("frame without a kind: {frame}"))
-}
-
-fn code(frame: &Option<Value>) -> &str {
-    frame
-        .as_ref()
-        .and_then(|f| f["error"]["code"].as_str())
-        .unwrap_or("<no error>")
 }
 
 /// Drops redeliveries (same id and frame key), keeping first arrivals in order.
@@ -351,7 +207,7 @@ const MEMBERS: [(&str, &str); 6] = [
 
 /// A world where the six MEMBERS have joined and their joins were fanned out.
 async fn six_members() -> World {
-    let mut w = World::new().await;
+    let mut w = world().await;
     for (id, name) in MEMBERS {
         w.join(id, name).await;
     }
@@ -525,7 +381,7 @@ async fn a_batch_failing_half_way_is_redelivered_and_nobody_misses_a_message() {
     // GIVEN four members, then one stream batch: two messages, a join, the message "three"
     // (which carol's endpoint will fail, more often than the retries allow), a message, a
     // private message to carol, a message
-    let mut w = World::new().await;
+    let mut w = world().await;
     for (id, name) in &MEMBERS[..4] {
         w.join(id, name).await;
     }
@@ -667,7 +523,7 @@ async fn a_slow_endpoint_runs_into_the_invocation_deadline_and_nothing_is_lost()
 #[tokio::test]
 async fn a_store_failing_its_writes_is_an_internal_error_and_nothing_is_half_written() {
     // GIVEN alice and bob are members, carol is connected without a name
-    let mut w = World::new().await;
+    let mut w = world().await;
     w.join("A", "alice").await;
     w.join("B", "bob").await;
     w.connect("C").await;
@@ -776,7 +632,7 @@ async fn a_store_failing_its_writes_is_an_internal_error_and_nothing_is_half_wri
 #[tokio::test]
 async fn a_fanout_whose_store_fails_reports_the_record_and_delivers_it_later() {
     // GIVEN alice and bob, a message from alice, and a fan-out whose store cannot be read
-    let mut w = World::new().await;
+    let mut w = world().await;
     w.join("A", "alice").await;
     w.join("B", "bob").await;
     w.fan_out().await;
@@ -909,7 +765,7 @@ async fn put_poison(w: &World) {
 async fn poison_records_are_skipped_and_the_stream_keeps_moving() {
     // GIVEN alice and bob, and a batch where eight items that are not chat events sit between
     // real events
-    let mut w = World::new().await;
+    let mut w = world().await;
     w.join("A", "alice").await;
     w.join("B", "bob").await;
     w.fan_out().await;
@@ -967,7 +823,7 @@ async fn poison_records_are_skipped_and_the_stream_keeps_moving() {
 #[tokio::test]
 async fn history_still_answers_with_a_poison_item_in_the_events_table() {
     // GIVEN alice said something, and items that are not chat events sit in the events table
-    let w = World::new().await;
+    let w = world().await;
     w.join("A", "alice").await;
     w.say("A", "on the record").await;
     put_poison(&w).await;
