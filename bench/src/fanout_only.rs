@@ -5,7 +5,15 @@
 //!
 //! Memory: the store grows with N, so besides the process's peak (VmHWM) the report gives
 //! the resident size just before `deliver_event` and the peak during it (VmHWM is reset first
-//! where the kernel allows), so their difference is what the fan-out itself needed.
+//! where the kernel allows); their difference is what the fan-out added to the resident size
+//! of a warm process.
+//!
+//! Before that the SDK client is warmed up as a warm Lambda's is: [`WARMUP_ROUNDS`] rounds
+//! of `concurrency` POSTs, so its connection pool is in its steady state (see there why one
+//! round is not enough), and what the warm-up added is reported apart. The allocator keeps
+//! and reuses what the warm-up freed, so the RSS delta is not the fan-out's working set: built
+//! with the `heap-stats` feature the report also gives the live heap (requested bytes not yet
+//! freed) before, at its peak during, and after `deliver_event`, whatever the allocator keeps.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -35,6 +43,9 @@ pub struct FanoutOnlyOptions {
     /// Delay the sink adds before answering each POST (the round trip to AWS from a Lambda).
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
+    /// Rounds of `concurrency` POSTs through the fan-out's client before the measurement.
+    #[arg(long, default_value_t = WARMUP_ROUNDS)]
+    pub warmup_rounds: usize,
     /// Members per store page, as DynamoDB's 1 MB pages would cut them (default: the
     /// embedded store's one page).
     #[arg(long)]
@@ -50,6 +61,7 @@ impl Default for FanoutOnlyOptions {
             clients: 5000,
             concurrency: DEFAULT_FANOUT_CONCURRENCY,
             latency_ms: 0,
+            warmup_rounds: WARMUP_ROUNDS,
             page_limit: None,
             json: false,
         }
@@ -71,6 +83,21 @@ pub struct FanoutMemory {
     pub delta_kib: u64,
     /// The process's peak over the whole run.
     pub peak_kib: u64,
+    /// VmRSS the warm-up added (the warm pool's connections and buffers), not in `delta_kib`.
+    pub warmup_kib: u64,
+    /// The live heap around `deliver_event` (only with the `heap-stats` feature).
+    pub heap: Option<HeapDuring>,
+}
+
+/// Live heap bytes (allocated, not yet freed), in KiB.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct HeapDuring {
+    /// Just before `deliver_event`.
+    pub before_kib: u64,
+    /// Its peak during `deliver_event`, less `before_kib`: what the fan-out held at once.
+    pub peak_delta_kib: i64,
+    /// After `deliver_event`, less `before_kib`: what it left behind.
+    pub after_delta_kib: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +106,8 @@ pub struct FanoutOnlyReport {
     pub concurrency: usize,
     pub latency_ms: u64,
     pub page_limit: Option<usize>,
+    /// POSTs sent to warm the client up before the measurement.
+    pub warmup_posts: usize,
     pub delivered: usize,
     pub pruned: usize,
     pub rejected: usize,
@@ -149,16 +178,23 @@ async fn measure(
         concurrency: opts.concurrency,
         ..FanoutConfig::default()
     };
-    // A warm Lambda has a warm pool: its connections exist before the event arrives, so
-    // they are neither timed nor counted in the fan-out's memory.
-    let warm: Vec<String> = (0..opts.concurrency)
-        .map(|i| format!("warmup{i}"))
-        .collect();
+    // A warm Lambda has a warm pool: its connections exist, and have carried earlier
+    // broadcasts, before the event arrives, so they are neither timed nor counted in the
+    // fan-out's memory (the warm-up's own cost is reported apart).
+    let warmup_posts = opts.concurrency.saturating_mul(opts.warmup_rounds);
+    progress(format_args!(
+        "warming the client up with {warmup_posts} POSTs"
+    ));
+    let cold = sys::memory();
+    let warm: Vec<String> = (0..warmup_posts).map(|i| format!("warmup{i}")).collect();
     mgmt::post_bounded(&api, &warm, b"{}", opts.concurrency).await;
+    drop(warm);
     sink.reset().await?;
 
     let before = sys::memory();
     let peak_reset = sys::reset_peak_memory();
+    sys::reset_heap_peak();
+    let heap_before = sys::heap();
     progress(format_args!("fanning out to {n}"));
     let start = Instant::now();
     let cpu_start = sys::cpu_ns();
@@ -172,6 +208,14 @@ async fn measure(
     let elapsed = start.elapsed();
     let cpu = Duration::from_nanos(sys::cpu_ns().saturating_sub(cpu_start));
     let after = sys::memory();
+    let heap = heap_before.zip(sys::heap()).map(|(before, after)| {
+        let kib = |bytes: u64| (bytes / 1024) as i64;
+        HeapDuring {
+            before_kib: before.live_bytes / 1024,
+            peak_delta_kib: kib(after.peak_bytes) - kib(before.live_bytes),
+            after_delta_kib: kib(after.live_bytes) - kib(before.live_bytes),
+        }
+    });
     let stats = sink.stats().await?;
 
     let peak_after_kib = after.peak_kib;
@@ -182,6 +226,8 @@ async fn measure(
         peak_reset,
         delta_kib: peak_after_kib.saturating_sub(before.rss_kib),
         peak_kib: before.peak_kib.max(peak_after_kib),
+        warmup_kib: before.rss_kib.saturating_sub(cold.rss_kib),
+        heap,
     };
     let n64 = n as u64;
     let ok = stats.posts == n64
@@ -195,6 +241,7 @@ async fn measure(
         concurrency: opts.concurrency,
         latency_ms: opts.latency_ms,
         page_limit: opts.page_limit,
+        warmup_posts,
         delivered: report.delivered,
         pruned: report.pruned.len(),
         rejected: report.rejected,
@@ -214,6 +261,18 @@ async fn measure(
 fn connection_id(i: usize) -> String {
     format!("B{i:011}")
 }
+
+/// Warm-up rounds by default. One POST per connection would leave the pool short of its
+/// steady state: hyper hands each request to its connection through an unbounded tokio
+/// channel whose 32-slot blocks (about 11.5 KiB each here) are recycled, but a second one is
+/// only allocated at a connection's 33rd request. Measured after one round, a broadcast of
+/// 50,000 (about 100 requests per connection) paid for that block on most of the 512
+/// connections (5–6 MiB, dhat) and one of 5,000 (about 10 each) on none: a one-off cost of the
+/// pool, bounded by its size (the same at 100,000), that read as the fan-out growing with N.
+/// One round also left hyper-util's checkout racing new connects: some 5,000 runs opened 90–136
+/// connections during the broadcast (the sink counts them). 64 rounds put nearly every
+/// connection past the block and opened none afterwards, as any earlier large broadcast would.
+pub const WARMUP_ROUNDS: usize = 64;
 
 /// A stuck sink must not hang the run.
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -250,10 +309,24 @@ pub fn print(r: &FanoutOnlyReport) {
         sys::mib(m.delta_kib)
     );
     println!(
-        "sink: {} POSTs to {} distinct ids, at most {} per id -> {}",
+        "warm-up: {} POSTs before the measurement added RSS {:.1} MiB (not in the delta)",
+        r.warmup_posts,
+        sys::mib(m.warmup_kib)
+    );
+    if let Some(h) = &m.heap {
+        println!(
+            "live heap: {:.1} MiB before deliver_event, peak during {:+.1} MiB, after {:+.1} MiB",
+            sys::mib(h.before_kib),
+            h.peak_delta_kib as f64 / 1024.0,
+            h.after_delta_kib as f64 / 1024.0
+        );
+    }
+    println!(
+        "sink: {} POSTs to {} distinct ids, at most {} per id, {} connections opened -> {}",
         r.sink.posts,
         r.sink.distinct,
         r.sink.max_per_id,
+        r.sink.connections,
         if r.ok { "OK" } else { "FAILED" }
     );
 }

@@ -19,6 +19,7 @@ use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -49,11 +50,15 @@ pub struct SinkStats {
     pub distinct: u64,
     /// Most POSTs any one id received.
     pub max_per_id: u64,
+    /// TCP connections accepted: a client whose pool is warm and big enough opens none, so
+    /// anything here is a connection the fan-out (re)opened while it ran.
+    pub connections: u64,
 }
 
 #[derive(Default)]
 struct Counts {
     posts: AtomicU64,
+    connections: AtomicU64,
     per_id: Mutex<HashMap<String, u64>>,
     latency: Duration,
 }
@@ -76,6 +81,11 @@ pub async fn serve(opts: &SinkOptions) -> anyhow::Result<()> {
     let counts = Arc::new(Counts {
         latency: Duration::from_millis(opts.latency_ms),
         ..Counts::default()
+    });
+    let accepted = Arc::clone(&counts);
+    // Each `/stats` request comes over a connection of its own, left out of the tally.
+    let listener = listener.tap_io(move |_| {
+        accepted.connections.fetch_add(1, Ordering::Relaxed);
     });
     let router = Router::new()
         .route(
@@ -132,6 +142,8 @@ async fn stats(State(counts): State<Arc<Counts>>) -> String {
         posts: counts.posts.load(Ordering::Relaxed),
         distinct: per_id.len() as u64,
         max_per_id: per_id.values().copied().max().unwrap_or(0),
+        // This request's own connection is not the fan-out's.
+        connections: counts.connections.load(Ordering::Relaxed).saturating_sub(1),
     };
     serde_json::to_string(&stats).unwrap_or_default()
 }
@@ -140,6 +152,8 @@ async fn reset(State(counts): State<Arc<Counts>>) -> StatusCode {
     let mut per_id = counts.per_id();
     per_id.clear();
     counts.posts.store(0, Ordering::Relaxed);
+    // This request's own connection was accepted before: it is forgotten with the rest.
+    counts.connections.store(0, Ordering::Relaxed);
     StatusCode::NO_CONTENT
 }
 

@@ -102,6 +102,38 @@ pub fn reset_peak_memory() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// With the `heap-stats` feature every allocation of the process is counted, so a report can
+/// tell what the code holds (live bytes) apart from what the allocator keeps resident (RSS).
+#[cfg(feature = "heap-stats")]
+#[global_allocator]
+static HEAP: peak_alloc::PeakAlloc = peak_alloc::PeakAlloc;
+
+/// Bytes the process has requested and not freed, now and at most since [`reset_heap_peak`].
+#[derive(Debug, Clone, Copy)]
+pub struct Heap {
+    pub live_bytes: u64,
+    pub peak_bytes: u64,
+}
+
+/// The live heap, or `None` when built without the `heap-stats` feature.
+pub fn heap() -> Option<Heap> {
+    #[cfg(feature = "heap-stats")]
+    {
+        Some(Heap {
+            live_bytes: HEAP.current_usage() as u64,
+            peak_bytes: HEAP.peak_usage() as u64,
+        })
+    }
+    #[cfg(not(feature = "heap-stats"))]
+    None
+}
+
+/// Makes the live heap's peak its current size (a no-op without `heap-stats`).
+pub fn reset_heap_peak() {
+    #[cfg(feature = "heap-stats")]
+    HEAP.reset_peak_usage();
+}
+
 /// A KiB figure as MiB, for people.
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0

@@ -541,7 +541,11 @@ fn chat_event() -> impl Strategy<Value = ChatEvent> {
             prop::option::of(s())
         )
             .prop_map(
-                |((connection_id, name, to_connection_id, to_name, message), identity, to_identity)| {
+                |(
+                    (connection_id, name, to_connection_id, to_name, message),
+                    identity,
+                    to_identity,
+                )| {
                     ChatEvent::PrivateMessageSent {
                         connection_id,
                         name,

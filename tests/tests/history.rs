@@ -332,7 +332,10 @@ async fn private_messages_are_history_for_their_two_authenticated_parties(s: Sub
                 .expect("join");
         }
     }
-    store.post_public("A", "hello all", now).await.expect("post");
+    store
+        .post_public("A", "hello all", now)
+        .await
+        .expect("post");
     let whisper = store
         .post_private("A", "bob", "psst bob", now)
         .await
