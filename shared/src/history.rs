@@ -15,9 +15,9 @@
 //!
 //! A private message is served only to its two parties: when the reader's connection is
 //! authenticated and its identity is the sender's or the recipient's identity recorded with
-//! the message. A name is not an identity (a later user could take a
-//! departed user's name), so without authentication private messages are never served. The
-//! frame is the live one plus `to`, so the sender's own messages say whom they went to:
+//! the message. A name is not an identity (a later user could take a departed user's name),
+//! so without authentication private messages are never served. The frame is the live one
+//! plus `to`, so the sender's own messages say whom they went to:
 //! `{"privateMessage":"alice: psst","to":"bob","id":42,"ts":…}`.
 
 use serde::Serialize;
@@ -106,8 +106,8 @@ pub async fn history_response(
     };
     let mut frames: Vec<(u64, String)> = Vec::new();
     let mut bytes = 0;
-    // The last id this response accounts for (served, or skipped as not the reader's): `next` resumes
-    // right after it, so nothing is skipped or repeated.
+    // The last id this response accounts for (served, or skipped as not the reader's): `next`
+    // resumes right after it, so nothing is skipped or repeated.
     let mut resume: Option<u64> = None;
     let mut exhausted = false;
     'pages: while frames.len() < request.limit {
