@@ -4,10 +4,16 @@
 //! The fan-out owns retries (with its own backoff and its own view of the Lambda's remaining
 //! time), so the SDK client built here has the SDK's retries turned off: two retry loops
 //! stacked would multiply the attempts against a throttled endpoint.
+//!
+//! Stalled-stream protection is off too: it watches the throughput of request and response
+//! bodies, which here are a few hundred bytes each way, so the attempt timeout already bounds
+//! any stall — and its per-request bookkeeping cost about 13% of the fan-out's CPU per delivery
+//! (`chat-bench fanout-only --clients 20000`, 4 interleaved runs: 48–62 µs against 56–77 µs).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_sdk_apigatewaymanagement::config::StalledStreamProtectionConfig;
 use aws_sdk_apigatewaymanagement::error::SdkError;
 use aws_sdk_apigatewaymanagement::operation::post_to_connection::PostToConnectionError;
 use aws_sdk_apigatewaymanagement::primitives::Blob;
@@ -71,6 +77,7 @@ impl ManagementApi {
         let conf = aws_sdk_apigatewaymanagement::config::Builder::from(sdk_config)
             .endpoint_url(endpoint)
             .retry_config(RetryConfig::disabled())
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(3))
