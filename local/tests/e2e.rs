@@ -45,6 +45,14 @@ impl Local {
         gateway: GatewayConfig,
         adjust: impl FnOnce(&mut LocalOptions),
     ) -> Local {
+        // Warnings (a failed delivery, a store error) show with a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
         let mut options = LocalOptions {
             port: 0,
             gateway,
@@ -520,7 +528,24 @@ async fn catch_up_scenario(mode: Mode) {
     let carol_writes = writer(carol, "c");
     tokio::time::sleep(Duration::from_millis(150)).await;
     let mut again = local.client().await;
-    again.send(json!({"action":"setName","name":"alice"})).await;
+    // As the README's recipe says: first be a member again. The old connection's $disconnect
+    // may not have run yet (the gateway notices the drop first), and until it has "alice" is
+    // taken, so she tries again, as a client would.
+    loop {
+        again.send(json!({"action":"setName","name":"alice"})).await;
+        let answer = again
+            .until(|f| {
+                f["error"]["code"] == json!("name_taken")
+                    || f["members"]
+                        .as_array()
+                        .is_some_and(|m| m.contains(&json!("alice")))
+            })
+            .await;
+        if answer.get("members").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     again
         .send(json!({"action":"history","after":last_id,"limit":4}))
         .await;
@@ -536,7 +561,17 @@ async fn catch_up_scenario(mode: Mode) {
             tokio::time::Instant::now() < deadline,
             "caught up in time: {got:?}"
         );
-        let f = again.next().await;
+        let wait = EXPECT - Duration::from_secs(1);
+        let f = match tokio::time::timeout(wait, again.next()).await {
+            Ok(f) => f,
+            Err(_) => panic!(
+                "no frame for {wait:?}; paging={paging}; missing {:?}; have {got:?}",
+                expected
+                    .iter()
+                    .filter(|m| !got.values().any(|g| g == *m))
+                    .collect::<Vec<_>>()
+            ),
+        };
         if let Some(page) = f.get("history") {
             for frame in page["frames"].as_array().expect("frames") {
                 if let Some(text) = frame["publicMessage"].as_str() {
