@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use chat_shared::events::{ChatEvent, LeaveReason, StoredEvent};
+use chat_shared::events::{EventItem, LeaveReason, StoredEvent};
 use indicatif::ProgressBar;
 use serde::Serialize;
 use tracing::warn;
@@ -17,102 +17,67 @@ use crate::error::ReplayError;
 use crate::log::{Entry, EventLog, Expired};
 use crate::range::EventFilter;
 
-/// One line of the export.
+/// One line of the export: the event's item (`events::EventItem`, the one flat form of every
+/// event) without its storage keys (`pk`, `v`, `expiresAt`), and with `seq` named `id`.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ExportLine<'a> {
+pub struct ExportLine {
     pub id: u64,
     pub ts: i64,
     #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub connection_id: &'a str,
-    pub name: &'a str,
+    pub kind: String,
+    pub connection_id: String,
+    pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub old_name: Option<&'a str>,
+    pub old_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<&'a str>,
+    pub message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub to_connection_id: Option<&'a str>,
+    pub to_connection_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub to_name: Option<&'a str>,
+    pub to_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<LeaveReason>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity: Option<&'a str>,
+    pub identity: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub to_identity: Option<&'a str>,
+    pub to_identity: Option<String>,
 }
 
-impl<'a> From<&'a StoredEvent> for ExportLine<'a> {
-    fn from(stored: &'a StoredEvent) -> Self {
-        let mut line = ExportLine {
-            id: stored.seq,
-            ts: stored.ts,
-            kind: stored.event.type_name(),
-            connection_id: "",
-            name: "",
-            old_name: None,
-            message: None,
-            to_connection_id: None,
-            to_name: None,
-            reason: None,
-            identity: None,
-            to_identity: None,
-        };
-        match &stored.event {
-            ChatEvent::MemberJoined {
-                connection_id,
-                name,
-            } => {
-                line.connection_id = connection_id;
-                line.name = name;
-            }
-            ChatEvent::MemberRenamed {
-                connection_id,
-                old_name,
-                name,
-            } => {
-                line.connection_id = connection_id;
-                line.name = name;
-                line.old_name = Some(old_name);
-            }
-            ChatEvent::MemberLeft {
-                connection_id,
-                name,
-                reason,
-            } => {
-                line.connection_id = connection_id;
-                line.name = name;
-                line.reason = Some(*reason);
-            }
-            ChatEvent::MessagePosted {
-                connection_id,
-                name,
-                message,
-            } => {
-                line.connection_id = connection_id;
-                line.name = name;
-                line.message = Some(message);
-            }
-            ChatEvent::PrivateMessageSent {
-                connection_id,
-                name,
-                to_connection_id,
-                to_name,
-                message,
-                identity,
-                to_identity,
-            } => {
-                line.connection_id = connection_id;
-                line.name = name;
-                line.to_connection_id = Some(to_connection_id);
-                line.to_name = Some(to_name);
-                line.message = Some(message);
-                line.identity = identity.as_deref();
-                line.to_identity = to_identity.as_deref();
-            }
+impl From<&StoredEvent> for ExportLine {
+    fn from(stored: &StoredEvent) -> Self {
+        // Which fields each kind of event has is decided once, by the item.
+        let EventItem {
+            seq,
+            ts,
+            kind,
+            connection_id,
+            name,
+            old_name,
+            message,
+            to_connection_id,
+            to_name,
+            reason,
+            identity,
+            to_identity,
+            pk: _,
+            v: _,
+            expires_at: _,
+        } = EventItem::new(stored, 0);
+        ExportLine {
+            id: seq,
+            ts,
+            kind,
+            connection_id,
+            name,
+            old_name,
+            message,
+            to_connection_id,
+            to_name,
+            reason,
+            identity,
+            to_identity,
         }
-        line
     }
 }
 
