@@ -102,6 +102,12 @@ pub fn reset_peak_memory() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// jemalloc, as in the Lambda functions and chat-local (the stack runs in this process), except
+/// in a `heap-stats` build, whose counting wrapper goes over the system allocator.
+#[cfg(not(feature = "heap-stats"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// With the `heap-stats` feature every allocation of the process is counted, so a report can
 /// tell what the code holds (live bytes) apart from what the allocator keeps resident (RSS).
 #[cfg(feature = "heap-stats")]

@@ -80,6 +80,11 @@ struct Args {
     drop_disconnect: bool,
 }
 
+// jemalloc, not glibc's malloc: per delivery the fan-out spent about a quarter more CPU under
+// glibc, which also fragmented as broadcasts went on (README, Benchmarks).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     chat_shared::telemetry::init();

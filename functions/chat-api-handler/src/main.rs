@@ -7,6 +7,11 @@ use chat_shared::handler::handle_request;
 use chat_shared::store::dynamodb::DynamoStore;
 use lambda_runtime::{service_fn, Error, LambdaEvent};
 
+// jemalloc, not glibc's malloc: per delivery the fan-out spent about a quarter more CPU under
+// glibc, which also fragmented as broadcasts went on (README, Benchmarks).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     chat_shared::telemetry::init();
