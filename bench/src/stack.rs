@@ -9,7 +9,7 @@ use chat_local::gateway::GatewayConfig;
 use chat_local::stack::{self, LocalOptions, RunningStack, StoreChoice};
 use chat_shared::config::{FanoutConfig, Retention};
 use chat_shared::store::embedded::EmbeddedStore;
-use chat_shared::store::ChatStore;
+use chat_shared::store::{ChatStore, Member};
 
 /// What a benchmark varies in the stack.
 #[derive(Debug, Clone)]
@@ -81,8 +81,26 @@ impl Stack {
 
 /// Every current member, as name → connection id.
 pub async fn members(store: &dyn ChatStore) -> anyhow::Result<HashMap<String, String>> {
+    Ok(member_list(store)
+        .await?
+        .into_iter()
+        .map(|m| (m.name, m.connection_id))
+        .collect())
+}
+
+/// Every current member's connection id, in the order the fan-out reads them.
+pub async fn member_ids(store: &dyn ChatStore) -> anyhow::Result<Vec<String>> {
+    Ok(member_list(store)
+        .await?
+        .into_iter()
+        .map(|m| m.connection_id)
+        .collect())
+}
+
+/// Every current member, page after page, in the store's order.
+async fn member_list(store: &dyn ChatStore) -> anyhow::Result<Vec<Member>> {
     let now = chat_shared::now_ms();
-    let mut all = HashMap::new();
+    let mut all = Vec::new();
     let mut after: Option<String> = None;
     // Bounded: a page is never empty with a cursor forever, but a bug must not spin here.
     for _ in 0..1_000_000 {
@@ -90,7 +108,7 @@ pub async fn members(store: &dyn ChatStore) -> anyhow::Result<HashMap<String, St
             .members_page(after.as_deref(), now)
             .await
             .context("reading the members")?;
-        all.extend(page.members.into_iter().map(|m| (m.name, m.connection_id)));
+        all.extend(page.members);
         match page.next {
             Some(next) => after = Some(next),
             None => return Ok(all),

@@ -16,6 +16,8 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// Latency figures of one set of samples, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct Latency {
+    /// The fastest sample: for a broadcast, the pipeline's fixed delay before its first delivery.
+    pub min_ms: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
@@ -25,6 +27,7 @@ impl Latency {
     pub fn of(mut samples: Vec<Duration>) -> Latency {
         samples.sort_unstable();
         Latency {
+            min_ms: ms(samples.first().copied().unwrap_or_default()),
             p50_ms: ms(percentile(&samples, 50.0)),
             p99_ms: ms(percentile(&samples, 99.0)),
             max_ms: ms(samples.last().copied().unwrap_or_default()),
@@ -59,6 +62,13 @@ mod tests {
         assert_eq!(percentile(&s, 100.0), Duration::from_millis(100));
         assert_eq!(percentile(&s[..1], 99.0), Duration::from_millis(1));
         assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn latency_figures_come_from_unsorted_samples() {
+        let s = [30, 10, 20].map(Duration::from_millis).to_vec();
+        let l = Latency::of(s);
+        assert_eq!((l.min_ms, l.p50_ms, l.max_ms), (10.0, 20.0, 30.0));
     }
 
     #[test]
