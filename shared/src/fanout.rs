@@ -134,7 +134,15 @@ pub async fn handle_stream_event(
 
     let mut response = DynamoDbEventResponse::default();
     for (first_seq_no, unit) in units {
+        // A unit that starts after the deadline cannot send anything; without this check it
+        // would "finish" on its first poll (every send refused as out of time) and be
+        // checkpointed past unsent — the `timeout_at` backstop below never fires for a future
+        // that is already ready.
+        let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
         let work = async {
+            if out_of_time {
+                return Err(FanoutError::OutOfTime);
+            }
             match &unit {
                 Unit::Single(event) => {
                     deliver_event_until(store, deliver, config, event, now_ms(), deadline).await
@@ -403,7 +411,8 @@ impl Tally {
         match outcome {
             Ok(()) => self.report.delivered += 1,
             Err(DeliveryError::Gone) => self.report.pruned.push(connection_id),
-            Err(e) if e.is_retryable() => {
+            // Out of time is "not yet", never "refused": the unit must fail so Lambda retries it.
+            Err(e) if e.may_succeed_later() => {
                 self.retryable += 1;
                 self.last_retryable = Some(e);
             }

@@ -31,6 +31,17 @@ use crate::store::{ChatStore, EventRange, StoreError};
 /// envelope. A single chat frame (messages are at most 16 KB, template.yaml) always fits.
 pub const HISTORY_MAX_BYTES: usize = 120 * 1024;
 
+/// How many stored events one `history` request may examine, per frame asked for. A reader
+/// sees only some events (not others' private messages), so "read until `limit` frames" is
+/// unbounded: behind a run of 100,000 private messages, `{"after":0,"limit":1}` would read
+/// them all. Past the cap the response carries what was found (possibly nothing) and a `next`
+/// that resumes after the last event examined.
+pub const HISTORY_EXAMINE_PER_FRAME: usize = 10;
+/// The least a request may examine, so a small `limit` still gets through short private runs.
+pub const HISTORY_EXAMINE_MIN: usize = 100;
+/// The most events asked of the store in one read.
+const HISTORY_READ_MAX: usize = 100;
+
 #[derive(Serialize)]
 struct Next {
     action: &'static str,
@@ -110,11 +121,20 @@ pub async fn history_response(
     // resumes right after it, so nothing is skipped or repeated.
     let mut resume: Option<u64> = None;
     let mut exhausted = false;
-    'pages: while frames.len() < request.limit {
-        let page = store
-            .read_events(range, request.limit - frames.len(), now_ms)
-            .await?;
+    let examine_cap = (request.limit * HISTORY_EXAMINE_PER_FRAME).max(HISTORY_EXAMINE_MIN);
+    let mut examined = 0;
+    'pages: while frames.len() < request.limit && examined < examine_cap {
+        // Ask for what is still wanted, more when earlier events were not the reader's (a
+        // private run is read in few calls), never past the cap.
+        let wanted = request.limit - frames.len();
+        let skipped = examined - frames.len();
+        let read = (wanted + skipped)
+            .min(HISTORY_READ_MAX)
+            .min(examine_cap - examined)
+            .max(1);
+        let page = store.read_events(range, read, now_ms).await?;
         for event in &page.events {
+            examined += 1;
             if let Some(frame) = history_frame(event, reader) {
                 if bytes + frame.len() + 1 > HISTORY_MAX_BYTES && !frames.is_empty() {
                     break 'pages;
@@ -123,7 +143,7 @@ pub async fn history_response(
                 frames.push((event.seq, frame));
             }
             resume = Some(event.seq);
-            if frames.len() == request.limit {
+            if frames.len() == request.limit || examined == examine_cap {
                 break 'pages;
             }
         }

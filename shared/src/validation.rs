@@ -8,11 +8,22 @@
 //! (full-width letters, ligatures, composed and decomposed accents, zero-width characters,
 //! `ß`/`ss`) are the same name. The name is shown as typed (trimmed). Messages: non-empty once whitespace is ignored,
 //! and at most `max_bytes` bytes of UTF-8 (4096 by default, `MAX_MESSAGE_BYTES`).
+//!
+//! Every DynamoDB key built from client input is bounded here, before anything is written:
+//! DynamoDB refuses a sort key over 1,024 bytes with a `ValidationException`, and NFKC can
+//! multiply a name's length (U+FDFA alone becomes 18 characters, 33 bytes), so 32 characters
+//! are not a bound on the key. A name whose key is over [`NAME_KEY_MAX_BYTES`] is refused as
+//! `invalid_name`; a `to` that no valid name can match is `unknown_recipient` without a read.
 
 use crate::protocol::{ErrorCode, Refusal};
 
 pub const NAME_MAX_CHARS: usize = 32;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4096;
+/// The longest name key (UTF-8 bytes) accepted. It becomes part of a sort key
+/// (`keys::name_sk`), which DynamoDB caps at 1,024 bytes; 256 leaves room for the prefix and
+/// any room scoping, and no 32-character name that is not made of expanding ligatures comes
+/// near it (32 four-byte characters are 128 bytes).
+pub const NAME_KEY_MAX_BYTES: usize = 256;
 
 /// A name that passed the rules: how it is shown, and the key that makes it unique.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +36,12 @@ pub struct ValidName {
 /// LRI, RLI, FSI, PDI (U+2066–U+2069).
 fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// LINE SEPARATOR and PARAGRAPH SEPARATOR: not control characters to Rust, but they break a
+/// name across lines wherever it is shown (and end a line in JavaScript string literals).
+fn is_line_break(c: char) -> bool {
+    matches!(c, '\u{2028}' | '\u{2029}')
 }
 
 /// Unicode's Default_Ignorable_Code_Point: characters that render as nothing (zero-width
@@ -74,8 +91,8 @@ pub fn validate_name(raw: &str) -> Result<ValidName, Refusal> {
             "A name can have at most {NAME_MAX_CHARS} characters; this one has {chars}."
         ));
     }
-    if display.chars().any(char::is_control) {
-        return refuse("A name cannot contain control characters.".into());
+    if display.chars().any(|c| c.is_control() || is_line_break(c)) {
+        return refuse("A name cannot contain control characters or line breaks.".into());
     }
     if display.chars().any(is_bidi_control) {
         return refuse("A name cannot contain bidirectional override characters.".into());
@@ -86,10 +103,27 @@ pub fn validate_name(raw: &str) -> Result<ValidName, Refusal> {
     {
         return refuse("A name must have at least one visible character.".into());
     }
+    let key = name_key(display);
+    if key.len() > NAME_KEY_MAX_BYTES {
+        return refuse(format!(
+            "This name is too long once normalised ({} bytes; at most {NAME_KEY_MAX_BYTES}): choose a shorter one.",
+            key.len()
+        ));
+    }
     Ok(ValidName {
         display: display.to_owned(),
-        key: name_key(display),
+        key,
     })
+}
+
+/// The key a private message's `to` is looked up by, or `None` when no valid name can have it
+/// (so nobody can be its recipient, and the store is not asked — nor handed an oversized key).
+pub fn recipient_key(to: &str) -> Option<String> {
+    let to = to.trim();
+    if to.is_empty() || to.chars().count() > NAME_MAX_CHARS {
+        return None;
+    }
+    Some(name_key(to)).filter(|key| key.len() <= NAME_KEY_MAX_BYTES)
 }
 
 pub fn validate_message(raw: &str, max_bytes: usize, action: &str) -> Result<(), Refusal> {
@@ -167,6 +201,35 @@ mod tests {
             let r = validate_name(bad).expect_err(bad);
             assert_eq!(r.code, ErrorCode::InvalidName, "{bad:?}");
             assert_eq!(r.action.as_deref(), Some("setName"));
+        }
+    }
+
+    #[test]
+    fn names_whose_key_would_break_dynamodbs_key_limit_are_refused() {
+        // GIVEN 32 copies of U+FDFA, which NFKC expands to 18 characters each
+        let ligatures = "\u{FDFA}".repeat(32);
+        assert!(
+            name_key(&ligatures).len() > 1024,
+            "the sort key would be over DynamoDB's cap"
+        );
+        // WHEN validated THEN refused as a name, before any key is built
+        let r = validate_name(&ligatures).expect_err("key too long");
+        assert_eq!(r.code, ErrorCode::InvalidName);
+        assert!(r.message.contains("normalised"), "{}", r.message);
+        // AND a few of them are still a name
+        assert!(validate_name(&"\u{FDFA}".repeat(4)).is_ok());
+        // AND no recipient can have that key: `to` never reaches the store
+        assert_eq!(recipient_key(&ligatures), None);
+        assert_eq!(recipient_key(&"a".repeat(33)), None);
+        assert_eq!(recipient_key("  "), None);
+        assert_eq!(recipient_key(" Bob "), Some("bob".into()));
+    }
+
+    #[test]
+    fn line_and_paragraph_separators_are_not_allowed_in_names() {
+        for bad in ["a\u{2028}b", "\u{2029}x"] {
+            let r = validate_name(bad).expect_err(bad);
+            assert_eq!(r.code, ErrorCode::InvalidName, "{bad:?}");
         }
     }
 

@@ -32,7 +32,7 @@ use crate::config::{Retention, Tables};
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys::{self, CONN_PREFIX};
 use crate::ratelimit::{self, Bucket, RateLimit};
-use crate::validation::{name_key, ValidName};
+use crate::validation::{recipient_key, ValidName};
 
 /// Leaves per pruning transaction: three items each (connection, claim, event) plus the
 /// counter stays within TransactWriteItems' 100 actions.
@@ -809,12 +809,16 @@ impl ChatStore for DynamoStore {
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
         let now_s = epoch_secs(now_ms);
-        let to_key = name_key(to.trim());
+        // `None`: no valid name has this key, and it may be too long to be a DynamoDB key.
+        let to_key = recipient_key(to);
         for attempt in 1..=MAX_ATTEMPTS {
             let conn = live_conn(self.get_conn(connection_id).await?, now_ms)
                 .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
             let name = conn.name.ok_or(StoreError::NameRequired)?;
-            if conn.name_key.as_deref() == Some(to_key.as_str()) {
+            let Some(to_key) = to_key.as_deref() else {
+                return Err(StoreError::UnknownRecipient(to.to_owned()));
+            };
+            if conn.name_key.as_deref() == Some(to_key) {
                 return Err(StoreError::SelfRecipient);
             }
             let recipient = self
@@ -826,7 +830,7 @@ impl ChatStore for DynamoStore {
                 .connection_id
                 .ok_or_else(|| StoreError::UnknownRecipient(to.to_owned()))?;
             let to_conn = live_conn(self.get_conn(&recipient_id).await?, now_ms)
-                .filter(|c| c.name_key.as_deref() == Some(to_key.as_str()))
+                .filter(|c| c.name_key.as_deref() == Some(to_key))
                 .ok_or_else(|| StoreError::UnknownRecipient(to.to_owned()))?;
             let to_name = to_conn.name.clone().unwrap_or_default();
             let mut items = vec![

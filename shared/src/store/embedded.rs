@@ -40,7 +40,7 @@ use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys;
 use crate::ratelimit::{self, Bucket, RateLimit};
 use crate::stream::{RecordSource, SourceError};
-use crate::validation::{name_key, ValidName};
+use crate::validation::{recipient_key, ValidName};
 
 /// The region, account and stream label of the ARN every record carries. Nothing routes on
 /// them; they only have to look like a DynamoDB stream ARN.
@@ -585,13 +585,17 @@ impl ChatStore for EmbeddedStore {
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
         let now_s = epoch_secs(now_ms);
-        let to_key = name_key(to.trim());
+        // `None`: no valid name has this key, and it may be too long to be a DynamoDB key.
+        let to_key = recipient_key(to);
         let mut state = self.shared.lock();
         state.injected_failure("TransactWriteItems sendPrivate")?;
         let conn = state
             .live_conn(connection_id, now_s)
             .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
         let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
+        let Some(to_key) = to_key.as_deref() else {
+            return Err(StoreError::UnknownRecipient(to.to_owned()));
+        };
         if name.key == to_key {
             return Err(StoreError::SelfRecipient);
         }

@@ -1,0 +1,350 @@
+//! The chat under AWS's real conditions (issue: "Correct under AWS's real conditions"): each
+//! test forces one condition the ideal stand-ins never showed — an invocation deadline passing
+//! mid-batch, a history full of other people's private messages, input that would break
+//! DynamoDB's key limits — and checks what must hold, through the Lambdas' own code on moto
+//! (and the embedded store where the count of store reads is the point).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chat_shared::config::{FanoutConfig, HandlerConfig, Retention};
+use chat_shared::delivery::{Deliver, DeliveryError};
+use chat_shared::events::{LeaveReason, StoredEvent};
+use chat_shared::history::history_response;
+use chat_shared::protocol::{HistoryDirection, HistoryRequest};
+use chat_shared::ratelimit::RateLimit;
+use chat_shared::store::embedded::EmbeddedStore;
+use chat_shared::store::{ChatStore, Connection, EventRange, EventsPage, MembersPage, StoreError};
+use chat_shared::validation::{validate_name, ValidName};
+use chat_tests::world::code;
+use chat_tests::{World, WorldConfig};
+use serde_json::{json, Value};
+
+async fn world() -> World {
+    World::new(WorldConfig {
+        handler: HandlerConfig {
+            rate_limit: RateLimit {
+                per_second: 0,
+                burst: 0,
+            },
+            ..HandlerConfig::default()
+        },
+        fanout: FanoutConfig {
+            base_backoff: Duration::from_millis(2),
+            ..FanoutConfig::default()
+        },
+    })
+    .await
+    .expect("moto must start (run scripts/test)")
+}
+
+/// The real `@connections` client, except that the last POST of the slow broadcast holds the
+/// thread for `hog` once it has been answered — as a broadcast that keeps the CPU busy would.
+/// Every frame of the broadcast is delivered, and the time passes inside one poll, so the
+/// deadline goes by without any timer firing.
+struct HoggingBroadcast<'a> {
+    inner: &'a dyn Deliver,
+    hog: Duration,
+    recipients: usize,
+    answered: AtomicUsize,
+}
+
+#[async_trait]
+impl Deliver for HoggingBroadcast<'_> {
+    async fn post(&self, connection_id: &str, data: &[u8]) -> Result<(), DeliveryError> {
+        let result = self.inner.post(connection_id, data).await;
+        if data.starts_with(br#"{"publicMessage":"bob: slow""#)
+            && self.answered.fetch_add(1, Ordering::SeqCst) + 1 == self.recipients
+        {
+            std::thread::sleep(self.hog);
+        }
+        result
+    }
+}
+
+#[tokio::test]
+async fn a_private_message_after_a_deadline_passed_mid_broadcast_is_retried_not_dropped() {
+    // GIVEN alice, bob and carol are members (the world reads members 2 to a page, so the
+    // member list ends with the second page), and a batch [slow broadcast, private message,
+    // public message]
+    let mut w = world().await;
+    w.fanout.time_margin = Duration::ZERO;
+    w.join("A", "alice").await;
+    w.join("B", "bob").await;
+    w.join("C", "carol").await;
+    w.fan_out().await;
+    w.endpoint.clear();
+    let said = w
+        .send("B", json!({"action":"sendPublic","message":"slow"}))
+        .await;
+    assert_eq!(said, None);
+    let said = w
+        .send(
+            "A",
+            json!({"action":"sendPrivate","to":"bob","message":"psst"}),
+        )
+        .await;
+    assert_eq!(said, None);
+    let said = w
+        .send("A", json!({"action":"sendPublic","message":"after"}))
+        .await;
+    assert_eq!(said, None);
+    let event = w.stream.next_event().await.expect("stream");
+    assert_eq!(event.records.len(), 3);
+
+    // WHEN the invocation's deadline passes while the broadcast is still running
+    let hogging = HoggingBroadcast {
+        inner: &w.api,
+        hog: Duration::from_millis(150),
+        recipients: 3,
+        answered: AtomicUsize::new(0),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+    let response = w
+        .fan_out_via(&w.store, &hogging, event.clone(), Some(deadline))
+        .await;
+
+    // THEN the broadcast went out, and the private message is where Lambda resumes
+    assert!(
+        tokio::time::Instant::now() > deadline,
+        "the deadline passed during the batch"
+    );
+    let private_seq = event.records[1].change.sequence_number.clone();
+    assert_eq!(
+        response
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.clone())
+            .collect::<Vec<_>>(),
+        vec![private_seq],
+        "the private message must be retried, not checkpointed past unsent"
+    );
+    assert!(w
+        .frames("B")
+        .iter()
+        .all(|f| f.get("privateMessage").is_none()));
+
+    // WHEN Lambda retries from the reported record (with time to spare)
+    let mut retry = event.clone();
+    retry.records.remove(0);
+    let response = w.fan_out_event(retry).await;
+
+    // THEN bob gets the private message and both get the last public one
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    assert_eq!(
+        w.frames("B"),
+        vec![
+            json!({"publicMessage":"bob: slow"}),
+            json!({"privateMessage":"alice: psst"}),
+            json!({"publicMessage":"alice: after"}),
+        ]
+    );
+    for id in ["A", "C"] {
+        assert_eq!(
+            w.frames(id),
+            vec![
+                json!({"publicMessage":"bob: slow"}),
+                json!({"publicMessage":"alice: after"}),
+            ]
+        );
+    }
+}
+
+/// A store that counts the events its reads return: what a `history` request examined.
+struct CountingReads<S> {
+    inner: S,
+    examined: AtomicUsize,
+    reads: AtomicUsize,
+}
+
+#[async_trait]
+impl<S: ChatStore> ChatStore for CountingReads<S> {
+    async fn add_identified_connection(
+        &self,
+        connection_id: &str,
+        identity: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Connection, StoreError> {
+        self.inner
+            .add_identified_connection(connection_id, identity, now_ms)
+            .await
+    }
+    async fn connection(
+        &self,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Connection>, StoreError> {
+        self.inner.connection(connection_id, now_ms).await
+    }
+    async fn set_name(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        now_ms: i64,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        self.inner.set_name(connection_id, name, now_ms).await
+    }
+    async fn post_public(
+        &self,
+        connection_id: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        self.inner.post_public(connection_id, message, now_ms).await
+    }
+    async fn post_private(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        self.inner
+            .post_private(connection_id, to, message, now_ms)
+            .await
+    }
+    async fn remove_connection(
+        &self,
+        connection_id: &str,
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        self.inner
+            .remove_connection(connection_id, reason, now_ms)
+            .await
+    }
+    async fn take_request_token(
+        &self,
+        connection_id: &str,
+        limit: RateLimit,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.inner
+            .take_request_token(connection_id, limit, now_ms)
+            .await
+    }
+    async fn members_page(
+        &self,
+        after: Option<&str>,
+        now_ms: i64,
+    ) -> Result<MembersPage, StoreError> {
+        self.inner.members_page(after, now_ms).await
+    }
+    async fn read_events(
+        &self,
+        range: EventRange,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<EventsPage, StoreError> {
+        let page = self.inner.read_events(range, limit, now_ms).await?;
+        self.examined.fetch_add(page.events.len(), Ordering::SeqCst);
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Ok(page)
+    }
+}
+
+#[tokio::test]
+async fn history_behind_a_long_private_run_examines_a_bounded_number_of_items() {
+    // GIVEN a public message, then 2,000 private messages between alice and bob, then another
+    let store = CountingReads {
+        inner: EmbeddedStore::new(Retention::default()),
+        examined: AtomicUsize::new(0),
+        reads: AtomicUsize::new(0),
+    };
+    let now = chat_shared::now_ms();
+    for (id, name) in [("A", "alice"), ("B", "bob"), ("C", "carol")] {
+        store.add_connection(id, now).await.expect("connect");
+        let name = validate_name(name).expect("name");
+        store.set_name(id, &name, now).await.expect("join");
+    }
+    store.post_public("A", "before", now).await.expect("post");
+    for n in 0..2_000 {
+        store
+            .post_private("A", "bob", &format!("p{n}"), now)
+            .await
+            .expect("private");
+    }
+    let last = store.post_public("A", "after", now).await.expect("post");
+
+    // WHEN carol (who may read none of them) asks for one frame after the first public message
+    let request = HistoryRequest {
+        direction: HistoryDirection::After(4),
+        limit: 1,
+    };
+    let page: Value = serde_json::from_str(
+        &history_response(&store, request, Some("carol"), now)
+            .await
+            .expect("history"),
+    )
+    .expect("json");
+
+    // THEN it examined at most 100 events, in few reads, and answers with no frames and a
+    // `next` that resumes after the last event examined
+    let examined = store.examined.load(Ordering::SeqCst);
+    assert!(examined <= 100, "examined {examined}");
+    assert!(store.reads.load(Ordering::SeqCst) <= 10);
+    assert_eq!(page["history"]["frames"], json!([]));
+    assert_eq!(
+        page["history"]["next"],
+        json!({"action":"history","after":4 + examined as u64,"limit":1})
+    );
+
+    // AND following `next` gets to the public message after the run, nothing skipped
+    let mut after = 4 + examined as u64;
+    let mut requests = 1;
+    let frames = loop {
+        let request = HistoryRequest {
+            direction: HistoryDirection::After(after),
+            limit: 1,
+        };
+        let page: Value = serde_json::from_str(
+            &history_response(&store, request, Some("carol"), now)
+                .await
+                .expect("history"),
+        )
+        .expect("json");
+        requests += 1;
+        let frames = page["history"]["frames"].clone();
+        if frames != json!([]) {
+            break frames;
+        }
+        after = page["history"]["next"]["after"]
+            .as_u64()
+            .expect("a next while nothing was found");
+    };
+    assert_eq!(frames[0]["publicMessage"], "alice: after");
+    assert_eq!(frames[0]["id"], last.seq);
+    assert!(requests <= 2_000 / 100 + 2, "{requests} requests");
+}
+
+#[tokio::test]
+async fn keys_built_from_client_input_stay_within_dynamodbs_limits() {
+    // GIVEN alice and bob are members
+    let w = world().await;
+    w.join("A", "alice").await;
+    w.join("B", "bob").await;
+    let ligatures = "\u{FDFA}".repeat(32);
+
+    // WHEN alice tries a name whose normalised key is over 1,024 bytes
+    let reply = w
+        .send("A", json!({"action":"setName","name":ligatures}))
+        .await;
+    // THEN it is refused as a name, not as a store failure
+    assert_eq!(code(&reply), "invalid_name", "{reply:?}");
+
+    // WHEN she writes to such a name, or to a name far over 32 characters
+    for to in [ligatures.clone(), "b".repeat(2_000)] {
+        let reply = w
+            .send("A", json!({"action":"sendPrivate","to":to,"message":"hi"}))
+            .await;
+        // THEN nobody has that name: unknown_recipient, not internal_error
+        assert_eq!(code(&reply), "unknown_recipient", "{reply:?}");
+    }
+
+    // WHEN a name contains a line separator THEN it is refused
+    let reply = w
+        .send("B", json!({"action":"setName","name":"bo\u{2028}b"}))
+        .await;
+    assert_eq!(code(&reply), "invalid_name", "{reply:?}");
+}
