@@ -227,7 +227,7 @@ mod tests {
 
     #[test]
     fn line_and_paragraph_separators_are_not_allowed_in_names() {
-        for bad in ["a\u{2028}b", "\u{2029}x"] {
+        for bad in ["a\u{2028}b", "x\u{2029}y"] {
             let r = validate_name(bad).expect_err(bad);
             assert_eq!(r.code, ErrorCode::InvalidName, "{bad:?}");
         }
