@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use chat_shared::config::{FanoutConfig, Retention, DEFAULT_FANOUT_CONCURRENCY};
 use chat_shared::fanout::deliver_event;
+use chat_shared::pacing::Pacer;
 use chat_shared::store::embedded::EmbeddedStore;
 use chat_shared::store::ChatStore;
 use chat_shared::validation::validate_name;
@@ -50,6 +51,13 @@ pub struct FanoutOnlyOptions {
     /// embedded store's one page).
     #[arg(long)]
     pub page_limit: Option<usize>,
+    /// The fan-out's pacer (`FANOUT_MAX_RPS`): @connections calls per second; 0 (the default
+    /// here) measures raw capacity, unpaced.
+    #[arg(long, default_value_t = 0)]
+    pub max_rps: u32,
+    /// The sink answers 429 over this many POSTs per second (the account quota); 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub throttle_rps: u64,
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -63,6 +71,8 @@ impl Default for FanoutOnlyOptions {
             latency_ms: 0,
             warmup_rounds: WARMUP_ROUNDS,
             page_limit: None,
+            max_rps: 0,
+            throttle_rps: 0,
             json: false,
         }
     }
@@ -106,6 +116,8 @@ pub struct FanoutOnlyReport {
     pub concurrency: usize,
     pub latency_ms: u64,
     pub page_limit: Option<usize>,
+    pub max_rps: u32,
+    pub throttle_rps: u64,
     /// POSTs sent to warm the client up before the measurement.
     pub warmup_posts: usize,
     pub delivered: usize,
@@ -113,6 +125,11 @@ pub struct FanoutOnlyReport {
     pub rejected: usize,
     pub elapsed_ms: f64,
     pub deliveries_per_s: f64,
+    /// Every POST the sink answered (accepted or 429) per recipient: 1.0 when nothing was
+    /// throttled or retried.
+    pub posts_per_recipient: f64,
+    /// The pacer's rate when `deliver_event` returned (`None`: unpaced).
+    pub pacer_rate_after: Option<f64>,
     /// CPU time (user + system, all threads) this process spent in `deliver_event`: the
     /// fan-out's own cost, the sink's being in its own process.
     pub cpu_ms: f64,
@@ -134,7 +151,7 @@ pub async fn run(opts: &FanoutOnlyOptions, exe: &Path) -> anyhow::Result<FanoutO
     }
     let n = opts.clients;
     let fd_limit = sys::raise_fd_limit((2 * opts.concurrency + 256) as u64)?;
-    let sink = SinkProcess::spawn(exe, opts.latency_ms).await?;
+    let sink = SinkProcess::spawn(exe, opts.latency_ms, opts.throttle_rps).await?;
     let result = measure(opts, n, &sink, fd_limit).await;
     sink.stop().await;
     result
@@ -176,6 +193,7 @@ async fn measure(
     let api = mgmt::management_api(&sink.endpoint);
     let config = FanoutConfig {
         concurrency: opts.concurrency,
+        pacer: Pacer::per_second(opts.max_rps),
         ..FanoutConfig::default()
     };
     // A warm Lambda has a warm pool: its connections exist, and have carried earlier
@@ -241,12 +259,16 @@ async fn measure(
         concurrency: opts.concurrency,
         latency_ms: opts.latency_ms,
         page_limit: opts.page_limit,
+        max_rps: opts.max_rps,
+        throttle_rps: opts.throttle_rps,
         warmup_posts,
         delivered: report.delivered,
         pruned: report.pruned.len(),
         rejected: report.rejected,
         elapsed_ms: elapsed.as_secs_f64() * 1000.0,
         deliveries_per_s: n as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
+        posts_per_recipient: (stats.posts + stats.throttled) as f64 / n as f64,
+        pacer_rate_after: config.pacer.current_rate(),
         cpu_ms: cpu.as_secs_f64() * 1000.0,
         cpu_us_per_delivery: cpu.as_secs_f64() * 1e6 / n as f64,
         one_core_deliveries_per_s: n as f64 / cpu.as_secs_f64().max(f64::MIN_POSITIVE),
@@ -279,16 +301,32 @@ const TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn print(r: &FanoutOnlyReport) {
     let m = &r.memory;
+    let per_s = |rps: u64| {
+        if rps == 0 {
+            "off".to_owned()
+        } else {
+            format!("{rps}/s")
+        }
+    };
     println!(
-        "chat-bench fanout-only: N={} concurrency={} latency={}ms page_limit={}",
+        "chat-bench fanout-only: N={} concurrency={} latency={}ms page_limit={} pacer={} sink throttle={}",
         r.clients,
         r.concurrency,
         r.latency_ms,
-        r.page_limit.map_or("none".to_owned(), |l| l.to_string())
+        r.page_limit.map_or("none".to_owned(), |l| l.to_string()),
+        per_s(u64::from(r.max_rps)),
+        per_s(r.throttle_rps),
     );
     println!(
         "deliver_event: {:.1} ms, {:.0} deliveries/s (delivered {}, pruned {}, rejected {})",
         r.elapsed_ms, r.deliveries_per_s, r.delivered, r.pruned, r.rejected
+    );
+    println!(
+        "POSTs per recipient: {:.3} ({} answered 429); pacer rate after: {}",
+        r.posts_per_recipient,
+        r.sink.throttled,
+        r.pacer_rate_after
+            .map_or("unpaced".to_owned(), |rate| format!("{rate:.0}/s"))
     );
     println!(
         "CPU in deliver_event: {:.1} ms, {:.1} µs per delivery -> {:.0} deliveries/s per busy core",

@@ -40,6 +40,11 @@ pub struct SinkOptions {
     /// Delay before each answer, as the round trip to API Gateway from a Lambda.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
+    /// Answers 429 LimitExceededException, as API Gateway does over the account's quota,
+    /// to POSTs beyond this many per second (a token bucket with a burst of half a second's
+    /// worth, the shape of the 10,000/s, burst 5,000 quota); 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub throttle_rps: u64,
 }
 
 /// What the sink has received since it started (or since the last `DELETE /stats`).
@@ -53,14 +58,42 @@ pub struct SinkStats {
     /// TCP connections accepted: a client whose pool is warm and big enough opens none, so
     /// anything here is a connection the fan-out (re)opened while it ran.
     pub connections: u64,
+    /// POSTs answered 429 (`--throttle-rps`); not in `posts`.
+    #[serde(default)]
+    pub throttled: u64,
 }
 
 #[derive(Default)]
 struct Counts {
     posts: AtomicU64,
     connections: AtomicU64,
+    throttled: AtomicU64,
     per_id: Mutex<HashMap<String, u64>>,
     latency: Duration,
+    throttle: Option<Mutex<Bucket>>,
+}
+
+/// The account quota's token bucket: `rate` tokens a second, at most `burst` saved.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Counts {
@@ -78,8 +111,18 @@ pub async fn serve(opts: &SinkOptions) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("reading the sink's address")?;
+    let throttle = (opts.throttle_rps > 0).then(|| {
+        let rate = opts.throttle_rps as f64;
+        Mutex::new(Bucket {
+            rate,
+            burst: (rate / 2.0).max(1.0),
+            tokens: (rate / 2.0).max(1.0),
+            at: std::time::Instant::now(),
+        })
+    });
     let counts = Arc::new(Counts {
         latency: Duration::from_millis(opts.latency_ms),
+        throttle,
         ..Counts::default()
     });
     let accepted = Arc::clone(&counts);
@@ -127,13 +170,30 @@ async fn count_post(
     State(counts): State<Arc<Counts>>,
     UrlPath(id): UrlPath<String>,
     _body: Bytes,
-) -> StatusCode {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     if !counts.latency.is_zero() {
         tokio::time::sleep(counts.latency).await;
     }
+    let admitted = counts.throttle.as_ref().is_none_or(|bucket| {
+        bucket
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    });
+    if !admitted {
+        counts.throttled.fetch_add(1, Ordering::Relaxed);
+        // What API Gateway answers over the quota; the SDK reads the error type header.
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("x-amzn-ErrorType", "LimitExceededException")],
+            r#"{"message":"Rate exceeded"}"#,
+        )
+            .into_response();
+    }
     counts.posts.fetch_add(1, Ordering::Relaxed);
     *counts.per_id().entry(id).or_insert(0) += 1;
-    StatusCode::OK
+    StatusCode::OK.into_response()
 }
 
 async fn stats(State(counts): State<Arc<Counts>>) -> String {
@@ -144,6 +204,7 @@ async fn stats(State(counts): State<Arc<Counts>>) -> String {
         max_per_id: per_id.values().copied().max().unwrap_or(0),
         // This request's own connection is not the fan-out's.
         connections: counts.connections.load(Ordering::Relaxed).saturating_sub(1),
+        throttled: counts.throttled.load(Ordering::Relaxed),
     };
     serde_json::to_string(&stats).unwrap_or_default()
 }
@@ -152,6 +213,7 @@ async fn reset(State(counts): State<Arc<Counts>>) -> StatusCode {
     let mut per_id = counts.per_id();
     per_id.clear();
     counts.posts.store(0, Ordering::Relaxed);
+    counts.throttled.store(0, Ordering::Relaxed);
     // This request's own connection was accepted before: it is forgotten with the rest.
     counts.connections.store(0, Ordering::Relaxed);
     StatusCode::NO_CONTENT
@@ -165,11 +227,16 @@ pub struct SinkProcess {
 }
 
 impl SinkProcess {
-    /// Starts `exe sink --port 0 --latency-ms …` and reads its endpoint.
-    pub async fn spawn(exe: &Path, latency_ms: u64) -> anyhow::Result<SinkProcess> {
+    /// Starts `exe sink --port 0 --latency-ms … --throttle-rps …` and reads its endpoint.
+    pub async fn spawn(
+        exe: &Path,
+        latency_ms: u64,
+        throttle_rps: u64,
+    ) -> anyhow::Result<SinkProcess> {
         let mut child = Command::new(exe)
             .args(["sink", "--port", "0"])
             .args(["--latency-ms", &latency_ms.to_string()])
+            .args(["--throttle-rps", &throttle_rps.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

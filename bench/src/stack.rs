@@ -8,6 +8,7 @@ use chat_local::esm::EsmConfig;
 use chat_local::gateway::GatewayConfig;
 use chat_local::stack::{self, LocalOptions, RunningStack, StoreChoice};
 use chat_shared::config::{FanoutConfig, Retention};
+use chat_shared::pacing::Pacer;
 use chat_shared::store::embedded::EmbeddedStore;
 use chat_shared::store::{ChatStore, Member};
 
@@ -48,6 +49,9 @@ impl Stack {
             },
             fanout: FanoutConfig {
                 concurrency: settings.concurrency,
+                // The benchmark measures capacity: the fan-out's own quota pacing would cap
+                // every figure at its rate.
+                pacer: Pacer::unpaced(),
                 ..FanoutConfig::default()
             },
             esm: EsmConfig::default(),

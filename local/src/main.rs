@@ -11,6 +11,7 @@ use chat_shared::auth::Authenticator;
 use chat_shared::config::{
     FanoutConfig, HandlerConfig, Retention, Tables, DEFAULT_FANOUT_CONCURRENCY,
 };
+use chat_shared::pacing::{Pacer, DEFAULT_MAX_RPS};
 use chat_shared::ratelimit::{RateLimit, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND};
 use chat_shared::validation::DEFAULT_MAX_MESSAGE_BYTES;
 use clap::Parser;
@@ -66,6 +67,10 @@ struct Args {
     /// @connections calls in flight at once per fan-out.
     #[arg(long, env = "FANOUT_CONCURRENCY", default_value_t = DEFAULT_FANOUT_CONCURRENCY)]
     fanout_concurrency: usize,
+    /// @connections calls per second per fan-out, under the account's 10,000/s quota; halved
+    /// on each wave of 429s and restored as calls succeed. 0: unpaced.
+    #[arg(long, env = "FANOUT_MAX_RPS", default_value_t = DEFAULT_MAX_RPS)]
+    fanout_max_rps: u32,
     /// Close connections idle this long (AWS: 600).
     #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     idle_timeout: u64,
@@ -141,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
         },
         fanout: FanoutConfig {
             concurrency: args.fanout_concurrency,
+            pacer: Pacer::per_second(args.fanout_max_rps),
             ..FanoutConfig::default()
         },
         retention: Retention::default(),

@@ -6,6 +6,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::auth::Authenticator;
+use crate::pacing::{Pacer, DEFAULT_MAX_RPS};
 use crate::ratelimit::{RateLimit, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND};
 use crate::validation::DEFAULT_MAX_MESSAGE_BYTES;
 
@@ -95,6 +96,16 @@ pub struct FanoutConfig {
     /// Time kept in hand before the invocation's deadline to answer Lambda with a partial
     /// batch response instead of being cut off.
     pub time_margin: Duration,
+    /// Attempts per delivery answered 429 (throttled): more, and further apart, than for
+    /// 5xx — a throttled account recovers in seconds, and giving up re-sends the whole record.
+    pub max_throttled_attempts: u32,
+    /// The first backoff after a 429; each retry doubles it, up to `max_backoff`.
+    pub throttle_backoff: Duration,
+    /// The longest single backoff.
+    pub max_backoff: Duration,
+    /// `FANOUT_MAX_RPS` (default 5,000; 0: unpaced): `@connections` calls per second, shared
+    /// by every clone of this configuration (see [`crate::pacing`]).
+    pub pacer: Pacer,
 }
 
 impl Default for FanoutConfig {
@@ -105,6 +116,10 @@ impl Default for FanoutConfig {
             base_backoff: Duration::from_millis(50),
             presence_limit: DEFAULT_PRESENCE_BROADCAST_LIMIT,
             time_margin: Duration::from_millis(1500),
+            max_throttled_attempts: 8,
+            throttle_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            pacer: Pacer::default(),
         }
     }
 }
@@ -230,9 +245,15 @@ impl FanoutConfig {
             DEFAULT_PRESENCE_BROADCAST_LIMIT,
             "expected a number of members",
         )?;
+        let max_rps = parse_var(
+            "FANOUT_MAX_RPS",
+            DEFAULT_MAX_RPS,
+            "expected calls per second (0 turns pacing off)",
+        )?;
         Ok(FanoutConfig {
             concurrency,
             presence_limit,
+            pacer: Pacer::per_second(max_rps),
             ..FanoutConfig::default()
         })
     }

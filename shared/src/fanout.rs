@@ -13,8 +13,13 @@
 //!   at all: a list of a few thousand names no longer fits API Gateway's 128 KB frame, and each
 //!   change would cost a broadcast. Messages are unaffected; joins and leaves stay in history.
 //! - **Retries.** 429 and 5xx are retried with exponential backoff and full jitter, bounded by
-//!   `max_attempts` and by the invocation's deadline; 410 is never retried (the connection is
-//!   pruned), nor are 403 and 413 (reported).
+//!   the invocation's deadline: 5xx up to `max_attempts` from `base_backoff` (50 ms), 429 up to
+//!   `max_throttled_attempts` from `throttle_backoff` (8 from 200 ms, capped at 5 s each: a
+//!   throttled account needs seconds, not the ~350 ms of 5xx retries); 410 is never retried
+//!   (the connection is pruned), nor are 403 and 413 (reported).
+//! - **Pacing.** Every attempt waits its turn under `config.pacer` (5,000 calls/s by default,
+//!   halved on each wave of 429s and restored as calls succeed: [`crate::pacing`]), so a big
+//!   broadcast cannot use the account's whole API Gateway quota.
 //! - **Failures.** A unit that cannot finish (deliveries still failing, out of time, a store
 //!   error) stops the batch and its first record is reported as the batch item failure, so
 //!   Lambda retries from there — nothing is dropped silently, and records before it are done.
@@ -490,17 +495,40 @@ impl Sender<'_> {
     }
 
     async fn send_with_retry(&self, connection_id: &str, data: &[u8]) -> Result<(), DeliveryError> {
+        let pacer = &self.config.pacer;
         let mut attempt = 1;
         loop {
             if self.deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(DeliveryError::OutOfTime);
             }
-            match self.deliver.post(connection_id, data).await {
-                Err(e) if e.is_retryable() && attempt < self.config.max_attempts => {
+            pacer.acquire().await;
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(DeliveryError::OutOfTime);
+            }
+            let outcome = self.deliver.post(connection_id, data).await;
+            let (max_attempts, base) = match &outcome {
+                Ok(()) => {
+                    pacer.accepted();
+                    (0, Duration::ZERO)
+                }
+                Err(DeliveryError::Throttled(_)) => {
+                    // The whole account is over its quota, not this recipient: slow every
+                    // call down, and give this one longer to get through.
+                    pacer.throttled();
+                    (
+                        self.config.max_throttled_attempts,
+                        self.config.throttle_backoff,
+                    )
+                }
+                Err(_) => (self.config.max_attempts, self.config.base_backoff),
+            };
+            match outcome {
+                Err(e) if e.is_retryable() && attempt < max_attempts => {
                     // Full jitter: spreads the retries of a throttled broadcast instead of
                     // sending them back in one synchronised wave.
-                    let cap =
-                        self.config.base_backoff.as_millis() as u64 * (1 << (attempt - 1).min(10));
+                    let cap = (base.as_millis() as u64)
+                        .saturating_mul(1 << (attempt - 1).min(10))
+                        .min(self.config.max_backoff.as_millis() as u64);
                     let wait = Duration::from_millis(rand::rng().random_range(0..=cap.max(1)));
                     if self.deadline.is_some_and(|d| Instant::now() + wait >= d) {
                         // No time to wait and try again: leave it to Lambda's retry.

@@ -9,6 +9,7 @@
 //! - [`ratelimit`]: the per-connection token bucket;
 //! - [`store`]: the narrow store port and its DynamoDB adapter;
 //! - [`delivery`]: sending frames through the API Gateway Management API (`@connections`);
+//! - [`pacing`]: keeping those calls under the account's API Gateway quota;
 //! - [`handler`]: the chat-api-handler logic (routes → validated state changes + events);
 //! - [`history`]: the `history` route's pages of public history;
 //! - [`fanout`]: the stream fan-out logic (events → deliveries, pruning on 410);
@@ -23,6 +24,7 @@ pub mod fanout;
 pub mod handler;
 pub mod history;
 pub mod keys;
+pub mod pacing;
 pub mod protocol;
 pub mod ratelimit;
 pub mod store;

@@ -12,6 +12,7 @@ use chat_shared::config::{FanoutConfig, HandlerConfig, Retention};
 use chat_shared::delivery::{Deliver, DeliveryError};
 use chat_shared::events::{LeaveReason, StoredEvent};
 use chat_shared::history::history_response;
+use chat_shared::pacing::Pacer;
 use chat_shared::protocol::{HistoryDirection, HistoryRequest};
 use chat_shared::ratelimit::RateLimit;
 use chat_shared::store::embedded::EmbeddedStore;
@@ -347,4 +348,38 @@ async fn keys_built_from_client_input_stay_within_dynamodbs_limits() {
         .send("B", json!({"action":"setName","name":"bo\u{2028}b"}))
         .await;
     assert_eq!(code(&reply), "invalid_name", "{reply:?}");
+}
+
+#[tokio::test]
+async fn an_account_throttled_for_a_while_slows_the_broadcast_without_failing_it() {
+    // GIVEN alice, bob and carol are members, and a fan-out paced at 1,000 calls/s
+    let mut w = world().await;
+    w.fanout.throttle_backoff = Duration::from_millis(5);
+    w.fanout.pacer = Pacer::per_second(1_000);
+    w.join("A", "alice").await;
+    w.join("B", "bob").await;
+    w.join("C", "carol").await;
+    w.fan_out().await;
+    w.endpoint.clear();
+    let said = w
+        .send("A", json!({"action":"sendPublic","message":"hello"}))
+        .await;
+    assert_eq!(said, None);
+
+    // WHEN the account is throttled: each recipient's next 6 calls answer 429 — more than the
+    // 4 attempts a 5xx gets
+    for id in ["A", "B", "C"] {
+        w.endpoint.fail_next(id, 429, 6);
+    }
+    let response = w.fan_out().await;
+
+    // THEN the record succeeds: every member got the message exactly once
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    for id in ["A", "B", "C"] {
+        assert_eq!(w.frames(id), vec![json!({"publicMessage":"alice: hello"})], "{id}");
+    }
+    assert_eq!(w.endpoint.faults_served(), 18);
+    // AND the pacer slowed down for the rest of the account's traffic
+    let rate = w.fanout.pacer.current_rate().expect("paced");
+    assert!(rate < 1_000.0, "rate after a 429 storm: {rate}");
 }
