@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use chat_shared::config::{FanoutConfig, Retention, DEFAULT_FANOUT_CONCURRENCY};
-use chat_shared::fanout::deliver_event;
+use chat_shared::fanout::{deliver_event, handle_stream_event};
 use chat_shared::pacing::Pacer;
 use chat_shared::store::embedded::EmbeddedStore;
 use chat_shared::store::ChatStore;
+use chat_shared::stream::RecordSource;
 use chat_shared::validation::validate_name;
 use serde::Serialize;
 
@@ -58,6 +59,11 @@ pub struct FanoutOnlyOptions {
     /// The sink answers 429 over this many POSTs per second (the account quota); 0: never.
     #[arg(long, default_value_t = 0)]
     pub throttle_rps: u64,
+    /// This many recipients (spread over the room) answer 500 forever: the fan-out must reach
+    /// everyone else once and retry only them (its redelivery rounds run after the broadcast,
+    /// from the store's stream, and are counted in the POSTs per recipient).
+    #[arg(long, default_value_t = 0)]
+    pub failing: usize,
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +79,7 @@ impl Default for FanoutOnlyOptions {
             page_limit: None,
             max_rps: 0,
             throttle_rps: 0,
+            failing: 0,
             json: false,
         }
     }
@@ -118,6 +125,11 @@ pub struct FanoutOnlyReport {
     pub page_limit: Option<usize>,
     pub max_rps: u32,
     pub throttle_rps: u64,
+    pub failing: usize,
+    /// Redelivery rounds run after the broadcast (for the failing recipients).
+    pub redelivery_rounds: usize,
+    /// Time from the broadcast's start to the end of the last redelivery round.
+    pub with_redelivery_ms: f64,
     /// POSTs sent to warm the client up before the measurement.
     pub warmup_posts: usize,
     pub delivered: usize,
@@ -150,8 +162,17 @@ pub async fn run(opts: &FanoutOnlyOptions, exe: &Path) -> anyhow::Result<FanoutO
         bail!("--clients and --concurrency must be at least 1");
     }
     let n = opts.clients;
+    if opts.failing > n {
+        bail!("--failing must be at most --clients");
+    }
     let fd_limit = sys::raise_fd_limit((2 * opts.concurrency + 256) as u64)?;
-    let sink = SinkProcess::spawn(exe, opts.latency_ms, opts.throttle_rps).await?;
+    let sink = SinkProcess::spawn(
+        exe,
+        opts.latency_ms,
+        opts.throttle_rps,
+        &failing_ids(n, opts.failing),
+    )
+    .await?;
     let result = measure(opts, n, &sink, fd_limit).await;
     sink.stop().await;
     result
@@ -190,6 +211,17 @@ async fn measure(
         .await
         .context("recording the public message")?;
 
+    // Past everything so far (the joins and the message): only redelivery rounds follow.
+    let mut feed = store.feed();
+    while let Some(last) = feed
+        .poll(100_000, Duration::ZERO)
+        .await
+        .context("reading the store's stream")?
+        .last()
+        .and_then(|r| r.change.sequence_number.clone())
+    {
+        feed.checkpoint(&last);
+    }
     let api = mgmt::management_api(&sink.endpoint);
     let config = FanoutConfig {
         concurrency: opts.concurrency,
@@ -225,6 +257,31 @@ async fn measure(
     .context("deliver_event")?;
     let elapsed = start.elapsed();
     let cpu = Duration::from_nanos(sys::cpu_ns().saturating_sub(cpu_start));
+    // What the failing recipients are owed comes back on the stream, round after round, as
+    // it would to the fan-out Lambda.
+    let mut redelivery_rounds = 0;
+    loop {
+        let records = feed
+            .poll(1_000, Duration::from_millis(50))
+            .await
+            .context("reading the store's stream")?;
+        let Some(last) = records
+            .last()
+            .and_then(|r| r.change.sequence_number.clone())
+        else {
+            break;
+        };
+        let mut batch = aws_lambda_events::event::dynamodb::Event::default();
+        batch.records = records;
+        let response =
+            handle_stream_event(&store, &api, &config, batch, chat_shared::now_ms, None).await;
+        if !response.batch_item_failures.is_empty() {
+            bail!("a redelivery round failed: {response:?}");
+        }
+        feed.checkpoint(&last);
+        redelivery_rounds += 1;
+    }
+    let with_redelivery = start.elapsed();
     let after = sys::memory();
     let heap = heap_before.zip(sys::heap()).map(|(before, after)| {
         let kib = |bytes: u64| (bytes / 1024) as i64;
@@ -247,11 +304,11 @@ async fn measure(
         warmup_kib: before.rss_kib.saturating_sub(cold.rss_kib),
         heap,
     };
-    let n64 = n as u64;
-    let ok = stats.posts == n64
-        && stats.distinct == n64
+    let reachable = (n - opts.failing) as u64;
+    let ok = stats.posts == reachable
+        && stats.distinct == reachable
         && stats.max_per_id == 1
-        && report.delivered == n
+        && report.delivered == n - opts.failing
         && report.pruned.is_empty()
         && report.rejected == 0;
     Ok(FanoutOnlyReport {
@@ -267,7 +324,10 @@ async fn measure(
         rejected: report.rejected,
         elapsed_ms: elapsed.as_secs_f64() * 1000.0,
         deliveries_per_s: n as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
-        posts_per_recipient: (stats.posts + stats.throttled) as f64 / n as f64,
+        posts_per_recipient: (stats.posts + stats.throttled + stats.failed) as f64 / n as f64,
+        failing: opts.failing,
+        redelivery_rounds,
+        with_redelivery_ms: with_redelivery.as_secs_f64() * 1000.0,
         pacer_rate_after: config.pacer.current_rate(),
         cpu_ms: cpu.as_secs_f64() * 1000.0,
         cpu_us_per_delivery: cpu.as_secs_f64() * 1e6 / n as f64,
@@ -277,6 +337,11 @@ async fn measure(
         fd_limit,
         ok,
     })
+}
+
+/// `count` connection ids spread evenly over the `n` members.
+fn failing_ids(n: usize, count: usize) -> Vec<String> {
+    (0..count).map(|k| connection_id(k * n / count)).collect()
 }
 
 /// A connection id shaped like API Gateway's (12 characters), and safe in a URL path.
@@ -322,9 +387,13 @@ pub fn print(r: &FanoutOnlyReport) {
         r.elapsed_ms, r.deliveries_per_s, r.delivered, r.pruned, r.rejected
     );
     println!(
-        "POSTs per recipient: {:.3} ({} answered 429); pacer rate after: {}",
+        "POSTs per recipient: {:.4} ({} answered 429, {} answered 500 to the {} failing recipients; {} redelivery rounds, done after {:.0} ms); pacer rate after: {}",
         r.posts_per_recipient,
         r.sink.throttled,
+        r.sink.failed,
+        r.failing,
+        r.redelivery_rounds,
+        r.with_redelivery_ms,
         r.pacer_rate_after
             .map_or("unpaced".to_owned(), |rate| format!("{rate:.0}/s"))
     );

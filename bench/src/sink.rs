@@ -45,6 +45,10 @@ pub struct SinkOptions {
     /// worth, the shape of the 10,000/s, burst 5,000 quota); 0: never.
     #[arg(long, default_value_t = 0)]
     pub throttle_rps: u64,
+    /// These connection ids (comma-separated) answer 500 InternalServerErrorException to
+    /// every POST, forever: recipients the fan-out can never reach.
+    #[arg(long, value_delimiter = ',')]
+    pub fail_ids: Vec<String>,
 }
 
 /// What the sink has received since it started (or since the last `DELETE /stats`).
@@ -61,6 +65,9 @@ pub struct SinkStats {
     /// POSTs answered 429 (`--throttle-rps`); not in `posts`.
     #[serde(default)]
     pub throttled: u64,
+    /// POSTs answered 500 (`--fail-ids`); not in `posts`.
+    #[serde(default)]
+    pub failed: u64,
 }
 
 #[derive(Default)]
@@ -68,6 +75,8 @@ struct Counts {
     posts: AtomicU64,
     connections: AtomicU64,
     throttled: AtomicU64,
+    failed: AtomicU64,
+    failing: std::collections::HashSet<String>,
     per_id: Mutex<HashMap<String, u64>>,
     latency: Duration,
     throttle: Option<Mutex<Bucket>>,
@@ -123,6 +132,7 @@ pub async fn serve(opts: &SinkOptions) -> anyhow::Result<()> {
     let counts = Arc::new(Counts {
         latency: Duration::from_millis(opts.latency_ms),
         throttle,
+        failing: opts.fail_ids.iter().cloned().collect(),
         ..Counts::default()
     });
     let accepted = Arc::clone(&counts);
@@ -175,12 +185,19 @@ async fn count_post(
     if !counts.latency.is_zero() {
         tokio::time::sleep(counts.latency).await;
     }
-    let admitted = counts.throttle.as_ref().is_none_or(|bucket| {
-        bucket
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-    });
+    if counts.failing.contains(&id) {
+        counts.failed.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("x-amzn-ErrorType", "InternalServerErrorException")],
+            r#"{"message":"Internal server error"}"#,
+        )
+            .into_response();
+    }
+    let admitted = counts
+        .throttle
+        .as_ref()
+        .is_none_or(|bucket| bucket.lock().unwrap_or_else(PoisonError::into_inner).take());
     if !admitted {
         counts.throttled.fetch_add(1, Ordering::Relaxed);
         // What API Gateway answers over the quota; the SDK reads the error type header.
@@ -205,6 +222,7 @@ async fn stats(State(counts): State<Arc<Counts>>) -> String {
         // This request's own connection is not the fan-out's.
         connections: counts.connections.load(Ordering::Relaxed).saturating_sub(1),
         throttled: counts.throttled.load(Ordering::Relaxed),
+        failed: counts.failed.load(Ordering::Relaxed),
     };
     serde_json::to_string(&stats).unwrap_or_default()
 }
@@ -214,6 +232,7 @@ async fn reset(State(counts): State<Arc<Counts>>) -> StatusCode {
     per_id.clear();
     counts.posts.store(0, Ordering::Relaxed);
     counts.throttled.store(0, Ordering::Relaxed);
+    counts.failed.store(0, Ordering::Relaxed);
     // This request's own connection was accepted before: it is forgotten with the rest.
     counts.connections.store(0, Ordering::Relaxed);
     StatusCode::NO_CONTENT
@@ -232,11 +251,17 @@ impl SinkProcess {
         exe: &Path,
         latency_ms: u64,
         throttle_rps: u64,
+        fail_ids: &[String],
     ) -> anyhow::Result<SinkProcess> {
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .args(["sink", "--port", "0"])
             .args(["--latency-ms", &latency_ms.to_string()])
-            .args(["--throttle-rps", &throttle_rps.to_string()])
+            .args(["--throttle-rps", &throttle_rps.to_string()]);
+        if !fail_ids.is_empty() {
+            command.args(["--fail-ids", &fail_ids.join(",")]);
+        }
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

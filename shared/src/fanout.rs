@@ -20,10 +20,14 @@
 //! - **Pacing.** Every attempt waits its turn under `config.pacer` (5,000 calls/s by default,
 //!   halved on each wave of 429s and restored as calls succeed: [`crate::pacing`]), so a big
 //!   broadcast cannot use the account's whole API Gateway quota.
-//! - **Failures.** A unit that cannot finish (deliveries still failing, out of time, a store
-//!   error) stops the batch and its first record is reported as the batch item failure, so
-//!   Lambda retries from there — nothing is dropped silently, and records before it are done.
-//!   A record that can never be decoded is logged and skipped.
+//! - **Recipients that keep failing** (5xx, or 429 after every attempt) do not fail the
+//!   record: what they are owed is written as a redelivery item, which the stream brings back
+//!   as a round of its own ([`crate::redelivery`]); everyone else gets the event once. Rounds
+//!   run beside the batch's in-order units, never holding the room.
+//! - **Failures.** A unit that cannot finish (out of time, a store error) stops the batch and
+//!   its first record is reported as the batch item failure, so Lambda retries from there —
+//!   nothing is dropped silently, and records before it are done. A unit that starts after
+//!   the deadline fails at once. A record that can never be decoded is logged and skipped.
 //! - **Pruning in batches.** The 410s of a unit are removed together after it
 //!   ([`ChatStore::remove_connections`]); their leave events go through the stream like any other.
 
@@ -42,19 +46,15 @@ use tracing::{debug, error, info, warn};
 use crate::config::FanoutConfig;
 use crate::delivery::{Deliver, DeliveryError};
 use crate::events::{ChatEvent, DecodeError, EventItem, LeaveReason, StoredEvent};
+use crate::keys;
 use crate::protocol::{Frame, FrameBody};
+use crate::redelivery::{self, Redelivery, RedeliveryItem};
 use crate::store::{ChatStore, Member, StoreError};
 
 #[derive(Debug, Error)]
 pub enum FanoutError {
     #[error("reading or pruning connections failed")]
     Store(#[from] StoreError),
-    #[error("{failed} deliveries still failing after retries")]
-    Undelivered {
-        failed: usize,
-        #[source]
-        last: DeliveryError,
-    },
     #[error("the invocation ran out of time")]
     OutOfTime,
 }
@@ -78,6 +78,10 @@ pub struct DeliveryReport {
     pub pruned: Vec<String>,
     /// Recipients refused for good (403, 413, other): logged, not retried.
     pub rejected: usize,
+    /// Recipients still failing after their attempts, handed to the next redelivery round.
+    pub redelivering: usize,
+    /// Recipients still failing after the last redelivery round: given up.
+    pub given_up: usize,
     /// Presence not broadcast because the room is over `presence_limit`.
     pub presence_skipped: bool,
 }
@@ -89,6 +93,19 @@ pub fn decode_record(record: &EventRecord) -> Result<StoredEvent, RecordError> {
     }
     let item: EventItem = serde_dynamo::from_item(record.change.new_image.clone())?;
     Ok(StoredEvent::try_from(item)?)
+}
+
+/// The redelivery round a record carries, if it is a redelivery item (not an event).
+pub fn decode_redelivery(record: &EventRecord) -> Option<Result<Redelivery, RecordError>> {
+    let image = &record.change.new_image;
+    match image.get(keys::TYPE) {
+        Some(serde_dynamo::AttributeValue::S(kind)) if kind == redelivery::ITEM_TYPE => Some(
+            serde_dynamo::from_item::<_, RedeliveryItem>(image.clone())
+                .map(RedeliveryItem::into_redelivery)
+                .map_err(RecordError::Item),
+        ),
+        _ => None,
+    }
 }
 
 /// Whether a record is a deletion: events are immutable, so on the event table every REMOVE is
@@ -116,11 +133,23 @@ pub async fn handle_stream_event(
 ) -> DynamoDbEventResponse {
     let deadline = deadline.map(|d| d.checked_sub(config.time_margin).unwrap_or(d));
     let mut units: Vec<(Option<String>, Unit)> = Vec::new();
+    let mut rounds: Vec<(Option<String>, Redelivery)> = Vec::new();
     for record in &event.records {
         let seq_no = record.change.sequence_number.clone();
         if is_removal(record) {
             debug!(sequence_number = ?seq_no, "skipping a removal (TTL expiry)");
             continue;
+        }
+        match decode_redelivery(record) {
+            Some(Ok(round)) => {
+                rounds.push((seq_no, round));
+                continue;
+            }
+            Some(Err(e)) => {
+                error!(sequence_number = ?seq_no, error = %e, "skipping a redelivery item that cannot be decoded");
+                continue;
+            }
+            None => {}
         }
         let stored = match decode_record(record) {
             Ok(stored) => stored,
@@ -137,6 +166,61 @@ pub async fn handle_stream_event(
         }
     }
 
+    // Redelivery rounds go beside the in-order units: their recipients already missed the
+    // order, and a round waiting out its backoff must not hold the room.
+    let now_ms = &now_ms;
+    let redeliveries = stream::iter(rounds)
+        .map(|(seq_no, round)| async move {
+            let outcome =
+                deliver_redelivery(store, deliver, config, &round, now_ms(), deadline).await;
+            match outcome {
+                Ok(report) => {
+                    info!(
+                        event_id = round.event_id,
+                        round = round.round,
+                        delivered = report.delivered,
+                        pruned = report.pruned.len(),
+                        rejected = report.rejected,
+                        redelivering = report.redelivering,
+                        given_up = report.given_up,
+                        "redelivered"
+                    );
+                    None
+                }
+                Err(e) => {
+                    warn!(event_id = round.event_id, round = round.round, error = %e, "redelivery failed; Lambda will retry it");
+                    Some(seq_no)
+                }
+            }
+        })
+        .buffer_unordered(REDELIVERY_ROUNDS_AT_ONCE)
+        .filter_map(|failed| async move { failed })
+        .collect::<Vec<_>>();
+    let (mut response, failed_rounds) = futures::join!(
+        deliver_in_order(store, deliver, config, units, now_ms, deadline),
+        redeliveries
+    );
+    for seq_no in failed_rounds {
+        let mut failure = DynamoDbBatchItemFailure::default();
+        failure.item_identifier = seq_no;
+        response.batch_item_failures.push(failure);
+    }
+    response
+}
+
+/// Redelivery rounds of one batch run one at a time, in stream order: a connection owed
+/// several frames gets them in id order when it recovers.
+const REDELIVERY_ROUNDS_AT_ONCE: usize = 1;
+
+/// The batch's events, one unit at a time in stream order, stopping at the first that fails.
+async fn deliver_in_order(
+    store: &dyn ChatStore,
+    deliver: &dyn Deliver,
+    config: &FanoutConfig,
+    units: Vec<(Option<String>, Unit)>,
+    now_ms: &impl Fn() -> i64,
+    deadline: Option<Instant>,
+) -> DynamoDbEventResponse {
     let mut response = DynamoDbEventResponse::default();
     for (first_seq_no, unit) in units {
         // A unit that starts after the deadline cannot send anything; without this check it
@@ -178,6 +262,7 @@ pub async fn handle_stream_event(
                 delivered = report.delivered,
                 pruned = report.pruned.len(),
                 rejected = report.rejected,
+                redelivering = report.redelivering,
                 presence_skipped = report.presence_skipped,
                 "fanned out"
             ),
@@ -260,7 +345,7 @@ pub async fn deliver_event_until(
                 to_connection_id.clone(),
                 sender.send_all(to_connection_id, &frames).await,
             );
-            tally
+            (tally, frames)
         }
         ChatEvent::MessagePosted { .. } => {
             let frames: Arc<[Vec<u8>]> = Arc::new([stored.message_frame().to_json().into_bytes()]);
@@ -269,7 +354,7 @@ pub async fn deliver_event_until(
                 .broadcast(
                     members(store, now_ms).filter_map(|m| {
                         let member = match m {
-                            Ok(member) => Some(member),
+                            Ok(member) => Some(member.connection_id),
                             Err(e) => {
                                 failed_read.get_or_insert(e);
                                 None
@@ -283,7 +368,7 @@ pub async fn deliver_event_until(
             if let Some(e) = failed_read {
                 return Err(e.into());
             }
-            outcomes
+            (outcomes, frames)
         }
         ChatEvent::MemberJoined { .. }
         | ChatEvent::MemberRenamed { .. }
@@ -299,7 +384,14 @@ pub async fn deliver_event_until(
             .await;
         }
     };
-    settle(store, outcomes, now_ms).await
+    let (outcomes, frames) = outcomes;
+    let owed = Owed {
+        room: &stored.room,
+        event_id: stored.seq,
+        frames: &frames,
+        round: 0,
+    };
+    settle(store, outcomes, owed, now_ms).await
 }
 
 /// Delivers a run of presence changes as one `members` frame and one `systemMessage` per
@@ -340,8 +432,63 @@ pub async fn deliver_presence(
         config,
         deadline,
     };
-    let outcomes = sender.broadcast(stream::iter(all), &frames).await;
-    settle(store, outcomes, now_ms).await
+    let outcomes = sender
+        .broadcast(stream::iter(all).map(|m| m.connection_id), &frames)
+        .await;
+    let Some(last) = run.last() else {
+        return Ok(DeliveryReport::default());
+    };
+    let owed = Owed {
+        room: &last.room,
+        event_id: last.seq,
+        frames: &frames,
+        round: 0,
+    };
+    settle(store, outcomes, owed, now_ms).await
+}
+
+/// Sends one redelivery round (see [`crate::redelivery`]): one more try for each connection
+/// (two for 429), after its backoff; those still failing go to the next round, or are given up
+/// after the last.
+pub async fn deliver_redelivery(
+    store: &dyn ChatStore,
+    deliver: &dyn Deliver,
+    config: &FanoutConfig,
+    round: &Redelivery,
+    now_ms: i64,
+    deadline: Option<Instant>,
+) -> Result<DeliveryReport, FanoutError> {
+    let wait = Duration::from_millis(round.not_before_ms.saturating_sub(now_ms).max(0) as u64)
+        .min(redelivery::MAX_WAIT);
+    if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+        return Err(FanoutError::OutOfTime);
+    }
+    tokio::time::sleep(wait).await;
+    let config = FanoutConfig {
+        max_attempts: 1,
+        max_throttled_attempts: 2,
+        ..config.clone()
+    };
+    let sender = Sender {
+        deliver,
+        config: &config,
+        deadline,
+    };
+    let frames: Arc<[Vec<u8>]> = round
+        .frames
+        .iter()
+        .map(|f| f.clone().into_bytes())
+        .collect();
+    let outcomes = sender
+        .broadcast(stream::iter(round.connection_ids.iter().cloned()), &frames)
+        .await;
+    let owed = Owed {
+        room: &round.room,
+        event_id: round.event_id,
+        frames: &frames,
+        round: round.round,
+    };
+    settle(store, outcomes, owed, now_ms + wait.as_millis() as i64).await
 }
 
 /// The frames of a run of presence changes. One change: the tutorial's own two frames, in its
@@ -407,8 +554,10 @@ fn names_phrase(names: &[&str]) -> String {
 #[derive(Default)]
 struct Tally {
     report: DeliveryReport,
-    retryable: usize,
-    last_retryable: Option<DeliveryError>,
+    /// Recipients still failing after their attempts (5xx, 429): owed a redelivery.
+    failing: Vec<String>,
+    /// A recipient was not tried, or not finished, for lack of time.
+    out_of_time: bool,
 }
 
 impl Tally {
@@ -416,10 +565,12 @@ impl Tally {
         match outcome {
             Ok(()) => self.report.delivered += 1,
             Err(DeliveryError::Gone) => self.report.pruned.push(connection_id),
-            // Out of time is "not yet", never "refused": the unit must fail so Lambda retries it.
-            Err(e) if e.may_succeed_later() => {
-                self.retryable += 1;
-                self.last_retryable = Some(e);
+            // Out of time is "not yet", never "refused": the unit must fail so Lambda retries
+            // it (a broadcast cut short does not even know who it has not reached).
+            Err(DeliveryError::OutOfTime) => self.out_of_time = true,
+            Err(e) if e.is_retryable() => {
+                debug!(connection_id, error = %e, "still failing after retries");
+                self.failing.push(connection_id);
             }
             Err(e) => {
                 warn!(connection_id, error = %e, "frame refused; not retrying");
@@ -429,16 +580,27 @@ impl Tally {
     }
 }
 
-/// Prunes the connections found gone, and fails if deliveries that can succeed later did not.
+/// What a unit's failing recipients are owed: its frames, and which round this was (0: the
+/// broadcast itself).
+struct Owed<'a> {
+    room: &'a str,
+    event_id: u64,
+    frames: &'a [Vec<u8>],
+    round: u32,
+}
+
+/// Prunes the connections found gone, hands recipients still failing to the next redelivery
+/// round (or gives them up after the last), and fails if the unit ran out of time.
 async fn settle(
     store: &dyn ChatStore,
     tally: Tally,
+    owed: Owed<'_>,
     now_ms: i64,
 ) -> Result<DeliveryReport, FanoutError> {
     let Tally {
-        report,
-        retryable,
-        last_retryable,
+        mut report,
+        failing,
+        out_of_time,
     } = tally;
     if !report.pruned.is_empty() {
         // Their MemberLeft events go through the stream like any other, so others see them leave.
@@ -446,13 +608,37 @@ async fn settle(
             .remove_connections(&report.pruned, LeaveReason::Gone, now_ms)
             .await?;
     }
-    match last_retryable {
-        Some(last) => Err(FanoutError::Undelivered {
-            failed: retryable,
-            last,
-        }),
-        None => Ok(report),
+    if out_of_time {
+        return Err(FanoutError::OutOfTime);
     }
+    if failing.is_empty() {
+        return Ok(report);
+    }
+    let next = owed.round + 1;
+    if next > redelivery::MAX_ROUNDS {
+        // History keeps the event: a client that catches up by id still gets it.
+        error!(
+            event_id = owed.event_id,
+            recipients = failing.len(),
+            rounds = redelivery::MAX_ROUNDS,
+            "giving up on recipients still failing after every redelivery round"
+        );
+        report.given_up = failing.len();
+        return Ok(report);
+    }
+    report.redelivering = failing.len();
+    let frames: Vec<String> = owed
+        .frames
+        .iter()
+        .map(|f| String::from_utf8_lossy(f).into_owned())
+        .collect();
+    let not_before = now_ms + redelivery::backoff(next).as_millis() as i64;
+    for round in redelivery::chunks(owed.room, owed.event_id, &frames, failing, next, not_before) {
+        // Written before the record is checkpointed: if this fails, the unit fails and Lambda
+        // retries it whole, so nothing owed is lost.
+        store.schedule_redelivery(&round, now_ms).await?;
+    }
+    Ok(report)
 }
 
 /// Sends frames with bounded concurrency, retries and the deadline.
@@ -463,18 +649,18 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    /// Sends `frames` to every member of the stream, `concurrency` recipients at a time.
+    /// Sends `frames` to every connection of the stream, `concurrency` recipients at a time.
     async fn broadcast(
         &self,
-        recipients: impl Stream<Item = Member>,
+        recipients: impl Stream<Item = String>,
         frames: &Arc<[Vec<u8>]>,
     ) -> Tally {
         recipients
-            .map(|m| {
+            .map(|connection_id| {
                 let frames = Arc::clone(frames);
                 async move {
-                    let r = self.send_all(&m.connection_id, &frames).await;
-                    (m.connection_id, r)
+                    let r = self.send_all(&connection_id, &frames).await;
+                    (connection_id, r)
                 }
             })
             .buffer_unordered(self.config.concurrency)

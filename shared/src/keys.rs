@@ -21,6 +21,21 @@
 //!
 //! Items are immutable: the only REMOVE records on its stream are TTL deletions.
 //!
+//! The same table holds **redelivery items** (`crate::redelivery`): frames a broadcast still
+//! owes a few connections, brought back to the fan-out by the stream. Their partition is
+//! `REDELIVERY#<room>`, so no history read (which queries `ROOM#<room>`) ever sees them.
+//! | attribute      | type | meaning                                                        |
+//! |----------------|------|----------------------------------------------------------------|
+//! | `pk`           | S    | `REDELIVERY#<room>`                                            |
+//! | `seq`          | N    | a unique number (µs of the write plus randomness), not an event id |
+//! | `type`         | S    | `Redelivery`                                                   |
+//! | `v`, `ts`      | N    | schema version (1), write time (ms)                            |
+//! | `expiresAt`    | N    | TTL: an hour after the write                                   |
+//! | `room`, `eventId` | S, N | the event the frames are of                                |
+//! | `frames`       | L    | the frames (JSON strings), in the order each recipient gets them |
+//! | `connectionIds`| L    | the connections still owed them (at most 500 per item)         |
+//! | `round`, `notBefore` | N | which retry round this is (1-based), and not before when (ms) |
+//!
 //! ## Connections table (`CONNECTIONS_TABLE`) — current state, all items with TTL
 //! | `pk`          | `sk`               | other attributes                                  |
 //! |---------------|--------------------|---------------------------------------------------|
@@ -60,6 +75,11 @@ pub const NAME_PREFIX: &str = "NAME#";
 
 pub fn room_pk(room: &str) -> String {
     format!("ROOM#{room}")
+}
+
+/// The partition of a room's redelivery items in the event table.
+pub fn redelivery_pk(room: &str) -> String {
+    format!("REDELIVERY#{room}")
 }
 
 pub fn conn_sk(connection_id: &str) -> String {

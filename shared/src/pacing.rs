@@ -164,7 +164,10 @@ mod tests {
         }
         // THEN they took at least 300 ms at the rate (the burst's 200 ms of credit is spent)
         let took = start.elapsed();
-        assert!(took >= Duration::from_millis(295), "{took:?} (burst {burst:?})");
+        assert!(
+            took >= Duration::from_millis(295),
+            "{took:?} (burst {burst:?})"
+        );
     }
 
     #[tokio::test]
@@ -190,7 +193,11 @@ mod tests {
         for _ in 0..5 {
             pacer.acquire().await;
         }
-        assert!(start.elapsed() >= Duration::from_millis(190), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            start.elapsed()
+        );
         // WHEN calls are accepted again THEN the rate climbs back to the configured one
         for _ in 0..500 {
             pacer.accepted();

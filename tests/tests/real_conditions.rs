@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chat_shared::config::{FanoutConfig, HandlerConfig, Retention};
-use chat_shared::delivery::{Deliver, DeliveryError};
 use chat_shared::events::{LeaveReason, StoredEvent};
+use chat_shared::fanout::handle_stream_event;
 use chat_shared::history::history_response;
 use chat_shared::pacing::Pacer;
 use chat_shared::protocol::{HistoryDirection, HistoryRequest};
 use chat_shared::ratelimit::RateLimit;
+use chat_shared::redelivery::{self, Redelivery};
 use chat_shared::store::embedded::EmbeddedStore;
 use chat_shared::store::{ChatStore, Connection, EventRange, EventsPage, MembersPage, StoreError};
 use chat_shared::validation::{validate_name, ValidName};
@@ -40,35 +41,10 @@ async fn world() -> World {
     .expect("moto must start (run scripts/test)")
 }
 
-/// The real `@connections` client, except that the last POST of the slow broadcast holds the
-/// thread for `hog` once it has been answered — as a broadcast that keeps the CPU busy would.
-/// Every frame of the broadcast is delivered, and the time passes inside one poll, so the
-/// deadline goes by without any timer firing.
-struct HoggingBroadcast<'a> {
-    inner: &'a dyn Deliver,
-    hog: Duration,
-    recipients: usize,
-    answered: AtomicUsize,
-}
-
-#[async_trait]
-impl Deliver for HoggingBroadcast<'_> {
-    async fn post(&self, connection_id: &str, data: &[u8]) -> Result<(), DeliveryError> {
-        let result = self.inner.post(connection_id, data).await;
-        if data.starts_with(br#"{"publicMessage":"bob: slow""#)
-            && self.answered.fetch_add(1, Ordering::SeqCst) + 1 == self.recipients
-        {
-            std::thread::sleep(self.hog);
-        }
-        result
-    }
-}
-
 #[tokio::test]
 async fn a_private_message_after_a_deadline_passed_mid_broadcast_is_retried_not_dropped() {
-    // GIVEN alice, bob and carol are members (the world reads members 2 to a page, so the
-    // member list ends with the second page), and a batch [slow broadcast, private message,
-    // public message]
+    // GIVEN alice, bob and carol are members, and a batch [broadcast, private message, public
+    // message]
     let mut w = world().await;
     w.fanout.time_margin = Duration::ZERO;
     w.join("A", "alice").await;
@@ -94,17 +70,29 @@ async fn a_private_message_after_a_deadline_passed_mid_broadcast_is_retried_not_
     let event = w.stream.next_event().await.expect("stream");
     assert_eq!(event.records.len(), 3);
 
-    // WHEN the invocation's deadline passes while the broadcast is still running
-    let hogging = HoggingBroadcast {
-        inner: &w.api,
-        hog: Duration::from_millis(150),
-        recipients: 3,
-        answered: AtomicUsize::new(0),
+    // WHEN the invocation's deadline passes between the broadcast and the private message:
+    // the fan-out reads the clock as each unit starts, and that read of the private message's
+    // unit holds the thread past the deadline (as a long broadcast's CPU would). Nothing
+    // yields between the hog and the unit's sends, so no timer can fire in between.
+    // The deadline leaves the broadcast plenty of time; the hog outlasts it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let units_started = AtomicUsize::new(0);
+    let clock = || {
+        if units_started.fetch_add(1, Ordering::SeqCst) == 1 {
+            let hog = deadline.saturating_duration_since(tokio::time::Instant::now());
+            std::thread::sleep(hog + Duration::from_millis(50));
+        }
+        chat_shared::now_ms()
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
-    let response = w
-        .fan_out_via(&w.store, &hogging, event.clone(), Some(deadline))
-        .await;
+    let response = handle_stream_event(
+        &w.store,
+        &w.api,
+        &w.fanout,
+        event.clone(),
+        clock,
+        Some(deadline),
+    )
+    .await;
 
     // THEN the broadcast went out, and the private message is where Lambda resumes
     assert!(
@@ -224,6 +212,13 @@ impl<S: ChatStore> ChatStore for CountingReads<S> {
         self.inner
             .take_request_token(connection_id, limit, now_ms)
             .await
+    }
+    async fn schedule_redelivery(
+        &self,
+        redelivery: &Redelivery,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.inner.schedule_redelivery(redelivery, now_ms).await
     }
     async fn members_page(
         &self,
@@ -376,10 +371,60 @@ async fn an_account_throttled_for_a_while_slows_the_broadcast_without_failing_it
     // THEN the record succeeds: every member got the message exactly once
     assert!(response.batch_item_failures.is_empty(), "{response:?}");
     for id in ["A", "B", "C"] {
-        assert_eq!(w.frames(id), vec![json!({"publicMessage":"alice: hello"})], "{id}");
+        assert_eq!(
+            w.frames(id),
+            vec![json!({"publicMessage":"alice: hello"})],
+            "{id}"
+        );
     }
     assert_eq!(w.endpoint.faults_served(), 18);
     // AND the pacer slowed down for the rest of the account's traffic
     let rate = w.fanout.pacer.current_rate().expect("paced");
     assert!(rate < 1_000.0, "rate after a 429 storm: {rate}");
+}
+
+#[tokio::test]
+async fn a_recipient_failing_forever_costs_a_bounded_number_of_posts_and_nobody_else_pays() {
+    // GIVEN alice, bob and carol are members, and carol's endpoint answers 500 forever
+    let mut w = world().await;
+    w.join("A", "alice").await;
+    w.join("B", "bob").await;
+    w.join("C", "carol").await;
+    w.fan_out().await;
+    w.endpoint.clear();
+    w.endpoint.fail_next("C", 500, usize::MAX);
+    let said = w
+        .send("A", json!({"action":"sendPublic","message":"hello"}))
+        .await;
+    assert_eq!(said, None);
+
+    // WHEN the fan-out handles the message, then every redelivery round the stream brings back
+    let mut rounds = 0;
+    loop {
+        let event = w.stream.next_event().await.expect("stream");
+        if event.records.is_empty() {
+            break;
+        }
+        let response = w.fan_out_event(event).await;
+        // THEN no record ever fails: the room is never held, nor re-sent to
+        assert!(response.batch_item_failures.is_empty(), "{response:?}");
+        rounds += 1;
+        assert!(rounds <= 10, "redelivery does not end");
+    }
+
+    // THEN alice and bob got it once; carol was tried max_attempts (4) + 5 rounds times, and
+    // then given up
+    for id in ["A", "B"] {
+        assert_eq!(
+            w.frames(id),
+            vec![json!({"publicMessage":"alice: hello"})],
+            "{id}"
+        );
+    }
+    assert_eq!(rounds, 1 + redelivery::MAX_ROUNDS as usize);
+    assert_eq!(
+        w.endpoint.faults_served(),
+        4 + redelivery::MAX_ROUNDS as usize
+    );
+    assert_eq!(w.endpoint.post_count(), 2);
 }

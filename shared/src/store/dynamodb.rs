@@ -32,6 +32,7 @@ use crate::config::{Retention, Tables};
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys::{self, CONN_PREFIX};
 use crate::ratelimit::{self, Bucket, RateLimit};
+use crate::redelivery::{Redelivery, RedeliveryItem};
 use crate::validation::{recipient_key, ValidName};
 
 /// Leaves per pruning transaction: three items each (connection, claim, event) plus the
@@ -939,6 +940,39 @@ impl ChatStore for DynamoStore {
             left.extend(self.remove_named(chunk, reason, now_ms).await?);
         }
         Ok(left)
+    }
+
+    async fn schedule_redelivery(
+        &self,
+        redelivery: &Redelivery,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        // A fresh random key each attempt: the condition makes a collision a retry, never an
+        // overwrite of another fan-out's item.
+        for _ in 0..3 {
+            let seq = crate::redelivery::unique_seq(now_ms);
+            let item = serde_dynamo::to_item(RedeliveryItem::new(redelivery, seq, now_ms))
+                .map_err(|e| StoreError::Malformed(format!("redelivery item: {e}")))?;
+            let put = self
+                .client
+                .put_item()
+                .table_name(&self.tables.events)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(#pk)")
+                .expression_attribute_names("#pk", keys::PK)
+                .send()
+                .await;
+            match put {
+                Ok(_) => return Ok(()),
+                Err(SdkError::ServiceError(e))
+                    if e.err().is_conditional_check_failed_exception() =>
+                {
+                    continue
+                }
+                Err(e) => return Err(StoreError::backend("PutItem redelivery", e)),
+            }
+        }
+        Err(StoreError::Contention(3))
     }
 
     async fn take_request_token(

@@ -39,6 +39,7 @@ use crate::config::Retention;
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys;
 use crate::ratelimit::{self, Bucket, RateLimit};
+use crate::redelivery::{Redelivery, RedeliveryItem};
 use crate::stream::{RecordSource, SourceError};
 use crate::validation::{recipient_key, ValidName};
 
@@ -656,6 +657,28 @@ impl ChatStore for EmbeddedStore {
             epoch_secs(now_ms),
         );
         Ok(Some(self.finish(&mut state, pending)))
+    }
+
+    async fn schedule_redelivery(
+        &self,
+        redelivery: &Redelivery,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let seq = crate::redelivery::unique_seq(now_ms);
+        // The same item the DynamoDB adapter writes; only its stream record is kept here, as
+        // nothing reads redelivery items back but the fan-out, from the stream.
+        let image: Item = serde_dynamo::to_item(RedeliveryItem::new(redelivery, seq, now_ms))
+            .map_err(|e| StoreError::Malformed(format!("redelivery item: {e}")))?;
+        let keys = event_keys(&keys::redelivery_pk(&redelivery.room), seq);
+        let change = stream_change(now_ms, keys, image)
+            .map_err(|e| StoreError::Malformed(format!("stream record: {e}")))?;
+        let record = self.shared.record("INSERT", change);
+        let mut state = self.shared.lock();
+        state.injected_failure("PutItem redelivery")?;
+        state.publish(self.shared.instance, record);
+        drop(state);
+        self.shared.changed.notify_waiters();
+        Ok(())
     }
 
     async fn take_request_token(

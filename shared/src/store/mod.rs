@@ -15,6 +15,7 @@ use thiserror::Error;
 
 use crate::events::{LeaveReason, StoredEvent};
 use crate::ratelimit::RateLimit;
+use crate::redelivery::Redelivery;
 use crate::validation::ValidName;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -205,6 +206,14 @@ pub trait ChatStore: Send + Sync {
         limit: RateLimit,
         now_ms: i64,
     ) -> Result<bool, StoreError>;
+
+    /// Writes what a broadcast still owes a few connections as a redelivery item in the event
+    /// table, so it comes back to the fan-out on the stream (see [`crate::redelivery`]).
+    async fn schedule_redelivery(
+        &self,
+        redelivery: &Redelivery,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
 
     /// A page of current members, in a stable order, starting after the cursor `after`.
     async fn members_page(
