@@ -12,9 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chat_shared::events::{LeaveReason, StoredEvent};
 use chat_shared::ratelimit::RateLimit;
-use chat_shared::store::{
-    ChatStore, Connection, EventRange, EventsPage, MembersPage, StoreError,
-};
+use chat_shared::store::{ChatStore, Connection, EventRange, EventsPage, MembersPage, StoreError};
 use chat_shared::validation::ValidName;
 
 /// Sleeps `read` before every read and `write` before every write, then delegates.

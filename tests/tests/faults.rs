@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use aws_lambda_events::event::dynamodb::Event;
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
+use aws_sdk_apigatewaymanagement::error::SdkError;
+use aws_sdk_apigatewaymanagement::operation::post_to_connection::PostToConnectionError;
 use aws_sdk_dynamodb::types::AttributeValue;
 use chat_shared::config::{FanoutConfig, HandlerConfig, Retention, Tables};
 use chat_shared::delivery::{Deliver, DeliveryError, ManagementApi};
@@ -30,13 +32,11 @@ use chat_shared::handler::handle_request;
 use chat_shared::ratelimit::RateLimit;
 use chat_shared::store::dynamodb::DynamoStore;
 use chat_shared::store::ChatStore;
-use aws_sdk_apigatewaymanagement::error::SdkError;
-use aws_sdk_apigatewaymanagement::operation::post_to_connection::PostToConnectionError;
 use chat_tests::logs::Logs;
 use chat_tests::world::code;
 use chat_tests::{unique_name, ConnectionsEndpoint, World, WorldConfig};
-use tracing::Level;
 use serde_json::{json, Value};
+use tracing::Level;
 
 /// A world for fault injection; panics if it cannot be set up (moto missing: run scripts/test).
 async fn world() -> World {
@@ -878,7 +878,11 @@ async fn forbidden_and_too_large_are_logged_and_counted_not_retried() {
     assert!(w.endpoint.frames_for("C").is_empty());
     assert!(w.endpoint.frames_for("D").is_empty());
     for id in ["A", "B", "E", "F"] {
-        assert_eq!(w.frames(id), [json!({"publicMessage": "alice: hello"})], "{id}");
+        assert_eq!(
+            w.frames(id),
+            [json!({"publicMessage": "alice: hello"})],
+            "{id}"
+        );
     }
     // AND each refusal is logged as a warning naming the connection and the status
     let refused: Vec<(Option<String>, Option<String>)> = logs
@@ -920,7 +924,10 @@ async fn forbidden_and_too_large_are_logged_and_counted_not_retried() {
     // AND they are still members: a refusal is not a 410
     let now = chat_shared::now_ms();
     for id in ["C", "D"] {
-        assert!(w.store.connection(id, now).await.expect("read").is_some(), "{id}");
+        assert!(
+            w.store.connection(id, now).await.expect("read").is_some(),
+            "{id}"
+        );
     }
 }
 

@@ -2,10 +2,10 @@
 //! serialise/parse roundtrip unchanged, and carries the fields the chat relies on; the stream
 //! fixtures also go through the fan-out, as Lambda would hand them to chat-fanout.
 
-use aws_sdk_dynamodb::config::SharedCredentialsProvider;
 use aws_lambda_events::event::apigw::ApiGatewayWebsocketProxyRequest;
 use aws_lambda_events::event::dynamodb::Event;
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
+use aws_sdk_dynamodb::config::SharedCredentialsProvider;
 use chat_shared::config::{FanoutConfig, Retention};
 use chat_shared::delivery::ManagementApi;
 use chat_shared::fanout::handle_stream_event;
@@ -381,7 +381,12 @@ async fn a_remove_that_is_not_a_ttl_deletion_is_skipped_with_a_warning() {
     by_principal["dynamodb"]["SequenceNumber"] = json!("4421599800000000017450512878");
     // Between two real INSERTs, so the order of what is delivered can be checked too.
     let inserts = fixture_json("dynamodb-stream-insert.json");
-    let records = json!([inserts["Records"][0], by_user, by_principal, inserts["Records"][1]]);
+    let records = json!([
+        inserts["Records"][0],
+        by_user,
+        by_principal,
+        inserts["Records"][1]
+    ]);
     let event: Event = serde_json::from_value(json!({ "Records": records })).expect("event");
 
     // WHEN the fan-out handles the batch
@@ -395,7 +400,10 @@ async fn a_remove_that_is_not_a_ttl_deletion_is_skipped_with_a_warning() {
         .iter()
         .map(|f| f["publicMessage"].clone())
         .collect();
-    assert_eq!(texts, [json!("alice: hello everyone"), json!("bob: hi alice")]);
+    assert_eq!(
+        texts,
+        [json!("alice: hello everyone"), json!("bob: hi alice")]
+    );
     // AND each is logged as a warning (history lost an event), never as a poison record
     let warned = logs.find(
         Level::WARN,
