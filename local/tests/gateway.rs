@@ -870,8 +870,10 @@ async fn connection_older_than_max_duration_is_closed_even_if_active() {
         ..GatewayConfig::default()
     };
     let running = start(config, &recorder).await;
-    let ws = running.connect().await;
+    // Before connecting: the gateway's clock for the connection starts during the handshake,
+    // before the client sees it complete.
     let started = Instant::now();
+    let ws = running.connect().await;
 
     // WHEN the client keeps sending a frame every 50 ms
     let (mut tx, mut rx) = ws.split();
