@@ -37,6 +37,10 @@ fn env(vars: &[(&str, &str)]) {
     }
 }
 
+/// A variable, a value the README refuses for it, and the read that must refuse it (returning
+/// the variable its error names).
+type Refusal = (&'static str, &'static str, fn() -> String);
+
 /// The variable an `Invalid` error names, or a description of another result.
 fn invalid_name<T: std::fmt::Debug>(result: Result<T, ConfigError>) -> String {
     match result {
@@ -132,7 +136,7 @@ fn settings_come_from_the_environment_with_the_documented_defaults_and_limits() 
         .is_off());
 
     // GIVEN each value the README refuses  THEN an error naming its variable
-    let refused: [(&str, &str, fn() -> String); 12] = [
+    let refused: [Refusal; 12] = [
         ("CONNECTION_TTL_SECONDS", "7199", || {
             invalid_name(Retention::from_env())
         }),
