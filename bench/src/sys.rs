@@ -103,8 +103,9 @@ pub fn reset_peak_memory() -> bool {
 }
 
 /// jemalloc, as in the Lambda functions and chat-local (the stack runs in this process), except
-/// in a `heap-stats` build, whose counting wrapper goes over the system allocator.
-#[cfg(not(feature = "heap-stats"))]
+/// in a `heap-stats` build, whose counting wrapper goes over the system allocator, and in a
+/// `system-alloc` build, which runs on the system allocator (glibc's malloc) to compare.
+#[cfg(not(any(feature = "heap-stats", feature = "system-alloc")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -1188,13 +1188,30 @@ fn assert_error_frame(label: &str, frame: &Value, code: &str, action: Option<&st
     );
 }
 
+/// The size of the corpus as the README's *Tests* section states it ("a corpus of N bad
+/// inputs").
+fn readme_corpus_size() -> usize {
+    const README: &str = include_str!("../../README.md");
+    let (_, rest) = README
+        .split_once("a corpus of ")
+        .expect("the README states the corpus size");
+    rest.split_whitespace()
+        .next()
+        .and_then(|n| n.replace(',', "").parse().ok())
+        .expect("a number after \"a corpus of\"")
+}
+
 #[tokio::test]
 async fn every_bad_input_gets_its_error_and_changes_nothing() {
     // GIVEN alice, bob and José are members, carol is connected without a name
     let mut world = World::start().await;
     let before = world.history.clone();
     let cases = corpus();
-    assert!(cases.len() >= 40, "the corpus has {} cases", cases.len());
+    assert_eq!(
+        cases.len(),
+        readme_corpus_size(),
+        "the README (Tests) says how many bad inputs the corpus has"
+    );
     let mut labels = std::collections::HashSet::new();
     for case in &cases {
         assert!(

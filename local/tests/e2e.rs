@@ -431,6 +431,7 @@ async fn connect_rejected_scenario(local: Local) {
 }
 
 async fn rate_limit_scenario(mode: Mode) {
+    const FLOOD: usize = 12;
     // GIVEN a limit of 1 request/s with bursts of 4, and alice and bob
     let local = Local::start_with(mode, GatewayConfig::default(), |o| {
         o.handler.rate_limit = chat_shared::ratelimit::RateLimit {
@@ -439,39 +440,78 @@ async fn rate_limit_scenario(mode: Mode) {
         };
     })
     .await;
-    let started = std::time::Instant::now();
-    let mut alice = local.member("alice").await; // 1 request
+    let mut alice = local.client().await;
+    alice.send(json!({"action":"setName","name":"alice"})).await;
+    // Her bucket is made full by this first request, which takes one token, at the join's `ts`.
+    let joined = alice
+        .until(|f| f["systemMessage"] == json!("alice has joined the chat"))
+        .await;
+    let bucket_made_at = joined["ts"].as_i64().expect("ts");
     let mut bob = local.member("bob").await;
     alice
         .until(|f| f["systemMessage"] == json!("bob has joined the chat"))
         .await;
-    // WHEN alice floods with 8 messages at once
-    for i in 0..8 {
+    // WHEN alice floods with 12 messages at once
+    for i in 0..FLOOD {
         alice
             .send(json!({"action":"sendPublic","message":format!("m{i}")}))
             .await;
     }
-    // THEN what is over her burst is refused, to her only, with rate_limited
-    let mut passed = Vec::new();
+    // THEN each is either refused, to her, with rate_limited, or delivered; her requests are
+    // handled in order, so which ones passed says what happened to each
+    let mut passed_at: Vec<Option<i64>> = vec![None; FLOOD];
     let mut refused = 0;
-    for _ in 0..8 {
+    while passed_at.iter().flatten().count() + refused < FLOOD {
         let f = alice.next().await;
         if f["error"]["code"] == json!("rate_limited") {
             assert_eq!(f["error"]["action"], json!("sendPublic"));
             refused += 1;
         } else {
-            passed.push(f["publicMessage"].as_str().expect("an echo").to_owned());
+            let text = f["publicMessage"].as_str().expect("an echo");
+            let i: usize = text
+                .strip_prefix("alice: m")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected frame {f}"));
+            passed_at[i] = Some(f["ts"].as_i64().expect("ts"));
         }
     }
-    // The join used one of the 4 tokens; a slow machine may have refilled one per second
-    // since the bucket was made (so this does not depend on how fast the stack runs).
-    let refills = started.elapsed().as_secs() as usize;
+    // AND the outcomes are exactly a token bucket's, replayed on the chat's own clock (each
+    // passed message's `ts` is when its token was taken), so a slow machine changes what
+    // passes but never what is right: a request passes only with a whole token in the bucket
+    // (3 left after the join, 4 at most, refilled 1 per second), and is refused only without
+    // one — tokens only grow until the next pass, so right after it there was less than one.
+    let (mut milli_tokens, mut at) = (3_000_i64, bucket_made_at);
+    for (i, passed) in passed_at.iter().enumerate() {
+        match passed {
+            Some(ts) => {
+                milli_tokens = (milli_tokens + (ts - at).max(0)).min(4_000);
+                assert!(
+                    milli_tokens >= 1_000,
+                    "m{i} passed with {milli_tokens} thousandths of a token: {passed_at:?}"
+                );
+                milli_tokens -= 1_000;
+                at = *ts;
+            }
+            None => assert!(
+                milli_tokens < 1_000,
+                "m{i} was refused with {milli_tokens} thousandths of a token: {passed_at:?}"
+            ),
+        }
+    }
     assert!(
-        (3..=3 + refills).contains(&passed.len()),
-        "{} passed, {refused} refused in {refills} s",
-        passed.len()
+        passed_at[..3].iter().all(Option::is_some),
+        "the burst: {passed_at:?}"
     );
-    assert!(refused >= 8 - 3 - refills && refused > 0);
+    assert!(
+        refused > 0,
+        "nothing refused: the flood took over 9 s ({passed_at:?})"
+    );
+    let passed: Vec<String> = passed_at
+        .iter()
+        .enumerate()
+        .filter(|(_, ts)| ts.is_some())
+        .map(|(i, _)| format!("alice: m{i}"))
+        .collect();
     // AND bob got exactly the messages that passed, and his own requests are unaffected
     for text in &passed {
         assert_eq!(bob.next_content().await, json!({ "publicMessage": text }));

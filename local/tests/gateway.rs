@@ -321,11 +321,49 @@ async fn expect_text(ws: &mut Ws) -> String {
     }
 }
 
-/// Nothing arrives for a while.
-async fn expect_silence(ws: &mut Ws) {
-    if let Ok(message) = tokio::time::timeout(Duration::from_millis(300), ws.next()).await {
-        panic!("expected nothing, got {message:?}");
+/// A marker through the `$disconnect` path: a client connects (with `?marker=1`, so a
+/// `$connect` that refuses others can let it in) and closes. Returns its connection id once its
+/// `$disconnect` has been recorded — by then a `$disconnect` that something earlier set off
+/// would have been recorded too, so "none (or one) so far" means none (or one) at all.
+async fn disconnect_marker(running: &Running, recorder: &Recorder) -> String {
+    let mut ws = running
+        .connect_to(&format!("{}?marker=1", running.url()))
+        .await
+        .expect("the marker connects");
+    let deadline = Instant::now() + WAIT;
+    let id = loop {
+        let marker = recorder.of_type("CONNECT").into_iter().find_map(|e| {
+            (e.query_string_parameters.first("marker") == Some("1"))
+                .then_some(e.request_context.connection_id)
+                .flatten()
+        });
+        if let Some(id) = marker {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "the marker's $connect");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    ws.close(None).await.expect("close the marker");
+    loop {
+        let disconnected = recorder
+            .of_type("DISCONNECT")
+            .iter()
+            .any(|e| e.request_context.connection_id.as_deref() == Some(id.as_str()));
+        if disconnected {
+            return id;
+        }
+        assert!(Instant::now() < deadline, "the marker's $disconnect");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The connection ids of the `$disconnect`s recorded so far.
+fn disconnected_ids(recorder: &Recorder) -> Vec<String> {
+    recorder
+        .of_type("DISCONNECT")
+        .into_iter()
+        .filter_map(|e| e.request_context.connection_id)
+        .collect()
 }
 
 fn text(body: &str) -> Message {
@@ -392,7 +430,7 @@ async fn connect_event_describes_the_upgrade_request() {
 async fn non_2xx_connect_rejects_the_handshake_with_that_status() {
     // GIVEN a $connect that answers 401 with a body
     let recorder = Recorder::replying(|event| match event_type(event) {
-        "CONNECT" => {
+        "CONNECT" if event.query_string_parameters.first("marker").is_none() => {
             let mut response = status(401);
             response.body = Some(Body::Text("go away".to_owned()));
             Ok(response)
@@ -404,14 +442,16 @@ async fn non_2xx_connect_rejects_the_handshake_with_that_status() {
     // WHEN a client connects
     let result = running.connect_to(&running.url()).await;
 
-    // THEN the handshake fails with HTTP 401, and nothing is open or disconnected
+    // THEN the handshake fails with HTTP 401, and nothing is open
     match result {
         Err(WsError::Http(response)) => assert_eq!(response.status(), 401),
         other => panic!("expected an HTTP 401, got {other:?}"),
     }
     assert_eq!(running.gateway.connection_count(), 0);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(recorder.of_type("DISCONNECT").is_empty());
+    // AND no $disconnect ran for it: after a marker's own $disconnect, the marker's is the
+    // only one
+    let marker = disconnect_marker(&running, &recorder).await;
+    assert_eq!(disconnected_ids(&recorder), [marker]);
 }
 
 #[tokio::test]
@@ -487,6 +527,7 @@ async fn plain_http_get_is_refused_without_invoking_connect() {
 struct PostsDuringConnect {
     client: aws_sdk_apigatewaymanagement::Client,
     outcome: Mutex<Option<Result<(), PostToConnectionError>>>,
+    connection_id: Mutex<Option<String>>,
 }
 
 #[async_trait::async_trait]
@@ -496,6 +537,7 @@ impl Integration for PostsDuringConnect {
             let id = request.request_context.connection_id.unwrap_or_default();
             let outcome = post(&self.client, &id, "too early").await;
             *self.outcome.lock().expect("lock") = Some(outcome);
+            *self.connection_id.lock().expect("lock") = Some(id);
         }
         Ok(status(200))
     }
@@ -508,6 +550,7 @@ async fn posting_to_a_connection_during_its_connect_is_gone() {
     let integration = Arc::new(PostsDuringConnect {
         client: management_client(port, "prod"),
         outcome: Mutex::new(None),
+        connection_id: Mutex::new(None),
     });
     let running = serve(
         listener,
@@ -525,7 +568,18 @@ async fn posting_to_a_connection_during_its_connect_is_gone() {
         matches!(outcome, Some(Err(PostToConnectionError::GoneException(_)))),
         "{outcome:?}"
     );
-    expect_silence(&mut ws).await;
+    // AND nothing reached the client: the first frame it gets is a marker posted through the
+    // same @connections path now that it is open
+    let id = integration
+        .connection_id
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("connection id");
+    post(&management_client(port, "prod"), &id, "marker")
+        .await
+        .expect("post the marker");
+    assert_eq!(expect_text(&mut ws).await, "marker");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -665,8 +719,17 @@ async fn route_response_body_goes_back_to_the_caller_only() {
         r#"{"echo":{"action":"sendPublic","message":"hi"}}"#
     );
     recorder.wait_for("MESSAGE", 2).await;
-    expect_silence(&mut caller).await;
-    expect_silence(&mut other).await;
+    // AND the empty body sent nothing, and nothing reached the other client: each one's next
+    // frame is the answer to a marker it sends after that
+    for ws in [&mut caller, &mut other] {
+        ws.send(text(r#"{"action":"sendPublic","message":"marker"}"#))
+            .await
+            .expect("send the marker");
+        assert_eq!(
+            expect_text(ws).await,
+            r#"{"echo":{"action":"sendPublic","message":"marker"}}"#
+        );
+    }
 }
 
 #[tokio::test]
@@ -741,8 +804,9 @@ async fn client_close_invokes_disconnect_once_after_unregistering() {
         matches!(gone, Err(PostToConnectionError::GoneException(_))),
         "{gone:?}"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(recorder.of_type("DISCONNECT").len(), 1);
+    // AND only once: after a marker's own $disconnect, the client's is still the only other one
+    let marker = disconnect_marker(&running, &recorder).await;
+    assert_eq!(disconnected_ids(&recorder), [id, marker]);
 }
 
 #[tokio::test]
@@ -806,8 +870,10 @@ async fn connection_older_than_max_duration_is_closed_even_if_active() {
         ..GatewayConfig::default()
     };
     let running = start(config, &recorder).await;
-    let ws = running.connect().await;
+    // Before connecting: the gateway's clock for the connection starts during the handshake,
+    // before the client sees it complete.
     let started = Instant::now();
+    let ws = running.connect().await;
 
     // WHEN the client keeps sending a frame every 50 ms
     let (mut tx, mut rx) = ws.split();
@@ -1256,13 +1322,15 @@ async fn drop_disconnect_never_invokes_disconnect() {
     // WHEN the client closes
     ws.close(None).await.expect("close");
 
-    // THEN the connection is gone, but $disconnect never ran
+    // THEN the connection is gone
     let deadline = Instant::now() + WAIT;
     while running.gateway.connection_count() > 0 {
         assert!(Instant::now() < deadline, "connection still registered");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // AND $disconnect never ran: the gateway's shutdown returns only once every connection's
+    // task, whose last step is invoking $disconnect, has ended
+    running.shutdown().await;
     assert!(recorder.of_type("DISCONNECT").is_empty());
 }
 

@@ -108,10 +108,28 @@ pub fn decode_redelivery(record: &EventRecord) -> Option<Result<Redelivery, Reco
     }
 }
 
-/// Whether a record is a deletion: events are immutable, so on the event table every REMOVE is
-/// a TTL expiry (`userIdentity.principalId = dynamodb.amazonaws.com`), never a chat event.
+/// Whether a record is a deletion, which the fan-out skips: a REMOVE carries no new image and
+/// is never a chat event. Events are immutable, so on the event table a REMOVE should be a TTL
+/// expiry, which DynamoDB marks with `userIdentity` `{"type": "Service", "principalId":
+/// "dynamodb.amazonaws.com"}`. A REMOVE without that mark means someone deleted an event item
+/// (an operator, a script): it is skipped all the same — there is nothing to deliver, and
+/// retrying cannot change it — but logged as a warning, since history lost an event.
 pub fn is_removal(record: &EventRecord) -> bool {
-    record.event_name == "REMOVE"
+    if record.event_name != "REMOVE" {
+        return false;
+    }
+    let by_ttl = record.user_identity.as_ref().is_some_and(|identity| {
+        identity.type_ == "Service" && identity.principal_id == "dynamodb.amazonaws.com"
+    });
+    if !by_ttl {
+        warn!(
+            sequence_number = ?record.change.sequence_number,
+            event_id = %record.event_id,
+            principal = ?record.user_identity.as_ref().map(|i| i.principal_id.as_str()),
+            "an event item was deleted, not by TTL expiry; skipping its REMOVE record"
+        );
+    }
+    true
 }
 
 /// What is delivered together: one event, or a run of presence changes.
@@ -137,7 +155,7 @@ pub async fn handle_stream_event(
     for record in &event.records {
         let seq_no = record.change.sequence_number.clone();
         if is_removal(record) {
-            debug!(sequence_number = ?seq_no, "skipping a removal (TTL expiry)");
+            debug!(sequence_number = ?seq_no, "skipping a removal");
             continue;
         }
         match decode_redelivery(record) {

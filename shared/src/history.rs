@@ -30,6 +30,10 @@ use crate::store::{ChatStore, EventRange, StoreError};
 /// The most frame bytes in one response: API Gateway's 128 KB message limit less room for the
 /// envelope. A single chat frame (messages are at most 16 KB, template.yaml) always fits.
 pub const HISTORY_MAX_BYTES: usize = 120 * 1024;
+/// What the response adds around its frames (`{"history":{"frames":[…],"next":{…}}}`, with
+/// the longest `next`): kept out of the frames' budget so the whole message stays under
+/// [`HISTORY_MAX_BYTES`].
+const ENVELOPE_BYTES: usize = 128;
 
 /// How many stored events one `history` request may examine, per frame asked for. A reader
 /// sees only some events (not others' private messages), so "read until `limit` frames" is
@@ -136,7 +140,9 @@ pub async fn history_response(
         for event in &page.events {
             examined += 1;
             if let Some(frame) = history_frame(event, reader) {
-                if bytes + frame.len() + 1 > HISTORY_MAX_BYTES && !frames.is_empty() {
+                if bytes + frame.len() + 1 > HISTORY_MAX_BYTES - ENVELOPE_BYTES
+                    && !frames.is_empty()
+                {
                     break 'pages;
                 }
                 bytes += frame.len() + 1;

@@ -3,9 +3,8 @@
 //! exactly as the README's rules say.
 //!
 //! The number of cases per property comes from `PROPTEST_CASES` (proptest reads it; 256 when
-//! unset, so CI runs this file in seconds). The long run:
-//! `PROPTEST_CASES=150000 cargo test --release -p chat-shared --test fuzz` (8 properties:
-//! 1.2 million inputs).
+//! unset, which is what CI runs, in seconds). A long run sets it higher, e.g.
+//! `PROPTEST_CASES=150000 cargo test --release -p chat-shared --test fuzz` (docs/fuzzing.md).
 //! Failures are not persisted to files: a failing case is printed, shrunk, with its seed.
 
 use std::collections::HashMap;
@@ -22,6 +21,7 @@ use chat_shared::protocol::{
     HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT,
 };
 use chat_shared::store::embedded::EmbeddedStore;
+use chat_shared::store::ChatStore;
 use chat_shared::validation::{name_key, validate_message, validate_name, NAME_MAX_CHARS};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -594,6 +594,153 @@ fn well_formed(value: &AttributeValue) -> bool {
     }
 }
 
+/// What an event item decodes to by the event table's rules (`keys.rs`: each attribute and its
+/// type; `v` is 1; `pk` is `ROOM#<room>`; each event type's own attributes), written out here
+/// rather than taken from the decoder: `None` when the item is not a chat event. Ids are `u64`
+/// (README: below 2^53), times `i64` ms, the version `u32`; a `NULL` optional attribute is an
+/// absent one; attributes the table does not define are ignored if DynamoDB could have
+/// stored them.
+fn event_by_the_rules(image: &HashMap<String, AttributeValue>) -> Option<StoredEvent> {
+    use AttributeValue as A;
+    if !image.values().all(well_formed) {
+        return None;
+    }
+    // A string attribute: `Some(Some(s))`, `Some(None)` when absent, `None` when of another type.
+    let text = |key: &str| match image.get(key) {
+        None | Some(A::Null(true)) => Some(None),
+        Some(A::S(s)) => Some(Some(s.clone())),
+        Some(_) => None,
+    };
+    fn number<T: std::str::FromStr>(
+        image: &HashMap<String, AttributeValue>,
+        key: &str,
+    ) -> Option<T> {
+        match image.get(key) {
+            Some(AttributeValue::N(n)) => n.parse().ok(),
+            _ => None,
+        }
+    }
+    let room = text("pk")??.strip_prefix("ROOM#")?.to_owned();
+    let seq: u64 = number(image, "seq")?;
+    let ts: i64 = number(image, "ts")?;
+    let _expires_at: i64 = number(image, "expiresAt")?;
+    if number::<u32>(image, "v")? != 1 {
+        return None;
+    }
+    let kind = text("type")??;
+    let connection_id = text("connectionId")??;
+    let name = text("name")??;
+    // Every attribute the table defines must have its type, whatever the event type.
+    let old_name = text("oldName")?;
+    let message = text("message")?;
+    let to_connection_id = text("toConnectionId")?;
+    let to_name = text("toName")?;
+    let identity = text("identity")?;
+    let to_identity = text("toIdentity")?;
+    let reason = match image.get("reason") {
+        None | Some(A::Null(true)) => None,
+        Some(A::S(s)) => Some(match s.as_str() {
+            "disconnected" => LeaveReason::Disconnected,
+            "gone" => LeaveReason::Gone,
+            "replaced" => LeaveReason::Replaced,
+            _ => return None,
+        }),
+        Some(_) => return None,
+    };
+    let event = match kind.as_str() {
+        "MemberJoined" => ChatEvent::MemberJoined {
+            connection_id,
+            name,
+        },
+        "MemberRenamed" => ChatEvent::MemberRenamed {
+            connection_id,
+            old_name: old_name?,
+            name,
+        },
+        "MemberLeft" => ChatEvent::MemberLeft {
+            connection_id,
+            name,
+            reason: reason?,
+        },
+        "MessagePosted" => ChatEvent::MessagePosted {
+            connection_id,
+            name,
+            message: message?,
+        },
+        "PrivateMessageSent" => ChatEvent::PrivateMessageSent {
+            connection_id,
+            name,
+            to_connection_id: to_connection_id?,
+            to_name: to_name?,
+            message: message?,
+            identity,
+            to_identity,
+        },
+        _ => return None,
+    };
+    Some(StoredEvent {
+        room,
+        seq,
+        ts,
+        event,
+    })
+}
+
+/// The attributes an event of `kind` cannot do without (`keys.rs`).
+fn required_attributes(kind: &str) -> Vec<&'static str> {
+    let mut required = vec![
+        "pk",
+        "seq",
+        "type",
+        "v",
+        "ts",
+        "expiresAt",
+        "connectionId",
+        "name",
+    ];
+    required.extend(match kind {
+        "MemberRenamed" => &["oldName"][..],
+        "MemberLeft" => &["reason"][..],
+        "MessagePosted" => &["message"][..],
+        "PrivateMessageSent" => &["toConnectionId", "toName", "message"][..],
+        _ => &[][..],
+    });
+    required
+}
+
+/// An image near a valid one: a real event's item with up to three attributes removed,
+/// replaced by any value, or added — so that a good share of them still decode.
+fn near_valid_image() -> impl Strategy<Value = HashMap<String, AttributeValue>> {
+    (
+        stored_event(),
+        any::<i64>(),
+        prop::collection::vec(
+            (
+                any::<prop::sample::Index>(),
+                prop::option::of(attribute_value()),
+                attribute_name(),
+            ),
+            0..3,
+        ),
+    )
+        .prop_map(|(stored, expires_at, changes)| {
+            let mut image = image_of(&stored, expires_at);
+            for (i, value, extra) in changes {
+                let mut keys: Vec<String> = image.keys().cloned().collect();
+                keys.sort();
+                let key = keys
+                    .get(i.index(keys.len().max(1)))
+                    .cloned()
+                    .unwrap_or(extra);
+                match value {
+                    Some(v) => image.insert(key, v),
+                    None => image.remove(&key),
+                };
+            }
+            image
+        })
+}
+
 /// One change to a valid event item.
 #[derive(Debug, Clone)]
 enum ItemMutation {
@@ -698,21 +845,151 @@ fn apply_item_mutation(
     image
 }
 
-/// A `Deliver` that accepts every frame and remembers it.
+/// The members of the fan-out property's room, `(connection id, name)`, and how their
+/// `@connections` behaves: ann's accepts everything, bea's fails every frame's first attempt
+/// with a 5xx (retried), cid's refuses everything with 403 (reported, not retried), dan's
+/// answers 410 (pruned). Any other connection (a private message's recipient) accepts.
+const ROOM: [(&str, &str); 4] = [("m0", "ann"), ("m1", "bea"), ("m2", "cid"), ("m3", "dan")];
+const FLAKY: &str = "m1";
+const REFUSING: &str = "m2";
+const GONE: &str = "m3";
+
+/// A `Deliver` with the failures of [`ROOM`], remembering what it accepted.
 #[derive(Default)]
-struct Recorder {
-    posts: Mutex<Vec<(String, Vec<u8>)>>,
+struct Endpoint {
+    delivered: Mutex<Vec<(String, Value)>>,
+    attempts: Mutex<HashMap<(String, Vec<u8>), usize>>,
 }
 
 #[async_trait]
-impl Deliver for Recorder {
+impl Deliver for Endpoint {
     async fn post(&self, connection_id: &str, data: &[u8]) -> Result<(), DeliveryError> {
-        self.posts
-            .lock()
-            .expect("recorder lock")
-            .push((connection_id.to_owned(), data.to_vec()));
-        Ok(())
+        let attempt = {
+            let mut attempts = self.attempts.lock().expect("attempts lock");
+            let n = attempts
+                .entry((connection_id.to_owned(), data.to_vec()))
+                .or_default();
+            *n += 1;
+            *n
+        };
+        match connection_id {
+            FLAKY if attempt == 1 => Err(DeliveryError::Transient("injected 500".into())),
+            REFUSING => Err(DeliveryError::Forbidden("injected 403".into())),
+            GONE => Err(DeliveryError::Gone),
+            _ => {
+                let frame = serde_json::from_slice(data).expect("frames are JSON");
+                self.delivered
+                    .lock()
+                    .expect("delivered lock")
+                    .push((connection_id.to_owned(), frame));
+                Ok(())
+            }
+        }
     }
+}
+
+/// A frame a recipient must get: its id and key, and its whole body when it is known (the
+/// summary of several presence changes is only checked to be a `systemMessage`).
+#[derive(Debug, Clone, PartialEq)]
+struct ExpectedFrame {
+    id: u64,
+    key: &'static str,
+    body: Option<Value>,
+}
+
+/// What each recipient must receive for `events` (the decodable records of a batch, in
+/// order), worked out from the README's rules: a message to every member, a private one to its
+/// recipient, a run of consecutive joins, renames and leaves as one `members` list and one
+/// `systemMessage` (the tutorial's two frames, in its order, for a single change) to every
+/// member. Members are read when each unit is sent: dan is gone after the first unit sent to
+/// him; cid and dan never receive anything.
+fn expected_deliveries(events: &[StoredEvent]) -> HashMap<String, Vec<ExpectedFrame>> {
+    let mut members: Vec<(&str, &str)> = ROOM.to_vec();
+    let mut expected: HashMap<String, Vec<ExpectedFrame>> = HashMap::new();
+    let mut units: Vec<Vec<&StoredEvent>> = Vec::new();
+    for event in events {
+        let presence = event.event.changes_membership();
+        match units.last_mut() {
+            Some(run) if presence && run[0].event.changes_membership() => run.push(event),
+            _ => units.push(vec![event]),
+        }
+    }
+    for unit in units {
+        let last = unit[unit.len() - 1];
+        let frame = |key: &'static str, body: Option<Value>| ExpectedFrame {
+            id: last.seq,
+            key,
+            body: body.map(|mut b| {
+                b["id"] = json!(last.seq);
+                b["ts"] = json!(last.ts);
+                b
+            }),
+        };
+        let (recipients, frames): (Vec<String>, Vec<ExpectedFrame>) = match &last.event {
+            ChatEvent::MessagePosted { name, message, .. } => (
+                members.iter().map(|(id, _)| (*id).to_owned()).collect(),
+                vec![frame(
+                    "publicMessage",
+                    Some(json!({ "publicMessage": format!("{name}: {message}") })),
+                )],
+            ),
+            ChatEvent::PrivateMessageSent {
+                to_connection_id,
+                name,
+                message,
+                ..
+            } => (
+                vec![to_connection_id.clone()],
+                vec![frame(
+                    "privateMessage",
+                    Some(json!({ "privateMessage": format!("{name}: {message}") })),
+                )],
+            ),
+            _ => {
+                let mut names: Vec<&str> = members.iter().map(|(_, n)| *n).collect();
+                names.sort_by_key(|n| n.to_lowercase());
+                let list = frame("members", Some(json!({ "members": names })));
+                let said = match (&unit[..], &last.event) {
+                    ([_], ChatEvent::MemberJoined { name, .. }) => {
+                        Some(format!("{name} has joined the chat"))
+                    }
+                    ([_], ChatEvent::MemberLeft { name, .. }) => {
+                        Some(format!("{name} has left the chat"))
+                    }
+                    ([_], ChatEvent::MemberRenamed { old_name, name, .. }) => {
+                        Some(format!("{old_name} is now known as {name}"))
+                    }
+                    _ => None,
+                };
+                let system = frame(
+                    "systemMessage",
+                    said.map(|text| json!({ "systemMessage": text })),
+                );
+                let only_leaves = unit
+                    .iter()
+                    .all(|e| matches!(e.event, ChatEvent::MemberLeft { .. }));
+                (
+                    members.iter().map(|(id, _)| (*id).to_owned()).collect(),
+                    if only_leaves {
+                        vec![system, list]
+                    } else {
+                        vec![list, system]
+                    },
+                )
+            }
+        };
+        for recipient in recipients {
+            if recipient == GONE {
+                members.retain(|(id, _)| *id != GONE);
+            } else if recipient != REFUSING {
+                expected
+                    .entry(recipient)
+                    .or_default()
+                    .extend(frames.iter().cloned());
+            }
+        }
+    }
+    expected
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -822,13 +1099,23 @@ proptest! {
 
     #[test]
     fn decode_record_on_arbitrary_images(
-        image in prop::collection::hash_map(attribute_name(), attribute_value(), 0..10),
+        image in prop_oneof![
+            prop::collection::hash_map(attribute_name(), attribute_value(), 0..10),
+            near_valid_image(),
+        ],
         name in prop::sample::select(vec!["INSERT", "MODIFY", "REMOVE", ""]),
     ) {
-        // GIVEN a stream record whose new image is any set of attributes
-        let record = record_with_image(image, name, 0);
-        // WHEN decoded  THEN no panic; whatever decodes re-encodes to an item that decodes the same
-        if let Ok(stored) = decode_record(&record) {
+        // GIVEN a stream record whose new image is any set of attributes, or a real event's
+        // item with a few attributes removed, replaced or added
+        let record = record_with_image(image.clone(), name, 0);
+        // WHEN decoded
+        let decoded = decode_record(&record);
+        // THEN no panic, and it decodes exactly when the table's rules say it is an event,
+        // to exactly the event they say
+        let by_the_rules = event_by_the_rules(&image);
+        prop_assert_eq!(decoded.as_ref().ok(), by_the_rules.as_ref(), "{:?}", image);
+        // AND whatever decodes re-encodes to an item that decodes the same
+        if let Ok(stored) = decoded {
             let again = record_with_image(image_of(&stored, 0), "INSERT", 1);
             prop_assert_eq!(decode_record(&again).ok(), Some(stored));
         }
@@ -844,16 +1131,40 @@ proptest! {
         let image = image_of(&stored, expires_at);
         let valid = record_with_image(image.clone(), "INSERT", 0);
         prop_assert_eq!(decode_record(&valid).ok(), Some(stored.clone()));
-        // WHEN one attribute is missing, of the wrong type, or replaced
-        let mutated = record_with_image(apply_item_mutation(image, &mutation), "INSERT", 1);
-        // THEN decoding does not panic, and an unknown extra attribute changes nothing
+        // WHEN one attribute is missing, of the wrong type, replaced, the type changed, or an
+        // attribute added
+        let mutated_image = apply_item_mutation(image.clone(), &mutation);
+        let mutated = record_with_image(mutated_image.clone(), "INSERT", 1);
         let decoded = decode_record(&mutated);
-        if let ItemMutation::Extra(key, value) = &mutation {
-            if well_formed(value)
-                && !matches!(key.as_str(), "pk" | "seq" | "type" | "v" | "ts" | "expiresAt")
+        // THEN it decodes exactly as the table's rules say
+        let by_the_rules = event_by_the_rules(&mutated_image);
+        prop_assert_eq!(decoded.as_ref().ok(), by_the_rules.as_ref(), "{:?}", mutation);
+        // AND in particular: a required attribute removed or given the wrong type, or an
+        // unknown type, is never an event (no default fills the gap)
+        let mut keys: Vec<String> = image.keys().cloned().collect();
+        keys.sort();
+        let required = required_attributes(stored.event.type_name());
+        match &mutation {
+            ItemMutation::Remove(i) | ItemMutation::WrongType(i)
+                if required.contains(&keys[i.index(keys.len())].as_str()) =>
+            {
+                prop_assert!(decoded.is_err(), "{:?} on {:?} decoded", mutation, keys[i.index(keys.len())]);
+            }
+            ItemMutation::Retype(kind)
+                if !matches!(
+                    kind.as_str(),
+                    "MemberJoined" | "MemberRenamed" | "MemberLeft" | "MessagePosted" | "PrivateMessageSent"
+                ) =>
+            {
+                prop_assert!(decoded.is_err(), "type {:?} decoded", kind);
+            }
+            // AND an unknown, well-formed extra attribute changes nothing
+            ItemMutation::Extra(key, value)
+                if well_formed(value) && !image.contains_key(key) =>
             {
                 prop_assert_eq!(decoded.ok(), Some(stored));
             }
+            _ => {}
         }
     }
 
@@ -861,54 +1172,92 @@ proptest! {
     fn the_fanout_skips_what_it_cannot_decode_and_delivers_the_rest(
         batch in prop::collection::vec(batch_record(), 0..12),
     ) {
-        // GIVEN a batch mixing valid events, poison items and removals, and an empty room
-        let records: Vec<EventRecord> = batch
+        // GIVEN a room of four members — one whose endpoint fails each first attempt, one that
+        // refuses with 403, one that is gone (410) — and a batch mixing valid events, poison
+        // items and removals
+        let images: Vec<(HashMap<String, AttributeValue>, &str)> = batch
             .iter()
-            .enumerate()
-            .map(|(i, r)| match r {
-                BatchRecord::Valid(e) => record_with_image(image_of(e, 0), "INSERT", i),
-                BatchRecord::Mutated(e, m) => {
-                    record_with_image(apply_item_mutation(image_of(e, 0), m), "INSERT", i)
-                }
-                BatchRecord::Arbitrary(image) => record_with_image(image.clone(), "INSERT", i),
-                BatchRecord::Removal(e) => record_with_image(image_of(e, 0), "REMOVE", i),
-                BatchRecord::Empty => record_with_image(HashMap::new(), "INSERT", i),
+            .map(|r| match r {
+                BatchRecord::Valid(e) => (image_of(e, 0), "INSERT"),
+                BatchRecord::Mutated(e, m) => (apply_item_mutation(image_of(e, 0), m), "INSERT"),
+                BatchRecord::Arbitrary(image) => (image.clone(), "INSERT"),
+                BatchRecord::Removal(e) => (image_of(e, 0), "REMOVE"),
+                BatchRecord::Empty => (HashMap::new(), "INSERT"),
             })
             .collect();
-        let expected_private: Vec<(String, Vec<u8>)> = records
+        // What must be delivered comes from the generated items and the table's rules, not
+        // from the decoder under test.
+        let events: Vec<StoredEvent> = images
             .iter()
-            .filter(|r| r.event_name != "REMOVE")
-            .filter_map(|r| decode_record(r).ok())
-            .filter_map(|e| match &e.event {
-                ChatEvent::PrivateMessageSent { to_connection_id, .. } => Some((
-                    to_connection_id.clone(),
-                    e.message_frame().to_json().into_bytes(),
-                )),
-                _ => None,
-            })
+            .filter(|(_, name)| *name != "REMOVE")
+            .filter_map(|(image, _)| event_by_the_rules(image))
             .collect();
+        let expected = expected_deliveries(&events);
         let mut event = Event::default();
-        event.records = records;
-        let store = EmbeddedStore::new(chat_shared::config::Retention::default());
-        let recorder = Recorder::default();
+        event.records = images
+            .into_iter()
+            .enumerate()
+            .map(|(i, (image, name))| record_with_image(image, name, i))
+            .collect();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a runtime");
+        let now = 1_700_000_000_000;
+        let store = EmbeddedStore::new(chat_shared::config::Retention::default());
+        runtime.block_on(async {
+            for (id, name) in ROOM {
+                store.add_connection(id, now).await.expect("connect");
+                store
+                    .set_name(id, &validate_name(name).expect("name"), now)
+                    .await
+                    .expect("join");
+            }
+        });
+        let endpoint = Endpoint::default();
+        let config = FanoutConfig {
+            base_backoff: std::time::Duration::ZERO,
+            ..FanoutConfig::default()
+        };
         // WHEN the fan-out handles it
         let response = runtime.block_on(handle_stream_event(
-            &store,
-            &recorder,
-            &FanoutConfig::default(),
-            event,
-            || 1_700_000_000_000,
-            None,
+            &store, &endpoint, &config, event, || now, None,
         ));
-        // THEN nothing is reported failed (poison is skipped, not retried forever) and every
-        // decodable private message reached its recipient, in stream order
+        // THEN nothing is reported failed (poison is skipped, a 5xx retried, a 403 reported,
+        // a 410 pruned — none is for Lambda to retry)
         prop_assert!(response.batch_item_failures.is_empty(), "{:?}", response);
-        let posts = recorder.posts.lock().expect("recorder lock").clone();
-        prop_assert_eq!(posts, expected_private);
+        // AND each recipient got exactly its frames, in order, each once
+        let delivered = endpoint.delivered.lock().expect("delivered lock").clone();
+        let mut got: HashMap<String, Vec<Value>> = HashMap::new();
+        for (id, frame) in delivered {
+            got.entry(id).or_default().push(frame);
+        }
+        let recipients: std::collections::BTreeSet<&String> =
+            got.keys().chain(expected.keys()).collect();
+        for id in recipients {
+            let frames = got.get(id).cloned().unwrap_or_default();
+            let want = expected.get(id).cloned().unwrap_or_default();
+            prop_assert_eq!(frames.len(), want.len(), "{}: got {:?}, want {:?}", id, frames, want);
+            for (frame, want) in frames.iter().zip(&want) {
+                prop_assert_eq!(frame["id"].as_u64(), Some(want.id), "{}: {:?}", id, frame);
+                prop_assert!(frame.get(want.key).is_some(), "{}: {:?} is not a {}", id, frame, want.key);
+                if let Some(body) = &want.body {
+                    prop_assert_eq!(frame, body, "{}", id);
+                }
+            }
+        }
+        // AND the gone member was pruned if anything was sent to it, and only then
+        let sent_to_gone = endpoint
+            .attempts
+            .lock()
+            .expect("attempts lock")
+            .keys()
+            .any(|(id, _)| id == GONE);
+        let still_there = runtime
+            .block_on(store.connection(GONE, now))
+            .expect("read")
+            .is_some();
+        prop_assert_eq!(still_there, !sent_to_gone);
     }
 }
 

@@ -48,6 +48,9 @@ struct Recorded {
     gone: HashSet<String>,
     faults: HashMap<String, Fault>,
     any_fault: Option<Fault>,
+    /// Requests per id still to be left unanswered.
+    stalls: HashMap<String, usize>,
+    stalls_served: usize,
     delay: Duration,
     gone_hits: usize,
     faults_served: usize,
@@ -213,6 +216,17 @@ impl ConnectionsEndpoint {
         });
     }
 
+    /// The next `times` requests for `id` are read and never answered (a service that hangs):
+    /// the connection stays open until the client gives up on it. Served before faults.
+    pub fn stall_next(&self, id: &str, times: usize) {
+        self.shared.lock().stalls.insert(id.to_owned(), times);
+    }
+
+    /// How many requests were left unanswered by [`Self::stall_next`].
+    pub fn stalls_served(&self) -> usize {
+        self.shared.lock().stalls_served
+    }
+
     /// Every request waits this long before it is answered (a slow network or service).
     pub fn set_delay(&self, delay: Duration) {
         self.shared.lock().delay = delay;
@@ -224,6 +238,7 @@ impl ConnectionsEndpoint {
         recorded.posts.clear();
         recorded.gone_hits = 0;
         recorded.faults_served = 0;
+        recorded.stalls_served = 0;
         recorded.requests = 0;
         recorded.deleted.clear();
         recorded.unrouted.clear();
@@ -267,6 +282,7 @@ fn body_json(body: &[u8]) -> serde_json::Value {
 
 /// What a request for one connection id gets, decided under the lock at arrival.
 enum Decision {
+    Stall,
     Fault(u16),
     Gone,
     Proceed,
@@ -281,6 +297,11 @@ fn arrive(shared: &Shared, id: &str) -> (Decision, Duration) {
         .entry(id.to_owned())
         .or_insert_with(SystemTime::now);
     let delay = recorded.delay;
+    if let Some(left) = recorded.stalls.get_mut(id).filter(|left| **left > 0) {
+        *left -= 1;
+        recorded.stalls_served += 1;
+        return (Decision::Stall, delay);
+    }
     let fault = match recorded.faults.get_mut(id) {
         Some(fault) if fault.remaining > 0 => {
             fault.remaining -= 1;
@@ -318,6 +339,7 @@ async fn answer_common(shared: &Shared, id: &str) -> Result<(), Response> {
         tokio::time::sleep(delay).await;
     }
     match decision {
+        Decision::Stall => std::future::pending().await,
         Decision::Fault(status) => Err(aws_error(status)),
         Decision::Gone => Err(aws_error(StatusCode::GONE.as_u16())),
         Decision::Proceed => Ok(()),

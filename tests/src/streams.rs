@@ -11,10 +11,16 @@
 
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use anyhow::{bail, Context};
 use aws_lambda_events::event::dynamodb::Event;
-use aws_sdk_dynamodbstreams::types::{Record, ShardIteratorType};
-use serde_json::{json, Value};
+use aws_sdk_dynamodbstreams::types::{AttributeValue, Record, ShardIteratorType};
+use serde_json::{json, Map, Value};
+
+/// DynamoDB Streams (and so Lambda) report event version 1.1; moto says "1.0", which we do not
+/// pass on so that tests see what production sees.
+const EVENT_VERSION: &str = "1.1";
 
 /// How often [`StreamReader::wait_for_records`] polls; Lambda itself polls about 4 times a
 /// second, so tests are not slower than production here.
@@ -234,22 +240,80 @@ fn to_event(records: &[Value]) -> anyhow::Result<Event> {
         .with_context(|| format!("the Lambda DynamoDB event does not parse: {event}"))
 }
 
-/// One stream record in Lambda's JSON form: the local stack's own conversion
-/// ([`chat_local::streams_api::to_lambda_record`]), so tests and `chat-local` read moto's
-/// stream the same way. The view type, which moto leaves off records, comes from the stream.
+/// One stream record in Lambda's JSON form, converted by the harness itself — deliberately not
+/// by `chat_local::streams_api::to_lambda_record`, which is code under test: a bug there must
+/// not be able to hide in the records every fan-out test is driven by. `tests/harness_selftest.rs`
+/// checks this conversion against a recorded Lambda event (`tests/fixtures/`), and
+/// `local/tests/streams_api.rs` checks chat-local's against this one.
 pub fn record_json(
     record: &Record,
     stream_arn: &str,
     default_region: &str,
     default_view_type: Option<&str>,
 ) -> anyhow::Result<Value> {
-    let lambda = chat_local::streams_api::to_lambda_record(record, stream_arn, default_region)
-        .map_err(|e| anyhow::anyhow!("converting a stream record: {e}"))?;
-    let mut value = serde_json::to_value(&lambda).context("serialising a stream record")?;
-    if let (Some(view), Some(dynamodb)) = (default_view_type, value.get_mut("dynamodb")) {
-        if dynamodb.get("StreamViewType").is_none_or(Value::is_null) {
-            dynamodb["StreamViewType"] = json!(view);
+    let change = record
+        .dynamodb()
+        .context("stream record without a `dynamodb` member")?;
+    let mut dynamodb = Map::new();
+    if let Some(created) = change.approximate_creation_date_time() {
+        // Lambda sends whole epoch seconds here.
+        dynamodb.insert("ApproximateCreationDateTime".into(), json!(created.secs()));
+    }
+    for (name, image) in [
+        ("Keys", change.keys()),
+        ("NewImage", change.new_image()),
+        ("OldImage", change.old_image()),
+    ] {
+        if let Some(image) = image {
+            dynamodb.insert(name.into(), item_json(image)?);
         }
     }
-    Ok(value)
+    if let Some(sequence) = change.sequence_number() {
+        dynamodb.insert("SequenceNumber".into(), json!(sequence));
+    }
+    dynamodb.insert("SizeBytes".into(), json!(change.size_bytes().unwrap_or(0)));
+    let view_type = change
+        .stream_view_type()
+        .map(|v| v.as_str().to_owned())
+        .or_else(|| default_view_type.map(str::to_owned));
+    if let Some(view_type) = view_type {
+        dynamodb.insert("StreamViewType".into(), json!(view_type));
+    }
+
+    let mut out = Map::new();
+    out.insert(
+        "eventID".into(),
+        json!(record.event_id().unwrap_or_default()),
+    );
+    out.insert(
+        "eventName".into(),
+        json!(record.event_name().map(|n| n.as_str()).unwrap_or_default()),
+    );
+    out.insert("eventVersion".into(), json!(EVENT_VERSION));
+    out.insert(
+        "eventSource".into(),
+        json!(record.event_source().unwrap_or("aws:dynamodb")),
+    );
+    out.insert(
+        "awsRegion".into(),
+        json!(record.aws_region().unwrap_or(default_region)),
+    );
+    out.insert("dynamodb".into(), Value::Object(dynamodb));
+    out.insert("eventSourceARN".into(), json!(stream_arn));
+    if let Some(identity) = record.user_identity() {
+        out.insert(
+            "userIdentity".into(),
+            json!({
+                "type": identity.r#type().unwrap_or_default(),
+                "principalId": identity.principal_id().unwrap_or_default(),
+            }),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
+/// A streams-SDK item as DynamoDB JSON (`{"name": {"S": "..."}}`), via serde_dynamo.
+pub fn item_json(item: &HashMap<String, AttributeValue>) -> anyhow::Result<Value> {
+    let item = serde_dynamo::Item::from(item.clone());
+    serde_json::to_value(&item).context("serialising a stream image")
 }

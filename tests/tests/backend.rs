@@ -332,20 +332,32 @@ async fn a_connection_answering_410_is_pruned_and_others_see_it_leave() {
         w.send("D", json!({"action":"setName","name":"bob"})).await,
         None
     );
-    // AND a late $disconnect for the pruned connection is harmless
+    // AND a late $disconnect for the pruned connection is harmless: the stream holds the new
+    // bob's join and nothing else (no second leave for the pruned connection)
     w.disconnect("B").await;
-    assert!(w
-        .stream
-        .next_event()
-        .await
-        .expect("stream")
-        .records
+    let records = w.stream.next_event().await.expect("stream").records;
+    let written: Vec<(
+        &str,
+        Option<&serde_dynamo::AttributeValue>,
+        Option<&serde_dynamo::AttributeValue>,
+    )> = records
         .iter()
-        .all(|r| r.event_name != "INSERT"
-            || r.change
-                .new_image
-                .get("type")
-                .is_some_and(|t| t == &serde_dynamo::AttributeValue::S("MemberJoined".into()))));
+        .map(|r| {
+            (
+                r.event_name.as_str(),
+                r.change.new_image.get("type"),
+                r.change.new_image.get("connectionId"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        written,
+        [(
+            "INSERT",
+            Some(&serde_dynamo::AttributeValue::S("MemberJoined".into())),
+            Some(&serde_dynamo::AttributeValue::S("D".into()))
+        )]
+    );
 }
 
 #[tokio::test]
@@ -780,4 +792,65 @@ async fn a_sequence_counter_behind_the_log_heals_itself() {
     assert_eq!(frames.len(), 1);
     assert_eq!(frames[0]["publicMessage"], json!("alice: two"));
     assert_eq!(frames[0]["id"], json!(3));
+}
+
+#[tokio::test]
+async fn presence_is_not_broadcast_above_the_presence_limit_but_messages_are() {
+    // GIVEN a fan-out with PRESENCE_BROADCAST_LIMIT 3, and alice, bob and carol joined: at the
+    // limit, their joins are broadcast
+    let base = config();
+    let mut w = World::new(WorldConfig {
+        fanout: FanoutConfig {
+            presence_limit: 3,
+            ..base.fanout
+        },
+        ..base
+    })
+    .await
+    .expect("world");
+    for (id, name) in [("A", "alice"), ("B", "bob"), ("C", "carol")] {
+        w.join(id, name).await;
+    }
+    assert!(w.fan_out().await.batch_item_failures.is_empty());
+    assert_eq!(
+        w.frames("A"),
+        [
+            members(&["alice", "bob", "carol"]),
+            system("alice, bob and carol have joined the chat")
+        ]
+    );
+    w.endpoint.clear();
+
+    // WHEN dave joins (4 members, over the limit) and alice posts
+    w.join("D", "dave").await;
+    w.send("A", json!({"action":"sendPublic","message":"hi"}))
+        .await;
+    let response = w.fan_out().await;
+
+    // THEN nobody gets dave's join, and everyone, dave included, gets the message
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    for id in ["A", "B", "C", "D"] {
+        assert_eq!(
+            w.frames(id),
+            [json!({"publicMessage": "alice: hi"})],
+            "{id}"
+        );
+    }
+    w.endpoint.clear();
+
+    // WHEN bob leaves (3 members again)
+    w.disconnect("B").await;
+    assert!(w.fan_out().await.batch_item_failures.is_empty());
+
+    // THEN presence is broadcast again, with the whole list
+    for id in ["A", "C", "D"] {
+        assert_eq!(
+            w.frames(id),
+            [
+                system("bob has left the chat"),
+                members(&["alice", "carol", "dave"])
+            ],
+            "{id}"
+        );
+    }
 }

@@ -1,12 +1,25 @@
 //! Every fixture parses into the `aws_lambda_events` type the Lambdas receive, survives a
-//! serialise/parse roundtrip unchanged, and carries the fields the chat relies on.
+//! serialise/parse roundtrip unchanged, and carries the fields the chat relies on; the stream
+//! fixtures also go through the fan-out, as Lambda would hand them to chat-fanout.
 
 use aws_lambda_events::event::apigw::ApiGatewayWebsocketProxyRequest;
 use aws_lambda_events::event::dynamodb::Event;
+use aws_lambda_events::event::streams::DynamoDbEventResponse;
+use aws_sdk_dynamodb::config::SharedCredentialsProvider;
+use chat_shared::config::{FanoutConfig, Retention};
+use chat_shared::delivery::ManagementApi;
+use chat_shared::fanout::handle_stream_event;
+use chat_shared::store::embedded::EmbeddedStore;
+use chat_shared::store::ChatStore;
+use chat_shared::validation::validate_name;
 use chat_tests::fixtures::fixture_path;
-use chat_tests::{fixture, fixture_json};
+use chat_tests::logs::Logs;
+use chat_tests::moto::test_credentials;
+use chat_tests::{fixture, fixture_as, fixture_json, ConnectionsEndpoint};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::{json, Value};
+use tracing::Level;
 
 const WEBSOCKET_FIXTURES: [&str; 6] = [
     "apigw-websocket-connect.json",
@@ -242,4 +255,173 @@ fn dynamodb_ttl_remove_fixture_roundtrips() {
     assert!(record.change.new_image.is_empty());
     let old = serde_json::to_value(&record.change.old_image).expect("old image json");
     assert_eq!(old["type"], serde_json::json!({"S": "MessagePosted"}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stream fixtures through the fan-out: what Lambda would hand chat-fanout, delivered through
+// the real `@connections` client to a real HTTP endpoint.
+
+/// Alice (`A`) and bob (`B`) are members, carol (`C`) is connected without a name.
+async fn room() -> EmbeddedStore {
+    let store = EmbeddedStore::new(Retention::default());
+    let now = chat_shared::now_ms();
+    for (id, name) in [("A", Some("alice")), ("B", Some("bob")), ("C", None)] {
+        store.add_connection(id, now).await.expect("connect");
+        if let Some(name) = name {
+            store
+                .set_name(id, &validate_name(name).expect("name"), now)
+                .await
+                .expect("join");
+        }
+    }
+    store
+}
+
+fn management_api(endpoint: &ConnectionsEndpoint) -> ManagementApi {
+    let sdk = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(SharedCredentialsProvider::new(test_credentials()))
+        .build();
+    ManagementApi::new(&sdk, &endpoint.url())
+}
+
+/// Runs the fan-out on `event` with `store`, capturing what it logs.
+async fn fan_out(
+    store: &EmbeddedStore,
+    endpoint: &ConnectionsEndpoint,
+    event: Event,
+) -> (DynamoDbEventResponse, Logs) {
+    let api = management_api(endpoint);
+    let logs = Logs::new();
+    let response = logs
+        .capture(handle_stream_event(
+            store,
+            &api,
+            &FanoutConfig::default(),
+            event,
+            chat_shared::now_ms,
+            None,
+        ))
+        .await;
+    (response, logs)
+}
+
+#[tokio::test]
+async fn the_insert_fixture_reaches_every_member_through_the_fanout() {
+    // GIVEN alice and bob are members, carol has no name
+    let store = room().await;
+    let endpoint = ConnectionsEndpoint::start("prod").await.expect("endpoint");
+
+    // WHEN the fan-out handles the recorded INSERT event (two MessagePosted items)
+    let event: Event = fixture_as("dynamodb-stream-insert.json");
+    let (response, logs) = fan_out(&store, &endpoint, event).await;
+
+    // THEN every member got both messages, in stream order, framed with the items' ids and
+    // commit times; carol got nothing; nothing failed or was worth a warning
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    let expected = [
+        json!({"publicMessage": "alice: hello everyone", "id": 1, "ts": 1_732_636_803_250_i64}),
+        json!({"publicMessage": "bob: hi alice", "id": 2, "ts": 1_732_636_804_370_i64}),
+    ];
+    assert_eq!(endpoint.frames_for("A"), expected);
+    assert_eq!(endpoint.frames_for("B"), expected);
+    assert!(endpoint.frames_for("C").is_empty());
+    assert_eq!(endpoint.post_count(), 4);
+    assert!(
+        logs.at_least(Level::WARN).is_empty(),
+        "{:?}",
+        logs.at_least(Level::WARN)
+    );
+}
+
+#[tokio::test]
+async fn the_ttl_remove_fixture_is_skipped_without_a_warning() {
+    // GIVEN alice and bob are members
+    let store = room().await;
+    let endpoint = ConnectionsEndpoint::start("prod").await.expect("endpoint");
+
+    // WHEN the fan-out handles the recorded TTL deletion
+    let event: Event = fixture_as("dynamodb-stream-ttl-remove.json");
+    let (response, logs) = fan_out(&store, &endpoint, event).await;
+
+    // THEN nothing is sent, nothing is reported failed, and it is an expected skip: no warning
+    // or error (a TTL expiry is routine), only the debug line of a skipped removal
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    assert_eq!(endpoint.request_count(), 0);
+    assert!(
+        logs.at_least(Level::WARN).is_empty(),
+        "{:?}",
+        logs.at_least(Level::WARN)
+    );
+    assert_eq!(
+        logs.find(Level::DEBUG, "skipping a removal").len(),
+        1,
+        "{:?}",
+        logs.all()
+    );
+}
+
+#[tokio::test]
+async fn a_remove_that_is_not_a_ttl_deletion_is_skipped_with_a_warning() {
+    // GIVEN alice and bob are members, and the recorded TTL deletion turned into deletions
+    // someone made: without `userIdentity` (DeleteItem by a user or a script), and with a
+    // user's principal
+    let store = room().await;
+    let endpoint = ConnectionsEndpoint::start("prod").await.expect("endpoint");
+    let ttl = fixture_json("dynamodb-stream-ttl-remove.json");
+    let mut by_user = ttl["Records"][0].clone();
+    by_user
+        .as_object_mut()
+        .expect("record")
+        .remove("userIdentity");
+    let mut by_principal = ttl["Records"][0].clone();
+    by_principal["userIdentity"] = json!({"type": "", "principalId": "AIDAEXAMPLEUSER"});
+    by_principal["dynamodb"]["SequenceNumber"] = json!("4421599800000000017450512878");
+    // Between two real INSERTs, so the order of what is delivered can be checked too.
+    let inserts = fixture_json("dynamodb-stream-insert.json");
+    let records = json!([
+        inserts["Records"][0],
+        by_user,
+        by_principal,
+        inserts["Records"][1]
+    ]);
+    let event: Event = serde_json::from_value(json!({ "Records": records })).expect("event");
+
+    // WHEN the fan-out handles the batch
+    let (response, logs) = fan_out(&store, &endpoint, event).await;
+
+    // THEN both deletions are skipped (there is nothing to deliver, and retrying cannot help):
+    // nothing is reported failed, the messages around them are delivered in order
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    let texts: Vec<Value> = endpoint
+        .frames_for("A")
+        .iter()
+        .map(|f| f["publicMessage"].clone())
+        .collect();
+    assert_eq!(
+        texts,
+        [json!("alice: hello everyone"), json!("bob: hi alice")]
+    );
+    // AND each is logged as a warning (history lost an event), never as a poison record
+    let warned = logs.find(
+        Level::WARN,
+        "an event item was deleted, not by TTL expiry; skipping its REMOVE record",
+    );
+    let sequence_numbers: Vec<Option<&str>> =
+        warned.iter().map(|e| e.field("sequence_number")).collect();
+    assert_eq!(
+        sequence_numbers,
+        [
+            Some("Some(\"4421599800000000017450512877\")"),
+            Some("Some(\"4421599800000000017450512878\")")
+        ],
+        "{:?}",
+        logs.all()
+    );
+    assert!(
+        logs.at_least(Level::ERROR).is_empty(),
+        "{:?}",
+        logs.at_least(Level::ERROR)
+    );
 }

@@ -15,8 +15,10 @@ use aws_sdk_dynamodb::types::{
     StreamSpecification, StreamViewType, TransactWriteItem,
 };
 use chat_tests::{
-    as_ttl_removal, lambda_event_json, unique_name, ConnectionsEndpoint, Moto, StreamReader,
+    as_ttl_removal, fixture_json, lambda_event_json, unique_name, ConnectionsEndpoint, Moto,
+    StreamReader,
 };
+use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -71,6 +73,30 @@ async fn put_message(dynamodb: &aws_sdk_dynamodb::Client, table: &str, seq: u32,
         .expect("PutItem");
 }
 
+/// The shape of a Lambda stream record: each key with the JSON type of its value, `dynamodb`
+/// and `userIdentity` spelled out, images (`Keys`, `NewImage`, `OldImage`) as `"image"` since
+/// their attributes are the table's, not the format's. `skip` leaves keys out.
+fn shape(record: &Value, skip: &[&str]) -> Value {
+    fn kind(key: &str, value: &Value, skip: &[&str]) -> Value {
+        match (key, value) {
+            ("Keys" | "NewImage" | "OldImage", Value::Object(_)) => json!("image"),
+            (_, Value::Object(fields)) => Value::Object(
+                fields
+                    .iter()
+                    .filter(|(k, _)| !skip.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), kind(k, v, skip)))
+                    .collect(),
+            ),
+            (_, Value::String(_)) => json!("string"),
+            (_, Value::Number(_)) => json!("number"),
+            (_, Value::Bool(_)) => json!("bool"),
+            (_, Value::Array(_)) => json!("array"),
+            (_, Value::Null) => json!("null"),
+        }
+    }
+    kind("", record, skip)
+}
+
 fn apigw_client(
     endpoint: &ConnectionsEndpoint,
     retries: RetryConfig,
@@ -100,7 +126,6 @@ async fn moto_starts_and_answers_dynamodb() {
         began.elapsed(),
         moto.endpoint()
     );
-    assert!(moto.endpoint().starts_with("http://127.0.0.1:"));
     let tables = moto
         .dynamodb()
         .list_tables()
@@ -124,20 +149,40 @@ async fn stream_reader_returns_moto_records_as_a_lambda_event() {
         .expect("stream reader");
 
     // WHEN
-    let event: Event = reader.wait_for_records(2, WAIT).await.expect("two records");
+    let began = Instant::now();
+    let mut converted = Vec::new();
+    while converted.len() < 2 && began.elapsed() < WAIT {
+        converted.extend(reader.next_records_json().await.expect("records"));
+    }
+    let event: Event =
+        serde_json::from_value(lambda_event_json(&converted)).expect("a Lambda event");
 
     // THEN both are INSERTs with keys, new images and increasing sequence numbers
     eprintln!("{}", serde_json::to_string_pretty(&event).expect("json"));
     assert_eq!(event.records.len(), 2);
+    // AND each record has exactly the shape of a recorded Lambda event's INSERT, with the same
+    // version and source (the harness's converter against AWS's output, not against itself)
+    let recorded = fixture_json("dynamodb-stream-insert.json")["Records"][0].clone();
+    for record in &converted {
+        assert_eq!(shape(record, &[]), shape(&recorded, &[]), "{record}");
+        for key in ["eventVersion", "eventSource"] {
+            assert_eq!(record[key], recorded[key], "{key}");
+        }
+        assert_eq!(
+            record["dynamodb"]["StreamViewType"],
+            recorded["dynamodb"]["StreamViewType"]
+        );
+    }
     let mut last_sequence = None;
     for (record, (seq, text)) in event.records.iter().zip([("1", "hello"), ("2", "world")]) {
         assert_eq!(record.event_name, "INSERT");
-        assert_eq!(record.event_source.as_deref(), Some("aws:dynamodb"));
-        assert_eq!(record.event_version.as_deref(), Some("1.1"));
         assert_eq!(record.aws_region, "us-east-1");
-        assert_eq!(
-            record.event_source_arn.as_deref(),
-            Some(reader.stream_arn())
+        // The stream's ARN as moto's DescribeTable gave it, in AWS's format.
+        let arn = record.event_source_arn.as_deref().expect("eventSourceARN");
+        assert!(
+            arn.starts_with("arn:aws:dynamodb:us-east-1:")
+                && arn.contains(&format!(":table/{table}/stream/")),
+            "{arn}"
         );
         let keys = serde_json::to_value(&record.change.keys).expect("keys json");
         assert_eq!(
@@ -215,14 +260,22 @@ async fn a_real_remove_record_can_be_marked_as_a_ttl_deletion() {
 
     // WHEN the REMOVE record is marked as the service's
     let removal = as_ttl_removal(records[1].clone());
-    let event: Event = serde_json::from_value(lambda_event_json(&[removal])).expect("event");
 
-    // THEN it reads like a TTL deletion delivered by Lambda
-    let record = &event.records[0];
-    assert_eq!(record.event_name, "REMOVE");
-    let identity = record.user_identity.as_ref().expect("userIdentity");
-    assert_eq!(identity.type_, "Service");
-    assert_eq!(identity.principal_id, "dynamodb.amazonaws.com");
+    // THEN it is shaped exactly like a recorded TTL deletion delivered by Lambda (leaving out
+    // the old image, which the chat's NEW_IMAGE stream does not carry), with the same identity
+    let recorded = fixture_json("dynamodb-stream-ttl-remove.json")["Records"][0].clone();
+    let without_images = ["OldImage", "NewImage", "StreamViewType"];
+    assert_eq!(
+        shape(&removal, &without_images),
+        shape(&recorded, &without_images),
+        "{removal}"
+    );
+    assert_eq!(removal["eventName"], recorded["eventName"]);
+    assert_eq!(removal["userIdentity"], recorded["userIdentity"]);
+    assert_eq!(records[1]["dynamodb"]["Keys"]["seq"], json!({"N": "7"}));
+    // AND Lambda's event type reads it
+    let event: Event = serde_json::from_value(lambda_event_json(&[removal])).expect("event");
+    assert_eq!(event.records.len(), 1);
 }
 
 #[tokio::test]
