@@ -151,7 +151,24 @@ pub async fn handle_request(
             let parsed = parse_request(request.body.as_deref());
             // Every frame counts against the limit, malformed ones too: a flood of garbage is
             // still a flood.
-            if !within_rate_limit(store, config, connection_id, now_ms).await {
+            let limit = within_rate_limit(store, config, connection_id, now_ms).await;
+            let writes = matches!(
+                parsed,
+                Ok(ClientRequest::SetName { .. }
+                    | ClientRequest::SendPublic { .. }
+                    | ClientRequest::SendPrivate { .. })
+            );
+            if limit == Limit::Unknown && writes {
+                // Failing open would let a client that can make the limiter's store fail (or a
+                // store in trouble) write without a limit; reads and refusals still answer.
+                let refusal = Refusal::new(
+                    ErrorCode::InternalError,
+                    "The chat could not check this connection's request rate; nothing was done. Try again.",
+                    parsed.as_ref().ok().map(ClientRequest::action),
+                );
+                return Ok(refused(&refusal));
+            }
+            if limit == Limit::Exceeded {
                 let action = parsed.as_ref().ok().map(ClientRequest::action);
                 let limit = config.rate_limit;
                 let refusal = Refusal::new(
@@ -185,22 +202,31 @@ pub async fn handle_request(
     }
 }
 
-/// Whether the connection may make another request. A store failure here lets the request
-/// through: the limit protects the chat, and the request's own write will surface the failure.
+/// What the rate limiter said about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limit {
+    Within,
+    Exceeded,
+    /// The limiter's store failed: writes are refused (fail closed), reads go ahead.
+    Unknown,
+}
+
+/// Whether the connection may make another request.
 async fn within_rate_limit(
     store: &dyn ChatStore,
     config: &HandlerConfig,
     connection_id: &str,
     now_ms: i64,
-) -> bool {
+) -> Limit {
     match store
         .take_request_token(connection_id, config.rate_limit, now_ms)
         .await
     {
-        Ok(allowed) => allowed,
+        Ok(true) => Limit::Within,
+        Ok(false) => Limit::Exceeded,
         Err(e) => {
-            warn!(connection_id, error = %e, "rate limit unavailable; letting the request through");
-            true
+            error!(connection_id, error = %e, cause = ?std::error::Error::source(&e), "rate limit unavailable; refusing writes");
+            Limit::Unknown
         }
     }
 }

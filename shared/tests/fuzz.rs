@@ -109,8 +109,12 @@ fn name_is_acceptable(raw: &str) -> bool {
     let t = raw.trim();
     let n = t.chars().count();
     (1..=NAME_MAX_CHARS).contains(&n)
-        && !t.chars().any(|c| c.is_control() || is_bidi_control(c))
+        && !t
+            .chars()
+            .any(|c| c.is_control() || is_bidi_control(c) || matches!(c, '\u{2028}' | '\u{2029}'))
         && !t.chars().all(|c| c.is_whitespace() || is_invisible(c))
+        // The key becomes part of a DynamoDB sort key (README, Rules: at most 256 bytes).
+        && name_key(t).len() <= 256
 }
 
 /// Format characters (general category Cf) and Hangul fillers: they draw nothing.

@@ -140,11 +140,24 @@ async fn a_private_message_after_a_deadline_passed_mid_broadcast_is_retried_not_
     }
 }
 
-/// A store that counts the events its reads return: what a `history` request examined.
+/// A store that counts the events its reads return (what a `history` request examined), and
+/// whose rate limiter can be made to fail.
 struct CountingReads<S> {
     inner: S,
     examined: AtomicUsize,
     reads: AtomicUsize,
+    limiter_fails: std::sync::atomic::AtomicBool,
+}
+
+impl<S> CountingReads<S> {
+    fn new(inner: S) -> Self {
+        CountingReads {
+            inner,
+            examined: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+            limiter_fails: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
 }
 
 #[async_trait]
@@ -209,6 +222,12 @@ impl<S: ChatStore> ChatStore for CountingReads<S> {
         limit: RateLimit,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
+        if self.limiter_fails.load(Ordering::SeqCst) {
+            return Err(StoreError::backend(
+                "UpdateItem rate limit",
+                "injected: the limiter's store is failing",
+            ));
+        }
         self.inner
             .take_request_token(connection_id, limit, now_ms)
             .await
@@ -243,11 +262,7 @@ impl<S: ChatStore> ChatStore for CountingReads<S> {
 #[tokio::test]
 async fn history_behind_a_long_private_run_examines_a_bounded_number_of_items() {
     // GIVEN a public message, then 2,000 private messages between alice and bob, then another
-    let store = CountingReads {
-        inner: EmbeddedStore::new(Retention::default()),
-        examined: AtomicUsize::new(0),
-        reads: AtomicUsize::new(0),
-    };
+    let store = CountingReads::new(EmbeddedStore::new(Retention::default()));
     let now = chat_shared::now_ms();
     for (id, name) in [("A", "alice"), ("B", "bob"), ("C", "carol")] {
         store.add_connection(id, now).await.expect("connect");
@@ -427,4 +442,78 @@ async fn a_recipient_failing_forever_costs_a_bounded_number_of_posts_and_nobody_
         4 + redelivery::MAX_ROUNDS as usize
     );
     assert_eq!(w.endpoint.post_count(), 2);
+}
+
+#[tokio::test]
+async fn writes_fail_closed_when_the_rate_limiter_cannot_be_read() {
+    // GIVEN alice and bob are members, and a rate limit on
+    let store = CountingReads::new(EmbeddedStore::new(Retention::default()));
+    let now = chat_shared::now_ms();
+    for (id, name) in [("A", "alice"), ("B", "bob")] {
+        store.add_connection(id, now).await.expect("connect");
+        let name = validate_name(name).expect("name");
+        store.set_name(id, &name, now).await.expect("join");
+    }
+    let before = store.inner.events().len();
+    let config = HandlerConfig::default();
+    assert!(!config.rate_limit.is_off());
+
+    // WHEN the limiter's store fails
+    store.limiter_fails.store(true, Ordering::SeqCst);
+    let send = |body: Value| {
+        let mut v = chat_tests::fixture_json("apigw-websocket-sendpublic.json");
+        v["requestContext"]["connectionId"] = json!("A");
+        v["body"] = json!(body.to_string());
+        serde_json::from_value::<aws_lambda_events::apigw::ApiGatewayWebsocketProxyRequest>(v)
+            .expect("event")
+    };
+    let reply = |r: aws_lambda_events::apigw::ApiGatewayProxyResponse| -> Value {
+        match r.body {
+            Some(aws_lambda_events::encodings::Body::Text(t)) => {
+                serde_json::from_str(&t).expect("json")
+            }
+            other => panic!("expected a body, got {other:?}"),
+        }
+    };
+
+    // THEN every write is refused with internal_error and nothing is written
+    for (body, action) in [
+        (json!({"action":"sendPublic","message":"hi"}), "sendPublic"),
+        (json!({"action":"setName","name":"al"}), "setName"),
+        (
+            json!({"action":"sendPrivate","to":"bob","message":"psst"}),
+            "sendPrivate",
+        ),
+    ] {
+        let r = chat_shared::handler::handle_request(&store, &config, send(body), now)
+            .await
+            .expect("handler");
+        let frame = reply(r);
+        assert_eq!(frame["error"]["code"], "internal_error", "{frame}");
+        assert_eq!(frame["error"]["action"], action, "{frame}");
+    }
+    assert_eq!(store.inner.events().len(), before, "nothing was written");
+    // AND reading history still works
+    let r = chat_shared::handler::handle_request(
+        &store,
+        &config,
+        send(json!({"action":"history","after":0})),
+        now,
+    )
+    .await
+    .expect("handler");
+    let frame = reply(r);
+    assert!(frame["history"]["frames"].is_array(), "{frame}");
+    // AND once the limiter answers again, writes go through
+    store.limiter_fails.store(false, Ordering::SeqCst);
+    let r = chat_shared::handler::handle_request(
+        &store,
+        &config,
+        send(json!({"action":"sendPublic","message":"back"})),
+        now,
+    )
+    .await
+    .expect("handler");
+    assert_eq!(r.body, None);
+    assert_eq!(store.inner.events().len(), before + 1);
 }

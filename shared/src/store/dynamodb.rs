@@ -823,7 +823,7 @@ impl ChatStore for DynamoStore {
                 return Err(StoreError::SelfRecipient);
             }
             let recipient = self
-                .get_claim(&to_key)
+                .get_claim(to_key)
                 .await?
                 .filter(|c| c.expires_at > now_s)
                 .ok_or_else(|| StoreError::UnknownRecipient(to.to_owned()))?;
@@ -840,7 +840,7 @@ impl ChatStore for DynamoStore {
                     Expr::new("#name = :name").value(":name", s(&name)),
                 )?,
                 self.check(
-                    keys::name_sk(&to_key),
+                    keys::name_sk(to_key),
                     Expr::new("#conn = :to").value(":to", s(&to_conn.connection_id)),
                 )?,
             ];

@@ -601,7 +601,7 @@ impl ChatStore for EmbeddedStore {
             return Err(StoreError::SelfRecipient);
         }
         let unknown = || StoreError::UnknownRecipient(to.to_owned());
-        let recipient = state.live_claim(&to_key, now_s).ok_or_else(unknown)?;
+        let recipient = state.live_claim(to_key, now_s).ok_or_else(unknown)?;
         let to_conn = state
             .live_conn(
                 recipient.connection_id.as_deref().unwrap_or_default(),
