@@ -28,9 +28,10 @@ use aws_sdk_dynamodb::Client;
 use chat_shared::events::ChatEvent;
 use chat_shared::keys::{self, CONN_PREFIX, NAME_PREFIX, SEQ_SK};
 use chat_shared::store::epoch_secs;
+use chat_shared::store::items::{ClaimItem, ConnItem, SeqItem};
 use chat_shared::validation::name_key;
 use indicatif::ProgressBar;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::aws::classify;
@@ -64,14 +65,18 @@ pub enum Drift {
         name: Option<String>,
         owned_claim: Option<String>,
     },
-    /// (4) A live member's `NAME#` claim is missing (`found_owner: None`) or held by another
-    /// connection. Fix: put the claim, expiring with the member's connection.
+    /// (4) A live member's `NAME#` claim is missing (`found_owner: None`), held by another
+    /// connection, or only an identity's reservation (`found_reservation`). Fix: put the
+    /// claim, expiring with the member's connection and bound to its identity (if any), so an
+    /// authenticated member can still take its name back.
     ClaimMissing {
         connection_id: String,
         name: String,
         name_key: String,
         expires_at: i64,
         found_owner: Option<String>,
+        found_reservation: bool,
+        identity: Option<String>,
     },
     /// (5) A live `NAME#` claim whose connection is not a live member with that name.
     /// Fix: delete it.
@@ -119,8 +124,13 @@ impl fmt::Display for Drift {
                 name,
                 name_key,
                 found_owner,
+                found_reservation,
                 ..
             } => match found_owner {
+                None if *found_reservation => write!(
+                    f,
+                    "NAME#{name_key} is only a reservation, not held by member {connection_id} ({name:?})"
+                ),
                 None => write!(f, "NAME#{name_key} is missing for member {connection_id} ({name:?})"),
                 Some(owner) => write!(
                     f,
@@ -238,28 +248,6 @@ pub struct ConnectionsTable {
     table: String,
     room_pk: String,
     at: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ConnItem {
-    expires_at: i64,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    name_key: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ClaimItem {
-    connection_id: String,
-    expires_at: i64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct SeqItem {
-    seq: u64,
 }
 
 /// The live items of one room's partition, keyed by connection id and by name key.
@@ -441,17 +429,31 @@ impl ConnectionsTable {
                 name_key,
                 expires_at,
                 found_owner,
+                found_reservation,
+                identity,
             } => {
                 let mut item = self.key(keys::name_sk(name_key));
                 item.insert(keys::CONNECTION_ID.into(), s(connection_id));
                 item.insert(keys::NAME.into(), s(name));
                 item.insert(keys::EXPIRES_AT.into(), n(expires_at));
+                // Bound to the member's identity, as the chat writes it: without it the member
+                // could not take its own name back from a stale connection.
+                if let Some(identity) = identity {
+                    item.insert(keys::IDENTITY.into(), s(identity));
+                }
                 let mut req = self
                     .client
                     .put_item()
                     .table_name(&self.table)
                     .set_item(Some(item));
                 req = match found_owner {
+                    // Still only a reservation (nobody took the name meanwhile).
+                    None if *found_reservation => req
+                        .condition_expression(
+                            "attribute_exists(#pk) AND attribute_not_exists(#conn)",
+                        )
+                        .expression_attribute_names("#pk", keys::PK)
+                        .expression_attribute_names("#conn", keys::CONNECTION_ID),
                     None => req
                         .condition_expression("attribute_not_exists(#pk) OR #exp <= :now")
                         .expression_attribute_names("#pk", keys::PK)
@@ -595,7 +597,7 @@ fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef
                         snapshot
                             .claims
                             .get(*k)
-                            .is_some_and(|c| c.connection_id == *id)
+                            .is_some_and(|c| c.connection_id.as_deref() == Some(id.as_str()))
                     })
                     .map(str::to_owned);
                 settled.extend(owned_claim.clone());
@@ -617,7 +619,8 @@ fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef
                         expected: Some(name.clone()),
                     });
                 }
-                let owner = snapshot.claims.get(&key).map(|c| c.connection_id.clone());
+                let found = snapshot.claims.get(&key);
+                let owner = found.and_then(|c| c.connection_id.clone());
                 if owner.as_deref() != Some(id.as_str()) {
                     claim_drift.push(Drift::ClaimMissing {
                         connection_id: id.clone(),
@@ -625,6 +628,8 @@ fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef
                         name_key: key.clone(),
                         expires_at: conn.expires_at,
                         found_owner: owner,
+                        found_reservation: found.is_some_and(ClaimItem::is_reservation),
+                        identity: conn.identity.clone(),
                     });
                 }
                 members.insert(id.as_str(), key);
@@ -651,10 +656,15 @@ fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef
         if settled.contains(key) {
             continue;
         }
-        if members.get(claim.connection_id.as_str()) != Some(key) {
+        // An identity's reservation has no connection by design: it is no orphan, and it
+        // expires by itself (keys.rs).
+        let Some(holder) = claim.connection_id.as_deref() else {
+            continue;
+        };
+        if members.get(holder) != Some(key) {
             drift.push(Drift::OrphanClaim {
                 name_key: key.clone(),
-                connection_id: claim.connection_id.clone(),
+                connection_id: holder.to_owned(),
             });
         }
     }
@@ -686,7 +696,12 @@ pub async fn rebuild(
         .conns
         .keys()
         .map(String::as_str)
-        .chain(snapshot.claims.values().map(|c| c.connection_id.as_str()))
+        .chain(
+            snapshot
+                .claims
+                .values()
+                .filter_map(|c| c.connection_id.as_deref()),
+        )
         .collect();
     let derived = derive(log, &keep, now_ms, progress).await?;
     let (drift, members_without_connection) = compare(&snapshot, &derived);
@@ -726,15 +741,22 @@ mod tests {
 
     fn conn(name: Option<&str>) -> ConnItem {
         ConnItem {
+            connection_id: "?".into(),
+            connected_at: 0,
             expires_at: 100,
             name: name.map(str::to_owned),
             name_key: name.map(name_key),
+            rl_tokens: None,
+            rl_at: None,
+            identity: None,
         }
     }
 
     fn claim(owner: &str) -> ClaimItem {
         ClaimItem {
-            connection_id: owner.to_owned(),
+            connection_id: Some(owner.to_owned()),
+            identity: None,
+            name: None,
             expires_at: 100,
         }
     }
@@ -771,6 +793,8 @@ mod tests {
                 name_key: "bob".into(),
                 expires_at: 100,
                 found_owner: Some("X".into()),
+                found_reservation: false,
+                identity: None,
             }]
         );
         assert!(without.is_empty());

@@ -145,6 +145,8 @@ async fn expected_drift(w: &World) -> Vec<Drift> {
             name_key: "bob".into(),
             expires_at: bob.expires_at,
             found_owner: None,
+            found_reservation: false,
+            identity: None,
         },
         Drift::OrphanClaim {
             name_key: "ghost".into(),
@@ -307,4 +309,94 @@ async fn the_default_dry_run_prints_a_readable_report_and_writes_nothing() {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
     assert_eq!(w.connections_items().await, before);
+}
+
+#[tokio::test]
+async fn with_authentication_reservations_are_kept_and_restored_claims_stay_bound_to_identities() {
+    // GIVEN an authenticated room: alice (u-alice) joined and left, so her name is now a
+    // reservation for her identity (a claim without a connection); bob (u-bob) is a member
+    let w = World::new().await;
+    let now = chat_shared::now_ms();
+    w.store
+        .add_identified_connection("A", Some("u-alice"), now)
+        .await
+        .expect("connect");
+    w.store
+        .set_name("A", &valid("alice"), now)
+        .await
+        .expect("join");
+    w.store
+        .remove_connection("A", LeaveReason::Disconnected, now)
+        .await
+        .expect("leave");
+    w.store
+        .add_identified_connection("B", Some("u-bob"), now)
+        .await
+        .expect("connect");
+    w.store
+        .set_name("B", &valid("bob"), now)
+        .await
+        .expect("join");
+    let reservation = w.get("NAME#alice").await.expect("alice's reservation");
+    assert!(!reservation.contains_key("connectionId"));
+
+    // WHEN rebuilt THEN the reservation is neither malformed nor an orphan: no drift
+    let clean = w.rebuild(false).await;
+    assert_eq!(clean.drifts(), Vec::<&Drift>::new(), "{clean}");
+
+    // WHEN bob's claim is replaced by a bare reservation (his connection lost it) and the
+    // rebuild applies its fix
+    let mut bare = key("NAME#bob");
+    bare.insert("identity".into(), s("u-bob"));
+    bare.insert("name".into(), s("bob"));
+    bare.insert("expiresAt".into(), n(now / 1000 + 3_600));
+    w.put(bare).await;
+    let report = w.rebuild(true).await;
+
+    // THEN it was reported as a reservation a member should hold, and fixed
+    let bob = w
+        .store
+        .connection("B", now)
+        .await
+        .expect("read")
+        .expect("bob is connected");
+    assert_eq!(
+        report.drifts(),
+        vec![&Drift::ClaimMissing {
+            connection_id: "B".into(),
+            name: "bob".into(),
+            name_key: "bob".into(),
+            expires_at: bob.expires_at,
+            found_owner: None,
+            found_reservation: true,
+            identity: Some("u-bob".into()),
+        }],
+        "{report}"
+    );
+    let claim = w.get("NAME#bob").await.expect("bob's claim");
+    assert_eq!(claim.get("connectionId"), Some(&s("B")));
+    assert_eq!(
+        claim.get("identity"),
+        Some(&s("u-bob")),
+        "bound to bob's identity"
+    );
+
+    // AND the chat's take-back works on the restored claim: bob's identity, on a new
+    // connection, takes his name from the old one
+    w.store
+        .add_identified_connection("B2", Some("u-bob"), now)
+        .await
+        .expect("connect");
+    w.store
+        .set_name("B2", &valid("bob"), now)
+        .await
+        .expect("bob takes his name back");
+    // AND alice's reservation still holds against another identity
+    w.store
+        .add_identified_connection("M", Some("u-mallory"), now)
+        .await
+        .expect("connect");
+    let taken = w.store.set_name("M", &valid("alice"), now).await;
+    assert!(matches!(taken, Err(StoreError::NameTaken(_))), "{taken:?}");
+    assert_eq!(w.rebuild(false).await.drifts(), Vec::<&Drift>::new());
 }

@@ -22,8 +22,8 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_sdk_dynamodb::Client;
 use rand::Rng;
-use serde::Deserialize;
 
+use super::items::{ClaimItem, ConnItem, MemberItem, SeqItem};
 use super::{
     epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError,
     NAME_RESERVATION_SECS,
@@ -65,47 +65,6 @@ pub struct DynamoStore {
     /// `Limit` for member queries; `None` lets DynamoDB fill 1 MB pages. Tests set it low to
     /// exercise pagination.
     page_limit: Option<i32>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ConnItem {
-    connection_id: String,
-    connected_at: i64,
-    expires_at: i64,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    name_key: Option<String>,
-    #[serde(default)]
-    rl_tokens: Option<i64>,
-    #[serde(default)]
-    rl_at: Option<i64>,
-    #[serde(default)]
-    identity: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ClaimItem {
-    /// `None` once released by an authenticated holder: a reservation for `identity`.
-    #[serde(default)]
-    connection_id: Option<String>,
-    #[serde(default)]
-    identity: Option<String>,
-    expires_at: i64,
-}
-
-#[derive(Deserialize)]
-struct SeqItem {
-    seq: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MemberItem {
-    connection_id: String,
-    name: String,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {

@@ -9,6 +9,7 @@
 
 pub mod dynamodb;
 pub mod embedded;
+pub mod items;
 
 use async_trait::async_trait;
 use thiserror::Error;
