@@ -19,7 +19,7 @@
 //! The feed keeps every record for the life of the process (DynamoDB Streams trims after
 //! 24 h; a local run is not expected to live long enough for that to matter).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -29,8 +29,11 @@ use aws_lambda_events::event::dynamodb::{EventRecord, StreamRecord, StreamViewTy
 use serde_dynamo::{AttributeValue, Item};
 use serde_json::json;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tracing::warn;
 
+use super::aws_like::{ReadOp, ReadTally, StoreBehaviour};
+use super::limits;
 use super::{
     epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError,
     NAME_RESERVATION_SECS,
@@ -90,6 +93,17 @@ struct Claim {
 struct StoredItem {
     event: StoredEvent,
     expires_at: i64,
+    /// When it was written, for eventually consistent reads.
+    committed: Instant,
+}
+
+/// A connection item as it was before a write changed it (`None`: it did not exist), kept
+/// while an eventually consistent read may still see the old version.
+#[derive(Debug)]
+struct ConnChange {
+    at: Instant,
+    sk: String,
+    before: Option<ConnItem>,
 }
 
 /// Everything the mutex guards: one operation sees and changes all of it at once.
@@ -111,6 +125,14 @@ struct State {
     stream_seq: u64,
     /// Write operations still to fail, for tests of failure handling.
     failures_left: usize,
+    /// Recent changes to connection items, oldest first, kept for `lag` (the longest an
+    /// eventually consistent read can lag; zero keeps none).
+    conn_changes: VecDeque<ConnChange>,
+    lag: Duration,
+    /// Reads served, by kind and consistency.
+    reads: BTreeMap<ReadOp, ReadTally>,
+    /// Appends that found the room's counter moved since they read it (AWS-like mode).
+    collisions: u64,
 }
 
 impl State {
@@ -118,6 +140,58 @@ impl State {
         self.connections
             .get(&keys::conn_sk(connection_id))
             .filter(|c| c.expires_at > now_s)
+    }
+
+    /// Writes (or, with `None`, deletes) a connection item, keeping its old version while an
+    /// eventually consistent read may still see it.
+    fn put_conn(&mut self, sk: String, item: Option<ConnItem>) {
+        let before = match item {
+            Some(item) => self.connections.insert(sk.clone(), item),
+            None => self.connections.remove(&sk),
+        };
+        if self.lag.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        while self
+            .conn_changes
+            .front()
+            .is_some_and(|c| now.duration_since(c.at) > self.lag)
+        {
+            self.conn_changes.pop_front();
+        }
+        self.conn_changes.push_back(ConnChange {
+            at: now,
+            sk,
+            before,
+        });
+    }
+
+    /// Every connection item changed after `cutoff`, as it was before its first change since.
+    fn conns_before(&self, cutoff: Instant) -> BTreeMap<String, Option<ConnItem>> {
+        let mut older = BTreeMap::new();
+        // Newest first, so the oldest change's "before" is the one that stays.
+        for change in self.conn_changes.iter().rev() {
+            if change.at <= cutoff {
+                break;
+            }
+            older.insert(change.sk.clone(), change.before.clone());
+        }
+        older
+    }
+
+    /// A connection item as a read sees it: now (`None`), or as of `cutoff`.
+    fn conn_as_of(&self, sk: &str, cutoff: Option<Instant>) -> Option<&ConnItem> {
+        if let Some(cutoff) = cutoff {
+            let first_since = self
+                .conn_changes
+                .iter()
+                .find(|c| c.at > cutoff && c.sk == sk);
+            if let Some(change) = first_since {
+                return change.before.as_ref();
+            }
+        }
+        self.connections.get(sk)
     }
 
     fn live_claim(&self, key: &str, now_s: i64) -> Option<&Claim> {
@@ -172,7 +246,8 @@ impl State {
 
     /// Commits a prepared event: the counter moves to its id, the item is stored and its
     /// INSERT record is published. Infallible, so it runs only once every check has passed.
-    fn commit(&mut self, instance: u64, pending: PendingEvent) -> StoredEvent {
+    fn commit(&mut self, instance: u64, mut pending: PendingEvent) -> StoredEvent {
+        pending.item.committed = Instant::now();
         self.seq = pending.item.event.seq;
         let stored = pending.item.event.clone();
         self.events.insert(stored.seq, pending.item);
@@ -229,6 +304,8 @@ impl Shared {
         // The same item the DynamoDB adapter writes: `EventItem` is the one source of its shape.
         let image: Item = serde_dynamo::to_item(EventItem::new(&stored, expires_at))
             .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
+        // DynamoDB refuses the whole transaction for one item over 400 KB.
+        limits::check_item(&image).map_err(|e| StoreError::backend("TransactWriteItems", e))?;
         let keys = event_keys(&self.room_pk, stored.seq);
         let change = stream_change(now_ms, keys, image)
             .map_err(|e| StoreError::Malformed(format!("stream record: {e}")))?;
@@ -237,6 +314,7 @@ impl Shared {
             item: StoredItem {
                 event: stored,
                 expires_at,
+                committed: Instant::now(),
             },
             record,
         })
@@ -283,7 +361,7 @@ fn stream_change(
 ) -> Result<StreamRecord, serde_json::Error> {
     let mut change: StreamRecord = serde_json::from_value(json!({
         "ApproximateCreationDateTime": epoch_secs(now_ms),
-        "SizeBytes": item_size(&keys) + item_size(&new_image),
+        "SizeBytes": limits::item_size(&keys) + limits::item_size(&new_image),
     }))?;
     change.keys = keys;
     change.new_image = new_image;
@@ -291,22 +369,6 @@ fn stream_change(
     // REMOVE carries its keys and no image.
     change.stream_view_type = Some(StreamViewType::NewImage);
     Ok(change)
-}
-
-/// Roughly DynamoDB's item size: attribute names plus values (strings by their UTF-8 length,
-/// numbers about one byte per two digits). `SizeBytes` is informational; nothing relies on
-/// the exact figure.
-fn item_size(item: &Item) -> i64 {
-    item.iter()
-        .map(|(name, value)| {
-            let value = match value {
-                AttributeValue::S(s) => s.len(),
-                AttributeValue::N(n) => n.len().div_ceil(2) + 1,
-                _ => 1,
-            };
-            (name.len() + value) as i64
-        })
-        .sum()
 }
 
 /// Member items per page when no limit is set (see [`EmbeddedStore`]'s `page_limit`).
@@ -321,6 +383,8 @@ pub struct EmbeddedStore {
     /// page at 1 MB (a few thousand member items) even without one; [`DEFAULT_PAGE_ITEMS`]
     /// stands in for that, so a broadcast streams its recipients here as it does on AWS.
     page_limit: Option<usize>,
+    /// Ideal, or like DynamoDB (latency, eventual consistency, contention).
+    behaviour: StoreBehaviour,
 }
 
 impl EmbeddedStore {
@@ -338,7 +402,34 @@ impl EmbeddedStore {
                 instance: rand::random(),
             }),
             page_limit: Some(DEFAULT_PAGE_ITEMS),
+            behaviour: StoreBehaviour::IDEAL,
         }
+    }
+
+    /// Behaves as `behaviour` says (this store and the clones made from it after). An
+    /// eventually consistent read of a store switched to lagging only misses writes made
+    /// after the switch.
+    pub fn with_behaviour(mut self, behaviour: StoreBehaviour) -> Self {
+        self.shared.lock().lag = behaviour.eventual_max;
+        self.behaviour = behaviour;
+        self
+    }
+
+    pub fn behaviour(&self) -> StoreBehaviour {
+        self.behaviour
+    }
+
+    /// The reads served so far, by kind: how many were strongly consistent and how many
+    /// eventually consistent (in ideal mode every read is strongly consistent).
+    pub fn reads(&self) -> BTreeMap<ReadOp, ReadTally> {
+        self.shared.lock().reads.clone()
+    }
+
+    /// How many times a writer found the room's sequence counter moved between its read and
+    /// its commit, and had to try again (AWS-like mode only; DynamoDB cancels the
+    /// transaction then).
+    pub fn counter_collisions(&self) -> u64 {
+        self.shared.lock().collisions
     }
 
     /// Evaluates at most `limit` connection items per member page (for tests of pagination),
@@ -430,6 +521,118 @@ impl EmbeddedStore {
     }
 }
 
+/// The DynamoDB calls one trait operation makes on its way to a commit (the DynamoDB adapter's
+/// happy path), which is what the operation costs in AWS-like mode.
+#[derive(Debug, Clone, Copy)]
+struct Calls {
+    /// Strongly consistent GetItems before the write (the last one reads the counter).
+    reads: u32,
+    /// Whether the write appends an event, i.e. commits on the condition that the room's
+    /// sequence counter has not moved since it was read.
+    appends: bool,
+}
+
+const PUT_CONNECTION: Calls = Calls {
+    reads: 0,
+    appends: false,
+};
+/// Connection, claim, counter.
+const SET_NAME: Calls = Calls {
+    reads: 3,
+    appends: true,
+};
+/// Connection, counter.
+const POST_PUBLIC: Calls = Calls {
+    reads: 2,
+    appends: true,
+};
+/// Sender, recipient's claim, recipient, counter.
+const POST_PRIVATE: Calls = Calls {
+    reads: 4,
+    appends: true,
+};
+/// Connection, claim, counter.
+const REMOVE_CONNECTION: Calls = Calls {
+    reads: 3,
+    appends: true,
+};
+/// Connection, then a conditional UpdateItem.
+const TAKE_TOKEN: Calls = Calls {
+    reads: 1,
+    appends: false,
+};
+
+/// Gives up after this many collisions on the counter, as the DynamoDB adapter does.
+const MAX_ATTEMPTS: u32 = 40;
+
+/// Jittered exponential backoff between attempts, the DynamoDB adapter's.
+async fn backoff(attempt: u32) {
+    use rand::Rng;
+    let cap_ms = 2u64.saturating_pow(attempt.min(7)).max(2);
+    let ms = rand::rng().random_range(1..=cap_ms);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+impl EmbeddedStore {
+    /// Runs one write operation `f` under the lock. In AWS-like mode it first takes the time
+    /// of the adapter's reads and transaction, and an appending operation commits only if the
+    /// room's counter did not move meanwhile — otherwise it backs off and tries again, as the
+    /// DynamoDB adapter's optimistic writers do: that is what caps one room's commit rate.
+    async fn write<T>(
+        &self,
+        calls: Calls,
+        mut f: impl FnMut(&mut State) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let b = self.behaviour;
+        if b.read_latency.is_zero() && b.write_latency.is_zero() && !b.contention {
+            return f(&mut self.shared.lock());
+        }
+        for attempt in 1..=MAX_ATTEMPTS {
+            sleep(b.read_latency * calls.reads).await;
+            let seen = self.shared.lock().seq;
+            sleep(b.write_latency).await;
+            {
+                let mut state = self.shared.lock();
+                if !(b.contention && calls.appends) || state.seq == seen {
+                    return f(&mut state);
+                }
+                state.collisions += 1;
+            }
+            backoff(attempt).await;
+        }
+        Err(StoreError::Contention(MAX_ATTEMPTS))
+    }
+
+    /// Takes one read call's time, then gives the state and the point in time the read sees:
+    /// `None` for everything (a strongly consistent read, or ideal mode), else the moment
+    /// before which writes are visible. The read is tallied either way.
+    async fn read(&self, op: ReadOp) -> (MutexGuard<'_, State>, Option<Instant>) {
+        sleep(self.behaviour.read_latency).await;
+        let eventual = !op.consistent_read() && self.behaviour.lags();
+        let cutoff = eventual.then(|| {
+            let now = Instant::now();
+            now.checked_sub(self.behaviour.draw_window()).unwrap_or(now)
+        });
+        let mut state = self.shared.lock();
+        let tally = state.reads.entry(op).or_default();
+        match cutoff {
+            Some(_) => tally.eventually_consistent += 1,
+            None => tally.strongly_consistent += 1,
+        }
+        (state, cutoff)
+    }
+}
+
+async fn sleep(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
+fn key_error(e: limits::ServiceError, op: &'static str) -> StoreError {
+    StoreError::backend(op, e)
+}
+
 #[async_trait]
 impl ChatStore for EmbeddedStore {
     async fn add_identified_connection(
@@ -439,27 +642,32 @@ impl ChatStore for EmbeddedStore {
         now_ms: i64,
     ) -> Result<Connection, StoreError> {
         let expires_at = epoch_secs(now_ms) + self.shared.retention.connection_ttl.as_secs() as i64;
-        let mut state = self.shared.lock();
-        state.injected_failure("PutItem connection")?;
-        // A put replaces the whole item, as PutItem does (a reused id starts without a name).
-        state.connections.insert(
-            keys::conn_sk(connection_id),
-            ConnItem {
+        let sk = keys::conn_sk(connection_id);
+        self.write(PUT_CONNECTION, |state| {
+            state.injected_failure("PutItem connection")?;
+            limits::check_key(&self.shared.room_pk, &sk)
+                .map_err(|e| key_error(e, "PutItem connection"))?;
+            // A put replaces the whole item, as PutItem does (a reused id starts without a name).
+            state.put_conn(
+                sk.clone(),
+                Some(ConnItem {
+                    connection_id: connection_id.to_owned(),
+                    connected_at: now_ms,
+                    expires_at,
+                    name: None,
+                    bucket: None,
+                    identity: identity.map(str::to_owned),
+                }),
+            );
+            Ok(Connection {
                 connection_id: connection_id.to_owned(),
                 connected_at: now_ms,
                 expires_at,
                 name: None,
-                bucket: None,
                 identity: identity.map(str::to_owned),
-            },
-        );
-        Ok(Connection {
-            connection_id: connection_id.to_owned(),
-            connected_at: now_ms,
-            expires_at,
-            name: None,
-            identity: identity.map(str::to_owned),
+            })
         })
+        .await
     }
 
     async fn connection(
@@ -467,9 +675,13 @@ impl ChatStore for EmbeddedStore {
         connection_id: &str,
         now_ms: i64,
     ) -> Result<Option<Connection>, StoreError> {
-        let state = self.shared.lock();
+        let sk = keys::conn_sk(connection_id);
+        limits::check_key(&self.shared.room_pk, &sk)
+            .map_err(|e| key_error(e, "GetItem connection"))?;
+        let (state, cutoff) = self.read(ReadOp::GetConnection).await;
         Ok(state
-            .live_conn(connection_id, epoch_secs(now_ms))
+            .conn_as_of(&sk, cutoff)
+            .filter(|c| c.expires_at > epoch_secs(now_ms))
             .map(|c| Connection {
                 connection_id: c.connection_id.clone(),
                 connected_at: c.connected_at,
@@ -486,74 +698,89 @@ impl ChatStore for EmbeddedStore {
         now_ms: i64,
     ) -> Result<Option<StoredEvent>, StoreError> {
         let now_s = epoch_secs(now_ms);
-        let mut state = self.shared.lock();
-        state.injected_failure("TransactWriteItems setName")?;
-        let conn = state
-            .live_conn(connection_id, now_s)
-            .cloned()
-            .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-        let old = conn.name.clone();
-        if old.as_ref().map(|n| n.display.as_str()) == Some(name.display.as_str()) {
-            return Ok(None);
-        }
-        // The claim condition: free, ours already, expired (its holder is gone), or held for
-        // the same identity — which takes it back, evicting its own older connection.
-        let mut evict = None;
-        if let Some(holder) = state.live_claim(&name.key, now_s) {
-            let mine = holder.connection_id.as_deref() == Some(connection_id);
-            let same_owner = conn.identity.is_some() && holder.identity == conn.identity;
-            if !mine && !same_owner {
-                return Err(StoreError::NameTaken(name.display.clone()));
+        self.write(SET_NAME, |state| {
+            state.injected_failure("TransactWriteItems setName")?;
+            let conn = state
+                .live_conn(connection_id, now_s)
+                .cloned()
+                .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+            let old = conn.name.clone();
+            if old.as_ref().map(|n| n.display.as_str()) == Some(name.display.as_str()) {
+                return Ok(None);
             }
-            if !mine {
-                evict = holder
-                    .connection_id
-                    .clone()
-                    .and_then(|old_id| state.connections.get(&keys::conn_sk(&old_id)).cloned())
-                    .filter(|old| old.name.as_ref().is_some_and(|n| n.key == name.key));
+            // The adapter reads the claim next: a claim key over DynamoDB's sort key limit is
+            // refused there.
+            limits::check_key(&self.shared.room_pk, &keys::name_sk(&name.key))
+                .map_err(|e| key_error(e, "GetItem name claim"))?;
+            // The claim condition: free, ours already, expired (its holder is gone), or held
+            // for the same identity — which takes it back, evicting its own older connection.
+            let mut evict = None;
+            if let Some(holder) = state.live_claim(&name.key, now_s) {
+                let mine = holder.connection_id.as_deref() == Some(connection_id);
+                let same_owner = conn.identity.is_some() && holder.identity == conn.identity;
+                if !mine && !same_owner {
+                    return Err(StoreError::NameTaken(name.display.clone()));
+                }
+                if !mine {
+                    evict = holder
+                        .connection_id
+                        .clone()
+                        .and_then(|old_id| state.connections.get(&keys::conn_sk(&old_id)).cloned())
+                        .filter(|old| old.name.as_ref().is_some_and(|n| n.key == name.key));
+                }
             }
-        }
-        if let Some(old) = evict {
-            let left = ChatEvent::MemberLeft {
-                connection_id: old.connection_id.clone(),
-                name: old.name.map(|n| n.display).unwrap_or_default(),
-                reason: LeaveReason::Replaced,
+            let event = match &old {
+                None => ChatEvent::MemberJoined {
+                    connection_id: connection_id.to_owned(),
+                    name: name.display.clone(),
+                },
+                Some(old) => ChatEvent::MemberRenamed {
+                    connection_id: connection_id.to_owned(),
+                    old_name: old.display.clone(),
+                    name: name.display.clone(),
+                },
             };
-            let pending = self.shared.prepare(state.seq, left, now_ms)?;
-            state.connections.remove(&keys::conn_sk(&old.connection_id));
-            self.finish(&mut state, pending);
-        }
-        let event = match &old {
-            None => ChatEvent::MemberJoined {
-                connection_id: connection_id.to_owned(),
-                name: name.display.clone(),
-            },
-            Some(old) => ChatEvent::MemberRenamed {
-                connection_id: connection_id.to_owned(),
-                old_name: old.display.clone(),
-                name: name.display.clone(),
-            },
-        };
-        let pending = self.shared.prepare(state.seq, event, now_ms)?;
-        if let Some(old) = old.filter(|o| o.key != name.key) {
-            state.release(&old.key, connection_id, conn.identity.as_deref(), now_s);
-        }
-        state.claims.insert(
-            name.key.clone(),
-            Claim {
-                connection_id: Some(connection_id.to_owned()),
-                identity: conn.identity.clone(),
-                name: name.display.clone(),
-                expires_at: conn.expires_at,
-            },
-        );
-        if let Some(c) = state.connections.get_mut(&keys::conn_sk(connection_id)) {
-            c.name = Some(Named {
+            let evicted = match evict {
+                Some(old) => {
+                    let left = ChatEvent::MemberLeft {
+                        connection_id: old.connection_id.clone(),
+                        name: old.name.map(|n| n.display).unwrap_or_default(),
+                        reason: LeaveReason::Replaced,
+                    };
+                    Some((
+                        old.connection_id,
+                        self.shared.prepare(state.seq, left, now_ms)?,
+                    ))
+                }
+                None => None,
+            };
+            let after = state.seq + u64::from(evicted.is_some());
+            let pending = self.shared.prepare(after, event, now_ms)?;
+            if let Some((old_id, left)) = evicted {
+                state.put_conn(keys::conn_sk(&old_id), None);
+                self.finish(state, left);
+            }
+            if let Some(old) = old.filter(|o| o.key != name.key) {
+                state.release(&old.key, connection_id, conn.identity.as_deref(), now_s);
+            }
+            state.claims.insert(
+                name.key.clone(),
+                Claim {
+                    connection_id: Some(connection_id.to_owned()),
+                    identity: conn.identity.clone(),
+                    name: name.display.clone(),
+                    expires_at: conn.expires_at,
+                },
+            );
+            let mut named = conn.clone();
+            named.name = Some(Named {
                 display: name.display.clone(),
                 key: name.key.clone(),
             });
-        }
-        Ok(Some(self.finish(&mut state, pending)))
+            state.put_conn(keys::conn_sk(connection_id), Some(named));
+            Ok(Some(self.finish(state, pending)))
+        })
+        .await
     }
 
     async fn post_public(
@@ -562,19 +789,21 @@ impl ChatStore for EmbeddedStore {
         message: &str,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        let mut state = self.shared.lock();
-        state.injected_failure("TransactWriteItems sendPublic")?;
-        let conn = state
-            .live_conn(connection_id, epoch_secs(now_ms))
-            .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-        let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
-        let event = ChatEvent::MessagePosted {
-            connection_id: connection_id.to_owned(),
-            name: name.display.clone(),
-            message: message.to_owned(),
-        };
-        let pending = self.shared.prepare(state.seq, event, now_ms)?;
-        Ok(self.finish(&mut state, pending))
+        self.write(POST_PUBLIC, |state| {
+            state.injected_failure("TransactWriteItems sendPublic")?;
+            let conn = state
+                .live_conn(connection_id, epoch_secs(now_ms))
+                .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+            let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
+            let event = ChatEvent::MessagePosted {
+                connection_id: connection_id.to_owned(),
+                name: name.display.clone(),
+                message: message.to_owned(),
+            };
+            let pending = self.shared.prepare(state.seq, event, now_ms)?;
+            Ok(self.finish(state, pending))
+        })
+        .await
     }
 
     async fn post_private(
@@ -586,39 +815,44 @@ impl ChatStore for EmbeddedStore {
     ) -> Result<StoredEvent, StoreError> {
         let now_s = epoch_secs(now_ms);
         let to_key = name_key(to.trim());
-        let mut state = self.shared.lock();
-        state.injected_failure("TransactWriteItems sendPrivate")?;
-        let conn = state
-            .live_conn(connection_id, now_s)
-            .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-        let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
-        if name.key == to_key {
-            return Err(StoreError::SelfRecipient);
-        }
-        let unknown = || StoreError::UnknownRecipient(to.to_owned());
-        let recipient = state.live_claim(&to_key, now_s).ok_or_else(unknown)?;
-        let to_conn = state
-            .live_conn(
-                recipient.connection_id.as_deref().unwrap_or_default(),
-                now_s,
-            )
-            .filter(|c| c.name.as_ref().is_some_and(|n| n.key == to_key))
-            .ok_or_else(unknown)?;
-        let event = ChatEvent::PrivateMessageSent {
-            connection_id: connection_id.to_owned(),
-            name: name.display.clone(),
-            to_connection_id: to_conn.connection_id.clone(),
-            to_name: to_conn
-                .name
-                .as_ref()
-                .map(|n| n.display.clone())
-                .unwrap_or_default(),
-            message: message.to_owned(),
-            identity: conn.identity.clone(),
-            to_identity: to_conn.identity.clone(),
-        };
-        let pending = self.shared.prepare(state.seq, event, now_ms)?;
-        Ok(self.finish(&mut state, pending))
+        self.write(POST_PRIVATE, |state| {
+            state.injected_failure("TransactWriteItems sendPrivate")?;
+            let conn = state
+                .live_conn(connection_id, now_s)
+                .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+            let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
+            if name.key == to_key {
+                return Err(StoreError::SelfRecipient);
+            }
+            // The adapter reads the recipient's claim next: DynamoDB refuses a key that long.
+            limits::check_key(&self.shared.room_pk, &keys::name_sk(&to_key))
+                .map_err(|e| key_error(e, "GetItem name claim"))?;
+            let unknown = || StoreError::UnknownRecipient(to.to_owned());
+            let recipient = state.live_claim(&to_key, now_s).ok_or_else(unknown)?;
+            let to_conn = state
+                .live_conn(
+                    recipient.connection_id.as_deref().unwrap_or_default(),
+                    now_s,
+                )
+                .filter(|c| c.name.as_ref().is_some_and(|n| n.key == to_key))
+                .ok_or_else(unknown)?;
+            let event = ChatEvent::PrivateMessageSent {
+                connection_id: connection_id.to_owned(),
+                name: name.display.clone(),
+                to_connection_id: to_conn.connection_id.clone(),
+                to_name: to_conn
+                    .name
+                    .as_ref()
+                    .map(|n| n.display.clone())
+                    .unwrap_or_default(),
+                message: message.to_owned(),
+                identity: conn.identity.clone(),
+                to_identity: to_conn.identity.clone(),
+            };
+            let pending = self.shared.prepare(state.seq, event, now_ms)?;
+            Ok(self.finish(state, pending))
+        })
+        .await
     }
 
     async fn remove_connection(
@@ -627,31 +861,33 @@ impl ChatStore for EmbeddedStore {
         reason: LeaveReason,
         now_ms: i64,
     ) -> Result<Option<StoredEvent>, StoreError> {
-        let mut state = self.shared.lock();
-        state.injected_failure("TransactWriteItems $disconnect")?;
         let sk = keys::conn_sk(connection_id);
-        // Expired connections are removed too: `$disconnect` for them is still real.
-        let Some(conn) = state.connections.get(&sk).cloned() else {
-            return Ok(None);
-        };
-        let Some(named) = conn.name else {
-            state.connections.remove(&sk);
-            return Ok(None);
-        };
-        let event = ChatEvent::MemberLeft {
-            connection_id: connection_id.to_owned(),
-            name: named.display,
-            reason,
-        };
-        let pending = self.shared.prepare(state.seq, event, now_ms)?;
-        state.connections.remove(&sk);
-        state.release(
-            &named.key,
-            connection_id,
-            conn.identity.as_deref(),
-            epoch_secs(now_ms),
-        );
-        Ok(Some(self.finish(&mut state, pending)))
+        self.write(REMOVE_CONNECTION, |state| {
+            state.injected_failure("TransactWriteItems $disconnect")?;
+            // Expired connections are removed too: `$disconnect` for them is still real.
+            let Some(conn) = state.connections.get(&sk).cloned() else {
+                return Ok(None);
+            };
+            let Some(named) = conn.name else {
+                state.put_conn(sk.clone(), None);
+                return Ok(None);
+            };
+            let event = ChatEvent::MemberLeft {
+                connection_id: connection_id.to_owned(),
+                name: named.display,
+                reason,
+            };
+            let pending = self.shared.prepare(state.seq, event, now_ms)?;
+            state.put_conn(sk.clone(), None);
+            state.release(
+                &named.key,
+                connection_id,
+                conn.identity.as_deref(),
+                epoch_secs(now_ms),
+            );
+            Ok(Some(self.finish(state, pending)))
+        })
+        .await
     }
 
     async fn take_request_token(
@@ -663,17 +899,19 @@ impl ChatStore for EmbeddedStore {
         if limit.is_off() {
             return Ok(true);
         }
-        let mut state = self.shared.lock();
-        let Some(conn) = state.connections.get_mut(&keys::conn_sk(connection_id)) else {
-            return Ok(true);
-        };
-        match ratelimit::take(limit, conn.bucket, now_ms) {
-            Some(next) => {
-                conn.bucket = Some(next);
-                Ok(true)
+        self.write(TAKE_TOKEN, |state| {
+            let Some(conn) = state.connections.get_mut(&keys::conn_sk(connection_id)) else {
+                return Ok(true);
+            };
+            match ratelimit::take(limit, conn.bucket, now_ms) {
+                Some(next) => {
+                    conn.bucket = Some(next);
+                    Ok(true)
+                }
+                None => Ok(false),
             }
-            None => Ok(false),
-        }
+        })
+        .await
     }
 
     async fn members_page(
@@ -682,19 +920,47 @@ impl ChatStore for EmbeddedStore {
         now_ms: i64,
     ) -> Result<MembersPage, StoreError> {
         let now_s = epoch_secs(now_ms);
-        let state = self.shared.lock();
+        let (state, cutoff) = self.read(ReadOp::QueryMembers).await;
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        // An eventually consistent query sees each item changed since the cutoff as it was
+        // before its first change since then.
+        let older = cutoff.map(|c| state.conns_before(c)).unwrap_or_default();
+        let mut current = state
+            .connections
+            .range::<str, _>((start, Bound::Unbounded))
+            .filter(|(sk, _)| !older.contains_key(*sk))
+            .peekable();
+        let mut previous = older
+            .range::<str, _>((start, Bound::Unbounded))
+            .filter_map(|(sk, c)| c.as_ref().map(|c| (sk, c)))
+            .peekable();
         let mut members = Vec::new();
         let mut evaluated = 0;
+        let mut bytes = 0;
         let mut last = None;
+        let mut full = false;
         // Like a DynamoDB Query with `Limit` and a filter: `Limit` counts the items read, the
         // filter (named and not expired) applies after, and a page that stopped at `Limit`
-        // carries a cursor even when nothing follows (the caller finds an empty page then).
-        for (sk, conn) in state.connections.range::<str, _>((start, Bound::Unbounded)) {
-            if self.page_limit.is_some_and(|limit| evaluated == limit) {
+        // (or at 1 MB read) carries a cursor even when nothing follows (the caller finds an
+        // empty page then).
+        loop {
+            let next = match (current.peek(), previous.peek()) {
+                (Some((a, _)), Some((b, _))) if a < b => current.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => previous.next(),
+                (Some(_), None) => current.next(),
+                (None, None) => None,
+            };
+            let Some((sk, conn)) = next else {
+                break;
+            };
+            if self.page_limit.is_some_and(|limit| evaluated == limit)
+                || bytes >= limits::QUERY_PAGE_MAX_BYTES
+            {
+                full = true;
                 break;
             }
             evaluated += 1;
+            bytes += conn_item_size(&self.shared.room_pk, sk, conn);
             last = Some(sk);
             if let (Some(name), true) = (&conn.name, conn.expires_at > now_s) {
                 members.push(Member {
@@ -703,10 +969,10 @@ impl ChatStore for EmbeddedStore {
                 });
             }
         }
-        let next = match self.page_limit {
-            Some(limit) if evaluated == limit => last.cloned(),
-            _ => None,
-        };
+        let full = full
+            || self.page_limit.is_some_and(|limit| evaluated == limit)
+            || bytes >= limits::QUERY_PAGE_MAX_BYTES;
+        let next = if full { last.cloned() } else { None };
         Ok(MembersPage { members, next })
     }
 
@@ -718,14 +984,16 @@ impl ChatStore for EmbeddedStore {
     ) -> Result<EventsPage, StoreError> {
         let limit = limit.max(1);
         let now_s = epoch_secs(now_ms);
-        let state = self.shared.lock();
-        let live = |item: &&StoredItem| item.expires_at > now_s;
+        let (state, cutoff) = self.read(ReadOp::QueryEvents).await;
+        let visible = |item: &&StoredItem| {
+            item.expires_at > now_s && cutoff.is_none_or(|c| item.committed <= c)
+        };
         let events: Vec<StoredEvent> = match range {
             EventRange::After(after) => state
                 .events
                 .range((Bound::Excluded(after), Bound::Unbounded))
                 .map(|(_, item)| item)
-                .filter(live)
+                .filter(visible)
                 .take(limit)
                 .map(|item| item.event.clone())
                 .collect(),
@@ -737,7 +1005,7 @@ impl ChatStore for EmbeddedStore {
                 ))
                 .rev()
                 .map(|(_, item)| item)
-                .filter(live)
+                .filter(visible)
                 .take(limit)
                 .map(|item| item.event.clone())
                 .collect(),
@@ -748,6 +1016,24 @@ impl ChatStore for EmbeddedStore {
             .flatten();
         Ok(EventsPage { events, next })
     }
+}
+
+/// A connection item's size as DynamoDB counts it (names and values of its attributes), for
+/// the 1 MB a Query page reads at most.
+fn conn_item_size(room_pk: &str, sk: &str, c: &ConnItem) -> usize {
+    let mut size = keys::PK.len() + room_pk.len() + keys::SK.len() + sk.len();
+    size += keys::CONNECTION_ID.len() + c.connection_id.len();
+    size += keys::CONNECTED_AT.len() + 8 + keys::EXPIRES_AT.len() + 6;
+    if let Some(n) = &c.name {
+        size += keys::NAME.len() + n.display.len() + keys::NAME_KEY.len() + n.key.len();
+    }
+    if let Some(i) = &c.identity {
+        size += keys::IDENTITY.len() + i.len();
+    }
+    if c.bucket.is_some() {
+        size += keys::RATE_TOKENS.len() + keys::RATE_AT.len() + 14;
+    }
+    size
 }
 
 /// A reader of an [`EmbeddedStore`]'s change feed with its own checkpoint.
