@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use chat_local::aws_like::AwsLike;
 use chat_local::esm::EsmConfig;
 use chat_local::gateway::GatewayConfig;
 use chat_local::stack::{self, LocalOptions, StoreChoice};
@@ -12,6 +13,7 @@ use chat_shared::config::{
     FanoutConfig, HandlerConfig, Retention, Tables, DEFAULT_FANOUT_CONCURRENCY,
 };
 use chat_shared::ratelimit::{RateLimit, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND};
+use chat_shared::store::aws_like::StoreBehaviour;
 use chat_shared::validation::DEFAULT_MAX_MESSAGE_BYTES;
 use clap::Parser;
 
@@ -78,6 +80,44 @@ struct Args {
     /// Never run $disconnect (models AWS losing it; stale connections are then pruned on 410).
     #[arg(long, hide = true)]
     drop_disconnect: bool,
+    /// Behave like AWS where it hurts: store latency, eventually consistent reads, counter
+    /// contention, `@connections` round trips and the stream's polling delay (README, "AWS-like
+    /// mode"). The knobs below tune it. Without it everything is instant and consistent.
+    #[arg(long)]
+    aws_like: bool,
+    /// AWS-like: time of one store read (GetItem, one Query page).
+    #[arg(long, default_value_t = 5, value_name = "MS", requires = "aws_like")]
+    store_read_latency_ms: u64,
+    /// AWS-like: time of one store write or transaction.
+    #[arg(long, default_value_t = 10, value_name = "MS", requires = "aws_like")]
+    store_write_latency_ms: u64,
+    /// AWS-like: an eventually consistent read misses writes younger than a window drawn
+    /// from 0 to this, per read (0: reads are all consistent).
+    #[arg(long, default_value_t = 300, value_name = "MS", requires = "aws_like")]
+    eventual_consistency_max_ms: u64,
+    /// AWS-like: round trip of one `@connections` call.
+    #[arg(long, default_value_t = 20, value_name = "MS", requires = "aws_like")]
+    connections_latency_ms: u64,
+    /// AWS-like: the stream poller's pause between polls of an idle shard.
+    #[arg(long, default_value_t = 250, value_name = "MS", requires = "aws_like")]
+    stream_poll_interval_ms: u64,
+}
+
+impl Args {
+    /// The AWS-like figures, if `--aws-like` is on.
+    fn aws_like(&self) -> Option<AwsLike> {
+        let ms = Duration::from_millis;
+        self.aws_like.then(|| AwsLike {
+            store: StoreBehaviour {
+                read_latency: ms(self.store_read_latency_ms),
+                write_latency: ms(self.store_write_latency_ms),
+                eventual_max: ms(self.eventual_consistency_max_ms),
+                ..StoreBehaviour::aws_like()
+            },
+            management_latency: ms(self.connections_latency_ms),
+            stream_poll_interval: ms(self.stream_poll_interval_ms),
+        })
+    }
 }
 
 // jemalloc, not glibc's malloc: per delivery the fan-out spent about a quarter more CPU under
@@ -116,7 +156,8 @@ async fn main() -> anyhow::Result<()> {
         args.rate_limit_per_second == 0 || args.rate_limit_burst > 0,
         "--rate-limit-burst must be at least 1 when the rate limit is on"
     );
-    let options = LocalOptions {
+    let aws_like = args.aws_like();
+    let mut options = LocalOptions {
         host: args.host,
         port: args.port,
         store,
@@ -149,6 +190,10 @@ async fn main() -> anyhow::Result<()> {
             ..EsmConfig::default()
         },
     };
+    if let Some(aws_like) = &aws_like {
+        aws_like.apply(&mut options);
+        eprintln!("AWS-like mode: {aws_like:?}");
+    }
     let running = stack::start(options).await?;
     // The same shapes as the stack's Outputs on AWS; scripts and tests read these two lines.
     println!("WebSocket URL: {}", running.websocket_url);

@@ -154,11 +154,59 @@ fn local_credentials() -> Credentials {
     Credentials::new("local", "local", None, None, "chat-local")
 }
 
+/// Whether `endpoint` is on this machine (a loopback address or `localhost`): moto or
+/// DynamoDB Local, which accept any credentials.
+pub fn is_local_endpoint(endpoint: &str) -> bool {
+    let Ok(uri) = endpoint.parse::<hyper::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.to_ascii_lowercase().ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (DynamoDB Local keeps one
+/// database per access key, so a key the user set is kept), else placeholders.
+fn local_endpoint_credentials() -> Credentials {
+    match (
+        std::env::var("AWS_ACCESS_KEY_ID"),
+        std::env::var("AWS_SECRET_ACCESS_KEY"),
+    ) {
+        (Ok(id), Ok(secret)) if !id.is_empty() && !secret.is_empty() => Credentials::new(
+            id,
+            secret,
+            std::env::var("AWS_SESSION_TOKEN").ok(),
+            None,
+            "environment",
+        ),
+        _ => local_credentials(),
+    }
+}
+
 async fn dynamodb_sdk_config(endpoint: Option<&str>, region: &str) -> SdkConfig {
     let mut loader =
         aws_config::defaults(BehaviorVersion::latest()).region(Region::new(region.to_owned()));
     if let Some(endpoint) = endpoint {
         loader = loader.endpoint_url(endpoint);
+        if is_local_endpoint(endpoint) {
+            // A local API needs no real credentials: looking for them would walk the default
+            // chain to the EC2 instance metadata service, which is not there and says so at
+            // length on stderr.
+            return loader
+                .credentials_provider(
+                    aws_credential_types::provider::SharedCredentialsProvider::new(
+                        local_endpoint_credentials(),
+                    ),
+                )
+                .load()
+                .await;
+        }
     }
     let config = loader.load().await;
     let has_credentials = match config.credentials_provider() {
@@ -336,5 +384,34 @@ impl RunningStack {
             drained: mapping.is_some(),
             mapping: mapping.unwrap_or_default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_local_endpoint;
+
+    #[test]
+    fn loopback_and_localhost_endpoints_are_local() {
+        // GIVEN endpoints on this machine and elsewhere WHEN classified THEN only loopback
+        // addresses and localhost names are local
+        for local in [
+            "http://127.0.0.1:5000",
+            "http://127.10.0.3:8000/",
+            "http://localhost:8000",
+            "http://LOCALHOST",
+            "http://dynamodb.localhost:8000",
+            "http://[::1]:8000",
+        ] {
+            assert!(is_local_endpoint(local), "{local}");
+        }
+        for remote in [
+            "https://dynamodb.us-east-1.amazonaws.com",
+            "http://10.0.0.5:8000",
+            "http://localhost.example.com",
+            "not a url",
+        ] {
+            assert!(!is_local_endpoint(remote), "{remote}");
+        }
     }
 }
