@@ -20,7 +20,11 @@
 mod connection;
 mod events;
 mod management;
+mod throttle;
 mod upgrade;
+
+use throttle::Bucket;
+pub use throttle::ThrottleLimit;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -73,6 +77,12 @@ pub struct GatewayConfig {
     /// Benchmark knob: a delay added to every `@connections` call before it is answered, to
     /// model the round trip to AWS from a Lambda (a few to tens of ms).
     pub management_latency: Duration,
+    /// AWS-like: the account's request throttle, shared by inbound messages (throttled ones
+    /// are answered `Too Many Requests` without invoking the integration) and `@connections`
+    /// calls (429 `LimitExceededException`). `None`: unlimited.
+    pub account_throttle: Option<ThrottleLimit>,
+    /// AWS-like: new connections per second; a handshake over it is refused with 429.
+    pub connect_throttle: Option<ThrottleLimit>,
 }
 
 impl Default for GatewayConfig {
@@ -90,6 +100,8 @@ impl Default for GatewayConfig {
             send_buffer: 1024,
             drop_disconnect: false,
             management_latency: Duration::ZERO,
+            account_throttle: None,
+            connect_throttle: None,
         }
     }
 }
@@ -105,6 +117,8 @@ impl Gateway {
     pub fn new(config: GatewayConfig, integration: Arc<dyn Integration>) -> Self {
         Self {
             shared: Arc::new(Shared {
+                account: config.account_throttle.map(Bucket::new),
+                connects: config.connect_throttle.map(Bucket::new),
                 config,
                 integration,
                 registry: Registry::default(),
@@ -209,9 +223,22 @@ struct Shared {
     shutdown: watch::Sender<bool>,
     /// Number of live connection tasks, so `serve` can wait for their `$disconnect`s.
     tasks: watch::Sender<usize>,
+    /// The account's request bucket and the new-connection bucket, when throttling.
+    account: Option<Bucket>,
+    connects: Option<Bucket>,
 }
 
 impl Shared {
+    /// Takes a token from the account's request bucket: `false` when throttled.
+    fn admit_request(&self) -> bool {
+        self.account.as_ref().is_none_or(Bucket::take)
+    }
+
+    /// Takes a token from the new-connection bucket: `false` when throttled.
+    fn admit_connection(&self) -> bool {
+        self.connects.as_ref().is_none_or(Bucket::take)
+    }
+
     /// Resolves when no connection task is running.
     async fn connections_finished(&self) {
         let mut tasks = self.tasks.subscribe();

@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use chat_local::aws_like::AwsLike;
 use chat_local::esm::EsmConfig;
-use chat_local::gateway::GatewayConfig;
+use chat_local::gateway::{GatewayConfig, ThrottleLimit};
 use chat_local::stack::{self, LocalOptions, StoreChoice};
 use chat_shared::auth::Authenticator;
 use chat_shared::config::{
     FanoutConfig, HandlerConfig, Retention, Tables, DEFAULT_FANOUT_CONCURRENCY,
 };
 use chat_shared::ratelimit::{RateLimit, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND};
-use chat_shared::store::aws_like::StoreBehaviour;
+use chat_shared::store::aws_like::{PartitionThroughput, StoreBehaviour};
 use chat_shared::validation::DEFAULT_MAX_MESSAGE_BYTES;
 use clap::Parser;
 
@@ -101,6 +101,22 @@ struct Args {
     /// AWS-like: the stream poller's pause between polls of an idle shard.
     #[arg(long, default_value_t = 250, value_name = "MS", requires = "aws_like")]
     stream_poll_interval_ms: u64,
+    /// AWS-like: the account's requests per second, shared by inbound messages and
+    /// `@connections` calls (0: unlimited).
+    #[arg(long, default_value_t = 10_000, requires = "aws_like")]
+    account_requests_per_second: u32,
+    /// AWS-like: the account's request burst.
+    #[arg(long, default_value_t = 5_000, requires = "aws_like")]
+    account_request_burst: u32,
+    /// AWS-like: new connections per second (0: unlimited).
+    #[arg(long, default_value_t = 500, requires = "aws_like")]
+    new_connections_per_second: u32,
+    /// AWS-like: write units per second one partition key takes (0: unlimited).
+    #[arg(long, default_value_t = 1_000, requires = "aws_like")]
+    partition_write_units: u32,
+    /// AWS-like: read units per second one partition key takes.
+    #[arg(long, default_value_t = 3_000, requires = "aws_like")]
+    partition_read_units: u32,
 }
 
 impl Args {
@@ -112,10 +128,22 @@ impl Args {
                 read_latency: ms(self.store_read_latency_ms),
                 write_latency: ms(self.store_write_latency_ms),
                 eventual_max: ms(self.eventual_consistency_max_ms),
+                partition: (self.partition_write_units > 0).then(|| PartitionThroughput {
+                    write_units_per_sec: f64::from(self.partition_write_units),
+                    read_units_per_sec: f64::from(self.partition_read_units.max(1)),
+                }),
                 ..StoreBehaviour::aws_like()
             },
             management_latency: ms(self.connections_latency_ms),
             stream_poll_interval: ms(self.stream_poll_interval_ms),
+            account_throttle: (self.account_requests_per_second > 0).then(|| ThrottleLimit {
+                per_second: f64::from(self.account_requests_per_second),
+                burst: f64::from(self.account_request_burst.max(1)),
+            }),
+            connect_throttle: (self.new_connections_per_second > 0).then(|| ThrottleLimit {
+                per_second: f64::from(self.new_connections_per_second),
+                burst: f64::from(self.new_connections_per_second),
+            }),
         })
     }
 }

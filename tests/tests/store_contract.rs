@@ -22,8 +22,9 @@ use chat_shared::config::{Retention, Tables};
 use chat_shared::events::{ChatEvent, LeaveReason, StoredEvent};
 use chat_shared::fanout::{decode_record, is_removal};
 use chat_shared::keys;
-use chat_shared::store::aws_like::{ReadOp, StoreBehaviour};
+use chat_shared::store::aws_like::{PartitionThroughput, ReadOp, StoreBehaviour};
 use chat_shared::store::dynamodb::{create_tables, DynamoStore};
+use chat_shared::store::embedded::THROTTLED;
 use chat_shared::store::embedded::{EmbeddedFeed, EmbeddedStore};
 use chat_shared::store::limits::{self, service_error};
 use chat_shared::store::{epoch_secs, ChatStore, Member, StoreError, NAME_RESERVATION_SECS};
@@ -1471,4 +1472,37 @@ async fn embedded_aws_like_concurrent_appends_collide_on_the_room_counter() {
     ids.sort_unstable();
     assert_eq!(ids, [2, 3]);
     assert!(store.counter_collisions() >= 1);
+}
+
+#[tokio::test]
+async fn embedded_aws_like_a_hot_partition_is_throttled_as_dynamodb_throttles_it() {
+    // GIVEN an AWS-like store (no latency) whose partitions take 6 write units a second, and
+    // alice's join, a transaction of 3 connection-table items: 6 units, the second's worth
+    let store = EmbeddedStore::new(Retention::default()).with_behaviour(StoreBehaviour {
+        read_latency: Duration::ZERO,
+        write_latency: Duration::ZERO,
+        partition: Some(PartitionThroughput {
+            write_units_per_sec: 6.0,
+            read_units_per_sec: 3_000.0,
+        }),
+        ..StoreBehaviour::aws_like()
+    });
+    let now = chat_shared::now_ms();
+    let joined = join(&store, "a", "alice", now).await;
+
+    // WHEN she posts at once (4 units: a transaction of 2 items), and again after a second
+    let throttled = store.post_public("a", "too soon", now).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let later = store.post_public("a", "later", now).await;
+
+    // THEN the first post is refused as the SDK reports DynamoDB's throttling once its own
+    // retries are spent (they wait well under the 0.7 s the units take to come back), and
+    // nothing of it was written; a second later the partition has the units again
+    let e = throttled.expect_err("throttled");
+    let (code, message) = aws_error(&e);
+    assert_eq!(code, THROTTLED);
+    assert!(message.contains("throughput"), "{message}");
+    let later = later.expect("the partition refilled");
+    assert_eq!(later.seq, joined.seq + 1);
+    assert_eq!(store.events().len(), 2);
 }

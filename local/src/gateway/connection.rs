@@ -376,6 +376,17 @@ async fn dispatch_loop(
     while let Some(frame) = inbound.recv().await {
         let event = events::message(&shared.config, &connection, &frame);
         let request_id = event.request_context.request_id.clone().unwrap_or_default();
+        if !shared.admit_request() {
+            // Over the account's request rate: API Gateway answers 429 Too Many Requests and
+            // the integration never runs.
+            let body = serde_json::json!({
+                "message": "Too Many Requests",
+                "connectionId": connection.id,
+                "requestId": request_id,
+            });
+            let _ = outbound.send(Message::text(body.to_string())).await;
+            continue;
+        }
         let reply = match shared.invoke(event).await {
             Ok(response) => route_response(response),
             Err(error) => {

@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::aws_like::{ReadOp, ReadTally, StoreBehaviour};
+use super::aws_like::{PartitionThroughput, ReadOp, ReadTally, StoreBehaviour};
 use super::limits;
 use super::{
     epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError,
@@ -133,7 +133,52 @@ struct State {
     reads: BTreeMap<ReadOp, ReadTally>,
     /// Appends that found the room's counter moved since they read it (AWS-like mode).
     collisions: u64,
+    /// Request units left in the room's partition of each table (AWS-like mode).
+    capacity: Capacity,
 }
+
+/// The room's partition in each table: units left, and when they were last topped up. Every
+/// item of the chat sits under the room's partition key, so the whole room shares them.
+#[derive(Debug, Default)]
+struct Capacity {
+    conn_write: Units,
+    conn_read: Units,
+    event_write: Units,
+    event_read: Units,
+}
+
+#[derive(Debug, Default)]
+struct Units {
+    /// `None` until first used: a partition starts with a full second's worth.
+    left: Option<(f64, Instant)>,
+}
+
+impl Units {
+    /// Tops up at `per_sec` (holding at most one second's worth) and says whether `need`
+    /// units are there.
+    fn has(&mut self, per_sec: f64, need: f64) -> bool {
+        let now = Instant::now();
+        let (left, at) = self.left.unwrap_or((per_sec, now));
+        let left = (left + now.duration_since(at).as_secs_f64() * per_sec).min(per_sec);
+        self.left = Some((left, now));
+        left >= need
+    }
+
+    /// Uses `units` (after [`Units::has`]; may go below zero for a read that turned out
+    /// bigger, which the next requests then wait out, as DynamoDB's own accounting does).
+    fn spend(&mut self, units: f64) {
+        if let Some((left, _)) = &mut self.left {
+            *left -= units;
+        }
+    }
+}
+
+/// DynamoDB's answer to a request over a partition's throughput, as the SDK surfaces it once
+/// its own retries are spent.
+pub const THROTTLED: &str = "ProvisionedThroughputExceededException";
+const THROTTLED_MESSAGE: &str = "The level of configured provisioned throughput for the table was exceeded. Consider increasing your provisioning level with the UpdateTable API.";
+/// Attempts the SDK makes (its standard retry mode) before it surfaces a throttle.
+const SDK_ATTEMPTS: u32 = 3;
 
 impl State {
     fn live_conn(&self, connection_id: &str, now_s: i64) -> Option<&ConnItem> {
@@ -527,6 +572,11 @@ impl EmbeddedStore {
 struct Calls {
     /// Strongly consistent GetItems before the write (the last one reads the counter).
     reads: u32,
+    /// Items of the connections table the write puts, updates, deletes or checks (all under
+    /// the room's partition key), each under 1 KB: a write unit each, two in a transaction.
+    conn_items: u32,
+    /// Whether the write is a `TransactWriteItems` (every unit counts twice).
+    transaction: bool,
     /// Whether the write appends an event, i.e. commits on the condition that the room's
     /// sequence counter has not moved since it was read.
     appends: bool,
@@ -534,36 +584,59 @@ struct Calls {
 
 const PUT_CONNECTION: Calls = Calls {
     reads: 0,
+    conn_items: 1,
+    transaction: false,
     appends: false,
 };
 /// Connection, claim, counter.
 const SET_NAME: Calls = Calls {
     reads: 3,
+    conn_items: 3,
+    transaction: true,
     appends: true,
 };
 /// Connection, counter.
 const POST_PUBLIC: Calls = Calls {
     reads: 2,
+    conn_items: 2,
+    transaction: true,
     appends: true,
 };
 /// Sender, recipient's claim, recipient, counter.
 const POST_PRIVATE: Calls = Calls {
     reads: 4,
+    conn_items: 3,
+    transaction: true,
     appends: true,
 };
 /// Connection, claim, counter.
 const REMOVE_CONNECTION: Calls = Calls {
     reads: 3,
+    conn_items: 3,
+    transaction: true,
     appends: true,
 };
 /// Connection, then a conditional UpdateItem.
 const TAKE_TOKEN: Calls = Calls {
     reads: 1,
+    conn_items: 1,
+    transaction: false,
     appends: false,
 };
 
+/// An event item's attributes besides its message, roughly (keys, type, ids, names, times).
+const EVENT_OVERHEAD: usize = 300;
+
 /// Gives up after this many collisions on the counter, as the DynamoDB adapter does.
 const MAX_ATTEMPTS: u32 = 40;
+
+/// The SDK's backoff between attempts of a throttled request: full jitter, doubling from 50 ms.
+async fn sdk_backoff(attempt: u32) {
+    use rand::Rng;
+    let cap_ms = 50u64 << attempt.min(8);
+    let ms = rand::rng().random_range(0..=cap_ms);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
 
 /// Jittered exponential backoff between attempts, the DynamoDB adapter's.
 async fn backoff(attempt: u32) {
@@ -580,21 +653,66 @@ impl EmbeddedStore {
     /// DynamoDB adapter's optimistic writers do: that is what caps one room's commit rate.
     async fn write<T>(
         &self,
+        op: &'static str,
         calls: Calls,
+        event_bytes: usize,
         mut f: impl FnMut(&mut State) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let b = self.behaviour;
-        if b.read_latency.is_zero() && b.write_latency.is_zero() && !b.contention {
+        if b.read_latency.is_zero()
+            && b.write_latency.is_zero()
+            && !b.contention
+            && b.partition.is_none()
+        {
             return f(&mut self.shared.lock());
         }
+        // Write units: one per KB per item, twice in a transaction; the event item is the
+        // only one that can pass 1 KB.
+        let factor = if calls.transaction { 2.0 } else { 1.0 };
+        let conn_units = factor * f64::from(calls.conn_items);
+        let event_units = if calls.appends {
+            factor * event_bytes.div_ceil(1024).max(1) as f64
+        } else {
+            0.0
+        };
         for attempt in 1..=MAX_ATTEMPTS {
             sleep(b.read_latency * calls.reads).await;
+            self.take_units(
+                op,
+                |c| &mut c.conn_read,
+                |p| p.read_units_per_sec,
+                f64::from(calls.reads),
+                true,
+            )
+            .await?;
             let seen = self.shared.lock().seq;
             sleep(b.write_latency).await;
+            self.take_units(
+                op,
+                |c| &mut c.conn_write,
+                |p| p.write_units_per_sec,
+                conn_units,
+                false,
+            )
+            .await?;
+            self.take_units(
+                op,
+                |c| &mut c.event_write,
+                |p| p.write_units_per_sec,
+                event_units,
+                false,
+            )
+            .await?;
             {
                 let mut state = self.shared.lock();
                 if !(b.contention && calls.appends) || state.seq == seen {
-                    return f(&mut state);
+                    let done = f(&mut state);
+                    // A write DynamoDB refuses before it starts (a limit) uses no units.
+                    if done.is_ok() && b.partition.is_some() {
+                        state.capacity.conn_write.spend(conn_units);
+                        state.capacity.event_write.spend(event_units);
+                    }
+                    return done;
                 }
                 state.collisions += 1;
             }
@@ -603,11 +721,102 @@ impl EmbeddedStore {
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
 
+    /// Waits for `need` units in one of the room's partitions (and takes them if `spend`),
+    /// retrying as the SDK does while they are short; a request still short after the SDK's
+    /// attempts fails with DynamoDB's throttling error. Nothing to do without a partition
+    /// limit or a need.
+    async fn take_units(
+        &self,
+        op: &'static str,
+        units: impl Fn(&mut Capacity) -> &mut Units,
+        rate: impl Fn(&PartitionThroughput) -> f64,
+        need: f64,
+        spend: bool,
+    ) -> Result<(), StoreError> {
+        let Some(partition) = self.behaviour.partition else {
+            return Ok(());
+        };
+        if need <= 0.0 {
+            return Ok(());
+        }
+        let per_sec = rate(&partition);
+        for attempt in 1..=SDK_ATTEMPTS {
+            {
+                let mut state = self.shared.lock();
+                let u = units(&mut state.capacity);
+                if u.has(per_sec, need.min(per_sec)) {
+                    if spend {
+                        u.spend(need);
+                    }
+                    return Ok(());
+                }
+            }
+            if attempt < SDK_ATTEMPTS {
+                sdk_backoff(attempt).await;
+            }
+        }
+        Err(StoreError::backend(
+            op,
+            limits::ServiceError::new(THROTTLED, THROTTLED_MESSAGE),
+        ))
+    }
+
     /// Takes one read call's time, then gives the state and the point in time the read sees:
     /// `None` for everything (a strongly consistent read, or ideal mode), else the moment
     /// before which writes are visible. The read is tallied either way.
-    async fn read(&self, op: ReadOp) -> (MutexGuard<'_, State>, Option<Instant>) {
+    /// Charges what a read of `bytes` cost beyond the units `read` already took.
+    fn charge_read(&self, state: &mut State, op: ReadOp, bytes: usize) {
+        if self.behaviour.partition.is_none() {
+            return;
+        }
+        // Served as the adapter asks; in ideal mode nothing is charged anyway.
+        let consistent = op.consistent_read() || !self.behaviour.lags();
+        let taken = if consistent { 1.0 } else { 0.5 };
+        let extra = read_units(bytes, consistent) - taken;
+        if extra > 0.0 {
+            match op {
+                ReadOp::QueryEvents | ReadOp::QueryNewestEvent => {
+                    state.capacity.event_read.spend(extra)
+                }
+                _ => state.capacity.conn_read.spend(extra),
+            }
+        }
+    }
+
+    async fn read(
+        &self,
+        op: ReadOp,
+    ) -> Result<(MutexGuard<'_, State>, Option<Instant>), StoreError> {
         sleep(self.behaviour.read_latency).await;
+        // At least one unit must be there (half of one for an eventually consistent read);
+        // what the read turns out to cost is charged after it by `charge_read`.
+        let need = if op.consistent_read() || !self.behaviour.lags() {
+            1.0
+        } else {
+            0.5
+        };
+        match op {
+            ReadOp::QueryEvents | ReadOp::QueryNewestEvent => {
+                self.take_units(
+                    op_name(op),
+                    |c| &mut c.event_read,
+                    |p| p.read_units_per_sec,
+                    need,
+                    true,
+                )
+                .await?
+            }
+            _ => {
+                self.take_units(
+                    op_name(op),
+                    |c| &mut c.conn_read,
+                    |p| p.read_units_per_sec,
+                    need,
+                    true,
+                )
+                .await?
+            }
+        }
         let eventual = !op.consistent_read() && self.behaviour.lags();
         let cutoff = eventual.then(|| {
             let now = Instant::now();
@@ -619,13 +828,42 @@ impl EmbeddedStore {
             Some(_) => tally.eventually_consistent += 1,
             None => tally.strongly_consistent += 1,
         }
-        (state, cutoff)
+        Ok((state, cutoff))
     }
 }
 
 async fn sleep(d: Duration) {
     if !d.is_zero() {
         tokio::time::sleep(d).await;
+    }
+}
+
+fn message_len(event: &ChatEvent) -> usize {
+    match event {
+        ChatEvent::MessagePosted { message, .. }
+        | ChatEvent::PrivateMessageSent { message, .. } => message.len(),
+        _ => 0,
+    }
+}
+
+fn op_name(op: ReadOp) -> &'static str {
+    match op {
+        ReadOp::GetConnection => "GetItem connection",
+        ReadOp::GetNameClaim => "GetItem name claim",
+        ReadOp::GetSequence => "GetItem sequence",
+        ReadOp::QueryMembers => "Query members",
+        ReadOp::QueryEvents => "Query events",
+        ReadOp::QueryNewestEvent => "Query newest event",
+    }
+}
+
+/// Read units of `bytes` read: one per 4 KB, half for an eventually consistent read.
+fn read_units(bytes: usize, consistent: bool) -> f64 {
+    let units = bytes.div_ceil(4096).max(1) as f64;
+    if consistent {
+        units
+    } else {
+        units / 2.0
     }
 }
 
@@ -643,7 +881,7 @@ impl ChatStore for EmbeddedStore {
     ) -> Result<Connection, StoreError> {
         let expires_at = epoch_secs(now_ms) + self.shared.retention.connection_ttl.as_secs() as i64;
         let sk = keys::conn_sk(connection_id);
-        self.write(PUT_CONNECTION, |state| {
+        self.write("PutItem connection", PUT_CONNECTION, 0, |state| {
             state.injected_failure("PutItem connection")?;
             limits::check_key(&self.shared.room_pk, &sk)
                 .map_err(|e| key_error(e, "PutItem connection"))?;
@@ -678,7 +916,7 @@ impl ChatStore for EmbeddedStore {
         let sk = keys::conn_sk(connection_id);
         limits::check_key(&self.shared.room_pk, &sk)
             .map_err(|e| key_error(e, "GetItem connection"))?;
-        let (state, cutoff) = self.read(ReadOp::GetConnection).await;
+        let (state, cutoff) = self.read(ReadOp::GetConnection).await?;
         Ok(state
             .conn_as_of(&sk, cutoff)
             .filter(|c| c.expires_at > epoch_secs(now_ms))
@@ -698,88 +936,95 @@ impl ChatStore for EmbeddedStore {
         now_ms: i64,
     ) -> Result<Option<StoredEvent>, StoreError> {
         let now_s = epoch_secs(now_ms);
-        self.write(SET_NAME, |state| {
-            state.injected_failure("TransactWriteItems setName")?;
-            let conn = state
-                .live_conn(connection_id, now_s)
-                .cloned()
-                .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-            let old = conn.name.clone();
-            if old.as_ref().map(|n| n.display.as_str()) == Some(name.display.as_str()) {
-                return Ok(None);
-            }
-            // The adapter reads the claim next: a claim key over DynamoDB's sort key limit is
-            // refused there.
-            limits::check_key(&self.shared.room_pk, &keys::name_sk(&name.key))
-                .map_err(|e| key_error(e, "GetItem name claim"))?;
-            // The claim condition: free, ours already, expired (its holder is gone), or held
-            // for the same identity — which takes it back, evicting its own older connection.
-            let mut evict = None;
-            if let Some(holder) = state.live_claim(&name.key, now_s) {
-                let mine = holder.connection_id.as_deref() == Some(connection_id);
-                let same_owner = conn.identity.is_some() && holder.identity == conn.identity;
-                if !mine && !same_owner {
-                    return Err(StoreError::NameTaken(name.display.clone()));
+        self.write(
+            "TransactWriteItems setName",
+            SET_NAME,
+            EVENT_OVERHEAD,
+            |state| {
+                state.injected_failure("TransactWriteItems setName")?;
+                let conn = state
+                    .live_conn(connection_id, now_s)
+                    .cloned()
+                    .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+                let old = conn.name.clone();
+                if old.as_ref().map(|n| n.display.as_str()) == Some(name.display.as_str()) {
+                    return Ok(None);
                 }
-                if !mine {
-                    evict = holder
-                        .connection_id
-                        .clone()
-                        .and_then(|old_id| state.connections.get(&keys::conn_sk(&old_id)).cloned())
-                        .filter(|old| old.name.as_ref().is_some_and(|n| n.key == name.key));
+                // The adapter reads the claim next: a claim key over DynamoDB's sort key limit is
+                // refused there.
+                limits::check_key(&self.shared.room_pk, &keys::name_sk(&name.key))
+                    .map_err(|e| key_error(e, "GetItem name claim"))?;
+                // The claim condition: free, ours already, expired (its holder is gone), or held
+                // for the same identity — which takes it back, evicting its own older connection.
+                let mut evict = None;
+                if let Some(holder) = state.live_claim(&name.key, now_s) {
+                    let mine = holder.connection_id.as_deref() == Some(connection_id);
+                    let same_owner = conn.identity.is_some() && holder.identity == conn.identity;
+                    if !mine && !same_owner {
+                        return Err(StoreError::NameTaken(name.display.clone()));
+                    }
+                    if !mine {
+                        evict = holder
+                            .connection_id
+                            .clone()
+                            .and_then(|old_id| {
+                                state.connections.get(&keys::conn_sk(&old_id)).cloned()
+                            })
+                            .filter(|old| old.name.as_ref().is_some_and(|n| n.key == name.key));
+                    }
                 }
-            }
-            let event = match &old {
-                None => ChatEvent::MemberJoined {
-                    connection_id: connection_id.to_owned(),
-                    name: name.display.clone(),
-                },
-                Some(old) => ChatEvent::MemberRenamed {
-                    connection_id: connection_id.to_owned(),
-                    old_name: old.display.clone(),
-                    name: name.display.clone(),
-                },
-            };
-            let evicted = match evict {
-                Some(old) => {
-                    let left = ChatEvent::MemberLeft {
-                        connection_id: old.connection_id.clone(),
-                        name: old.name.map(|n| n.display).unwrap_or_default(),
-                        reason: LeaveReason::Replaced,
-                    };
-                    Some((
-                        old.connection_id,
-                        self.shared.prepare(state.seq, left, now_ms)?,
-                    ))
+                let event = match &old {
+                    None => ChatEvent::MemberJoined {
+                        connection_id: connection_id.to_owned(),
+                        name: name.display.clone(),
+                    },
+                    Some(old) => ChatEvent::MemberRenamed {
+                        connection_id: connection_id.to_owned(),
+                        old_name: old.display.clone(),
+                        name: name.display.clone(),
+                    },
+                };
+                let evicted = match evict {
+                    Some(old) => {
+                        let left = ChatEvent::MemberLeft {
+                            connection_id: old.connection_id.clone(),
+                            name: old.name.map(|n| n.display).unwrap_or_default(),
+                            reason: LeaveReason::Replaced,
+                        };
+                        Some((
+                            old.connection_id,
+                            self.shared.prepare(state.seq, left, now_ms)?,
+                        ))
+                    }
+                    None => None,
+                };
+                let after = state.seq + u64::from(evicted.is_some());
+                let pending = self.shared.prepare(after, event, now_ms)?;
+                if let Some((old_id, left)) = evicted {
+                    state.put_conn(keys::conn_sk(&old_id), None);
+                    self.finish(state, left);
                 }
-                None => None,
-            };
-            let after = state.seq + u64::from(evicted.is_some());
-            let pending = self.shared.prepare(after, event, now_ms)?;
-            if let Some((old_id, left)) = evicted {
-                state.put_conn(keys::conn_sk(&old_id), None);
-                self.finish(state, left);
-            }
-            if let Some(old) = old.filter(|o| o.key != name.key) {
-                state.release(&old.key, connection_id, conn.identity.as_deref(), now_s);
-            }
-            state.claims.insert(
-                name.key.clone(),
-                Claim {
-                    connection_id: Some(connection_id.to_owned()),
-                    identity: conn.identity.clone(),
-                    name: name.display.clone(),
-                    expires_at: conn.expires_at,
-                },
-            );
-            let mut named = conn.clone();
-            named.name = Some(Named {
-                display: name.display.clone(),
-                key: name.key.clone(),
-            });
-            state.put_conn(keys::conn_sk(connection_id), Some(named));
-            Ok(Some(self.finish(state, pending)))
-        })
+                if let Some(old) = old.filter(|o| o.key != name.key) {
+                    state.release(&old.key, connection_id, conn.identity.as_deref(), now_s);
+                }
+                state.claims.insert(
+                    name.key.clone(),
+                    Claim {
+                        connection_id: Some(connection_id.to_owned()),
+                        identity: conn.identity.clone(),
+                        name: name.display.clone(),
+                        expires_at: conn.expires_at,
+                    },
+                );
+                let mut named = conn.clone();
+                named.name = Some(Named {
+                    display: name.display.clone(),
+                    key: name.key.clone(),
+                });
+                state.put_conn(keys::conn_sk(connection_id), Some(named));
+                Ok(Some(self.finish(state, pending)))
+            },
+        )
         .await
     }
 
@@ -789,20 +1034,26 @@ impl ChatStore for EmbeddedStore {
         message: &str,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        self.write(POST_PUBLIC, |state| {
-            state.injected_failure("TransactWriteItems sendPublic")?;
-            let conn = state
-                .live_conn(connection_id, epoch_secs(now_ms))
-                .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-            let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
-            let event = ChatEvent::MessagePosted {
-                connection_id: connection_id.to_owned(),
-                name: name.display.clone(),
-                message: message.to_owned(),
-            };
-            let pending = self.shared.prepare(state.seq, event, now_ms)?;
-            Ok(self.finish(state, pending))
-        })
+        let bytes = EVENT_OVERHEAD + message.len();
+        self.write(
+            "TransactWriteItems sendPublic",
+            POST_PUBLIC,
+            bytes,
+            |state| {
+                state.injected_failure("TransactWriteItems sendPublic")?;
+                let conn = state
+                    .live_conn(connection_id, epoch_secs(now_ms))
+                    .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+                let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
+                let event = ChatEvent::MessagePosted {
+                    connection_id: connection_id.to_owned(),
+                    name: name.display.clone(),
+                    message: message.to_owned(),
+                };
+                let pending = self.shared.prepare(state.seq, event, now_ms)?;
+                Ok(self.finish(state, pending))
+            },
+        )
         .await
     }
 
@@ -815,43 +1066,49 @@ impl ChatStore for EmbeddedStore {
     ) -> Result<StoredEvent, StoreError> {
         let now_s = epoch_secs(now_ms);
         let to_key = name_key(to.trim());
-        self.write(POST_PRIVATE, |state| {
-            state.injected_failure("TransactWriteItems sendPrivate")?;
-            let conn = state
-                .live_conn(connection_id, now_s)
-                .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-            let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
-            if name.key == to_key {
-                return Err(StoreError::SelfRecipient);
-            }
-            // The adapter reads the recipient's claim next: DynamoDB refuses a key that long.
-            limits::check_key(&self.shared.room_pk, &keys::name_sk(&to_key))
-                .map_err(|e| key_error(e, "GetItem name claim"))?;
-            let unknown = || StoreError::UnknownRecipient(to.to_owned());
-            let recipient = state.live_claim(&to_key, now_s).ok_or_else(unknown)?;
-            let to_conn = state
-                .live_conn(
-                    recipient.connection_id.as_deref().unwrap_or_default(),
-                    now_s,
-                )
-                .filter(|c| c.name.as_ref().is_some_and(|n| n.key == to_key))
-                .ok_or_else(unknown)?;
-            let event = ChatEvent::PrivateMessageSent {
-                connection_id: connection_id.to_owned(),
-                name: name.display.clone(),
-                to_connection_id: to_conn.connection_id.clone(),
-                to_name: to_conn
-                    .name
-                    .as_ref()
-                    .map(|n| n.display.clone())
-                    .unwrap_or_default(),
-                message: message.to_owned(),
-                identity: conn.identity.clone(),
-                to_identity: to_conn.identity.clone(),
-            };
-            let pending = self.shared.prepare(state.seq, event, now_ms)?;
-            Ok(self.finish(state, pending))
-        })
+        let bytes = EVENT_OVERHEAD + message.len();
+        self.write(
+            "TransactWriteItems sendPrivate",
+            POST_PRIVATE,
+            bytes,
+            |state| {
+                state.injected_failure("TransactWriteItems sendPrivate")?;
+                let conn = state
+                    .live_conn(connection_id, now_s)
+                    .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+                let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
+                if name.key == to_key {
+                    return Err(StoreError::SelfRecipient);
+                }
+                // The adapter reads the recipient's claim next: DynamoDB refuses a key that long.
+                limits::check_key(&self.shared.room_pk, &keys::name_sk(&to_key))
+                    .map_err(|e| key_error(e, "GetItem name claim"))?;
+                let unknown = || StoreError::UnknownRecipient(to.to_owned());
+                let recipient = state.live_claim(&to_key, now_s).ok_or_else(unknown)?;
+                let to_conn = state
+                    .live_conn(
+                        recipient.connection_id.as_deref().unwrap_or_default(),
+                        now_s,
+                    )
+                    .filter(|c| c.name.as_ref().is_some_and(|n| n.key == to_key))
+                    .ok_or_else(unknown)?;
+                let event = ChatEvent::PrivateMessageSent {
+                    connection_id: connection_id.to_owned(),
+                    name: name.display.clone(),
+                    to_connection_id: to_conn.connection_id.clone(),
+                    to_name: to_conn
+                        .name
+                        .as_ref()
+                        .map(|n| n.display.clone())
+                        .unwrap_or_default(),
+                    message: message.to_owned(),
+                    identity: conn.identity.clone(),
+                    to_identity: to_conn.identity.clone(),
+                };
+                let pending = self.shared.prepare(state.seq, event, now_ms)?;
+                Ok(self.finish(state, pending))
+            },
+        )
         .await
     }
 
@@ -862,31 +1119,36 @@ impl ChatStore for EmbeddedStore {
         now_ms: i64,
     ) -> Result<Option<StoredEvent>, StoreError> {
         let sk = keys::conn_sk(connection_id);
-        self.write(REMOVE_CONNECTION, |state| {
-            state.injected_failure("TransactWriteItems $disconnect")?;
-            // Expired connections are removed too: `$disconnect` for them is still real.
-            let Some(conn) = state.connections.get(&sk).cloned() else {
-                return Ok(None);
-            };
-            let Some(named) = conn.name else {
+        self.write(
+            "TransactWriteItems $disconnect",
+            REMOVE_CONNECTION,
+            EVENT_OVERHEAD,
+            |state| {
+                state.injected_failure("TransactWriteItems $disconnect")?;
+                // Expired connections are removed too: `$disconnect` for them is still real.
+                let Some(conn) = state.connections.get(&sk).cloned() else {
+                    return Ok(None);
+                };
+                let Some(named) = conn.name else {
+                    state.put_conn(sk.clone(), None);
+                    return Ok(None);
+                };
+                let event = ChatEvent::MemberLeft {
+                    connection_id: connection_id.to_owned(),
+                    name: named.display,
+                    reason,
+                };
+                let pending = self.shared.prepare(state.seq, event, now_ms)?;
                 state.put_conn(sk.clone(), None);
-                return Ok(None);
-            };
-            let event = ChatEvent::MemberLeft {
-                connection_id: connection_id.to_owned(),
-                name: named.display,
-                reason,
-            };
-            let pending = self.shared.prepare(state.seq, event, now_ms)?;
-            state.put_conn(sk.clone(), None);
-            state.release(
-                &named.key,
-                connection_id,
-                conn.identity.as_deref(),
-                epoch_secs(now_ms),
-            );
-            Ok(Some(self.finish(state, pending)))
-        })
+                state.release(
+                    &named.key,
+                    connection_id,
+                    conn.identity.as_deref(),
+                    epoch_secs(now_ms),
+                );
+                Ok(Some(self.finish(state, pending)))
+            },
+        )
         .await
     }
 
@@ -899,7 +1161,7 @@ impl ChatStore for EmbeddedStore {
         if limit.is_off() {
             return Ok(true);
         }
-        self.write(TAKE_TOKEN, |state| {
+        self.write("UpdateItem rate limit", TAKE_TOKEN, 0, |state| {
             let Some(conn) = state.connections.get_mut(&keys::conn_sk(connection_id)) else {
                 return Ok(true);
             };
@@ -920,7 +1182,7 @@ impl ChatStore for EmbeddedStore {
         now_ms: i64,
     ) -> Result<MembersPage, StoreError> {
         let now_s = epoch_secs(now_ms);
-        let (state, cutoff) = self.read(ReadOp::QueryMembers).await;
+        let (mut state, cutoff) = self.read(ReadOp::QueryMembers).await?;
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         // An eventually consistent query sees each item changed since the cutoff as it was
         // before its first change since then.
@@ -973,6 +1235,8 @@ impl ChatStore for EmbeddedStore {
             || self.page_limit.is_some_and(|limit| evaluated == limit)
             || bytes >= limits::QUERY_PAGE_MAX_BYTES;
         let next = if full { last.cloned() } else { None };
+        drop((current, previous));
+        self.charge_read(&mut state, ReadOp::QueryMembers, bytes);
         Ok(MembersPage { members, next })
     }
 
@@ -984,7 +1248,7 @@ impl ChatStore for EmbeddedStore {
     ) -> Result<EventsPage, StoreError> {
         let limit = limit.max(1);
         let now_s = epoch_secs(now_ms);
-        let (state, cutoff) = self.read(ReadOp::QueryEvents).await;
+        let (mut state, cutoff) = self.read(ReadOp::QueryEvents).await?;
         let visible = |item: &&StoredItem| {
             item.expires_at > now_s && cutoff.is_none_or(|c| item.committed <= c)
         };
@@ -1010,6 +1274,11 @@ impl ChatStore for EmbeddedStore {
                 .map(|item| item.event.clone())
                 .collect(),
         };
+        let bytes = events
+            .iter()
+            .map(|e| EVENT_OVERHEAD + message_len(&e.event))
+            .sum();
+        self.charge_read(&mut state, ReadOp::QueryEvents, bytes);
         // As DynamoDB with `Limit`: a full page carries a cursor even if nothing follows.
         let next = (events.len() == limit)
             .then(|| events.last().map(|e| e.seq))
