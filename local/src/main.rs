@@ -148,6 +148,35 @@ impl Args {
     }
 }
 
+/// One line saying what AWS-like mode emulates, with the figures in force.
+fn describe(a: &AwsLike) -> String {
+    let ms = |d: Duration| d.as_millis();
+    let rate = |t: Option<ThrottleLimit>| {
+        t.map_or("unlimited".to_owned(), |t| {
+            format!("{}/s (burst {})", t.per_second, t.burst)
+        })
+    };
+    let partition = a.store.partition.map_or("unlimited".to_owned(), |p| {
+        format!(
+            "{} WCU/s, {} RCU/s",
+            p.write_units_per_sec, p.read_units_per_sec
+        )
+    });
+    format!(
+        "AWS-like mode: store reads {} ms, writes {} ms, eventually consistent reads up to {} ms \
+         behind; @connections {} ms; stream polled every {} ms; requests {}; new connections {}; \
+         per partition key {}",
+        ms(a.store.read_latency),
+        ms(a.store.write_latency),
+        ms(a.store.eventual_max),
+        ms(a.management_latency),
+        ms(a.stream_poll_interval),
+        rate(a.account_throttle),
+        rate(a.connect_throttle),
+        partition
+    )
+}
+
 // jemalloc, not glibc's malloc: per delivery the fan-out spent about a quarter more CPU under
 // glibc, which also fragmented as broadcasts went on (README, Benchmarks).
 #[global_allocator]
@@ -220,7 +249,7 @@ async fn main() -> anyhow::Result<()> {
     };
     if let Some(aws_like) = &aws_like {
         aws_like.apply(&mut options);
-        eprintln!("AWS-like mode: {aws_like:?}");
+        eprintln!("{}", describe(aws_like));
     }
     let running = stack::start(options).await?;
     // The same shapes as the stack's Outputs on AWS; scripts and tests read these two lines.
