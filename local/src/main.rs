@@ -262,7 +262,10 @@ async fn main() -> anyhow::Result<()> {
         _ = terminate.recv() => {}
     }
     eprintln!("shutting down: closing connections and draining the stream…");
+    let meter = running.meter();
     let stopped = running.shutdown().await?;
+    // Every connection is closed by now: the bill is complete.
+    eprintln!("{}", meter.bill(0));
     if !stopped.drained {
         eprintln!("the stream was not drained in time: some frames were not delivered");
     }

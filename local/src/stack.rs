@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use crate::bill::{Bill, Function, Meter};
 use crate::esm::{self, EsmConfig, Mapping, MappingStats, StreamTarget};
 use crate::gateway::{self, Gateway, GatewayConfig, Integration};
 use crate::streams_api::StreamsApiSource;
@@ -75,6 +76,7 @@ impl Default for LocalOptions {
 struct HandlerIntegration {
     store: Arc<dyn ChatStore>,
     config: HandlerConfig,
+    meter: Arc<Meter>,
 }
 
 #[async_trait]
@@ -83,13 +85,17 @@ impl Integration for HandlerIntegration {
         &self,
         request: ApiGatewayWebsocketProxyRequest,
     ) -> Result<ApiGatewayProxyResponse, gateway::BoxError> {
-        Ok(handle_request(
+        let started = tokio::time::Instant::now();
+        let response = handle_request(
             self.store.as_ref(),
             &self.config,
             request,
             chat_shared::now_ms(),
         )
-        .await?)
+        .await;
+        self.meter
+            .invocation(Function::ApiHandler, started.elapsed());
+        Ok(response?)
     }
 }
 
@@ -101,12 +107,14 @@ struct FanoutTarget {
     store: Arc<dyn ChatStore>,
     api: ManagementApi,
     config: FanoutConfig,
+    meter: Arc<Meter>,
 }
 
 #[async_trait]
 impl StreamTarget for FanoutTarget {
     async fn invoke(&self, event: Event) -> Result<DynamoDbEventResponse, esm::BoxError> {
-        Ok(handle_stream_event(
+        let started = tokio::time::Instant::now();
+        let response = handle_stream_event(
             self.store.as_ref(),
             &self.api,
             &self.config,
@@ -115,7 +123,9 @@ impl StreamTarget for FanoutTarget {
             // As on AWS: the function's timeout (template.yaml: 60 s) bounds each invocation.
             Some(tokio::time::Instant::now() + FANOUT_TIMEOUT),
         )
-        .await)
+        .await;
+        self.meter.invocation(Function::Fanout, started.elapsed());
+        Ok(response)
     }
 }
 
@@ -146,6 +156,7 @@ pub struct RunningStack {
     gateway: tokio::task::JoinHandle<std::io::Result<()>>,
     mapping: Mapping,
     sweeper: Option<tokio::task::JoinHandle<()>>,
+    meter: Arc<Meter>,
 }
 
 /// Credentials for the local `@connections` endpoint, which does not verify signatures, and
@@ -314,11 +325,16 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
             }
         };
 
+    let meter = Arc::new(Meter::default());
+    if let StoreChoice::Embedded(embedded) = &options.store {
+        meter.meter_store(embedded.clone());
+    }
     let integration = Arc::new(HandlerIntegration {
         store: Arc::clone(&store),
         config: options.handler.clone(),
+        meter: Arc::clone(&meter),
     });
-    let gateway = Gateway::new(options.gateway.clone(), integration);
+    let gateway = Gateway::metered(options.gateway.clone(), integration, Arc::clone(&meter));
     let management = SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
@@ -330,6 +346,7 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
         store,
         api: ManagementApi::new(&management, &http_base),
         config: options.fanout.clone(),
+        meter: Arc::clone(&meter),
     });
     let mapping = Mapping::spawn(source, target, options.esm.clone());
     let (shutdown, on_shutdown) = oneshot::channel::<()>();
@@ -358,10 +375,21 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
         gateway_handle: gateway,
         mapping,
         sweeper,
+        meter,
     })
 }
 
 impl RunningStack {
+    /// What AWS would charge for the run so far (also at `GET /bill`).
+    pub fn bill(&self) -> Bill {
+        self.gateway_handle.bill()
+    }
+
+    /// The meter, to price the run after [`RunningStack::shutdown`] too.
+    pub fn meter(&self) -> Arc<Meter> {
+        Arc::clone(&self.meter)
+    }
+
     /// Closes every client (1001), runs their `$disconnect`s, then lets the fan-out deliver
     /// what is still in the stream before stopping.
     pub async fn shutdown(self) -> anyhow::Result<Shutdown> {

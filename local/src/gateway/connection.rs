@@ -178,6 +178,12 @@ pub(super) async fn run(parts: Parts) {
         reason = %ending.reason,
         "disconnected"
     );
+    let lived = events::now_ms() - connection.connected_at_ms;
+    shared
+        .meter
+        .connection_closed(std::time::Duration::from_millis(
+            u64::try_from(lived).unwrap_or(0),
+        ));
     if shared.config.drop_disconnect {
         return;
     }
@@ -387,6 +393,7 @@ async fn dispatch_loop(
             let _ = outbound.send(Message::text(body.to_string())).await;
             continue;
         }
+        shared.meter.message(frame.body.len());
         let reply = match shared.invoke(event).await {
             Ok(response) => route_response(response),
             Err(error) => {

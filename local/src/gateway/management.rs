@@ -119,8 +119,15 @@ pub(super) async fn post_to_connection(
     if let Message::Text(text) = &frame {
         tracing::debug!(%connection_id, body = %text, "@connections POST");
     }
+    let bytes = match &frame {
+        Message::Text(text) => text.len(),
+        other => other.len(),
+    };
     match outbound.try_send(frame) {
-        Ok(()) => Ok(with_request_id(StatusCode::OK.into_response())),
+        Ok(()) => {
+            shared.meter.message(bytes);
+            Ok(with_request_id(StatusCode::OK.into_response()))
+        }
         Err(TrySendError::Full(_)) => Err(ManagementError::LimitExceeded),
         Err(TrySendError::Closed(_)) => Err(ManagementError::Gone),
     }

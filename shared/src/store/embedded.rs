@@ -135,6 +135,26 @@ struct State {
     collisions: u64,
     /// Request units left in the room's partition of each table (AWS-like mode).
     capacity: Capacity,
+    /// Request units used, as DynamoDB on-demand would bill them.
+    consumed: Consumed,
+}
+
+/// DynamoDB request units an embedded store has used, by the DynamoDB adapter's calls for the
+/// same operations: a write unit per KB per item written or checked (twice in a transaction),
+/// a read unit per 4 KB read strongly consistent and half of one eventually consistent (as each
+/// read's `ConsistentRead` flag asks, whatever the mode). Conditional writes that fail are not
+/// counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Consumed {
+    /// Halves of read units, so eventually consistent reads count exactly.
+    pub read_half_units: u64,
+    pub write_units: u64,
+}
+
+impl Consumed {
+    pub fn read_units(&self) -> f64 {
+        self.read_half_units as f64 / 2.0
+    }
 }
 
 /// The room's partition in each table: units left, and when they were last topped up. Every
@@ -470,6 +490,11 @@ impl EmbeddedStore {
         self.shared.lock().reads.clone()
     }
 
+    /// The DynamoDB request units used so far (see [`Consumed`]).
+    pub fn consumed(&self) -> Consumed {
+        self.shared.lock().consumed
+    }
+
     /// How many times a writer found the room's sequence counter moved between its read and
     /// its commit, and had to try again (AWS-like mode only; DynamoDB cancels the
     /// transaction then).
@@ -659,13 +684,6 @@ impl EmbeddedStore {
         mut f: impl FnMut(&mut State) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let b = self.behaviour;
-        if b.read_latency.is_zero()
-            && b.write_latency.is_zero()
-            && !b.contention
-            && b.partition.is_none()
-        {
-            return f(&mut self.shared.lock());
-        }
         // Write units: one per KB per item, twice in a transaction; the event item is the
         // only one that can pass 1 KB.
         let factor = if calls.transaction { 2.0 } else { 1.0 };
@@ -675,6 +693,23 @@ impl EmbeddedStore {
         } else {
             0.0
         };
+        let meter = |state: &mut State, done: bool| {
+            // The adapter's GetItems are strongly consistent: a unit each.
+            state.consumed.read_half_units += 2 * u64::from(calls.reads);
+            if done {
+                state.consumed.write_units += (conn_units + event_units) as u64;
+            }
+        };
+        if b.read_latency.is_zero()
+            && b.write_latency.is_zero()
+            && !b.contention
+            && b.partition.is_none()
+        {
+            let mut state = self.shared.lock();
+            let done = f(&mut state);
+            meter(&mut state, done.is_ok());
+            return done;
+        }
         for attempt in 1..=MAX_ATTEMPTS {
             sleep(b.read_latency * calls.reads).await;
             self.take_units(
@@ -707,6 +742,7 @@ impl EmbeddedStore {
                 let mut state = self.shared.lock();
                 if !(b.contention && calls.appends) || state.seq == seen {
                     let done = f(&mut state);
+                    meter(&mut state, done.is_ok());
                     // A write DynamoDB refuses before it starts (a limit) uses no units.
                     if done.is_ok() && b.partition.is_some() {
                         state.capacity.conn_write.spend(conn_units);
@@ -764,8 +800,15 @@ impl EmbeddedStore {
     /// Takes one read call's time, then gives the state and the point in time the read sees:
     /// `None` for everything (a strongly consistent read, or ideal mode), else the moment
     /// before which writes are visible. The read is tallied either way.
-    /// Charges what a read of `bytes` cost beyond the units `read` already took.
+    /// Meters a read of `bytes`, billed as the adapter asks for it, and charges the
+    /// partition what it cost beyond the units `read` already took.
     fn charge_read(&self, state: &mut State, op: ReadOp, bytes: usize) {
+        let units = bytes.div_ceil(4096).max(1) as u64;
+        state.consumed.read_half_units += if op.consistent_read() {
+            2 * units
+        } else {
+            units
+        };
         if self.behaviour.partition.is_none() {
             return;
         }
@@ -916,9 +959,10 @@ impl ChatStore for EmbeddedStore {
         let sk = keys::conn_sk(connection_id);
         limits::check_key(&self.shared.room_pk, &sk)
             .map_err(|e| key_error(e, "GetItem connection"))?;
-        let (state, cutoff) = self.read(ReadOp::GetConnection).await?;
-        Ok(state
-            .conn_as_of(&sk, cutoff)
+        let (mut state, cutoff) = self.read(ReadOp::GetConnection).await?;
+        let item = state.conn_as_of(&sk, cutoff);
+        let bytes = item.map_or(0, |c| conn_item_size(&self.shared.room_pk, &sk, c));
+        let found = item
             .filter(|c| c.expires_at > epoch_secs(now_ms))
             .map(|c| Connection {
                 connection_id: c.connection_id.clone(),
@@ -926,7 +970,9 @@ impl ChatStore for EmbeddedStore {
                 expires_at: c.expires_at,
                 name: c.name.as_ref().map(|n| n.display.clone()),
                 identity: c.identity.clone(),
-            }))
+            });
+        self.charge_read(&mut state, ReadOp::GetConnection, bytes);
+        Ok(found)
     }
 
     async fn set_name(
