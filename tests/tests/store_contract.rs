@@ -1341,9 +1341,9 @@ fn lagging(lag: Duration) -> EmbeddedStore {
 
 #[tokio::test]
 async fn embedded_aws_like_member_query_is_as_consistent_as_the_dynamodb_adapter_asks() {
-    // GIVEN an AWS-like store whose eventually consistent reads lag 1 s, and alice who joined
+    // GIVEN an AWS-like store whose eventually consistent reads lag 2 s, and alice who joined
     // longer ago than that
-    let lag = Duration::from_secs(1);
+    let lag = Duration::from_secs(2);
     let store = lagging(lag);
     let now = chat_shared::now_ms();
     join(&store, "a", "alice", now).await;
@@ -1388,9 +1388,9 @@ async fn embedded_aws_like_member_query_is_as_consistent_as_the_dynamodb_adapter
 
 #[tokio::test]
 async fn embedded_aws_like_eventually_consistent_reads_miss_only_writes_younger_than_the_lag() {
-    // GIVEN an AWS-like store lagging 1 s: alice joined, then left, more than 1 s ago; carol
+    // GIVEN an AWS-like store lagging 2 s: alice joined, then left, more than 2 s ago; carol
     // joined; then, within the lag, bob joins, carol renames herself and dave connects
-    let lag = Duration::from_secs(1);
+    let lag = Duration::from_secs(2);
     let store = lagging(lag);
     let now = chat_shared::now_ms();
     join(&store, "a", "alice", now).await;
@@ -1414,7 +1414,7 @@ async fn embedded_aws_like_eventually_consistent_reads_miss_only_writes_younger_
     // WHEN the member query reads, eventually consistent
     let members = all_members(&store, now).await;
 
-    // THEN it sees the state of 1 s ago exactly: carol by her old name, no bob, no alice
+    // THEN it sees the state of 2 s ago exactly: carol by her old name, no bob, no alice
     // (whatever the const table says, this page is read eventually consistent only if the
     // adapter reads it so)
     let names: Vec<String> = members.into_iter().map(|m| m.name).collect();
@@ -1476,13 +1476,14 @@ async fn embedded_aws_like_concurrent_appends_collide_on_the_room_counter() {
 
 #[tokio::test]
 async fn embedded_aws_like_a_hot_partition_is_throttled_as_dynamodb_throttles_it() {
-    // GIVEN an AWS-like store (no latency) whose partitions take 6 write units a second, and
-    // alice's join, a transaction of 3 connection-table items: 6 units, the second's worth
+    // GIVEN an AWS-like store (no latency) whose partitions take 7 write units a second, and
+    // alice's connection (a PutItem: 1 unit) and join (a transaction of 3 connection-table
+    // items: 6 units), the second's worth
     let store = EmbeddedStore::new(Retention::default()).with_behaviour(StoreBehaviour {
         read_latency: Duration::ZERO,
         write_latency: Duration::ZERO,
         partition: Some(PartitionThroughput {
-            write_units_per_sec: 6.0,
+            write_units_per_sec: 7.0,
             read_units_per_sec: 3_000.0,
         }),
         ..StoreBehaviour::aws_like()
@@ -1496,7 +1497,7 @@ async fn embedded_aws_like_a_hot_partition_is_throttled_as_dynamodb_throttles_it
     let later = store.post_public("a", "later", now).await;
 
     // THEN the first post is refused as the SDK reports DynamoDB's throttling once its own
-    // retries are spent (they wait well under the 0.7 s the units take to come back), and
+    // retries are spent (they wait at most 0.3 s, the 4 units take 0.57 s to come back), and
     // nothing of it was written; a second later the partition has the units again
     let e = throttled.expect_err("throttled");
     let (code, message) = aws_error(&e);
