@@ -1507,3 +1507,43 @@ async fn embedded_aws_like_a_hot_partition_is_throttled_as_dynamodb_throttles_it
     assert_eq!(later.seq, joined.seq + 1);
     assert_eq!(store.events().len(), 2);
 }
+
+#[tokio::test]
+async fn embedded_a_member_page_ends_at_1_mb_read_as_a_query_page_does() {
+    // GIVEN 600 members whose connection items are over 2 KB each (a long identity), and no
+    // item-count limit below them: 1.2 MB of connection items
+    let store = EmbeddedStore::new(Retention::default()).with_page_limit(10_000);
+    let now = chat_shared::now_ms();
+    let identity = "i".repeat(2_000);
+    for i in 0..600 {
+        let id = format!("c{i:03}");
+        store
+            .add_identified_connection(&id, Some(&format!("{identity}{i}")), now)
+            .await
+            .expect("connect");
+        store
+            .set_name(&id, &name(&format!("member{i}")), now)
+            .await
+            .expect("join");
+    }
+
+    // WHEN the members are read page by page
+    let first = store.members_page(None, now).await.expect("page");
+    let mut all = first.members.clone();
+    let mut after = first.next.clone();
+    while let Some(cursor) = after {
+        let page = store.members_page(Some(&cursor), now).await.expect("page");
+        all.extend(page.members);
+        after = page.next;
+    }
+
+    // THEN the first page stopped at 1 MB read (under 600 members, with a cursor), and the
+    // pages together list everyone once
+    let per_item = 2_000;
+    assert!(first.members.len() < 600, "{}", first.members.len());
+    assert!(first.members.len() >= limits::QUERY_PAGE_MAX_BYTES / (per_item + 200));
+    assert!(first.next.is_some());
+    assert_eq!(all.len(), 600);
+    let ids: BTreeSet<&str> = all.iter().map(|m| m.connection_id.as_str()).collect();
+    assert_eq!(ids.len(), 600);
+}
