@@ -29,6 +29,7 @@ use crate::progress;
 use crate::stack::{self, Stack, StackSettings};
 use crate::stats::{median, ms, Latency};
 use crate::sys::{self, mono_ns, FdLimit};
+use chat_local::aws_like::AwsLike;
 
 /// How long to wait after a measurement's last expected receipt for late duplicates.
 const LINGER: Duration = Duration::from_millis(200);
@@ -59,6 +60,13 @@ pub struct FanoutOptions {
     /// Upper bound on each wait (joins accepted, a message everywhere, the stack settling).
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
+    /// Run the stack in AWS-like mode (chat-local --aws-like with its default figures; a
+    /// non-zero --latency-ms replaces its 20 ms `@connections` round trip). The room's
+    /// per-partition write limit is left off: the clients all join at once, and a few hundred
+    /// joins in the same second overrun one partition's 1,000 write units (as they would on
+    /// DynamoDB) before anything is measured.
+    #[arg(long)]
+    pub aws_like: bool,
 }
 
 impl Default for FanoutOptions {
@@ -71,6 +79,7 @@ impl Default for FanoutOptions {
             rounds: 1,
             json: false,
             timeout_secs: 600,
+            aws_like: false,
         }
     }
 }
@@ -167,7 +176,10 @@ pub struct FanoutReport {
     pub live: usize,
     pub vanished: usize,
     pub concurrency: usize,
+    /// The `@connections` round trip the gateway added.
     pub latency_ms: u64,
+    /// `ideal` or `aws-like` (chat-local's modes).
+    pub mode: &'static str,
     pub rounds: usize,
     pub raw: Summary,
     pub fanout: Summary,
@@ -216,10 +228,20 @@ pub async fn run(opts: &FanoutOptions, exe: &Path) -> anyhow::Result<FanoutRepor
     sys::memory();
 
     let setup = Instant::now();
+    let aws_like = opts.aws_like.then(|| {
+        let mut aws_like = AwsLike::default();
+        aws_like.store.partition = None;
+        if opts.latency_ms > 0 {
+            aws_like.management_latency = Duration::from_millis(opts.latency_ms);
+        }
+        aws_like
+    });
+    let latency_ms = aws_like.map_or(opts.latency_ms, |a| a.management_latency.as_millis() as u64);
     let stack = Stack::start(&StackSettings {
         management_latency: Duration::from_millis(opts.latency_ms),
         drop_disconnect: true,
         concurrency: opts.concurrency,
+        aws_like,
     })
     .await?;
     let endpoint = stack.management_endpoint();
@@ -358,7 +380,8 @@ pub async fn run(opts: &FanoutOptions, exe: &Path) -> anyhow::Result<FanoutRepor
         live: live_ids.len(),
         vanished: vanished.len(),
         concurrency: opts.concurrency,
-        latency_ms: opts.latency_ms,
+        latency_ms,
+        mode: if opts.aws_like { "aws-like" } else { "ideal" },
         rounds: opts.rounds,
         raw,
         fanout,
@@ -588,7 +611,8 @@ async fn check_pruned(
 /// The report for people.
 pub fn print(report: &FanoutReport) {
     println!(
-        "chat-bench fanout: N={} live={} vanished={} concurrency={} latency={}ms rounds={} (setup {:.1}s)",
+        "chat-bench fanout: mode={} N={} live={} vanished={} concurrency={} latency={}ms rounds={} (setup {:.1}s)",
+        report.mode,
         report.clients,
         report.live,
         report.vanished,

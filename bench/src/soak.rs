@@ -116,6 +116,7 @@ pub async fn run(opts: &SoakOptions, exe: &Path) -> anyhow::Result<SoakReport> {
         management_latency: Duration::ZERO,
         drop_disconnect: false,
         concurrency: opts.concurrency,
+        aws_like: None,
     })
     .await?;
     progress(format_args!(

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use chat_local::aws_like::AwsLike;
 use chat_local::esm::EsmConfig;
 use chat_local::gateway::GatewayConfig;
 use chat_local::stack::{self, LocalOptions, RunningStack, StoreChoice};
@@ -21,6 +22,8 @@ pub struct StackSettings {
     pub drop_disconnect: bool,
     /// The fan-out's `@connections` calls in flight.
     pub concurrency: usize,
+    /// Run the stack in AWS-like mode (its `management_latency` then replaces the one above).
+    pub aws_like: Option<AwsLike>,
 }
 
 /// A running stack on an ephemeral loopback port, with a handle on its embedded store.
@@ -32,7 +35,7 @@ pub struct Stack {
 impl Stack {
     pub async fn start(settings: &StackSettings) -> anyhow::Result<Stack> {
         let store = EmbeddedStore::new(Retention::default());
-        let options = LocalOptions {
+        let mut options = LocalOptions {
             host: "127.0.0.1".into(),
             port: 0,
             store: StoreChoice::Embedded(store.clone()),
@@ -57,6 +60,9 @@ impl Stack {
             esm: EsmConfig::default(),
             ..LocalOptions::default()
         };
+        if let Some(aws_like) = &settings.aws_like {
+            aws_like.apply(&mut options);
+        }
         let running = stack::start(options)
             .await
             .context("starting the local stack")?;

@@ -53,3 +53,33 @@ async fn every_live_client_gets_each_frame_once_and_vanished_ones_are_pruned() {
     assert!(report.peak_memory_kib > 0);
     assert!(report.ok);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_like_mode_measures_the_same_deliveries_with_aws_latencies() {
+    // GIVEN 60 clients in an AWS-like stack (store latency, eventual consistency, 20 ms
+    // @connections round trips, the stream's polling delay), 10 % of which vanish
+    let opts = FanoutOptions {
+        clients: 60,
+        gone_pct: 10.0,
+        timeout_secs: 120,
+        aws_like: true,
+        ..FanoutOptions::default()
+    };
+
+    // WHEN the three measurements run
+    let report = fanout::run(&opts, Path::new(env!("CARGO_BIN_EXE_chat-bench")))
+        .await
+        .expect("the benchmark runs");
+
+    // THEN the report says which mode it measured, and every live client still received each
+    // frame exactly once, the vanished ones pruned
+    assert_eq!(report.mode, "aws-like");
+    assert_eq!(report.latency_ms, 20);
+    assert_eq!((report.live, report.vanished), (54, 6));
+    for d in &report.measurements {
+        assert_eq!((d.received, d.missing, d.duplicates), (54, 0, 0), "{d:?}");
+    }
+    let prune = report.prune.as_ref().expect("a prune check");
+    assert_eq!((prune.still_members, prune.live_missing), (0, 0));
+    assert!(report.ok);
+}

@@ -36,6 +36,11 @@ pub struct EsmConfig {
     pub batch_size: usize,
     /// How long one poll waits for records; Lambda polls a shard about four times a second.
     pub poll_wait: Duration,
+    /// AWS-like mode: the pause after a poll that found nothing, as Lambda's poller takes
+    /// between `GetRecords` calls on an idle shard (about 250 ms: four polls a second), so a
+    /// record waits for the next poll instead of waking the mapping at once. Zero (ideal): a
+    /// poll waits up to `poll_wait` and returns the moment a record arrives.
+    pub poll_interval: Duration,
     /// `MaximumRetryAttempts` (template.yaml: 5).
     pub max_retry_attempts: u32,
     /// Pause before retrying a failed batch (doubles per attempt, capped at 5 s).
@@ -47,6 +52,7 @@ impl Default for EsmConfig {
         EsmConfig {
             batch_size: 100,
             poll_wait: Duration::from_millis(250),
+            poll_interval: Duration::ZERO,
             max_retry_attempts: 5,
             retry_backoff: Duration::from_millis(200),
         }
@@ -131,7 +137,12 @@ pub async fn run(
     let mut attempts: u32 = 0;
     loop {
         let stopping = *stop.borrow();
-        let batch = match source.poll(config.batch_size, config.poll_wait).await {
+        let wait = if config.poll_interval.is_zero() {
+            config.poll_wait
+        } else {
+            Duration::ZERO
+        };
+        let batch = match source.poll(config.batch_size, wait).await {
             Ok(batch) => batch,
             Err(e) => {
                 warn!(error = %e, cause = ?std::error::Error::source(&e), "polling the stream failed; retrying");
@@ -144,6 +155,9 @@ pub async fn run(
         if batch.is_empty() {
             if stopping {
                 return stats;
+            }
+            if !config.poll_interval.is_zero() {
+                wait_or_stop(&mut stop, config.poll_interval).await;
             }
             continue;
         }

@@ -20,7 +20,13 @@
 mod connection;
 mod events;
 mod management;
+mod throttle;
 mod upgrade;
+
+use throttle::Bucket;
+pub use throttle::ThrottleLimit;
+
+use crate::bill::Meter;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -73,6 +79,12 @@ pub struct GatewayConfig {
     /// Benchmark knob: a delay added to every `@connections` call before it is answered, to
     /// model the round trip to AWS from a Lambda (a few to tens of ms).
     pub management_latency: Duration,
+    /// AWS-like: the account's request throttle, shared by inbound messages (throttled ones
+    /// are answered `Too Many Requests` without invoking the integration) and `@connections`
+    /// calls (429 `LimitExceededException`). `None`: unlimited.
+    pub account_throttle: Option<ThrottleLimit>,
+    /// AWS-like: new connections per second; a handshake over it is refused with 429.
+    pub connect_throttle: Option<ThrottleLimit>,
 }
 
 impl Default for GatewayConfig {
@@ -90,6 +102,8 @@ impl Default for GatewayConfig {
             send_buffer: 1024,
             drop_disconnect: false,
             management_latency: Duration::ZERO,
+            account_throttle: None,
+            connect_throttle: None,
         }
     }
 }
@@ -103,8 +117,21 @@ pub struct Gateway {
 impl Gateway {
     /// A gateway that invokes `integration` for every route.
     pub fn new(config: GatewayConfig, integration: Arc<dyn Integration>) -> Self {
+        Self::metered(config, integration, Arc::default())
+    }
+
+    /// [`Gateway::new`] that meters its messages and connection minutes into `meter`, which
+    /// `GET /bill` then prices.
+    pub fn metered(
+        config: GatewayConfig,
+        integration: Arc<dyn Integration>,
+        meter: Arc<Meter>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
+                meter,
+                account: config.account_throttle.map(Bucket::new),
+                connects: config.connect_throttle.map(Bucket::new),
                 config,
                 integration,
                 registry: Registry::default(),
@@ -154,6 +181,7 @@ impl Gateway {
                     .post(management::post_to_connection)
                     .delete(management::delete_connection),
             )
+            .route("/bill", get(bill))
             .fallback(management::forbidden)
             .with_state(Arc::clone(&shared));
         if let Ok(addr) = listener.local_addr() {
@@ -195,9 +223,21 @@ impl Gateway {
     }
 
     /// Number of open connections (for tests and logs).
+    /// What AWS would charge for the run so far (see [`crate::bill`]).
+    pub fn bill(&self) -> crate::bill::Bill {
+        self.shared.bill()
+    }
+
     pub fn connection_count(&self) -> usize {
         self.shared.registry.lock().len()
     }
+}
+
+/// `GET /bill`: what AWS would charge for the run so far, as JSON.
+async fn bill(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+) -> axum::Json<crate::bill::Bill> {
+    axum::Json(shared.bill())
 }
 
 /// State shared by the HTTP handlers and the connection tasks.
@@ -209,9 +249,36 @@ struct Shared {
     shutdown: watch::Sender<bool>,
     /// Number of live connection tasks, so `serve` can wait for their `$disconnect`s.
     tasks: watch::Sender<usize>,
+    /// What AWS would bill: messages and connection minutes are metered here.
+    meter: Arc<Meter>,
+    /// The account's request bucket and the new-connection bucket, when throttling.
+    account: Option<Bucket>,
+    connects: Option<Bucket>,
 }
 
 impl Shared {
+    /// The bill so far, the open connections' minutes included.
+    fn bill(&self) -> crate::bill::Bill {
+        let now = events::now_ms();
+        let open_ms: i64 = self
+            .registry
+            .lock()
+            .values()
+            .map(|entry| (now - entry.connected_at_ms).max(0))
+            .sum();
+        self.meter.bill(u64::try_from(open_ms).unwrap_or(0))
+    }
+
+    /// Takes a token from the account's request bucket: `false` when throttled.
+    fn admit_request(&self) -> bool {
+        self.account.as_ref().is_none_or(Bucket::take)
+    }
+
+    /// Takes a token from the new-connection bucket: `false` when throttled.
+    fn admit_connection(&self) -> bool {
+        self.connects.as_ref().is_none_or(Bucket::take)
+    }
+
     /// Resolves when no connection task is running.
     async fn connections_finished(&self) {
         let mut tasks = self.tasks.subscribe();

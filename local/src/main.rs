@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use chat_local::aws_like::AwsLike;
 use chat_local::esm::EsmConfig;
-use chat_local::gateway::GatewayConfig;
+use chat_local::gateway::{GatewayConfig, ThrottleLimit};
 use chat_local::stack::{self, LocalOptions, StoreChoice};
 use chat_shared::auth::Authenticator;
 use chat_shared::config::{
@@ -13,6 +14,7 @@ use chat_shared::config::{
 };
 use chat_shared::pacing::{Pacer, DEFAULT_MAX_RPS};
 use chat_shared::ratelimit::{RateLimit, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND};
+use chat_shared::store::aws_like::{PartitionThroughput, StoreBehaviour};
 use chat_shared::validation::DEFAULT_MAX_MESSAGE_BYTES;
 use clap::Parser;
 
@@ -83,6 +85,101 @@ struct Args {
     /// Never run $disconnect (models AWS losing it; stale connections are then pruned on 410).
     #[arg(long, hide = true)]
     drop_disconnect: bool,
+    /// Behave like AWS where it hurts: store latency, eventually consistent reads, counter
+    /// contention, `@connections` round trips and the stream's polling delay (README, "AWS-like
+    /// mode"). The knobs below tune it. Without it everything is instant and consistent.
+    #[arg(long)]
+    aws_like: bool,
+    /// AWS-like: time of one store read (GetItem, one Query page).
+    #[arg(long, default_value_t = 5, value_name = "MS", requires = "aws_like")]
+    store_read_latency_ms: u64,
+    /// AWS-like: time of one store write or transaction.
+    #[arg(long, default_value_t = 10, value_name = "MS", requires = "aws_like")]
+    store_write_latency_ms: u64,
+    /// AWS-like: an eventually consistent read misses writes younger than a window drawn
+    /// from 0 to this, per read (0: reads are all consistent).
+    #[arg(long, default_value_t = 300, value_name = "MS", requires = "aws_like")]
+    eventual_consistency_max_ms: u64,
+    /// AWS-like: round trip of one `@connections` call.
+    #[arg(long, default_value_t = 20, value_name = "MS", requires = "aws_like")]
+    connections_latency_ms: u64,
+    /// AWS-like: the stream poller's pause between polls of an idle shard.
+    #[arg(long, default_value_t = 250, value_name = "MS", requires = "aws_like")]
+    stream_poll_interval_ms: u64,
+    /// AWS-like: the account's requests per second, shared by inbound messages and
+    /// `@connections` calls (0: unlimited).
+    #[arg(long, default_value_t = 10_000, requires = "aws_like")]
+    account_requests_per_second: u32,
+    /// AWS-like: the account's request burst.
+    #[arg(long, default_value_t = 5_000, requires = "aws_like")]
+    account_request_burst: u32,
+    /// AWS-like: new connections per second (0: unlimited).
+    #[arg(long, default_value_t = 500, requires = "aws_like")]
+    new_connections_per_second: u32,
+    /// AWS-like: write units per second one partition key takes (0: unlimited).
+    #[arg(long, default_value_t = 1_000, requires = "aws_like")]
+    partition_write_units: u32,
+    /// AWS-like: read units per second one partition key takes.
+    #[arg(long, default_value_t = 3_000, requires = "aws_like")]
+    partition_read_units: u32,
+}
+
+impl Args {
+    /// The AWS-like figures, if `--aws-like` is on.
+    fn aws_like(&self) -> Option<AwsLike> {
+        let ms = Duration::from_millis;
+        self.aws_like.then(|| AwsLike {
+            store: StoreBehaviour {
+                read_latency: ms(self.store_read_latency_ms),
+                write_latency: ms(self.store_write_latency_ms),
+                eventual_max: ms(self.eventual_consistency_max_ms),
+                partition: (self.partition_write_units > 0).then(|| PartitionThroughput {
+                    write_units_per_sec: f64::from(self.partition_write_units),
+                    read_units_per_sec: f64::from(self.partition_read_units.max(1)),
+                }),
+                ..StoreBehaviour::aws_like()
+            },
+            management_latency: ms(self.connections_latency_ms),
+            stream_poll_interval: ms(self.stream_poll_interval_ms),
+            account_throttle: (self.account_requests_per_second > 0).then(|| ThrottleLimit {
+                per_second: f64::from(self.account_requests_per_second),
+                burst: f64::from(self.account_request_burst.max(1)),
+            }),
+            connect_throttle: (self.new_connections_per_second > 0).then(|| ThrottleLimit {
+                per_second: f64::from(self.new_connections_per_second),
+                burst: f64::from(self.new_connections_per_second),
+            }),
+        })
+    }
+}
+
+/// One line saying what AWS-like mode emulates, with the figures in force.
+fn describe(a: &AwsLike) -> String {
+    let ms = |d: Duration| d.as_millis();
+    let rate = |t: Option<ThrottleLimit>| {
+        t.map_or("unlimited".to_owned(), |t| {
+            format!("{}/s (burst {})", t.per_second, t.burst)
+        })
+    };
+    let partition = a.store.partition.map_or("unlimited".to_owned(), |p| {
+        format!(
+            "{} WCU/s, {} RCU/s",
+            p.write_units_per_sec, p.read_units_per_sec
+        )
+    });
+    format!(
+        "AWS-like mode: store reads {} ms, writes {} ms, eventually consistent reads up to {} ms \
+         behind; @connections {} ms; stream polled every {} ms; requests {}; new connections {}; \
+         per partition key {}",
+        ms(a.store.read_latency),
+        ms(a.store.write_latency),
+        ms(a.store.eventual_max),
+        ms(a.management_latency),
+        ms(a.stream_poll_interval),
+        rate(a.account_throttle),
+        rate(a.connect_throttle),
+        partition
+    )
 }
 
 // jemalloc, not glibc's malloc: per delivery the fan-out spent about a quarter more CPU under
@@ -121,7 +218,8 @@ async fn main() -> anyhow::Result<()> {
         args.rate_limit_per_second == 0 || args.rate_limit_burst > 0,
         "--rate-limit-burst must be at least 1 when the rate limit is on"
     );
-    let options = LocalOptions {
+    let aws_like = args.aws_like();
+    let mut options = LocalOptions {
         host: args.host,
         port: args.port,
         store,
@@ -155,6 +253,10 @@ async fn main() -> anyhow::Result<()> {
             ..EsmConfig::default()
         },
     };
+    if let Some(aws_like) = &aws_like {
+        aws_like.apply(&mut options);
+        eprintln!("{}", describe(aws_like));
+    }
     let running = stack::start(options).await?;
     // The same shapes as the stack's Outputs on AWS; scripts and tests read these two lines.
     println!("WebSocket URL: {}", running.websocket_url);
@@ -166,7 +268,10 @@ async fn main() -> anyhow::Result<()> {
         _ = terminate.recv() => {}
     }
     eprintln!("shutting down: closing connections and draining the stream…");
+    let meter = running.meter();
     let stopped = running.shutdown().await?;
+    // Every connection is closed by now: the bill is complete.
+    eprintln!("{}", meter.bill(0));
     if !stopped.drained {
         eprintln!("the stream was not drained in time: some frames were not delivered");
     }

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use crate::bill::{Bill, Function, Meter};
 use crate::esm::{self, EsmConfig, Mapping, MappingStats, StreamTarget};
 use crate::gateway::{self, Gateway, GatewayConfig, Integration};
 use crate::streams_api::StreamsApiSource;
@@ -75,6 +76,7 @@ impl Default for LocalOptions {
 struct HandlerIntegration {
     store: Arc<dyn ChatStore>,
     config: HandlerConfig,
+    meter: Arc<Meter>,
 }
 
 #[async_trait]
@@ -83,13 +85,17 @@ impl Integration for HandlerIntegration {
         &self,
         request: ApiGatewayWebsocketProxyRequest,
     ) -> Result<ApiGatewayProxyResponse, gateway::BoxError> {
-        Ok(handle_request(
+        let started = tokio::time::Instant::now();
+        let response = handle_request(
             self.store.as_ref(),
             &self.config,
             request,
             chat_shared::now_ms(),
         )
-        .await?)
+        .await;
+        self.meter
+            .invocation(Function::ApiHandler, started.elapsed());
+        Ok(response?)
     }
 }
 
@@ -101,12 +107,14 @@ struct FanoutTarget {
     store: Arc<dyn ChatStore>,
     api: ManagementApi,
     config: FanoutConfig,
+    meter: Arc<Meter>,
 }
 
 #[async_trait]
 impl StreamTarget for FanoutTarget {
     async fn invoke(&self, event: Event) -> Result<DynamoDbEventResponse, esm::BoxError> {
-        Ok(handle_stream_event(
+        let started = tokio::time::Instant::now();
+        let response = handle_stream_event(
             self.store.as_ref(),
             &self.api,
             &self.config,
@@ -115,7 +123,9 @@ impl StreamTarget for FanoutTarget {
             // As on AWS: the function's timeout (template.yaml: 60 s) bounds each invocation.
             Some(tokio::time::Instant::now() + FANOUT_TIMEOUT),
         )
-        .await)
+        .await;
+        self.meter.invocation(Function::Fanout, started.elapsed());
+        Ok(response)
     }
 }
 
@@ -146,6 +156,7 @@ pub struct RunningStack {
     gateway: tokio::task::JoinHandle<std::io::Result<()>>,
     mapping: Mapping,
     sweeper: Option<tokio::task::JoinHandle<()>>,
+    meter: Arc<Meter>,
 }
 
 /// Credentials for the local `@connections` endpoint, which does not verify signatures, and
@@ -154,11 +165,59 @@ fn local_credentials() -> Credentials {
     Credentials::new("local", "local", None, None, "chat-local")
 }
 
+/// Whether `endpoint` is on this machine (a loopback address or `localhost`): moto or
+/// DynamoDB Local, which accept any credentials.
+pub fn is_local_endpoint(endpoint: &str) -> bool {
+    let Ok(uri) = endpoint.parse::<hyper::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.to_ascii_lowercase().ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (DynamoDB Local keeps one
+/// database per access key, so a key the user set is kept), else placeholders.
+fn local_endpoint_credentials() -> Credentials {
+    match (
+        std::env::var("AWS_ACCESS_KEY_ID"),
+        std::env::var("AWS_SECRET_ACCESS_KEY"),
+    ) {
+        (Ok(id), Ok(secret)) if !id.is_empty() && !secret.is_empty() => Credentials::new(
+            id,
+            secret,
+            std::env::var("AWS_SESSION_TOKEN").ok(),
+            None,
+            "environment",
+        ),
+        _ => local_credentials(),
+    }
+}
+
 async fn dynamodb_sdk_config(endpoint: Option<&str>, region: &str) -> SdkConfig {
     let mut loader =
         aws_config::defaults(BehaviorVersion::latest()).region(Region::new(region.to_owned()));
     if let Some(endpoint) = endpoint {
         loader = loader.endpoint_url(endpoint);
+        if is_local_endpoint(endpoint) {
+            // A local API needs no real credentials: looking for them would walk the default
+            // chain to the EC2 instance metadata service, which is not there and says so at
+            // length on stderr.
+            return loader
+                .credentials_provider(
+                    aws_credential_types::provider::SharedCredentialsProvider::new(
+                        local_endpoint_credentials(),
+                    ),
+                )
+                .load()
+                .await;
+        }
     }
     let config = loader.load().await;
     let has_credentials = match config.credentials_provider() {
@@ -266,11 +325,16 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
             }
         };
 
+    let meter = Arc::new(Meter::default());
+    if let StoreChoice::Embedded(embedded) = &options.store {
+        meter.meter_store(embedded.clone());
+    }
     let integration = Arc::new(HandlerIntegration {
         store: Arc::clone(&store),
         config: options.handler.clone(),
+        meter: Arc::clone(&meter),
     });
-    let gateway = Gateway::new(options.gateway.clone(), integration);
+    let gateway = Gateway::metered(options.gateway.clone(), integration, Arc::clone(&meter));
     let management = SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
@@ -282,6 +346,7 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
         store,
         api: ManagementApi::new(&management, &http_base),
         config: options.fanout.clone(),
+        meter: Arc::clone(&meter),
     });
     let mapping = Mapping::spawn(source, target, options.esm.clone());
     let (shutdown, on_shutdown) = oneshot::channel::<()>();
@@ -310,10 +375,21 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
         gateway_handle: gateway,
         mapping,
         sweeper,
+        meter,
     })
 }
 
 impl RunningStack {
+    /// What AWS would charge for the run so far (also at `GET /bill`).
+    pub fn bill(&self) -> Bill {
+        self.gateway_handle.bill()
+    }
+
+    /// The meter, to price the run after [`RunningStack::shutdown`] too.
+    pub fn meter(&self) -> Arc<Meter> {
+        Arc::clone(&self.meter)
+    }
+
     /// Closes every client (1001), runs their `$disconnect`s, then lets the fan-out deliver
     /// what is still in the stream before stopping.
     pub async fn shutdown(self) -> anyhow::Result<Shutdown> {
@@ -336,5 +412,34 @@ impl RunningStack {
             drained: mapping.is_some(),
             mapping: mapping.unwrap_or_default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_local_endpoint;
+
+    #[test]
+    fn loopback_and_localhost_endpoints_are_local() {
+        // GIVEN endpoints on this machine and elsewhere WHEN classified THEN only loopback
+        // addresses and localhost names are local
+        for local in [
+            "http://127.0.0.1:5000",
+            "http://127.10.0.3:8000/",
+            "http://localhost:8000",
+            "http://LOCALHOST",
+            "http://dynamodb.localhost:8000",
+            "http://[::1]:8000",
+        ] {
+            assert!(is_local_endpoint(local), "{local}");
+        }
+        for remote in [
+            "https://dynamodb.us-east-1.amazonaws.com",
+            "http://10.0.0.5:8000",
+            "http://localhost.example.com",
+            "not a url",
+        ] {
+            assert!(!is_local_endpoint(remote), "{remote}");
+        }
     }
 }

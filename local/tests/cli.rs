@@ -131,3 +131,107 @@ fn a_taken_port_is_a_clear_error_and_a_non_zero_exit() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_local_dynamodb_endpoint_needs_no_aws_credentials_and_probes_for_none() {
+    // GIVEN moto on loopback, and an environment as a new user has it: no AWS keys, no
+    // profile, no ~/.aws (HOME is an empty directory), default logging
+    let moto = chat_tests::Moto::start()
+        .await
+        .expect("moto must start (run scripts/test)");
+    let home = std::env::temp_dir().join(chat_tests::unique_name("home"));
+    std::fs::create_dir_all(&home).expect("empty home");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chat-local"));
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_ARN",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_EC2_METADATA_DISABLED",
+        "RUST_LOG",
+    ] {
+        command.env_remove(var);
+    }
+    let mut child = command
+        .env("HOME", &home)
+        .args([
+            "--port",
+            "0",
+            "--dynamodb-endpoint",
+            &moto.endpoint(),
+            "--events-table",
+            &chat_tests::unique_name("events"),
+            "--connections-table",
+            &chat_tests::unique_name("connections"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chat-local starts");
+
+    // WHEN it starts, a client joins through it, and it is stopped
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut printed = Vec::new();
+    let ws_url = loop {
+        let line = lines
+            .next()
+            .expect("the WebSocket URL is printed")
+            .expect("utf-8");
+        if let Some(url) = line.strip_prefix("WebSocket URL: ") {
+            break url.to_owned();
+        }
+        printed.push(line);
+    };
+    let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url)
+        .await
+        .expect("connect");
+    ws.send(Message::text(
+        json!({"action":"setName","name":"alice"}).to_string(),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(next_json(&mut ws).await["members"], json!(["alice"]));
+    interrupt(&child);
+    printed.extend(lines.map_while(Result::ok));
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait");
+
+    // THEN it worked against moto without asking anyone for credentials: neither its log
+    // (stdout) nor stderr says anything of the instance metadata service or of credentials
+    assert!(out.status.success(), "exit status {}", out.status);
+    let said = format!(
+        "{}\n{}",
+        printed.join("\n"),
+        String::from_utf8_lossy(&out.stderr)
+    )
+    .to_lowercase();
+    for word in ["imds", "metadata", "credential"] {
+        assert!(!said.contains(word), "chat-local mentions {word}: {said}");
+    }
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+#[test]
+fn aws_like_knobs_need_the_aws_like_flag() {
+    // GIVEN an AWS-like knob without --aws-like
+    // WHEN chat-local is started with it
+    let out = Command::new(env!("CARGO_BIN_EXE_chat-local"))
+        .args(["--port", "0", "--store-read-latency-ms", "3"])
+        .output()
+        .expect("run");
+    // THEN it refuses, naming the flag the knob needs
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--aws-like"), "{stderr}");
+}

@@ -1,7 +1,8 @@
 //! The store contract: one suite of cases, each run against both adapters of [`ChatStore`] —
-//! the embedded store and the DynamoDB store on a real DynamoDB API (moto) — so the embedded
-//! one cannot drift from what DynamoDB does (a conditional write it forgets to reject, an
-//! expiry it forgets to apply, ...).
+//! the embedded store (ideal, and AWS-like: latency, eventually consistent reads, contention)
+//! and the DynamoDB store on a real DynamoDB API (moto) — so the embedded one cannot drift from
+//! what DynamoDB does (a conditional write it forgets to reject, an expiry it forgets to apply,
+//! a limit it forgets to enforce, ...).
 //!
 //! Each case is a plain async function over a [`Fixture`]: the store (used only through
 //! `&dyn ChatStore`) and its change feed, read the way Lambda reads it. For DynamoDB that is
@@ -21,11 +22,14 @@ use chat_shared::config::{Retention, Tables};
 use chat_shared::events::{ChatEvent, LeaveReason, StoredEvent};
 use chat_shared::fanout::{decode_record, is_removal};
 use chat_shared::keys;
+use chat_shared::store::aws_like::{PartitionThroughput, ReadOp, StoreBehaviour};
 use chat_shared::store::dynamodb::{create_tables, DynamoStore};
+use chat_shared::store::embedded::THROTTLED;
 use chat_shared::store::embedded::{EmbeddedFeed, EmbeddedStore};
+use chat_shared::store::limits::{self, service_error};
 use chat_shared::store::{epoch_secs, ChatStore, Member, StoreError, NAME_RESERVATION_SECS};
 use chat_shared::stream::RecordSource;
-use chat_shared::validation::{validate_name, ValidName};
+use chat_shared::validation::{name_key, validate_name, ValidName};
 use chat_tests::{unique_name, Moto, StreamReader};
 
 /// Members per page in every store under test, so a handful of members spans several pages.
@@ -45,15 +49,29 @@ struct Fixture {
     feed: Feed,
     /// Kept for the test's lifetime: dropping it kills moto.
     _moto: Option<Moto>,
+    /// The longest an eventually consistent read can lag behind the writes.
+    lag: Duration,
 }
 
 impl Fixture {
     fn embedded() -> Fixture {
-        let store = EmbeddedStore::new(Retention::default()).with_page_limit(PAGE_LIMIT);
+        Self::embedded_with(StoreBehaviour::IDEAL)
+    }
+
+    /// The embedded store behaving as DynamoDB does, with its default figures.
+    fn aws_like() -> Fixture {
+        Self::embedded_with(StoreBehaviour::aws_like())
+    }
+
+    fn embedded_with(behaviour: StoreBehaviour) -> Fixture {
+        let store = EmbeddedStore::new(Retention::default())
+            .with_page_limit(PAGE_LIMIT)
+            .with_behaviour(behaviour);
         Fixture {
             feed: Feed::Embedded(store.feed()),
             store: Arc::new(store),
             _moto: None,
+            lag: behaviour.eventual_max,
         }
     }
 
@@ -75,6 +93,16 @@ impl Fixture {
             store: Arc::new(store),
             feed: Feed::Dynamo(reader),
             _moto: Some(moto),
+            // moto serves every read strongly consistent.
+            lag: Duration::ZERO,
+        }
+    }
+
+    /// Waits until an eventually consistent read sees every write made so far. The member
+    /// query is one (see `ReadOp::QueryMembers`), as on DynamoDB.
+    async fn settle(&self) {
+        if !self.lag.is_zero() {
+            tokio::time::sleep(self.lag + Duration::from_millis(20)).await;
         }
     }
 
@@ -551,7 +579,9 @@ async fn member_pages_list_every_live_member_once(f: &mut Fixture) {
     let early = now - (ttl_secs() - 100) * 1000;
     join(s, "old", "old-timer", early).await;
 
-    // WHEN every page is read now, and again once the old connection has expired
+    // WHEN every page is read now (past the member query's consistency lag), and again once
+    // the old connection has expired
+    f.settle().await;
     let current = all_members(s, now).await;
     let after_expiry = all_members(s, now + 200_000).await;
 
@@ -776,6 +806,7 @@ async fn names_are_bound_to_authenticated_identities(f: &mut Fixture) {
     // THEN it gets the name back, and the stale connection leaves (it is no member any more)
     assert!(matches!(joined.event, ChatEvent::MemberJoined { .. }));
     assert_eq!(store.connection("a1", now).await.expect("read"), None);
+    f.settle().await;
     let names: Vec<String> = all_members(store, now)
         .await
         .into_iter()
@@ -891,6 +922,83 @@ async fn private_messages_record_both_parties_identities(f: &mut Fixture) {
     assert!(committed.contains(&to_alice), "{committed:?}");
 }
 
+/// The error code and message of a store error as DynamoDB named it.
+fn aws_error(e: &StoreError) -> (String, String) {
+    service_error(e).unwrap_or_else(|| panic!("not an AWS service error: {e:?}"))
+}
+
+fn validation(message: &str) -> (String, String) {
+    (limits::VALIDATION_EXCEPTION.to_owned(), message.to_owned())
+}
+
+async fn a_name_claim_key_over_1024_bytes_is_refused_as_dynamodb_refuses_it(f: &mut Fixture) {
+    // GIVEN a connection, and a name of 32 U+FDFA: NFKC expands each to 18 characters, so its
+    // claim's sort key (`NAME#<nameKey>`) is over DynamoDB's 1,024 bytes. Built by hand, as
+    // name validation may refuse it before it reaches a store.
+    let now = chat_shared::now_ms();
+    let display = "\u{FDFA}".repeat(32);
+    let long = ValidName {
+        key: name_key(&display),
+        display,
+    };
+    assert!(keys::name_sk(&long.key).len() > limits::SORT_KEY_MAX_BYTES);
+    let s = f.store();
+    s.add_connection("a", now).await.expect("connect");
+
+    // WHEN the connection claims it
+    let refused = s.set_name("a", &long, now).await;
+
+    // THEN the store refuses it with DynamoDB's own ValidationException, and nothing changed
+    let e = refused.expect_err("a sort key over 1,024 bytes is refused");
+    assert_eq!(aws_error(&e), validation(limits::RANGE_KEY_TOO_LONG));
+    let conn = s
+        .connection("a", now)
+        .await
+        .expect("read")
+        .expect("still connected");
+    assert_eq!(conn.name, None);
+    assert!(f.committed().await.is_empty());
+}
+
+async fn a_connection_key_over_1024_bytes_is_refused_as_dynamodb_refuses_it(f: &mut Fixture) {
+    // GIVEN a connection id whose item's sort key (`CONN#<id>`) is 1,025 bytes
+    let now = chat_shared::now_ms();
+    let id = "c".repeat(limits::SORT_KEY_MAX_BYTES + 1 - keys::CONN_PREFIX.len());
+    let fits = "c".repeat(limits::SORT_KEY_MAX_BYTES - keys::CONN_PREFIX.len());
+
+    // WHEN it is recorded, and one a byte shorter
+    let refused = f.store().add_connection(&id, now).await;
+    let accepted = f.store().add_connection(&fits, now).await;
+
+    // THEN the long one is refused as DynamoDB refuses it; 1,024 bytes is still fine
+    let e = refused.expect_err("refused");
+    assert_eq!(aws_error(&e), validation(limits::RANGE_KEY_TOO_LONG));
+    accepted.expect("a key of exactly 1,024 bytes is accepted");
+}
+
+async fn an_event_item_over_400_kb_is_refused_as_dynamodb_refuses_it(f: &mut Fixture) {
+    // GIVEN a member
+    let now = chat_shared::now_ms();
+    let joined = join(f.store(), "a", "alice", now).await;
+
+    // WHEN it posts a message that makes the event item over 400 KB, then one of 300 KB
+    let refused = f
+        .store()
+        .post_public("a", &"x".repeat(420 * 1024), now)
+        .await;
+    let accepted = f
+        .store()
+        .post_public("a", &"y".repeat(300 * 1024), now)
+        .await;
+
+    // THEN the first transaction is refused whole, with DynamoDB's error; the second commits
+    let e = refused.expect_err("an item over 400 KB is refused");
+    assert_eq!(aws_error(&e), validation(limits::ITEM_TOO_LARGE));
+    let accepted = accepted.expect("300 KB fits");
+    assert_eq!(accepted.seq, joined.seq + 1, "the refused one took no id");
+    assert_eq!(f.committed().await, vec![joined, accepted]);
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -898,6 +1006,14 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     super::$case(&mut super::Fixture::embedded()).await;
+                }
+            )*
+        }
+        mod aws_like {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&mut super::Fixture::aws_like()).await;
                 }
             )*
         }
@@ -927,6 +1043,9 @@ contract!(
     each_connection_has_its_own_rate_limit_bucket,
     names_are_bound_to_authenticated_identities,
     private_messages_record_both_parties_identities,
+    a_name_claim_key_over_1024_bytes_is_refused_as_dynamodb_refuses_it,
+    a_connection_key_over_1024_bytes_is_refused_as_dynamodb_refuses_it,
+    an_event_item_over_400_kb_is_refused_as_dynamodb_refuses_it,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1188,4 +1307,243 @@ async fn embedded_feed_sequence_numbers_sort_as_strings() {
         12,
         "event ids are unique"
     );
+}
+
+#[tokio::test]
+async fn embedded_a_recipient_name_over_the_key_limit_is_refused_in_both_modes() {
+    for behaviour in [StoreBehaviour::IDEAL, StoreBehaviour::aws_like()] {
+        // GIVEN a member (moto does not check the key of a GetItem, DynamoDB does: so this
+        // case is the embedded store's alone)
+        let store = EmbeddedStore::new(Retention::default()).with_behaviour(behaviour);
+        let now = chat_shared::now_ms();
+        join(&store, "a", "alice", now).await;
+
+        // WHEN it whispers to a name whose claim key is over 1,024 bytes
+        let refused = store
+            .post_private("a", &"\u{FDFA}".repeat(32), "hi", now)
+            .await;
+
+        // THEN the claim's read is refused as DynamoDB refuses it
+        let e = refused.expect_err("refused");
+        assert_eq!(aws_error(&e), validation(limits::RANGE_KEY_TOO_LONG));
+    }
+}
+
+/// An AWS-like store whose eventually consistent reads lag by exactly `lag`, so which writes
+/// they miss is certain.
+fn lagging(lag: Duration) -> EmbeddedStore {
+    EmbeddedStore::new(Retention::default()).with_behaviour(StoreBehaviour {
+        eventual_min: lag,
+        eventual_max: lag,
+        ..StoreBehaviour::aws_like()
+    })
+}
+
+#[tokio::test]
+async fn embedded_aws_like_member_query_is_as_consistent_as_the_dynamodb_adapter_asks() {
+    // GIVEN an AWS-like store whose eventually consistent reads lag 2 s, and alice who joined
+    // longer ago than that
+    let lag = Duration::from_secs(2);
+    let store = lagging(lag);
+    let now = chat_shared::now_ms();
+    join(&store, "a", "alice", now).await;
+    tokio::time::sleep(lag + Duration::from_millis(50)).await;
+
+    // WHEN bob joins, and the members are read at once (as the fan-out does for bob's join),
+    // and bob's connection is read
+    join(&store, "b", "bob", now).await;
+    let at_once = all_members(&store, now).await;
+    let bob = store.connection("b", now).await.expect("read").expect("b");
+    tokio::time::sleep(lag + Duration::from_millis(50)).await;
+    let later = all_members(&store, now).await;
+
+    // THEN the member query sees bob at once only if it is strongly consistent: with today's
+    // choice (ConsistentRead off, ReadOp::QueryMembers) it misses the member who just joined,
+    // as DynamoDB can; the strongly consistent GetItem sees him; a read after the lag does too
+    let names = |m: &[Member]| m.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+    if ReadOp::QueryMembers.consistent_read() {
+        assert_eq!(names(&at_once), ["alice", "bob"]);
+    } else {
+        assert_eq!(
+            names(&at_once),
+            ["alice"],
+            "bob's join is younger than the lag"
+        );
+    }
+    assert_eq!(bob.name.as_deref(), Some("bob"));
+    assert_eq!(names(&later), ["alice", "bob"]);
+    // AND the store's record shows which reads were strongly consistent
+    let reads = store.reads();
+    let members = reads[&ReadOp::QueryMembers];
+    let expected_pages = 2;
+    if ReadOp::QueryMembers.consistent_read() {
+        assert_eq!(members.strongly_consistent, expected_pages);
+    } else {
+        assert_eq!(members.eventually_consistent, expected_pages);
+        assert_eq!(members.strongly_consistent, 0);
+    }
+    assert_eq!(reads[&ReadOp::GetConnection].strongly_consistent, 1);
+    assert_eq!(reads[&ReadOp::GetConnection].eventually_consistent, 0);
+}
+
+#[tokio::test]
+async fn embedded_aws_like_eventually_consistent_reads_miss_only_writes_younger_than_the_lag() {
+    // GIVEN an AWS-like store lagging 2 s: alice joined, then left, more than 2 s ago; carol
+    // joined; then, within the lag, bob joins, carol renames herself and dave connects
+    let lag = Duration::from_secs(2);
+    let store = lagging(lag);
+    let now = chat_shared::now_ms();
+    join(&store, "a", "alice", now).await;
+    store
+        .remove_connection("a", LeaveReason::Disconnected, now)
+        .await
+        .expect("leave");
+    join(&store, "c", "carol", now).await;
+    tokio::time::sleep(lag + Duration::from_millis(50)).await;
+    join(&store, "b", "bob", now).await;
+    store
+        .set_name("c", &name("caroline"), now)
+        .await
+        .expect("rename");
+    store
+        .remove_connection("c", LeaveReason::Disconnected, now)
+        .await
+        .expect("leave");
+    join(&store, "c", "carol2", now).await;
+
+    // WHEN the member query reads, eventually consistent
+    let members = all_members(&store, now).await;
+
+    // THEN it sees the state of 2 s ago exactly: carol by her old name, no bob, no alice
+    // (whatever the const table says, this page is read eventually consistent only if the
+    // adapter reads it so)
+    let names: Vec<String> = members.into_iter().map(|m| m.name).collect();
+    if ReadOp::QueryMembers.consistent_read() {
+        assert_eq!(names, ["bob", "carol2"]);
+    } else {
+        assert_eq!(names, ["carol"]);
+    }
+}
+
+#[tokio::test]
+async fn embedded_ideal_reads_are_all_strongly_consistent() {
+    // GIVEN an ideal store with a member
+    let store = EmbeddedStore::new(Retention::default());
+    let now = chat_shared::now_ms();
+    join(&store, "a", "alice", now).await;
+
+    // WHEN a new member joins and everything is read at once
+    join(&store, "b", "bob", now).await;
+    let members = all_members(&store, now).await;
+    store.connection("b", now).await.expect("read");
+
+    // THEN the member query sees both, and every read was strongly consistent
+    assert_eq!(members.len(), 2);
+    let reads = store.reads();
+    assert!(
+        reads.values().all(|t| t.eventually_consistent == 0),
+        "{reads:?}"
+    );
+    assert_eq!(reads[&ReadOp::QueryMembers].strongly_consistent, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_aws_like_concurrent_appends_collide_on_the_room_counter() {
+    // GIVEN an AWS-like store whose transactions take 500 ms (reads instant), so two posts
+    // started together both read the room's counter before either commits
+    let store = EmbeddedStore::new(Retention::default()).with_behaviour(StoreBehaviour {
+        read_latency: Duration::ZERO,
+        write_latency: Duration::from_millis(500),
+        ..StoreBehaviour::aws_like()
+    });
+    let now = chat_shared::now_ms();
+    join(&store, "a", "alice", now).await;
+    assert_eq!(store.counter_collisions(), 0);
+
+    // WHEN alice posts twice at once
+    let (one, two) = tokio::join!(
+        store.post_public("a", "one", now),
+        store.post_public("a", "two", now)
+    );
+
+    // THEN one commit wins, the other collides on the counter (as its conditional transaction
+    // would be cancelled on DynamoDB), backs off and commits next: ids stay dense
+    let mut ids = vec![one.expect("one").seq, two.expect("two").seq];
+    ids.sort_unstable();
+    assert_eq!(ids, [2, 3]);
+    assert!(store.counter_collisions() >= 1);
+}
+
+#[tokio::test]
+async fn embedded_aws_like_a_hot_partition_is_throttled_as_dynamodb_throttles_it() {
+    // GIVEN an AWS-like store (no latency) whose partitions take 7 write units a second, and
+    // alice's connection (a PutItem: 1 unit) and join (a transaction of 3 connection-table
+    // items: 6 units), the second's worth
+    let store = EmbeddedStore::new(Retention::default()).with_behaviour(StoreBehaviour {
+        read_latency: Duration::ZERO,
+        write_latency: Duration::ZERO,
+        partition: Some(PartitionThroughput {
+            write_units_per_sec: 7.0,
+            read_units_per_sec: 3_000.0,
+        }),
+        ..StoreBehaviour::aws_like()
+    });
+    let now = chat_shared::now_ms();
+    let joined = join(&store, "a", "alice", now).await;
+
+    // WHEN she posts at once (4 units: a transaction of 2 items), and again after a second
+    let throttled = store.post_public("a", "too soon", now).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let later = store.post_public("a", "later", now).await;
+
+    // THEN the first post is refused as the SDK reports DynamoDB's throttling once its own
+    // retries are spent (they wait at most 0.3 s, the 4 units take 0.57 s to come back), and
+    // nothing of it was written; a second later the partition has the units again
+    let e = throttled.expect_err("throttled");
+    let (code, message) = aws_error(&e);
+    assert_eq!(code, THROTTLED);
+    assert!(message.contains("throughput"), "{message}");
+    let later = later.expect("the partition refilled");
+    assert_eq!(later.seq, joined.seq + 1);
+    assert_eq!(store.events().len(), 2);
+}
+
+#[tokio::test]
+async fn embedded_a_member_page_ends_at_1_mb_read_as_a_query_page_does() {
+    // GIVEN 600 members whose connection items are over 2 KB each (a long identity), and no
+    // item-count limit below them: 1.2 MB of connection items
+    let store = EmbeddedStore::new(Retention::default()).with_page_limit(10_000);
+    let now = chat_shared::now_ms();
+    let identity = "i".repeat(2_000);
+    for i in 0..600 {
+        let id = format!("c{i:03}");
+        store
+            .add_identified_connection(&id, Some(&format!("{identity}{i}")), now)
+            .await
+            .expect("connect");
+        store
+            .set_name(&id, &name(&format!("member{i}")), now)
+            .await
+            .expect("join");
+    }
+
+    // WHEN the members are read page by page
+    let first = store.members_page(None, now).await.expect("page");
+    let mut all = first.members.clone();
+    let mut after = first.next.clone();
+    while let Some(cursor) = after {
+        let page = store.members_page(Some(&cursor), now).await.expect("page");
+        all.extend(page.members);
+        after = page.next;
+    }
+
+    // THEN the first page stopped at 1 MB read (under 600 members, with a cursor), and the
+    // pages together list everyone once
+    let per_item = 2_000;
+    assert!(first.members.len() < 600, "{}", first.members.len());
+    assert!(first.members.len() >= limits::QUERY_PAGE_MAX_BYTES / (per_item + 200));
+    assert!(first.next.is_some());
+    assert_eq!(all.len(), 600);
+    let ids: BTreeSet<&str> = all.iter().map(|m| m.connection_id.as_str()).collect();
+    assert_eq!(ids.len(), 600);
 }

@@ -178,6 +178,12 @@ pub(super) async fn run(parts: Parts) {
         reason = %ending.reason,
         "disconnected"
     );
+    let lived = events::now_ms() - connection.connected_at_ms;
+    shared
+        .meter
+        .connection_closed(std::time::Duration::from_millis(
+            u64::try_from(lived).unwrap_or(0),
+        ));
     if shared.config.drop_disconnect {
         return;
     }
@@ -376,6 +382,18 @@ async fn dispatch_loop(
     while let Some(frame) = inbound.recv().await {
         let event = events::message(&shared.config, &connection, &frame);
         let request_id = event.request_context.request_id.clone().unwrap_or_default();
+        if !shared.admit_request() {
+            // Over the account's request rate: API Gateway answers 429 Too Many Requests and
+            // the integration never runs.
+            let body = serde_json::json!({
+                "message": "Too Many Requests",
+                "connectionId": connection.id,
+                "requestId": request_id,
+            });
+            let _ = outbound.send(Message::text(body.to_string())).await;
+            continue;
+        }
+        shared.meter.message(frame.body.len());
         let reply = match shared.invoke(event).await {
             Ok(response) => route_response(response),
             Err(error) => {

@@ -39,6 +39,9 @@ pub(super) enum ManagementError {
     /// The client's outgoing queue is full: retry with backoff.
     #[error("the connection's outgoing buffer is full")]
     LimitExceeded,
+    /// Over the account's request rate (AWS-like mode): retry with backoff.
+    #[error("Too Many Requests")]
+    Throttled,
     /// No such stage or resource.
     #[error("forbidden")]
     Forbidden,
@@ -51,7 +54,9 @@ impl ManagementError {
         match self {
             Self::Gone => (StatusCode::GONE, "GoneException"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeException"),
-            Self::LimitExceeded => (StatusCode::TOO_MANY_REQUESTS, "LimitExceededException"),
+            Self::LimitExceeded | Self::Throttled => {
+                (StatusCode::TOO_MANY_REQUESTS, "LimitExceededException")
+            }
             Self::Forbidden => (StatusCode::FORBIDDEN, "ForbiddenException"),
             Self::BadRequest => (StatusCode::BAD_REQUEST, "BadRequestException"),
         }
@@ -94,6 +99,9 @@ pub(super) async fn post_to_connection(
     body: Body,
 ) -> Result<Response, ManagementError> {
     let data = read_body(body).await?;
+    if !shared.admit_request() {
+        return Err(ManagementError::Throttled);
+    }
     let latency = shared.config.management_latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -111,8 +119,15 @@ pub(super) async fn post_to_connection(
     if let Message::Text(text) = &frame {
         tracing::debug!(%connection_id, body = %text, "@connections POST");
     }
+    let bytes = match &frame {
+        Message::Text(text) => text.len(),
+        other => other.len(),
+    };
     match outbound.try_send(frame) {
-        Ok(()) => Ok(with_request_id(StatusCode::OK.into_response())),
+        Ok(()) => {
+            shared.meter.message(bytes);
+            Ok(with_request_id(StatusCode::OK.into_response()))
+        }
         Err(TrySendError::Full(_)) => Err(ManagementError::LimitExceeded),
         Err(TrySendError::Closed(_)) => Err(ManagementError::Gone),
     }
@@ -147,6 +162,9 @@ pub(super) async fn get_connection(
     State(shared): State<Arc<Shared>>,
     Path(connection_id): Path<String>,
 ) -> Result<Response, ManagementError> {
+    if !shared.admit_request() {
+        return Err(ManagementError::Throttled);
+    }
     let body = {
         let registry = shared.registry.lock();
         let entry = registry.get(&connection_id).ok_or(ManagementError::Gone)?;
@@ -174,6 +192,9 @@ pub(super) async fn delete_connection(
     State(shared): State<Arc<Shared>>,
     Path(connection_id): Path<String>,
 ) -> Result<Response, ManagementError> {
+    if !shared.admit_request() {
+        return Err(ManagementError::Throttled);
+    }
     let entry = shared
         .registry
         .lock()

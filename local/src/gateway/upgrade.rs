@@ -31,6 +31,11 @@ pub(super) async fn handle(
         Ok(key) => key,
         Err(rejection) => return rejection.into_response(),
     };
+    // Over the account's new connections per second (or its request rate, which `$connect`
+    // counts against too): refused with 429 before `$connect` runs.
+    if !shared.admit_connection() || !shared.admit_request() {
+        return StatusCode::TOO_MANY_REQUESTS.into_response();
+    }
     let accept = derive_accept_key(key.as_bytes());
     let headers = request.headers();
     let connection = ConnectionInfo {

@@ -23,7 +23,9 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_dynamodb::Client;
 use rand::Rng;
 
+use super::aws_like::ReadOp;
 use super::items::{ClaimItem, ConnItem, MemberItem, SeqItem};
+use super::limits::{BATCH_WRITE_MAX_REQUESTS, TRANSACT_MAX_ACTIONS};
 use super::{
     epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError,
     NAME_RESERVATION_SECS,
@@ -38,6 +40,8 @@ use crate::validation::{recipient_key, ValidName};
 /// Leaves per pruning transaction: three items each (connection, claim, event) plus the
 /// counter stays within TransactWriteItems' 100 actions.
 const LEAVES_PER_TRANSACTION: usize = 30;
+// Three items per leave, plus the counter, must fit one transaction.
+const _: () = assert!(LEAVES_PER_TRANSACTION * 3 < TRANSACT_MAX_ACTIONS);
 
 /// How many times a change is re-read and re-tried when a concurrent writer took the
 /// sequence number (or changed the state it depended on) first.
@@ -165,6 +169,7 @@ impl DynamoStore {
     async fn get(
         &self,
         sk: String,
+        read: ReadOp,
         op: &'static str,
     ) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
         let out = self
@@ -172,7 +177,7 @@ impl DynamoStore {
             .get_item()
             .table_name(&self.tables.connections)
             .set_key(Some(self.key(sk)))
-            .consistent_read(true)
+            .consistent_read(read.consistent_read())
             .send()
             .await
             .map_err(|e| StoreError::backend(op, e))?;
@@ -181,7 +186,11 @@ impl DynamoStore {
 
     async fn get_conn(&self, connection_id: &str) -> Result<Option<ConnItem>, StoreError> {
         match self
-            .get(keys::conn_sk(connection_id), "GetItem connection")
+            .get(
+                keys::conn_sk(connection_id),
+                ReadOp::GetConnection,
+                "GetItem connection",
+            )
             .await?
         {
             None => Ok(None),
@@ -192,7 +201,14 @@ impl DynamoStore {
     }
 
     async fn get_claim(&self, key: &str) -> Result<Option<ClaimItem>, StoreError> {
-        match self.get(keys::name_sk(key), "GetItem name claim").await? {
+        match self
+            .get(
+                keys::name_sk(key),
+                ReadOp::GetNameClaim,
+                "GetItem name claim",
+            )
+            .await?
+        {
             None => Ok(None),
             Some(item) => serde_dynamo::from_item(item)
                 .map(Some)
@@ -202,7 +218,11 @@ impl DynamoStore {
 
     async fn current_seq(&self) -> Result<u64, StoreError> {
         match self
-            .get(keys::SEQ_SK.to_owned(), "GetItem sequence")
+            .get(
+                keys::SEQ_SK.to_owned(),
+                ReadOp::GetSequence,
+                "GetItem sequence",
+            )
             .await?
         {
             None => Ok(0),
@@ -332,9 +352,9 @@ impl DynamoStore {
     }
 
     /// Deletes connections that have no name (so no event to record) with BatchWriteItem,
-    /// 25 per request, retrying what DynamoDB leaves unprocessed.
+    /// [`BATCH_WRITE_MAX_REQUESTS`] per request, retrying what DynamoDB leaves unprocessed.
     async fn batch_delete_connections(&self, ids: &[&str]) -> Result<(), StoreError> {
-        for chunk in ids.chunks(25) {
+        for chunk in ids.chunks(BATCH_WRITE_MAX_REQUESTS) {
             let mut requests: Vec<WriteRequest> = chunk
                 .iter()
                 .map(|id| {
@@ -465,7 +485,7 @@ impl DynamoStore {
             .expression_attribute_values(":pk", s(&self.room_pk))
             .scan_index_forward(false)
             .limit(1)
-            .consistent_read(true)
+            .consistent_read(ReadOp::QueryNewestEvent.consistent_read())
             .send()
             .await
             .map_err(|e| StoreError::backend("Query newest event", e))?
@@ -1014,6 +1034,7 @@ impl ChatStore for DynamoStore {
             .expression_attribute_values(":prefix", s(CONN_PREFIX))
             .expression_attribute_values(":now", n(epoch_secs(now_ms)))
             .set_exclusive_start_key(start)
+            .consistent_read(ReadOp::QueryMembers.consistent_read())
             .set_limit(self.page_limit)
             .send()
             .await
@@ -1074,7 +1095,7 @@ impl ChatStore for DynamoStore {
                 .set_expression_attribute_names(Some(names.clone()))
                 .set_expression_attribute_values(Some(values.clone()))
                 .scan_index_forward(forward)
-                .consistent_read(true)
+                .consistent_read(ReadOp::QueryEvents.consistent_read())
                 .limit(i32::try_from(limit - events.len()).unwrap_or(i32::MAX))
                 .set_exclusive_start_key(start.take())
                 .send()

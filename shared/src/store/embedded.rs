@@ -19,7 +19,7 @@
 //! The feed keeps every record for the life of the process (DynamoDB Streams trims after
 //! 24 h; a local run is not expected to live long enough for that to matter).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -29,8 +29,11 @@ use aws_lambda_events::event::dynamodb::{EventRecord, StreamRecord, StreamViewTy
 use serde_dynamo::{AttributeValue, Item};
 use serde_json::json;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tracing::warn;
 
+use super::aws_like::{PartitionThroughput, ReadOp, ReadTally, StoreBehaviour};
+use super::limits;
 use super::{
     epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError,
     NAME_RESERVATION_SECS,
@@ -91,6 +94,17 @@ struct Claim {
 struct StoredItem {
     event: StoredEvent,
     expires_at: i64,
+    /// When it was written, for eventually consistent reads.
+    committed: Instant,
+}
+
+/// A connection item as it was before a write changed it (`None`: it did not exist), kept
+/// while an eventually consistent read may still see the old version.
+#[derive(Debug)]
+struct ConnChange {
+    at: Instant,
+    sk: String,
+    before: Option<ConnItem>,
 }
 
 /// Everything the mutex guards: one operation sees and changes all of it at once.
@@ -112,13 +126,138 @@ struct State {
     stream_seq: u64,
     /// Write operations still to fail, for tests of failure handling.
     failures_left: usize,
+    /// Recent changes to connection items, oldest first, kept for `lag` (the longest an
+    /// eventually consistent read can lag; zero keeps none).
+    conn_changes: VecDeque<ConnChange>,
+    lag: Duration,
+    /// Reads served, by kind and consistency.
+    reads: BTreeMap<ReadOp, ReadTally>,
+    /// Appends that found the room's counter moved since they read it (AWS-like mode).
+    collisions: u64,
+    /// Request units left in the room's partition of each table (AWS-like mode).
+    capacity: Capacity,
+    /// Request units used, as DynamoDB on-demand would bill them.
+    consumed: Consumed,
 }
+
+/// DynamoDB request units an embedded store has used, by the DynamoDB adapter's calls for the
+/// same operations: a write unit per KB per item written or checked (twice in a transaction),
+/// a read unit per 4 KB read strongly consistent and half of one eventually consistent (as each
+/// read's `ConsistentRead` flag asks, whatever the mode). Conditional writes that fail are not
+/// counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Consumed {
+    /// Halves of read units, so eventually consistent reads count exactly.
+    pub read_half_units: u64,
+    pub write_units: u64,
+}
+
+impl Consumed {
+    pub fn read_units(&self) -> f64 {
+        self.read_half_units as f64 / 2.0
+    }
+}
+
+/// The room's partition in each table: units left, and when they were last topped up. Every
+/// item of the chat sits under the room's partition key, so the whole room shares them.
+#[derive(Debug, Default)]
+struct Capacity {
+    conn_write: Units,
+    conn_read: Units,
+    event_write: Units,
+    event_read: Units,
+}
+
+#[derive(Debug, Default)]
+struct Units {
+    /// `None` until first used: a partition starts with a full second's worth.
+    left: Option<(f64, Instant)>,
+}
+
+impl Units {
+    /// Tops up at `per_sec` (holding at most one second's worth) and says whether `need`
+    /// units are there.
+    fn has(&mut self, per_sec: f64, need: f64) -> bool {
+        let now = Instant::now();
+        let (left, at) = self.left.unwrap_or((per_sec, now));
+        let left = (left + now.duration_since(at).as_secs_f64() * per_sec).min(per_sec);
+        self.left = Some((left, now));
+        left >= need
+    }
+
+    /// Uses `units` (after [`Units::has`]; may go below zero for a read that turned out
+    /// bigger, which the next requests then wait out, as DynamoDB's own accounting does).
+    fn spend(&mut self, units: f64) {
+        if let Some((left, _)) = &mut self.left {
+            *left -= units;
+        }
+    }
+}
+
+/// DynamoDB's answer to a request over a partition's throughput, as the SDK surfaces it once
+/// its own retries are spent.
+pub const THROTTLED: &str = "ProvisionedThroughputExceededException";
+const THROTTLED_MESSAGE: &str = "The level of configured provisioned throughput for the table was exceeded. Consider increasing your provisioning level with the UpdateTable API.";
+/// Attempts the SDK makes (its standard retry mode) before it surfaces a throttle.
+const SDK_ATTEMPTS: u32 = 3;
 
 impl State {
     fn live_conn(&self, connection_id: &str, now_s: i64) -> Option<&ConnItem> {
         self.connections
             .get(&keys::conn_sk(connection_id))
             .filter(|c| c.expires_at > now_s)
+    }
+
+    /// Writes (or, with `None`, deletes) a connection item, keeping its old version while an
+    /// eventually consistent read may still see it.
+    fn put_conn(&mut self, sk: String, item: Option<ConnItem>) {
+        let before = match item {
+            Some(item) => self.connections.insert(sk.clone(), item),
+            None => self.connections.remove(&sk),
+        };
+        if self.lag.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        while self
+            .conn_changes
+            .front()
+            .is_some_and(|c| now.duration_since(c.at) > self.lag)
+        {
+            self.conn_changes.pop_front();
+        }
+        self.conn_changes.push_back(ConnChange {
+            at: now,
+            sk,
+            before,
+        });
+    }
+
+    /// Every connection item changed after `cutoff`, as it was before its first change since.
+    fn conns_before(&self, cutoff: Instant) -> BTreeMap<String, Option<ConnItem>> {
+        let mut older = BTreeMap::new();
+        // Newest first, so the oldest change's "before" is the one that stays.
+        for change in self.conn_changes.iter().rev() {
+            if change.at <= cutoff {
+                break;
+            }
+            older.insert(change.sk.clone(), change.before.clone());
+        }
+        older
+    }
+
+    /// A connection item as a read sees it: now (`None`), or as of `cutoff`.
+    fn conn_as_of(&self, sk: &str, cutoff: Option<Instant>) -> Option<&ConnItem> {
+        if let Some(cutoff) = cutoff {
+            let first_since = self
+                .conn_changes
+                .iter()
+                .find(|c| c.at > cutoff && c.sk == sk);
+            if let Some(change) = first_since {
+                return change.before.as_ref();
+            }
+        }
+        self.connections.get(sk)
     }
 
     fn live_claim(&self, key: &str, now_s: i64) -> Option<&Claim> {
@@ -173,7 +312,8 @@ impl State {
 
     /// Commits a prepared event: the counter moves to its id, the item is stored and its
     /// INSERT record is published. Infallible, so it runs only once every check has passed.
-    fn commit(&mut self, instance: u64, pending: PendingEvent) -> StoredEvent {
+    fn commit(&mut self, instance: u64, mut pending: PendingEvent) -> StoredEvent {
+        pending.item.committed = Instant::now();
         self.seq = pending.item.event.seq;
         let stored = pending.item.event.clone();
         self.events.insert(stored.seq, pending.item);
@@ -230,6 +370,8 @@ impl Shared {
         // The same item the DynamoDB adapter writes: `EventItem` is the one source of its shape.
         let image: Item = serde_dynamo::to_item(EventItem::new(&stored, expires_at))
             .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
+        // DynamoDB refuses the whole transaction for one item over 400 KB.
+        limits::check_item(&image).map_err(|e| StoreError::backend("TransactWriteItems", e))?;
         let keys = event_keys(&self.room_pk, stored.seq);
         let change = stream_change(now_ms, keys, image)
             .map_err(|e| StoreError::Malformed(format!("stream record: {e}")))?;
@@ -238,6 +380,7 @@ impl Shared {
             item: StoredItem {
                 event: stored,
                 expires_at,
+                committed: Instant::now(),
             },
             record,
         })
@@ -284,7 +427,7 @@ fn stream_change(
 ) -> Result<StreamRecord, serde_json::Error> {
     let mut change: StreamRecord = serde_json::from_value(json!({
         "ApproximateCreationDateTime": epoch_secs(now_ms),
-        "SizeBytes": item_size(&keys) + item_size(&new_image),
+        "SizeBytes": limits::item_size(&keys) + limits::item_size(&new_image),
     }))?;
     change.keys = keys;
     change.new_image = new_image;
@@ -292,22 +435,6 @@ fn stream_change(
     // REMOVE carries its keys and no image.
     change.stream_view_type = Some(StreamViewType::NewImage);
     Ok(change)
-}
-
-/// Roughly DynamoDB's item size: attribute names plus values (strings by their UTF-8 length,
-/// numbers about one byte per two digits). `SizeBytes` is informational; nothing relies on
-/// the exact figure.
-fn item_size(item: &Item) -> i64 {
-    item.iter()
-        .map(|(name, value)| {
-            let value = match value {
-                AttributeValue::S(s) => s.len(),
-                AttributeValue::N(n) => n.len().div_ceil(2) + 1,
-                _ => 1,
-            };
-            (name.len() + value) as i64
-        })
-        .sum()
 }
 
 /// Member items per page when no limit is set (see [`EmbeddedStore`]'s `page_limit`).
@@ -322,6 +449,8 @@ pub struct EmbeddedStore {
     /// page at 1 MB (a few thousand member items) even without one; [`DEFAULT_PAGE_ITEMS`]
     /// stands in for that, so a broadcast streams its recipients here as it does on AWS.
     page_limit: Option<usize>,
+    /// Ideal, or like DynamoDB (latency, eventual consistency, contention).
+    behaviour: StoreBehaviour,
 }
 
 impl EmbeddedStore {
@@ -339,7 +468,39 @@ impl EmbeddedStore {
                 instance: rand::random(),
             }),
             page_limit: Some(DEFAULT_PAGE_ITEMS),
+            behaviour: StoreBehaviour::IDEAL,
         }
+    }
+
+    /// Behaves as `behaviour` says (this store and the clones made from it after). An
+    /// eventually consistent read of a store switched to lagging only misses writes made
+    /// after the switch.
+    pub fn with_behaviour(mut self, behaviour: StoreBehaviour) -> Self {
+        self.shared.lock().lag = behaviour.eventual_max;
+        self.behaviour = behaviour;
+        self
+    }
+
+    pub fn behaviour(&self) -> StoreBehaviour {
+        self.behaviour
+    }
+
+    /// The reads served so far, by kind: how many were strongly consistent and how many
+    /// eventually consistent (in ideal mode every read is strongly consistent).
+    pub fn reads(&self) -> BTreeMap<ReadOp, ReadTally> {
+        self.shared.lock().reads.clone()
+    }
+
+    /// The DynamoDB request units used so far (see [`Consumed`]).
+    pub fn consumed(&self) -> Consumed {
+        self.shared.lock().consumed
+    }
+
+    /// How many times a writer found the room's sequence counter moved between its read and
+    /// its commit, and had to try again (AWS-like mode only; DynamoDB cancels the
+    /// transaction then).
+    pub fn counter_collisions(&self) -> u64 {
+        self.shared.lock().collisions
     }
 
     /// Evaluates at most `limit` connection items per member page (for tests of pagination),
@@ -431,6 +592,337 @@ impl EmbeddedStore {
     }
 }
 
+/// The DynamoDB calls one trait operation makes on its way to a commit (the DynamoDB adapter's
+/// happy path), which is what the operation costs in AWS-like mode.
+#[derive(Debug, Clone, Copy)]
+struct Calls {
+    /// Strongly consistent GetItems before the write (the last one reads the counter).
+    reads: u32,
+    /// Items of the connections table the write puts, updates, deletes or checks (all under
+    /// the room's partition key), each under 1 KB: a write unit each, two in a transaction.
+    conn_items: u32,
+    /// Whether the write is a `TransactWriteItems` (every unit counts twice).
+    transaction: bool,
+    /// Whether the write appends an event, i.e. commits on the condition that the room's
+    /// sequence counter has not moved since it was read.
+    appends: bool,
+}
+
+const PUT_CONNECTION: Calls = Calls {
+    reads: 0,
+    conn_items: 1,
+    transaction: false,
+    appends: false,
+};
+/// Connection, claim, counter.
+const SET_NAME: Calls = Calls {
+    reads: 3,
+    conn_items: 3,
+    transaction: true,
+    appends: true,
+};
+/// Connection, counter.
+const POST_PUBLIC: Calls = Calls {
+    reads: 2,
+    conn_items: 2,
+    transaction: true,
+    appends: true,
+};
+/// Sender, recipient's claim, recipient, counter.
+const POST_PRIVATE: Calls = Calls {
+    reads: 4,
+    conn_items: 3,
+    transaction: true,
+    appends: true,
+};
+/// Connection, claim, counter.
+const REMOVE_CONNECTION: Calls = Calls {
+    reads: 3,
+    conn_items: 3,
+    transaction: true,
+    appends: true,
+};
+/// One PutItem in the event table, outside the room's partitions (its units are not metered
+/// against the room's keys; redelivery items are rare and small).
+const PUT_REDELIVERY: Calls = Calls {
+    reads: 0,
+    conn_items: 0,
+    transaction: false,
+    appends: false,
+};
+/// Connection, then a conditional UpdateItem.
+const TAKE_TOKEN: Calls = Calls {
+    reads: 1,
+    conn_items: 1,
+    transaction: false,
+    appends: false,
+};
+
+/// An event item's attributes besides its message, roughly (keys, type, ids, names, times).
+const EVENT_OVERHEAD: usize = 300;
+
+/// Gives up after this many collisions on the counter, as the DynamoDB adapter does.
+const MAX_ATTEMPTS: u32 = 40;
+
+/// The SDK's backoff between attempts of a throttled request: full jitter, doubling from 50 ms.
+async fn sdk_backoff(attempt: u32) {
+    use rand::Rng;
+    let cap_ms = 50u64 << attempt.min(8);
+    let ms = rand::rng().random_range(0..=cap_ms);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// Jittered exponential backoff between attempts, the DynamoDB adapter's.
+async fn backoff(attempt: u32) {
+    use rand::Rng;
+    let cap_ms = 2u64.saturating_pow(attempt.min(7)).max(2);
+    let ms = rand::rng().random_range(1..=cap_ms);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+impl EmbeddedStore {
+    /// Runs one write operation `f` under the lock. In AWS-like mode it first takes the time
+    /// of the adapter's reads and transaction, and an appending operation commits only if the
+    /// room's counter did not move meanwhile — otherwise it backs off and tries again, as the
+    /// DynamoDB adapter's optimistic writers do: that is what caps one room's commit rate.
+    async fn write<T>(
+        &self,
+        op: &'static str,
+        calls: Calls,
+        event_bytes: usize,
+        mut f: impl FnMut(&mut State) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let b = self.behaviour;
+        // Write units: one per KB per item, twice in a transaction; the event item is the
+        // only one that can pass 1 KB.
+        let factor = if calls.transaction { 2.0 } else { 1.0 };
+        let conn_units = factor * f64::from(calls.conn_items);
+        let event_units = if calls.appends {
+            factor * event_bytes.div_ceil(1024).max(1) as f64
+        } else {
+            0.0
+        };
+        let meter = |state: &mut State, done: bool| {
+            // The adapter's GetItems are strongly consistent: a unit each.
+            state.consumed.read_half_units += 2 * u64::from(calls.reads);
+            if done {
+                state.consumed.write_units += (conn_units + event_units) as u64;
+            }
+        };
+        if b.read_latency.is_zero()
+            && b.write_latency.is_zero()
+            && !b.contention
+            && b.partition.is_none()
+        {
+            let mut state = self.shared.lock();
+            let done = f(&mut state);
+            meter(&mut state, done.is_ok());
+            return done;
+        }
+        for attempt in 1..=MAX_ATTEMPTS {
+            sleep(b.read_latency * calls.reads).await;
+            self.take_units(
+                op,
+                |c| &mut c.conn_read,
+                |p| p.read_units_per_sec,
+                f64::from(calls.reads),
+                true,
+            )
+            .await?;
+            let seen = self.shared.lock().seq;
+            sleep(b.write_latency).await;
+            self.take_units(
+                op,
+                |c| &mut c.conn_write,
+                |p| p.write_units_per_sec,
+                conn_units,
+                false,
+            )
+            .await?;
+            self.take_units(
+                op,
+                |c| &mut c.event_write,
+                |p| p.write_units_per_sec,
+                event_units,
+                false,
+            )
+            .await?;
+            {
+                let mut state = self.shared.lock();
+                if !(b.contention && calls.appends) || state.seq == seen {
+                    let done = f(&mut state);
+                    meter(&mut state, done.is_ok());
+                    // A write DynamoDB refuses before it starts (a limit) uses no units.
+                    if done.is_ok() && b.partition.is_some() {
+                        state.capacity.conn_write.spend(conn_units);
+                        state.capacity.event_write.spend(event_units);
+                    }
+                    return done;
+                }
+                state.collisions += 1;
+            }
+            backoff(attempt).await;
+        }
+        Err(StoreError::Contention(MAX_ATTEMPTS))
+    }
+
+    /// Waits for `need` units in one of the room's partitions (and takes them if `spend`),
+    /// retrying as the SDK does while they are short; a request still short after the SDK's
+    /// attempts fails with DynamoDB's throttling error. Nothing to do without a partition
+    /// limit or a need.
+    async fn take_units(
+        &self,
+        op: &'static str,
+        units: impl Fn(&mut Capacity) -> &mut Units,
+        rate: impl Fn(&PartitionThroughput) -> f64,
+        need: f64,
+        spend: bool,
+    ) -> Result<(), StoreError> {
+        let Some(partition) = self.behaviour.partition else {
+            return Ok(());
+        };
+        if need <= 0.0 {
+            return Ok(());
+        }
+        let per_sec = rate(&partition);
+        for attempt in 1..=SDK_ATTEMPTS {
+            {
+                let mut state = self.shared.lock();
+                let u = units(&mut state.capacity);
+                if u.has(per_sec, need.min(per_sec)) {
+                    if spend {
+                        u.spend(need);
+                    }
+                    return Ok(());
+                }
+            }
+            if attempt < SDK_ATTEMPTS {
+                sdk_backoff(attempt).await;
+            }
+        }
+        Err(StoreError::backend(
+            op,
+            limits::ServiceError::new(THROTTLED, THROTTLED_MESSAGE),
+        ))
+    }
+
+    /// Takes one read call's time, then gives the state and the point in time the read sees:
+    /// `None` for everything (a strongly consistent read, or ideal mode), else the moment
+    /// before which writes are visible. The read is tallied either way.
+    /// Meters a read of `bytes`, billed as the adapter asks for it, and charges the
+    /// partition what it cost beyond the units `read` already took.
+    fn charge_read(&self, state: &mut State, op: ReadOp, bytes: usize) {
+        let units = bytes.div_ceil(4096).max(1) as u64;
+        state.consumed.read_half_units += if op.consistent_read() {
+            2 * units
+        } else {
+            units
+        };
+        if self.behaviour.partition.is_none() {
+            return;
+        }
+        // Served as the adapter asks; in ideal mode nothing is charged anyway.
+        let consistent = op.consistent_read() || !self.behaviour.lags();
+        let taken = if consistent { 1.0 } else { 0.5 };
+        let extra = read_units(bytes, consistent) - taken;
+        if extra > 0.0 {
+            match op {
+                ReadOp::QueryEvents | ReadOp::QueryNewestEvent => {
+                    state.capacity.event_read.spend(extra)
+                }
+                _ => state.capacity.conn_read.spend(extra),
+            }
+        }
+    }
+
+    async fn read(
+        &self,
+        op: ReadOp,
+    ) -> Result<(MutexGuard<'_, State>, Option<Instant>), StoreError> {
+        sleep(self.behaviour.read_latency).await;
+        // At least one unit must be there (half of one for an eventually consistent read);
+        // what the read turns out to cost is charged after it by `charge_read`.
+        let need = if op.consistent_read() || !self.behaviour.lags() {
+            1.0
+        } else {
+            0.5
+        };
+        match op {
+            ReadOp::QueryEvents | ReadOp::QueryNewestEvent => {
+                self.take_units(
+                    op_name(op),
+                    |c| &mut c.event_read,
+                    |p| p.read_units_per_sec,
+                    need,
+                    true,
+                )
+                .await?
+            }
+            _ => {
+                self.take_units(
+                    op_name(op),
+                    |c| &mut c.conn_read,
+                    |p| p.read_units_per_sec,
+                    need,
+                    true,
+                )
+                .await?
+            }
+        }
+        let eventual = !op.consistent_read() && self.behaviour.lags();
+        let cutoff = eventual.then(|| {
+            let now = Instant::now();
+            now.checked_sub(self.behaviour.draw_window()).unwrap_or(now)
+        });
+        let mut state = self.shared.lock();
+        let tally = state.reads.entry(op).or_default();
+        match cutoff {
+            Some(_) => tally.eventually_consistent += 1,
+            None => tally.strongly_consistent += 1,
+        }
+        Ok((state, cutoff))
+    }
+}
+
+async fn sleep(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
+fn message_len(event: &ChatEvent) -> usize {
+    match event {
+        ChatEvent::MessagePosted { message, .. }
+        | ChatEvent::PrivateMessageSent { message, .. } => message.len(),
+        _ => 0,
+    }
+}
+
+fn op_name(op: ReadOp) -> &'static str {
+    match op {
+        ReadOp::GetConnection => "GetItem connection",
+        ReadOp::GetNameClaim => "GetItem name claim",
+        ReadOp::GetSequence => "GetItem sequence",
+        ReadOp::QueryMembers => "Query members",
+        ReadOp::QueryEvents => "Query events",
+        ReadOp::QueryNewestEvent => "Query newest event",
+    }
+}
+
+/// Read units of `bytes` read: one per 4 KB, half for an eventually consistent read.
+fn read_units(bytes: usize, consistent: bool) -> f64 {
+    let units = bytes.div_ceil(4096).max(1) as f64;
+    if consistent {
+        units
+    } else {
+        units / 2.0
+    }
+}
+
+fn key_error(e: limits::ServiceError, op: &'static str) -> StoreError {
+    StoreError::backend(op, e)
+}
+
 #[async_trait]
 impl ChatStore for EmbeddedStore {
     async fn add_identified_connection(
@@ -440,27 +932,32 @@ impl ChatStore for EmbeddedStore {
         now_ms: i64,
     ) -> Result<Connection, StoreError> {
         let expires_at = epoch_secs(now_ms) + self.shared.retention.connection_ttl.as_secs() as i64;
-        let mut state = self.shared.lock();
-        state.injected_failure("PutItem connection")?;
-        // A put replaces the whole item, as PutItem does (a reused id starts without a name).
-        state.connections.insert(
-            keys::conn_sk(connection_id),
-            ConnItem {
+        let sk = keys::conn_sk(connection_id);
+        self.write("PutItem connection", PUT_CONNECTION, 0, |state| {
+            state.injected_failure("PutItem connection")?;
+            limits::check_key(&self.shared.room_pk, &sk)
+                .map_err(|e| key_error(e, "PutItem connection"))?;
+            // A put replaces the whole item, as PutItem does (a reused id starts without a name).
+            state.put_conn(
+                sk.clone(),
+                Some(ConnItem {
+                    connection_id: connection_id.to_owned(),
+                    connected_at: now_ms,
+                    expires_at,
+                    name: None,
+                    bucket: None,
+                    identity: identity.map(str::to_owned),
+                }),
+            );
+            Ok(Connection {
                 connection_id: connection_id.to_owned(),
                 connected_at: now_ms,
                 expires_at,
                 name: None,
-                bucket: None,
                 identity: identity.map(str::to_owned),
-            },
-        );
-        Ok(Connection {
-            connection_id: connection_id.to_owned(),
-            connected_at: now_ms,
-            expires_at,
-            name: None,
-            identity: identity.map(str::to_owned),
+            })
         })
+        .await
     }
 
     async fn connection(
@@ -468,16 +965,23 @@ impl ChatStore for EmbeddedStore {
         connection_id: &str,
         now_ms: i64,
     ) -> Result<Option<Connection>, StoreError> {
-        let state = self.shared.lock();
-        Ok(state
-            .live_conn(connection_id, epoch_secs(now_ms))
+        let sk = keys::conn_sk(connection_id);
+        limits::check_key(&self.shared.room_pk, &sk)
+            .map_err(|e| key_error(e, "GetItem connection"))?;
+        let (mut state, cutoff) = self.read(ReadOp::GetConnection).await?;
+        let item = state.conn_as_of(&sk, cutoff);
+        let bytes = item.map_or(0, |c| conn_item_size(&self.shared.room_pk, &sk, c));
+        let found = item
+            .filter(|c| c.expires_at > epoch_secs(now_ms))
             .map(|c| Connection {
                 connection_id: c.connection_id.clone(),
                 connected_at: c.connected_at,
                 expires_at: c.expires_at,
                 name: c.name.as_ref().map(|n| n.display.clone()),
                 identity: c.identity.clone(),
-            }))
+            });
+        self.charge_read(&mut state, ReadOp::GetConnection, bytes);
+        Ok(found)
     }
 
     async fn set_name(
@@ -487,74 +991,96 @@ impl ChatStore for EmbeddedStore {
         now_ms: i64,
     ) -> Result<Option<StoredEvent>, StoreError> {
         let now_s = epoch_secs(now_ms);
-        let mut state = self.shared.lock();
-        state.injected_failure("TransactWriteItems setName")?;
-        let conn = state
-            .live_conn(connection_id, now_s)
-            .cloned()
-            .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-        let old = conn.name.clone();
-        if old.as_ref().map(|n| n.display.as_str()) == Some(name.display.as_str()) {
-            return Ok(None);
-        }
-        // The claim condition: free, ours already, expired (its holder is gone), or held for
-        // the same identity — which takes it back, evicting its own older connection.
-        let mut evict = None;
-        if let Some(holder) = state.live_claim(&name.key, now_s) {
-            let mine = holder.connection_id.as_deref() == Some(connection_id);
-            let same_owner = conn.identity.is_some() && holder.identity == conn.identity;
-            if !mine && !same_owner {
-                return Err(StoreError::NameTaken(name.display.clone()));
-            }
-            if !mine {
-                evict = holder
-                    .connection_id
-                    .clone()
-                    .and_then(|old_id| state.connections.get(&keys::conn_sk(&old_id)).cloned())
-                    .filter(|old| old.name.as_ref().is_some_and(|n| n.key == name.key));
-            }
-        }
-        if let Some(old) = evict {
-            let left = ChatEvent::MemberLeft {
-                connection_id: old.connection_id.clone(),
-                name: old.name.map(|n| n.display).unwrap_or_default(),
-                reason: LeaveReason::Replaced,
-            };
-            let pending = self.shared.prepare(state.seq, left, now_ms)?;
-            state.connections.remove(&keys::conn_sk(&old.connection_id));
-            self.finish(&mut state, pending);
-        }
-        let event = match &old {
-            None => ChatEvent::MemberJoined {
-                connection_id: connection_id.to_owned(),
-                name: name.display.clone(),
+        self.write(
+            "TransactWriteItems setName",
+            SET_NAME,
+            EVENT_OVERHEAD,
+            |state| {
+                state.injected_failure("TransactWriteItems setName")?;
+                let conn = state
+                    .live_conn(connection_id, now_s)
+                    .cloned()
+                    .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+                let old = conn.name.clone();
+                if old.as_ref().map(|n| n.display.as_str()) == Some(name.display.as_str()) {
+                    return Ok(None);
+                }
+                // The adapter reads the claim next: a claim key over DynamoDB's sort key limit is
+                // refused there.
+                limits::check_key(&self.shared.room_pk, &keys::name_sk(&name.key))
+                    .map_err(|e| key_error(e, "GetItem name claim"))?;
+                // The claim condition: free, ours already, expired (its holder is gone), or held
+                // for the same identity — which takes it back, evicting its own older connection.
+                let mut evict = None;
+                if let Some(holder) = state.live_claim(&name.key, now_s) {
+                    let mine = holder.connection_id.as_deref() == Some(connection_id);
+                    let same_owner = conn.identity.is_some() && holder.identity == conn.identity;
+                    if !mine && !same_owner {
+                        return Err(StoreError::NameTaken(name.display.clone()));
+                    }
+                    if !mine {
+                        evict = holder
+                            .connection_id
+                            .clone()
+                            .and_then(|old_id| {
+                                state.connections.get(&keys::conn_sk(&old_id)).cloned()
+                            })
+                            .filter(|old| old.name.as_ref().is_some_and(|n| n.key == name.key));
+                    }
+                }
+                let event = match &old {
+                    None => ChatEvent::MemberJoined {
+                        connection_id: connection_id.to_owned(),
+                        name: name.display.clone(),
+                    },
+                    Some(old) => ChatEvent::MemberRenamed {
+                        connection_id: connection_id.to_owned(),
+                        old_name: old.display.clone(),
+                        name: name.display.clone(),
+                    },
+                };
+                let evicted = match evict {
+                    Some(old) => {
+                        let left = ChatEvent::MemberLeft {
+                            connection_id: old.connection_id.clone(),
+                            name: old.name.map(|n| n.display).unwrap_or_default(),
+                            reason: LeaveReason::Replaced,
+                        };
+                        Some((
+                            old.connection_id,
+                            self.shared.prepare(state.seq, left, now_ms)?,
+                        ))
+                    }
+                    None => None,
+                };
+                let after = state.seq + u64::from(evicted.is_some());
+                let pending = self.shared.prepare(after, event, now_ms)?;
+                if let Some((old_id, left)) = evicted {
+                    state.put_conn(keys::conn_sk(&old_id), None);
+                    self.finish(state, left);
+                }
+                if let Some(old) = old.filter(|o| o.key != name.key) {
+                    state.release(&old.key, connection_id, conn.identity.as_deref(), now_s);
+                }
+                state.claims.insert(
+                    name.key.clone(),
+                    Claim {
+                        connection_id: Some(connection_id.to_owned()),
+                        identity: conn.identity.clone(),
+                        name: name.display.clone(),
+                        expires_at: conn.expires_at,
+                    },
+                );
+                let mut named = conn.clone();
+                named.name = Some(Named {
+                    display: name.display.clone(),
+                    key: name.key.clone(),
+                });
+                state.put_conn(keys::conn_sk(connection_id), Some(named));
+                Ok(Some(self.finish(state, pending)))
             },
-            Some(old) => ChatEvent::MemberRenamed {
-                connection_id: connection_id.to_owned(),
-                old_name: old.display.clone(),
-                name: name.display.clone(),
-            },
-        };
-        let pending = self.shared.prepare(state.seq, event, now_ms)?;
-        if let Some(old) = old.filter(|o| o.key != name.key) {
-            state.release(&old.key, connection_id, conn.identity.as_deref(), now_s);
-        }
-        state.claims.insert(
-            name.key.clone(),
-            Claim {
-                connection_id: Some(connection_id.to_owned()),
-                identity: conn.identity.clone(),
-                name: name.display.clone(),
-                expires_at: conn.expires_at,
-            },
-        );
-        if let Some(c) = state.connections.get_mut(&keys::conn_sk(connection_id)) {
-            c.name = Some(Named {
-                display: name.display.clone(),
-                key: name.key.clone(),
-            });
-        }
-        Ok(Some(self.finish(&mut state, pending)))
+        )
+        .await
     }
 
     async fn post_public(
@@ -563,19 +1089,27 @@ impl ChatStore for EmbeddedStore {
         message: &str,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        let mut state = self.shared.lock();
-        state.injected_failure("TransactWriteItems sendPublic")?;
-        let conn = state
-            .live_conn(connection_id, epoch_secs(now_ms))
-            .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-        let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
-        let event = ChatEvent::MessagePosted {
-            connection_id: connection_id.to_owned(),
-            name: name.display.clone(),
-            message: message.to_owned(),
-        };
-        let pending = self.shared.prepare(state.seq, event, now_ms)?;
-        Ok(self.finish(&mut state, pending))
+        let bytes = EVENT_OVERHEAD + message.len();
+        self.write(
+            "TransactWriteItems sendPublic",
+            POST_PUBLIC,
+            bytes,
+            |state| {
+                state.injected_failure("TransactWriteItems sendPublic")?;
+                let conn = state
+                    .live_conn(connection_id, epoch_secs(now_ms))
+                    .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+                let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
+                let event = ChatEvent::MessagePosted {
+                    connection_id: connection_id.to_owned(),
+                    name: name.display.clone(),
+                    message: message.to_owned(),
+                };
+                let pending = self.shared.prepare(state.seq, event, now_ms)?;
+                Ok(self.finish(state, pending))
+            },
+        )
+        .await
     }
 
     async fn post_private(
@@ -588,42 +1122,53 @@ impl ChatStore for EmbeddedStore {
         let now_s = epoch_secs(now_ms);
         // `None`: no valid name has this key, and it may be too long to be a DynamoDB key.
         let to_key = recipient_key(to);
-        let mut state = self.shared.lock();
-        state.injected_failure("TransactWriteItems sendPrivate")?;
-        let conn = state
-            .live_conn(connection_id, now_s)
-            .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-        let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
-        let Some(to_key) = to_key.as_deref() else {
-            return Err(StoreError::UnknownRecipient(to.to_owned()));
-        };
-        if name.key == to_key {
-            return Err(StoreError::SelfRecipient);
-        }
-        let unknown = || StoreError::UnknownRecipient(to.to_owned());
-        let recipient = state.live_claim(to_key, now_s).ok_or_else(unknown)?;
-        let to_conn = state
-            .live_conn(
-                recipient.connection_id.as_deref().unwrap_or_default(),
-                now_s,
-            )
-            .filter(|c| c.name.as_ref().is_some_and(|n| n.key == to_key))
-            .ok_or_else(unknown)?;
-        let event = ChatEvent::PrivateMessageSent {
-            connection_id: connection_id.to_owned(),
-            name: name.display.clone(),
-            to_connection_id: to_conn.connection_id.clone(),
-            to_name: to_conn
-                .name
-                .as_ref()
-                .map(|n| n.display.clone())
-                .unwrap_or_default(),
-            message: message.to_owned(),
-            identity: conn.identity.clone(),
-            to_identity: to_conn.identity.clone(),
-        };
-        let pending = self.shared.prepare(state.seq, event, now_ms)?;
-        Ok(self.finish(&mut state, pending))
+        let bytes = EVENT_OVERHEAD + message.len();
+        self.write(
+            "TransactWriteItems sendPrivate",
+            POST_PRIVATE,
+            bytes,
+            |state| {
+                state.injected_failure("TransactWriteItems sendPrivate")?;
+                let conn = state
+                    .live_conn(connection_id, now_s)
+                    .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+                let name = conn.name.as_ref().ok_or(StoreError::NameRequired)?;
+                let Some(to_key) = to_key.as_deref() else {
+                    return Err(StoreError::UnknownRecipient(to.to_owned()));
+                };
+                if name.key == to_key {
+                    return Err(StoreError::SelfRecipient);
+                }
+                // The adapter reads the recipient's claim next: DynamoDB refuses a key that long.
+                limits::check_key(&self.shared.room_pk, &keys::name_sk(to_key))
+                    .map_err(|e| key_error(e, "GetItem name claim"))?;
+                let unknown = || StoreError::UnknownRecipient(to.to_owned());
+                let recipient = state.live_claim(to_key, now_s).ok_or_else(unknown)?;
+                let to_conn = state
+                    .live_conn(
+                        recipient.connection_id.as_deref().unwrap_or_default(),
+                        now_s,
+                    )
+                    .filter(|c| c.name.as_ref().is_some_and(|n| n.key == to_key))
+                    .ok_or_else(unknown)?;
+                let event = ChatEvent::PrivateMessageSent {
+                    connection_id: connection_id.to_owned(),
+                    name: name.display.clone(),
+                    to_connection_id: to_conn.connection_id.clone(),
+                    to_name: to_conn
+                        .name
+                        .as_ref()
+                        .map(|n| n.display.clone())
+                        .unwrap_or_default(),
+                    message: message.to_owned(),
+                    identity: conn.identity.clone(),
+                    to_identity: to_conn.identity.clone(),
+                };
+                let pending = self.shared.prepare(state.seq, event, now_ms)?;
+                Ok(self.finish(state, pending))
+            },
+        )
+        .await
     }
 
     async fn remove_connection(
@@ -632,31 +1177,38 @@ impl ChatStore for EmbeddedStore {
         reason: LeaveReason,
         now_ms: i64,
     ) -> Result<Option<StoredEvent>, StoreError> {
-        let mut state = self.shared.lock();
-        state.injected_failure("TransactWriteItems $disconnect")?;
         let sk = keys::conn_sk(connection_id);
-        // Expired connections are removed too: `$disconnect` for them is still real.
-        let Some(conn) = state.connections.get(&sk).cloned() else {
-            return Ok(None);
-        };
-        let Some(named) = conn.name else {
-            state.connections.remove(&sk);
-            return Ok(None);
-        };
-        let event = ChatEvent::MemberLeft {
-            connection_id: connection_id.to_owned(),
-            name: named.display,
-            reason,
-        };
-        let pending = self.shared.prepare(state.seq, event, now_ms)?;
-        state.connections.remove(&sk);
-        state.release(
-            &named.key,
-            connection_id,
-            conn.identity.as_deref(),
-            epoch_secs(now_ms),
-        );
-        Ok(Some(self.finish(&mut state, pending)))
+        self.write(
+            "TransactWriteItems $disconnect",
+            REMOVE_CONNECTION,
+            EVENT_OVERHEAD,
+            |state| {
+                state.injected_failure("TransactWriteItems $disconnect")?;
+                // Expired connections are removed too: `$disconnect` for them is still real.
+                let Some(conn) = state.connections.get(&sk).cloned() else {
+                    return Ok(None);
+                };
+                let Some(named) = conn.name else {
+                    state.put_conn(sk.clone(), None);
+                    return Ok(None);
+                };
+                let event = ChatEvent::MemberLeft {
+                    connection_id: connection_id.to_owned(),
+                    name: named.display,
+                    reason,
+                };
+                let pending = self.shared.prepare(state.seq, event, now_ms)?;
+                state.put_conn(sk.clone(), None);
+                state.release(
+                    &named.key,
+                    connection_id,
+                    conn.identity.as_deref(),
+                    epoch_secs(now_ms),
+                );
+                Ok(Some(self.finish(state, pending)))
+            },
+        )
+        .await
     }
 
     async fn schedule_redelivery(
@@ -673,10 +1225,12 @@ impl ChatStore for EmbeddedStore {
         let change = stream_change(now_ms, keys, image)
             .map_err(|e| StoreError::Malformed(format!("stream record: {e}")))?;
         let record = self.shared.record("INSERT", change);
-        let mut state = self.shared.lock();
-        state.injected_failure("PutItem redelivery")?;
-        state.publish(self.shared.instance, record);
-        drop(state);
+        self.write("PutItem redelivery", PUT_REDELIVERY, 0, |state| {
+            state.injected_failure("PutItem redelivery")?;
+            state.publish(self.shared.instance, record.clone());
+            Ok(())
+        })
+        .await?;
         self.shared.changed.notify_waiters();
         Ok(())
     }
@@ -690,17 +1244,19 @@ impl ChatStore for EmbeddedStore {
         if limit.is_off() {
             return Ok(true);
         }
-        let mut state = self.shared.lock();
-        let Some(conn) = state.connections.get_mut(&keys::conn_sk(connection_id)) else {
-            return Ok(true);
-        };
-        match ratelimit::take(limit, conn.bucket, now_ms) {
-            Some(next) => {
-                conn.bucket = Some(next);
-                Ok(true)
+        self.write("UpdateItem rate limit", TAKE_TOKEN, 0, |state| {
+            let Some(conn) = state.connections.get_mut(&keys::conn_sk(connection_id)) else {
+                return Ok(true);
+            };
+            match ratelimit::take(limit, conn.bucket, now_ms) {
+                Some(next) => {
+                    conn.bucket = Some(next);
+                    Ok(true)
+                }
+                None => Ok(false),
             }
-            None => Ok(false),
-        }
+        })
+        .await
     }
 
     async fn members_page(
@@ -709,19 +1265,47 @@ impl ChatStore for EmbeddedStore {
         now_ms: i64,
     ) -> Result<MembersPage, StoreError> {
         let now_s = epoch_secs(now_ms);
-        let state = self.shared.lock();
+        let (mut state, cutoff) = self.read(ReadOp::QueryMembers).await?;
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        // An eventually consistent query sees each item changed since the cutoff as it was
+        // before its first change since then.
+        let older = cutoff.map(|c| state.conns_before(c)).unwrap_or_default();
+        let mut current = state
+            .connections
+            .range::<str, _>((start, Bound::Unbounded))
+            .filter(|(sk, _)| !older.contains_key(*sk))
+            .peekable();
+        let mut previous = older
+            .range::<str, _>((start, Bound::Unbounded))
+            .filter_map(|(sk, c)| c.as_ref().map(|c| (sk, c)))
+            .peekable();
         let mut members = Vec::new();
         let mut evaluated = 0;
+        let mut bytes = 0;
         let mut last = None;
+        let mut full = false;
         // Like a DynamoDB Query with `Limit` and a filter: `Limit` counts the items read, the
         // filter (named and not expired) applies after, and a page that stopped at `Limit`
-        // carries a cursor even when nothing follows (the caller finds an empty page then).
-        for (sk, conn) in state.connections.range::<str, _>((start, Bound::Unbounded)) {
-            if self.page_limit.is_some_and(|limit| evaluated == limit) {
+        // (or at 1 MB read) carries a cursor even when nothing follows (the caller finds an
+        // empty page then).
+        loop {
+            let next = match (current.peek(), previous.peek()) {
+                (Some((a, _)), Some((b, _))) if a < b => current.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => previous.next(),
+                (Some(_), None) => current.next(),
+                (None, None) => None,
+            };
+            let Some((sk, conn)) = next else {
+                break;
+            };
+            if self.page_limit.is_some_and(|limit| evaluated == limit)
+                || bytes >= limits::QUERY_PAGE_MAX_BYTES
+            {
+                full = true;
                 break;
             }
             evaluated += 1;
+            bytes += conn_item_size(&self.shared.room_pk, sk, conn);
             last = Some(sk);
             if let (Some(name), true) = (&conn.name, conn.expires_at > now_s) {
                 members.push(Member {
@@ -730,10 +1314,12 @@ impl ChatStore for EmbeddedStore {
                 });
             }
         }
-        let next = match self.page_limit {
-            Some(limit) if evaluated == limit => last.cloned(),
-            _ => None,
-        };
+        let full = full
+            || self.page_limit.is_some_and(|limit| evaluated == limit)
+            || bytes >= limits::QUERY_PAGE_MAX_BYTES;
+        let next = if full { last.cloned() } else { None };
+        drop((current, previous));
+        self.charge_read(&mut state, ReadOp::QueryMembers, bytes);
         Ok(MembersPage { members, next })
     }
 
@@ -745,14 +1331,16 @@ impl ChatStore for EmbeddedStore {
     ) -> Result<EventsPage, StoreError> {
         let limit = limit.max(1);
         let now_s = epoch_secs(now_ms);
-        let state = self.shared.lock();
-        let live = |item: &&StoredItem| item.expires_at > now_s;
+        let (mut state, cutoff) = self.read(ReadOp::QueryEvents).await?;
+        let visible = |item: &&StoredItem| {
+            item.expires_at > now_s && cutoff.is_none_or(|c| item.committed <= c)
+        };
         let events: Vec<StoredEvent> = match range {
             EventRange::After(after) => state
                 .events
                 .range((Bound::Excluded(after), Bound::Unbounded))
                 .map(|(_, item)| item)
-                .filter(live)
+                .filter(visible)
                 .take(limit)
                 .map(|item| item.event.clone())
                 .collect(),
@@ -764,17 +1352,40 @@ impl ChatStore for EmbeddedStore {
                 ))
                 .rev()
                 .map(|(_, item)| item)
-                .filter(live)
+                .filter(visible)
                 .take(limit)
                 .map(|item| item.event.clone())
                 .collect(),
         };
+        let bytes = events
+            .iter()
+            .map(|e| EVENT_OVERHEAD + message_len(&e.event))
+            .sum();
+        self.charge_read(&mut state, ReadOp::QueryEvents, bytes);
         // As DynamoDB with `Limit`: a full page carries a cursor even if nothing follows.
         let next = (events.len() == limit)
             .then(|| events.last().map(|e| e.seq))
             .flatten();
         Ok(EventsPage { events, next })
     }
+}
+
+/// A connection item's size as DynamoDB counts it (names and values of its attributes), for
+/// the 1 MB a Query page reads at most.
+fn conn_item_size(room_pk: &str, sk: &str, c: &ConnItem) -> usize {
+    let mut size = keys::PK.len() + room_pk.len() + keys::SK.len() + sk.len();
+    size += keys::CONNECTION_ID.len() + c.connection_id.len();
+    size += keys::CONNECTED_AT.len() + 8 + keys::EXPIRES_AT.len() + 6;
+    if let Some(n) = &c.name {
+        size += keys::NAME.len() + n.display.len() + keys::NAME_KEY.len() + n.key.len();
+    }
+    if let Some(i) = &c.identity {
+        size += keys::IDENTITY.len() + i.len();
+    }
+    if c.bucket.is_some() {
+        size += keys::RATE_TOKENS.len() + keys::RATE_AT.len() + 14;
+    }
+    size
 }
 
 /// A reader of an [`EmbeddedStore`]'s change feed with its own checkpoint.

@@ -7,9 +7,11 @@
 //! guarantee that if it owns the whole operation. [`dynamodb::DynamoStore`] does it with one
 //! `TransactWriteItems` per change; an embedded adapter must keep exactly the same contract.
 
+pub mod aws_like;
 pub mod dynamodb;
 pub mod embedded;
 pub mod items;
+pub mod limits;
 
 use async_trait::async_trait;
 use thiserror::Error;
