@@ -42,11 +42,12 @@ impl ReadOp {
     /// Whether the read is strongly consistent (`ConsistentRead: true`).
     pub const fn consistent_read(self) -> bool {
         match self {
-            // Eventually consistent today: a member whose join committed a moment before the
-            // query can be missing from it (the real-conditions issue's missed joiner). The
-            // fix is to make this `true`; both adapters follow it.
-            ReadOp::QueryMembers => false,
-            ReadOp::GetConnection
+            // Strongly consistent: eventually consistent, a member whose join committed a
+            // moment before the query could be missing from it (the fan-out would miss the
+            // joiner, breaking the catch-up recipe). It costs twice the read units of an
+            // eventually consistent query (a page of 1 MB: 256 units instead of 128).
+            ReadOp::QueryMembers
+            | ReadOp::GetConnection
             | ReadOp::GetNameClaim
             | ReadOp::GetSequence
             | ReadOp::QueryEvents

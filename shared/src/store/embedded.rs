@@ -451,6 +451,10 @@ pub struct EmbeddedStore {
     page_limit: Option<usize>,
     /// Ideal, or like DynamoDB (latency, eventual consistency, contention).
     behaviour: StoreBehaviour,
+    /// A read served eventually consistent although the adapter asks for it strongly
+    /// consistent: for tests of the emulator itself, now that every read the adapter makes is
+    /// strongly consistent ([`EmbeddedStore::reading_eventually`]).
+    forced_eventual: Option<ReadOp>,
 }
 
 impl EmbeddedStore {
@@ -469,7 +473,21 @@ impl EmbeddedStore {
             }),
             page_limit: Some(DEFAULT_PAGE_ITEMS),
             behaviour: StoreBehaviour::IDEAL,
+            forced_eventual: None,
         }
+    }
+
+    /// Serves reads of `op` eventually consistent, whatever the adapter asks (only in a
+    /// lagging AWS-like mode): lets a test show what an eventually consistent read of that
+    /// kind would miss.
+    pub fn reading_eventually(mut self, op: ReadOp) -> Self {
+        self.forced_eventual = Some(op);
+        self
+    }
+
+    /// Whether reads of `op` are served strongly consistent (as the adapter asks them).
+    fn consistent(&self, op: ReadOp) -> bool {
+        op.consistent_read() && self.forced_eventual != Some(op)
     }
 
     /// Behaves as `behaviour` says (this store and the clones made from it after). An
@@ -813,7 +831,7 @@ impl EmbeddedStore {
     /// partition what it cost beyond the units `read` already took.
     fn charge_read(&self, state: &mut State, op: ReadOp, bytes: usize) {
         let units = bytes.div_ceil(4096).max(1) as u64;
-        state.consumed.read_half_units += if op.consistent_read() {
+        state.consumed.read_half_units += if self.consistent(op) {
             2 * units
         } else {
             units
@@ -822,7 +840,7 @@ impl EmbeddedStore {
             return;
         }
         // Served as the adapter asks; in ideal mode nothing is charged anyway.
-        let consistent = op.consistent_read() || !self.behaviour.lags();
+        let consistent = self.consistent(op) || !self.behaviour.lags();
         let taken = if consistent { 1.0 } else { 0.5 };
         let extra = read_units(bytes, consistent) - taken;
         if extra > 0.0 {
@@ -842,7 +860,7 @@ impl EmbeddedStore {
         sleep(self.behaviour.read_latency).await;
         // At least one unit must be there (half of one for an eventually consistent read);
         // what the read turns out to cost is charged after it by `charge_read`.
-        let need = if op.consistent_read() || !self.behaviour.lags() {
+        let need = if self.consistent(op) || !self.behaviour.lags() {
             1.0
         } else {
             0.5
@@ -869,7 +887,7 @@ impl EmbeddedStore {
                 .await?
             }
         }
-        let eventual = !op.consistent_read() && self.behaviour.lags();
+        let eventual = !self.consistent(op) && self.behaviour.lags();
         let cutoff = eventual.then(|| {
             let now = Instant::now();
             now.checked_sub(self.behaviour.draw_window()).unwrap_or(now)
