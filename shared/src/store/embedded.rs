@@ -16,6 +16,15 @@
 //! [`EmbeddedStore::expire`] plays DynamoDB's TTL sweeper: expired items go, and each expired
 //! event leaves a `REMOVE` record marked as done by the DynamoDB service.
 //!
+//! By default the store is ideal: every call is instant and every read strongly consistent.
+//! [`EmbeddedStore::with_behaviour`] makes it behave like DynamoDB
+//! ([`super::aws_like::StoreBehaviour`]): each operation takes the time of the calls the
+//! DynamoDB adapter makes for it, reads the adapter makes without `ConsistentRead`
+//! ([`super::aws_like::ReadOp`]) miss recent writes, appends collide on the room's counter as
+//! optimistic transactions do, and the room's partitions have DynamoDB's throughput. In every
+//! mode it enforces DynamoDB's limits with DynamoDB's errors ([`super::limits`]) and meters the
+//! request units DynamoDB would bill ([`EmbeddedStore::consumed`]).
+//!
 //! The feed keeps every record for the life of the process (DynamoDB Streams trims after
 //! 24 h; a local run is not expected to live long enough for that to matter).
 
