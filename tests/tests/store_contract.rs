@@ -1310,22 +1310,31 @@ async fn embedded_feed_sequence_numbers_sort_as_strings() {
 }
 
 #[tokio::test]
-async fn embedded_a_recipient_name_over_the_key_limit_is_refused_in_both_modes() {
+async fn embedded_a_recipient_no_valid_name_can_have_is_unknown_without_reading_a_key() {
     for behaviour in [StoreBehaviour::IDEAL, StoreBehaviour::aws_like()] {
-        // GIVEN a member (moto does not check the key of a GetItem, DynamoDB does: so this
-        // case is the embedded store's alone)
+        // GIVEN a member
         let store = EmbeddedStore::new(Retention::default()).with_behaviour(behaviour);
         let now = chat_shared::now_ms();
         join(&store, "a", "alice", now).await;
+        let claims_read = |s: &EmbeddedStore| {
+            s.reads()
+                .get(&ReadOp::GetNameClaim)
+                .map_or(0, |t| t.strongly_consistent + t.eventually_consistent)
+        };
+        let before = claims_read(&store);
 
-        // WHEN it whispers to a name whose claim key is over 1,024 bytes
+        // WHEN it whispers to a name whose claim key would be over DynamoDB's 1,024 bytes
         let refused = store
             .post_private("a", &"\u{FDFA}".repeat(32), "hi", now)
             .await;
 
-        // THEN the claim's read is refused as DynamoDB refuses it
-        let e = refused.expect_err("refused");
-        assert_eq!(aws_error(&e), validation(limits::RANGE_KEY_TOO_LONG));
+        // THEN nobody can have that name: unknown_recipient, and no claim was read (the key,
+        // which DynamoDB would refuse with a ValidationException, is never built)
+        assert!(
+            matches!(refused, Err(StoreError::UnknownRecipient(_))),
+            "{refused:?}"
+        );
+        assert_eq!(claims_read(&store), before);
     }
 }
 
@@ -1407,7 +1416,10 @@ async fn embedded_aws_like_eventually_consistent_reads_miss_only_writes_younger_
     // THEN it sees the state of 2 s ago exactly: carol by her old name, no bob, no alice
     let names: Vec<String> = members.into_iter().map(|m| m.name).collect();
     assert_eq!(names, ["carol"]);
-    assert_eq!(store.reads()[&ReadOp::QueryMembers].eventually_consistent, 1);
+    assert_eq!(
+        store.reads()[&ReadOp::QueryMembers].eventually_consistent,
+        1
+    );
 }
 
 #[tokio::test]
