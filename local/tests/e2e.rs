@@ -12,7 +12,7 @@ use chat_local::esm::EsmConfig;
 use chat_local::gateway::GatewayConfig;
 use chat_local::stack::{self, LocalOptions, RunningStack, StoreChoice};
 use chat_shared::config::{Retention, Tables};
-use chat_shared::store::aws_like::{ReadOp, StoreBehaviour};
+use chat_shared::store::aws_like::StoreBehaviour;
 use chat_shared::store::embedded::EmbeddedStore;
 use chat_tests::{unique_name, Moto};
 use futures::{SinkExt, StreamExt};
