@@ -10,19 +10,16 @@
 //! - [`fixtures`]: event JSON as AWS sends it, from `tests/fixtures/`;
 //! - [`world`]: the chat's handler and fan-out wired onto all of the above, for the end-to-end
 //!   suites;
-//! - [`slow_store`]: store latency around any `ChatStore` (the AWS-like timing on the embedded
-//!   store);
 //! - [`logs`]: what the code under test logged, for tests whose claim is "logged".
 //!
-//! The harness modules (all but [`world`] and [`slow_store`]) deliberately use nothing from
-//! `chat-shared` or `chat-local`, so the harness can be trusted on its own (see
-//! `tests/harness_selftest.rs`); [`world`] and [`slow_store`] are where the chat comes in.
+//! The harness modules (all but [`world`]) deliberately use nothing from `chat-shared` or
+//! `chat-local`, so the harness can be trusted on its own (see `tests/harness_selftest.rs`);
+//! [`world`] is where the chat comes in.
 
 pub mod connections;
 pub mod fixtures;
 pub mod logs;
 pub mod moto;
-pub mod slow_store;
 pub mod streams;
 pub mod world;
 

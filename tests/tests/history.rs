@@ -11,11 +11,11 @@ use aws_lambda_events::apigw::ApiGatewayWebsocketProxyRequest;
 use aws_lambda_events::encodings::Body;
 use chat_shared::config::{HandlerConfig, Retention, Tables};
 use chat_shared::handler::handle_request;
+use chat_shared::store::aws_like::StoreBehaviour;
 use chat_shared::store::dynamodb::{create_tables, DynamoStore};
 use chat_shared::store::embedded::EmbeddedStore;
 use chat_shared::store::{ChatStore, EventRange};
 use chat_shared::validation::validate_name;
-use chat_tests::slow_store::SlowStore;
 use chat_tests::{fixture_json, unique_name, Moto};
 use serde_json::{json, Value};
 
@@ -32,12 +32,21 @@ async fn embedded() -> Subject {
     }
 }
 
-/// The embedded store with store latency (5 ms reads, 10 ms writes): the AWS-like timing.
-async fn embedded_with_latency() -> Subject {
+/// The embedded store in AWS-like mode (`chat-local --aws-like`): 5 ms reads, 10 ms writes,
+/// writers colliding on the room's counter, eventually consistent reads lagging. Without the
+/// per-partition throughput limit: these cases write faster than one partition's 1,000 write
+/// units a second on purpose, and a throttled write is not what they are about.
+async fn embedded_aws_like() -> Subject {
+    let behaviour = StoreBehaviour {
+        partition: None,
+        ..StoreBehaviour::aws_like()
+    };
     Subject {
-        store: Arc::new(SlowStore::new(
-            EmbeddedStore::new(Retention::default()).with_page_limit(3),
-        )),
+        store: Arc::new(
+            EmbeddedStore::new(Retention::default())
+                .with_page_limit(3)
+                .with_behaviour(behaviour),
+        ),
         _moto: None,
     }
 }
@@ -530,12 +539,12 @@ macro_rules! on_every_store {
                 }
             )*
         }
-        mod embedded_store_with_latency {
+        mod embedded_store_aws_like {
             use super::*;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    super::$case(embedded_with_latency().await).await;
+                    super::$case(embedded_aws_like().await).await;
                 }
             )*
         }
