@@ -41,17 +41,23 @@ async fn world() -> World {
     .expect("moto must start (run scripts/test)")
 }
 
+/// alice (A), bob (B) and carol (C) join, their joins are fanned out, and the endpoint forgets
+/// what it recorded.
+async fn three_members(w: &mut World) {
+    for (id, name) in [("A", "alice"), ("B", "bob"), ("C", "carol")] {
+        w.join(id, name).await;
+    }
+    w.fan_out().await;
+    w.endpoint.clear();
+}
+
 #[tokio::test]
 async fn a_private_message_after_a_deadline_passed_mid_broadcast_is_retried_not_dropped() {
     // GIVEN alice, bob and carol are members, and a batch [broadcast, private message, public
     // message]
     let mut w = world().await;
     w.fanout.time_margin = Duration::ZERO;
-    w.join("A", "alice").await;
-    w.join("B", "bob").await;
-    w.join("C", "carol").await;
-    w.fan_out().await;
-    w.endpoint.clear();
+    three_members(&mut w).await;
     let said = w
         .send("B", json!({"action":"sendPublic","message":"slow"}))
         .await;
@@ -366,11 +372,7 @@ async fn an_account_throttled_for_a_while_slows_the_broadcast_without_failing_it
     let mut w = world().await;
     w.fanout.throttle_backoff = Duration::from_millis(5);
     w.fanout.pacer = Pacer::per_second(1_000);
-    w.join("A", "alice").await;
-    w.join("B", "bob").await;
-    w.join("C", "carol").await;
-    w.fan_out().await;
-    w.endpoint.clear();
+    three_members(&mut w).await;
     let said = w
         .send("A", json!({"action":"sendPublic","message":"hello"}))
         .await;
@@ -402,11 +404,7 @@ async fn an_account_throttled_for_a_while_slows_the_broadcast_without_failing_it
 async fn a_recipient_failing_forever_costs_a_bounded_number_of_posts_and_nobody_else_pays() {
     // GIVEN alice, bob and carol are members, and carol's endpoint answers 500 forever
     let mut w = world().await;
-    w.join("A", "alice").await;
-    w.join("B", "bob").await;
-    w.join("C", "carol").await;
-    w.fan_out().await;
-    w.endpoint.clear();
+    three_members(&mut w).await;
     w.endpoint.fail_next("C", 500, usize::MAX);
     let said = w
         .send("A", json!({"action":"sendPublic","message":"hello"}))
