@@ -56,13 +56,6 @@ impl DeliveryError {
             DeliveryError::Throttled(_) | DeliveryError::Transient(_)
         )
     }
-
-    /// Whether the frame may still be delivered by a later attempt (a retry now, or Lambda's
-    /// retry of the record): everything but a refusal for good. Out of time is in this class:
-    /// a frame that was not sent for lack of time was not refused.
-    pub fn may_succeed_later(&self) -> bool {
-        self.is_retryable() || matches!(self, DeliveryError::OutOfTime)
-    }
 }
 
 /// The port the fan-out sends through.
