@@ -115,7 +115,7 @@ async fn member_list(store: &dyn ChatStore) -> anyhow::Result<Vec<Member>> {
     // Bounded: a page is never empty with a cursor forever, but a bug must not spin here.
     for _ in 0..1_000_000 {
         let page = store
-            .members_page(after.as_deref(), now)
+            .members_page(chat_shared::keys::DEFAULT_ROOM, 0, after.as_deref(), now)
             .await
             .context("reading the members")?;
         all.extend(page.members);

@@ -158,7 +158,9 @@ async fn count_members(store: &dyn ChatStore, now_ms: i64) -> Result<usize, Repl
     let mut count = 0;
     let mut after: Option<String> = None;
     loop {
-        let page = store.members_page(after.as_deref(), now_ms).await?;
+        let page = store
+            .members_page(chat_shared::keys::DEFAULT_ROOM, 0, after.as_deref(), now_ms)
+            .await?;
         count += page.members.len();
         match page.next {
             Some(next) => after = Some(next),

@@ -37,6 +37,8 @@ async fn seed(w: &World) -> i64 {
         .set_name("A", &valid("al"), at(5))
         .await
         .expect("rename")
+        .into_iter()
+        .next()
         .expect("a new name records MemberRenamed");
     w.store
         .post_public("B", "hi all", at(6))
@@ -47,6 +49,8 @@ async fn seed(w: &World) -> i64 {
         .remove_connection("C", LeaveReason::Disconnected, at(8))
         .await
         .expect("leave")
+        .into_iter()
+        .next()
         .expect("a member's leave records MemberLeft");
     w.store.post_public("A", "bye", at(9)).await.expect("post");
     base

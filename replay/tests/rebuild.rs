@@ -110,7 +110,9 @@ async fn seed(w: &World) -> Item {
     w.store
         .remove_connection("C", LeaveReason::Disconnected, now)
         .await
-        .expect("leave");
+        .expect("leave")
+        .into_iter()
+        .next();
     w.join("D", "dave", now).await;
     carol
 }
@@ -271,6 +273,8 @@ async fn rebuild_reports_exactly_the_drift_fixes_it_with_apply_and_the_chat_goes
         .set_name("E", &valid("ghost"), now)
         .await
         .expect("the orphaned name is free again")
+        .into_iter()
+        .next()
         .expect("a rename");
     assert_eq!(renamed.seq, 9);
     assert_eq!(
@@ -324,11 +328,15 @@ async fn with_authentication_reservations_are_kept_and_restored_claims_stay_boun
     w.store
         .set_name("A", &valid("alice"), now)
         .await
-        .expect("join");
+        .expect("join")
+        .into_iter()
+        .next();
     w.store
         .remove_connection("A", LeaveReason::Disconnected, now)
         .await
-        .expect("leave");
+        .expect("leave")
+        .into_iter()
+        .next();
     w.store
         .add_identified_connection("B", Some("u-bob"), now)
         .await
@@ -336,7 +344,9 @@ async fn with_authentication_reservations_are_kept_and_restored_claims_stay_boun
     w.store
         .set_name("B", &valid("bob"), now)
         .await
-        .expect("join");
+        .expect("join")
+        .into_iter()
+        .next();
     let reservation = w.get("NAME#alice").await.expect("alice's reservation");
     assert!(!reservation.contains_key("connectionId"));
 
@@ -390,7 +400,9 @@ async fn with_authentication_reservations_are_kept_and_restored_claims_stay_boun
     w.store
         .set_name("B2", &valid("bob"), now)
         .await
-        .expect("bob takes his name back");
+        .expect("bob takes his name back")
+        .into_iter()
+        .next();
     // AND alice's reservation still holds against another identity
     w.store
         .add_identified_connection("M", Some("u-mallory"), now)

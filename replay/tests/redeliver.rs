@@ -45,7 +45,12 @@ fn split(mut frame: Value) -> (Value, Option<u64>, Option<i64>) {
 
 async fn last_id(w: &World) -> u64 {
     w.store
-        .read_events(EventRange::Before(None), 1, chat_shared::now_ms())
+        .read_events(
+            chat_shared::keys::DEFAULT_ROOM,
+            EventRange::Before(None),
+            1,
+            chat_shared::now_ms(),
+        )
         .await
         .expect("read")
         .events

@@ -19,6 +19,8 @@ pub enum LeaveReason {
     Gone,
     /// The same authenticated identity took its name back from a newer connection.
     Replaced,
+    /// The member asked to leave the room (`leave`).
+    Left,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

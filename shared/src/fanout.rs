@@ -314,7 +314,10 @@ fn members(
             Cursor::After(sk) => Some(sk),
             Cursor::Done => return None,
         };
-        match store.members_page(after.as_deref(), now_ms).await {
+        match store
+            .members_page(crate::keys::DEFAULT_ROOM, 0, after.as_deref(), now_ms)
+            .await
+        {
             Ok(page) => {
                 let next = page.next.map_or(Cursor::Done, Cursor::After);
                 Some((Ok(page.members), next))

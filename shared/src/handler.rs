@@ -73,6 +73,14 @@ pub fn refusal_for(err: &StoreError, action: &str) -> Refusal {
             ErrorCode::UnknownRecipient,
             "No member has that name.".to_owned(),
         ),
+        StoreError::NotAMember(room) => (
+            ErrorCode::NotAMember,
+            format!("You are not a member of room \"{room}\"; join it first."),
+        ),
+        StoreError::TooManyRooms(max) => (
+            ErrorCode::TooManyRooms,
+            format!("You are already in {max} rooms, the most allowed; leave one first."),
+        ),
         StoreError::SelfRecipient => (
             ErrorCode::InvalidRecipient,
             "You cannot send a private message to yourself.".to_owned(),
@@ -136,7 +144,7 @@ pub async fn handle_request(
             let left = store
                 .remove_connection(connection_id, LeaveReason::Disconnected, now_ms)
                 .await?;
-            info!(connection_id, had_joined = left.is_some(), "disconnected");
+            info!(connection_id, rooms_left = left.len(), "disconnected");
             Ok(response(200, None))
         }
         _ => {
@@ -245,8 +253,8 @@ async fn perform(
             store
                 .set_name(connection_id, &name, now_ms)
                 .await
-                .map(|event| {
-                    if let Some(event) = event {
+                .map(|events| {
+                    for event in events {
                         info!(
                             connection_id,
                             event_id = event.seq,

@@ -136,7 +136,9 @@ pub async fn history_response(
             .min(HISTORY_READ_MAX)
             .min(examine_cap - examined)
             .max(1);
-        let page = store.read_events(range, read, now_ms).await?;
+        let page = store
+            .read_events(crate::keys::DEFAULT_ROOM, range, read, now_ms)
+            .await?;
         for event in &page.events {
             examined += 1;
             if let Some(frame) = history_frame(event, reader) {

@@ -1,12 +1,22 @@
 //! Every table, key format and attribute name the chat stores, documented in one place.
 //!
-//! Both tables use string partition keys so one room's data sits together.
+//! Layout version 2 (rooms). Both tables keep their key schema (`pk`/`seq` and `pk`/`sk`);
+//! what changed from version 1 is which items share a partition. Version 1 kept every
+//! connection, name claim, rate-limit bucket and the room's counter under one partition key
+//! (`ROOM#lobby`): one hot partition, capped by DynamoDB at about 1,000 write units/s and
+//! 3,000 read units/s. Version 2 spreads them:
+//! - per-request writes (the rate-limit bucket) go to the connection's own partition;
+//! - name claims each have their own partition;
+//! - a room's members are sharded (`MEMBERS#<room>#<shard>`), so a broadcast reads its room
+//!   only, members only, in parallel over the shards, and joins spread over the shards;
+//! - a room's sequence counter lives **with the log it numbers**, in the events table (which
+//!   the template retains), so replacing the connections table cannot restart ids at 0.
 //!
-//! ## Events table (`EVENTS_TABLE`) — the message history
+//! ## Events table (`EVENTS_TABLE`) — the message history, one partition per room
 //! | attribute      | type | meaning                                                        |
 //! |----------------|------|----------------------------------------------------------------|
 //! | `pk`           | S    | partition key, `ROOM#<room>`: one room's events read in order  |
-//! | `seq`          | N    | sort key: the event id, a per-room sequence 1, 2, 3, …         |
+//! | `seq`          | N    | sort key: the event id, a per-room sequence 1, 2, 3, …; 0 is the room's counter item |
 //! | `type`         | S    | `MemberJoined`, `MemberRenamed`, `MemberLeft`, `MessagePosted`, `PrivateMessageSent` |
 //! | `v`            | N    | schema version of the item (1), for upcasting later            |
 //! | `ts`           | N    | commit time, ms since the epoch                                |
@@ -19,7 +29,27 @@
 //! | `identity`, `toIdentity` | S | private messages only, when authenticated: the sender's and the recipient's identity, the two who may read it back from history |
 //! | `reason`       | S    | leaves only: `disconnected`, `gone` (pruned on 410) or `replaced` |
 //!
-//! Items are immutable: the only REMOVE records on its stream are TTL deletions.
+//! Event items are immutable: the only REMOVE records of event items are TTL deletions.
+//! Private messages are not room-scoped but are numbered in `lobby`'s log (`ROOM#lobby`), as
+//! in layout 1: their frames carry that id.
+//!
+//! **The room's counter** is the item at `seq = 0` of the room's partition (history reads
+//! ask for `seq >= 1`, so they never see it):
+//! | attribute | type | meaning                                                             |
+//! |-----------|------|---------------------------------------------------------------------|
+//! | `pk`, `seq` | S, N | `ROOM#<room>`, `0`                                                |
+//! | `type`    | S    | `Counter`                                                           |
+//! | `last`    | N    | the last event id given out in the room (no TTL: never expires)     |
+//! | `members` | N    | how many members the room has, kept with each sequenced join/leave  |
+//! | `shards`  | N    | how many member shards the room uses (1, 2, 4, … ≤ [`MAX_MEMBER_SHARDS`]; absent = 1) |
+//!
+//! Every append is a compare-and-swap on `last` in the same transaction as the event item, so
+//! ids are dense and committed in id order. The counter changes on every append, so it is on
+//! the table's stream too (`INSERT` then `MODIFY` records of `type` `Counter`): the fan-out
+//! skips them (and the template's event source mapping filters them out before Lambda).
+//! A room whose counter is missing (a table written by layout 1, or restored) starts from
+//! its newest event: a writer whose append collides with an existing id moves the counter up
+//! to the log's newest id.
 //!
 //! The same table holds **redelivery items** (`crate::redelivery`): frames a broadcast still
 //! owes a few connections, brought back to the fan-out by the stream. Their partition is
@@ -36,19 +66,29 @@
 //! | `connectionIds`| L    | the connections still owed them (at most 500 per item)         |
 //! | `round`, `notBefore` | N | which retry round this is (1-based), and not before when (ms) |
 //!
-//! ## Connections table (`CONNECTIONS_TABLE`) — current state, all items with TTL
-//! | `pk`          | `sk`               | other attributes                                  |
-//! |---------------|--------------------|---------------------------------------------------|
-//! | `ROOM#<room>` | `CONN#<connId>`    | `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once joined `name`, `nameKey`; the rate-limit bucket `rlTokens`, `rlAt` |
-//! | `ROOM#<room>` | `NAME#<nameKey>`   | a name claim: `connectionId`, `name`, `expiresAt`, and `identity` when its holder is authenticated; without `connectionId` it is that identity's reservation |
-//! | `ROOM#<room>` | `SEQ`              | `seq`: the last event id given out in the room (no TTL) |
+//! ## Connections table (`CONNECTIONS_TABLE`) — current state, every item with TTL
+//! | `pk`                      | `sk`       | other attributes                                  |
+//! |---------------------------|------------|---------------------------------------------------|
+//! | `CONN#<connId>`           | `CONN`     | the connection: `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once named `name`, `nameKey`; `rooms` (M: room → its member shard) for every room it is a member of; the rate-limit bucket `rlTokens`, `rlAt` |
+//! | `NAME#<nameKey>`          | `NAME`     | a name claim: `connectionId`, `name`, `expiresAt`, and `identity` when its holder is authenticated; without `connectionId` it is that identity's reservation |
+//! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's) |
+//!
+//! A member is a connection named and joined to a room: its `MEMBERS#` item and its
+//! connection's `rooms` entry are written and removed together, in one transaction with the
+//! room's `MemberJoined`/`MemberLeft` event. The shard is `member_shard(connId, shards)` with
+//! the room's `shards` when it joined, and is remembered in `rooms`, so a leave finds the
+//! item whatever the room's shard count is by then. Shards only grow (a join that takes the
+//! room above `shards × MEMBERS_PER_SHARD` members doubles `shards` in its transaction), so
+//! reading shards `0..shards` finds every member. `setName` makes a connection a member of
+//! [`DEFAULT_ROOM`].
 //!
 //! `nameKey` is the name's NFKC_Casefold without invisible characters (`validation::name_key`):
-//! names are unique ignoring case and Unicode compatibility differences. A member is a
-//! `CONN#` item with a `name`. `expiresAt` is epoch seconds; DynamoDB deletes expired items
-//! only eventually, so every read also treats `expiresAt <= now` as absent.
+//! names are unique ignoring case and Unicode compatibility differences. `expiresAt` is epoch
+//! seconds; DynamoDB deletes expired items only eventually, so every read also treats
+//! `expiresAt <= now` as absent (a member item expires with its connection).
 
-/// The one room of the classic chat. Keys carry the room so more can come without a migration.
+/// The room of the classic chat: `setName` joins it, and `sendPublic`/`history` without a
+/// `room` mean it.
 pub const DEFAULT_ROOM: &str = "lobby";
 
 pub const PK: &str = "pk";
@@ -65,13 +105,29 @@ pub const IDENTITY: &str = "identity";
 /// The connection's rate-limit bucket: thousandths of a token, and when it was last updated (ms).
 pub const RATE_TOKENS: &str = "rlTokens";
 pub const RATE_AT: &str = "rlAt";
+/// The connection's rooms: a map from room name to the member shard its item is in.
+pub const ROOMS: &str = "rooms";
 
-/// The sort key of a room's sequence counter item.
-pub const SEQ_SK: &str = "SEQ";
-/// Sort-key prefix of connection items, for `begins_with` member queries.
-pub const CONN_PREFIX: &str = "CONN#";
-/// Sort-key prefix of name claims.
-pub const NAME_PREFIX: &str = "NAME#";
+/// The counter item's sort key in the room's event partition.
+pub const COUNTER_SEQ: u64 = 0;
+/// The counter item's `type`.
+pub const COUNTER_TYPE: &str = "Counter";
+/// The counter's last id given out.
+pub const COUNTER_LAST: &str = "last";
+/// The counter's member count.
+pub const COUNTER_MEMBERS: &str = "members";
+/// The counter's member shard count.
+pub const COUNTER_SHARDS: &str = "shards";
+
+/// Sort key of a connection item.
+pub const CONN_SK: &str = "CONN";
+/// Sort key of a name claim.
+pub const NAME_SK: &str = "NAME";
+
+/// A room's member shards hold about this many members each before the room doubles them.
+pub const MEMBERS_PER_SHARD: u64 = 1_000;
+/// The most member shards a room uses (enough for 100,000 members at under 1,000 a shard).
+pub const MAX_MEMBER_SHARDS: u32 = 256;
 
 pub fn room_pk(room: &str) -> String {
     format!("ROOM#{room}")
@@ -82,10 +138,78 @@ pub fn redelivery_pk(room: &str) -> String {
     format!("REDELIVERY#{room}")
 }
 
+/// The partition of a connection's item.
+pub fn conn_pk(connection_id: &str) -> String {
+    format!("CONN#{connection_id}")
+}
+
+/// The partition of a name's claim.
+pub fn name_pk(name_key: &str) -> String {
+    format!("NAME#{name_key}")
+}
+
+/// The partition of one shard of a room's members.
+pub fn members_pk(room: &str, shard: u32) -> String {
+    format!("MEMBERS#{room}#{shard}")
+}
+
+/// The shard a connection's member item goes to in a room of `shards` shards: a stable hash
+/// (FNV-1a, the same in every process and release), so retries land on the same shard.
+pub fn member_shard(connection_id: &str, shards: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in connection_id.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % shards.max(1)
+}
+
+/// How many shards a room of `members` members uses, given it uses `shards` now: doubled
+/// while over [`MEMBERS_PER_SHARD`] each, never fewer than now, at most [`MAX_MEMBER_SHARDS`].
+pub fn shards_for(members: u64, shards: u32) -> u32 {
+    let mut s = shards.max(1);
+    while members > u64::from(s) * MEMBERS_PER_SHARD && s < MAX_MEMBER_SHARDS {
+        s *= 2;
+    }
+    s
+}
+
+// Layout 1, still used by the adapters until they move to layout 2 (delete with the last use).
+pub const SEQ_SK: &str = "SEQ";
+pub const CONN_PREFIX: &str = "CONN#";
+pub const NAME_PREFIX: &str = "NAME#";
 pub fn conn_sk(connection_id: &str) -> String {
     format!("{CONN_PREFIX}{connection_id}")
 }
-
 pub fn name_sk(name_key: &str) -> String {
     format!("{NAME_PREFIX}{name_key}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_grow_by_doubling_and_never_shrink() {
+        assert_eq!(shards_for(0, 1), 1);
+        assert_eq!(shards_for(1_000, 1), 1);
+        assert_eq!(shards_for(1_001, 1), 2);
+        assert_eq!(shards_for(100_000, 1), 128);
+        assert_eq!(shards_for(10, 8), 8);
+        assert_eq!(shards_for(10_000_000, 1), MAX_MEMBER_SHARDS);
+    }
+
+    #[test]
+    fn member_shard_is_stable_and_in_range() {
+        assert_eq!(member_shard("abc=", 1), 0);
+        let s = member_shard("Xk3fGdmLIAMCJfA=", 128);
+        assert!(s < 128);
+        assert_eq!(s, member_shard("Xk3fGdmLIAMCJfA=", 128));
+        // Spread: 10,000 ids over 16 shards, none empty or with more than twice its share.
+        let mut counts = [0u32; 16];
+        for i in 0..10_000 {
+            counts[member_shard(&format!("conn-{i}="), 16) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 300 && c < 1_250), "{counts:?}");
+    }
 }

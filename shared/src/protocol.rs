@@ -88,10 +88,16 @@ pub enum ErrorCode {
     InternalError,
     /// The connection sent more requests than its rate limit allows; nothing was done.
     RateLimited,
+    /// `room` is not a valid room name.
+    InvalidRoom,
+    /// Sending to (or leaving) a room the connection has not joined.
+    NotAMember,
+    /// Joining would take the connection over its room limit.
+    TooManyRooms,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidRequest,
         ErrorCode::UnknownAction,
@@ -107,6 +113,9 @@ impl ErrorCode {
         ErrorCode::NotConnected,
         ErrorCode::InternalError,
         ErrorCode::RateLimited,
+        ErrorCode::InvalidRoom,
+        ErrorCode::NotAMember,
+        ErrorCode::TooManyRooms,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -126,6 +135,9 @@ impl ErrorCode {
             ErrorCode::NotConnected => "not_connected",
             ErrorCode::InternalError => "internal_error",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::InvalidRoom => "invalid_room",
+            ErrorCode::NotAMember => "not_a_member",
+            ErrorCode::TooManyRooms => "too_many_rooms",
         }
     }
 }

@@ -142,6 +142,8 @@ async fn populate(store: &dyn ChatStore) -> Vec<u64> {
             .set_name("A", &validate_name("alice").expect("name"), now)
             .await
             .expect("join")
+            .into_iter()
+            .next()
             .expect("event")
             .seq,
     );
@@ -152,6 +154,8 @@ async fn populate(store: &dyn ChatStore) -> Vec<u64> {
                     .set_name("B", &validate_name("bob").expect("name"), now)
                     .await
                     .expect("join")
+                    .into_iter()
+                    .next()
                     .expect("event")
                     .seq,
             );
@@ -237,7 +241,9 @@ async fn large_pages_stay_under_the_message_limit(s: Subject) {
     store
         .set_name("A", &validate_name("alice").expect("name"), now)
         .await
-        .expect("join");
+        .expect("join")
+        .into_iter()
+        .next();
     for i in 0..60 {
         let pad = 3_500 + (i * 97) % 592;
         store
@@ -294,7 +300,9 @@ async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
         store
             .set_name(&id, &validate_name(&format!("w{w}")).expect("name"), now)
             .await
-            .expect("join");
+            .expect("join")
+            .into_iter()
+            .next();
     }
     let first_post = WRITERS as u64 + 1;
     let last_post = (WRITERS * (POSTS + 1)) as u64;
@@ -346,7 +354,12 @@ async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             while tokio::time::Instant::now() < deadline {
                 let page = store
-                    .read_events(EventRange::After(cursor), 5, chat_shared::now_ms())
+                    .read_events(
+                        chat_shared::keys::DEFAULT_ROOM,
+                        EventRange::After(cursor),
+                        5,
+                        chat_shared::now_ms(),
+                    )
                     .await
                     .expect("read");
                 let unfinished = writes_done.load(Ordering::SeqCst) < WRITERS * POSTS;
@@ -417,7 +430,9 @@ async fn private_messages_are_history_for_their_two_authenticated_parties(s: Sub
             store
                 .set_name(id, &validate_name(display).expect("name"), now)
                 .await
-                .expect("join");
+                .expect("join")
+                .into_iter()
+                .next();
         }
     }
     store
@@ -500,7 +515,9 @@ async fn private_messages_are_history_for_their_two_authenticated_parties(s: Sub
     store
         .remove_connection("B", chat_shared::events::LeaveReason::Disconnected, now)
         .await
-        .expect("leave");
+        .expect("leave")
+        .into_iter()
+        .next();
     let later = now + (chat_shared::store::NAME_RESERVATION_SECS + 60) * 1000;
     store
         .add_identified_connection("Y", Some("u4"), later)
@@ -509,7 +526,9 @@ async fn private_messages_are_history_for_their_two_authenticated_parties(s: Sub
     store
         .set_name("Y", &validate_name("bob").expect("name"), later)
         .await
-        .expect("the reservation has passed");
+        .expect("the reservation has passed")
+        .into_iter()
+        .next();
     // THEN the new "bob" reads none of the old bob's private messages
     let r = handle_request(
         store,

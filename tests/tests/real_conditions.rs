@@ -17,7 +17,9 @@ use chat_shared::protocol::{HistoryDirection, HistoryRequest};
 use chat_shared::ratelimit::RateLimit;
 use chat_shared::redelivery::{self, Redelivery};
 use chat_shared::store::embedded::EmbeddedStore;
-use chat_shared::store::{ChatStore, Connection, EventRange, EventsPage, MembersPage, StoreError};
+use chat_shared::store::{
+    ChatStore, Connection, EventRange, EventsPage, Joined, MembersPage, StoreError,
+};
 use chat_shared::validation::{validate_name, ValidName};
 use chat_tests::world::code;
 use chat_tests::{World, WorldConfig};
@@ -190,16 +192,41 @@ impl<S: ChatStore> ChatStore for CountingReads<S> {
         connection_id: &str,
         name: &ValidName,
         now_ms: i64,
-    ) -> Result<Option<StoredEvent>, StoreError> {
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         self.inner.set_name(connection_id, name, now_ms).await
     }
-    async fn post_public(
+    async fn join_room(
         &self,
         connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        now_ms: i64,
+    ) -> Result<Joined, StoreError> {
+        self.inner
+            .join_room(connection_id, room, max_rooms, now_ms)
+            .await
+    }
+    async fn leave_room(
+        &self,
+        connection_id: &str,
+        room: &str,
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        self.inner
+            .leave_room(connection_id, room, reason, now_ms)
+            .await
+    }
+    async fn post_to_room(
+        &self,
+        connection_id: &str,
+        room: &str,
         message: &str,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        self.inner.post_public(connection_id, message, now_ms).await
+        self.inner
+            .post_to_room(connection_id, room, message, now_ms)
+            .await
     }
     async fn post_private(
         &self,
@@ -217,7 +244,7 @@ impl<S: ChatStore> ChatStore for CountingReads<S> {
         connection_id: &str,
         reason: LeaveReason,
         now_ms: i64,
-    ) -> Result<Option<StoredEvent>, StoreError> {
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         self.inner
             .remove_connection(connection_id, reason, now_ms)
             .await
@@ -245,20 +272,26 @@ impl<S: ChatStore> ChatStore for CountingReads<S> {
     ) -> Result<(), StoreError> {
         self.inner.schedule_redelivery(redelivery, now_ms).await
     }
+    async fn member_shards(&self, room: &str, now_ms: i64) -> Result<u32, StoreError> {
+        self.inner.member_shards(room, now_ms).await
+    }
     async fn members_page(
         &self,
+        room: &str,
+        shard: u32,
         after: Option<&str>,
         now_ms: i64,
     ) -> Result<MembersPage, StoreError> {
-        self.inner.members_page(after, now_ms).await
+        self.inner.members_page(room, shard, after, now_ms).await
     }
     async fn read_events(
         &self,
+        room: &str,
         range: EventRange,
         limit: usize,
         now_ms: i64,
     ) -> Result<EventsPage, StoreError> {
-        let page = self.inner.read_events(range, limit, now_ms).await?;
+        let page = self.inner.read_events(room, range, limit, now_ms).await?;
         self.examined.fetch_add(page.events.len(), Ordering::SeqCst);
         self.reads.fetch_add(1, Ordering::SeqCst);
         Ok(page)

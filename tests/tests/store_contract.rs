@@ -165,6 +165,8 @@ async fn join(store: &dyn ChatStore, id: &str, display: &str, now_ms: i64) -> St
         .set_name(id, &name(display), now_ms)
         .await
         .expect("set name")
+        .into_iter()
+        .next()
         .expect("a first name records an event")
 }
 
@@ -174,7 +176,7 @@ async fn all_members(store: &dyn ChatStore, now_ms: i64) -> Vec<Member> {
     let mut after: Option<String> = None;
     for _ in 0..100 {
         let page = store
-            .members_page(after.as_deref(), now_ms)
+            .members_page(keys::DEFAULT_ROOM, 0, after.as_deref(), now_ms)
             .await
             .expect("members page");
         assert!(page.members.len() <= PAGE_LIMIT, "page too big: {page:?}");
@@ -227,14 +229,36 @@ async fn names_join_rename_and_free_the_old_name(f: &mut Fixture) {
     s.add_connection("b", now).await.expect("connect");
 
     // WHEN a names itself, renames, repeats the name, changes only its case; b takes the old name
-    let joined = s.set_name("a", &name("alice"), now).await.expect("join");
-    let renamed = s.set_name("a", &name("al"), now).await.expect("rename");
-    let same = s.set_name("a", &name("al"), now).await.expect("same name");
-    let recased = s.set_name("a", &name("AL"), now).await.expect("recase");
+    let joined = s
+        .set_name("a", &name("alice"), now)
+        .await
+        .expect("join")
+        .into_iter()
+        .next();
+    let renamed = s
+        .set_name("a", &name("al"), now)
+        .await
+        .expect("rename")
+        .into_iter()
+        .next();
+    let same = s
+        .set_name("a", &name("al"), now)
+        .await
+        .expect("same name")
+        .into_iter()
+        .next();
+    let recased = s
+        .set_name("a", &name("AL"), now)
+        .await
+        .expect("recase")
+        .into_iter()
+        .next();
     let taken_old = s
         .set_name("b", &name("alice"), now)
         .await
-        .expect("old name");
+        .expect("old name")
+        .into_iter()
+        .next();
 
     // THEN join (id 1), rename (id 2), nothing, rename (id 3); the old name was free
     let joined = joined.expect("join recorded");
@@ -331,8 +355,8 @@ async fn racing_claims_for_one_name_have_exactly_one_winner(f: &mut Fixture) {
 
         // THEN exactly one wins; the other is told the name is taken and stays unnamed
         let (winner, won, lost, loser) = match (rx, ry) {
-            (Ok(Some(e)), Err(l)) => (x, e, l, y),
-            (Err(l), Ok(Some(e))) => (y, e, l, x),
+            (Ok(mut e), Err(l)) if e.len() == 1 => (x, e.remove(0), l, y),
+            (Err(l), Ok(mut e)) if e.len() == 1 => (y, e.remove(0), l, x),
             other => panic!("round {round}: expected one winner, got {other:?}"),
         };
         assert!(matches!(lost, StoreError::NameTaken(_)), "{lost:?}");
@@ -402,6 +426,8 @@ async fn an_expired_claim_can_be_taken_by_a_new_connection(f: &mut Fixture) {
         .remove_connection("a", LeaveReason::Disconnected, later)
         .await
         .expect("remove")
+        .into_iter()
+        .next()
         .expect("a had joined");
     assert_eq!(
         left.event,
@@ -532,19 +558,27 @@ async fn removing_a_connection_releases_its_name_once(f: &mut Fixture) {
     let left = s
         .remove_connection("a", LeaveReason::Gone, now)
         .await
-        .expect("remove");
+        .expect("remove")
+        .into_iter()
+        .next();
     let again = s
         .remove_connection("a", LeaveReason::Gone, now)
         .await
-        .expect("remove again");
+        .expect("remove again")
+        .into_iter()
+        .next();
     let unnamed = s
         .remove_connection("u", LeaveReason::Disconnected, now)
         .await
-        .expect("remove unnamed");
+        .expect("remove unnamed")
+        .into_iter()
+        .next();
     let never = s
         .remove_connection("ghost", LeaveReason::Disconnected, now)
         .await
-        .expect("remove unknown");
+        .expect("remove unknown")
+        .into_iter()
+        .next();
 
     // THEN one MemberLeft with the reason; the others are no-ops; both connections are gone
     let left = left.expect("a member leaving is recorded");
@@ -649,7 +683,13 @@ async fn feed_records_look_like_lambdas_and_decode_to_the_returned_events(f: &mu
         join(s, "a", "alice", now).await,
         join(s, "b", "bob", now).await,
     ];
-    returned.extend(s.set_name("a", &name("Alicia"), now).await.expect("rename"));
+    returned.extend(
+        s.set_name("a", &name("Alicia"), now)
+            .await
+            .expect("rename")
+            .into_iter()
+            .next(),
+    );
     returned.push(s.post_public("a", "hello", now).await.expect("public"));
     returned.push(
         s.post_private("a", "bob", "psst", now)
@@ -659,7 +699,9 @@ async fn feed_records_look_like_lambdas_and_decode_to_the_returned_events(f: &mu
     returned.extend(
         s.remove_connection("b", LeaveReason::Disconnected, now)
             .await
-            .expect("leave"),
+            .expect("leave")
+            .into_iter()
+            .next(),
     );
 
     // WHEN the feed is read
@@ -790,6 +832,8 @@ async fn names_are_bound_to_authenticated_identities(f: &mut Fixture) {
         .set_name("a1", &name("alice"), now)
         .await
         .expect("join")
+        .into_iter()
+        .next()
         .expect("event");
 
     // WHEN u1 reconnects (a1 went stale, its $disconnect lost) and claims alice again
@@ -801,6 +845,8 @@ async fn names_are_bound_to_authenticated_identities(f: &mut Fixture) {
         .set_name("a2", &name("Alice"), now)
         .await
         .expect("reclaim")
+        .into_iter()
+        .next()
         .expect("event");
 
     // THEN it gets the name back, and the stale connection leaves (it is no member any more)
@@ -837,7 +883,9 @@ async fn names_are_bound_to_authenticated_identities(f: &mut Fixture) {
     store
         .remove_connection("a2", LeaveReason::Disconnected, now)
         .await
-        .expect("leave");
+        .expect("leave")
+        .into_iter()
+        .next();
     assert!(matches!(
         store.set_name("b1", &name("alice"), now).await,
         Err(StoreError::NameTaken(_))
@@ -847,6 +895,8 @@ async fn names_are_bound_to_authenticated_identities(f: &mut Fixture) {
         .set_name("b1", &name("bob"), now)
         .await
         .expect("join")
+        .into_iter()
+        .next()
         .expect("event");
     assert!(matches!(
         store.post_private("b1", "alice", "psst", now).await,
@@ -860,13 +910,17 @@ async fn names_are_bound_to_authenticated_identities(f: &mut Fixture) {
         .set_name("a3", &name("alice"), now)
         .await
         .expect("u1 takes its name back")
+        .into_iter()
+        .next()
         .is_some());
     // AND once the reservation has passed, anyone may have it
     let much_later = now + (NAME_RESERVATION_SECS + 4 * 3600) * 1000;
     store
         .remove_connection("a3", LeaveReason::Disconnected, now)
         .await
-        .expect("leave");
+        .expect("leave")
+        .into_iter()
+        .next();
     store
         .add_connection("c1", much_later)
         .await
@@ -875,6 +929,8 @@ async fn names_are_bound_to_authenticated_identities(f: &mut Fixture) {
         .set_name("c1", &name("alice"), much_later)
         .await
         .expect("free again")
+        .into_iter()
+        .next()
         .is_some());
 }
 
@@ -891,6 +947,8 @@ async fn private_messages_record_both_parties_identities(f: &mut Fixture) {
             .set_name(id, &name(display), now)
             .await
             .expect("join")
+            .into_iter()
+            .next()
             .expect("event");
     }
     join(store, "c", "carol", now).await;
@@ -1070,7 +1128,9 @@ async fn both_feeds_carry_the_same_items_for_the_same_operations() {
             .expect("private");
         s.remove_connection("a", LeaveReason::Gone, now)
             .await
-            .expect("leave");
+            .expect("leave")
+            .into_iter()
+            .next();
         let records = f.records().await;
         images.push(
             records
@@ -1131,7 +1191,9 @@ async fn embedded_expiry_removes_items_like_dynamodbs_ttl_sweeper() {
         store
             .remove_connection("a", LeaveReason::Disconnected, now)
             .await
-            .expect("remove"),
+            .expect("remove")
+            .into_iter()
+            .next(),
         None,
         "the swept connection is gone even for a $disconnect"
     );
@@ -1396,18 +1458,24 @@ async fn embedded_aws_like_eventually_consistent_reads_miss_only_writes_younger_
     store
         .remove_connection("a", LeaveReason::Disconnected, now)
         .await
-        .expect("leave");
+        .expect("leave")
+        .into_iter()
+        .next();
     join(&store, "c", "carol", now).await;
     tokio::time::sleep(lag + Duration::from_millis(50)).await;
     join(&store, "b", "bob", now).await;
     store
         .set_name("c", &name("caroline"), now)
         .await
-        .expect("rename");
+        .expect("rename")
+        .into_iter()
+        .next();
     store
         .remove_connection("c", LeaveReason::Disconnected, now)
         .await
-        .expect("leave");
+        .expect("leave")
+        .into_iter()
+        .next();
     join(&store, "c", "carol2", now).await;
 
     // WHEN the member query reads, eventually consistent
@@ -1521,15 +1589,23 @@ async fn embedded_a_member_page_ends_at_1_mb_read_as_a_query_page_does() {
         store
             .set_name(&id, &name(&format!("member{i}")), now)
             .await
-            .expect("join");
+            .expect("join")
+            .into_iter()
+            .next();
     }
 
     // WHEN the members are read page by page
-    let first = store.members_page(None, now).await.expect("page");
+    let first = store
+        .members_page(keys::DEFAULT_ROOM, 0, None, now)
+        .await
+        .expect("page");
     let mut all = first.members.clone();
     let mut after = first.next.clone();
     while let Some(cursor) = after {
-        let page = store.members_page(Some(&cursor), now).await.expect("page");
+        let page = store
+            .members_page(keys::DEFAULT_ROOM, 0, Some(&cursor), now)
+            .await
+            .expect("page");
         all.extend(page.members);
         after = page.next;
     }

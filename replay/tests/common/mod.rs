@@ -78,6 +78,7 @@ impl World {
             .set_name(id, &valid(name), now_ms)
             .await
             .expect("set name")
+            .pop()
             .expect("a first name records MemberJoined")
     }
 

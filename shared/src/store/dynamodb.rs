@@ -27,8 +27,8 @@ use super::aws_like::ReadOp;
 use super::items::{ClaimItem, ConnItem, MemberItem, SeqItem};
 use super::limits::{BATCH_WRITE_MAX_REQUESTS, TRANSACT_MAX_ACTIONS};
 use super::{
-    epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError,
-    NAME_RESERVATION_SECS,
+    epoch_secs, ChatStore, Connection, EventRange, EventsPage, Joined, Member, MembersPage,
+    StoreError, NAME_RESERVATION_SECS,
 };
 use crate::config::{Retention, Tables};
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
@@ -588,9 +588,9 @@ fn live_conn(conn: Option<ConnItem>, now_ms: i64) -> Option<ConnItem> {
     conn.filter(|c| c.expires_at > epoch_secs(now_ms))
 }
 
-#[async_trait]
-impl ChatStore for DynamoStore {
-    async fn add_identified_connection(
+/// Layout 1 operations, behind the layout 2 port below until this adapter moves to it.
+impl DynamoStore {
+    async fn v1_add_identified_connection(
         &self,
         connection_id: &str,
         identity: Option<&str>,
@@ -617,10 +617,11 @@ impl ChatStore for DynamoStore {
             expires_at,
             name: None,
             identity: identity.map(str::to_owned),
+            rooms: Vec::new(),
         })
     }
 
-    async fn connection(
+    async fn v1_connection(
         &self,
         connection_id: &str,
         now_ms: i64,
@@ -630,13 +631,18 @@ impl ChatStore for DynamoStore {
                 connection_id: c.connection_id,
                 connected_at: c.connected_at,
                 expires_at: c.expires_at,
+                rooms: c
+                    .name
+                    .iter()
+                    .map(|_| keys::DEFAULT_ROOM.to_owned())
+                    .collect(),
                 name: c.name,
                 identity: c.identity,
             }),
         )
     }
 
-    async fn set_name(
+    async fn v1_set_name(
         &self,
         connection_id: &str,
         name: &ValidName,
@@ -749,7 +755,7 @@ impl ChatStore for DynamoStore {
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
 
-    async fn post_public(
+    async fn v1_post_public(
         &self,
         connection_id: &str,
         message: &str,
@@ -781,7 +787,7 @@ impl ChatStore for DynamoStore {
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
 
-    async fn post_private(
+    async fn v1_post_private(
         &self,
         connection_id: &str,
         to: &str,
@@ -845,7 +851,7 @@ impl ChatStore for DynamoStore {
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
 
-    async fn remove_connection(
+    async fn v1_remove_connection(
         &self,
         connection_id: &str,
         reason: LeaveReason,
@@ -896,7 +902,7 @@ impl ChatStore for DynamoStore {
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
 
-    async fn remove_connections(
+    async fn v1_remove_connections(
         &self,
         connection_ids: &[String],
         reason: LeaveReason,
@@ -921,7 +927,7 @@ impl ChatStore for DynamoStore {
         Ok(left)
     }
 
-    async fn schedule_redelivery(
+    async fn v1_schedule_redelivery(
         &self,
         redelivery: &Redelivery,
         now_ms: i64,
@@ -954,7 +960,7 @@ impl ChatStore for DynamoStore {
         Err(StoreError::Contention(3))
     }
 
-    async fn take_request_token(
+    async fn v1_take_request_token(
         &self,
         connection_id: &str,
         limit: RateLimit,
@@ -1014,7 +1020,7 @@ impl ChatStore for DynamoStore {
         Ok(false)
     }
 
-    async fn members_page(
+    async fn v1_members_page(
         &self,
         after: Option<&str>,
         now_ms: i64,
@@ -1054,7 +1060,7 @@ impl ChatStore for DynamoStore {
         Ok(MembersPage { members, next })
     }
 
-    async fn read_events(
+    async fn v1_read_events(
         &self,
         range: EventRange,
         limit: usize,
@@ -1124,6 +1130,155 @@ impl ChatStore for DynamoStore {
         }
         let next = events.last().map(|e| e.seq);
         Ok(EventsPage { events, next })
+    }
+}
+
+#[async_trait]
+impl ChatStore for DynamoStore {
+    async fn add_identified_connection(
+        &self,
+        connection_id: &str,
+        identity: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Connection, StoreError> {
+        self.v1_add_identified_connection(connection_id, identity, now_ms)
+            .await
+    }
+
+    async fn connection(
+        &self,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Connection>, StoreError> {
+        self.v1_connection(connection_id, now_ms).await
+    }
+
+    async fn set_name(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(self
+            .v1_set_name(connection_id, name, now_ms)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    async fn join_room(
+        &self,
+        _connection_id: &str,
+        _room: &str,
+        _max_rooms: usize,
+        _now_ms: i64,
+    ) -> Result<Joined, StoreError> {
+        Err(StoreError::Malformed("layout 1 has no rooms".into()))
+    }
+
+    async fn leave_room(
+        &self,
+        _connection_id: &str,
+        room: &str,
+        _reason: LeaveReason,
+        _now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        Err(StoreError::NotAMember(room.to_owned()))
+    }
+
+    async fn post_to_room(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        if room != keys::DEFAULT_ROOM {
+            return Err(StoreError::NotAMember(room.to_owned()));
+        }
+        self.v1_post_public(connection_id, message, now_ms).await
+    }
+
+    async fn post_private(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        self.v1_post_private(connection_id, to, message, now_ms)
+            .await
+    }
+
+    async fn remove_connection(
+        &self,
+        connection_id: &str,
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(self
+            .v1_remove_connection(connection_id, reason, now_ms)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    async fn remove_connections(
+        &self,
+        connection_ids: &[String],
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.v1_remove_connections(connection_ids, reason, now_ms)
+            .await
+    }
+
+    async fn take_request_token(
+        &self,
+        connection_id: &str,
+        limit: RateLimit,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.v1_take_request_token(connection_id, limit, now_ms)
+            .await
+    }
+
+    async fn schedule_redelivery(
+        &self,
+        redelivery: &Redelivery,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.v1_schedule_redelivery(redelivery, now_ms).await
+    }
+
+    async fn member_shards(&self, _room: &str, _now_ms: i64) -> Result<u32, StoreError> {
+        Ok(1)
+    }
+
+    async fn members_page(
+        &self,
+        room: &str,
+        _shard: u32,
+        after: Option<&str>,
+        now_ms: i64,
+    ) -> Result<MembersPage, StoreError> {
+        if room != keys::DEFAULT_ROOM {
+            return Ok(MembersPage::default());
+        }
+        self.v1_members_page(after, now_ms).await
+    }
+
+    async fn read_events(
+        &self,
+        room: &str,
+        range: EventRange,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<EventsPage, StoreError> {
+        if room != keys::DEFAULT_ROOM {
+            return Ok(EventsPage::default());
+        }
+        self.v1_read_events(range, limit, now_ms).await
     }
 }
 

@@ -44,8 +44,8 @@ use tracing::warn;
 use super::aws_like::{PartitionThroughput, ReadOp, ReadTally, StoreBehaviour};
 use super::limits;
 use super::{
-    epoch_secs, ChatStore, Connection, EventRange, EventsPage, Member, MembersPage, StoreError,
-    NAME_RESERVATION_SECS,
+    epoch_secs, ChatStore, Connection, EventRange, EventsPage, Joined, Member, MembersPage,
+    StoreError, NAME_RESERVATION_SECS,
 };
 use crate::config::Retention;
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
@@ -950,9 +950,9 @@ fn key_error(e: limits::ServiceError, op: &'static str) -> StoreError {
     StoreError::backend(op, e)
 }
 
-#[async_trait]
-impl ChatStore for EmbeddedStore {
-    async fn add_identified_connection(
+/// Layout 1 operations, behind the layout 2 port below until this adapter moves to it.
+impl EmbeddedStore {
+    async fn v1_add_identified_connection(
         &self,
         connection_id: &str,
         identity: Option<&str>,
@@ -982,12 +982,13 @@ impl ChatStore for EmbeddedStore {
                 expires_at,
                 name: None,
                 identity: identity.map(str::to_owned),
+                rooms: Vec::new(),
             })
         })
         .await
     }
 
-    async fn connection(
+    async fn v1_connection(
         &self,
         connection_id: &str,
         now_ms: i64,
@@ -1006,12 +1007,17 @@ impl ChatStore for EmbeddedStore {
                 expires_at: c.expires_at,
                 name: c.name.as_ref().map(|n| n.display.clone()),
                 identity: c.identity.clone(),
+                rooms: c
+                    .name
+                    .iter()
+                    .map(|_| keys::DEFAULT_ROOM.to_owned())
+                    .collect(),
             });
         self.charge_read(&mut state, ReadOp::GetConnection, bytes);
         Ok(found)
     }
 
-    async fn set_name(
+    async fn v1_set_name(
         &self,
         connection_id: &str,
         name: &ValidName,
@@ -1110,7 +1116,7 @@ impl ChatStore for EmbeddedStore {
         .await
     }
 
-    async fn post_public(
+    async fn v1_post_public(
         &self,
         connection_id: &str,
         message: &str,
@@ -1139,7 +1145,7 @@ impl ChatStore for EmbeddedStore {
         .await
     }
 
-    async fn post_private(
+    async fn v1_post_private(
         &self,
         connection_id: &str,
         to: &str,
@@ -1198,7 +1204,7 @@ impl ChatStore for EmbeddedStore {
         .await
     }
 
-    async fn remove_connection(
+    async fn v1_remove_connection(
         &self,
         connection_id: &str,
         reason: LeaveReason,
@@ -1238,7 +1244,7 @@ impl ChatStore for EmbeddedStore {
         .await
     }
 
-    async fn schedule_redelivery(
+    async fn v1_schedule_redelivery(
         &self,
         redelivery: &Redelivery,
         now_ms: i64,
@@ -1262,7 +1268,7 @@ impl ChatStore for EmbeddedStore {
         Ok(())
     }
 
-    async fn take_request_token(
+    async fn v1_take_request_token(
         &self,
         connection_id: &str,
         limit: RateLimit,
@@ -1286,7 +1292,7 @@ impl ChatStore for EmbeddedStore {
         .await
     }
 
-    async fn members_page(
+    async fn v1_members_page(
         &self,
         after: Option<&str>,
         now_ms: i64,
@@ -1350,7 +1356,7 @@ impl ChatStore for EmbeddedStore {
         Ok(MembersPage { members, next })
     }
 
-    async fn read_events(
+    async fn v1_read_events(
         &self,
         range: EventRange,
         limit: usize,
@@ -1394,6 +1400,145 @@ impl ChatStore for EmbeddedStore {
             .then(|| events.last().map(|e| e.seq))
             .flatten();
         Ok(EventsPage { events, next })
+    }
+}
+
+#[async_trait]
+impl ChatStore for EmbeddedStore {
+    async fn add_identified_connection(
+        &self,
+        connection_id: &str,
+        identity: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Connection, StoreError> {
+        self.v1_add_identified_connection(connection_id, identity, now_ms)
+            .await
+    }
+
+    async fn connection(
+        &self,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Connection>, StoreError> {
+        self.v1_connection(connection_id, now_ms).await
+    }
+
+    async fn set_name(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(self
+            .v1_set_name(connection_id, name, now_ms)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    async fn join_room(
+        &self,
+        _connection_id: &str,
+        _room: &str,
+        _max_rooms: usize,
+        _now_ms: i64,
+    ) -> Result<Joined, StoreError> {
+        Err(StoreError::Malformed("layout 1 has no rooms".into()))
+    }
+
+    async fn leave_room(
+        &self,
+        _connection_id: &str,
+        room: &str,
+        _reason: LeaveReason,
+        _now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        Err(StoreError::NotAMember(room.to_owned()))
+    }
+
+    async fn post_to_room(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        if room != keys::DEFAULT_ROOM {
+            return Err(StoreError::NotAMember(room.to_owned()));
+        }
+        self.v1_post_public(connection_id, message, now_ms).await
+    }
+
+    async fn post_private(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        self.v1_post_private(connection_id, to, message, now_ms)
+            .await
+    }
+
+    async fn remove_connection(
+        &self,
+        connection_id: &str,
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(self
+            .v1_remove_connection(connection_id, reason, now_ms)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    async fn take_request_token(
+        &self,
+        connection_id: &str,
+        limit: RateLimit,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.v1_take_request_token(connection_id, limit, now_ms)
+            .await
+    }
+
+    async fn schedule_redelivery(
+        &self,
+        redelivery: &Redelivery,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.v1_schedule_redelivery(redelivery, now_ms).await
+    }
+
+    async fn member_shards(&self, _room: &str, _now_ms: i64) -> Result<u32, StoreError> {
+        Ok(1)
+    }
+
+    async fn members_page(
+        &self,
+        room: &str,
+        _shard: u32,
+        after: Option<&str>,
+        now_ms: i64,
+    ) -> Result<MembersPage, StoreError> {
+        if room != keys::DEFAULT_ROOM {
+            return Ok(MembersPage::default());
+        }
+        self.v1_members_page(after, now_ms).await
+    }
+
+    async fn read_events(
+        &self,
+        room: &str,
+        range: EventRange,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<EventsPage, StoreError> {
+        if room != keys::DEFAULT_ROOM {
+            return Ok(EventsPage::default());
+        }
+        self.v1_read_events(range, limit, now_ms).await
     }
 }
 

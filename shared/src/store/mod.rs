@@ -1,5 +1,10 @@
 //! The store port: every state change the chat makes, each one atomic with the event that
-//! records it, plus the reads the fan-out needs.
+//! records it, plus the reads the fan-out and the history need.
+//!
+//! Rooms: events, ids, members and history are per room ([`crate::keys`] documents the
+//! layout). A change that touches more rooms than one transaction can hold (a rename, a
+//! disconnect of a connection in 50 rooms) is one transaction per room, each atomic with its
+//! own event, done in an order that a retry (or the fan-out's 410 pruning) can finish.
 //!
 //! The trait is deliberately domain-shaped ("set this connection's name") rather than
 //! CRUD-shaped, because each operation must check and write several items at once (the name
@@ -35,6 +40,22 @@ pub struct Connection {
     pub name: Option<String>,
     /// The authenticated subject, when `$connect` authentication is on.
     pub identity: Option<String>,
+    /// The rooms it is a member of, in name order (`lobby` once it has set a name, unless it
+    /// left it).
+    pub rooms: Vec<String>,
+}
+
+/// The most rooms one connection may be a member of, unless configured otherwise.
+pub const DEFAULT_MAX_ROOMS: usize = 50;
+
+/// What a `join` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Joined {
+    /// The connection became a member: its `MemberJoined` event.
+    Now(StoredEvent),
+    /// It was a member already; nothing changed. `last` is the room's newest event id, where
+    /// a catch-up can start.
+    Already { last: u64 },
 }
 
 /// How long a name stays reserved for an authenticated identity after its connection lets it
@@ -86,6 +107,12 @@ pub enum StoreError {
     /// No current member has that name.
     #[error("no member is named {0:?}")]
     UnknownRecipient(String),
+    /// Sending to (or leaving) a room the connection is not a member of.
+    #[error("the connection is not a member of room {0:?}")]
+    NotAMember(String),
+    /// Joining one more room would take the connection over its room limit.
+    #[error("the connection is already in {0} rooms, the most allowed")]
+    TooManyRooms(usize),
     /// A private message to oneself.
     #[error("a private message cannot be sent to oneself")]
     SelfRecipient,
@@ -148,25 +175,64 @@ pub trait ChatStore: Send + Sync {
     ) -> Result<Option<Connection>, StoreError>;
 
     /// Claims `name` for the connection, atomically: of two connections racing for one name
-    /// exactly one wins. The first name records `MemberJoined`; a different later name
-    /// releases the old claim and records `MemberRenamed`; the same name again changes
-    /// nothing and returns `None`.
+    /// exactly one wins. A different later name releases the old claim and records
+    /// `MemberRenamed` in every room the connection is a member of; then, if the connection is
+    /// not a member of [`crate::keys::DEFAULT_ROOM`], it joins it (`MemberJoined`), as the
+    /// tutorial's `setName` joins the chat. Returns the events recorded, lobby's first; the
+    /// same name again, already in the lobby, changes nothing and returns none.
     async fn set_name(
         &self,
         connection_id: &str,
         name: &ValidName,
         now_ms: i64,
-    ) -> Result<Option<StoredEvent>, StoreError>;
+    ) -> Result<Vec<StoredEvent>, StoreError>;
 
-    /// Records `MessagePosted` from a member.
+    /// Makes a named connection a member of `room` (a valid room name), recording
+    /// `MemberJoined` there. `NameRequired` without a name; `TooManyRooms` when it is already
+    /// in `max_rooms` rooms; joining a room it is in changes nothing.
+    async fn join_room(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        now_ms: i64,
+    ) -> Result<Joined, StoreError>;
+
+    /// Ends the connection's membership of `room`, recording `MemberLeft` with `reason` there
+    /// (a `leave` request says `left`). `NotAMember` if it was not one.
+    async fn leave_room(
+        &self,
+        connection_id: &str,
+        room: &str,
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError>;
+
+    /// Records `MessagePosted` from a member of `room`: `NameRequired` without a name,
+    /// `NotAMember` if it is not in the room.
+    async fn post_to_room(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError>;
+
+    /// [`ChatStore::post_to_room`] in [`crate::keys::DEFAULT_ROOM`], the tutorial's
+    /// `sendPublic`.
     async fn post_public(
         &self,
         connection_id: &str,
         message: &str,
         now_ms: i64,
-    ) -> Result<StoredEvent, StoreError>;
+    ) -> Result<StoredEvent, StoreError> {
+        self.post_to_room(connection_id, crate::keys::DEFAULT_ROOM, message, now_ms)
+            .await
+    }
 
-    /// Records `PrivateMessageSent` from a member to the member named `to` (ignoring case).
+    /// Records `PrivateMessageSent` from a named connection to the connection named `to`
+    /// (ignoring case), in [`crate::keys::DEFAULT_ROOM`]'s log (private messages are not
+    /// room-scoped; they are numbered there).
     async fn post_private(
         &self,
         connection_id: &str,
@@ -175,14 +241,16 @@ pub trait ChatStore: Send + Sync {
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError>;
 
-    /// Removes the connection and releases its name; records `MemberLeft` if it had joined.
-    /// Idempotent: an unknown connection is `Ok(None)`.
+    /// Removes the connection and releases its name; records `MemberLeft` in every room it
+    /// was a member of (one transaction per room, then the connection itself last, so a
+    /// retry after a failure part-way finishes the job). Idempotent: an unknown connection
+    /// is `Ok(vec![])`.
     async fn remove_connection(
         &self,
         connection_id: &str,
         reason: LeaveReason,
         now_ms: i64,
-    ) -> Result<Option<StoredEvent>, StoreError>;
+    ) -> Result<Vec<StoredEvent>, StoreError>;
 
     /// Removes many connections at once (the fan-out's pruning after 410s): the same as
     /// [`ChatStore::remove_connection`] for each, returning the `MemberLeft` events recorded.
@@ -218,18 +286,27 @@ pub trait ChatStore: Send + Sync {
         now_ms: i64,
     ) -> Result<(), StoreError>;
 
-    /// A page of current members, in a stable order, starting after the cursor `after`.
+    /// How many member shards `room` uses now (at least 1). Read strongly consistent: every
+    /// member whose join has committed is in shards `0..member_shards`.
+    async fn member_shards(&self, room: &str, now_ms: i64) -> Result<u32, StoreError>;
+
+    /// A page of the current members of one shard of `room`, in a stable order, starting
+    /// after the cursor `after`. Reads only that room's members of that shard, strongly
+    /// consistent (a member whose join has committed is in it).
     async fn members_page(
         &self,
+        room: &str,
+        shard: u32,
         after: Option<&str>,
         now_ms: i64,
     ) -> Result<MembersPage, StoreError>;
 
-    /// Up to `limit` events of the room's log in `range`, every kind, skipping events whose
+    /// Up to `limit` events of `room`'s log in `range`, every kind, skipping events whose
     /// retention has passed (TTL deletion is only eventual). Strongly consistent: an event
     /// whose write has returned is in the next read.
     async fn read_events(
         &self,
+        room: &str,
         range: EventRange,
         limit: usize,
         now_ms: i64,
