@@ -45,7 +45,7 @@ pub enum Command {
     /// Write the room's events in an id and/or time range to stdout as JSON Lines, in id order.
     #[command(
         long_about = "Write the room's events in an id and/or time range as JSON Lines, \
-        one event per line in id order: {\"id\",\"ts\",\"type\", then the event's fields: \
+        one event per line in id order: {\"id\",\"ts\",\"type\",\"room\", then the event's fields: \
         \"connectionId\",\"name\", and as the type has them \"oldName\",\"message\",\
         \"toConnectionId\",\"toName\",\"reason\",\"identity\",\"toIdentity\"}.\n\n\
         This is an operator export: it includes every PRIVATE message (PrivateMessageSent, with \
@@ -54,7 +54,9 @@ pub enum Command {
         The table is read page by page (--page-size items per Query) and each line is written as \
         it arrives, so memory stays constant however long the range; the read stops at --to-id. \
         Events past their retention (expiresAt) are left out, as the chat's reads leave them out. \
-        Never writes to DynamoDB."
+        Never writes to DynamoDB.\n\n\
+        --all-rooms exports every room, one after another in name order; finding the rooms \
+        scans the whole events table (a Scan pays for every item it reads)."
     )]
     Export(ExportArgs),
     /// Re-drive the fan-out of an id range to the current members (clients dedupe by id).
@@ -73,22 +75,27 @@ pub enum Command {
         posts and writes nothing."
     )]
     Redeliver(RedeliverArgs),
-    /// Rebuild the connections table's derived state from the log; report drift, fix with --apply.
+    /// Rebuild a room's derived state (counter, members, names) from its log; report drift, fix with --apply.
     #[command(
-        long_about = "Derive from the event log what the connections table should hold and \
-        report where it differs. A dry run is the default: nothing is written without --apply.\n\n\
-        From the log: the room's SEQ counter must be at least the highest event id, and each \
-        connection's name is its last MemberJoined/MemberRenamed unless a MemberLeft follows. \
-        Drift, and what --apply does about it:\n  \
-        seqBehind       SEQ missing or below the highest id: set it to that id\n  \
-        nameDiffers     a live CONN# item's name/nameKey differs from the log: set them from the log\n  \
-        leftButPresent  a CONN# item of a connection that left: delete it and the claim it owns\n  \
-        claimMissing    a member's NAME# claim missing or held by another: put it (with the member's expiresAt)\n  \
-        orphanClaim     a NAME# claim not held by a live member of that name: delete it\n\n\
+        long_about = "Derive from the room's event log what the tables should hold for the \
+        room and report where they differ. A dry run is the default: nothing is written without \
+        --apply.\n\n\
+        From the log: the room's counter (the events table's item at seq 0) must be at least the \
+        highest event id, and a connection is a member of the room under its last \
+        MemberJoined/MemberRenamed name unless a MemberLeft follows. Drift, and what --apply \
+        does about it:\n  \
+        counterBehind      counter missing or below the highest id: set it to that id\n  \
+        memberMissing      a live member per the log without its MEMBERS# item or rooms entry: put them\n  \
+        memberNameDiffers  a MEMBERS# item's name differs from the log: set it from the log\n  \
+        leftButPresent     a MEMBERS# item of a connection that left the room: delete it (and the rooms entry)\n  \
+        orphanMember       a MEMBERS# item whose connection is gone: delete it\n  \
+        nameDiffers        a member's CONN# name/nameKey differs from the log: set them from the log\n  \
+        claimMissing       a member's NAME# claim missing or held by another: put it (with the member's expiresAt)\n\n\
         Members without a connection (joined per the log, but their CONN# item expired by TTL or \
         was deleted without an event) are reported only: no MemberLeft is recorded for them, \
-        because the store records one only for a connection it can still read. Expired items \
-        are treated as absent, as every read of the chat treats them.\n\n\
+        because the store records one only for a connection it can still read. Name claims are \
+        global, not per room: a claim whose holder is gone frees itself when it expires. Expired \
+        items are treated as absent, as every read of the chat treats them.\n\n\
         Each fix is a conditional write on the item as read, so a change made by the chat \
         meanwhile is never undone (the fix is reported as skipped; run again). Best run when the \
         room is quiet."
@@ -114,7 +121,7 @@ pub struct Common {
     #[arg(long, env = "CONNECTIONS_TABLE", value_name = "TABLE")]
     pub connections_table: Option<String>,
     /// The room (its partition key is ROOM#<room>).
-    #[arg(long, default_value = DEFAULT_ROOM)]
+    #[arg(long, default_value = DEFAULT_ROOM, value_parser = parse_room)]
     pub room: String,
     /// Items per Query page when reading the log.
     #[arg(long, default_value_t = DEFAULT_PAGE_SIZE, value_parser = clap::value_parser!(i32).range(1..=10_000))]
@@ -170,6 +177,10 @@ pub struct ExportArgs {
     /// Write to this file instead of stdout.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Every room, one after another in name order (each in id order), instead of --room.
+    /// Finding the rooms scans the whole events table.
+    #[arg(long, conflicts_with = "room")]
+    pub all_rooms: bool,
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +217,12 @@ pub struct RebuildArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_room(text: &str) -> Result<String, String> {
+    chat_shared::validation::validate_room(text, "--room")
+        .map(|()| text.to_owned())
+        .map_err(|refusal| refusal.message)
 }
 
 fn parse_concurrency(text: &str) -> Result<usize, String> {
@@ -247,7 +264,12 @@ async fn open_log(
 
 async fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     let filter = args.range.filter()?;
-    let (_, _, log) = open_log(&args.common).await?;
+    let (target, _, log) = open_log(&args.common).await?;
+    let rooms = if args.all_rooms {
+        crate::log::rooms(log.client(), log.table(), &target.label()).await?
+    } else {
+        vec![args.common.room.clone()]
+    };
     let sink: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(
             File::create(path)
@@ -257,38 +279,50 @@ async fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     };
     let mut out = BufWriter::with_capacity(64 * 1024, sink);
     let bar = progress::bar("exported", filter.id_span());
-    let result = export(&log, &filter, chat_shared::now_ms(), &mut out, &bar).await;
+    let began = std::time::Instant::now();
+    let (mut exported, mut malformed) = (0, 0);
+    for room in &rooms {
+        let log = log.in_room(room);
+        let result = export(&log, &filter, chat_shared::now_ms(), &mut out, &bar).await;
+        match result {
+            Ok(summary) => {
+                exported += summary.exported;
+                malformed += summary.malformed;
+            }
+            // `chat-replay export | head` closing the pipe is the reader being done, not a
+            // failure.
+            Err(ReplayError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                bar.finish_and_clear();
+                return Ok(());
+            }
+            Err(e) => {
+                bar.finish_and_clear();
+                return Err(e.into());
+            }
+        }
+    }
     bar.finish_and_clear();
-    let summary = match result {
-        Ok(summary) => summary,
-        // `chat-replay export | head` closing the pipe is the reader being done, not a failure.
-        Err(ReplayError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    let malformed = match summary.malformed {
+    let malformed = match malformed {
         0 => String::new(),
         n => format!("; {n} undecodable item(s) skipped (see the warnings)"),
     };
-    eprintln!(
-        "exported {} events in {:.2} s ({:.0} events/s){malformed}",
-        summary.exported,
-        summary.elapsed.as_secs_f64(),
-        summary.events_per_sec()
-    );
+    let secs = began.elapsed().as_secs_f64();
+    let rate = if secs > 0.0 {
+        exported as f64 / secs
+    } else {
+        0.0
+    };
+    let rooms = match rooms.len() {
+        1 => String::new(),
+        n => format!(" from {n} rooms"),
+    };
+    eprintln!("exported {exported} events{rooms} in {secs:.2} s ({rate:.0} events/s){malformed}");
     Ok(())
 }
 
 async fn run_redeliver(args: RedeliverArgs) -> anyhow::Result<()> {
     let filter = args.range.filter()?;
     let connections = args.common.connections_table("redeliver")?.to_owned();
-    if args.common.room != DEFAULT_ROOM {
-        // DynamoStore, whose member reads and pruning deliver_event uses, serves the lobby only.
-        return Err(ReplayError::Usage(format!(
-            "redeliver supports room {DEFAULT_ROOM} only (the chat's store has no other room yet), got --room {}",
-            args.common.room
-        ))
-        .into());
-    }
     let (target, sdk_config, log) = open_log(&args.common).await?;
     crate::aws::ensure_table(log.client(), &connections, &target.label()).await?;
     let retention = Retention::from_env()
@@ -361,6 +395,7 @@ async fn run_rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     let connections = ConnectionsTable::new(
         log.client().clone(),
         &connections_table,
+        &args.common.events_table,
         &args.common.room,
         &target.label(),
     );

@@ -18,7 +18,8 @@ use crate::log::{Entry, EventLog, Expired};
 use crate::range::EventFilter;
 
 /// One line of the export: the event's item (`events::EventItem`, the one flat form of every
-/// event) without its storage keys (`pk`, `v`, `expiresAt`), and with `seq` named `id`.
+/// event) without its storage keys (`pk`, `v`, `expiresAt`), with `seq` named `id` and the
+/// room it is an id of.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExportLine {
@@ -26,6 +27,7 @@ pub struct ExportLine {
     pub ts: i64,
     #[serde(rename = "type")]
     pub kind: String,
+    pub room: String,
     pub connection_id: String,
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -68,6 +70,7 @@ impl From<&StoredEvent> for ExportLine {
             id: seq,
             ts,
             kind,
+            room: stored.room.clone(),
             connection_id,
             name,
             old_name,

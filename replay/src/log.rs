@@ -1,4 +1,4 @@
-//! Reading one room's event log in id order, in constant memory.
+//! Reading one room's event log in id order, in constant memory, and listing the rooms.
 //!
 //! The log is read with `Query` on `pk = ROOM#<room>` and the id range as the key condition, so
 //! DynamoDB itself stops at the range's end; the time range is a filter expression (`ts` is not
@@ -72,6 +72,14 @@ impl EventLog {
         }
     }
 
+    /// The same table's log of another room.
+    pub fn in_room(&self, room: &str) -> Self {
+        EventLog {
+            room: room.to_owned(),
+            ..self.clone()
+        }
+    }
+
     /// Items per `Query` page (at least 1).
     pub fn with_page_size(mut self, page_size: i32) -> Self {
         self.page_size = page_size.max(1);
@@ -115,25 +123,17 @@ impl EventLog {
             AttributeValue::S(keys::room_pk(&self.room)),
         )]);
         // DynamoDB refuses placeholders a request does not use, so each is added with its use.
-        let key_condition = match (filter.from_id, filter.to_id) {
-            (None, None) => "#pk = :pk",
-            (Some(from), None) => {
-                values.insert(":from".into(), n(from));
-                "#pk = :pk AND #seq >= :from"
-            }
-            (None, Some(to)) => {
-                values.insert(":to".into(), n(to));
-                "#pk = :pk AND #seq <= :to"
-            }
-            (Some(from), Some(to)) => {
-                values.insert(":from".into(), n(from));
+        // Ids start at 1: the item at `seq = 0` is the room's counter, not an event.
+        let from = filter.from_id.unwrap_or(1).max(1);
+        values.insert(":from".into(), n(from));
+        let key_condition = match filter.to_id {
+            None => "#pk = :pk AND #seq >= :from",
+            Some(to) => {
                 values.insert(":to".into(), n(to));
                 "#pk = :pk AND #seq BETWEEN :from AND :to"
             }
         };
-        if key_condition.contains("#seq") {
-            names.insert("#seq".into(), keys::SEQ.to_owned());
-        }
+        names.insert("#seq".into(), keys::SEQ.to_owned());
         let mut filters = Vec::new();
         if expired == Expired::Skip {
             names.insert("#exp".into(), keys::EXPIRES_AT.to_owned());
@@ -160,6 +160,43 @@ impl EventLog {
             names,
             values,
             page_size: self.page_size,
+        }
+    }
+}
+
+/// Every room of the events table, in name order: the partitions that have a counter item
+/// (`seq = 0`, see `chat_shared::keys`), and `lobby`, which a table written before rooms
+/// may hold without one.
+///
+/// There is no index of rooms, so this is a `Scan` of the whole table (it pays for every item
+/// it reads, events included): an operator's occasional listing, not something the chat does.
+pub async fn rooms(client: &Client, table: &str, at: &str) -> Result<Vec<String>, ReplayError> {
+    let mut rooms = std::collections::BTreeSet::from([keys::DEFAULT_ROOM.to_owned()]);
+    let mut start = None;
+    loop {
+        let out = client
+            .scan()
+            .table_name(table)
+            .filter_expression("#seq = :counter AND begins_with(#pk, :room)")
+            .projection_expression("#pk")
+            .expression_attribute_names("#pk", keys::PK)
+            .expression_attribute_names("#seq", keys::SEQ)
+            .expression_attribute_values(":counter", n(keys::COUNTER_SEQ))
+            .expression_attribute_values(":room", AttributeValue::S(keys::room_pk("")))
+            .set_exclusive_start_key(start.take())
+            .send()
+            .await
+            .map_err(|e| classify(e, "Scan", table, at))?;
+        for item in out.items.unwrap_or_default() {
+            if let Some(AttributeValue::S(pk)) = item.get(keys::PK) {
+                if let Some(room) = pk.strip_prefix(&keys::room_pk("")) {
+                    rooms.insert(room.to_owned());
+                }
+            }
+        }
+        match out.last_evaluated_key {
+            Some(key) => start = Some(key),
+            None => return Ok(rooms.into_iter().collect()),
         }
     }
 }

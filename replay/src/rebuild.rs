@@ -1,45 +1,52 @@
-//! `rebuild`: derives what the connections table should hold from the event log, reports where
-//! it differs (drift), and with `apply` fixes it.
+//! `rebuild`: derives what the connections table should hold for one room from the room's
+//! event log, reports where it differs (drift), and with `apply` fixes it.
 //!
-//! The log is the source of truth. From it: the room's sequence counter must be at least the
-//! highest event id (or the next write would collide with an existing event and fail forever),
-//! and each connection's current name is its last `MemberJoined`/`MemberRenamed` unless a
-//! `MemberLeft` follows. Against that, the live (unexpired) items of the room's partition drift
-//! in five ways, each with its fix (see [`Drift`]).
+//! The log is the source of truth. From it: the room's counter (the events table's item at
+//! `seq = 0`) must be at least the highest event id (or the next write would collide with an
+//! existing event), and each connection's standing in the room is its last
+//! `MemberJoined`/`MemberRenamed` (a member, under that name) unless a `MemberLeft` follows.
+//! Against that, the room's live (unexpired) member items (`MEMBERS#<room>#<shard>`), the
+//! connections they belong to (`CONN#<id>`) and their name claims (`NAME#<key>`) drift in the
+//! ways [`Drift`] lists, each with its fix. Name claims are global (one per name, not per
+//! room), so a claim nobody in this room holds is no drift of this room's: a claim whose
+//! holder is gone frees itself when it expires with its holder's connection.
 //!
 //! Connections the log says are members but that have no live `CONN#` item (expired by TTL, or
 //! deleted without an event) are reported as "members without a connection" and left alone:
 //! recording their `MemberLeft` needs the store's append (counter and event in one transaction),
 //! and `ChatStore::remove_connection` only does that for a connection it can still read.
 //!
-//! The connections table is read *before* the log. A change committed between the two reads is
-//! then in the log but maybe not in the snapshot, so the fix moves the table towards the newer
-//! truth; and every fix is a conditional write on the item as it was read, so a change the
-//! snapshot missed makes the fix fail its condition (reported as skipped) instead of undoing it.
-//! Memory: the snapshot of one room's connections, and one entry per connection the log says is
-//! a member (plus the departures of connections in the snapshot), never the events.
+//! The member items are read *before* the log, the connections and claims after it (which
+//! connections matter is known only then). A change committed meanwhile may be in one read and
+//! not the other, so every fix is a conditional write on the item as it was read: a change the
+//! reads missed makes the fix fail its condition (reported as skipped) instead of undoing it.
+//! Memory: the room's member items, and one entry per connection the log says is a member
+//! (plus the departures of connections that have member items), never the events.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use aws_sdk_dynamodb::Client;
 use chat_shared::events::ChatEvent;
-use chat_shared::keys::{self, CONN_PREFIX, NAME_PREFIX, SEQ_SK};
+use chat_shared::keys;
 use chat_shared::store::epoch_secs;
-use chat_shared::store::items::{ClaimItem, ConnItem, SeqItem};
+use chat_shared::store::items::{ClaimItem, ConnItem, CounterItem, MemberItem};
 use chat_shared::validation::name_key;
 use indicatif::ProgressBar;
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::aws::classify;
 use crate::error::ReplayError;
 use crate::log::{Entry, EventLog, Expired};
 use crate::range::EventFilter;
 
-/// One way the connections table differs from the log, and what `--apply` does about it.
+/// BatchGetItem's most keys per request.
+const BATCH_GET_MAX_KEYS: usize = 100;
+
+/// One way the tables differ from the room's log, and what `--apply` does about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(
     tag = "kind",
@@ -47,25 +54,51 @@ use crate::range::EventFilter;
     rename_all_fields = "camelCase"
 )]
 pub enum Drift {
-    /// (1) The `SEQ` counter is missing or below the highest event id.
+    /// (1) The room's counter is missing or below the highest event id.
     /// Fix: set it to that id (only if it is still below).
-    SeqBehind { found: Option<u64>, expected: u64 },
-    /// (2) A live `CONN#` item's `name`/`nameKey` differ from the log (`expected: None`: the
-    /// log says it never joined). Fix: set them from the log (or remove them).
+    CounterBehind { found: Option<u64>, expected: u64 },
+    /// (2) A live connection the log says is a member of the room has no member item there
+    /// (`item_missing`) or no entry for the room in its `rooms` (`entry_missing`).
+    /// Fix: put the member item in `shard` (the one its `rooms` entry names, else the room's
+    /// shard for it now) and the entry, expiring with the connection.
+    MemberMissing {
+        connection_id: String,
+        name: String,
+        shard: u32,
+        expires_at: i64,
+        item_missing: bool,
+        entry_missing: bool,
+    },
+    /// (3) A member item whose name differs from the log. Fix: set it from the log.
+    MemberNameDiffers {
+        connection_id: String,
+        shard: u32,
+        found: String,
+        expected: String,
+    },
+    /// (4) A member item of a connection the log says has left the room (or never joined it).
+    /// Fix: delete it, and the room from the connection's `rooms`.
+    LeftButPresent {
+        connection_id: String,
+        shard: u32,
+        name: String,
+    },
+    /// (5) A member item whose connection is gone (no live `CONN#` item): a ghost the fan-out
+    /// would keep posting to. Fix: delete it.
+    OrphanMember {
+        connection_id: String,
+        shard: u32,
+        name: String,
+    },
+    /// (6) A member's live `CONN#` item has another `name`/`nameKey` than the log's.
+    /// Fix: set them from the log.
     NameDiffers {
         connection_id: String,
         found: Option<String>,
         found_key: Option<String>,
-        expected: Option<String>,
+        expected: String,
     },
-    /// (3) A live `CONN#` item for a connection the log says has left.
-    /// Fix: delete it, and its name claim if it still owns one (`owned_claim`, a name key).
-    LeftButPresent {
-        connection_id: String,
-        name: Option<String>,
-        owned_claim: Option<String>,
-    },
-    /// (4) A live member's `NAME#` claim is missing (`found_owner: None`), held by another
+    /// (7) A member's `NAME#` claim is missing (`found_owner: None`), held by another
     /// connection, or only an identity's reservation (`found_reservation`). Fix: put the
     /// claim, expiring with the member's connection and bound to its identity (if any), so an
     /// authenticated member can still take its name back.
@@ -78,25 +111,54 @@ pub enum Drift {
         found_reservation: bool,
         identity: Option<String>,
     },
-    /// (5) A live `NAME#` claim whose connection is not a live member with that name.
-    /// Fix: delete it.
-    OrphanClaim {
-        name_key: String,
-        connection_id: String,
-    },
 }
 
 impl fmt::Display for Drift {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let or_none = |v: &Option<String>| {
-            v.as_deref()
-                .map_or("no name".to_owned(), |n| format!("{n:?}"))
-        };
         match self {
-            Drift::SeqBehind { found, expected } => match found {
-                Some(found) => write!(f, "SEQ counter is {found}, below the highest event id {expected}"),
-                None => write!(f, "SEQ counter is missing; the highest event id is {expected}"),
+            Drift::CounterBehind { found, expected } => match found {
+                Some(found) => write!(f, "the room's counter is {found}, below the highest event id {expected}"),
+                None => write!(f, "the room's counter is missing; the highest event id is {expected}"),
             },
+            Drift::MemberMissing {
+                connection_id,
+                name,
+                item_missing,
+                entry_missing,
+                ..
+            } => {
+                let what = match (item_missing, entry_missing) {
+                    (true, true) => "no member item and no rooms entry",
+                    (true, false) => "no member item",
+                    _ => "no rooms entry",
+                };
+                write!(f, "member {connection_id} ({name:?}) per the log has {what}")
+            }
+            Drift::MemberNameDiffers {
+                connection_id,
+                found,
+                expected,
+                ..
+            } => write!(
+                f,
+                "member item of {connection_id} says {found:?}, the log says {expected:?}"
+            ),
+            Drift::LeftButPresent {
+                connection_id,
+                name,
+                ..
+            } => write!(
+                f,
+                "member item of {connection_id} ({name:?}) is present but the log says it is not a member"
+            ),
+            Drift::OrphanMember {
+                connection_id,
+                name,
+                ..
+            } => write!(
+                f,
+                "member item of {connection_id} ({name:?}) has no live connection"
+            ),
             Drift::NameDiffers {
                 connection_id,
                 found,
@@ -104,21 +166,11 @@ impl fmt::Display for Drift {
                 ..
             } => write!(
                 f,
-                "CONN#{connection_id} has {}, the log says {}",
-                or_none(found),
-                or_none(expected)
+                "CONN#{connection_id} has {}, the log says {expected:?}",
+                found
+                    .as_deref()
+                    .map_or("no name".to_owned(), |n| format!("{n:?}"))
             ),
-            Drift::LeftButPresent {
-                connection_id,
-                name,
-                owned_claim,
-            } => {
-                write!(f, "CONN#{connection_id} ({}) is present but the log says it left", or_none(name))?;
-                if let Some(claim) = owned_claim {
-                    write!(f, "; it still holds NAME#{claim}")?;
-                }
-                Ok(())
-            }
             Drift::ClaimMissing {
                 connection_id,
                 name,
@@ -137,13 +189,6 @@ impl fmt::Display for Drift {
                     "NAME#{name_key} points to {owner}, not to member {connection_id} ({name:?})"
                 ),
             },
-            Drift::OrphanClaim {
-                name_key,
-                connection_id,
-            } => write!(
-                f,
-                "NAME#{name_key} is held by {connection_id}, which is not a live member with that name"
-            ),
         }
     }
 }
@@ -241,20 +286,35 @@ impl fmt::Display for RebuildReport {
     }
 }
 
-/// One room's partition of the connections table.
+/// One room's state in the two tables: its counter in the events table, its members, their
+/// connections and their name claims in the connections table.
 #[derive(Debug, Clone)]
 pub struct ConnectionsTable {
     client: Client,
     table: String,
-    room_pk: String,
+    events_table: String,
+    room: String,
     at: String,
 }
 
-/// The live items of one room's partition, keyed by connection id and by name key.
+/// A member item as read, with the shard it is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Membership {
+    shard: u32,
+    item: MemberItem,
+}
+
+/// The live state of one room, as read.
 #[derive(Debug, Default)]
 struct Snapshot {
-    seq: Option<u64>,
+    /// The counter's `last` (`None`: no counter item), and its shard count.
+    counter: Option<u64>,
+    shards: u32,
+    /// Member items by connection id.
+    members: BTreeMap<String, Membership>,
+    /// Live connection items of the members and of the log's members, by connection id.
     conns: BTreeMap<String, ConnItem>,
+    /// Live claims of the names those members hold per the log, by name key.
     claims: BTreeMap<String, ClaimItem>,
 }
 
@@ -273,12 +333,31 @@ fn n(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
+type Key = HashMap<String, AttributeValue>;
+
+fn key(pk: String, sk: String) -> Key {
+    HashMap::from([(keys::PK.to_owned(), s(pk)), (keys::SK.to_owned(), s(sk))])
+}
+
+fn conn_key(connection_id: &str) -> Key {
+    key(keys::conn_pk(connection_id), keys::CONN_SK.to_owned())
+}
+
+fn claim_key(name_key: &str) -> Key {
+    key(keys::name_pk(name_key), keys::NAME_SK.to_owned())
+}
+
+fn member_key(room: &str, shard: u32, connection_id: &str) -> Key {
+    key(keys::members_pk(room, shard), connection_id.to_owned())
+}
+
 impl ConnectionsTable {
-    pub fn new(client: Client, table: &str, room: &str, at: &str) -> Self {
+    pub fn new(client: Client, table: &str, events_table: &str, room: &str, at: &str) -> Self {
         ConnectionsTable {
             client,
             table: table.to_owned(),
-            room_pk: keys::room_pk(room),
+            events_table: events_table.to_owned(),
+            room: room.to_owned(),
             at: at.to_owned(),
         }
     }
@@ -287,87 +366,302 @@ impl ConnectionsTable {
         crate::aws::ensure_table(&self.client, &self.table, &self.at).await
     }
 
-    fn key(&self, sk: String) -> HashMap<String, AttributeValue> {
-        HashMap::from([
-            (keys::PK.to_owned(), s(&self.room_pk)),
-            (keys::SK.to_owned(), s(sk)),
-        ])
+    fn malformed(what: String) -> impl Fn(serde_dynamo::Error) -> ReplayError {
+        move |e| ReplayError::MalformedState {
+            sk: what.clone(),
+            detail: e.to_string(),
+        }
     }
 
-    /// Every live item of the room's partition. Expired items are left out: every read of the
-    /// chat treats them as absent, and DynamoDB's TTL removes them.
-    async fn snapshot(&self, now_ms: i64) -> Result<Snapshot, ReplayError> {
-        let now_s = epoch_secs(now_ms);
-        let mut snapshot = Snapshot::default();
-        let mut start = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("#pk = :pk")
-                .expression_attribute_names("#pk", keys::PK)
-                .expression_attribute_values(":pk", s(&self.room_pk))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| classify(e, "Query", &self.table, &self.at))?;
-            for item in out.items.unwrap_or_default() {
-                let sk = match item.get(keys::SK) {
-                    Some(AttributeValue::S(sk)) => sk.clone(),
-                    _ => {
-                        return Err(ReplayError::MalformedState {
-                            sk: "?".into(),
-                            detail: "no string sort key".into(),
-                        })
-                    }
-                };
-                let malformed = |e: serde_dynamo::Error| ReplayError::MalformedState {
-                    sk: sk.clone(),
-                    detail: e.to_string(),
-                };
-                if sk == SEQ_SK {
-                    let seq: SeqItem = serde_dynamo::from_item(item).map_err(malformed)?;
-                    snapshot.seq = Some(seq.seq);
-                } else if let Some(id) = sk.strip_prefix(CONN_PREFIX) {
-                    let conn: ConnItem = serde_dynamo::from_item(item).map_err(malformed)?;
-                    if conn.expires_at > now_s {
-                        snapshot.conns.insert(id.to_owned(), conn);
-                    }
-                } else if let Some(key) = sk.strip_prefix(NAME_PREFIX) {
-                    let claim: ClaimItem = serde_dynamo::from_item(item).map_err(malformed)?;
-                    if claim.expires_at > now_s {
-                        snapshot.claims.insert(key.to_owned(), claim);
-                    }
-                } else {
-                    warn!(sk, "ignoring an item the chat does not write");
-                }
-            }
-            match out.last_evaluated_key {
-                Some(key) => start = Some(key),
-                None => return Ok(snapshot),
+    /// The room's counter (`None` if it has none) and its shard count.
+    async fn counter(&self) -> Result<(Option<u64>, u32), ReplayError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.events_table)
+            .key(keys::PK, s(keys::room_pk(&self.room)))
+            .key(keys::SEQ, n(keys::COUNTER_SEQ))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify(e, "GetItem counter", &self.events_table, &self.at))?;
+        match out.item {
+            None => Ok((None, 1)),
+            Some(item) => {
+                let counter: CounterItem = serde_dynamo::from_item(item)
+                    .map_err(Self::malformed(keys::room_pk(&self.room)))?;
+                Ok((Some(counter.last), counter.shards.unwrap_or(1).max(1)))
             }
         }
     }
 
-    /// Writes the fix for one drift, conditional on the item still being as it was read.
+    /// Every live member item of the room, shard by shard. Expired items are left out: every
+    /// read of the chat treats them as absent, and DynamoDB's TTL removes them.
+    async fn member_items(
+        &self,
+        shards: u32,
+        now_s: i64,
+    ) -> Result<BTreeMap<String, Membership>, ReplayError> {
+        let mut members = BTreeMap::new();
+        for shard in 0..shards {
+            let pk = keys::members_pk(&self.room, shard);
+            let mut start = None;
+            loop {
+                let out = self
+                    .client
+                    .query()
+                    .table_name(&self.table)
+                    .key_condition_expression("#pk = :pk")
+                    .expression_attribute_names("#pk", keys::PK)
+                    .expression_attribute_values(":pk", s(&pk))
+                    .consistent_read(true)
+                    .set_exclusive_start_key(start.take())
+                    .send()
+                    .await
+                    .map_err(|e| classify(e, "Query members", &self.table, &self.at))?;
+                for item in out.items.unwrap_or_default() {
+                    let item: MemberItem =
+                        serde_dynamo::from_item(item).map_err(Self::malformed(pk.clone()))?;
+                    if item.expires_at > now_s {
+                        members.insert(item.connection_id.clone(), Membership { shard, item });
+                    }
+                }
+                match out.last_evaluated_key {
+                    Some(key) => start = Some(key),
+                    None => break,
+                }
+            }
+        }
+        Ok(members)
+    }
+
+    /// The items of `keys` that exist, read strongly consistent, 100 keys per request.
+    async fn batch_get(&self, all: Vec<Key>) -> Result<Vec<Key>, ReplayError> {
+        let mut found = Vec::new();
+        for chunk in all.chunks(BATCH_GET_MAX_KEYS) {
+            let mut pending = Some(
+                KeysAndAttributes::builder()
+                    .set_keys(Some(chunk.to_vec()))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(|e| ReplayError::Usage(e.to_string()))?,
+            );
+            while let Some(request) = pending.take() {
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.table, request)
+                    .send()
+                    .await
+                    .map_err(|e| classify(e, "BatchGetItem", &self.table, &self.at))?;
+                if let Some(mut items) = out.responses {
+                    found.extend(items.remove(&self.table).unwrap_or_default());
+                }
+                // Keys DynamoDB did not get to (throttling, 16 MB): ask again.
+                pending = out
+                    .unprocessed_keys
+                    .and_then(|mut u| u.remove(&self.table))
+                    .filter(|k| !k.keys.is_empty());
+            }
+        }
+        Ok(found)
+    }
+
+    async fn connections(
+        &self,
+        ids: &BTreeSet<&str>,
+        now_s: i64,
+    ) -> Result<BTreeMap<String, ConnItem>, ReplayError> {
+        let items = self
+            .batch_get(ids.iter().map(|id| conn_key(id)).collect())
+            .await?;
+        let mut conns = BTreeMap::new();
+        for item in items {
+            let conn: ConnItem =
+                serde_dynamo::from_item(item).map_err(Self::malformed("CONN#".into()))?;
+            if conn.expires_at > now_s {
+                conns.insert(conn.connection_id.clone(), conn);
+            }
+        }
+        Ok(conns)
+    }
+
+    async fn claims(
+        &self,
+        name_keys: &BTreeSet<String>,
+        now_s: i64,
+    ) -> Result<BTreeMap<String, ClaimItem>, ReplayError> {
+        let mut claims = BTreeMap::new();
+        for item in self
+            .batch_get(name_keys.iter().map(|k| claim_key(k)).collect())
+            .await?
+        {
+            let Some(AttributeValue::S(pk)) = item.get(keys::PK).cloned() else {
+                continue;
+            };
+            let name_key = pk
+                .strip_prefix(&keys::name_pk(""))
+                .unwrap_or(&pk)
+                .to_owned();
+            let claim: ClaimItem =
+                serde_dynamo::from_item(item).map_err(Self::malformed(pk.clone()))?;
+            if claim.expires_at > now_s {
+                claims.insert(name_key, claim);
+            }
+        }
+        Ok(claims)
+    }
+
+    /// Writes the fix for one drift, conditional on the items still being as they were read.
     async fn fix(&self, drift: &Drift, now_ms: i64) -> Result<Outcome, ReplayError> {
         let applied = match drift {
-            Drift::SeqBehind { expected, .. } => {
+            Drift::CounterBehind { expected, .. } => {
+                let r = self
+                    .client
+                    .update_item()
+                    .table_name(&self.events_table)
+                    .key(keys::PK, s(keys::room_pk(&self.room)))
+                    .key(keys::SEQ, n(keys::COUNTER_SEQ))
+                    .update_expression("SET #last = :max, #type = :type")
+                    // Never move the counter back: a writer may have moved it past meanwhile.
+                    .condition_expression("attribute_not_exists(#last) OR #last < :max")
+                    .expression_attribute_names("#last", keys::COUNTER_LAST)
+                    .expression_attribute_names("#type", keys::TYPE)
+                    .expression_attribute_values(":max", n(expected))
+                    .expression_attribute_values(":type", s(keys::COUNTER_TYPE))
+                    .send()
+                    .await;
+                self.conditional(r, "UpdateItem counter")?
+            }
+            Drift::MemberMissing {
+                connection_id,
+                name,
+                shard,
+                expires_at,
+                ..
+            } => {
+                // The connection first, on the condition that it is still there: a member item
+                // is never written for a connection that has gone.
                 let r = self
                     .client
                     .update_item()
                     .table_name(&self.table)
-                    .set_key(Some(self.key(SEQ_SK.to_owned())))
-                    .update_expression("SET #seq = :max")
-                    // Never move the counter back: a writer may have moved it past meanwhile.
-                    .condition_expression("attribute_not_exists(#seq) OR #seq < :max")
-                    .expression_attribute_names("#seq", keys::SEQ)
-                    .expression_attribute_values(":max", n(expected))
+                    .set_key(Some(conn_key(connection_id)))
+                    .update_expression("SET #rooms.#room = :shard")
+                    .condition_expression("attribute_exists(#pk) AND attribute_exists(#rooms)")
+                    .expression_attribute_names("#pk", keys::PK)
+                    .expression_attribute_names("#rooms", keys::ROOMS)
+                    .expression_attribute_names("#room", &self.room)
+                    .expression_attribute_values(":shard", n(shard))
                     .send()
                     .await;
-                self.conditional(r, "UpdateItem SEQ")?
+                let entry = match self.conditional(r, "UpdateItem connection rooms")? {
+                    true => true,
+                    // No `rooms` map at all yet: create it, still only if the connection exists.
+                    false => {
+                        let r = self
+                            .client
+                            .update_item()
+                            .table_name(&self.table)
+                            .set_key(Some(conn_key(connection_id)))
+                            .update_expression("SET #rooms = :rooms")
+                            .condition_expression(
+                                "attribute_exists(#pk) AND attribute_not_exists(#rooms)",
+                            )
+                            .expression_attribute_names("#pk", keys::PK)
+                            .expression_attribute_names("#rooms", keys::ROOMS)
+                            .expression_attribute_values(
+                                ":rooms",
+                                AttributeValue::M(HashMap::from([(self.room.clone(), n(shard))])),
+                            )
+                            .send()
+                            .await;
+                        self.conditional(r, "UpdateItem connection rooms")?
+                    }
+                };
+                if entry {
+                    let item = MemberItem {
+                        connection_id: connection_id.clone(),
+                        name: name.clone(),
+                        expires_at: *expires_at,
+                    };
+                    let mut item: Key = serde_dynamo::to_item(item)
+                        .map_err(Self::malformed(connection_id.clone()))?;
+                    item.extend(member_key(&self.room, *shard, connection_id));
+                    let r = self
+                        .client
+                        .put_item()
+                        .table_name(&self.table)
+                        .set_item(Some(item))
+                        .condition_expression("attribute_not_exists(#pk) OR #name = :name")
+                        .expression_attribute_names("#pk", keys::PK)
+                        .expression_attribute_names("#name", keys::NAME)
+                        .expression_attribute_values(":name", s(name))
+                        .send()
+                        .await;
+                    self.conditional(r, "PutItem member")?
+                } else {
+                    false
+                }
+            }
+            Drift::MemberNameDiffers {
+                connection_id,
+                shard,
+                found,
+                expected,
+            } => {
+                let r = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .set_key(Some(member_key(&self.room, *shard, connection_id)))
+                    .update_expression("SET #name = :name")
+                    .condition_expression("#name = :found")
+                    .expression_attribute_names("#name", keys::NAME)
+                    .expression_attribute_values(":name", s(expected))
+                    .expression_attribute_values(":found", s(found))
+                    .send()
+                    .await;
+                self.conditional(r, "UpdateItem member")?
+            }
+            Drift::LeftButPresent {
+                connection_id,
+                shard,
+                name,
+            }
+            | Drift::OrphanMember {
+                connection_id,
+                shard,
+                name,
+            } => {
+                let r = self
+                    .client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .set_key(Some(member_key(&self.room, *shard, connection_id)))
+                    .condition_expression("#name = :name")
+                    .expression_attribute_names("#name", keys::NAME)
+                    .expression_attribute_values(":name", s(name))
+                    .send()
+                    .await;
+                let deleted = self.conditional(r, "DeleteItem member")?;
+                if deleted && matches!(drift, Drift::LeftButPresent { .. }) {
+                    // Its connection, if still there, must not list the room any more.
+                    let r = self
+                        .client
+                        .update_item()
+                        .table_name(&self.table)
+                        .set_key(Some(conn_key(connection_id)))
+                        .update_expression("REMOVE #rooms.#room")
+                        .condition_expression("attribute_exists(#pk)")
+                        .expression_attribute_names("#pk", keys::PK)
+                        .expression_attribute_names("#rooms", keys::ROOMS)
+                        .expression_attribute_names("#room", &self.room)
+                        .send()
+                        .await;
+                    self.conditional(r, "UpdateItem connection rooms")?;
+                }
+                deleted
             }
             Drift::NameDiffers {
                 connection_id,
@@ -386,42 +680,18 @@ impl ConnectionsTable {
                     .client
                     .update_item()
                     .table_name(&self.table)
-                    .set_key(Some(self.key(keys::conn_sk(connection_id))))
+                    .set_key(Some(conn_key(connection_id)))
                     .condition_expression(unchanged)
+                    .update_expression("SET #name = :name, #nkey = :nkey")
                     .expression_attribute_names("#pk", keys::PK)
                     .expression_attribute_names("#name", keys::NAME)
-                    .expression_attribute_names("#nkey", keys::NAME_KEY);
+                    .expression_attribute_names("#nkey", keys::NAME_KEY)
+                    .expression_attribute_values(":name", s(expected))
+                    .expression_attribute_values(":nkey", s(name_key(expected)));
                 if let Some(v) = found_value {
                     req = req.expression_attribute_values(":found", v);
                 }
-                req = match expected {
-                    Some(name) => req
-                        .update_expression("SET #name = :name, #nkey = :nkey")
-                        .expression_attribute_values(":name", s(name))
-                        .expression_attribute_values(":nkey", s(name_key(name))),
-                    None => req.update_expression("REMOVE #name, #nkey"),
-                };
                 self.conditional(req.send().await, "UpdateItem connection")?
-            }
-            Drift::LeftButPresent {
-                connection_id,
-                owned_claim,
-                ..
-            } => {
-                let r = self
-                    .client
-                    .delete_item()
-                    .table_name(&self.table)
-                    .set_key(Some(self.key(keys::conn_sk(connection_id))))
-                    .condition_expression("attribute_exists(#pk)")
-                    .expression_attribute_names("#pk", keys::PK)
-                    .send()
-                    .await;
-                let deleted = self.conditional(r, "DeleteItem connection")?;
-                if let Some(claim) = owned_claim {
-                    self.delete_claim(claim, connection_id).await?;
-                }
-                deleted
             }
             Drift::ClaimMissing {
                 connection_id,
@@ -432,7 +702,7 @@ impl ConnectionsTable {
                 found_reservation,
                 identity,
             } => {
-                let mut item = self.key(keys::name_sk(name_key));
+                let mut item = claim_key(name_key);
                 item.insert(keys::CONNECTION_ID.into(), s(connection_id));
                 item.insert(keys::NAME.into(), s(name));
                 item.insert(keys::EXPIRES_AT.into(), n(expires_at));
@@ -466,31 +736,12 @@ impl ConnectionsTable {
                 };
                 self.conditional(req.send().await, "PutItem name claim")?
             }
-            Drift::OrphanClaim {
-                name_key,
-                connection_id,
-            } => self.delete_claim(name_key, connection_id).await?,
         };
         Ok(if applied {
             Outcome::Fixed
         } else {
             Outcome::Skipped
         })
-    }
-
-    /// Deletes a claim if `owner` still holds it.
-    async fn delete_claim(&self, key: &str, owner: &str) -> Result<bool, ReplayError> {
-        let r = self
-            .client
-            .delete_item()
-            .table_name(&self.table)
-            .set_key(Some(self.key(keys::name_sk(key))))
-            .condition_expression("#conn = :owner")
-            .expression_attribute_names("#conn", keys::CONNECTION_ID)
-            .expression_attribute_values(":owner", s(owner))
-            .send()
-            .await;
-        self.conditional(r, "DeleteItem name claim")
     }
 
     /// `Ok(true)` when written, `Ok(false)` when the condition failed.
@@ -513,6 +764,7 @@ impl ConnectionsTable {
 
 /// What the log says, folded in id order.
 struct Derived {
+    room: String,
     events_read: u64,
     max_id: u64,
     seen: HashMap<String, Seen>,
@@ -525,6 +777,7 @@ async fn derive(
     progress: &ProgressBar,
 ) -> Result<Derived, ReplayError> {
     let mut derived = Derived {
+        room: log.room().to_owned(),
         events_read: 0,
         max_id: 0,
         seen: HashMap::new(),
@@ -576,134 +829,140 @@ async fn derive(
 /// without a connection.
 fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef>) {
     let mut drift = Vec::new();
-    if snapshot.seq.unwrap_or(0) < derived.max_id {
-        drift.push(Drift::SeqBehind {
-            found: snapshot.seq,
+    if snapshot.counter.unwrap_or(0) < derived.max_id {
+        drift.push(Drift::CounterBehind {
+            found: snapshot.counter,
             expected: derived.max_id,
         });
     }
-    // Claims whose fate another drift's fix decides already.
-    let mut settled: BTreeSet<String> = BTreeSet::new();
-    // Live members: connection id -> the name key they should hold.
-    let mut members: BTreeMap<&str, String> = BTreeMap::new();
-    let mut claim_drift = Vec::new();
-    for (id, conn) in &snapshot.conns {
-        match derived.seen.get(id) {
-            Some(Seen::Left) => {
-                let owned_claim = conn
-                    .name_key
-                    .as_deref()
-                    .filter(|k| {
-                        snapshot
-                            .claims
-                            .get(*k)
-                            .is_some_and(|c| c.connection_id.as_deref() == Some(id.as_str()))
-                    })
-                    .map(str::to_owned);
-                settled.extend(owned_claim.clone());
-                drift.push(Drift::LeftButPresent {
-                    connection_id: id.clone(),
-                    name: conn.name.clone(),
-                    owned_claim,
-                });
-            }
-            Some(Seen::Member(name)) => {
-                let key = name_key(name);
-                if conn.name.as_deref() != Some(name.as_str())
-                    || conn.name_key.as_deref() != Some(key.as_str())
-                {
-                    drift.push(Drift::NameDiffers {
+    // Member items the log does not back, and ghosts.
+    for (id, m) in &snapshot.members {
+        let conn = snapshot.conns.get(id);
+        match (derived.seen.get(id), conn) {
+            (Some(Seen::Member(name)), Some(_)) => {
+                if m.item.name != *name {
+                    drift.push(Drift::MemberNameDiffers {
                         connection_id: id.clone(),
-                        found: conn.name.clone(),
-                        found_key: conn.name_key.clone(),
-                        expected: Some(name.clone()),
-                    });
-                }
-                let found = snapshot.claims.get(&key);
-                let owner = found.and_then(|c| c.connection_id.clone());
-                if owner.as_deref() != Some(id.as_str()) {
-                    claim_drift.push(Drift::ClaimMissing {
-                        connection_id: id.clone(),
-                        name: name.clone(),
-                        name_key: key.clone(),
-                        expires_at: conn.expires_at,
-                        found_owner: owner,
-                        found_reservation: found.is_some_and(ClaimItem::is_reservation),
-                        identity: conn.identity.clone(),
-                    });
-                }
-                members.insert(id.as_str(), key);
-            }
-            None => {
-                if conn.name.is_some() || conn.name_key.is_some() {
-                    drift.push(Drift::NameDiffers {
-                        connection_id: id.clone(),
-                        found: conn.name.clone(),
-                        found_key: conn.name_key.clone(),
-                        expected: None,
+                        shard: m.shard,
+                        found: m.item.name.clone(),
+                        expected: name.clone(),
                     });
                 }
             }
+            (Some(Seen::Member(_)), None) => drift.push(Drift::OrphanMember {
+                connection_id: id.clone(),
+                shard: m.shard,
+                name: m.item.name.clone(),
+            }),
+            (Some(Seen::Left) | None, _) => drift.push(Drift::LeftButPresent {
+                connection_id: id.clone(),
+                shard: m.shard,
+                name: m.item.name.clone(),
+            }),
         }
     }
-    // A claim held by the wrong connection is overwritten by its ClaimMissing fix, not deleted.
-    settled.extend(claim_drift.iter().filter_map(|d| match d {
-        Drift::ClaimMissing { name_key, .. } => Some(name_key.clone()),
-        _ => None,
-    }));
-    drift.extend(claim_drift);
-    for (key, claim) in &snapshot.claims {
-        if settled.contains(key) {
-            continue;
-        }
-        // An identity's reservation has no connection by design: it is no orphan, and it
-        // expires by itself (keys.rs).
-        let Some(holder) = claim.connection_id.as_deref() else {
-            continue;
-        };
-        if members.get(holder) != Some(key) {
-            drift.push(Drift::OrphanClaim {
-                name_key: key.clone(),
-                connection_id: holder.to_owned(),
-            });
-        }
-    }
-    let mut without: Vec<MemberRef> = derived
+    // The log's members: their item, their connection's name and their claim.
+    let mut members: Vec<(&String, &String)> = derived
         .seen
         .iter()
         .filter_map(|(id, seen)| match seen {
-            Seen::Member(name) if !snapshot.conns.contains_key(id) => Some(MemberRef {
-                connection_id: id.clone(),
-                name: name.clone(),
-            }),
-            _ => None,
+            Seen::Member(name) => Some((id, name)),
+            Seen::Left => None,
         })
         .collect();
-    without.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
+    members.sort();
+    let mut without = Vec::new();
+    let mut claim_drift = Vec::new();
+    for (id, name) in members {
+        let Some(conn) = snapshot.conns.get(id) else {
+            without.push(MemberRef {
+                connection_id: id.clone(),
+                name: name.clone(),
+            });
+            continue;
+        };
+        let item = snapshot.members.get(id);
+        let entry = conn.rooms.get(&derived.room).copied();
+        if item.is_none() || entry.is_none() {
+            drift.push(Drift::MemberMissing {
+                connection_id: id.clone(),
+                name: name.clone(),
+                shard: item
+                    .map(|m| m.shard)
+                    .or(entry)
+                    .unwrap_or_else(|| keys::member_shard(id, snapshot.shards)),
+                expires_at: conn.expires_at,
+                item_missing: item.is_none(),
+                entry_missing: entry.is_none(),
+            });
+        }
+        let key = name_key(name);
+        if conn.name.as_deref() != Some(name.as_str())
+            || conn.name_key.as_deref() != Some(key.as_str())
+        {
+            drift.push(Drift::NameDiffers {
+                connection_id: id.clone(),
+                found: conn.name.clone(),
+                found_key: conn.name_key.clone(),
+                expected: name.clone(),
+            });
+        }
+        let found = snapshot.claims.get(&key);
+        let owner = found.and_then(|c| c.connection_id.clone());
+        if owner.as_deref() != Some(id.as_str()) {
+            claim_drift.push(Drift::ClaimMissing {
+                connection_id: id.clone(),
+                name: name.clone(),
+                name_key: key,
+                expires_at: conn.expires_at,
+                found_owner: owner,
+                found_reservation: found.is_some_and(ClaimItem::is_reservation),
+                identity: conn.identity.clone(),
+            });
+        }
+    }
+    drift.extend(claim_drift);
     (drift, without)
 }
 
-/// Compares the room's connections with its log and, with `apply`, fixes each drift.
+/// Compares the room's state with its log and, with `apply`, fixes each drift.
 pub async fn rebuild(
     log: &EventLog,
-    connections: &ConnectionsTable,
+    tables: &ConnectionsTable,
     apply: bool,
     now_ms: i64,
     progress: &ProgressBar,
 ) -> Result<RebuildReport, ReplayError> {
-    let snapshot = connections.snapshot(now_ms).await?;
-    let keep: BTreeSet<&str> = snapshot
-        .conns
-        .keys()
-        .map(String::as_str)
-        .chain(
-            snapshot
-                .claims
-                .values()
-                .filter_map(|c| c.connection_id.as_deref()),
-        )
-        .collect();
+    let now_s = epoch_secs(now_ms);
+    let (counter, shards) = tables.counter().await?;
+    let members = tables.member_items(shards, now_s).await?;
+    let keep: BTreeSet<&str> = members.keys().map(String::as_str).collect();
     let derived = derive(log, &keep, now_ms, progress).await?;
+    let ids: BTreeSet<&str> = keep
+        .iter()
+        .copied()
+        .chain(derived.seen.iter().filter_map(|(id, seen)| match seen {
+            Seen::Member(_) => Some(id.as_str()),
+            Seen::Left => None,
+        }))
+        .collect();
+    let conns = tables.connections(&ids, now_s).await?;
+    let name_keys: BTreeSet<String> = derived
+        .seen
+        .values()
+        .filter_map(|seen| match seen {
+            Seen::Member(name) => Some(name_key(name)),
+            Seen::Left => None,
+        })
+        .collect();
+    let claims = tables.claims(&name_keys, now_s).await?;
+    let snapshot = Snapshot {
+        counter,
+        shards,
+        members,
+        conns,
+        claims,
+    };
     let (drift, members_without_connection) = compare(&snapshot, &derived);
     let mut report = RebuildReport {
         room: log.room().to_owned(),
@@ -723,7 +982,7 @@ pub async fn rebuild(
     };
     if apply {
         for entry in &mut report.drift {
-            let outcome = connections.fix(&entry.drift, now_ms).await?;
+            let outcome = tables.fix(&entry.drift, now_ms).await?;
             info!(drift = %entry.drift, ?outcome, "applied");
             match outcome {
                 Outcome::Fixed => report.fixed += 1,
@@ -739,7 +998,7 @@ pub async fn rebuild(
 mod tests {
     use super::*;
 
-    fn conn(name: Option<&str>) -> ConnItem {
+    fn conn(name: Option<&str>, rooms: &[(&str, u32)]) -> ConnItem {
         ConnItem {
             connection_id: "?".into(),
             connected_at: 0,
@@ -749,7 +1008,22 @@ mod tests {
             rl_tokens: None,
             rl_at: None,
             identity: None,
+            rooms: rooms.iter().map(|(r, s)| ((*r).to_owned(), *s)).collect(),
         }
+    }
+
+    fn member(id: &str, name: &str, shard: u32) -> (String, Membership) {
+        (
+            id.to_owned(),
+            Membership {
+                shard,
+                item: MemberItem {
+                    connection_id: id.to_owned(),
+                    name: name.to_owned(),
+                    expires_at: 100,
+                },
+            },
+        )
     }
 
     fn claim(owner: &str) -> ClaimItem {
@@ -763,6 +1037,7 @@ mod tests {
 
     fn derived(seen: &[(&str, Seen)], max_id: u64) -> Derived {
         Derived {
+            room: "r".into(),
             events_read: max_id,
             max_id,
             seen: seen
@@ -772,18 +1047,26 @@ mod tests {
         }
     }
 
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            counter: Some(3),
+            shards: 1,
+            ..Snapshot::default()
+        }
+    }
+
     #[test]
-    fn a_claim_held_by_another_connection_is_retaken_not_deleted() {
-        // GIVEN bob (B) is a member per the log, but NAME#bob points to X
+    fn a_claim_held_by_another_connection_is_retaken() {
+        // GIVEN bob (B) is a member of r per the log and the tables, but NAME#bob points to X
         let snapshot = Snapshot {
-            seq: Some(3),
-            conns: BTreeMap::from([("B".to_owned(), conn(Some("bob")))]),
+            members: BTreeMap::from([member("B", "bob", 0)]),
+            conns: BTreeMap::from([("B".to_owned(), conn(Some("bob"), &[("r", 0)]))]),
             claims: BTreeMap::from([("bob".to_owned(), claim("X"))]),
+            ..snapshot()
         };
         let log = derived(&[("B", Seen::Member("bob".into()))], 3);
 
-        // WHEN compared  THEN the one drift is B's claim pointing elsewhere, and the claim is not
-        // also reported as an orphan (its fix overwrites it)
+        // WHEN compared  THEN the one drift is B's claim pointing elsewhere
         let (drift, without) = compare(&snapshot, &log);
         assert_eq!(
             drift,
@@ -801,66 +1084,73 @@ mod tests {
     }
 
     #[test]
-    fn a_departed_connection_takes_its_claim_with_it() {
-        // GIVEN C left per the log, but its item and its claim are still there
+    fn a_member_item_of_a_departed_connection_goes_and_a_ghost_goes() {
+        // GIVEN C left r per the log but its member item is there; G's item has no connection
         let snapshot = Snapshot {
-            seq: Some(2),
-            conns: BTreeMap::from([("C".to_owned(), conn(Some("Carol")))]),
-            claims: BTreeMap::from([("carol".to_owned(), claim("C"))]),
+            members: BTreeMap::from([member("C", "carol", 0), member("G", "gus", 0)]),
+            conns: BTreeMap::from([("C".to_owned(), conn(Some("carol"), &[("r", 0)]))]),
+            ..snapshot()
         };
-        let log = derived(&[("C", Seen::Left)], 2);
+        let log = derived(&[("C", Seen::Left), ("G", Seen::Member("gus".into()))], 3);
 
-        // WHEN compared  THEN one drift deletes both; the claim is no separate orphan
-        let (drift, _) = compare(&snapshot, &log);
-        assert_eq!(
-            drift,
-            vec![Drift::LeftButPresent {
-                connection_id: "C".into(),
-                name: Some("Carol".into()),
-                owned_claim: Some("carol".into()),
-            }]
-        );
-    }
-
-    #[test]
-    fn a_name_the_log_never_gave_is_removed_and_its_claim_is_an_orphan() {
-        // GIVEN N never joined per the log, yet has a name and a claim; the counter is missing
-        let snapshot = Snapshot {
-            seq: None,
-            conns: BTreeMap::from([("N".to_owned(), conn(Some("ned")))]),
-            claims: BTreeMap::from([("ned".to_owned(), claim("N"))]),
-        };
-        let log = derived(&[("M", Seen::Member("meg".into()))], 4);
-
-        // WHEN compared
+        // WHEN compared  THEN C's item is left-but-present, G's an orphan; G is also a member
+        // without a connection (reported)
         let (drift, without) = compare(&snapshot, &log);
-
-        // THEN the counter, the name and the claim drift; meg is a member without a connection
         assert_eq!(
             drift,
             vec![
-                Drift::SeqBehind {
-                    found: None,
-                    expected: 4
+                Drift::LeftButPresent {
+                    connection_id: "C".into(),
+                    shard: 0,
+                    name: "carol".into(),
                 },
-                Drift::NameDiffers {
-                    connection_id: "N".into(),
-                    found: Some("ned".into()),
-                    found_key: Some("ned".into()),
-                    expected: None,
-                },
-                Drift::OrphanClaim {
-                    name_key: "ned".into(),
-                    connection_id: "N".into(),
+                Drift::OrphanMember {
+                    connection_id: "G".into(),
+                    shard: 0,
+                    name: "gus".into(),
                 },
             ]
         );
         assert_eq!(
             without,
             vec![MemberRef {
-                connection_id: "M".into(),
-                name: "meg".into()
+                connection_id: "G".into(),
+                name: "gus".into()
             }]
+        );
+    }
+
+    #[test]
+    fn a_missing_member_item_is_put_back_in_the_shard_its_connection_names() {
+        // GIVEN M is a member per the log, its connection lists r in shard 3, but no item;
+        // the counter is missing
+        let snapshot = Snapshot {
+            counter: None,
+            shards: 4,
+            conns: BTreeMap::from([("M".to_owned(), conn(Some("meg"), &[("r", 3)]))]),
+            claims: BTreeMap::from([("meg".to_owned(), claim("M"))]),
+            ..Snapshot::default()
+        };
+        let log = derived(&[("M", Seen::Member("meg".into()))], 4);
+
+        // WHEN compared  THEN the counter and the item drift
+        let (drift, _) = compare(&snapshot, &log);
+        assert_eq!(
+            drift,
+            vec![
+                Drift::CounterBehind {
+                    found: None,
+                    expected: 4
+                },
+                Drift::MemberMissing {
+                    connection_id: "M".into(),
+                    name: "meg".into(),
+                    shard: 3,
+                    expires_at: 100,
+                    item_missing: true,
+                    entry_missing: false,
+                },
+            ]
         );
     }
 

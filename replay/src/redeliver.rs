@@ -84,7 +84,7 @@ pub async fn redeliver(
     let mut summary = RedeliverSummary::default();
     // Membership does not change during a dry run (nothing is written), so count it once.
     let members = if options.dry_run {
-        Some(count_members(store, now_ms()).await?)
+        Some(count_members(store, log.room(), now_ms()).await?)
     } else {
         None
     };
@@ -154,19 +154,26 @@ fn recipients(event: &StoredEvent, members: usize, presence_limit: usize) -> usi
     }
 }
 
-async fn count_members(store: &dyn ChatStore, now_ms: i64) -> Result<usize, ReplayError> {
+async fn count_members(
+    store: &dyn ChatStore,
+    room: &str,
+    now_ms: i64,
+) -> Result<usize, ReplayError> {
     let mut count = 0;
-    let mut after: Option<String> = None;
-    loop {
-        let page = store
-            .members_page(chat_shared::keys::DEFAULT_ROOM, 0, after.as_deref(), now_ms)
-            .await?;
-        count += page.members.len();
-        match page.next {
-            Some(next) => after = Some(next),
-            None => return Ok(count),
+    for shard in 0..store.member_shards(room, now_ms).await? {
+        let mut after: Option<String> = None;
+        loop {
+            let page = store
+                .members_page(room, shard, after.as_deref(), now_ms)
+                .await?;
+            count += page.members.len();
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
         }
     }
+    Ok(count)
 }
 
 fn write_outcome(out: &mut dyn Write, o: &EventOutcome, json: bool) -> std::io::Result<()> {

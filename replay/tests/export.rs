@@ -94,12 +94,12 @@ async fn the_binary_exports_an_id_range_as_json_lines_with_every_field() {
     assert_eq!(
         lines(&stdout(&out)),
         vec![
-            json!({"id":3,"ts":base + 3000,"type":"MessagePosted","connectionId":"A","name":"alice","message":"hello"}),
-            json!({"id":4,"ts":base + 4000,"type":"PrivateMessageSent","connectionId":"B","name":"bob",
+            json!({"id":3,"ts":base + 3000,"type":"MessagePosted","room":"lobby","connectionId":"A","name":"alice","message":"hello"}),
+            json!({"id":4,"ts":base + 4000,"type":"PrivateMessageSent","room":"lobby","connectionId":"B","name":"bob",
                    "toConnectionId":"A","toName":"alice","message":"psst"}),
-            json!({"id":5,"ts":base + 5000,"type":"MemberRenamed","connectionId":"A","name":"al","oldName":"alice"}),
-            json!({"id":6,"ts":base + 6000,"type":"MessagePosted","connectionId":"B","name":"bob","message":"hi all"}),
-            json!({"id":7,"ts":base + 7000,"type":"MemberJoined","connectionId":"C","name":"carol"}),
+            json!({"id":5,"ts":base + 5000,"type":"MemberRenamed","room":"lobby","connectionId":"A","name":"al","oldName":"alice"}),
+            json!({"id":6,"ts":base + 6000,"type":"MessagePosted","room":"lobby","connectionId":"B","name":"bob","message":"hi all"}),
+            json!({"id":7,"ts":base + 7000,"type":"MemberJoined","room":"lobby","connectionId":"C","name":"carol"}),
         ]
     );
     // AND the summary goes to stderr, leaving stdout pure JSON Lines
@@ -114,9 +114,80 @@ async fn the_binary_exports_an_id_range_as_json_lines_with_every_field() {
     assert_eq!(
         lines(&stdout(&out)),
         vec![
-            json!({"id":8,"ts":base + 8000,"type":"MemberLeft","connectionId":"C","name":"carol","reason":"disconnected"})
+            json!({"id":8,"ts":base + 8000,"type":"MemberLeft","room":"lobby","connectionId":"C","name":"carol","reason":"disconnected"})
         ]
     );
+}
+
+#[tokio::test]
+async fn one_room_or_every_room_is_exported_each_in_its_own_id_order() {
+    // GIVEN alice and bob in the lobby; alice also in `ops` and `dev.team`, where she posts
+    let w = World::new().await;
+    let now = chat_shared::now_ms();
+    w.join("A", "alice", now).await;
+    w.join("B", "bob", now).await;
+    for room in ["ops", "dev.team"] {
+        w.store
+            .join_room("A", room, 50, now)
+            .await
+            .expect("join a room");
+        w.store
+            .post_to_room("A", room, &format!("hello {room}"), now)
+            .await
+            .expect("post in the room");
+    }
+    w.store
+        .post_public("B", "lobby talk", now)
+        .await
+        .expect("post");
+
+    // WHEN one room is exported
+    let out = w.run(&["export", "--room", "ops"]).await;
+
+    // THEN only its events come out, with its own ids from 1
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let ops = lines(&stdout(&out));
+    assert_eq!(ids(&ops), vec![1, 2]);
+    assert!(ops.iter().all(|l| l["room"] == "ops"), "{ops:?}");
+    assert_eq!(ops[1]["message"], "hello ops");
+
+    // WHEN every room is exported
+    let out = w.run(&["export", "--all-rooms"]).await;
+
+    // THEN the rooms come in name order, each in id order, and nothing else
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let all = lines(&stdout(&out));
+    let rooms_and_ids: Vec<(&str, u64)> = all
+        .iter()
+        .map(|l| {
+            (
+                l["room"].as_str().unwrap_or("?"),
+                l["id"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rooms_and_ids,
+        vec![
+            ("dev.team", 1),
+            ("dev.team", 2),
+            ("lobby", 1),
+            ("lobby", 2),
+            ("lobby", 3),
+            ("ops", 1),
+            ("ops", 2),
+        ]
+    );
+    assert!(
+        stderr(&out).contains("exported 7 events from 3 rooms"),
+        "{}",
+        stderr(&out)
+    );
+
+    // AND a room name the chat would refuse is refused before anything is read
+    let out = w.run(&["export", "--room", "no#such"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("'#'"), "{}", stderr(&out));
 }
 
 #[tokio::test]

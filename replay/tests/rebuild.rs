@@ -23,8 +23,26 @@ fn n(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
-fn key(sk: &str) -> Item {
-    HashMap::from([("pk".to_owned(), s("ROOM#lobby")), ("sk".to_owned(), s(sk))])
+/// The key of a connections-table item: (`pk`, `sk`).
+fn key((pk, sk): (&str, &str)) -> Item {
+    HashMap::from([("pk".to_owned(), s(pk)), ("sk".to_owned(), s(sk))])
+}
+
+fn conn(id: &str) -> (String, String) {
+    (format!("CONN#{id}"), "CONN".to_owned())
+}
+
+fn claim(name_key: &str) -> (String, String) {
+    (format!("NAME#{name_key}"), "NAME".to_owned())
+}
+
+/// A member item of the lobby, which has one shard here.
+fn lobby_member(id: &str) -> (String, String) {
+    ("MEMBERS#lobby#0".to_owned(), id.to_owned())
+}
+
+fn k(key: &(String, String)) -> (&str, &str) {
+    (&key.0, &key.1)
 }
 
 impl World {
@@ -52,15 +70,15 @@ impl World {
             .expect("scan")
             .items
             .unwrap_or_default();
-        items.sort_by_key(|i| format!("{:?}", i.get("sk")));
+        items.sort_by_key(|i| format!("{:?}{:?}", i.get("pk"), i.get("sk")));
         items
     }
 
-    async fn get(&self, sk: &str) -> Option<Item> {
+    async fn get(&self, at: (&str, &str)) -> Option<Item> {
         self.client
             .get_item()
             .table_name(&self.tables.connections)
-            .set_key(Some(key(sk)))
+            .set_key(Some(key(at)))
             .consistent_read(true)
             .send()
             .await
@@ -78,41 +96,54 @@ impl World {
             .expect("put");
     }
 
-    async fn delete(&self, sk: &str) {
+    async fn delete(&self, at: (&str, &str)) {
         self.client
             .delete_item()
             .table_name(&self.tables.connections)
-            .set_key(Some(key(sk)))
+            .set_key(Some(key(at)))
             .send()
             .await
             .expect("delete");
     }
 
-    async fn set(&self, sk: &str, attrs: &[(&str, AttributeValue)]) {
-        let mut item = self.get(sk).await.expect("item to change");
+    async fn set(&self, at: (&str, &str), attrs: &[(&str, AttributeValue)]) {
+        let mut item = self.get(at).await.expect("item to change");
         for (name, value) in attrs {
             item.insert((*name).to_owned(), value.clone());
         }
         self.put(item).await;
     }
+
+    /// Sets the lobby's counter (the events table's item at seq 0) behind the store's back.
+    async fn set_counter(&self, last: u64) {
+        self.client
+            .update_item()
+            .table_name(&self.tables.events)
+            .key("pk", s("ROOM#lobby"))
+            .key("seq", n(0))
+            .update_expression("SET #last = :last")
+            .expression_attribute_names("#last", "last")
+            .expression_attribute_values(":last", n(last))
+            .send()
+            .await
+            .expect("set the counter");
+    }
 }
 
 /// 1 alice (A) joins, 2 bob (B) joins, 3 carol (C) joins, 4 alice posts, 5 carol leaves,
-/// 6 dave (D) joins: a consistent room, the way the chat leaves it. Returns C's item as it was
-/// before she left.
+/// 6 dave (D) joins: a consistent lobby, the way the chat leaves it. Returns C's member item as
+/// it was before she left.
 async fn seed(w: &World) -> Item {
     let now = chat_shared::now_ms();
     w.join("A", "alice", now).await;
     w.join("B", "bob", now).await;
     w.join("C", "carol", now).await;
     w.store.post_public("A", "hi", now).await.expect("post");
-    let carol = w.get("CONN#C").await.expect("C's item");
+    let carol = w.get(k(&lobby_member("C"))).await.expect("C's member item");
     w.store
         .remove_connection("C", LeaveReason::Disconnected, now)
         .await
-        .expect("leave")
-        .into_iter()
-        .next();
+        .expect("leave");
     w.join("D", "dave", now).await;
     carol
 }
@@ -126,20 +157,39 @@ async fn expected_drift(w: &World) -> Vec<Drift> {
         .expect("read")
         .expect("bob is connected");
     vec![
-        Drift::SeqBehind {
+        Drift::CounterBehind {
             found: Some(2),
             expected: 6,
+        },
+        Drift::MemberNameDiffers {
+            connection_id: "A".into(),
+            shard: 0,
+            found: "mallory".into(),
+            expected: "alice".into(),
+        },
+        Drift::LeftButPresent {
+            connection_id: "C".into(),
+            shard: 0,
+            name: "carol".into(),
+        },
+        Drift::OrphanMember {
+            connection_id: "D".into(),
+            shard: 0,
+            name: "dave".into(),
         },
         Drift::NameDiffers {
             connection_id: "A".into(),
             found: Some("mallory".into()),
             found_key: Some("mallory".into()),
-            expected: Some("alice".into()),
+            expected: "alice".into(),
         },
-        Drift::LeftButPresent {
-            connection_id: "C".into(),
-            name: Some("carol".into()),
-            owned_claim: None,
+        Drift::MemberMissing {
+            connection_id: "B".into(),
+            name: "bob".into(),
+            shard: 0,
+            expires_at: bob.expires_at,
+            item_missing: true,
+            entry_missing: false,
         },
         Drift::ClaimMissing {
             connection_id: "B".into(),
@@ -150,37 +200,30 @@ async fn expected_drift(w: &World) -> Vec<Drift> {
             found_reservation: false,
             identity: None,
         },
-        Drift::OrphanClaim {
-            name_key: "ghost".into(),
-            connection_id: "nobody".into(),
-        },
     ]
 }
 
-/// Corrupts the connections table the five ways the rebuild knows, plus a member whose
-/// connection vanished without an event.
+/// Corrupts the lobby's state every way the rebuild knows.
 async fn corrupt(w: &World, carol: Item) {
-    // (4) bob's claim is lost
-    w.delete("NAME#bob").await;
-    // (2) alice's connection shows another name
+    // bob's claim and his member item are lost
+    w.delete(k(&claim("bob"))).await;
+    w.delete(k(&lobby_member("B"))).await;
+    // alice's connection and her member item show another name
     w.set(
-        "CONN#A",
+        k(&conn("A")),
         &[("name", s("mallory")), ("nameKey", s("mallory"))],
     )
     .await;
-    // (5) a claim nobody holds
-    let mut ghost = key("NAME#ghost");
-    ghost.insert("connectionId".into(), s("nobody"));
-    ghost.insert("name".into(), s("ghost"));
-    ghost.insert("expiresAt".into(), n(chat_shared::now_ms() / 1000 + 3_600));
-    w.put(ghost).await;
-    // (1) the counter is behind the log
-    w.set("SEQ", &[("seq", n(2))]).await;
-    // (3) carol left, but her connection item is back
+    w.set(k(&lobby_member("A")), &[("name", s("mallory"))])
+        .await;
+    // the counter is behind the log
+    w.set_counter(2).await;
+    // carol left, but her member item is back
     w.put(carol).await;
-    // dave's items vanish without a MemberLeft (as if both expired by TTL)
-    w.delete("CONN#D").await;
-    w.delete("NAME#dave").await;
+    // dave's connection and claim vanish without a MemberLeft (as if deleted by hand): his
+    // member item is left behind, a ghost
+    w.delete(k(&conn("D"))).await;
+    w.delete(k(&claim("dave"))).await;
 }
 
 fn dave() -> Vec<MemberRef> {
@@ -224,11 +267,11 @@ async fn rebuild_reports_exactly_the_drift_fixes_it_with_apply_and_the_chat_goes
     // WHEN the binary runs it with --apply
     let out = w.run(&["rebuild", "--apply", "--json"]).await;
 
-    // THEN it fixed all five
+    // THEN it fixed all seven
     assert!(out.status.success(), "stderr: {}", stderr(&out));
     let applied: Value = serde_json::from_str(&stdout(&out)).expect("a JSON report");
     assert_eq!(applied["applied"], true);
-    assert_eq!(applied["fixed"], 5, "{applied:#}");
+    assert_eq!(applied["fixed"], 7, "{applied:#}");
     assert_eq!(applied["skipped"], 0);
     let kinds: Vec<(&str, &str)> = applied["drift"]
         .as_array()
@@ -244,11 +287,13 @@ async fn rebuild_reports_exactly_the_drift_fixes_it_with_apply_and_the_chat_goes
     assert_eq!(
         kinds,
         vec![
-            ("seqBehind", "fixed"),
-            ("nameDiffers", "fixed"),
+            ("counterBehind", "fixed"),
+            ("memberNameDiffers", "fixed"),
             ("leftButPresent", "fixed"),
+            ("orphanMember", "fixed"),
+            ("nameDiffers", "fixed"),
+            ("memberMissing", "fixed"),
             ("claimMissing", "fixed"),
-            ("orphanClaim", "fixed"),
         ]
     );
 
@@ -257,8 +302,18 @@ async fn rebuild_reports_exactly_the_drift_fixes_it_with_apply_and_the_chat_goes
     assert_eq!(again.drifts(), Vec::<&Drift>::new(), "{again}");
     assert_eq!(again.members_without_connection, dave());
 
-    // AND the chat works on it: ids continue after the highest, names are where the log says
+    // AND bob is a member again, where the fan-out reads members; dave's ghost is gone
     let now = chat_shared::now_ms();
+    let members = w
+        .store
+        .members_page("lobby", 0, None, now)
+        .await
+        .expect("members");
+    let mut names: Vec<&str> = members.members.iter().map(|m| m.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["alice", "bob"]);
+
+    // AND the chat works on it: ids continue after the highest, names are where the log says
     let erin = w.join("E", "erin", now).await;
     assert_eq!(erin.seq, 7);
     let posted = w.store.post_public("A", "back", now).await.expect("post");
@@ -270,9 +325,9 @@ async fn rebuild_reports_exactly_the_drift_fixes_it_with_apply_and_the_chat_goes
     ));
     let renamed = w
         .store
-        .set_name("E", &valid("ghost"), now)
+        .set_name("E", &valid("dave"), now)
         .await
-        .expect("the orphaned name is free again")
+        .expect("the vanished name is free again")
         .into_iter()
         .next()
         .expect("a rename");
@@ -300,15 +355,17 @@ async fn the_default_dry_run_prints_a_readable_report_and_writes_nothing() {
     let text = stdout(&out);
     for expected in [
         "room lobby: 6 events read, highest id 6",
-        "drift (5):",
-        "SEQ counter is 2, below the highest event id 6",
+        "drift (7):",
+        "the room's counter is 2, below the highest event id 6",
+        "member item of A says \"mallory\", the log says \"alice\"",
+        "member item of C (\"carol\") is present but the log says it is not a member",
+        "member item of D (\"dave\") has no live connection",
         "CONN#A has \"mallory\", the log says \"alice\"",
-        "CONN#C (\"carol\") is present but the log says it left",
+        "member B (\"bob\") per the log has no member item",
         "NAME#bob is missing for member B (\"bob\")",
-        "NAME#ghost is held by nobody, which is not a live member with that name",
         "members without a connection (1)",
         "D (\"dave\")",
-        "dry run: nothing was changed; run with --apply to fix 5 drift(s)",
+        "dry run: nothing was changed; run with --apply to fix 7 drift(s)",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
@@ -347,7 +404,10 @@ async fn with_authentication_reservations_are_kept_and_restored_claims_stay_boun
         .expect("join")
         .into_iter()
         .next();
-    let reservation = w.get("NAME#alice").await.expect("alice's reservation");
+    let reservation = w
+        .get(k(&claim("alice")))
+        .await
+        .expect("alice's reservation");
     assert!(!reservation.contains_key("connectionId"));
 
     // WHEN rebuilt THEN the reservation is neither malformed nor an orphan: no drift
@@ -356,7 +416,7 @@ async fn with_authentication_reservations_are_kept_and_restored_claims_stay_boun
 
     // WHEN bob's claim is replaced by a bare reservation (his connection lost it) and the
     // rebuild applies its fix
-    let mut bare = key("NAME#bob");
+    let mut bare = key(k(&claim("bob")));
     bare.insert("identity".into(), s("u-bob"));
     bare.insert("name".into(), s("bob"));
     bare.insert("expiresAt".into(), n(now / 1000 + 3_600));
@@ -383,10 +443,10 @@ async fn with_authentication_reservations_are_kept_and_restored_claims_stay_boun
         }],
         "{report}"
     );
-    let claim = w.get("NAME#bob").await.expect("bob's claim");
-    assert_eq!(claim.get("connectionId"), Some(&s("B")));
+    let restored = w.get(k(&claim("bob"))).await.expect("bob's claim");
+    assert_eq!(restored.get("connectionId"), Some(&s("B")));
     assert_eq!(
-        claim.get("identity"),
+        restored.get("identity"),
         Some(&s("u-bob")),
         "bound to bob's identity"
     );

@@ -63,6 +63,7 @@ impl World {
         ConnectionsTable::new(
             self.client.clone(),
             &self.tables.connections,
+            &self.tables.events,
             "lobby",
             &self.moto.endpoint(),
         )

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A connection (`CONN#<connectionId>`).
+/// A connection (`CONN#<connectionId>` / `CONN`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnItem {
@@ -25,6 +25,9 @@ pub struct ConnItem {
     /// The authenticated subject, when `$connect` authentication is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The rooms it is a member of, each with the member shard its item is in.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rooms: std::collections::BTreeMap<String, u32>,
 }
 
 /// A name claim (`NAME#<nameKey>`).
@@ -52,16 +55,29 @@ impl ClaimItem {
     }
 }
 
-/// The room's sequence counter (`SEQ`).
+/// The room's sequence counter (`SEQ`, layout 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeqItem {
     pub seq: u64,
 }
 
-/// The projection of a connection item a member query reads.
+/// The room's counter (events table, `ROOM#<room>` / `seq = 0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterItem {
+    #[serde(default)]
+    pub last: u64,
+    #[serde(default)]
+    pub members: u64,
+    #[serde(default)]
+    pub shards: Option<u32>,
+}
+
+/// A member of a room (`MEMBERS#<room>#<shard>` / `<connectionId>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberItem {
     pub connection_id: String,
     pub name: String,
+    #[serde(default)]
+    pub expires_at: i64,
 }
