@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use chat_shared::config::{FanoutConfig, Retention, DEFAULT_FANOUT_CONCURRENCY};
 use chat_shared::fanout::{deliver_event, handle_stream_event};
+use chat_shared::keys;
 use chat_shared::pacing::Pacer;
 use chat_shared::store::embedded::EmbeddedStore;
 use chat_shared::store::ChatStore;
@@ -64,10 +65,22 @@ pub struct FanoutOnlyOptions {
     /// from the store's stream, and are counted in the POSTs per recipient).
     #[arg(long, default_value_t = 0)]
     pub failing: usize,
+    /// Rooms in the store. 1 (the default): the N members and the message are in the lobby.
+    /// More: the N members also join a room `big`, where the message is posted, and the other
+    /// rooms get `--other-members` members each (connections of their own), so the fan-out
+    /// must read `big`'s members only, over its member shards.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub rooms: u32,
+    /// Members of each room other than `big` (with `--rooms` above 1).
+    #[arg(long, default_value_t = 100)]
+    pub other_members: usize,
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
 }
+
+/// The room the message goes to when the store has more than one room.
+pub const BIG_ROOM: &str = "big";
 
 impl Default for FanoutOnlyOptions {
     fn default() -> Self {
@@ -80,6 +93,8 @@ impl Default for FanoutOnlyOptions {
             max_rps: 0,
             throttle_rps: 0,
             failing: 0,
+            rooms: 1,
+            other_members: 100,
             json: false,
         }
     }
@@ -120,6 +135,11 @@ pub struct HeapDuring {
 #[derive(Debug, Clone, Serialize)]
 pub struct FanoutOnlyReport {
     pub clients: usize,
+    /// Rooms in the store, and the member shards of the room the message went to.
+    pub rooms: u32,
+    pub shards: u32,
+    /// Members of the store's other rooms, all together.
+    pub other_members: usize,
     pub concurrency: usize,
     pub latency_ms: u64,
     pub page_limit: Option<usize>,
@@ -190,26 +210,49 @@ async fn measure(
     }
     progress(format_args!("filling the store with {n} members"));
     let now = chat_shared::now_ms();
+    let room = if opts.rooms > 1 {
+        BIG_ROOM
+    } else {
+        keys::DEFAULT_ROOM
+    };
+    let others = (1..opts.rooms)
+        .map(|r| format!("r{r:05}"))
+        .collect::<Vec<_>>();
+    let other_members = others.len() * opts.other_members;
+    let total = n + other_members;
     let mut first = None;
-    for i in 0..n {
+    for i in 0..total {
         let id = connection_id(i);
         store
             .add_connection(&id, now)
             .await
             .context("adding a connection")?;
-        let name = validate_name(&client_name(i, n))
+        let name = validate_name(&client_name(i, total))
             .map_err(|r| anyhow!("invalid generated name: {}", r.message))?;
         store
             .set_name(&id, &name, now)
             .await
             .context("setting a name")?;
+        // The first N are the big room's; the rest fill the other rooms in turn.
+        let joins = if i < n {
+            (room != keys::DEFAULT_ROOM).then_some(room)
+        } else {
+            Some(others[(i - n) % others.len()].as_str())
+        };
+        if let Some(r) = joins {
+            store
+                .join_room(&id, r, 2, now)
+                .await
+                .context("joining a room")?;
+        }
         first.get_or_insert(id);
     }
     let sender = first.ok_or_else(|| anyhow!("no connection"))?;
     let event = store
-        .post_public(&sender, "bench-fanout-only", now)
+        .post_to_room(&sender, room, "bench-fanout-only", now)
         .await
         .context("recording the public message")?;
+    let shards = store.member_shards(room, now).await?;
 
     // Past everything so far (the joins and the message): only redelivery rounds follow.
     let mut feed = store.feed();
@@ -314,6 +357,9 @@ async fn measure(
         && report.rejected == 0;
     Ok(FanoutOnlyReport {
         clients: n,
+        rooms: opts.rooms,
+        shards,
+        other_members,
         concurrency: opts.concurrency,
         latency_ms: opts.latency_ms,
         page_limit: opts.page_limit,
@@ -383,6 +429,12 @@ pub fn print(r: &FanoutOnlyReport) {
         per_s(u64::from(r.max_rps)),
         per_s(r.throttle_rps),
     );
+    if r.rooms > 1 {
+        println!(
+            "rooms: {} ({} members in room {BIG_ROOM}, {} shards; {} in the others)",
+            r.rooms, r.clients, r.shards, r.other_members
+        );
+    }
     println!(
         "deliver_event: {:.1} ms, {:.0} deliveries/s (delivered {}, pruned {}, rejected {})",
         r.elapsed_ms, r.deliveries_per_s, r.delivered, r.pruned, r.rejected

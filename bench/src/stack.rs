@@ -107,24 +107,32 @@ pub async fn member_ids(store: &dyn ChatStore) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// Every current member, page after page, in the store's order.
+/// Every current member of the lobby, shard after shard, page after page, in the store's order.
 async fn member_list(store: &dyn ChatStore) -> anyhow::Result<Vec<Member>> {
     let now = chat_shared::now_ms();
+    let room = chat_shared::keys::DEFAULT_ROOM;
     let mut all = Vec::new();
-    let mut after: Option<String> = None;
-    // Bounded: a page is never empty with a cursor forever, but a bug must not spin here.
-    for _ in 0..1_000_000 {
-        let page = store
-            .members_page(chat_shared::keys::DEFAULT_ROOM, 0, after.as_deref(), now)
-            .await
-            .context("reading the members")?;
-        all.extend(page.members);
-        match page.next {
-            Some(next) => after = Some(next),
-            None => return Ok(all),
+    for shard in 0..store.member_shards(room, now).await? {
+        let mut after: Option<String> = None;
+        // Bounded: a page is never empty with a cursor forever, but a bug must not spin here.
+        let mut pages = 0;
+        loop {
+            let page = store
+                .members_page(room, shard, after.as_deref(), now)
+                .await
+                .context("reading the members")?;
+            all.extend(page.members);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+            pages += 1;
+            if pages > 1_000_000 {
+                bail!("the member list did not end");
+            }
         }
     }
-    bail!("the member list did not end")
+    Ok(all)
 }
 
 /// Waits until the store has exactly `count` members; returns the last list read, and
