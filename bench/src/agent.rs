@@ -12,7 +12,8 @@
 //! The line protocol, one JSON array per line:
 //! - commands (stdin): `["join"]`, `["send", client, "frame"]`, `["vanish", [clients]]`,
 //!   `["close"]`;
-//! - events (stdout): `["ready", count]`, `["r", client, at_ns, id, "publicMessage text"]`,
+//! - events (stdout): `["ready", count]`, `["r", client, at_ns, id, "publicMessage text",
+//!   "room"]`,
 //!   `["o", client, at_ns]` (any other frame), `["e", client, at_ns, "error"]`,
 //!   `["sent", client, at_ns]`, `["done", "command"]`, `["fail", "why"]`.
 //!
@@ -221,6 +222,7 @@ struct Frame {
     #[serde(rename = "publicMessage")]
     public_message: Option<String>,
     id: Option<u64>,
+    room: Option<String>,
     error: Option<Value>,
 }
 
@@ -247,8 +249,16 @@ async fn read_loop(
             Some(Frame {
                 public_message: Some(public),
                 id,
+                room,
                 ..
-            }) => json!(["r", index, at, id.unwrap_or(0), public]),
+            }) => json!([
+                "r",
+                index,
+                at,
+                id.unwrap_or(0),
+                public,
+                room.unwrap_or_default()
+            ]),
             _ => json!(["o", index, at]),
         };
         if events.send(event.to_string()).is_err() {

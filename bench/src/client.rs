@@ -38,6 +38,8 @@ pub struct Receipt {
     pub text: Arc<str>,
     /// The frame's event id (`None` for the frames the benchmark posts itself, id 0).
     pub id: Option<u64>,
+    /// The frame's room (`None` if it had none).
+    pub room: Option<Arc<str>>,
     /// `CLOCK_MONOTONIC` ns ([`mono_ns`]).
     pub at_ns: u64,
 }
@@ -337,6 +339,11 @@ async fn read_events(
                     .and_then(Value::as_str)
                     .unwrap_or_default()
                     .into();
+                let room: Option<Arc<str>> = event
+                    .get(5)
+                    .and_then(Value::as_str)
+                    .filter(|r| !r.is_empty())
+                    .map(Into::into);
                 let mut s = lock(&state);
                 s.last_frame_ns = s.last_frame_ns.max(at);
                 *s.tally.entry(Arc::clone(&text)).or_insert(0) += 1;
@@ -344,6 +351,7 @@ async fn read_events(
                     log.receipts.push(Receipt {
                         text,
                         id,
+                        room,
                         at_ns: at,
                     });
                 }

@@ -109,8 +109,12 @@ pub async fn member_ids(store: &dyn ChatStore) -> anyhow::Result<Vec<String>> {
 
 /// Every current member of the lobby, shard after shard, page after page, in the store's order.
 async fn member_list(store: &dyn ChatStore) -> anyhow::Result<Vec<Member>> {
+    room_members(store, chat_shared::keys::DEFAULT_ROOM).await
+}
+
+/// Every current member of `room`, shard after shard, page after page, in the store's order.
+pub async fn room_members(store: &dyn ChatStore, room: &str) -> anyhow::Result<Vec<Member>> {
     let now = chat_shared::now_ms();
-    let room = chat_shared::keys::DEFAULT_ROOM;
     let mut all = Vec::new();
     for shard in 0..store.member_shards(room, now).await? {
         let mut after: Option<String> = None;
