@@ -390,7 +390,7 @@ impl ConnectionsTable {
             Some(item) => {
                 let counter: CounterItem = serde_dynamo::from_item(item)
                     .map_err(Self::malformed(keys::room_pk(&self.room)))?;
-                Ok((Some(counter.last), counter.shards.unwrap_or(1).max(1)))
+                Ok((Some(counter.last), counter.shards()))
             }
         }
     }
@@ -882,7 +882,7 @@ fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef
             continue;
         };
         let item = snapshot.members.get(id);
-        let entry = conn.rooms.get(&derived.room).copied();
+        let entry = conn.shard_in(&derived.room);
         if item.is_none() || entry.is_none() {
             drift.push(Drift::MemberMissing {
                 connection_id: id.clone(),
@@ -1008,7 +1008,7 @@ mod tests {
             rl_tokens: None,
             rl_at: None,
             identity: None,
-            rooms: rooms.iter().map(|(r, s)| ((*r).to_owned(), *s)).collect(),
+            rooms: Some(rooms.iter().map(|(r, s)| ((*r).to_owned(), *s)).collect()),
         }
     }
 
