@@ -472,3 +472,59 @@ async fn with_authentication_reservations_are_kept_and_restored_claims_stay_boun
     assert!(matches!(taken, Err(StoreError::NameTaken(_))), "{taken:?}");
     assert_eq!(w.rebuild(false).await.drifts(), Vec::<&Drift>::new());
 }
+
+#[tokio::test]
+async fn a_room_other_than_the_lobby_is_rebuilt_on_its_own() {
+    // GIVEN alice and bob in the lobby, and alice also in `ops`, where she posted
+    let w = World::new().await;
+    let now = chat_shared::now_ms();
+    w.join("A", "alice", now).await;
+    w.join("B", "bob", now).await;
+    w.store.join_room("A", "ops", 50, now).await.expect("join");
+    w.store
+        .post_to_room("A", "ops", "hi ops", now)
+        .await
+        .expect("post");
+    // AND alice's member item of `ops` lost behind the store's back
+    let ops_member = ("MEMBERS#ops#0", "A");
+    assert!(
+        w.get(ops_member).await.is_some(),
+        "alice is a member of ops"
+    );
+    w.delete(ops_member).await;
+
+    // WHEN the binary rebuilds `ops` with --apply
+    let out = w
+        .run(&["rebuild", "--room", "ops", "--apply", "--json"])
+        .await;
+
+    // THEN it read ops's log only (2 events), found the one drift and fixed it
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let report: Value = serde_json::from_str(&stdout(&out)).expect("a JSON report");
+    assert_eq!(report["room"], "ops");
+    assert_eq!(report["eventsRead"], 2, "{report:#}");
+    assert_eq!(report["fixed"], 1, "{report:#}");
+    assert_eq!(report["drift"][0]["kind"], "memberMissing");
+    // AND alice is a member of ops again where the fan-out reads members, and may post there
+    let members = w
+        .store
+        .members_page("ops", 0, None, now)
+        .await
+        .expect("members");
+    assert_eq!(
+        members
+            .members
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>(),
+        ["alice"]
+    );
+    let posted = w
+        .store
+        .post_to_room("A", "ops", "back", now)
+        .await
+        .expect("post");
+    assert_eq!(posted.seq, 3);
+    // AND the lobby had no drift to begin with, and still has none
+    assert_eq!(w.rebuild(false).await.drifts(), Vec::<&Drift>::new());
+}
