@@ -9,6 +9,11 @@
 //! `ß`/`ss`) are the same name. The name is shown as typed (trimmed). Messages: non-empty once whitespace is ignored,
 //! and at most `max_bytes` bytes of UTF-8 (4096 by default, `MAX_MESSAGE_BYTES`).
 //!
+//! Room names: 1–[`ROOM_MAX_CHARS`] characters, each an ASCII letter, digit, `-`, `_` or `.`;
+//! case matters (`Ops` and `ops` are two rooms). They become part of partition keys
+//! (`ROOM#<room>`, `MEMBERS#<room>#<shard>`), so the alphabet keeps `#` (the keys' separator)
+//! and anything that needs escaping out of them.
+//!
 //! Every DynamoDB key built from client input is bounded here, before anything is written:
 //! DynamoDB refuses a sort key over 1,024 bytes with a `ValidationException`, and NFKC can
 //! multiply a name's length (U+FDFA alone becomes 18 characters, 33 bytes), so 32 characters
@@ -18,6 +23,8 @@
 use crate::protocol::{ErrorCode, Refusal};
 
 pub const NAME_MAX_CHARS: usize = 32;
+/// The longest room name, in characters (ASCII, so also bytes).
+pub const ROOM_MAX_CHARS: usize = 64;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4096;
 /// The longest name key (UTF-8 bytes) accepted. It becomes part of a sort key
 /// (`keys::name_sk`), which DynamoDB caps at 1,024 bytes; 256 leaves room for the prefix and
@@ -124,6 +131,34 @@ pub fn recipient_key(to: &str) -> Option<String> {
         return None;
     }
     Some(name_key(to)).filter(|key| key.len() <= NAME_KEY_MAX_BYTES)
+}
+
+/// Whether a character may be part of a room name.
+fn is_room_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// Checks a room name (see the module docs) for the request `action`: `invalid_room`, with
+/// what is wrong, when it breaks the rules. Not trimmed: `" ops"` is refused, not read as
+/// `ops`, so a client never posts to a room it did not name.
+pub fn validate_room(raw: &str, action: &str) -> Result<(), Refusal> {
+    let refuse = |message: String| Err(Refusal::new(ErrorCode::InvalidRoom, message, Some(action)));
+    if raw.is_empty() {
+        return refuse("A room name cannot be empty.".into());
+    }
+    let chars = raw.chars().count();
+    if chars > ROOM_MAX_CHARS {
+        return refuse(format!(
+            "A room name can have at most {ROOM_MAX_CHARS} characters; this one has {chars}."
+        ));
+    }
+    if let Some(bad) = raw.chars().find(|c| !is_room_char(*c)) {
+        return refuse(format!(
+            "A room name can only use ASCII letters, digits, '-', '_' and '.'; it has {:?}.",
+            bad
+        ));
+    }
+    Ok(())
 }
 
 pub fn validate_message(raw: &str, max_bytes: usize, action: &str) -> Result<(), Refusal> {
@@ -237,6 +272,41 @@ mod tests {
     fn unicode_names_are_allowed() {
         for ok in ["Zoë", "山田", "a b", "🙂"] {
             assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn room_names_are_ascii_words_up_to_64_characters() {
+        // GIVEN names at the rules' edges  WHEN validated  THEN accepted
+        for ok in [
+            "lobby",
+            "a",
+            "Ops",
+            "rust-lang.dev_1",
+            "...",
+            "-",
+            &"r".repeat(64),
+        ] {
+            assert!(validate_room(ok, "join").is_ok(), "{ok}");
+        }
+        // AND every break of a rule is invalid_room, with the action and a precise reason
+        let cases: &[(&str, &str)] = &[
+            ("", "empty"),
+            (&"r".repeat(65), "at most 64 characters; this one has 65"),
+            ("a b", "' '"),
+            (" ops", "' '"),
+            ("ops\n", "'\\n'"),
+            ("ROOM#x", "'#'"),
+            ("a/b", "'/'"),
+            ("café", "'é'"),
+            ("ｏｐｓ", "'ｏ'"),
+            ("a\u{200B}b", "'\\u{200b}'"),
+        ];
+        for (bad, why) in cases {
+            let r = validate_room(bad, "sendPublic").expect_err(bad);
+            assert_eq!(r.code, ErrorCode::InvalidRoom, "{bad:?}");
+            assert_eq!(r.action.as_deref(), Some("sendPublic"));
+            assert!(r.message.contains(why), "{bad:?}: {}", r.message);
         }
     }
 

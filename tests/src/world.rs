@@ -25,7 +25,14 @@ use crate::{fixture_json, unique_name, ConnectionsEndpoint, Moto, StreamReader};
 
 /// The routes of the API's route selection (`$request.body.action`, template.yaml) besides
 /// `$default`, which takes every other action.
-const ACTION_ROUTES: [&str; 4] = ["setName", "sendPublic", "sendPrivate", "history"];
+const ACTION_ROUTES: [&str; 6] = [
+    "setName",
+    "sendPublic",
+    "sendPrivate",
+    "history",
+    "join",
+    "leave",
+];
 
 /// How the chat's two Lambdas are configured in a [`World`]. No `Default`: the Lambdas'
 /// defaults retry too slowly for a test, so each suite states what it runs with.
