@@ -220,17 +220,42 @@ impl World {
         .await
     }
 
-    /// The frames delivered to `id`, without `id` and `ts` (checked separately).
+    /// The frames delivered to `id` of `lobby` (and private ones, which have no room),
+    /// without `room`, `id` and `ts` (checked separately). Panics on a frame of another room:
+    /// the suites that use this one stay in `lobby`; [`World::room_frames`] reads the others.
     pub fn frames(&self, id: &str) -> Vec<Value> {
         self.endpoint
             .frames_for(id)
             .into_iter()
             .map(|mut f| {
+                let room = f.get("room").cloned();
+                assert!(
+                    room.is_none() || room == Some(json!("lobby")),
+                    "a frame of another room: {f}"
+                );
                 if let Some(o) = f.as_object_mut() {
                     o.remove("id");
                     o.remove("ts");
+                    o.remove("room");
                 }
                 f
+            })
+            .collect()
+    }
+
+    /// The frames delivered to `id`, each as (room, frame without `room` and `ts`), `id` kept;
+    /// a private message's room is `None`.
+    pub fn room_frames(&self, id: &str) -> Vec<(Option<String>, Value)> {
+        self.endpoint
+            .frames_for(id)
+            .into_iter()
+            .map(|mut f| {
+                let room = f["room"].as_str().map(str::to_owned);
+                if let Some(o) = f.as_object_mut() {
+                    o.remove("ts");
+                    o.remove("room");
+                }
+                (room, f)
             })
             .collect()
     }
