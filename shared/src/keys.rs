@@ -212,4 +212,26 @@ mod tests {
         }
         assert!(counts.iter().all(|&c| c > 300 && c < 1_250), "{counts:?}");
     }
+
+    #[test]
+    fn doubling_the_shards_splits_each_shard_in_two() {
+        // A member of shard k among s is in shard k or k + s among 2s: doubling moves no member
+        // into a shard other than those two, so a room that grew still finds its old members
+        // by the shard their connection remembers, and new joins spread over all 2s.
+        for i in 0..2_000 {
+            let id = format!("conn-{i}=");
+            for s in [1, 2, 4, 64, 128] {
+                let before = member_shard(&id, s);
+                let after = member_shard(&id, 2 * s);
+                assert!(
+                    after == before || after == before + s,
+                    "{id}: {before} of {s}, {after}"
+                );
+            }
+        }
+        // AND a room at the limit stays there, however many join
+        assert_eq!(shards_for(u64::MAX, MAX_MEMBER_SHARDS), MAX_MEMBER_SHARDS);
+        assert_eq!(shards_for(3_001, 2), 4);
+        assert_eq!(shards_for(3_000, 2), 2);
+    }
 }
