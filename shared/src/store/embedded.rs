@@ -2313,3 +2313,51 @@ impl RecordSource for EmbeddedFeed {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_member_page_ends_at_1_mb_read_as_a_query_page_does() {
+        // GIVEN a member shard of 600 items over 2 KB each (1.2 MB; names that long cannot
+        // come through validation, so the items are put in directly), and no item-count limit
+        let store = EmbeddedStore::new(Retention::default()).with_page_limit(10_000);
+        let now = crate::now_ms();
+        let long = "n".repeat(2_000);
+        {
+            let mut state = store.shared.lock();
+            for i in 0..600 {
+                let id = format!("c{i:03}");
+                let member = MemberItem {
+                    connection_id: id.clone(),
+                    name: format!("{long}{i}"),
+                    expires_at: epoch_secs(now) + 3_600,
+                };
+                state.put_member("big", 0, &id, Some(member));
+            }
+        }
+
+        // WHEN the shard is read page by page
+        let first = store.members_page("big", 0, None, now).await.expect("page");
+        let mut all = first.members.clone();
+        let mut after = first.next.clone();
+        while let Some(cursor) = after {
+            let page = store
+                .members_page("big", 0, Some(&cursor), now)
+                .await
+                .expect("page");
+            all.extend(page.members);
+            after = page.next;
+        }
+
+        // THEN the first page stopped at 1 MB read (under 600 members, with a cursor), and the
+        // pages together list everyone once, in sort key order
+        assert!(first.members.len() < 600, "{}", first.members.len());
+        assert!(first.members.len() >= limits::QUERY_PAGE_MAX_BYTES / 2_200);
+        assert!(first.next.is_some());
+        let ids: Vec<String> = all.iter().map(|m| m.connection_id.clone()).collect();
+        let expected: Vec<String> = (0..600).map(|i| format!("c{i:03}")).collect();
+        assert_eq!(ids, expected);
+    }
+}
