@@ -749,6 +749,7 @@ mod tests {
             rl_tokens: None,
             rl_at: None,
             identity: None,
+            rooms: None,
         }
     }
 

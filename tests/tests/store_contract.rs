@@ -151,7 +151,8 @@ impl Fixture {
             .filter(|r| !is_counter(r))
             .map(|r| {
                 assert_eq!(r.event_name, "INSERT", "only inserts without a TTL sweep");
-                decode_record(r).expect("record decodes to an event")
+                decode_record(r)
+                    .unwrap_or_else(|e| panic!("record decodes to an event: {e}: {r:?}"))
             })
             .collect()
     }

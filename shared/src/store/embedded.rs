@@ -151,12 +151,21 @@ pub struct RoomCounter {
     pub shards: u32,
 }
 
-impl Default for RoomCounter {
-    fn default() -> Self {
+/// A room's counter item as stored: `members` and `shards` are set by the first join (a room
+/// numbered by other events first has only `last`), as the DynamoDB adapter's updates set them.
+#[derive(Debug, Clone, Copy, Default)]
+struct CounterItem {
+    last: u64,
+    members: Option<u64>,
+    shards: Option<u32>,
+}
+
+impl CounterItem {
+    fn view(self) -> RoomCounter {
         RoomCounter {
-            last: 0,
-            members: 0,
-            shards: 1,
+            last: self.last,
+            members: self.members.unwrap_or(0),
+            shards: self.shards.unwrap_or(1).max(1),
         }
     }
 }
@@ -174,7 +183,7 @@ struct StoredItem {
 #[derive(Debug, Default)]
 struct Room {
     /// `None` until the room's first append (then its stream record is an `INSERT`).
-    counter: Option<RoomCounter>,
+    counter: Option<CounterItem>,
     events: BTreeMap<u64, StoredItem>,
 }
 
@@ -400,12 +409,6 @@ impl State {
         self.conns.put(connection_id.to_owned(), item, lag);
     }
 
-    fn member(&self, room: &str, shard: u32, connection_id: &str) -> Option<&MemberItem> {
-        self.members
-            .get(&keys::members_pk(room, shard))
-            .and_then(|p| p.get(connection_id))
-    }
-
     fn put_member(
         &mut self,
         room: &str,
@@ -425,7 +428,7 @@ impl State {
     }
 
     /// The room's counter item, if it has one yet.
-    fn counter(&self, room: &str) -> Option<RoomCounter> {
+    fn counter(&self, room: &str) -> Option<CounterItem> {
         self.rooms.get(room).and_then(|r| r.counter)
     }
 
@@ -436,27 +439,23 @@ impl State {
 
     /// The room's counter before and after one more append that changes its members by
     /// `members` (+1 a join, -1 a leave, floored at 0; a join may double the shards).
-    fn next_counter(&self, room: &str, members: i8) -> (Option<RoomCounter>, RoomCounter) {
+    fn next_counter(&self, room: &str, members: i8) -> (Option<CounterItem>, CounterItem) {
         let before = self.counter(room);
         let c = before.unwrap_or_default();
-        let count = match members {
-            1.. => c.members + 1,
-            0 => c.members,
-            _ => c.members.saturating_sub(1),
+        let now = c.view();
+        let mut after = CounterItem {
+            last: c.last + 1,
+            ..c
         };
-        let shards = if members > 0 {
-            keys::shards_for(count, c.shards)
-        } else {
-            c.shards
-        };
-        (
-            before,
-            RoomCounter {
-                last: c.last + 1,
-                members: count,
-                shards,
-            },
-        )
+        match members {
+            1.. => {
+                after.members = Some(now.members + 1);
+                after.shards = Some(keys::shards_for(now.members + 1, now.shards));
+            }
+            0 => {}
+            _ => after.members = Some(now.members.saturating_sub(1)),
+        }
+        (before, after)
     }
 
     /// Gives up a name claim the connection still holds (an expired one may belong to someone
@@ -561,7 +560,7 @@ impl State {
 /// An append with its id, its item and its stream records built, not yet committed. Building
 /// is the only fallible part of an append, so it happens before any state changes.
 struct PendingEvent {
-    counter: RoomCounter,
+    counter: CounterItem,
     item: StoredItem,
     counter_record: EventRecord,
     event_record: EventRecord,
@@ -594,8 +593,8 @@ impl Shared {
     fn prepare(
         &self,
         room: &str,
-        before: Option<RoomCounter>,
-        after: RoomCounter,
+        before: Option<CounterItem>,
+        after: CounterItem,
         event: ChatEvent,
         now_ms: i64,
     ) -> Result<PendingEvent, StoreError> {
@@ -690,10 +689,11 @@ fn event_keys(pk: &str, seq: u64) -> Item {
     ]))
 }
 
-/// A room's counter item as the DynamoDB adapter writes it (keys.rs documents it).
-fn counter_image(room_pk: &str, c: RoomCounter) -> Item {
+/// A room's counter item as the DynamoDB adapter writes it (keys.rs documents it): the whole
+/// item, as a `NEW_IMAGE` stream record carries it.
+fn counter_image(room_pk: &str, c: CounterItem) -> Item {
     let n = |v: u64| AttributeValue::N(v.to_string());
-    Item::from(HashMap::from([
+    let mut item = HashMap::from([
         (keys::PK.to_owned(), AttributeValue::S(room_pk.to_owned())),
         (keys::SEQ.to_owned(), n(keys::COUNTER_SEQ)),
         (
@@ -701,9 +701,14 @@ fn counter_image(room_pk: &str, c: RoomCounter) -> Item {
             AttributeValue::S(keys::COUNTER_TYPE.to_owned()),
         ),
         (keys::COUNTER_LAST.to_owned(), n(c.last)),
-        (keys::COUNTER_MEMBERS.to_owned(), n(c.members)),
-        (keys::COUNTER_SHARDS.to_owned(), n(u64::from(c.shards))),
-    ]))
+    ]);
+    if let Some(members) = c.members {
+        item.insert(keys::COUNTER_MEMBERS.to_owned(), n(members));
+    }
+    if let Some(shards) = c.shards {
+        item.insert(keys::COUNTER_SHARDS.to_owned(), n(u64::from(shards)));
+    }
+    Item::from(item)
 }
 
 /// The `dynamodb` member of a record. `ApproximateCreationDateTime` is set by deserialising
@@ -859,7 +864,7 @@ impl EmbeddedStore {
 
     /// A room's counter item, if the room has had an event.
     pub fn counter(&self, room: &str) -> Option<RoomCounter> {
-        self.shared.lock().counter(room)
+        self.shared.lock().counter(room).map(CounterItem::view)
     }
 
     /// DynamoDB's TTL sweeper: deletes every item whose `expiresAt` has passed at `now_ms`
@@ -1310,53 +1315,87 @@ fn member_item_size(pk: &str, m: &MemberItem) -> usize {
         + 6
 }
 
-/// What the first write step of `setName` (the lobby's) does, in the state it finds.
+/// Where the first transaction of a name change announces it (the DynamoDB adapter's order).
+#[derive(Debug, Clone)]
+enum First {
+    /// The connection joins lobby with the name: a first name, or a rename of a connection in
+    /// no room.
+    JoinLobby,
+    /// A rename, announced first in this room (lobby if it is a member, else its first room
+    /// by name), where its member item is in `shard`.
+    Rename { room: String, shard: u32 },
+}
+
+impl First {
+    fn of(conn: &ConnItem) -> First {
+        let first = conn
+            .rooms
+            .get_key_value(DEFAULT_ROOM)
+            .or_else(|| conn.rooms.iter().next());
+        match first {
+            Some((room, &shard)) if conn.name.is_some() => First::Rename {
+                room: room.clone(),
+                shard,
+            },
+            _ => First::JoinLobby,
+        }
+    }
+
+    fn room(&self) -> &str {
+        match self {
+            First::JoinLobby => DEFAULT_ROOM,
+            First::Rename { room, .. } => room,
+        }
+    }
+}
+
+/// What the first step of `setName` finds to do.
 enum NameStep {
-    /// Nothing to write there: the same name again, already in the lobby.
-    Nothing,
+    /// The same name again: nothing to claim (a join of lobby follows if it left it).
+    Same,
     /// The name is held by an older connection of the same identity: it is removed first
     /// (the take-back), then the claim is tried again.
     Evict(String),
-    /// Claims the name (unless it is the connection's already) and names the connection, in
-    /// one transaction with its `MemberRenamed` in the lobby, or its `MemberJoined` (`join`)
-    /// if it is not in the lobby.
-    Write { claim: bool, join: bool },
+    /// The claim moves (the old one released), the connection's name changes, and the first
+    /// room hears of it, in one transaction.
+    Claim(First),
 }
 
-/// What the lobby step did.
+/// What the first step of `setName` did.
 enum Claimed {
+    Same,
     Evict(String),
-    Done(Option<StoredEvent>),
+    /// The first transaction's event; for a rename, the room it was announced in and the old
+    /// name, so the other rooms can hear of it next.
+    First(Box<StoredEvent>, Option<(String, String)>),
 }
 
 const SET_NAME: &str = "TransactWriteItems setName";
 const RENAME: &str = "TransactWriteItems rename";
 const JOIN: &str = "TransactWriteItems join";
 const LEAVE: &str = "TransactWriteItems leave";
-const POST: &str = "TransactWriteItems sendPublic";
+const POST: &str = "TransactWriteItems post";
 const PRIVATE: &str = "TransactWriteItems sendPrivate";
-const DISCONNECT: &str = "TransactWriteItems $disconnect";
+const REMOVE: &str = "TransactWriteItems remove connection";
 
 fn not_connected(connection_id: &str) -> StoreError {
     StoreError::NotConnected(connection_id.to_owned())
 }
 
+/// `evicted`: the take-back has removed the older connection already; the claim's condition
+/// now lets this identity take the name whoever of its connections holds it.
 fn name_step(
     state: &State,
     connection_id: &str,
     name: &ValidName,
+    evicted: bool,
     now_s: i64,
 ) -> Result<NameStep, StoreError> {
     let conn = state
         .live_conn(connection_id, now_s)
         .ok_or_else(|| not_connected(connection_id))?;
-    let join = !conn.rooms.contains_key(DEFAULT_ROOM);
     if conn.name.as_ref().map(|n| n.display.as_str()) == Some(name.display.as_str()) {
-        return Ok(if join {
-            NameStep::Write { claim: false, join }
-        } else {
-            NameStep::Nothing
-        });
+        return Ok(NameStep::Same);
     }
     // The adapter reads the claim next: DynamoDB refuses a key over its limits there.
     limits::check_key(&keys::name_pk(&name.key), keys::NAME_SK)
@@ -1369,50 +1408,28 @@ fn name_step(
         if !mine && !same_owner {
             return Err(StoreError::NameTaken(name.display.clone()));
         }
-        if !mine {
-            let older = holder.connection_id.as_deref().filter(|old| {
-                state
-                    .conns
-                    .get(old)
-                    .is_some_and(|c| c.name.as_ref().is_some_and(|n| n.key == name.key))
-            });
-            if let Some(old) = older {
-                return Ok(NameStep::Evict(old.to_owned()));
-            }
+        if let (false, false, Some(old)) = (mine, evicted, holder.connection_id.as_deref()) {
+            return Ok(NameStep::Evict(old.to_owned()));
         }
     }
-    Ok(NameStep::Write { claim: true, join })
+    Ok(NameStep::Claim(First::of(conn)))
 }
 
-/// The lobby shard the connection's member item is (or, joining, goes) in.
-fn lobby_shard(state: &State, conn: &ConnItem, join: bool) -> u32 {
-    if join {
-        let (_, after) = state.next_counter(DEFAULT_ROOM, 1);
-        keys::member_shard(&conn.connection_id, after.shards)
-    } else {
-        conn.rooms.get(DEFAULT_ROOM).copied().unwrap_or(0)
-    }
-}
-
-/// The next room (in name order) whose member item does not carry the connection's name
-/// `display` yet, with its shard and the name it carries: what a rename has left to do.
-fn stale_room(
-    state: &State,
+/// The sender of a post to a room it is a member of.
+fn post_check<'s>(
+    state: &'s State,
     connection_id: &str,
-    display: &str,
+    room: &str,
     now_s: i64,
-) -> Option<(String, u32, String)> {
-    let conn = state.live_conn(connection_id, now_s)?;
-    if conn.name.as_ref().map(|n| n.display.as_str()) != Some(display) {
-        // Renamed again meanwhile: that rename carries on from here.
-        return None;
+) -> Result<&'s ConnItem, StoreError> {
+    let conn = state
+        .live_conn(connection_id, now_s)
+        .ok_or_else(|| not_connected(connection_id))?;
+    conn.name.as_ref().ok_or(StoreError::NameRequired)?;
+    if !conn.rooms.contains_key(room) {
+        return Err(StoreError::NotAMember(room.to_owned()));
     }
-    conn.rooms.iter().find_map(|(room, &shard)| {
-        state
-            .member(room, shard, connection_id)
-            .filter(|m| m.name != display)
-            .map(|m| (room.clone(), shard, m.name.clone()))
-    })
+    Ok(conn)
 }
 
 /// Where a join stands: `Err` for a refusal, `Ok(Err(last))` for a member already, else the
@@ -1435,25 +1452,7 @@ fn join_step(
         return Err(StoreError::TooManyRooms(max_rooms));
     }
     let (_, after) = state.next_counter(room, 1);
-    Ok(Ok(keys::member_shard(connection_id, after.shards)))
-}
-
-/// The sender's name in a room it may post to (the transaction's condition is on the sender's
-/// connection item: its `rooms` has the room).
-fn post_check<'s>(
-    state: &'s State,
-    connection_id: &str,
-    room: &str,
-    now_s: i64,
-) -> Result<&'s ConnItem, StoreError> {
-    let conn = state
-        .live_conn(connection_id, now_s)
-        .ok_or_else(|| not_connected(connection_id))?;
-    conn.name.as_ref().ok_or(StoreError::NameRequired)?;
-    if !conn.rooms.contains_key(room) {
-        return Err(StoreError::NotAMember(room.to_owned()));
-    }
-    Ok(conn)
+    Ok(Ok(keys::member_shard(connection_id, after.view().shards)))
 }
 
 /// The sender and the recipient of a private message.
@@ -1489,11 +1488,12 @@ fn private_check<'s>(
 }
 
 impl EmbeddedStore {
-    /// The lobby step of `setName` (see [`NameStep`]).
+    /// The first step of `setName` (see [`NameStep`]).
     async fn claim_name(
         &self,
         connection_id: &str,
         name: &ValidName,
+        evicted: bool,
         now_ms: i64,
     ) -> Result<Claimed, StoreError> {
         let now_s = epoch_secs(now_ms);
@@ -1501,141 +1501,185 @@ impl EmbeddedStore {
         let name_pk = keys::name_pk(&name.key);
         let plan = |state: &State| {
             let base = Calls::default().get(conn_pk.clone());
-            let step = name_step(state, connection_id, name, now_s);
-            let (Ok(NameStep::Write { claim, join }), Some(conn)) =
+            let step = name_step(state, connection_id, name, evicted, now_s);
+            let (Ok(NameStep::Claim(first)), Some(conn)) =
                 (step, state.live_conn(connection_id, now_s))
             else {
                 return base.get(name_pk.clone());
             };
-            let mut calls = base.get_if(claim, || name_pk.clone());
-            if claim {
-                calls = calls.item(name_pk.clone(), 1);
-                if let Some(old) = conn.name.as_ref().filter(|o| o.key != name.key) {
-                    calls = calls.item(keys::name_pk(&old.key), 1);
+            // The claim, the counter, and the old claim (to release it if still ours).
+            let mut calls = base
+                .get(name_pk.clone())
+                .get(keys::room_pk(first.room()))
+                .item(name_pk.clone(), 1);
+            if let Some(old) = conn.name.as_ref().filter(|o| o.key != name.key) {
+                let old_pk = keys::name_pk(&old.key);
+                calls = calls.get(old_pk.clone());
+                if state
+                    .claims
+                    .get(&old.key)
+                    .is_some_and(|c| c.connection_id.as_deref() == Some(connection_id))
+                {
+                    calls = calls.item(old_pk, 1);
                 }
             }
+            let shard = match &first {
+                First::JoinLobby => keys::member_shard(
+                    connection_id,
+                    state.next_counter(DEFAULT_ROOM, 1).1.view().shards,
+                ),
+                First::Rename { shard, .. } => *shard,
+            };
             let renamed = conn_item_size(conn) + 2 * name.display.len() + 16;
             calls
-                .get(keys::room_pk(DEFAULT_ROOM))
                 .item(conn_pk.clone(), units_of(renamed, 1024))
-                .item(
-                    keys::members_pk(DEFAULT_ROOM, lobby_shard(state, conn, join)),
-                    1,
-                )
-                .append(DEFAULT_ROOM, EVENT_OVERHEAD)
+                .item(keys::members_pk(first.room(), shard), 1)
+                .append(first.room(), EVENT_OVERHEAD)
         };
         self.write(SET_NAME, plan, |state| {
-            let (claim, join) = match name_step(state, connection_id, name, now_s)? {
-                NameStep::Nothing => return Ok(Claimed::Done(None)),
+            let first = match name_step(state, connection_id, name, evicted, now_s)? {
+                NameStep::Same => return Ok(Claimed::Same),
                 NameStep::Evict(old) => return Ok(Claimed::Evict(old)),
-                NameStep::Write { claim, join } => (claim, join),
+                NameStep::Claim(first) => first,
             };
             let conn = state
                 .live_conn(connection_id, now_s)
                 .cloned()
                 .ok_or_else(|| not_connected(connection_id))?;
-            let shard = lobby_shard(state, &conn, join);
-            limits::check_key(&keys::members_pk(DEFAULT_ROOM, shard), connection_id)
-                .map_err(|e| key_error(e, SET_NAME))?;
-            let (before, after) = state.next_counter(DEFAULT_ROOM, i8::from(join));
-            let event = if join {
-                ChatEvent::MemberJoined {
-                    connection_id: connection_id.to_owned(),
-                    name: name.display.clone(),
-                }
-            } else {
-                ChatEvent::MemberRenamed {
-                    connection_id: connection_id.to_owned(),
-                    old_name: conn.display_name(),
-                    name: name.display.clone(),
-                }
-            };
-            let pending = self
-                .shared
-                .prepare(DEFAULT_ROOM, before, after, event, now_ms)?;
-            state.injected_failure(SET_NAME)?;
-            if claim {
-                if let Some(old) = conn.name.as_ref().filter(|o| o.key != name.key) {
-                    state.release(&old.key, connection_id, conn.identity.as_deref(), now_s);
-                }
-                state.claims.insert(
-                    name.key.clone(),
-                    Claim {
-                        connection_id: Some(connection_id.to_owned()),
-                        identity: conn.identity.clone(),
+            let room = first.room().to_owned();
+            let joins = matches!(first, First::JoinLobby);
+            let (before, after) = state.next_counter(&room, i8::from(joins));
+            let (event, shard) = match &first {
+                First::JoinLobby => (
+                    ChatEvent::MemberJoined {
+                        connection_id: connection_id.to_owned(),
                         name: name.display.clone(),
-                        expires_at: conn.expires_at,
                     },
-                );
+                    keys::member_shard(connection_id, after.view().shards),
+                ),
+                First::Rename { shard, .. } => (
+                    ChatEvent::MemberRenamed {
+                        connection_id: connection_id.to_owned(),
+                        old_name: conn.display_name(),
+                        name: name.display.clone(),
+                    },
+                    *shard,
+                ),
+            };
+            limits::check_key(&keys::members_pk(&room, shard), connection_id)
+                .map_err(|e| key_error(e, SET_NAME))?;
+            let pending = self.shared.prepare(&room, before, after, event, now_ms)?;
+            state.injected_failure(SET_NAME)?;
+            if let Some(old) = conn.name.as_ref().filter(|o| o.key != name.key) {
+                state.release(&old.key, connection_id, conn.identity.as_deref(), now_s);
             }
+            // The claim lives as long as the connection, so an abandoned name frees itself.
+            state.claims.insert(
+                name.key.clone(),
+                Claim {
+                    connection_id: Some(connection_id.to_owned()),
+                    identity: conn.identity.clone(),
+                    name: name.display.clone(),
+                    expires_at: conn.expires_at,
+                },
+            );
+            let old_name = conn.display_name();
             let mut named = conn;
             named.name = Some(Named {
                 display: name.display.clone(),
                 key: name.key.clone(),
             });
-            named.rooms.insert(DEFAULT_ROOM.to_owned(), shard);
+            named.rooms.insert(room.clone(), shard);
             let member = MemberItem {
                 connection_id: connection_id.to_owned(),
                 name: name.display.clone(),
                 expires_at: named.expires_at,
             };
             state.put_conn(connection_id, Some(named));
-            state.put_member(DEFAULT_ROOM, shard, connection_id, Some(member));
-            Ok(Claimed::Done(Some(self.finish(state, pending))))
+            state.put_member(&room, shard, connection_id, Some(member));
+            let event = Box::new(self.finish(state, pending));
+            Ok(Claimed::First(event, (!joins).then_some((room, old_name))))
         })
         .await
     }
 
-    /// The rest of a rename: one transaction per room whose member item still carries another
-    /// name (its `MemberRenamed`), in room name order, until none is left. A rename cut short
-    /// by a failure is finished by setting the same name again.
-    async fn rename_rooms(
+    /// After the first room heard of a rename: `MemberRenamed` in each other room the
+    /// connection is a member of (name order), one transaction each, then a join of lobby if
+    /// it is not in it. A room it has left meanwhile is skipped, and a rename made meanwhile
+    /// announces itself.
+    async fn announce_rename(
         &self,
         connection_id: &str,
+        first_room: &str,
+        old_name: &str,
         display: &str,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let now_s = epoch_secs(now_ms);
         let conn_pk = keys::conn_pk(connection_id);
-        let mut renamed = Vec::new();
-        loop {
-            let plan = |state: &State| match stale_room(state, connection_id, display, now_s) {
-                Some((room, shard, _)) => Calls::default()
-                    .get(keys::room_pk(&room))
-                    .item(conn_pk.clone(), 1)
-                    .item(keys::members_pk(&room, shard), 1)
-                    .append(&room, EVENT_OVERHEAD),
-                None => Calls::default(),
+        let Some(rooms) = self
+            .shared
+            .lock()
+            .live_conn(connection_id, now_s)
+            .map(|c| c.rooms.keys().cloned().collect::<Vec<_>>())
+        else {
+            return Ok(Vec::new());
+        };
+        // The shard of the room, if the connection is in it with this name.
+        let renaming = |state: &State, room: &str| {
+            state
+                .live_conn(connection_id, now_s)
+                .filter(|c| c.name.as_ref().map(|n| n.display.as_str()) == Some(display))
+                .and_then(|c| c.rooms.get(room).map(|&shard| (c.clone(), shard)))
+        };
+        let mut events = Vec::new();
+        for room in rooms.iter().filter(|r| *r != first_room) {
+            let plan = |state: &State| {
+                let base = Calls::default()
+                    .get(keys::room_pk(room))
+                    .get(conn_pk.clone());
+                match renaming(state, room) {
+                    Some((conn, shard)) => base
+                        .item(conn_pk.clone(), conn_units(&conn))
+                        .item(keys::members_pk(room, shard), 1)
+                        .append(room, EVENT_OVERHEAD),
+                    None => base,
+                }
             };
-            let step = self
+            let renamed = self
                 .write(RENAME, plan, |state| {
-                    let Some((room, shard, old_name)) =
-                        stale_room(state, connection_id, display, now_s)
-                    else {
+                    let Some((conn, shard)) = renaming(state, room) else {
                         return Ok(None);
                     };
-                    let (before, after) = state.next_counter(&room, 0);
+                    let (before, after) = state.next_counter(room, 0);
                     let event = ChatEvent::MemberRenamed {
                         connection_id: connection_id.to_owned(),
-                        old_name,
+                        old_name: old_name.to_owned(),
                         name: display.to_owned(),
                     };
-                    let pending = self.shared.prepare(&room, before, after, event, now_ms)?;
+                    let pending = self.shared.prepare(room, before, after, event, now_ms)?;
                     state.injected_failure(RENAME)?;
-                    let mut member = state
-                        .member(&room, shard, connection_id)
-                        .cloned()
-                        .ok_or_else(|| StoreError::Malformed("member item vanished".into()))?;
-                    member.name = display.to_owned();
-                    state.put_member(&room, shard, connection_id, Some(member));
+                    // A put of the whole member item, as the DynamoDB adapter writes it.
+                    let member = MemberItem {
+                        connection_id: connection_id.to_owned(),
+                        name: display.to_owned(),
+                        expires_at: conn.expires_at,
+                    };
+                    state.put_member(room, shard, connection_id, Some(member));
                     Ok(Some(self.finish(state, pending)))
                 })
                 .await?;
-            match step {
-                Some(event) => renamed.push(event),
-                None => return Ok(renamed),
+            events.extend(renamed);
+        }
+        if !rooms.iter().any(|r| r == DEFAULT_ROOM) {
+            if let Joined::Now(event) = self
+                .join_room(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
+                .await?
+            {
+                events.push(event);
             }
         }
+        Ok(events)
     }
 
     /// Ends the membership of `conn` in `room` (its item in `shard`): `conn`'s `rooms` loses
@@ -1728,30 +1772,59 @@ impl ChatStore for EmbeddedStore {
         name: &ValidName,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut events = Vec::new();
-        // A take-back removes the older connection, after which the claim is this identity's
-        // reservation; a second one means another connection of the identity raced for it.
-        let mut evictions = 0;
+        let mut evicted = false;
         loop {
-            match self.claim_name(connection_id, name, now_ms).await? {
-                Claimed::Evict(old) if evictions < 2 => {
-                    evictions += 1;
-                    // Its leaves are its own (the older connection's), not this rename's.
-                    self.remove_connection(&old, LeaveReason::Replaced, now_ms)
-                        .await?;
+            match self
+                .claim_name(connection_id, name, evicted, now_ms)
+                .await?
+            {
+                Claimed::Same => {
+                    // Nothing to claim; back into lobby if it left it.
+                    return Ok(
+                        match self
+                            .join_room(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
+                            .await?
+                        {
+                            Joined::Now(event) => vec![event],
+                            Joined::Already { .. } => Vec::new(),
+                        },
+                    );
                 }
-                Claimed::Evict(_) => return Err(StoreError::Contention(evictions + 1)),
-                Claimed::Done(lobby) => {
-                    events.extend(lobby);
-                    break;
+                Claimed::Evict(old) => {
+                    // The same identity takes its name back: its older connection (a stale
+                    // one, typically) is removed first, leaving every room it is in as a
+                    // disconnect would (those leaves are its own, not in this answer); its
+                    // claim becomes this identity's reservation.
+                    evicted = true;
+                    let holds_it = self
+                        .shared
+                        .lock()
+                        .conns
+                        .get(&old)
+                        .is_some_and(|c| c.name.as_ref().is_some_and(|n| n.key == name.key));
+                    if holds_it {
+                        self.remove_connection(&old, LeaveReason::Replaced, now_ms)
+                            .await?;
+                    }
+                }
+                Claimed::First(first, renamed) => {
+                    let mut events = vec![*first];
+                    if let Some((room, old_name)) = renamed {
+                        events.extend(
+                            self.announce_rename(
+                                connection_id,
+                                &room,
+                                &old_name,
+                                &name.display,
+                                now_ms,
+                            )
+                            .await?,
+                        );
+                    }
+                    return Ok(events);
                 }
             }
         }
-        events.extend(
-            self.rename_rooms(connection_id, &name.display, now_ms)
-                .await?,
-        );
-        Ok(events)
     }
 
     async fn join_room(
@@ -1765,8 +1838,8 @@ impl ChatStore for EmbeddedStore {
         let conn_pk = keys::conn_pk(connection_id);
         let plan = |state: &State| {
             let base = Calls::default()
-                .get(conn_pk.clone())
-                .get(keys::room_pk(room));
+                .get(keys::room_pk(room))
+                .get(conn_pk.clone());
             match (
                 join_step(state, connection_id, room, max_rooms, now_s),
                 state.conns.get(connection_id),
@@ -1834,8 +1907,8 @@ impl ChatStore for EmbeddedStore {
         };
         let plan = |state: &State| {
             let base = Calls::default()
-                .get(conn_pk.clone())
-                .get(keys::room_pk(room));
+                .get(keys::room_pk(room))
+                .get(conn_pk.clone());
             match membership(state) {
                 Ok((conn, shard)) => base
                     .item(conn_pk.clone(), conn_units(&conn))
@@ -1862,8 +1935,8 @@ impl ChatStore for EmbeddedStore {
         let conn_pk = keys::conn_pk(connection_id);
         let plan = |state: &State| {
             let base = Calls::default()
-                .get(conn_pk.clone())
-                .get(keys::room_pk(room));
+                .get(keys::room_pk(room))
+                .get(conn_pk.clone());
             match post_check(state, connection_id, room, now_s) {
                 Ok(conn) => base
                     .item(conn_pk.clone(), conn_units(conn))
@@ -1897,17 +1970,19 @@ impl ChatStore for EmbeddedStore {
         let to_key = recipient_key(to);
         let conn_pk = keys::conn_pk(connection_id);
         let plan = |state: &State| {
-            let base = Calls::default().get(conn_pk.clone());
+            let base = Calls::default()
+                .get(keys::room_pk(DEFAULT_ROOM))
+                .get(conn_pk.clone());
             let Some(key) = to_key.as_deref() else {
                 return base;
             };
             let base = base.get(keys::name_pk(key));
             match private_check(state, connection_id, to, Some(key), now_s) {
+                // The sender's connection and the recipient's claim are the conditions.
                 Ok((conn, to_conn)) => base
                     .get(keys::conn_pk(&to_conn.connection_id))
-                    .get(keys::room_pk(DEFAULT_ROOM))
                     .item(conn_pk.clone(), conn_units(conn))
-                    .item(keys::conn_pk(&to_conn.connection_id), conn_units(to_conn))
+                    .item(keys::name_pk(key), 1)
                     .append(DEFAULT_ROOM, EVENT_OVERHEAD + message.len()),
                 Err(_) => base,
             }
@@ -1945,7 +2020,8 @@ impl ChatStore for EmbeddedStore {
         let conn_pk = keys::conn_pk(connection_id);
         let mut left = Vec::new();
         for step in 0.. {
-            // The adapter reads the connection once, then each room's counter before its leave.
+            // The adapter reads the connection, then each room's counter and the connection
+            // before its leave, then the connection again and its claim before removing it.
             let first = step == 0;
             let plan = |state: &State| {
                 let base = Calls::default().get_if(first, || conn_pk.clone());
@@ -1955,21 +2031,33 @@ impl ChatStore for EmbeddedStore {
                 if let Some((room, shard)) = conn.rooms.iter().next() {
                     return base
                         .get(keys::room_pk(room))
+                        .get(conn_pk.clone())
                         .item(conn_pk.clone(), conn_units(conn))
                         .item(keys::members_pk(room, *shard), 1)
                         .append(room, EVENT_OVERHEAD);
                 }
-                let last = base.item(conn_pk.clone(), conn_units(conn));
+                let last = base
+                    .get(conn_pk.clone())
+                    .item(conn_pk.clone(), conn_units(conn))
+                    .transaction();
                 match &conn.name {
-                    Some(n) => last
-                        .get(keys::name_pk(&n.key))
-                        .item(keys::name_pk(&n.key), 1)
-                        .transaction(),
+                    Some(n) => {
+                        let released = state
+                            .claims
+                            .get(&n.key)
+                            .is_some_and(|c| c.connection_id.as_deref() == Some(connection_id));
+                        let last = last.get(keys::name_pk(&n.key));
+                        if released {
+                            last.item(keys::name_pk(&n.key), 1)
+                        } else {
+                            last
+                        }
+                    }
                     None => last,
                 }
             };
             let done = self
-                .write(DISCONNECT, plan, |state| {
+                .write(REMOVE, plan, |state| {
                     // Expired connections are removed too: `$disconnect` for them is still real.
                     let Some(conn) = state.conns.get(connection_id).cloned() else {
                         return Ok(None);
@@ -1979,10 +2067,10 @@ impl ChatStore for EmbeddedStore {
                     if let Some((room, &shard)) = conn.rooms.iter().next() {
                         let room = room.clone();
                         return self
-                            .leave(state, &conn, &room, shard, reason, now_ms, DISCONNECT)
+                            .leave(state, &conn, &room, shard, reason, now_ms, REMOVE)
                             .map(Some);
                     }
-                    state.injected_failure(DISCONNECT)?;
+                    state.injected_failure(REMOVE)?;
                     state.put_conn(connection_id, None);
                     if let Some(named) = &conn.name {
                         state.release(&named.key, connection_id, conn.identity.as_deref(), now_s);
@@ -2072,7 +2160,7 @@ impl ChatStore for EmbeddedStore {
         limits::check_key(&pk, "0").map_err(|e| key_error(e, "GetItem counter"))?;
         // Counter versions are not kept: a forced eventually consistent read of it sees now.
         let (mut state, _) = self.read(ReadOp::GetSequence, &pk).await?;
-        let shards = state.counter(room).map_or(1, |c| c.shards.max(1));
+        let shards = state.counter(room).map_or(1, |c| c.view().shards);
         self.charge_read(&mut state, ReadOp::GetSequence, &pk, 64);
         Ok(shards)
     }
@@ -2223,5 +2311,53 @@ impl RecordSource for EmbeddedFeed {
                 warn!(sequence_number, error = %e, "ignoring a checkpoint that is not one of this feed's sequence numbers")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_member_page_ends_at_1_mb_read_as_a_query_page_does() {
+        // GIVEN a member shard of 600 items over 2 KB each (1.2 MB; names that long cannot
+        // come through validation, so the items are put in directly), and no item-count limit
+        let store = EmbeddedStore::new(Retention::default()).with_page_limit(10_000);
+        let now = crate::now_ms();
+        let long = "n".repeat(2_000);
+        {
+            let mut state = store.shared.lock();
+            for i in 0..600 {
+                let id = format!("c{i:03}");
+                let member = MemberItem {
+                    connection_id: id.clone(),
+                    name: format!("{long}{i}"),
+                    expires_at: epoch_secs(now) + 3_600,
+                };
+                state.put_member("big", 0, &id, Some(member));
+            }
+        }
+
+        // WHEN the shard is read page by page
+        let first = store.members_page("big", 0, None, now).await.expect("page");
+        let mut all = first.members.clone();
+        let mut after = first.next.clone();
+        while let Some(cursor) = after {
+            let page = store
+                .members_page("big", 0, Some(&cursor), now)
+                .await
+                .expect("page");
+            all.extend(page.members);
+            after = page.next;
+        }
+
+        // THEN the first page stopped at 1 MB read (under 600 members, with a cursor), and the
+        // pages together list everyone once, in sort key order
+        assert!(first.members.len() < 600, "{}", first.members.len());
+        assert!(first.members.len() >= limits::QUERY_PAGE_MAX_BYTES / 2_200);
+        assert!(first.next.is_some());
+        let ids: Vec<String> = all.iter().map(|m| m.connection_id.clone()).collect();
+        let expected: Vec<String> = (0..600).map(|i| format!("c{i:03}")).collect();
+        assert_eq!(ids, expected);
     }
 }

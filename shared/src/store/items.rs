@@ -1,10 +1,13 @@
-//! The connections table's items as stored: one definition of each shape, read by the
-//! DynamoDB adapter and by `chat-replay rebuild` (the embedded store keeps the same facts in
-//! its own in-memory form). [`crate::keys`] documents every key and attribute.
+//! The items of layout 2 as stored: one serde definition of each shape, written and read by
+//! the DynamoDB adapter and read by `chat-replay` (the embedded store keeps the same facts in
+//! its own in-memory form). [`crate::keys`] documents every key and attribute; the key
+//! attributes (`pk`, `sk`/`seq`) are not part of these shapes, the adapter adds them.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// A connection (`CONN#<connectionId>`).
+/// A connection (`CONN#<connectionId>` / `CONN`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnItem {
@@ -12,7 +15,7 @@ pub struct ConnItem {
     pub connected_at: i64,
     /// TTL, epoch seconds.
     pub expires_at: i64,
-    /// Set once the connection has joined, always with `name_key`.
+    /// Set once the connection has set a name, always with `name_key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -25,9 +28,29 @@ pub struct ConnItem {
     /// The authenticated subject, when `$connect` authentication is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The rooms it is a member of, each with the member shard its member item is in. Written
+    /// as an empty map at `$connect` (an update can only set `rooms.<room>` in a map that
+    /// exists); `None` only on an item written before layout 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<BTreeMap<String, u32>>,
 }
 
-/// A name claim (`NAME#<nameKey>`).
+impl ConnItem {
+    /// The rooms it is a member of, in name order.
+    pub fn room_names(&self) -> Vec<String> {
+        self.rooms
+            .as_ref()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The member shard of `room`, if it is a member.
+    pub fn shard_in(&self, room: &str) -> Option<u32> {
+        self.rooms.as_ref().and_then(|r| r.get(room).copied())
+    }
+}
+
+/// A name claim (`NAME#<nameKey>` / `NAME`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClaimItem {
@@ -52,16 +75,49 @@ impl ClaimItem {
     }
 }
 
-/// The room's sequence counter (`SEQ`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SeqItem {
-    pub seq: u64,
-}
-
-/// The projection of a connection item a member query reads.
+/// A member of a room (`MEMBERS#<room>#<shard>` / `<connectionId>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberItem {
     pub connection_id: String,
     pub name: String,
+    /// TTL, epoch seconds: the connection's.
+    pub expires_at: i64,
+}
+
+/// A room's sequence counter (`ROOM#<room>` / seq 0 in the events table). Every append writes
+/// `type` and `last`; joins and leaves also `members`; joins also `shards`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterItem {
+    /// Always [`crate::keys::COUNTER_TYPE`].
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The last event id given out in the room.
+    pub last: u64,
+    /// How many members the room has (approximate: TTL expiry does not decrement it); absent
+    /// until a join or leave writes it, meaning 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<u64>,
+    /// How many member shards the room uses; absent means 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u32>,
+}
+
+impl CounterItem {
+    /// The room's member count (0 when absent).
+    pub fn members(&self) -> u64 {
+        self.members.unwrap_or(0)
+    }
+
+    /// The shards the room uses (at least 1).
+    pub fn shards(&self) -> u32 {
+        self.shards.unwrap_or(1).max(1)
+    }
+}
+
+/// Layout 1's room counter (`ROOM#lobby` / `SEQ` in the connections table), read only by
+/// `chat-replay rebuild` until it moves to layout 2; delete with that use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqItem {
+    pub seq: u64,
 }

@@ -1,0 +1,601 @@
+//! Connections and their names: `$connect`, reads, `setName` (claims, renames announced in
+//! every room, an identity taking its name back, reservations), the rate-limit bucket, and
+//! removal (a leave per room, then the connection and its claim).
+
+use std::collections::BTreeMap;
+
+use aws_sdk_dynamodb::types::TransactWriteItem;
+
+use super::expr::{
+    check, claim_key, conn_key, delete, n, placeholders, put, s, update, with_key, Expr,
+};
+use super::rooms::name_unchanged;
+use super::txn::{backoff, Attempt, Change, Membership, MAX_ATTEMPTS};
+use super::DynamoStore;
+use crate::events::{ChatEvent, LeaveReason, StoredEvent};
+use crate::keys::DEFAULT_ROOM;
+use crate::ratelimit::{self, Bucket, RateLimit};
+use crate::store::aws_like::ReadOp;
+use crate::store::items::{ClaimItem, ConnItem};
+use crate::store::{epoch_secs, Connection, Joined, StoreError, NAME_RESERVATION_SECS};
+use crate::validation::ValidName;
+
+/// Where a connection stands with respect to an existing claim on the name it wants.
+#[derive(Debug, PartialEq, Eq)]
+enum Standing {
+    /// Free to take: no live holder, or it is this connection's already.
+    Free,
+    /// Held (or reserved) for this connection's own identity by another of its connections.
+    OwnOtherConnection(String),
+    /// Someone else's.
+    Taken,
+}
+
+fn claim_standing(
+    claim: &ClaimItem,
+    connection_id: &str,
+    identity: Option<&str>,
+    now_s: i64,
+) -> Standing {
+    let mine = claim.connection_id.as_deref() == Some(connection_id);
+    if mine || claim.expires_at <= now_s {
+        return Standing::Free;
+    }
+    if identity.is_some() && claim.identity.as_deref() == identity {
+        return match &claim.connection_id {
+            Some(other) => Standing::OwnOtherConnection(other.clone()),
+            None => Standing::Free,
+        };
+    }
+    Standing::Taken
+}
+
+pub(super) fn live(conn: Option<ConnItem>, now_ms: i64) -> Option<ConnItem> {
+    conn.filter(|c| c.expires_at > epoch_secs(now_ms))
+}
+
+/// What the first transaction of a `setName` does besides moving the claim and the name.
+enum FirstStep {
+    /// The connection joins lobby with the name: a first name, or a rename of a connection
+    /// in no room.
+    JoinLobby,
+    /// A rename, announced first in this room (lobby if it is a member, else its first room
+    /// by name), where its member item is in `shard`.
+    Rename { room: String, shard: u32 },
+}
+
+impl FirstStep {
+    fn of(conn: &ConnItem) -> FirstStep {
+        let rooms = conn.rooms.clone().unwrap_or_default();
+        let first = rooms
+            .get_key_value(DEFAULT_ROOM)
+            .or_else(|| rooms.iter().next());
+        match first {
+            Some((room, shard)) if conn.name.is_some() => FirstStep::Rename {
+                room: room.clone(),
+                shard: *shard,
+            },
+            _ => FirstStep::JoinLobby,
+        }
+    }
+
+    fn room(&self) -> &str {
+        match self {
+            FirstStep::JoinLobby => DEFAULT_ROOM,
+            FirstStep::Rename { room, .. } => room,
+        }
+    }
+}
+
+impl DynamoStore {
+    pub(super) async fn add_connection_item(
+        &self,
+        connection_id: &str,
+        identity: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Connection, StoreError> {
+        let expires_at = epoch_secs(now_ms) + self.retention.connection_ttl.as_secs() as i64;
+        let conn = ConnItem {
+            connection_id: connection_id.to_owned(),
+            connected_at: now_ms,
+            expires_at,
+            name: None,
+            name_key: None,
+            rl_tokens: None,
+            rl_at: None,
+            identity: identity.map(str::to_owned),
+            rooms: Some(BTreeMap::new()),
+        };
+        let item = serde_dynamo::to_item(&conn)
+            .map_err(|e| StoreError::Malformed(format!("connection item: {e}")))?;
+        self.client
+            .put_item()
+            .table_name(&self.tables.connections)
+            .set_item(Some(with_key(item, conn_key(connection_id))))
+            .send()
+            .await
+            .map_err(|e| StoreError::backend("PutItem connection", e))?;
+        Ok(to_connection(conn))
+    }
+
+    pub(super) async fn read_connection(
+        &self,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Connection>, StoreError> {
+        Ok(live(self.get_conn(connection_id).await?, now_ms).map(to_connection))
+    }
+
+    /// The connection item, expired or not (strongly consistent).
+    pub(super) async fn get_conn(
+        &self,
+        connection_id: &str,
+    ) -> Result<Option<ConnItem>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.connections)
+            .set_key(Some(conn_key(connection_id)))
+            .consistent_read(ReadOp::GetConnection.consistent_read())
+            .send()
+            .await
+            .map_err(|e| StoreError::backend("GetItem connection", e))?;
+        out.item
+            .map(|item| {
+                serde_dynamo::from_item(item)
+                    .map_err(|e| StoreError::Malformed(format!("connection {connection_id}: {e}")))
+            })
+            .transpose()
+    }
+
+    pub(super) async fn get_claim(&self, key: &str) -> Result<Option<ClaimItem>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.connections)
+            .set_key(Some(claim_key(key)))
+            .consistent_read(ReadOp::GetNameClaim.consistent_read())
+            .send()
+            .await
+            .map_err(|e| StoreError::backend("GetItem name claim", e))?;
+        out.item
+            .map(|item| {
+                serde_dynamo::from_item(item)
+                    .map_err(|e| StoreError::Malformed(format!("name claim {key}: {e}")))
+            })
+            .transpose()
+    }
+
+    /// `setName`: the claim, then a transaction per room (see
+    /// [`crate::store::ChatStore::set_name`]).
+    pub(super) async fn claim_name(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut evicted = false;
+        for attempt in 1..=MAX_ATTEMPTS {
+            let conn = live(self.get_conn(connection_id).await?, now_ms)
+                .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+            if conn.name.as_deref() == Some(name.display.as_str()) {
+                // The same name again: nothing to claim; back into lobby if it left it.
+                return match self
+                    .join(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
+                    .await?
+                {
+                    Joined::Now(event) => Ok(vec![event]),
+                    Joined::Already { .. } => Ok(Vec::new()),
+                };
+            }
+            match self.standing(&conn, name, now_ms).await? {
+                Standing::Taken => return Err(StoreError::NameTaken(name.display.clone())),
+                Standing::OwnOtherConnection(old_id) if !evicted => {
+                    // The same identity takes its name back: its older connection (a stale
+                    // one, typically) is removed first, leaving every room it is in as a
+                    // disconnect would; its claim becomes this identity's reservation.
+                    evicted = true;
+                    if let Some(old) = self.get_conn(&old_id).await? {
+                        if old.name_key.as_deref() == Some(name.key.as_str()) {
+                            self.remove(&old_id, LeaveReason::Replaced, now_ms).await?;
+                        }
+                    }
+                    continue;
+                }
+                // Evicted already (or free): the claim's condition lets this identity take it.
+                Standing::OwnOtherConnection(_) | Standing::Free => {}
+            }
+            let first = &FirstStep::of(&conn);
+            let conn = &conn;
+            let committed = self
+                .append_one(
+                    "TransactWriteItems setName",
+                    first.room(),
+                    now_ms,
+                    move |counter, attempt| {
+                        Box::pin(async move {
+                            // After a cancelled try, re-read: what is there now tells a taken name
+                            // (final) from a changed connection (start over) from a lost race for
+                            // the room's counter (build again).
+                            if attempt > 1 {
+                                let Some(now_conn) =
+                                    live(self.get_conn(connection_id).await?, now_ms)
+                                else {
+                                    return Err(StoreError::NotConnected(connection_id.to_owned()));
+                                };
+                                if !same_standing(&now_conn, conn) {
+                                    return Ok(Attempt::Done(()));
+                                }
+                                match self.standing(conn, name, now_ms).await? {
+                                    Standing::Taken => {
+                                        return Err(StoreError::NameTaken(name.display.clone()))
+                                    }
+                                    Standing::OwnOtherConnection(_) if !evicted => {
+                                        return Ok(Attempt::Done(()))
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            self.first_name_change(conn, name, first, counter, now_ms)
+                                .await
+                        })
+                    },
+                )
+                .await?;
+            let first_event = match committed {
+                Ok(event) => event,
+                Err(()) => {
+                    // The connection changed under us (a concurrent join, leave or rename):
+                    // start over from what it is now.
+                    backoff(attempt).await;
+                    continue;
+                }
+            };
+            let mut events = vec![first_event];
+            if let (FirstStep::Rename { room, .. }, Some(old)) = (first, &conn.name) {
+                events.extend(
+                    self.announce_rename(connection_id, room, old, name, now_ms)
+                        .await?,
+                );
+            }
+            return Ok(events);
+        }
+        Err(StoreError::Contention(MAX_ATTEMPTS))
+    }
+
+    /// Where the connection stands with the name's current claim.
+    async fn standing(
+        &self,
+        conn: &ConnItem,
+        name: &ValidName,
+        now_ms: i64,
+    ) -> Result<Standing, StoreError> {
+        // Read the claim first: a name that is plainly taken costs one read instead of a
+        // cancelled transaction. The transaction's condition still settles races.
+        Ok(match self.get_claim(&name.key).await? {
+            None => Standing::Free,
+            Some(holder) => claim_standing(
+                &holder,
+                &conn.connection_id,
+                conn.identity.as_deref(),
+                epoch_secs(now_ms),
+            ),
+        })
+    }
+
+    /// The first transaction of a name change: the claim moves (the old one released), the
+    /// connection's name changes, and the first room hears of it.
+    async fn first_name_change(
+        &self,
+        conn: &ConnItem,
+        name: &ValidName,
+        first: &FirstStep,
+        counter: super::txn::Counter,
+        now_ms: i64,
+    ) -> Result<Attempt<()>, StoreError> {
+        let id = conn.connection_id.as_str();
+        // The claim lives as long as the connection, so an abandoned name frees itself.
+        let claim = ClaimItem {
+            connection_id: Some(id.to_owned()),
+            identity: conn.identity.clone(),
+            name: Some(name.display.clone()),
+            expires_at: conn.expires_at,
+        };
+        let mut free = Expr::new("attribute_not_exists(#pk) OR #conn = :me OR #exp <= :now")
+            .value(":me", s(id))
+            .value(":now", n(epoch_secs(now_ms)));
+        if let Some(identity) = &conn.identity {
+            // This identity's own claim or reservation.
+            free.text.push_str(" OR #ident = :ident");
+            free = free.value(":ident", s(identity));
+        }
+        let claim_item = serde_dynamo::to_item(&claim)
+            .map_err(|e| StoreError::Malformed(format!("claim item: {e}")))?;
+        let mut items = vec![put(
+            &self.tables.connections,
+            with_key(claim_item, claim_key(&name.key)),
+            Some(free),
+        )?];
+        if let Some(release) = self.release_if_ours(conn, Some(&name.key), now_ms).await? {
+            items.push(release);
+        }
+        let (event, membership) = match first {
+            FirstStep::JoinLobby => {
+                let (join, shards) = self.join_items(
+                    conn,
+                    DEFAULT_ROOM,
+                    &name.display,
+                    counter,
+                    usize::MAX,
+                    Some(name),
+                )?;
+                items.extend(join);
+                (
+                    ChatEvent::MemberJoined {
+                        connection_id: id.to_owned(),
+                        name: name.display.clone(),
+                    },
+                    Membership::Join { shards },
+                )
+            }
+            FirstStep::Rename { room, shard } => {
+                items.push(update(
+                    &self.tables.connections,
+                    conn_key(id),
+                    Expr::new("SET #name = :name, #nkey = :nkey")
+                        .value(":name", s(&name.display))
+                        .value(":nkey", s(&name.key)),
+                    Some(name_unchanged(conn).and(
+                        Expr::new("attribute_exists(#rooms.#room)").name("#room", room.clone()),
+                    )),
+                )?);
+                items.push(self.put_member(room, *shard, conn, &name.display)?);
+                (
+                    ChatEvent::MemberRenamed {
+                        connection_id: id.to_owned(),
+                        old_name: conn.name.clone().unwrap_or_default(),
+                        name: name.display.clone(),
+                    },
+                    Membership::Unchanged,
+                )
+            }
+        };
+        Ok(Attempt::Commit(Change {
+            items,
+            events: vec![event],
+            membership,
+        }))
+    }
+
+    /// After the first room heard of a rename: `MemberRenamed` in each other room the
+    /// connection is a member of (name order), one transaction each, then a join of lobby if
+    /// it is not in it. A room it has left meanwhile is skipped.
+    async fn announce_rename(
+        &self,
+        connection_id: &str,
+        first_room: &str,
+        old_name: &str,
+        name: &ValidName,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let Some(conn) = live(self.get_conn(connection_id).await?, now_ms) else {
+            return Ok(Vec::new());
+        };
+        let mut events = Vec::new();
+        for room in conn.room_names().iter().filter(|r| *r != first_room) {
+            let renamed = self
+                .append_one(
+                    "TransactWriteItems rename",
+                    room,
+                    now_ms,
+                    move |_counter, _attempt| {
+                        Box::pin(async move {
+                            let Some(conn) = live(self.get_conn(connection_id).await?, now_ms)
+                            else {
+                                return Ok(Attempt::Done(()));
+                            };
+                            let Some(shard) = conn.shard_in(room) else {
+                                return Ok(Attempt::Done(()));
+                            };
+                            if conn.name.as_deref() != Some(name.display.as_str()) {
+                                // Renamed again meanwhile: that rename announces itself.
+                                return Ok(Attempt::Done(()));
+                            }
+                            let items = vec![
+                                check(
+                                    &self.tables.connections,
+                                    conn_key(connection_id),
+                                    name_unchanged(&conn).and(
+                                        Expr::new("attribute_exists(#rooms.#room)")
+                                            .name("#room", room.clone()),
+                                    ),
+                                )?,
+                                self.put_member(room, shard, &conn, &name.display)?,
+                            ];
+                            Ok(Attempt::Commit(Change {
+                                items,
+                                events: vec![ChatEvent::MemberRenamed {
+                                    connection_id: connection_id.to_owned(),
+                                    old_name: old_name.to_owned(),
+                                    name: name.display.clone(),
+                                }],
+                                membership: Membership::Unchanged,
+                            }))
+                        })
+                    },
+                )
+                .await?;
+            events.extend(renamed.ok());
+        }
+        if conn.shard_in(DEFAULT_ROOM).is_none() {
+            if let Joined::Now(event) = self
+                .join(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
+                .await?
+            {
+                events.push(event);
+            }
+        }
+        Ok(events)
+    }
+
+    /// The item that gives up the name claim the connection holds (its current name's, unless
+    /// that is `keep`), if the claim is still its own: deleted, or — for an authenticated
+    /// connection — kept as its identity's reservation for [`NAME_RESERVATION_SECS`]. An
+    /// expired claim may already belong to someone else, and deleting theirs would be wrong.
+    async fn release_if_ours(
+        &self,
+        conn: &ConnItem,
+        keep: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Option<TransactWriteItem>, StoreError> {
+        let Some(key) = conn.name_key.as_deref().filter(|k| Some(*k) != keep) else {
+            return Ok(None);
+        };
+        let id = conn.connection_id.as_str();
+        match self.get_claim(key).await? {
+            Some(claim) if claim.connection_id.as_deref() == Some(id) => {}
+            _ => return Ok(None),
+        }
+        let ours = Expr::new("#conn = :me").value(":me", s(id));
+        Ok(Some(match conn.identity {
+            None => delete(&self.tables.connections, claim_key(key), Some(ours))?,
+            Some(_) => update(
+                &self.tables.connections,
+                claim_key(key),
+                Expr::new("REMOVE #conn SET #exp = :until")
+                    .value(":until", n(epoch_secs(now_ms) + NAME_RESERVATION_SECS)),
+                Some(ours),
+            )?,
+        }))
+    }
+
+    /// Removes the connection: a leave (`reason`) of each of its rooms in name order, each its
+    /// own transaction, then the connection item and its claim on the condition that it is in
+    /// no room any more. The connection goes last, so a failure part-way leaves `rooms`
+    /// telling a retry what is left.
+    pub(super) async fn remove(
+        &self,
+        connection_id: &str,
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut left = Vec::new();
+        for attempt in 1..=MAX_ATTEMPTS {
+            // Expired connections are removed too: `$disconnect` for them is still real.
+            let Some(conn) = self.get_conn(connection_id).await? else {
+                return Ok(left);
+            };
+            for room in conn.room_names() {
+                match self
+                    .leave(connection_id, &room, reason, false, now_ms)
+                    .await
+                {
+                    Ok(event) => left.push(event),
+                    // Left (or removed) concurrently: nothing left to do there.
+                    Err(StoreError::NotAMember(_)) => {}
+                    Err(StoreError::NotConnected(_)) => return Ok(left),
+                    Err(e) => return Err(e),
+                }
+            }
+            let Some(conn) = self.get_conn(connection_id).await? else {
+                return Ok(left);
+            };
+            if !conn.room_names().is_empty() {
+                // Joined a room meanwhile: leave that too.
+                continue;
+            }
+            let gone = name_unchanged(&conn).and(
+                Expr::new("attribute_not_exists(#rooms) OR size(#rooms) = :zero")
+                    .value(":zero", n(0)),
+            );
+            let mut items = vec![delete(
+                &self.tables.connections,
+                conn_key(connection_id),
+                Some(gone),
+            )?];
+            items.extend(self.release_if_ours(&conn, None, now_ms).await?);
+            if self
+                .transact("TransactWriteItems remove connection", items)
+                .await?
+            {
+                return Ok(left);
+            }
+            backoff(attempt).await;
+        }
+        Err(StoreError::Contention(MAX_ATTEMPTS))
+    }
+
+    pub(super) async fn take_token(
+        &self,
+        connection_id: &str,
+        limit: RateLimit,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        if limit.is_off() {
+            return Ok(true);
+        }
+        for attempt in 1..=5 {
+            let Some(conn) = self.get_conn(connection_id).await? else {
+                return Ok(true);
+            };
+            let bucket = conn.rl_at.map(|at_ms| Bucket {
+                milli_tokens: conn.rl_tokens.unwrap_or(0),
+                at_ms,
+            });
+            let Some(next) = ratelimit::take(limit, bucket, now_ms) else {
+                return Ok(false);
+            };
+            // Optimistic: the write only lands if nobody took a token since the read.
+            let set = Expr::new("SET #tokens = :tokens, #at = :now")
+                .value(":tokens", n(next.milli_tokens))
+                .value(":now", n(next.at_ms));
+            let cond = match bucket {
+                Some(b) => {
+                    Expr::new("attribute_exists(#pk) AND #at = :old").value(":old", n(b.at_ms))
+                }
+                None => Expr::new("attribute_exists(#pk) AND attribute_not_exists(#at)"),
+            };
+            let (names, values) = placeholders(&[&set, &cond]);
+            let result = self
+                .client
+                .update_item()
+                .table_name(&self.tables.connections)
+                .set_key(Some(conn_key(connection_id)))
+                .update_expression(set.text)
+                .condition_expression(cond.text)
+                .set_expression_attribute_names(names)
+                .set_expression_attribute_values(values)
+                .send()
+                .await;
+            match result {
+                Ok(_) => return Ok(true),
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+                {
+                    backoff(attempt).await;
+                }
+                Err(e) => return Err(StoreError::backend("UpdateItem rate limit", e)),
+            }
+        }
+        // Requests from this one connection keep colliding: it is sending too fast.
+        Ok(false)
+    }
+}
+
+/// Whether two reads of a connection agree on what a name change builds on (its rate-limit
+/// bucket may change in between without mattering).
+fn same_standing(a: &ConnItem, b: &ConnItem) -> bool {
+    a.name == b.name && a.name_key == b.name_key && a.rooms == b.rooms
+}
+
+fn to_connection(c: ConnItem) -> Connection {
+    Connection {
+        rooms: c.room_names(),
+        connection_id: c.connection_id,
+        connected_at: c.connected_at,
+        expires_at: c.expires_at,
+        name: c.name,
+        identity: c.identity,
+    }
+}

@@ -1,0 +1,183 @@
+//! The DynamoDB adapter of [`ChatStore`] on layout 2 ([`crate::keys`]), and the table
+//! definitions it relies on.
+//!
+//! Every state change is a `TransactWriteItems` per room: the state items, the room's
+//! counter and the event commit together or not at all ([`txn`] owns the loop that numbers
+//! events; a change that spans rooms is one transaction per room, in an order a retry can
+//! finish). The submodules split the adapter by concern:
+//! - [`expr`]: expressions, placeholders, keys and transaction actions;
+//! - [`txn`]: the read–build–commit–retry loop with the counter's compare-and-swap;
+//! - [`connections`]: connections, names (claims, take-back, reservations), rate limits,
+//!   removal;
+//! - [`rooms`]: joins, leaves, members and their shards;
+//! - [`log`]: posts, private messages, history reads, redelivery items;
+//! - [`tables`]: creating the tables as the template does.
+
+mod connections;
+mod expr;
+mod log;
+mod rooms;
+mod tables;
+mod txn;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+
+pub use tables::{create_tables, wait_active};
+
+use super::{ChatStore, Connection, EventRange, EventsPage, Joined, MembersPage, StoreError};
+use crate::config::{Retention, Tables};
+use crate::events::{LeaveReason, StoredEvent};
+use crate::ratelimit::RateLimit;
+use crate::redelivery::Redelivery;
+use crate::validation::ValidName;
+
+pub struct DynamoStore {
+    client: Client,
+    tables: Tables,
+    retention: Retention,
+    /// `Limit` for member queries; `None` lets DynamoDB fill 1 MB pages. Tests set it low to
+    /// exercise pagination.
+    page_limit: Option<i32>,
+}
+
+impl DynamoStore {
+    pub fn new(client: Client, tables: Tables, retention: Retention) -> Self {
+        DynamoStore {
+            client,
+            tables,
+            retention,
+            page_limit: None,
+        }
+    }
+
+    /// Caps each member query page at `limit` items (for tests of pagination).
+    pub fn with_page_limit(mut self, limit: i32) -> Self {
+        self.page_limit = Some(limit);
+        self
+    }
+
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+}
+
+#[async_trait]
+impl ChatStore for DynamoStore {
+    async fn add_identified_connection(
+        &self,
+        connection_id: &str,
+        identity: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Connection, StoreError> {
+        self.add_connection_item(connection_id, identity, now_ms)
+            .await
+    }
+
+    async fn connection(
+        &self,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Connection>, StoreError> {
+        self.read_connection(connection_id, now_ms).await
+    }
+
+    async fn set_name(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.claim_name(connection_id, name, now_ms).await
+    }
+
+    async fn join_room(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        now_ms: i64,
+    ) -> Result<Joined, StoreError> {
+        self.join(connection_id, room, max_rooms, now_ms).await
+    }
+
+    async fn leave_room(
+        &self,
+        connection_id: &str,
+        room: &str,
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        self.leave(connection_id, room, reason, true, now_ms).await
+    }
+
+    async fn post_to_room(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        self.post(connection_id, room, message, now_ms).await
+    }
+
+    async fn post_private(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        self.whisper(connection_id, to, message, now_ms).await
+    }
+
+    async fn remove_connection(
+        &self,
+        connection_id: &str,
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.remove(connection_id, reason, now_ms).await
+    }
+
+    async fn take_request_token(
+        &self,
+        connection_id: &str,
+        limit: RateLimit,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.take_token(connection_id, limit, now_ms).await
+    }
+
+    async fn schedule_redelivery(
+        &self,
+        redelivery: &Redelivery,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.put_redelivery(redelivery, now_ms).await
+    }
+
+    async fn member_shards(&self, room: &str, _now_ms: i64) -> Result<u32, StoreError> {
+        Ok(self.read_counter(room).await?.shards)
+    }
+
+    async fn members_page(
+        &self,
+        room: &str,
+        shard: u32,
+        after: Option<&str>,
+        now_ms: i64,
+    ) -> Result<MembersPage, StoreError> {
+        self.query_members(room, shard, after, now_ms).await
+    }
+
+    async fn read_events(
+        &self,
+        room: &str,
+        range: EventRange,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<EventsPage, StoreError> {
+        self.query_events(room, range, limit, now_ms).await
+    }
+}

@@ -1,0 +1,245 @@
+//! Rooms: joins and leaves (each one transaction with the room's counter and its event),
+//! the member items they write, and the reads of a room's members, shard by shard.
+
+use std::convert::Infallible;
+
+use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
+
+use super::expr::{conn_key, delete, member_key, n, put, s, update, with_key, Expr, Item};
+use super::txn::{Attempt, Change, Counter, Membership};
+use super::DynamoStore;
+use crate::events::{ChatEvent, LeaveReason, StoredEvent};
+use crate::keys;
+use crate::store::aws_like::ReadOp;
+use crate::store::items::{ConnItem, MemberItem};
+use crate::store::{epoch_secs, Joined, Member, MembersPage, StoreError};
+use crate::validation::ValidName;
+
+use super::connections::live;
+
+/// The condition that the connection still has the name it was read with.
+pub(super) fn name_unchanged(conn: &ConnItem) -> Expr {
+    match &conn.name {
+        Some(name) => Expr::new("#name = :was").value(":was", s(name)),
+        None => Expr::new("attribute_exists(#pk) AND attribute_not_exists(#name)"),
+    }
+}
+
+impl DynamoStore {
+    pub(super) async fn join(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        now_ms: i64,
+    ) -> Result<Joined, StoreError> {
+        let joined = self
+            .append_one(
+                "TransactWriteItems join",
+                room,
+                now_ms,
+                move |counter, _attempt| {
+                    Box::pin(async move {
+                        let conn = live(self.get_conn(connection_id).await?, now_ms)
+                            .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+                        let name = conn.name.clone().ok_or(StoreError::NameRequired)?;
+                        if conn.shard_in(room).is_some() {
+                            return Ok(Attempt::Done(counter.last));
+                        }
+                        if conn.room_names().len() >= max_rooms {
+                            return Err(StoreError::TooManyRooms(max_rooms));
+                        }
+                        let (items, shards) =
+                            self.join_items(&conn, room, &name, counter, max_rooms, None)?;
+                        Ok(Attempt::Commit(Change {
+                            items,
+                            events: vec![ChatEvent::MemberJoined {
+                                connection_id: connection_id.to_owned(),
+                                name,
+                            }],
+                            membership: Membership::Join { shards },
+                        }))
+                    })
+                },
+            )
+            .await?;
+        Ok(match joined {
+            Ok(event) => Joined::Now(event),
+            Err(last) => Joined::Already { last },
+        })
+    }
+
+    /// The state items of `conn` joining `room` as `name`: its `rooms` entry (and, with
+    /// `new_name`, its new name) on the condition that it is as read and under `max_rooms`
+    /// rooms, and its member item in the shard its id hashes to among the room's shards after
+    /// this join. Returns those shards too.
+    pub(super) fn join_items(
+        &self,
+        conn: &ConnItem,
+        room: &str,
+        name: &str,
+        counter: Counter,
+        max_rooms: usize,
+        new_name: Option<&ValidName>,
+    ) -> Result<(Vec<TransactWriteItem>, u32), StoreError> {
+        let shards = keys::shards_for(counter.members + 1, counter.shards);
+        let shard = keys::member_shard(&conn.connection_id, shards);
+        let mut cond = name_unchanged(conn);
+        let mut set = match conn.rooms {
+            Some(_) => {
+                cond =
+                    cond.and(Expr::new("attribute_not_exists(#rooms.#room)").name("#room", room));
+                if max_rooms < usize::MAX {
+                    cond = cond.and(Expr::new("size(#rooms) < :max").value(":max", n(max_rooms)));
+                }
+                Expr::new("SET #rooms.#room = :shard")
+                    .name("#room", room)
+                    .value(":shard", n(shard))
+            }
+            // An item from before layout 2 has no map to set an entry in.
+            None => {
+                cond = cond.and(Expr::new("attribute_not_exists(#rooms)"));
+                Expr::new("SET #rooms = :rooms").value(
+                    ":rooms",
+                    AttributeValue::M([(room.to_owned(), n(shard))].into()),
+                )
+            }
+        };
+        if let Some(new_name) = new_name {
+            set.text.push_str(", #name = :name, #nkey = :nkey");
+            set = set
+                .value(":name", s(&new_name.display))
+                .value(":nkey", s(&new_name.key));
+        }
+        let items = vec![
+            update(
+                &self.tables.connections,
+                conn_key(&conn.connection_id),
+                set,
+                Some(cond),
+            )?,
+            self.put_member(room, shard, conn, name)?,
+        ];
+        Ok((items, shards))
+    }
+
+    /// The member item of `conn` in `room`'s `shard`, named `name`, expiring with the
+    /// connection. A put (not an update): a rename rewrites it whole, so it can never be left
+    /// as a partial item.
+    pub(super) fn put_member(
+        &self,
+        room: &str,
+        shard: u32,
+        conn: &ConnItem,
+        name: &str,
+    ) -> Result<TransactWriteItem, StoreError> {
+        let member = MemberItem {
+            connection_id: conn.connection_id.clone(),
+            name: name.to_owned(),
+            expires_at: conn.expires_at,
+        };
+        let item = serde_dynamo::to_item(&member)
+            .map_err(|e| StoreError::Malformed(format!("member item: {e}")))?;
+        put(
+            &self.tables.connections,
+            with_key(item, member_key(room, shard, &conn.connection_id)),
+            None,
+        )
+    }
+
+    /// Ends the membership of `room`: `MemberLeft` with `reason`. `live_only`: an expired
+    /// connection counts as not connected (a `leave` request); a removal leaves its rooms
+    /// whether or not it has expired (its `$disconnect` is still real).
+    pub(super) async fn leave(
+        &self,
+        connection_id: &str,
+        room: &str,
+        reason: LeaveReason,
+        live_only: bool,
+        now_ms: i64,
+    ) -> Result<StoredEvent, StoreError> {
+        let left = self
+            .append_one(
+                "TransactWriteItems leave",
+                room,
+                now_ms,
+                move |_counter, _attempt| {
+                    Box::pin(async move {
+                        let conn = self.get_conn(connection_id).await?;
+                        let conn = if live_only { live(conn, now_ms) } else { conn }
+                            .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+                        let shard = conn
+                            .shard_in(room)
+                            .ok_or_else(|| StoreError::NotAMember(room.to_owned()))?;
+                        let items = vec![
+                            update(
+                                &self.tables.connections,
+                                conn_key(connection_id),
+                                Expr::new("REMOVE #rooms.#room").name("#room", room),
+                                Some(name_unchanged(&conn).and(
+                                    Expr::new("attribute_exists(#rooms.#room)").name("#room", room),
+                                )),
+                            )?,
+                            delete(
+                                &self.tables.connections,
+                                member_key(room, shard, connection_id),
+                                None,
+                            )?,
+                        ];
+                        Ok(Attempt::<Infallible>::Commit(Change {
+                            items,
+                            events: vec![ChatEvent::MemberLeft {
+                                connection_id: connection_id.to_owned(),
+                                name: conn.name.clone().unwrap_or_default(),
+                                reason,
+                            }],
+                            membership: Membership::Leave,
+                        }))
+                    })
+                },
+            )
+            .await?;
+        let Ok(left) = left;
+        Ok(left)
+    }
+
+    pub(super) async fn query_members(
+        &self,
+        room: &str,
+        shard: u32,
+        after: Option<&str>,
+        now_ms: i64,
+    ) -> Result<MembersPage, StoreError> {
+        let pk = keys::members_pk(room, shard);
+        let start: Option<Item> = after.map(|sk| super::expr::key(pk.clone(), sk));
+        let out = self
+            .client
+            .query()
+            .table_name(&self.tables.connections)
+            .key_condition_expression("#pk = :pk")
+            .filter_expression("#exp > :now")
+            .expression_attribute_names("#pk", keys::PK)
+            .expression_attribute_names("#exp", keys::EXPIRES_AT)
+            .expression_attribute_values(":pk", s(pk))
+            .expression_attribute_values(":now", n(epoch_secs(now_ms)))
+            .set_exclusive_start_key(start)
+            .consistent_read(ReadOp::QueryMembers.consistent_read())
+            .set_limit(self.page_limit)
+            .send()
+            .await
+            .map_err(|e| StoreError::backend("Query members", e))?;
+        let mut members = Vec::with_capacity(out.items().len());
+        for item in out.items.unwrap_or_default() {
+            let m: MemberItem = serde_dynamo::from_item(item)
+                .map_err(|e| StoreError::Malformed(format!("member item: {e}")))?;
+            members.push(Member {
+                connection_id: m.connection_id,
+                name: m.name,
+            });
+        }
+        let next = out
+            .last_evaluated_key
+            .and_then(|k| k.get(keys::SK).and_then(|v| v.as_s().ok()).cloned());
+        Ok(MembersPage { members, next })
+    }
+}
