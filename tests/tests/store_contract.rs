@@ -1830,7 +1830,7 @@ fn number(item: &HashMap<String, Av>, attribute: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamodb_members_land_in_and_are_read_from_several_shards() {
-    // GIVEN room big whose counter says it uses 4 shards, as 3,001 joins would have made it
+    // GIVEN room big whose counter says it uses 4 shards, as 2,001 joins would have made it
     // (too many joins for moto: the counter is written by hand)
     let mut f = Fixture::dynamodb().await;
     let (client, tables) = f.dynamo.clone().expect("dynamodb fixture");

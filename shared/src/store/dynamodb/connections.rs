@@ -180,6 +180,9 @@ impl DynamoStore {
                 .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
             if conn.name.as_deref() == Some(name.display.as_str()) {
                 // The same name again: nothing to claim; back into lobby if it left it.
+                if conn.shard_in(DEFAULT_ROOM).is_some() {
+                    return Ok(Vec::new());
+                }
                 return match self
                     .join(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
                     .await?
@@ -480,16 +483,14 @@ impl DynamoStore {
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut left = Vec::new();
+        // Expired connections are removed too: `$disconnect` for them is still real.
+        let Some(mut conn) = self.get_conn(connection_id).await? else {
+            return Ok(left);
+        };
         for attempt in 1..=MAX_ATTEMPTS {
-            // Expired connections are removed too: `$disconnect` for them is still real.
-            let Some(conn) = self.get_conn(connection_id).await? else {
-                return Ok(left);
-            };
-            for room in conn.room_names() {
-                match self
-                    .leave(connection_id, &room, reason, false, now_ms)
-                    .await
-                {
+            let rooms = conn.room_names();
+            for room in &rooms {
+                match self.leave(connection_id, room, reason, false, now_ms).await {
                     Ok(event) => left.push(event),
                     // Left (or removed) concurrently: nothing left to do there.
                     Err(StoreError::NotAMember(_)) => {}
@@ -497,12 +498,15 @@ impl DynamoStore {
                     Err(e) => return Err(e),
                 }
             }
-            let Some(conn) = self.get_conn(connection_id).await? else {
-                return Ok(left);
-            };
-            if !conn.room_names().is_empty() {
-                // Joined a room meanwhile: leave that too.
-                continue;
+            if !rooms.is_empty() {
+                // Read again what the leaves left: a room joined meanwhile is left too.
+                let Some(now) = self.get_conn(connection_id).await? else {
+                    return Ok(left);
+                };
+                conn = now;
+                if !conn.room_names().is_empty() {
+                    continue;
+                }
             }
             let gone = name_unchanged(&conn).and(
                 Expr::new("attribute_not_exists(#rooms) OR size(#rooms) = :zero")
@@ -521,6 +525,10 @@ impl DynamoStore {
                 return Ok(left);
             }
             backoff(attempt).await;
+            let Some(now) = self.get_conn(connection_id).await? else {
+                return Ok(left);
+            };
+            conn = now;
         }
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
