@@ -160,6 +160,15 @@ impl ChatStore for DynamoStore {
         self.remove(connection_id, reason, now_ms).await
     }
 
+    async fn remove_connections(
+        &self,
+        connection_ids: &[String],
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.remove_many(connection_ids, reason, now_ms).await
+    }
+
     async fn take_request_token(
         &self,
         connection_id: &str,
