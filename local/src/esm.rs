@@ -10,7 +10,10 @@
 //!   done and the whole batch is retried;
 //! - after `max_retry_attempts` retries of the same record the batch's head is given up on —
 //!   logged as sent to the on-failure destination, as Lambda would — so one poison record
-//!   cannot stop the stream (template.yaml: `MaximumRetryAttempts`, `DestinationConfig`).
+//!   cannot stop the stream (template.yaml: `MaximumRetryAttempts`, `DestinationConfig`);
+//! - records the template's `FilterCriteria` would drop (the rooms' counter records, see
+//!   [`passes_template_filter`]) are dropped before the invocation and checkpointed past, as
+//!   Lambda discards filtered records; a batch of nothing else invokes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +48,9 @@ pub struct EsmConfig {
     pub max_retry_attempts: u32,
     /// Pause before retrying a failed batch (doubles per attempt, capped at 5 s).
     pub retry_backoff: Duration,
+    /// Apply template.yaml's `FilterCriteria` (default on, as deployed). Off, every record
+    /// reaches the fan-out, which skips counter records itself.
+    pub filter: bool,
 }
 
 impl Default for EsmConfig {
@@ -55,8 +61,28 @@ impl Default for EsmConfig {
             poll_interval: Duration::ZERO,
             max_retry_attempts: 5,
             retry_backoff: Duration::from_millis(200),
+            filter: true,
         }
     }
+}
+
+/// Whether a record passes template.yaml's `FilterCriteria` on the fan-out's mapping (the
+/// filters are ORed): `{"dynamodb":{"NewImage":{"type":{"S":[{"anything-but":["Counter"]}]}}}}`
+/// or `{"dynamodb":{"Keys":{"seq":{"N":[{"anything-but":["0"]}]}}}}`. So a room's counter item
+/// (seq 0, `type` `Counter`) never invokes the fan-out; events, redelivery items and TTL
+/// REMOVEs (keys only) do. `anything-but` matches only a value that is present.
+pub fn passes_template_filter(record: &EventRecord) -> bool {
+    use serde_dynamo::AttributeValue;
+    let type_not_counter = matches!(
+        record.change.new_image.get("type"),
+        Some(AttributeValue::S(t)) if t != "Counter"
+    );
+    // Stream records carry numbers as strings, so this is a string comparison, as Lambda's.
+    let seq_not_zero = match record.change.keys.get("seq") {
+        Some(AttributeValue::N(n)) => n != "0",
+        _ => false,
+    };
+    type_not_counter || seq_not_zero
 }
 
 /// What to do after one invocation.
@@ -123,6 +149,8 @@ pub struct MappingStats {
     pub failed_invocations: u64,
     /// Records given up on after the maximum retry attempts (on AWS: dead-lettered).
     pub given_up: u64,
+    /// Records dropped by the template's filter (never sent to the fan-out).
+    pub filtered: u64,
 }
 
 /// Runs the mapping until `stop` turns true and the source is drained (a poll returns no
@@ -161,11 +189,28 @@ pub async fn run(
             }
             continue;
         }
+        let polled_last = batch.last().and_then(|r| r.change.sequence_number.clone());
+        let polled = batch.len();
+        let batch: Vec<EventRecord> = if config.filter {
+            batch.into_iter().filter(passes_template_filter).collect()
+        } else {
+            batch
+        };
+        stats.filtered += (polled - batch.len()) as u64;
+        if batch.is_empty() {
+            // Nothing passed the filter: Lambda discards the records and moves on.
+            if let Some(seq) = &polled_last {
+                source.checkpoint(seq);
+            }
+            continue;
+        }
         let size = batch.len();
         let mut event = Event::default();
         event.records = batch;
         let outcome = target.invoke(event.clone()).await;
         let Next::Checkpoint { after, failed } = interpret(&event.records, &outcome);
+        // A batch done is done past the filtered records at its tail too.
+        let after = if failed { after } else { polled_last.or(after) };
         if let Some(seq) = &after {
             source.checkpoint(seq);
         }
@@ -279,6 +324,100 @@ mod tests {
             response.batch_item_failures.push(f);
         }
         Ok(response)
+    }
+
+    #[test]
+    fn the_template_filter_drops_counter_records_only() {
+        use serde_dynamo::AttributeValue::{N, S};
+        let record = |name: &str, seq: &str, kind: Option<&str>| {
+            let mut r = EventRecord::default();
+            r.event_name = name.to_owned();
+            r.change.keys.insert("pk".into(), S("ROOM#ops".into()));
+            r.change.keys.insert("seq".into(), N(seq.into()));
+            if let Some(kind) = kind {
+                r.change.new_image.insert("type".into(), S(kind.into()));
+            }
+            r
+        };
+        // GIVEN a counter's INSERT and MODIFY THEN dropped
+        assert!(!passes_template_filter(&record(
+            "INSERT",
+            "0",
+            Some("Counter")
+        )));
+        assert!(!passes_template_filter(&record(
+            "MODIFY",
+            "0",
+            Some("Counter")
+        )));
+        // AND an event, a redelivery item and a TTL REMOVE (keys only) pass
+        assert!(passes_template_filter(&record(
+            "INSERT",
+            "7",
+            Some("MessagePosted")
+        )));
+        assert!(passes_template_filter(&record(
+            "INSERT",
+            "1796000000000123",
+            Some("Redelivery")
+        )));
+        assert!(passes_template_filter(&record("REMOVE", "7", None)));
+    }
+
+    /// The fan-out's place: counts its invocations and keeps the records it got.
+    #[derive(Default)]
+    struct Recording {
+        invocations: std::sync::Mutex<Vec<Vec<EventRecord>>>,
+    }
+
+    #[async_trait]
+    impl StreamTarget for Recording {
+        async fn invoke(&self, event: Event) -> Result<DynamoDbEventResponse, BoxError> {
+            self.invocations.lock().expect("lock").push(event.records);
+            Ok(DynamoDbEventResponse::default())
+        }
+    }
+
+    #[tokio::test]
+    async fn counter_records_never_reach_the_fan_out_and_are_checkpointed_past() {
+        use chat_shared::store::ChatStore;
+        // GIVEN an embedded store whose feed holds events and, for each, its room's counter
+        // record (as DynamoDB Streams would): alice sets her name, joins ops and posts there
+        let store = chat_shared::store::embedded::EmbeddedStore::new(Default::default());
+        let now = 1_800_000_000_000;
+        store.add_connection("A", now).await.expect("connect");
+        let name = chat_shared::validation::validate_name("alice").expect("name");
+        store.set_name("A", &name, now).await.expect("name");
+        store.join_room("A", "ops", 50, now).await.expect("join");
+        store
+            .post_to_room("A", "ops", "hi", now)
+            .await
+            .expect("post");
+        // WHEN the mapping drains it one record a batch
+        let target = Arc::new(Recording::default());
+        let (_stop_tx, stop) = watch::channel(true);
+        let config = EsmConfig {
+            batch_size: 1,
+            poll_wait: Duration::from_millis(10),
+            ..EsmConfig::default()
+        };
+        let stats = run(Box::new(store.feed()), target.clone(), config, stop).await;
+        // THEN the fan-out was invoked once per event, never for a counter record
+        let invocations = target.invocations.lock().expect("lock").clone();
+        let kinds: Vec<String> = invocations
+            .iter()
+            .flatten()
+            .map(|r| match r.change.new_image.get("type") {
+                Some(serde_dynamo::AttributeValue::S(t)) => t.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["MemberJoined", "MemberJoined", "MessagePosted"]);
+        assert!(invocations.iter().all(|batch| batch.len() == 1));
+        // AND the counters were dropped (lobby's INSERT, ops's INSERT and MODIFY) and passed:
+        // the drain ended, so nothing was left behind the checkpoint
+        assert_eq!(stats.filtered, 3);
+        assert_eq!(stats.failed_invocations, 0);
     }
 
     #[test]

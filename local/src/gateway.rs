@@ -92,9 +92,16 @@ impl Default for GatewayConfig {
         Self {
             stage: "prod".to_owned(),
             api_id: "local".to_owned(),
-            route_keys: ["setName", "sendPublic", "sendPrivate", "history"]
-                .map(str::to_owned)
-                .to_vec(),
+            route_keys: [
+                "setName",
+                "sendPublic",
+                "sendPrivate",
+                "history",
+                "join",
+                "leave",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
             idle_timeout: Duration::from_secs(10 * 60),
             max_duration: Duration::from_secs(2 * 60 * 60),
             max_frame_bytes: 32 * 1024,

@@ -53,6 +53,9 @@ struct Args {
         default_value = "chat-local-connections"
     )]
     connections_table: String,
+    /// The most rooms one connection may be a member of at once (`lobby` included).
+    #[arg(long, env = "MAX_ROOMS", default_value_t = chat_shared::store::DEFAULT_MAX_ROOMS)]
+    max_rooms: usize,
     /// Largest accepted chat message, in bytes.
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
@@ -214,6 +217,7 @@ async fn main() -> anyhow::Result<()> {
         "--fanout-concurrency must be at least 1"
     );
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(args.max_rooms > 0, "--max-rooms must be at least 1");
     anyhow::ensure!(
         args.rate_limit_per_second == 0 || args.rate_limit_burst > 0,
         "--rate-limit-burst must be at least 1 when the rate limit is on"
@@ -241,6 +245,7 @@ async fn main() -> anyhow::Result<()> {
                 .as_deref()
                 .filter(|s| !s.is_empty())
                 .map(|s| Authenticator::hs256(s.as_bytes())),
+            max_rooms: args.max_rooms,
         },
         fanout: FanoutConfig {
             concurrency: args.fanout_concurrency,

@@ -845,6 +845,139 @@ fn corpus() -> Vec<Case> {
             private(r#""alice""#, r#""hi""#),
             err("name_required", Some("sendPrivate")),
         ),
+        // --- rooms (the world allows one room a connection, so alice, in lobby, is full)
+        text(
+            "join without a room",
+            Alice,
+            r#"{"action":"join"}"#,
+            err("missing_field", Some("join")),
+        ),
+        text(
+            "leave with a null room",
+            Alice,
+            r#"{"action":"leave","room":null}"#,
+            err("missing_field", Some("leave")),
+        ),
+        text(
+            "join with a numeric room",
+            Alice,
+            r#"{"action":"join","room":7}"#,
+            err("invalid_field", Some("join")),
+        ),
+        text(
+            "sendPublic with an array room",
+            Alice,
+            r#"{"action":"sendPublic","room":["ops"],"message":"hi"}"#,
+            err("invalid_field", Some("sendPublic")),
+        ),
+        text(
+            "join an empty room name",
+            Alice,
+            r#"{"action":"join","room":""}"#,
+            err("invalid_room", Some("join")),
+        ),
+        text(
+            "join a room name with a space",
+            Alice,
+            r#"{"action":"join","room":"the ops"}"#,
+            err("invalid_room", Some("join")),
+        ),
+        text(
+            "join a padded room name",
+            Alice,
+            r#"{"action":"join","room":"ops "}"#,
+            err("invalid_room", Some("join")),
+        ),
+        text(
+            "join a room name of 65 characters",
+            Alice,
+            format!(r#"{{"action":"join","room":"{}"}}"#, "r".repeat(65)),
+            err("invalid_room", Some("join")),
+        ),
+        text(
+            "join a room name with the key separator",
+            Alice,
+            r#"{"action":"join","room":"lobby#0"}"#,
+            err("invalid_room", Some("join")),
+        ),
+        text(
+            "join a room name with a slash",
+            Carol,
+            r#"{"action":"join","room":"../lobby"}"#,
+            err("invalid_room", Some("join")),
+        ),
+        text(
+            "join a non-ASCII room name",
+            Alice,
+            r#"{"action":"join","room":"café"}"#,
+            err("invalid_room", Some("join")),
+        ),
+        text(
+            "join a full-width room name",
+            Alice,
+            r#"{"action":"join","room":"ｌｏｂｂｙ"}"#,
+            err("invalid_room", Some("join")),
+        ),
+        text(
+            "join a room name with a zero-width space",
+            Alice,
+            r#"{"action":"join","room":"lob\u200bby"}"#,
+            err("invalid_room", Some("join")),
+        ),
+        text(
+            "leave a room name with a newline",
+            Alice,
+            r#"{"action":"leave","room":"lobby\n"}"#,
+            err("invalid_room", Some("leave")),
+        ),
+        text(
+            "sendPublic to an invalid room",
+            Alice,
+            r#"{"action":"sendPublic","room":"a b","message":"hi"}"#,
+            err("invalid_room", Some("sendPublic")),
+        ),
+        text(
+            "history of an invalid room",
+            Carol,
+            r#"{"action":"history","room":"*"}"#,
+            err("invalid_room", Some("history")),
+        ),
+        text(
+            "sendPublic to a room not joined",
+            Alice,
+            r#"{"action":"sendPublic","room":"ops","message":"hi"}"#,
+            err("not_a_member", Some("sendPublic")),
+        ),
+        text(
+            "sendPublic to lobby in another case",
+            Alice,
+            r#"{"action":"sendPublic","room":"Lobby","message":"hi"}"#,
+            err("not_a_member", Some("sendPublic")),
+        ),
+        text(
+            "leave a room not joined",
+            Alice,
+            r#"{"action":"leave","room":"ops"}"#,
+            err("not_a_member", Some("leave")),
+        ),
+        text(
+            "leave before setName",
+            Carol,
+            r#"{"action":"leave","room":"lobby"}"#,
+            err("not_a_member", Some("leave")),
+        ),
+        text(
+            "join before setName",
+            Carol,
+            r#"{"action":"join","room":"ops"}"#,
+            err("name_required", Some("join")),
+        ),
+        text(
+            "join one room too many",
+            Alice,
+            r#"{"action":"join","room":"ops"}"#,
+            err("too_many_rooms", Some("join")),
+        ),
         // --- history with bad bounds
         text("limit 0", Carol, history(r#""limit":0"#), bad_history()),
         text("limit 101", Carol, history(r#""limit":101"#), bad_history()),
@@ -952,7 +1085,8 @@ struct World {
 
 impl World {
     async fn start() -> World {
-        // The rate limit is off: the corpus sends far more than a person would, fast.
+        // The rate limit is off: the corpus sends far more than a person would, fast. One
+        // room a connection: the members are in lobby, so any join is one too many.
         let options = LocalOptions {
             port: 0,
             store: StoreChoice::Embedded(EmbeddedStore::new(Retention::default())),
@@ -961,6 +1095,7 @@ impl World {
                     per_second: 0,
                     burst: 0,
                 },
+                max_rooms: 1,
                 ..HandlerConfig::default()
             },
             esm: EsmConfig {

@@ -5,6 +5,7 @@
 //! DynamoDB API whose stream is polled through the DynamoDB Streams API). Every scenario runs
 //! in all three.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chat_local::aws_like::AwsLike;
@@ -185,14 +186,19 @@ impl Client {
         }
     }
 
-    /// The next frame, without `id` and `ts` (checked separately).
+    /// The next frame, without `id`, `ts` and `room` (checked separately; these scenarios
+    /// are all in `lobby`, the room scenarios check `room`).
     async fn next_content(&mut self) -> Value {
-        let mut f = self.next().await;
-        if let Some(o) = f.as_object_mut() {
-            o.remove("id");
-            o.remove("ts");
+        content(self.next().await)
+    }
+
+    /// The next `n` frames, in arrival order.
+    async fn next_n(&mut self, n: usize) -> Vec<Value> {
+        let mut frames = Vec::with_capacity(n);
+        for _ in 0..n {
+            frames.push(self.next().await);
         }
-        f
+        frames
     }
 
     /// Skips frames until one matches; returns it.
@@ -225,6 +231,16 @@ impl Client {
             }
         }
     }
+}
+
+/// A frame without `id`, `ts` and `room`.
+fn content(mut f: Value) -> Value {
+    if let Some(o) = f.as_object_mut() {
+        o.remove("id");
+        o.remove("ts");
+        o.remove("room");
+    }
+    f
 }
 
 fn members(names: &[&str]) -> Value {
@@ -660,6 +676,214 @@ async fn catch_up_scenario(mode: Mode) {
     local.stop().await;
 }
 
+/// Splits a client's frames into its route responses (`joined`, `left`, `error`) and its chat
+/// frames grouped by room (each room's in arrival order, without `room`, `ts`; `id` kept).
+fn by_room(frames: Vec<Value>) -> (Vec<Value>, BTreeMap<String, Vec<Value>>) {
+    let mut answers = Vec::new();
+    let mut rooms: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for mut f in frames {
+        if f.get("joined").is_some() || f.get("left").is_some() || f.get("error").is_some() {
+            answers.push(f);
+            continue;
+        }
+        let room = f["room"]
+            .as_str()
+            .expect("every chat frame here has a room")
+            .to_owned();
+        let o = f.as_object_mut().expect("object");
+        o.remove("room");
+        o.remove("ts");
+        rooms.entry(room).or_default().push(f);
+    }
+    (answers, rooms)
+}
+
+fn room_frames(room: &str, frames: &[Value]) -> BTreeMap<String, Vec<Value>> {
+    BTreeMap::from([(room.to_owned(), frames.to_vec())])
+}
+
+async fn rooms_scenario(mode: Mode) {
+    // GIVEN a limit of 3 rooms a connection, and alice, bob and carol in lobby
+    let local = Local::start_with(mode, GatewayConfig::default(), |o| {
+        o.handler.max_rooms = 3;
+        o.handler.rate_limit.per_second = 0;
+    })
+    .await;
+    let mut alice = local.member("alice").await;
+    let mut bob = local.member("bob").await;
+    let mut carol = local.member("carol").await;
+    for c in [&mut alice, &mut bob] {
+        c.until(|f| f["systemMessage"] == json!("carol has joined the chat"))
+            .await;
+    }
+    let joined = |name: &str, id: u64, list: &[&str]| {
+        vec![
+            json!({"members": list, "id": id}),
+            json!({"systemMessage": format!("{name} has joined the chat"), "id": id}),
+        ]
+    };
+
+    // WHEN alice joins "ops" THEN she is answered with the room and its first id, and she
+    // alone (its only member) gets the room's presence frames, tagged with the room
+    alice.send(json!({"action":"join","room":"ops"})).await;
+    let (answers, rooms) = by_room(alice.next_n(3).await);
+    assert_eq!(answers, vec![json!({"joined":{"room":"ops","id":1}})]);
+    assert_eq!(rooms, room_frames("ops", &joined("alice", 1, &["alice"])));
+    // AND when bob and carol join, each room's ids count on from the room's own sequence
+    bob.send(json!({"action":"join","room":"ops"})).await;
+    let (answers, rooms) = by_room(bob.next_n(3).await);
+    assert_eq!(answers, vec![json!({"joined":{"room":"ops","id":2}})]);
+    assert_eq!(
+        rooms,
+        room_frames("ops", &joined("bob", 2, &["alice", "bob"]))
+    );
+    let (_, rooms) = by_room(alice.next_n(2).await);
+    assert_eq!(
+        rooms,
+        room_frames("ops", &joined("bob", 2, &["alice", "bob"]))
+    );
+    carol.send(json!({"action":"join","room":"dev"})).await;
+    let (answers, rooms) = by_room(carol.next_n(3).await);
+    assert_eq!(answers, vec![json!({"joined":{"room":"dev","id":1}})]);
+    assert_eq!(rooms, room_frames("dev", &joined("carol", 1, &["carol"])));
+
+    // WHEN alice speaks in ops and carol in dev
+    alice
+        .send(json!({"action":"sendPublic","room":"ops","message":"ops only"}))
+        .await;
+    carol
+        .send(json!({"action":"sendPublic","room":"dev","message":"dev only"}))
+        .await;
+    // THEN each room's members, and only they, get its message, with the room's next id
+    let ops_message = room_frames("ops", &[json!({"publicMessage":"alice: ops only","id":3})]);
+    for c in [&mut alice, &mut bob] {
+        assert_eq!(by_room(c.next_n(1).await).1, ops_message);
+    }
+    assert_eq!(
+        by_room(carol.next_n(1).await).1,
+        room_frames("dev", &[json!({"publicMessage":"carol: dev only","id":2})])
+    );
+    // AND a message without a room is lobby's, which everyone is in, numbered in lobby's
+    // sequence (three joins so far: 1, 2, 3)
+    bob.send(json!({"action":"sendPublic","message":"everyone"}))
+        .await;
+    for c in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(
+            by_room(c.next_n(1).await).1,
+            room_frames("lobby", &[json!({"publicMessage":"bob: everyone","id":4})])
+        );
+    }
+
+    // WHEN carol sends to ops, which she has not joined THEN not_a_member, to her alone
+    carol
+        .send(json!({"action":"sendPublic","room":"ops","message":"let me in"}))
+        .await;
+    let reply = carol.next().await;
+    assert_eq!(reply["error"]["code"], json!("not_a_member"));
+    assert_eq!(reply["error"]["action"], json!("sendPublic"));
+    // AND a bad room name is invalid_room, whatever the action
+    for frame in [
+        json!({"action":"join","room":"no spaces"}),
+        json!({"action":"leave","room":""}),
+        json!({"action":"sendPublic","room":"a#b","message":"x"}),
+        json!({"action":"history","room":"x".repeat(65)}),
+    ] {
+        carol.send(frame.clone()).await;
+        let reply = carol.next().await;
+        assert_eq!(reply["error"]["code"], json!("invalid_room"), "{frame}");
+        assert_eq!(reply["error"]["action"], frame["action"], "{frame}");
+    }
+    // AND joining a room she is in changes nothing and says so, with the room's newest id
+    alice.send(json!({"action":"join","room":"ops"})).await;
+    assert_eq!(
+        alice.next().await,
+        json!({"joined":{"room":"ops","id":3,"already":true}})
+    );
+    // AND a fourth room is one too many (lobby, ops and "r3" make three)
+    alice.send(json!({"action":"join","room":"r3"})).await;
+    let (answers, _) = by_room(alice.next_n(3).await);
+    assert_eq!(answers, vec![json!({"joined":{"room":"r3","id":1}})]);
+    alice.send(json!({"action":"join","room":"r4"})).await;
+    let reply = alice.next().await;
+    assert_eq!(reply["error"]["code"], json!("too_many_rooms"), "{reply}");
+    assert_eq!(reply["error"]["action"], json!("join"));
+
+    // WHEN bob leaves ops THEN he is answered with the leave's id; alice sees him leave
+    bob.send(json!({"action":"leave","room":"ops"})).await;
+    assert_eq!(bob.next().await, json!({"left":{"room":"ops","id":4}}));
+    let (_, rooms) = by_room(alice.next_n(2).await);
+    assert_eq!(
+        rooms,
+        room_frames(
+            "ops",
+            &[
+                json!({"systemMessage":"bob has left the chat","id":4}),
+                json!({"members":["alice"],"id":4}),
+            ]
+        )
+    );
+    // AND he can no longer send there, nor leave it again
+    bob.send(json!({"action":"sendPublic","room":"ops","message":"x"}))
+        .await;
+    assert_eq!(bob.next().await["error"]["code"], json!("not_a_member"));
+    bob.send(json!({"action":"leave","room":"ops"})).await;
+    assert_eq!(bob.next().await["error"]["code"], json!("not_a_member"));
+    // AND carol joins ops, so two rooms will see alice go
+    carol.send(json!({"action":"join","room":"ops"})).await;
+    let (answers, _) = by_room(carol.next_n(3).await);
+    assert_eq!(answers, vec![json!({"joined":{"room":"ops","id":5}})]);
+    let (_, rooms) = by_room(alice.next_n(2).await);
+    assert_eq!(
+        rooms,
+        room_frames("ops", &joined("carol", 5, &["alice", "carol"]))
+    );
+
+    // WHEN alice disconnects (she is in lobby, ops and r3)
+    alice.ws.close(None).await.expect("close");
+    // THEN each of her rooms sees its own leave: carol in lobby and ops, bob in lobby only
+    let (_, rooms) = by_room(carol.next_n(4).await);
+    let left = |id: u64, list: &[&str]| {
+        vec![
+            json!({"systemMessage":"alice has left the chat","id":id}),
+            json!({"members": list, "id": id}),
+        ]
+    };
+    assert_eq!(
+        rooms,
+        BTreeMap::from([
+            ("lobby".to_owned(), left(5, &["bob", "carol"])),
+            ("ops".to_owned(), left(6, &["carol"])),
+        ])
+    );
+    let (_, rooms) = by_room(bob.next_n(2).await);
+    assert_eq!(rooms, room_frames("lobby", &left(5, &["bob", "carol"])));
+    // AND r3 recorded her leave too, though nobody was left to hear it
+    carol
+        .send(json!({"action":"history","room":"r3","after":0}))
+        .await;
+    let page = carol.next().await;
+    assert_eq!(
+        page["history"]["frames"]
+            .as_array()
+            .expect("frames")
+            .iter()
+            .map(|f| (
+                f["systemMessage"].clone(),
+                f["room"].clone(),
+                f["id"].clone()
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            (json!("alice has joined the chat"), json!("r3"), json!(1)),
+            (json!("alice has left the chat"), json!("r3"), json!(2)),
+        ]
+    );
+    // AND nobody got a frame of a room they are not in
+    bob.expect_silence().await;
+    carol.expect_silence().await;
+    local.stop().await;
+}
+
 /// A JWT for `sub`, signed with `key`, valid for an hour.
 fn token(key: &[u8], sub: &str) -> String {
     #[derive(serde::Serialize)]
@@ -788,6 +1012,11 @@ mod embedded {
     }
 
     #[tokio::test]
+    async fn rooms_deliver_to_their_members_only_with_ids_per_room() {
+        rooms_scenario(Mode::Embedded).await;
+    }
+
+    #[tokio::test]
     async fn a_client_that_vanishes_is_seen_leaving() {
         vanish_scenario(Mode::Embedded).await;
     }
@@ -840,6 +1069,11 @@ mod aws_like {
     #[tokio::test]
     async fn join_public_private_rename_leave() {
         chat_scenario(aws_like()).await;
+    }
+
+    #[tokio::test]
+    async fn rooms_deliver_to_their_members_only_with_ids_per_room() {
+        rooms_scenario(aws_like()).await;
     }
 
     #[tokio::test]
@@ -929,6 +1163,11 @@ mod moto {
     #[tokio::test]
     async fn join_public_private_rename_leave() {
         chat_scenario(Mode::Moto).await;
+    }
+
+    #[tokio::test]
+    async fn rooms_deliver_to_their_members_only_with_ids_per_room() {
+        rooms_scenario(Mode::Moto).await;
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ use thiserror::Error;
 use crate::auth::Authenticator;
 use crate::pacing::{Pacer, DEFAULT_MAX_RPS};
 use crate::ratelimit::{RateLimit, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND};
+use crate::store::DEFAULT_MAX_ROOMS;
 use crate::validation::DEFAULT_MAX_MESSAGE_BYTES;
 
 #[derive(Debug, Error)]
@@ -67,6 +68,10 @@ pub struct HandlerConfig {
     /// `AUTH_JWT_SECRET`: when set, `$connect` requires a JWT signed with it (HS256) in the
     /// query string. Unset (the default): anyone may connect, as in the tutorial.
     pub auth: Option<Authenticator>,
+    /// `MAX_ROOMS` (default 50, at least 1): the most rooms one connection may be a member of
+    /// at once, `lobby` included. It bounds what a disconnect must undo (one transaction per
+    /// room) and how many `rooms` entries the connection item carries.
+    pub max_rooms: usize,
 }
 
 impl Default for HandlerConfig {
@@ -75,6 +80,7 @@ impl Default for HandlerConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             rate_limit: RateLimit::default(),
             auth: None,
+            max_rooms: DEFAULT_MAX_ROOMS,
         }
     }
 }
@@ -218,10 +224,19 @@ impl HandlerConfig {
                 why: "must be at least 1 when the rate limit is on",
             });
         }
+        let max_rooms = parse_var("MAX_ROOMS", DEFAULT_MAX_ROOMS, "expected a number of rooms")?;
+        if max_rooms == 0 {
+            return Err(ConfigError::Invalid {
+                name: "MAX_ROOMS",
+                value: "0".into(),
+                why: "must be at least 1",
+            });
+        }
         Ok(HandlerConfig {
             max_message_bytes: max,
             rate_limit,
             auth: var("AUTH_JWT_SECRET").map(|secret| Authenticator::hs256(secret.as_bytes())),
+            max_rooms,
         })
     }
 }

@@ -92,8 +92,15 @@ pub struct StoredEvent {
 
 impl StoredEvent {
     fn frame(&self, body: FrameBody) -> Frame {
+        // Private messages are addressed to a name, not a room: their frame has no `room`
+        // (its id is in lobby's sequence, where the message is logged).
+        let room = match self.event {
+            ChatEvent::PrivateMessageSent { .. } => None,
+            _ => Some(self.room.clone()),
+        };
         Frame {
             body,
+            room,
             id: Some(self.seq),
             ts: Some(self.ts),
         }
@@ -408,7 +415,7 @@ mod tests {
         assert_eq!(frames[1].body, FrameBody::Members(vec![]));
         assert!(frames
             .iter()
-            .all(|f| f.id == Some(3) && f.ts == Some(1_000)));
+            .all(|f| f.id == Some(3) && f.ts == Some(1_000) && f.room.as_deref() == Some("lobby")));
         let public = stored(ChatEvent::MessagePosted {
             connection_id: "c".into(),
             name: "alice".into(),
@@ -417,6 +424,28 @@ mod tests {
         assert_eq!(
             public.message_frame().body,
             FrameBody::PublicMessage("alice: hello".into())
+        );
+        // AND a room's frames carry that room; a private message's carry none
+        let in_ops = StoredEvent {
+            room: "ops".into(),
+            ..public
+        };
+        assert_eq!(
+            in_ops.message_frame().to_json(),
+            r#"{"publicMessage":"alice: hello","room":"ops","id":3,"ts":1000}"#
+        );
+        let private = stored(ChatEvent::PrivateMessageSent {
+            connection_id: "c".into(),
+            name: "alice".into(),
+            to_connection_id: "d".into(),
+            to_name: "bob".into(),
+            message: "psst".into(),
+            identity: None,
+            to_identity: None,
+        });
+        assert_eq!(
+            private.message_frame().to_json(),
+            r#"{"privateMessage":"alice: psst","id":3,"ts":1000}"#
         );
     }
 

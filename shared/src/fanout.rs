@@ -5,13 +5,17 @@
 //!   room's order); the deliveries of a unit run concurrently, at most `concurrency` at once.
 //! - **Streaming.** A broadcast reads the members page by page while it sends, never holding
 //!   every recipient; each frame is serialised once and shared by all recipients.
-//! - **Presence coalescing.** Consecutive joins, renames and leaves in one batch are one unit:
-//!   each member gets one `members` frame (the list after the last of them) and one
-//!   `systemMessage`, so N joins in a batch cost O(N) deliveries, not O(N²). A single change
-//!   gets exactly the tutorial's two frames.
-//! - **Large rooms.** Above `presence_limit` members (default 1,000) presence is not broadcast
-//!   at all: a list of a few thousand names no longer fits API Gateway's 128 KB frame, and each
-//!   change would cost a broadcast. Messages are unaffected; joins and leaves stay in history.
+//! - **Rooms.** An event of room r goes to r's members only: the fan-out reads r's member
+//!   shard count, then r's shards, [`SHARDS_AT_ONCE`] in parallel, page by page. Records of a
+//!   room's counter item (`type` `Counter`) are skipped before decoding. A private message
+//!   goes to its recipient's connection, whatever rooms either party is in.
+//! - **Presence coalescing.** Consecutive joins, renames and leaves of one room in one batch
+//!   are one unit: each of the room's members gets one `members` frame (the room's list after
+//!   the last of them) and one `systemMessage`, so N joins in a batch cost O(N) deliveries,
+//!   not O(N²). A single change gets exactly the tutorial's two frames.
+//! - **Large rooms.** Above `presence_limit` members of the room (default 1,000) presence is
+//!   not broadcast at all: a list of a few thousand names no longer fits API Gateway's 128 KB
+//!   frame, and each change would cost a broadcast. Messages are unaffected; joins and leaves stay in history.
 //! - **Retries.** 429 and 5xx are retried with exponential backoff and full jitter, bounded by
 //!   the invocation's deadline: 5xx up to `max_attempts` from `base_backoff` (50 ms), 429 up to
 //!   `max_throttled_attempts` from `throttle_backoff` (8 from 200 ms, capped at 5 s each: a
@@ -37,7 +41,7 @@ use std::time::Duration;
 
 use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
-use futures::stream::{self, Stream, StreamExt};
+use futures::stream::{self, BoxStream, Stream, StreamExt};
 use rand::Rng;
 use thiserror::Error;
 use tokio::time::Instant;
@@ -132,7 +136,19 @@ pub fn is_removal(record: &EventRecord) -> bool {
     true
 }
 
-/// What is delivered together: one event, or a run of presence changes.
+/// Whether a record is of a room's counter item (`type` `Counter`, seq 0 of the room's
+/// partition), which moves on every append and is never a chat event. Checked on the raw
+/// image, before any decoding, so skipping it costs one attribute lookup.
+pub fn is_counter(record: &EventRecord) -> bool {
+    let image = if record.change.new_image.is_empty() {
+        &record.change.old_image
+    } else {
+        &record.change.new_image
+    };
+    matches!(image.get(keys::TYPE), Some(serde_dynamo::AttributeValue::S(kind)) if kind == keys::COUNTER_TYPE)
+}
+
+/// What is delivered together: one event, or a run of presence changes of one room.
 enum Unit {
     Single(StoredEvent),
     Presence(Vec<StoredEvent>),
@@ -154,6 +170,11 @@ pub async fn handle_stream_event(
     let mut rounds: Vec<(Option<String>, Redelivery)> = Vec::new();
     for record in &event.records {
         let seq_no = record.change.sequence_number.clone();
+        if is_counter(record) {
+            // Every append moves its room's counter; nothing to deliver (the template's
+            // filter keeps these from Lambda on AWS; this covers any that get through).
+            continue;
+        }
         if is_removal(record) {
             debug!(sequence_number = ?seq_no, "skipping a removal");
             continue;
@@ -178,7 +199,13 @@ pub async fn handle_stream_event(
             }
         };
         match (units.last_mut(), stored.event.changes_membership()) {
-            (Some((_, Unit::Presence(run))), true) => run.push(stored),
+            // A run coalesces consecutive changes of one room only: each room's members get
+            // their own room's list.
+            (Some((_, Unit::Presence(run))), true)
+                if run.last().is_some_and(|e| e.room == stored.room) =>
+            {
+                run.push(stored)
+            }
             (_, true) => units.push((seq_no, Unit::Presence(vec![stored]))),
             (_, false) => units.push((seq_no, Unit::Single(stored))),
         }
@@ -297,12 +324,43 @@ async fn deliver_in_order(
     response
 }
 
-/// Pages of members as one stream, read lazily so the next page is fetched while the
-/// previous one is still being delivered.
-fn members(
-    store: &dyn ChatStore,
+/// How many of a room's member shards are read at once. Each shard is read a page at a time,
+/// so a broadcast holds at most this many pages (plus the frames in flight), whatever the
+/// room's size: memory stays flat in the number of members.
+pub const SHARDS_AT_ONCE: usize = 8;
+
+/// The members of `room`, as one stream: the room's shard count (strongly consistent, so every
+/// member whose join committed is in shards `0..shards`), then the shards' pages read lazily,
+/// [`SHARDS_AT_ONCE`] shards in parallel, each page handed on as it arrives (the next page of a
+/// shard is fetched while the previous one is still being delivered). Only `room`'s members
+/// are read: a broadcast's read cost is proportional to its room.
+fn members<'a>(
+    store: &'a dyn ChatStore,
+    room: &'a str,
     now_ms: i64,
-) -> impl Stream<Item = Result<Member, StoreError>> + '_ {
+) -> impl Stream<Item = Result<Member, StoreError>> + Send + 'a {
+    stream::once(store.member_shards(room, now_ms))
+        .map(move |shards| match shards {
+            Ok(shards) => stream::iter(0..shards)
+                .map(move |shard| shard_pages(store, room, shard, now_ms))
+                .flatten_unordered(SHARDS_AT_ONCE)
+                .left_stream(),
+            Err(e) => stream::once(async { Err(e) }).right_stream(),
+        })
+        .flatten()
+        .flat_map(|page| match page {
+            Ok(members) => stream::iter(members.into_iter().map(Ok)).left_stream(),
+            Err(e) => stream::once(async { Err(e) }).right_stream(),
+        })
+}
+
+/// One shard's member pages, in order, each read when the previous one has been taken.
+fn shard_pages<'a>(
+    store: &'a dyn ChatStore,
+    room: &'a str,
+    shard: u32,
+    now_ms: i64,
+) -> BoxStream<'a, Result<Vec<Member>, StoreError>> {
     enum Cursor {
         Start,
         After(String),
@@ -315,7 +373,7 @@ fn members(
             Cursor::Done => return None,
         };
         match store
-            .members_page(crate::keys::DEFAULT_ROOM, 0, after.as_deref(), now_ms)
+            .members_page(room, shard, after.as_deref(), now_ms)
             .await
         {
             Ok(page) => {
@@ -325,10 +383,7 @@ fn members(
             Err(e) => Some((Err(e), Cursor::Done)),
         }
     })
-    .flat_map(|page| match page {
-        Ok(members) => stream::iter(members.into_iter().map(Ok)).left_stream(),
-        Err(e) => stream::once(async { Err(e) }).right_stream(),
-    })
+    .boxed()
 }
 
 /// Delivers one event to whoever should see it, then prunes the connections found gone.
@@ -373,7 +428,7 @@ pub async fn deliver_event_until(
             let mut failed_read = None;
             let outcomes = sender
                 .broadcast(
-                    members(store, now_ms).filter_map(|m| {
+                    members(store, &stored.room, now_ms).filter_map(|m| {
                         let member = match m {
                             Ok(member) => Some(member.connection_id),
                             Err(e) => {
@@ -425,10 +480,15 @@ pub async fn deliver_presence(
     now_ms: i64,
     deadline: Option<Instant>,
 ) -> Result<DeliveryReport, FanoutError> {
+    let Some(last) = run.last() else {
+        return Ok(DeliveryReport::default());
+    };
+    // A run is of one room (see `handle_stream_event`): its members get its frames.
+    let room = last.room.as_str();
     // The `members` frame needs the whole list, so this is the one place members are held;
-    // the limit bounds it.
+    // the limit (counted in this room) bounds it.
     let mut all: Vec<Member> = Vec::new();
-    let mut listing = pin!(members(store, now_ms));
+    let mut listing = pin!(members(store, room, now_ms));
     while let Some(member) = listing.next().await {
         all.push(member?);
         if all.len() > config.presence_limit {
@@ -456,9 +516,6 @@ pub async fn deliver_presence(
     let outcomes = sender
         .broadcast(stream::iter(all).map(|m| m.connection_id), &frames)
         .await;
-    let Some(last) = run.last() else {
-        return Ok(DeliveryReport::default());
-    };
     let owed = Owed {
         room: &last.room,
         event_id: last.seq,
@@ -544,6 +601,7 @@ pub fn presence_frames(run: &[StoredEvent], names: Vec<String>) -> Vec<Frame> {
     parts.extend(renamed);
     let frame = |body| Frame {
         body,
+        room: Some(last.room.clone()),
         id: Some(last.seq),
         ts: Some(last.ts),
     };

@@ -2,7 +2,9 @@
 //!
 //! It validates the request and writes the state change with its event; it never calls
 //! `@connections`. A refused request is answered with one error frame as the route's
-//! response, which API Gateway sends to the caller only (the message routes are two-way).
+//! response, which API Gateway sends to the caller only (the message routes are two-way);
+//! so are the answers to `join` and `leave` (`{"joined":…}`, `{"left":…}`, see
+//! [`crate::protocol::joined_response`]) and `history`.
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;
@@ -14,8 +16,10 @@ use crate::auth::TOKEN_PARAMETER;
 use crate::config::HandlerConfig;
 use crate::events::LeaveReason;
 use crate::history::history_response;
-use crate::protocol::{parse_request, ClientRequest, ErrorCode, Refusal};
-use crate::store::{ChatStore, StoreError};
+use crate::protocol::{
+    joined_response, left_response, parse_request, ClientRequest, ErrorCode, Refusal,
+};
+use crate::store::{ChatStore, Joined, StoreError};
 use crate::validation::{validate_message, validate_name};
 
 #[derive(Debug, Error)]
@@ -60,6 +64,10 @@ pub fn refusal_for(err: &StoreError, action: &str) -> Refusal {
         StoreError::NotConnected(_) => (
             ErrorCode::NotConnected,
             "This connection is not known; reconnect and try again.".to_owned(),
+        ),
+        StoreError::NameRequired if action == "join" => (
+            ErrorCode::NameRequired,
+            "Set a name with setName before joining a room.".to_owned(),
         ),
         StoreError::NameRequired => (
             ErrorCode::NameRequired,
@@ -164,7 +172,9 @@ pub async fn handle_request(
                 parsed,
                 Ok(ClientRequest::SetName { .. }
                     | ClientRequest::SendPublic { .. }
-                    | ClientRequest::SendPrivate { .. })
+                    | ClientRequest::SendPrivate { .. }
+                    | ClientRequest::Join { .. }
+                    | ClientRequest::Leave { .. })
             );
             if limit == Limit::Unknown && writes {
                 // Failing open would let a client that can make the limiter's store fail (or a
@@ -257,6 +267,7 @@ async fn perform(
                     for event in events {
                         info!(
                             connection_id,
+                            room = event.room.as_str(),
                             event_id = event.seq,
                             kind = event.event.type_name(),
                             "name set"
@@ -264,12 +275,62 @@ async fn perform(
                     }
                 })
         }
-        ClientRequest::SendPublic { message } => {
+        ClientRequest::SendPublic { message, room } => {
             validate_message(message, config.max_message_bytes, action)?;
             store
-                .post_public(connection_id, message, now_ms)
+                .post_to_room(connection_id, room, message, now_ms)
                 .await
-                .map(|event| info!(connection_id, event_id = event.seq, "public message stored"))
+                .map(|event| {
+                    info!(
+                        connection_id,
+                        room = room.as_str(),
+                        event_id = event.seq,
+                        "public message stored"
+                    )
+                })
+        }
+        ClientRequest::Join { room } => {
+            return match store
+                .join_room(connection_id, room, config.max_rooms, now_ms)
+                .await
+            {
+                Ok(Joined::Now(event)) => {
+                    info!(
+                        connection_id,
+                        room = room.as_str(),
+                        event_id = event.seq,
+                        "joined a room"
+                    );
+                    Ok(Some(joined_response(room, event.seq, false)))
+                }
+                Ok(Joined::Already { last }) => {
+                    info!(
+                        connection_id,
+                        room = room.as_str(),
+                        last_event_id = last,
+                        "already a member of the room"
+                    );
+                    Ok(Some(joined_response(room, last, true)))
+                }
+                Err(e) => Err(log_and_refuse(connection_id, action, &e)),
+            };
+        }
+        ClientRequest::Leave { room } => {
+            return match store
+                .leave_room(connection_id, room, LeaveReason::Left, now_ms)
+                .await
+            {
+                Ok(event) => {
+                    info!(
+                        connection_id,
+                        room = room.as_str(),
+                        event_id = event.seq,
+                        "left a room"
+                    );
+                    Ok(Some(left_response(room, event.seq)))
+                }
+                Err(e) => Err(log_and_refuse(connection_id, action, &e)),
+            };
         }
         ClientRequest::SendPrivate { to, message } => {
             validate_message(message, config.max_message_bytes, action)?;
@@ -290,7 +351,7 @@ async fn perform(
             // authenticated) adds the private messages it sent or received.
             match store.connection(connection_id, now_ms).await {
                 Ok(Some(conn)) => {
-                    return history_response(store, *request, conn.identity.as_deref(), now_ms)
+                    return history_response(store, request, conn.identity.as_deref(), now_ms)
                         .await
                         .map(Some)
                         .map_err(|e| log_and_refuse(connection_id, action, &e));

@@ -1,11 +1,12 @@
-//! The `history` route: pages of public history, framed exactly like live frames, in one
-//! route response under API Gateway's 128 KB message limit.
+//! The `history` route: pages of one room's public history, framed exactly like live frames
+//! (each with its `room`), in one route response under API Gateway's 128 KB message limit.
+//! Any known connection may read any room's history; membership is not needed.
 //!
 //! The response is one frame (a route response is one WebSocket message):
 //!
 //! ```json
-//! {"history":{"frames":[{"publicMessage":"alice: hi","id":41,"ts":…}, …],
-//!             "next":{"action":"history","after":57,"limit":50}}}
+//! {"history":{"frames":[{"publicMessage":"alice: hi","room":"lobby","id":41,"ts":…}, …],
+//!             "next":{"action":"history","room":"lobby","after":57,"limit":50}}}
 //! ```
 //!
 //! `frames` are in id order (oldest first) whichever way the request pages; `next` is the
@@ -13,7 +14,8 @@
 //! `publicMessage` and every join/leave/rename `systemMessage`; `members` frames are state, not
 //! history.
 //!
-//! A private message is served only to its two parties: when the reader's connection is
+//! Private messages are logged in `lobby` (not room-scoped), so only `lobby`'s history has
+//! them. A private message is served only to its two parties: when the reader's connection is
 //! authenticated and its identity is the sender's or the recipient's identity recorded with
 //! the message. A name is not an identity (a later user could take a departed user's name),
 //! so without authentication private messages are never served. The frame is the live one
@@ -33,7 +35,8 @@ pub const HISTORY_MAX_BYTES: usize = 120 * 1024;
 /// What the response adds around its frames (`{"history":{"frames":[…],"next":{…}}}`, with
 /// the longest `next`): kept out of the frames' budget so the whole message stays under
 /// [`HISTORY_MAX_BYTES`].
-const ENVELOPE_BYTES: usize = 128;
+/// With a 64-character room in `next` the envelope is about 170 bytes.
+const ENVELOPE_BYTES: usize = 256;
 
 /// How many stored events one `history` request may examine, per frame asked for. A reader
 /// sees only some events (not others' private messages), so "read until `limit` frames" is
@@ -47,8 +50,9 @@ pub const HISTORY_EXAMINE_MIN: usize = 100;
 const HISTORY_READ_MAX: usize = 100;
 
 #[derive(Serialize)]
-struct Next {
+struct Next<'a> {
     action: &'static str,
+    room: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     after: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -60,7 +64,7 @@ struct Next {
 struct Page<'a> {
     frames: Vec<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    next: Option<Next>,
+    next: Option<Next<'a>>,
 }
 
 #[derive(Serialize)]
@@ -107,11 +111,11 @@ pub fn history_frame(event: &StoredEvent, reader: Option<&str>) -> Option<String
     }
 }
 
-/// Reads one page of the history `reader` may read (see the module docs) and frames it as the
-/// route response.
+/// Reads one page of the history of `request.room` that `reader` may read (see the module
+/// docs) and frames it as the route response.
 pub async fn history_response(
     store: &dyn ChatStore,
-    request: HistoryRequest,
+    request: &HistoryRequest,
     reader: Option<&str>,
     now_ms: i64,
 ) -> Result<String, StoreError> {
@@ -137,7 +141,7 @@ pub async fn history_response(
             .min(examine_cap - examined)
             .max(1);
         let page = store
-            .read_events(crate::keys::DEFAULT_ROOM, range, read, now_ms)
+            .read_events(&request.room, range, read, now_ms)
             .await?;
         for event in &page.events {
             examined += 1;
@@ -172,12 +176,14 @@ pub async fn history_response(
         (false, Some(id)) => Some(match request.direction {
             HistoryDirection::After(_) => Next {
                 action: "history",
+                room: &request.room,
                 after: Some(id),
                 before: None,
                 limit: request.limit,
             },
             HistoryDirection::Before(_) => Next {
                 action: "history",
+                room: &request.room,
                 after: None,
                 before: Some(id),
                 limit: request.limit,

@@ -1,31 +1,41 @@
 //! The JSON frames on the wire: client requests in, chat frames and error frames out.
 //!
 //! The frames are those of the classic API Gateway WebSocket chat tutorial, kept exactly;
-//! what we add is additive (`id` and `ts` on chat frames, the `error` frame), so the old
-//! client keeps working. Parsing is done by hand over `serde_json::Value` rather than with a
+//! what we add is additive (`room`, `id` and `ts` on chat frames, the `error` frame, the
+//! `join`/`leave` requests and their answers), so the old client keeps working in `lobby`. Parsing is done by hand over `serde_json::Value` rather than with a
 //! tagged serde enum because every way a frame can be wrong deserves its own precise error
 //! code, and serde's messages are neither stable nor meant for end users.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::keys::DEFAULT_ROOM;
+use crate::validation::validate_room;
+
 /// A request a client sends, selected by its `action` key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientRequest {
     /// `{"action":"setName","name":"alice"}`: join, or rename when sent again.
     SetName { name: String },
-    /// `{"action":"sendPublic","message":"hello"}`: say something to every member.
-    SendPublic { message: String },
+    /// `{"action":"sendPublic","message":"hello","room":"r"}`: say something to every member
+    /// of the room (`room` optional: [`DEFAULT_ROOM`]).
+    SendPublic { message: String, room: String },
     /// `{"action":"sendPrivate","to":"bob","message":"psst"}`: to one member only.
     SendPrivate { to: String, message: String },
     /// `{"action":"history","limit":50,"before":120}` pages backwards through public history;
     /// `{"action":"history","after":97}` reads forwards from an id (catch-up after a reconnect).
     History(HistoryRequest),
+    /// `{"action":"join","room":"r"}`: become a member of a room.
+    Join { room: String },
+    /// `{"action":"leave","room":"r"}`: stop being a member of a room.
+    Leave { room: String },
 }
 
 /// The public history a client asks for. At most one of `before` and `after`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryRequest {
+    /// Whose history: a valid room name (`room` optional: [`DEFAULT_ROOM`]).
+    pub room: String,
     /// Frames per response, 1..=[`HISTORY_MAX_LIMIT`]; default [`HISTORY_DEFAULT_LIMIT`].
     pub limit: usize,
     pub direction: HistoryDirection,
@@ -49,6 +59,8 @@ impl ClientRequest {
             ClientRequest::SendPublic { .. } => "sendPublic",
             ClientRequest::SendPrivate { .. } => "sendPrivate",
             ClientRequest::History(_) => "history",
+            ClientRequest::Join { .. } => "join",
+            ClientRequest::Leave { .. } => "leave",
         }
     }
 }
@@ -221,16 +233,23 @@ pub fn parse_request(body: Option<&str>) -> Result<ClientRequest, Refusal> {
         }),
         "sendPublic" => Ok(ClientRequest::SendPublic {
             message: field("message")?,
+            room: room_field(&object, action, false)?,
         }),
         "sendPrivate" => Ok(ClientRequest::SendPrivate {
             to: field("to")?,
             message: field("message")?,
         }),
         "history" => parse_history(&object).map(ClientRequest::History),
+        "join" => Ok(ClientRequest::Join {
+            room: room_field(&object, action, true)?,
+        }),
+        "leave" => Ok(ClientRequest::Leave {
+            room: room_field(&object, action, true)?,
+        }),
         other => Err(Refusal::new(
             ErrorCode::UnknownAction,
             format!(
-                "Unknown action \"{}\"; use setName, sendPublic, sendPrivate or history.",
+                "Unknown action \"{}\"; use setName, sendPublic, sendPrivate, history, join or leave.",
                 truncate_for_display(other)
             ),
             Some(other),
@@ -286,7 +305,27 @@ fn parse_history(object: &Map<String, Value>) -> Result<HistoryRequest, Refusal>
         (_, Some(after)) => HistoryDirection::After(after),
         (before, None) => HistoryDirection::Before(before),
     };
-    Ok(HistoryRequest { limit, direction })
+    let room = room_field(object, "history", false)?;
+    Ok(HistoryRequest {
+        room,
+        limit,
+        direction,
+    })
+}
+
+/// The request's `room`: a valid room name. Optional (then [`DEFAULT_ROOM`]) unless
+/// `required` (`join`, `leave`); `null` counts as absent, like every other key.
+fn room_field(
+    object: &Map<String, Value>,
+    action: &str,
+    required: bool,
+) -> Result<String, Refusal> {
+    if !required && matches!(object.get("room"), None | Some(Value::Null)) {
+        return Ok(DEFAULT_ROOM.to_owned());
+    }
+    let room = string_field(object, action, "room")?;
+    validate_room(&room, action)?;
+    Ok(room)
 }
 
 fn string_field(object: &Map<String, Value>, action: &str, key: &str) -> Result<String, Refusal> {
@@ -328,14 +367,19 @@ pub enum FrameBody {
     PrivateMessage(String),
 }
 
-/// A frame the fan-out delivers. `id` is the id of the event it comes from and `ts` that
-/// event's commit time (ms): additive keys the tutorial client ignores, which newer clients
-/// use to drop redeliveries (dedupe on `id` and the frame's kind: one join yields both a
-/// `members` and a `systemMessage` frame with the same `id`).
+/// A frame the fan-out delivers. `room` is the room of the event it comes from, `id` that
+/// event's id (dense and ordered per room) and `ts` its commit time (ms): additive keys the
+/// tutorial client ignores, which newer clients use to tell rooms apart and drop
+/// redeliveries (dedupe on (`room`, `id`, the frame's kind): one join yields both a
+/// `members` and a `systemMessage` frame with the same `id`). Every room-scoped frame has a
+/// `room`, `lobby`'s included; a `privateMessage` has none — private messages are addressed
+/// to a name, not a room, and their `id` is in `lobby`'s sequence (where they are logged).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Frame {
     #[serde(flatten)]
     pub body: FrameBody,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -346,6 +390,48 @@ impl Frame {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a chat frame holds only strings and numbers")
     }
+}
+
+/// The answer to a `join`, sent to its sender only (the route response):
+/// `{"joined":{"room":"r","id":17}}`, where `id` is the join's `MemberJoined` event. Joining a
+/// room the connection is already in changes nothing and says so:
+/// `{"joined":{"room":"r","id":42,"already":true}}`, where `id` is the room's newest event id.
+/// Either way a client can catch up with `history` `after` that id without waiting for a
+/// `members` frame (which a room over the presence limit never sends).
+pub fn joined_response(room: &str, id: u64, already: bool) -> String {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        room: &'a str,
+        id: u64,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        already: bool,
+    }
+    #[derive(Serialize)]
+    struct Joined<'a> {
+        joined: Body<'a>,
+    }
+    serde_json::to_string(&Joined {
+        joined: Body { room, id, already },
+    })
+    .expect("a join response holds only strings and numbers")
+}
+
+/// The answer to a `leave`, to its sender only: `{"left":{"room":"r","id":18}}`, where `id`
+/// is the leave's `MemberLeft` event in that room.
+pub fn left_response(room: &str, id: u64) -> String {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        room: &'a str,
+        id: u64,
+    }
+    #[derive(Serialize)]
+    struct Left<'a> {
+        left: Body<'a>,
+    }
+    serde_json::to_string(&Left {
+        left: Body { room, id },
+    })
+    .expect("a leave response holds only strings and numbers")
 }
 
 #[cfg(test)]
@@ -368,7 +454,8 @@ mod tests {
         assert_eq!(
             parse_request(Some(r#"{"action":"sendPublic","message":"hi"}"#)),
             Ok(ClientRequest::SendPublic {
-                message: "hi".into()
+                message: "hi".into(),
+                room: "lobby".into()
             })
         );
         assert_eq!(
@@ -388,9 +475,113 @@ mod tests {
         assert_eq!(
             parsed,
             Ok(ClientRequest::SendPublic {
-                message: "hi".into()
+                message: "hi".into(),
+                room: "lobby".into()
             })
         );
+    }
+
+    #[test]
+    fn room_requests_parse_and_room_defaults_to_lobby() {
+        let parse = |b: &str| parse_request(Some(b));
+        // GIVEN join and leave frames  WHEN parsed  THEN each names its room
+        assert_eq!(
+            parse(r#"{"action":"join","room":"rust-lang.dev_1"}"#),
+            Ok(ClientRequest::Join {
+                room: "rust-lang.dev_1".into()
+            })
+        );
+        assert_eq!(
+            parse(r#"{"action":"leave","room":"lobby"}"#),
+            Ok(ClientRequest::Leave {
+                room: "lobby".into()
+            })
+        );
+        // AND sendPublic and history take an optional room, lobby when absent or null
+        assert_eq!(
+            parse(r#"{"action":"sendPublic","message":"m","room":"Ops"}"#),
+            Ok(ClientRequest::SendPublic {
+                message: "m".into(),
+                room: "Ops".into()
+            })
+        );
+        assert_eq!(
+            parse(r#"{"action":"sendPublic","message":"m","room":null}"#),
+            Ok(ClientRequest::SendPublic {
+                message: "m".into(),
+                room: "lobby".into()
+            })
+        );
+        assert_eq!(
+            parse(r#"{"action":"history","room":"ops","after":3}"#),
+            Ok(ClientRequest::History(HistoryRequest {
+                room: "ops".into(),
+                limit: HISTORY_DEFAULT_LIMIT,
+                direction: HistoryDirection::After(3)
+            }))
+        );
+        // AND a bad room is refused with the action it came with
+        let cases: &[(&str, ErrorCode, &str)] = &[
+            (r#"{"action":"join"}"#, ErrorCode::MissingField, "join"),
+            (
+                r#"{"action":"leave","room":null}"#,
+                ErrorCode::MissingField,
+                "leave",
+            ),
+            (
+                r#"{"action":"join","room":7}"#,
+                ErrorCode::InvalidField,
+                "join",
+            ),
+            (
+                r#"{"action":"join","room":""}"#,
+                ErrorCode::InvalidRoom,
+                "join",
+            ),
+            (
+                r#"{"action":"leave","room":"a b"}"#,
+                ErrorCode::InvalidRoom,
+                "leave",
+            ),
+            (
+                r#"{"action":"sendPublic","message":"m","room":"é"}"#,
+                ErrorCode::InvalidRoom,
+                "sendPublic",
+            ),
+            (
+                r#"{"action":"sendPublic","message":"m","room":["r"]}"#,
+                ErrorCode::InvalidField,
+                "sendPublic",
+            ),
+            (
+                r#"{"action":"history","room":"a/b"}"#,
+                ErrorCode::InvalidRoom,
+                "history",
+            ),
+            (
+                r#"{"action":"history","room":1}"#,
+                ErrorCode::InvalidField,
+                "history",
+            ),
+        ];
+        for (body, code, action) in cases {
+            let r = refusal(body);
+            assert_eq!(r.code, *code, "body {body:?}: {r:?}");
+            assert_eq!(r.action.as_deref(), Some(*action), "body {body:?}");
+        }
+    }
+
+    #[test]
+    fn join_and_leave_answers_have_the_documented_shape() {
+        assert_eq!(
+            joined_response("r", 17, false),
+            r#"{"joined":{"room":"r","id":17}}"#
+        );
+        assert_eq!(
+            joined_response("r", 42, true),
+            r#"{"joined":{"room":"r","id":42,"already":true}}"#
+        );
+        assert_eq!(left_response("r", 18), r#"{"left":{"room":"r","id":18}}"#);
     }
 
     #[test]
@@ -463,6 +654,7 @@ mod tests {
         assert_eq!(
             parse(r#"{"action":"history"}"#),
             Ok(ClientRequest::History(HistoryRequest {
+                room: "lobby".into(),
                 limit: HISTORY_DEFAULT_LIMIT,
                 direction: HistoryDirection::Before(None)
             }))
@@ -470,6 +662,7 @@ mod tests {
         assert_eq!(
             parse(r#"{"action":"history","limit":5,"before":40}"#),
             Ok(ClientRequest::History(HistoryRequest {
+                room: "lobby".into(),
                 limit: 5,
                 direction: HistoryDirection::Before(Some(40))
             }))
@@ -477,6 +670,7 @@ mod tests {
         assert_eq!(
             parse(r#"{"action":"history","after":0}"#),
             Ok(ClientRequest::History(HistoryRequest {
+                room: "lobby".into(),
                 limit: HISTORY_DEFAULT_LIMIT,
                 direction: HistoryDirection::After(0)
             }))
@@ -530,7 +724,7 @@ mod tests {
     }
 
     #[test]
-    fn chat_frames_keep_the_tutorial_keys_and_add_id_and_ts() {
+    fn chat_frames_keep_the_tutorial_keys_and_add_room_id_and_ts() {
         let cases = [
             (
                 FrameBody::Members(vec!["alice".into(), "bob".into()]),
@@ -552,17 +746,22 @@ mod tests {
         for (body, prefix) in cases {
             let frame = Frame {
                 body,
+                room: Some("lobby".into()),
                 id: Some(7),
                 ts: Some(1_700_000_000_000),
             };
             let json = frame.to_json();
             assert!(json.starts_with(prefix), "{json}");
-            assert!(json.ends_with(r#","id":7,"ts":1700000000000}"#), "{json}");
+            assert!(
+                json.ends_with(r#","room":"lobby","id":7,"ts":1700000000000}"#),
+                "{json}"
+            );
             let back: Frame = serde_json::from_str(&json).expect("round trip");
             assert_eq!(back, frame);
         }
         let bare = Frame {
             body: FrameBody::SystemMessage("x".into()),
+            room: None,
             id: None,
             ts: None,
         };

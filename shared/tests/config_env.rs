@@ -11,7 +11,7 @@ use chat_shared::config::{
 };
 
 /// Every variable `config` reads.
-const VARIABLES: [&str; 12] = [
+const VARIABLES: [&str; 13] = [
     "EVENTS_TABLE",
     "CONNECTIONS_TABLE",
     "CONNECTION_TTL_SECONDS",
@@ -20,6 +20,7 @@ const VARIABLES: [&str; 12] = [
     "RATE_LIMIT_PER_SECOND",
     "RATE_LIMIT_BURST",
     "AUTH_JWT_SECRET",
+    "MAX_ROOMS",
     "FANOUT_CONCURRENCY",
     "PRESENCE_BROADCAST_LIMIT",
     "CONNECTIONS_ENDPOINT",
@@ -72,6 +73,7 @@ fn settings_come_from_the_environment_with_the_documented_defaults_and_limits() 
         (5, 20)
     );
     assert!(handler.auth.is_none());
+    assert_eq!(handler.max_rooms, 50);
     let fanout = FanoutConfig::from_env().expect("defaults");
     assert_eq!((fanout.concurrency, fanout.presence_limit), (512, 1_000));
 
@@ -92,6 +94,7 @@ fn settings_come_from_the_environment_with_the_documented_defaults_and_limits() 
         ("RATE_LIMIT_PER_SECOND", "2"),
         ("RATE_LIMIT_BURST", "3"),
         ("AUTH_JWT_SECRET", "s3cret"),
+        ("MAX_ROOMS", " 3 "),
         ("FANOUT_CONCURRENCY", "64"),
         ("PRESENCE_BROADCAST_LIMIT", "10"),
         (
@@ -119,6 +122,7 @@ fn settings_come_from_the_environment_with_the_documented_defaults_and_limits() 
         (2, 3)
     );
     assert!(handler.auth.is_some());
+    assert_eq!(handler.max_rooms, 3);
     let fanout = FanoutConfig::from_env().expect("fan-out");
     assert_eq!((fanout.concurrency, fanout.presence_limit), (64, 10));
 
@@ -136,7 +140,7 @@ fn settings_come_from_the_environment_with_the_documented_defaults_and_limits() 
         .is_off());
 
     // GIVEN each value the README refuses  THEN an error naming its variable
-    let refused: [Refusal; 12] = [
+    let refused: [Refusal; 14] = [
         ("CONNECTION_TTL_SECONDS", "7199", || {
             invalid_name(Retention::from_env())
         }),
@@ -164,6 +168,12 @@ fn settings_come_from_the_environment_with_the_documented_defaults_and_limits() 
         ("RATE_LIMIT_BURST", "0", || {
             invalid_name(HandlerConfig::from_env())
         }),
+        ("MAX_ROOMS", "0", || invalid_name(HandlerConfig::from_env())),
+        (
+            "MAX_ROOMS",
+            "-2",
+            || invalid_name(HandlerConfig::from_env()),
+        ),
         ("FANOUT_CONCURRENCY", "0", || {
             invalid_name(FanoutConfig::from_env())
         }),

@@ -61,13 +61,27 @@ fn rules(body: &str) -> Expected {
         None | Some(Value::Null) => Err((ErrorCode::MissingField, Some(action.clone()))),
         Some(_) => Err((ErrorCode::InvalidField, Some(action.clone()))),
     };
+    let room = |required: bool| match object.get("room") {
+        None | Some(Value::Null) if !required => Ok("lobby".to_owned()),
+        _ => {
+            let room = string("room")?;
+            if room_is_acceptable(&room) {
+                Ok(room)
+            } else {
+                Err((ErrorCode::InvalidRoom, Some(action.clone())))
+            }
+        }
+    };
     match action.as_str() {
         "setName" => Ok(ClientRequest::SetName {
             name: string("name")?,
         }),
         "sendPublic" => Ok(ClientRequest::SendPublic {
             message: string("message")?,
+            room: room(false)?,
         }),
+        "join" => Ok(ClientRequest::Join { room: room(true)? }),
+        "leave" => Ok(ClientRequest::Leave { room: room(true)? }),
         "sendPrivate" => Ok(ClientRequest::SendPrivate {
             to: string("to")?,
             message: string("message")?,
@@ -96,7 +110,25 @@ fn history_rules(object: &Map<String, Value>) -> Expected<HistoryRequest> {
         (_, Some(after)) => HistoryDirection::After(after),
         (before, None) => HistoryDirection::Before(before),
     };
-    Ok(HistoryRequest { limit, direction })
+    let room = match object.get("room") {
+        None | Some(Value::Null) => "lobby".to_owned(),
+        Some(Value::String(r)) if room_is_acceptable(r) => r.clone(),
+        Some(Value::String(_)) => return Err((ErrorCode::InvalidRoom, Some("history".to_owned()))),
+        Some(_) => return Err(bad()),
+    };
+    Ok(HistoryRequest {
+        room,
+        limit,
+        direction,
+    })
+}
+
+/// README *Rooms*: 1–64 characters, each an ASCII letter, digit, `-`, `_` or `.`.
+fn room_is_acceptable(room: &str) -> bool {
+    (1..=64).contains(&room.len())
+        && room
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn is_bidi_control(c: char) -> bool {
@@ -175,6 +207,7 @@ fn check_parse(body: &str) -> Result<(), TestCaseError> {
                     | ErrorCode::UnknownAction
                     | ErrorCode::MissingField
                     | ErrorCode::InvalidField
+                    | ErrorCode::InvalidRoom
             ));
             check_refusal(refusal)?;
         }
@@ -276,7 +309,7 @@ fn json_like_text() -> impl Strategy<Value = String> {
 fn json_key() -> impl Strategy<Value = String> {
     prop_oneof![
         3 => prop::sample::select(vec![
-            "action", "name", "message", "to", "limit", "before", "after",
+            "action", "name", "message", "to", "limit", "before", "after", "room",
         ])
         .prop_map(str::to_owned),
         1 => tricky_string(8),
@@ -285,8 +318,10 @@ fn json_key() -> impl Strategy<Value = String> {
 
 fn action_name() -> impl Strategy<Value = String> {
     prop_oneof![
-        4 => prop::sample::select(vec!["setName", "sendPublic", "sendPrivate", "history"])
-            .prop_map(str::to_owned),
+        4 => prop::sample::select(vec![
+            "setName", "sendPublic", "sendPrivate", "history", "join", "leave",
+        ])
+        .prop_map(str::to_owned),
         1 => prop::sample::select(vec![
             "SetName", "SENDPUBLIC", "sendprivate", "History", "", " setName", "setName ",
             "$default", "$connect", "sendPublic\u{0}",
@@ -347,6 +382,11 @@ fn valid_frame() -> impl Strategy<Value = Value> {
     prop_oneof![
         text().prop_map(|name| json!({"action": "setName", "name": name})),
         text().prop_map(|message| json!({"action": "sendPublic", "message": message})),
+        (text(), room_name()).prop_map(
+            |(message, room)| json!({"action": "sendPublic", "message": message, "room": room})
+        ),
+        room_name().prop_map(|room| json!({"action": "join", "room": room})),
+        room_name().prop_map(|room| json!({"action": "leave", "room": room})),
         (text(), text()).prop_map(
             |(to, message)| json!({"action": "sendPrivate", "to": to, "message": message})
         ),
@@ -357,6 +397,9 @@ fn valid_frame() -> impl Strategy<Value = Value> {
         )
             .prop_map(|(limit, bound, after)| {
                 let mut f = json!({"action": "history"});
+                if after && bound.is_some_and(|b| b % 2 == 0) {
+                    f["room"] = json!("ops");
+                }
                 if let Some(limit) = limit {
                     f["limit"] = json!(limit);
                 }
@@ -366,6 +409,11 @@ fn valid_frame() -> impl Strategy<Value = Value> {
                 f
             }),
     ]
+}
+
+/// A valid room name (mutations then make many invalid ones).
+fn room_name() -> impl Strategy<Value = String> {
+    prop_oneof![Just("lobby".to_owned()), "[A-Za-z0-9._-]{1,64}",]
 }
 
 /// One change to a valid frame.
@@ -804,13 +852,26 @@ enum BatchRecord {
     Empty,
 }
 
+/// A stored event of the fan-out property's room (lobby, where its members are), of another
+/// room (no members), or of any room.
+fn batch_event() -> impl Strategy<Value = StoredEvent> {
+    (stored_event(), 0..4u8).prop_map(|(mut e, pick)| {
+        match pick {
+            0 | 1 => e.room = "lobby".into(),
+            2 => e.room = "ops".into(),
+            _ => {}
+        }
+        e
+    })
+}
+
 fn batch_record() -> impl Strategy<Value = BatchRecord> {
     prop_oneof![
-        3 => stored_event().prop_map(BatchRecord::Valid),
-        2 => (stored_event(), item_mutation()).prop_map(|(e, m)| BatchRecord::Mutated(e, m)),
+        3 => batch_event().prop_map(BatchRecord::Valid),
+        2 => (batch_event(), item_mutation()).prop_map(|(e, m)| BatchRecord::Mutated(e, m)),
         1 => prop::collection::hash_map(attribute_name(), attribute_value(), 0..8)
             .prop_map(BatchRecord::Arbitrary),
-        1 => stored_event().prop_map(BatchRecord::Removal),
+        1 => batch_event().prop_map(BatchRecord::Removal),
         1 => Just(BatchRecord::Empty),
     ]
 }
@@ -911,19 +972,35 @@ fn expected_deliveries(events: &[StoredEvent]) -> HashMap<String, Vec<ExpectedFr
     let mut members: Vec<(&str, &str)> = ROOM.to_vec();
     let mut expected: HashMap<String, Vec<ExpectedFrame>> = HashMap::new();
     let mut units: Vec<Vec<&StoredEvent>> = Vec::new();
+    // README: consecutive presence changes of one room are one unit.
     for event in events {
         let presence = event.event.changes_membership();
         match units.last_mut() {
-            Some(run) if presence && run[0].event.changes_membership() => run.push(event),
+            Some(run)
+                if presence && run[0].event.changes_membership() && run[0].room == event.room =>
+            {
+                run.push(event)
+            }
             _ => units.push(vec![event]),
         }
     }
     for unit in units {
         let last = unit[unit.len() - 1];
+        // README: an event of a room goes to that room's members; only lobby has members here.
+        let room_members: Vec<String> = if last.room == "lobby" {
+            members.iter().map(|(id, _)| (*id).to_owned()).collect()
+        } else {
+            Vec::new()
+        };
+        let private = matches!(last.event, ChatEvent::PrivateMessageSent { .. });
         let frame = |key: &'static str, body: Option<Value>| ExpectedFrame {
             id: last.seq,
             key,
             body: body.map(|mut b| {
+                // Every room-scoped frame carries its room; a private message none.
+                if !private {
+                    b["room"] = json!(last.room);
+                }
                 b["id"] = json!(last.seq);
                 b["ts"] = json!(last.ts);
                 b
@@ -931,7 +1008,7 @@ fn expected_deliveries(events: &[StoredEvent]) -> HashMap<String, Vec<ExpectedFr
         };
         let (recipients, frames): (Vec<String>, Vec<ExpectedFrame>) = match &last.event {
             ChatEvent::MessagePosted { name, message, .. } => (
-                members.iter().map(|(id, _)| (*id).to_owned()).collect(),
+                room_members,
                 vec![frame(
                     "publicMessage",
                     Some(json!({ "publicMessage": format!("{name}: {message}") })),
@@ -973,7 +1050,7 @@ fn expected_deliveries(events: &[StoredEvent]) -> HashMap<String, Vec<ExpectedFr
                     .iter()
                     .all(|e| matches!(e.event, ChatEvent::MemberLeft { .. }));
                 (
-                    members.iter().map(|(id, _)| (*id).to_owned()).collect(),
+                    room_members,
                     if only_leaves {
                         vec![system, list]
                     } else {

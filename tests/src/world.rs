@@ -25,7 +25,14 @@ use crate::{fixture_json, unique_name, ConnectionsEndpoint, Moto, StreamReader};
 
 /// The routes of the API's route selection (`$request.body.action`, template.yaml) besides
 /// `$default`, which takes every other action.
-const ACTION_ROUTES: [&str; 4] = ["setName", "sendPublic", "sendPrivate", "history"];
+const ACTION_ROUTES: [&str; 6] = [
+    "setName",
+    "sendPublic",
+    "sendPrivate",
+    "history",
+    "join",
+    "leave",
+];
 
 /// How the chat's two Lambdas are configured in a [`World`]. No `Default`: the Lambdas'
 /// defaults retry too slowly for a test, so each suite states what it runs with.
@@ -213,17 +220,42 @@ impl World {
         .await
     }
 
-    /// The frames delivered to `id`, without `id` and `ts` (checked separately).
+    /// The frames delivered to `id` of `lobby` (and private ones, which have no room),
+    /// without `room`, `id` and `ts` (checked separately). Panics on a frame of another room:
+    /// the suites that use this one stay in `lobby`; [`World::room_frames`] reads the others.
     pub fn frames(&self, id: &str) -> Vec<Value> {
         self.endpoint
             .frames_for(id)
             .into_iter()
             .map(|mut f| {
+                let room = f.get("room").cloned();
+                assert!(
+                    room.is_none() || room == Some(json!("lobby")),
+                    "a frame of another room: {f}"
+                );
                 if let Some(o) = f.as_object_mut() {
                     o.remove("id");
                     o.remove("ts");
+                    o.remove("room");
                 }
                 f
+            })
+            .collect()
+    }
+
+    /// The frames delivered to `id`, each as (room, frame without `room` and `ts`), `id` kept;
+    /// a private message's room is `None`.
+    pub fn room_frames(&self, id: &str) -> Vec<(Option<String>, Value)> {
+        self.endpoint
+            .frames_for(id)
+            .into_iter()
+            .map(|mut f| {
+                let room = f["room"].as_str().map(str::to_owned);
+                if let Some(o) = f.as_object_mut() {
+                    o.remove("ts");
+                    o.remove("room");
+                }
+                (room, f)
             })
             .collect()
     }

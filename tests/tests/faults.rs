@@ -150,11 +150,15 @@ impl FaultWorld for World {
     }
 }
 
-/// The frame's kind: its one key other than `id` and `ts`.
+/// The frame's kind: its one key other than `room`, `id` and `ts`.
 fn frame_key(frame: &Value) -> String {
     frame
         .as_object()
-        .and_then(|o| o.keys().find(|k| *k != "id" && *k != "ts").cloned())
+        .and_then(|o| {
+            o.keys()
+                .find(|k| !["id", "ts", "room"].contains(&k.as_str()))
+                .cloned()
+        })
         .unwrap_or_else(|| panic!("frame without a kind: {frame}"))
 }
 

@@ -191,7 +191,7 @@ async fn forward_and_backward_pages_cover_public_history_exactly_once(s: Subject
     assert!(forward.iter().all(|f| f.get("privateMessage").is_none()));
     assert_eq!(
         forward[0],
-        json!({"systemMessage":"alice has joined the chat","id":public[0],"ts":forward[0]["ts"]})
+        json!({"systemMessage":"alice has joined the chat","room":"lobby","id":public[0],"ts":forward[0]["ts"]})
     );
     assert!(forward
         .iter()
@@ -289,9 +289,20 @@ struct ReaderProgress {
 }
 
 async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
+    concurrent_writers_in(s, chat_shared::keys::DEFAULT_ROOM).await;
+}
+
+/// The catch-up promise per room: the same, in a room other than lobby, while every writer
+/// also posts in lobby between its posts (so lobby's sequence moves concurrently).
+async fn concurrent_writers_in_a_room_never_let_its_cursor_skip_an_event(s: Subject) {
+    concurrent_writers_in(s, "ops").await;
+}
+
+async fn concurrent_writers_in(s: Subject, room: &'static str) {
     const WRITERS: usize = 4;
     const POSTS: usize = 8;
-    // GIVEN four members (ids 1-4 are their joins; the posts will be 5-36)
+    let lobby = room == chat_shared::keys::DEFAULT_ROOM;
+    // GIVEN four members of the room (ids 1-4 are their joins; the posts will be 5-36)
     let store = Arc::clone(&s.store);
     let now = chat_shared::now_ms();
     for w in 0..WRITERS {
@@ -300,9 +311,13 @@ async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
         store
             .set_name(&id, &validate_name(&format!("w{w}")).expect("name"), now)
             .await
-            .expect("join")
-            .into_iter()
-            .next();
+            .expect("join");
+        if !lobby {
+            store
+                .join_room(&id, room, 50, now)
+                .await
+                .expect("join the room");
+        }
     }
     let first_post = WRITERS as u64 + 1;
     let last_post = (WRITERS * (POSTS + 1)) as u64;
@@ -329,15 +344,24 @@ async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
                     .expect("the reader keeps reading")
                     .expect("the reader is alive");
                     let e = store
-                        .post_public(
+                        .post_to_room(
                             &format!("W{w}"),
+                            room,
                             &format!("w{w}-{i}"),
                             chat_shared::now_ms(),
                         )
                         .await
                         .expect("post");
                     writes_done.fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(e.room, room);
                     mine.push(e.seq);
+                    if !lobby {
+                        // Another room's writes in between: they must not touch this room's ids.
+                        store
+                            .post_public(&format!("W{w}"), "noise", chat_shared::now_ms())
+                            .await
+                            .expect("post in lobby");
+                    }
                 }
                 mine
             })
@@ -354,12 +378,7 @@ async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             while tokio::time::Instant::now() < deadline {
                 let page = store
-                    .read_events(
-                        chat_shared::keys::DEFAULT_ROOM,
-                        EventRange::After(cursor),
-                        5,
-                        chat_shared::now_ms(),
-                    )
+                    .read_events(room, EventRange::After(cursor), 5, chat_shared::now_ms())
                     .await
                     .expect("read");
                 let unfinished = writes_done.load(Ordering::SeqCst) < WRITERS * POSTS;
@@ -368,6 +387,7 @@ async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
                     during_writes += 1;
                 }
                 for e in page.events {
+                    assert_eq!(e.room, room, "an event of another room: {e:?}");
                     seen.push(e.seq);
                     cursor = e.seq;
                 }
@@ -398,6 +418,95 @@ async fn concurrent_writers_never_let_a_cursor_skip_an_event(s: Subject) {
     // seen — saw every event exactly once, in order: none committed later with a smaller id
     assert_eq!(written, (first_post..=last_post).collect::<BTreeSet<_>>());
     assert_eq!(seen, (1..=last_post).collect::<Vec<_>>());
+}
+
+async fn a_rooms_history_is_its_own_and_open_to_non_members(s: Subject) {
+    // GIVEN alice in lobby and ops, bob in lobby only; messages in both rooms, interleaved,
+    // and a private message from alice to bob
+    let store = s.store.as_ref();
+    let now = chat_shared::now_ms();
+    for (id, name) in [("A", "alice"), ("B", "bob")] {
+        store.add_connection(id, now).await.expect("connect");
+        store
+            .set_name(id, &validate_name(name).expect("name"), now)
+            .await
+            .expect("name");
+    }
+    store
+        .add_connection("C", now)
+        .await
+        .expect("carol, no name");
+    let joined = store.join_room("A", "ops", 50, now).await.expect("join");
+    assert!(
+        matches!(joined, chat_shared::store::Joined::Now(ref e) if e.seq == 1 && e.room == "ops")
+    );
+    for i in 0..4 {
+        store
+            .post_to_room("A", "ops", &format!("ops-{i}"), now)
+            .await
+            .expect("post in ops");
+        store
+            .post_public("B", &format!("lobby-{i}"), now)
+            .await
+            .expect("post in lobby");
+    }
+    store
+        .post_private("A", "bob", "psst", now)
+        .await
+        .expect("private");
+
+    // WHEN carol, in no room at all, reads ops's history forwards, 2 at a time
+    let pages = all_pages(
+        store,
+        "C",
+        json!({"action":"history","room":"ops","after":0,"limit":2}),
+    )
+    .await;
+    // THEN she gets ops's events only, with ops's own ids 1-5, each frame tagged ops
+    let frames = pages.concat();
+    assert_eq!(ids(&frames), vec![1, 2, 3, 4, 5]);
+    assert!(
+        frames.iter().all(|f| f["room"] == json!("ops")),
+        "{frames:?}"
+    );
+    assert_eq!(
+        frames
+            .iter()
+            .map(|f| f["publicMessage"].as_str().unwrap_or("-"))
+            .collect::<Vec<_>>(),
+        vec![
+            "-",
+            "alice: ops-0",
+            "alice: ops-1",
+            "alice: ops-2",
+            "alice: ops-3"
+        ]
+    );
+    // AND `next` continues in the same room
+    let first = history(
+        store,
+        "C",
+        json!({"action":"history","room":"ops","after":0,"limit":2}),
+    )
+    .await;
+    assert_eq!(
+        first["history"]["next"],
+        json!({"action":"history","room":"ops","after":2,"limit":2})
+    );
+    // AND lobby's history (no room named) is lobby's: the joins and bob's messages, never
+    // ops's; the private message, numbered 7 in lobby's log, is not carol's to read
+    let lobby = whole_history(store, "C").await;
+    assert!(
+        lobby.iter().all(|f| f["room"] == json!("lobby")),
+        "{lobby:?}"
+    );
+    assert!(!lobby.iter().any(|f| f["publicMessage"]
+        .as_str()
+        .is_some_and(|m| m.contains("ops-"))));
+    assert_eq!(ids(&lobby), vec![1, 2, 3, 4, 5, 6]);
+    // AND a room nobody ever used has an empty history
+    let empty = history(store, "C", json!({"action":"history","room":"nobody-here"})).await;
+    assert_eq!(empty, json!({"history":{"frames":[]}}));
 }
 
 /// Every frame of the whole history as `connection_id` reads it, forwards from the start.
@@ -583,5 +692,7 @@ on_every_store!(
     forward_and_backward_pages_cover_public_history_exactly_once,
     large_pages_stay_under_the_message_limit,
     concurrent_writers_never_let_a_cursor_skip_an_event,
+    concurrent_writers_in_a_room_never_let_its_cursor_skip_an_event,
+    a_rooms_history_is_its_own_and_open_to_non_members,
     private_messages_are_history_for_their_two_authenticated_parties,
 );

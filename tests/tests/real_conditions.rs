@@ -319,11 +319,12 @@ async fn history_behind_a_long_private_run_examines_a_bounded_number_of_items() 
 
     // WHEN carol (who may read none of them) asks for one frame after the first public message
     let request = HistoryRequest {
+        room: "lobby".into(),
         direction: HistoryDirection::After(4),
         limit: 1,
     };
     let page: Value = serde_json::from_str(
-        &history_response(&store, request, Some("carol"), now)
+        &history_response(&store, &request, Some("carol"), now)
             .await
             .expect("history"),
     )
@@ -337,7 +338,7 @@ async fn history_behind_a_long_private_run_examines_a_bounded_number_of_items() 
     assert_eq!(page["history"]["frames"], json!([]));
     assert_eq!(
         page["history"]["next"],
-        json!({"action":"history","after":4 + examined as u64,"limit":1})
+        json!({"action":"history","room":"lobby","after":4 + examined as u64,"limit":1})
     );
 
     // AND following `next` gets to the public message after the run, nothing skipped
@@ -345,11 +346,12 @@ async fn history_behind_a_long_private_run_examines_a_bounded_number_of_items() 
     let mut requests = 1;
     let frames = loop {
         let request = HistoryRequest {
+            room: "lobby".into(),
             direction: HistoryDirection::After(after),
             limit: 1,
         };
         let page: Value = serde_json::from_str(
-            &history_response(&store, request, Some("carol"), now)
+            &history_response(&store, &request, Some("carol"), now)
                 .await
                 .expect("history"),
         )
