@@ -44,7 +44,11 @@
 //! | `shards`  | N    | how many member shards the room uses (1, 2, 4, … ≤ [`MAX_MEMBER_SHARDS`]; absent = 1) |
 //!
 //! Every append is a compare-and-swap on `last` in the same transaction as the event item, so
-//! ids are dense and committed in id order. The counter changes on every append, so it is on
+//! ids are dense and committed in id order. Which attributes each append writes: always
+//! `type` and `last`; a join or leave also `members`; a join also `shards` (its value after
+//! the join). The first append of a room creates the item whole with a put (condition: it
+//! does not exist), so its stream record is one `INSERT` with the whole item; later appends
+//! update it (condition: `last` is as read), giving `MODIFY` records. The counter changes on every append, so it is on
 //! the table's stream too (`INSERT` then `MODIFY` records of `type` `Counter`): the fan-out
 //! skips them (and the template's event source mapping filters them out before Lambda).
 //! A room whose counter is missing (a table written by layout 1, or restored) starts from
@@ -73,9 +77,15 @@
 //! | `NAME#<nameKey>`          | `NAME`     | a name claim: `connectionId`, `name`, `expiresAt`, and `identity` when its holder is authenticated; without `connectionId` it is that identity's reservation |
 //! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's) |
 //!
+//! `$connect` writes `rooms` as an empty map: a join sets `rooms.<room>`, which DynamoDB can
+//! only do in a map that exists. A connection id is a partition key in `CONN#<connId>` (at most
+//! 2,048 bytes) and a sort key in its member items (at most 1,024 bytes); API Gateway's ids
+//! are about 16 characters.
+//!
 //! A member is a connection named and joined to a room: its `MEMBERS#` item and its
 //! connection's `rooms` entry are written and removed together, in one transaction with the
-//! room's `MemberJoined`/`MemberLeft` event. The shard is `member_shard(connId, shards)` with
+//! room's `MemberJoined`/`MemberLeft` event. A rename rewrites the member item (a put of
+//! the whole item, so it is never partial) in the transaction of that room's `MemberRenamed`. The shard is `member_shard(connId, shards)` with
 //! the room's `shards` when it joined, and is remembered in `rooms`, so a leave finds the
 //! item whatever the room's shard count is by then. Shards only grow (a join that takes the
 //! room above `shards × MEMBERS_PER_SHARD` members doubles `shards` in its transaction), so
@@ -231,7 +241,7 @@ mod tests {
         }
         // AND a room at the limit stays there, however many join
         assert_eq!(shards_for(u64::MAX, MAX_MEMBER_SHARDS), MAX_MEMBER_SHARDS);
-        assert_eq!(shards_for(3_001, 2), 4);
-        assert_eq!(shards_for(3_000, 2), 2);
+        assert_eq!(shards_for(2_001, 2), 4);
+        assert_eq!(shards_for(2_000, 2), 2);
     }
 }

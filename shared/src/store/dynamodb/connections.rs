@@ -2,9 +2,10 @@
 //! every room, an identity taking its name back, reservations), the rate-limit bucket, and
 //! removal (a leave per room, then the connection and its claim).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aws_sdk_dynamodb::types::TransactWriteItem;
+use futures::future::BoxFuture;
 
 use super::expr::{
     check, claim_key, conn_key, delete, n, placeholders, put, s, update, with_key, Expr,
@@ -17,8 +18,17 @@ use crate::keys::DEFAULT_ROOM;
 use crate::ratelimit::{self, Bucket, RateLimit};
 use crate::store::aws_like::ReadOp;
 use crate::store::items::{ClaimItem, ConnItem};
+use crate::store::limits::TRANSACT_MAX_ACTIONS;
 use crate::store::{epoch_secs, Connection, Joined, StoreError, NAME_RESERVATION_SECS};
 use crate::validation::ValidName;
+
+/// Leaves per pruning transaction: two items each (the connection's `rooms` entry, the member
+/// item) and its event, plus the room's counter, within `TransactWriteItems`' 100 actions.
+const LEAVES_PER_TRANSACTION: usize = 33;
+const _: () = assert!(LEAVES_PER_TRANSACTION * 3 < TRANSACT_MAX_ACTIONS);
+
+/// Connections removed at once by [`DynamoStore::remove_many`] once they are in no room.
+const PARALLEL_REMOVALS: usize = 8;
 
 /// Where a connection stands with respect to an existing claim on the name it wants.
 #[derive(Debug, PartialEq, Eq)]
@@ -180,6 +190,9 @@ impl DynamoStore {
                 .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
             if conn.name.as_deref() == Some(name.display.as_str()) {
                 // The same name again: nothing to claim; back into lobby if it left it.
+                if conn.shard_in(DEFAULT_ROOM).is_some() {
+                    return Ok(Vec::new());
+                }
                 return match self
                     .join(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
                     .await?
@@ -480,16 +493,14 @@ impl DynamoStore {
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut left = Vec::new();
+        // Expired connections are removed too: `$disconnect` for them is still real.
+        let Some(mut conn) = self.get_conn(connection_id).await? else {
+            return Ok(left);
+        };
         for attempt in 1..=MAX_ATTEMPTS {
-            // Expired connections are removed too: `$disconnect` for them is still real.
-            let Some(conn) = self.get_conn(connection_id).await? else {
-                return Ok(left);
-            };
-            for room in conn.room_names() {
-                match self
-                    .leave(connection_id, &room, reason, false, now_ms)
-                    .await
-                {
+            let rooms = conn.room_names();
+            for room in &rooms {
+                match self.leave(connection_id, room, reason, false, now_ms).await {
                     Ok(event) => left.push(event),
                     // Left (or removed) concurrently: nothing left to do there.
                     Err(StoreError::NotAMember(_)) => {}
@@ -497,12 +508,15 @@ impl DynamoStore {
                     Err(e) => return Err(e),
                 }
             }
-            let Some(conn) = self.get_conn(connection_id).await? else {
-                return Ok(left);
-            };
-            if !conn.room_names().is_empty() {
-                // Joined a room meanwhile: leave that too.
-                continue;
+            if !rooms.is_empty() {
+                // Read again what the leaves left: a room joined meanwhile is left too.
+                let Some(now) = self.get_conn(connection_id).await? else {
+                    return Ok(left);
+                };
+                conn = now;
+                if !conn.room_names().is_empty() {
+                    continue;
+                }
             }
             let gone = name_unchanged(&conn).and(
                 Expr::new("attribute_not_exists(#rooms) OR size(#rooms) = :zero")
@@ -521,8 +535,64 @@ impl DynamoStore {
                 return Ok(left);
             }
             backoff(attempt).await;
+            let Some(now) = self.get_conn(connection_id).await? else {
+                return Ok(left);
+            };
+            conn = now;
         }
         Err(StoreError::Contention(MAX_ATTEMPTS))
+    }
+
+    /// Removes many connections (the fan-out's pruning): first their leaves, grouped by room,
+    /// [`LEAVES_PER_TRANSACTION`] to a transaction (one counter move for them all instead of
+    /// one each, on the room's one hot partition), then each connection as
+    /// [`Self::remove`] does (by then in no room, unless it joined one meanwhile), a few at
+    /// a time: those are on partitions of their own. The same end state and events as
+    /// removing each; the events come grouped by room.
+    pub(super) async fn remove_many(
+        &self,
+        connection_ids: &[String],
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        use futures::{StreamExt, TryStreamExt};
+        let ids: Vec<&str> = connection_ids
+            .iter()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let conns = futures::future::try_join_all(ids.iter().map(|id| self.get_conn(id))).await?;
+        let mut by_room: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        for conn in conns.iter().flatten() {
+            for room in conn.room_names() {
+                by_room
+                    .entry(room)
+                    .or_default()
+                    .push(conn.connection_id.as_str());
+            }
+        }
+        let mut left = Vec::new();
+        for (room, members) in &by_room {
+            for chunk in members.chunks(LEAVES_PER_TRANSACTION) {
+                left.extend(self.leave_many(room, chunk, reason, now_ms).await?);
+            }
+        }
+        // Boxed: the futures then have one type, whatever borrow each holds.
+        let removals: Vec<BoxFuture<'_, Result<Vec<StoredEvent>, StoreError>>> = conns
+            .iter()
+            .flatten()
+            .map(|c| {
+                Box::pin(self.remove(&c.connection_id, reason, now_ms))
+                    as BoxFuture<'_, Result<Vec<StoredEvent>, StoreError>>
+            })
+            .collect();
+        let rest: Vec<Vec<StoredEvent>> = futures::stream::iter(removals)
+            .buffered(PARALLEL_REMOVALS)
+            .try_collect()
+            .await?;
+        left.extend(rest.into_iter().flatten());
+        Ok(left)
     }
 
     pub(super) async fn take_token(

@@ -12,6 +12,26 @@
 //! - [`rooms`]: joins, leaves, members and their shards;
 //! - [`log`]: posts, private messages, history reads, redelivery items;
 //! - [`tables`]: creating the tables as the template does.
+//!
+//! The calls each operation makes when nothing collides (reads are `GetItem`s, strongly
+//! consistent; a transaction's actions in brackets). A cancelled transaction costs the
+//! room's counter, the connection (and, for `setName`, the claim) again, then the transaction.
+//! | operation | reads | writes |
+//! |-----------|-------|--------|
+//! | `$connect` | — | `PutItem` connection |
+//! | `connection` | connection | — |
+//! | `setName`, first name | connection, claim, lobby's counter | [claim put, connection update, member put, counter, event] |
+//! | `setName`, rename | connection, claim, first room's counter, old claim; then the connection once more, and per other room its counter and the connection | [claim put, old claim release, connection update, member put, counter, event], then per other room [connection check, member put, counter, event] |
+//! | `setName`, same name | connection (+ a lobby join if it left lobby) | — |
+//! | `join` | room's counter, connection | [connection update, member put, counter, event] |
+//! | `leave` | room's counter, connection | [connection update, member delete, counter, event] |
+//! | `post_to_room` | room's counter, connection | [connection check, counter, event] |
+//! | `post_private` | lobby's counter, sender, recipient's claim, recipient | [sender check, claim check, counter, event] |
+//! | `remove_connection` | connection, then per room a `leave`'s reads; the connection again (if it had rooms), its claim (if named) | per room a `leave`'s, then [connection delete, claim release] |
+//! | `take_request_token` | connection | `UpdateItem` connection |
+//! | `member_shards` | room's counter | — |
+//! | `members_page` | one `Query` of `MEMBERS#<room>#<shard>` | — |
+//! | `read_events` | `Query` pages of `ROOM#<room>` until the page is full | — |
 
 mod connections;
 mod expr;
@@ -138,6 +158,15 @@ impl ChatStore for DynamoStore {
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         self.remove(connection_id, reason, now_ms).await
+    }
+
+    async fn remove_connections(
+        &self,
+        connection_ids: &[String],
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.remove_many(connection_ids, reason, now_ms).await
     }
 
     async fn take_request_token(

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
 
 use super::expr::{conn_key, delete, member_key, n, put, s, update, with_key, Expr, Item};
-use super::txn::{Attempt, Change, Counter, Membership};
+use super::txn::{Attempt, Change, Counter, Membership, Outcome};
 use super::DynamoStore;
 use crate::events::{ChatEvent, LeaveReason, StoredEvent};
 use crate::keys;
@@ -193,7 +193,7 @@ impl DynamoStore {
                                 name: conn.name.clone().unwrap_or_default(),
                                 reason,
                             }],
-                            membership: Membership::Leave,
+                            membership: Membership::Leave(1),
                         }))
                     })
                 },
@@ -201,6 +201,70 @@ impl DynamoStore {
             .await?;
         let Ok(left) = left;
         Ok(left)
+    }
+
+    /// One transaction of `MemberLeft`s (`reason`) in `room` for those of `ids` that are
+    /// still members of it (the fan-out's pruning: many gone connections, one counter move).
+    pub(super) async fn leave_many(
+        &self,
+        room: &str,
+        ids: &[&str],
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let outcome = self
+            .append_loop(
+                "TransactWriteItems prune",
+                room,
+                now_ms,
+                move |_counter, _attempt| {
+                    Box::pin(async move {
+                        let conns =
+                            futures::future::try_join_all(ids.iter().map(|id| self.get_conn(id)))
+                                .await?;
+                        let mut items = Vec::new();
+                        let mut events = Vec::new();
+                        for conn in conns.into_iter().flatten() {
+                            let Some(shard) = conn.shard_in(room) else {
+                                continue;
+                            };
+                            let id = conn.connection_id.as_str();
+                            items.push(update(
+                                &self.tables.connections,
+                                conn_key(id),
+                                Expr::new("REMOVE #rooms.#room").name("#room", room),
+                                Some(name_unchanged(&conn).and(
+                                    Expr::new("attribute_exists(#rooms.#room)").name("#room", room),
+                                )),
+                            )?);
+                            items.push(delete(
+                                &self.tables.connections,
+                                member_key(room, shard, id),
+                                None,
+                            )?);
+                            events.push(ChatEvent::MemberLeft {
+                                connection_id: id.to_owned(),
+                                name: conn.name.clone().unwrap_or_default(),
+                                reason,
+                            });
+                        }
+                        if events.is_empty() {
+                            return Ok(Attempt::Done(()));
+                        }
+                        let leaving = events.len() as u64;
+                        Ok(Attempt::Commit(Change {
+                            items,
+                            events,
+                            membership: Membership::Leave(leaving),
+                        }))
+                    })
+                },
+            )
+            .await?;
+        Ok(match outcome {
+            Outcome::Done(()) => Vec::new(),
+            Outcome::Committed(events) => events,
+        })
     }
 
     pub(super) async fn query_members(

@@ -55,7 +55,8 @@ pub(super) enum Membership {
     Join {
         shards: u32,
     },
-    Leave,
+    /// This many members fewer.
+    Leave(u64),
 }
 
 /// One transaction's worth of a change, apart from the counter and event items.
@@ -182,7 +183,7 @@ impl DynamoStore {
         let members = match membership {
             Membership::Unchanged => None,
             Membership::Join { .. } => Some(counter.members + 1),
-            Membership::Leave => Some(counter.members.saturating_sub(1)),
+            Membership::Leave(k) => Some(counter.members.saturating_sub(k)),
         };
         let shards = match membership {
             Membership::Join { shards } => Some(shards),
