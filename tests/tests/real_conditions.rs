@@ -75,7 +75,15 @@ async fn a_private_message_after_a_deadline_passed_mid_broadcast_is_retried_not_
         .send("A", json!({"action":"sendPublic","message":"after"}))
         .await;
     assert_eq!(said, None);
-    let event = w.stream.next_event().await.expect("stream");
+    let mut event = w.stream.next_event().await.expect("stream");
+    // As the event source mapping's filter does before Lambda (template.yaml): the rooms'
+    // counter records, which the stream carries with every append, are not for the fan-out.
+    event.records.retain(|r| {
+        !matches!(
+            r.change.new_image.get(chat_shared::keys::TYPE),
+            Some(serde_dynamo::AttributeValue::S(t)) if t == chat_shared::keys::COUNTER_TYPE
+        )
+    });
     assert_eq!(event.records.len(), 3);
 
     // WHEN the invocation's deadline passes between the broadcast and the private message:

@@ -2043,6 +2043,37 @@ async fn dynamodb_a_room_without_its_counter_continues_after_its_newest_event() 
     assert_eq!(room_log(f.store(), "lobby", now).await.len(), 7);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_pruning_many_members_moves_the_room_counter_once() {
+    // GIVEN five members of lobby, and the feed read so far
+    let mut f = Fixture::dynamodb().await;
+    let now = chat_shared::now_ms();
+    let ids: Vec<String> = (0..5).map(|i| format!("g{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        join(f.store(), id, &format!("gone{i}"), now).await;
+    }
+    f.records().await;
+
+    // WHEN all five are removed at once (the fan-out's pruning after 410s)
+    let left = f
+        .store()
+        .remove_connections(&ids, LeaveReason::Gone, now)
+        .await
+        .expect("prune");
+
+    // THEN five MemberLeft (6..=10) committed in one transaction: the feed has one write of
+    // lobby's counter for them, not five (the room's partition is the one hot spot)
+    assert_eq!(
+        left.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (6..=10).collect::<Vec<_>>()
+    );
+    let records = f.records().await;
+    let counters: Vec<&EventRecord> = records.iter().filter(|r| is_counter(r)).collect();
+    assert_eq!(counters.len(), 1, "{counters:?}");
+    assert_eq!(records.len(), 6);
+    assert!(room_members(f.store(), "lobby", now).await.is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // The embedded store only
 // ---------------------------------------------------------------------------------------------
