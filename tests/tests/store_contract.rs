@@ -10,8 +10,13 @@
 //! Both are decoded the same way (`NewImage` → `EventItem` → `StoredEvent`, the fan-out's own
 //! decoder), which also proves both feeds carry the same item shape.
 //!
-//! What only the embedded store can show (moto has no TTL sweeper, and failures cannot be
-//! injected into it) is tested after the shared cases.
+//! The rooms' counter items are on both feeds too (`type` `Counter`, seq 0); [`Fixture::committed`]
+//! leaves them out, and `the_room_counters_are_on_the_feed_with_the_last_id_given` checks them.
+//!
+//! What only the DynamoDB store can show (items written, and tables replaced, by hand with the
+//! SDK: member shards beyond what moto can join, a counter missing under a layout-1 log, a
+//! replaced connections table) and what only the embedded store can show (moto has no TTL
+//! sweeper, and failures cannot be injected into it) are tested after the shared cases.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
