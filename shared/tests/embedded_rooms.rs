@@ -376,6 +376,24 @@ async fn each_operation_is_billed_to_the_partitions_it_touches() {
     let total = s.consumed();
     assert_eq!(total.write_units, 5 + 2 + 2 + 8);
     assert_eq!(total.read_half_units, 4 + 2 + 4);
+
+    // WHEN she sets the same name again, in lobby
+    s.set_name("a", &name("alice"), now)
+        .await
+        .expect("same name");
+
+    // THEN that is the connection's read, nothing else
+    assert_eq!(s.consumed_in(&conn), c(6, 5));
+    assert_eq!(s.consumed().write_units, 17);
+
+    // WHEN an unnamed connection is removed
+    s.add_connection("u", now).await.expect("connect");
+    s.remove_connection("u", LeaveReason::Disconnected, now)
+        .await
+        .expect("remove");
+
+    // THEN its item was read once, and deleted in a transaction (two units)
+    assert_eq!(s.consumed_in(&keys::conn_pk("u")), c(2, 1 + 2));
 }
 
 #[tokio::test]

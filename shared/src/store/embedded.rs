@@ -1418,7 +1418,10 @@ enum NameStep {
 
 /// What the first step of `setName` did.
 enum Claimed {
-    Same,
+    /// The same name again; whether the connection is in lobby.
+    Same {
+        in_lobby: bool,
+    },
     Evict(String),
     /// The first transaction's event; for a rename, the room it was announced in and the old
     /// name, so the other rooms can hear of it next.
@@ -1558,10 +1561,15 @@ impl EmbeddedStore {
             let base = Calls::default().get(conn_pk.clone());
             let step = name_step(state, connection_id, name, evicted, now_s);
             let (Ok(NameStep::Claim(first)), Some(conn)) =
-                (step, state.live_conn(connection_id, now_s))
+                (&step, state.live_conn(connection_id, now_s))
             else {
-                return base.get(name_pk.clone());
+                // The same name (or no connection) costs the connection's read only.
+                return match step {
+                    Ok(NameStep::Same) | Err(StoreError::NotConnected(_)) => base,
+                    _ => base.get(name_pk.clone()),
+                };
             };
+            let first = first.clone();
             // The claim, the counter, and the old claim (to release it if still ours).
             let mut calls = base
                 .get(name_pk.clone())
@@ -1593,7 +1601,12 @@ impl EmbeddedStore {
         };
         self.write(SET_NAME, plan, |state| {
             let first = match name_step(state, connection_id, name, evicted, now_s)? {
-                NameStep::Same => return Ok(Claimed::Same),
+                NameStep::Same => {
+                    let in_lobby = state
+                        .live_conn(connection_id, now_s)
+                        .is_some_and(|c| c.rooms.contains_key(DEFAULT_ROOM));
+                    return Ok(Claimed::Same { in_lobby });
+                }
                 NameStep::Evict(old) => return Ok(Claimed::Evict(old)),
                 NameStep::Claim(first) => first,
             };
@@ -1672,12 +1685,19 @@ impl EmbeddedStore {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let now_s = epoch_secs(now_ms);
         let conn_pk = keys::conn_pk(connection_id);
-        let Some(rooms) = self
-            .shared
-            .lock()
-            .live_conn(connection_id, now_s)
-            .map(|c| c.rooms.keys().cloned().collect::<Vec<_>>())
-        else {
+        // The adapter reads the connection once more, for the rooms to announce it in.
+        let rooms = self
+            .write(
+                RENAME,
+                |_| Calls::default().get(conn_pk.clone()),
+                |state| {
+                    Ok(state
+                        .live_conn(connection_id, now_s)
+                        .map(|c| c.rooms.keys().cloned().collect::<Vec<_>>()))
+                },
+            )
+            .await?;
+        let Some(rooms) = rooms else {
             return Ok(Vec::new());
         };
         // The shard of the room, if the connection is in it with this name.
@@ -1904,8 +1924,9 @@ impl ChatStore for EmbeddedStore {
                 .claim_name(connection_id, name, evicted, now_ms)
                 .await?
             {
-                Claimed::Same => {
-                    // Nothing to claim; back into lobby if it left it.
+                Claimed::Same { in_lobby: true } => return Ok(Vec::new()),
+                Claimed::Same { in_lobby: false } => {
+                    // Nothing to claim; back into lobby, which it left.
                     return Ok(
                         match self
                             .join_room(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
@@ -2162,8 +2183,9 @@ impl ChatStore for EmbeddedStore {
                         .item(keys::members_pk(room, *shard), 1)
                         .append(room, EVENT_OVERHEAD);
                 }
+                // Read again only after leaves, for a room joined meanwhile.
                 let last = base
-                    .get(conn_pk.clone())
+                    .get_if(!first, || conn_pk.clone())
                     .item(conn_pk.clone(), conn_units(conn))
                     .transaction();
                 match &conn.name {
