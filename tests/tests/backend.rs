@@ -335,7 +335,7 @@ async fn a_connection_answering_410_is_pruned_and_others_see_it_leave() {
     // AND a late $disconnect for the pruned connection is harmless: the stream holds the new
     // bob's join and nothing else (no second leave for the pruned connection)
     w.disconnect("B").await;
-    let records = w.stream.next_event().await.expect("stream").records;
+    let records = w.stream.next_lambda_event().await.expect("stream").records;
     let written: Vec<(
         &str,
         Option<&serde_dynamo::AttributeValue>,
@@ -615,6 +615,8 @@ async fn mixed_batch_skips_poison_and_owes_a_failing_recipient_only_its_frames()
         None
     );
     let mut records = w.stream.next_records_json().await.expect("records");
+    // The mapping's filter drops the lobby counter's MODIFY records before Lambda.
+    records.retain(|r| r["dynamodb"]["NewImage"]["type"]["S"] != "Counter");
     assert_eq!(records.len(), 5);
     records[2] = chat_tests::as_ttl_removal(records[2].clone());
     let event: Event =

@@ -409,7 +409,7 @@ async fn a_recipient_failing_half_way_costs_only_that_recipient_and_catches_up_w
         None
     );
     w.say("B", "six").await;
-    let event = w.stream.next_event().await.expect("stream");
+    let event = w.stream.next_lambda_event().await.expect("stream");
     assert_eq!(event.records.len(), 7);
 
     // WHEN the fan-out handles the batch and carol's endpoint fails from "three" on
@@ -497,7 +497,7 @@ async fn a_slow_endpoint_runs_into_the_invocation_deadline_and_nothing_is_lost()
     for n in 1..=4 {
         w.say("B", &format!("slow {n}")).await;
     }
-    let event = w.stream.next_event().await.expect("stream");
+    let event = w.stream.next_lambda_event().await.expect("stream");
     w.endpoint.set_delay(Duration::from_millis(250));
 
     // WHEN the invocation has only 900 ms (four messages one after the other need 1 s)
@@ -654,7 +654,7 @@ async fn a_fanout_whose_store_fails_reports_the_record_and_delivers_it_later() {
     w.endpoint.clear();
     w.say("A", "hello").await;
     w.say("B", "hi").await;
-    let event = w.stream.next_event().await.expect("stream");
+    let event = w.stream.next_lambda_event().await.expect("stream");
     let broken = DynamoStore::new(
         w.moto.dynamodb(),
         Tables {
@@ -796,7 +796,7 @@ async fn poison_records_are_skipped_and_the_stream_keeps_moving() {
         .await,
         None
     );
-    let event = w.stream.next_event().await.expect("stream");
+    let event = w.stream.next_lambda_event().await.expect("stream");
     assert_eq!(event.records.len(), 3 + poison_items().len());
 
     // WHEN the fan-out handles the batch
@@ -869,7 +869,7 @@ async fn forbidden_and_too_large_are_logged_and_counted_not_retried() {
 
     // WHEN alice posts and the fan-out delivers it
     w.say("A", "hello").await;
-    let event = w.stream.next_event().await.expect("stream");
+    let event = w.stream.next_lambda_event().await.expect("stream");
     let logs = Logs::new();
     let response = logs.capture(w.fan_out_event(event)).await;
 
@@ -941,7 +941,7 @@ async fn an_endpoint_that_never_answers_times_out_as_transient_and_is_retried() 
     w.endpoint.stall_next("C", 1);
     w.endpoint.stall_next("Z", 1);
     w.say("A", "anyone there?").await;
-    let event = w.stream.next_event().await.expect("stream");
+    let event = w.stream.next_lambda_event().await.expect("stream");
 
     // WHEN the fan-out delivers the message, and (at the same time, so the test waits for the
     // SDK's 5 s attempt timeout once) the real `@connections` client posts to "Z"
