@@ -975,3 +975,77 @@ async fn an_endpoint_that_never_answers_times_out_as_transient_and_is_retried() 
         );
     }
 }
+
+#[tokio::test]
+async fn a_recipient_failing_in_two_rooms_is_owed_each_rooms_frames_and_gets_them_later() {
+    // GIVEN alice, bob and carol in lobby, alice and carol also in ops, and carol's endpoint
+    // failing every attempt
+    let mut w = world().await;
+    for (id, name) in &MEMBERS[..3] {
+        w.join(id, name).await;
+    }
+    for id in ["A", "C"] {
+        let joined = w.send(id, json!({"action":"join","room":"ops"})).await;
+        assert!(joined.is_some_and(|j| j["joined"]["room"] == json!("ops")));
+    }
+    w.fan_out().await;
+    w.endpoint.clear();
+    w.endpoint.fail_next("C", 500, 1_000);
+
+    // WHEN alice speaks in ops and bob in lobby, and the fan-out handles the batch
+    let said = w
+        .send(
+            "A",
+            json!({"action":"sendPublic","room":"ops","message":"in ops"}),
+        )
+        .await;
+    assert_eq!(said, None);
+    w.say("B", "in lobby").await;
+    let response = w.fan_out().await;
+
+    // THEN no record fails, carol got nothing yet, the others got their rooms' frames
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    assert!(w.endpoint.frames_for("C").is_empty());
+    let tagged = |f: &Value| (f["room"].clone(), f["publicMessage"].clone());
+    let alice: Vec<_> = w.endpoint.frames_for("A").iter().map(tagged).collect();
+    assert_eq!(
+        alice,
+        vec![
+            (json!("ops"), json!("alice: in ops")),
+            (json!("lobby"), json!("bob: in lobby"))
+        ]
+    );
+
+    // WHEN her endpoint recovers and the stream brings back what she is owed
+    w.endpoint.fail_next("C", 500, 0);
+    w.endpoint.clear();
+    let response = w.fan_out().await;
+
+    // THEN she gets each room's frame, tagged with its room and that room's id, and nobody
+    // else gets anything
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    let carol: Vec<_> = w
+        .endpoint
+        .frames_for("C")
+        .iter()
+        .map(|f| {
+            (
+                f["room"].clone(),
+                f["id"].clone(),
+                f["publicMessage"].clone(),
+            )
+        })
+        .collect();
+    let mut carol_sorted = carol.clone();
+    carol_sorted.sort_by_key(|(room, _, _)| room.to_string());
+    assert_eq!(
+        carol_sorted,
+        vec![
+            (json!("lobby"), json!(4), json!("bob: in lobby")),
+            (json!("ops"), json!(3), json!("alice: in ops")),
+        ],
+        "{carol:?}"
+    );
+    assert!(w.endpoint.frames_for("A").is_empty());
+    assert!(w.endpoint.frames_for("B").is_empty());
+}
