@@ -376,6 +376,24 @@ async fn each_operation_is_billed_to_the_partitions_it_touches() {
     let total = s.consumed();
     assert_eq!(total.write_units, 5 + 2 + 2 + 8);
     assert_eq!(total.read_half_units, 4 + 2 + 4);
+
+    // WHEN she sets the same name again, in lobby
+    s.set_name("a", &name("alice"), now)
+        .await
+        .expect("same name");
+
+    // THEN that is the connection's read, nothing else
+    assert_eq!(s.consumed_in(&conn), c(6, 5));
+    assert_eq!(s.consumed().write_units, 17);
+
+    // WHEN an unnamed connection is removed
+    s.add_connection("u", now).await.expect("connect");
+    s.remove_connection("u", LeaveReason::Disconnected, now)
+        .await
+        .expect("remove");
+
+    // THEN its item was read once, and deleted in a transaction (two units)
+    assert_eq!(s.consumed_in(&keys::conn_pk("u")), c(2, 1 + 2));
 }
 
 #[tokio::test]
@@ -466,4 +484,80 @@ async fn appends_in_different_rooms_do_not_collide() {
     ids.sort_unstable();
     assert_eq!(ids, [3, 4]);
     assert!(s.counter_collisions() >= 1);
+}
+
+#[tokio::test]
+async fn pruning_many_connections_is_one_transaction_per_room_and_resumes_after_a_failure() {
+    // GIVEN alice, bob and carol in lobby, alice and bob in dev, and dave staying in both
+    let s = store();
+    let mut feed = s.feed();
+    let now = chat_shared::now_ms();
+    for (id, display) in [("a", "alice"), ("b", "bob"), ("c", "carol"), ("d", "dave")] {
+        named(&s, id, display, now).await;
+    }
+    for id in ["a", "b", "d"] {
+        join(&s, id, "dev", now).await;
+    }
+    drain(&mut feed).await;
+    let gone: Vec<String> = ["c", "a", "b", "a"].map(String::from).to_vec();
+
+    // WHEN the fan-out prunes them (one named twice), and dev's transaction (the first, rooms
+    // go in name order) commits but lobby's fails
+    s.fail_writes_after(1, 1);
+    let failed = s.remove_connections(&gone, LeaveReason::Gone, now).await;
+
+    // THEN dev heard both leaves at once (one counter move, ids 4 and 5), lobby nothing yet
+    assert!(failed
+        .expect_err("lobby's transaction fails")
+        .is_retryable());
+    let records = drain(&mut feed).await;
+    let kinds: Vec<(String, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                attr(r, "pk").unwrap_or_default(),
+                attr(r, "type").unwrap_or_default(),
+            )
+        })
+        .collect();
+    let k = |pk: &str, t: &str| (pk.to_owned(), t.to_owned());
+    assert_eq!(
+        kinds,
+        [
+            k("ROOM#dev", "Counter"),
+            k("ROOM#dev", "MemberLeft"),
+            k("ROOM#dev", "MemberLeft")
+        ]
+    );
+    assert_eq!(names_in(&members(&s, "dev", now).await), ["dave"]);
+    assert_eq!(s.counter("dev").map(|c| (c.last, c.members)), Some((5, 1)));
+
+    // WHEN the pruning is retried
+    let retried = s
+        .remove_connections(&gone, LeaveReason::Gone, now)
+        .await
+        .expect("retry");
+
+    // THEN lobby hears the three leaves, in connection id order, at once; the connections
+    // and their names are gone; dave stays
+    let view: Vec<(String, u64, String)> = retried
+        .iter()
+        .map(|e| match &e.event {
+            ChatEvent::MemberLeft { name, .. } => (e.room.clone(), e.seq, name.clone()),
+            other => panic!("not a leave: {other:?}"),
+        })
+        .collect();
+    let l = |seq, n: &str| (DEFAULT_ROOM.to_owned(), seq, n.to_owned());
+    assert_eq!(view, [l(5, "alice"), l(6, "bob"), l(7, "carol")]);
+    let counters = drain(&mut feed)
+        .await
+        .iter()
+        .filter(|r| attr(r, "type").as_deref() == Some(keys::COUNTER_TYPE))
+        .count();
+    assert_eq!(counters, 1);
+    for id in ["a", "b", "c"] {
+        assert_eq!(s.connection(id, now).await.expect("read"), None);
+    }
+    assert_eq!(names_in(&members(&s, DEFAULT_ROOM, now).await), ["dave"]);
+    named(&s, "a2", "alice", now).await;
 }

@@ -19,9 +19,10 @@ pub enum ReadOp {
     GetConnection,
     /// `GetItem` of a name claim.
     GetNameClaim,
-    /// `GetItem` of the room's sequence counter.
+    /// `GetItem` of a room's counter (`ROOM#<room>`, seq 0): its last id, its member shards.
     GetSequence,
-    /// `Query` of the room's connection items: the fan-out's member list.
+    /// `Query` of one shard of a room's member items (`MEMBERS#<room>#<shard>`): the fan-out's
+    /// member list.
     QueryMembers,
     /// `Query` of the event log (history and catch-up).
     QueryEvents,
@@ -63,7 +64,10 @@ pub struct ReadTally {
     pub eventually_consistent: u64,
 }
 
-/// DynamoDB's per-partition-key throughput (on-demand and provisioned tables alike).
+/// DynamoDB's per-partition-key throughput (on-demand and provisioned tables alike). The
+/// embedded store gives each of layout 2's partition keys its own (`CONN#<id>`, `NAME#<key>`,
+/// `MEMBERS#<room>#<shard>`, `ROOM#<room>`, `REDELIVERY#<room>`; see [`crate::keys`]), and a
+/// transaction is throttled when any one of the partitions it writes is short.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PartitionThroughput {
     /// Write request units per second (one per KB written; transactions count double).
@@ -93,8 +97,9 @@ pub struct StoreBehaviour {
     /// from `eventual_min..=eventual_max` for each read. Zero: every read sees everything.
     pub eventual_min: Duration,
     pub eventual_max: Duration,
-    /// Optimistic writers collide on the room's sequence counter as they do on DynamoDB (read
-    /// the counter, commit on the condition it has not moved, else back off and retry).
+    /// Optimistic writers collide on their room's counter as they do on DynamoDB (read the
+    /// counter, commit on the condition it has not moved, else back off and retry); writers
+    /// in different rooms do not.
     pub contention: bool,
     /// Per-partition-key throughput; `None`: unlimited.
     pub partition: Option<PartitionThroughput>,

@@ -39,7 +39,7 @@
 //! The feed keeps every record for the life of the process (DynamoDB Streams trims after
 //! 24 h; a local run is not expected to live long enough for that to matter).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -440,20 +440,34 @@ impl State {
     /// The room's counter before and after one more append that changes its members by
     /// `members` (+1 a join, -1 a leave, floored at 0; a join may double the shards).
     fn next_counter(&self, room: &str, members: i8) -> (Option<CounterItem>, CounterItem) {
+        match members {
+            1.. => self.advance(room, 1, Members::Join),
+            0 => self.advance(room, 1, Members::Same),
+            _ => self.advance(room, 1, Members::Leave(1)),
+        }
+    }
+
+    /// The room's counter before and after `events` more appends in one transaction.
+    fn advance(
+        &self,
+        room: &str,
+        events: u64,
+        members: Members,
+    ) -> (Option<CounterItem>, CounterItem) {
         let before = self.counter(room);
         let c = before.unwrap_or_default();
         let now = c.view();
         let mut after = CounterItem {
-            last: c.last + 1,
+            last: c.last + events,
             ..c
         };
         match members {
-            1.. => {
+            Members::Join => {
                 after.members = Some(now.members + 1);
                 after.shards = Some(keys::shards_for(now.members + 1, now.shards));
             }
-            0 => {}
-            _ => after.members = Some(now.members.saturating_sub(1)),
+            Members::Same => {}
+            Members::Leave(n) => after.members = Some(now.members.saturating_sub(n)),
         }
         (before, after)
     }
@@ -516,15 +530,16 @@ impl State {
         let PendingEvent {
             counter,
             mut item,
-            counter_record,
             event_record,
         } = pending;
         item.committed = Instant::now();
         let stored = item.event.clone();
         let room = self.rooms.entry(stored.room.clone()).or_default();
-        room.counter = Some(counter);
         room.events.insert(stored.seq, item);
-        self.publish(instance, counter_record);
+        if let Some((counter, counter_record)) = counter {
+            room.counter = Some(counter);
+            self.publish(instance, counter_record);
+        }
         self.publish(instance, event_record);
         stored
     }
@@ -557,12 +572,23 @@ impl State {
     }
 }
 
+/// What an append does to its room's member count.
+#[derive(Debug, Clone, Copy)]
+enum Members {
+    Same,
+    /// One more; a join may double the shards.
+    Join,
+    /// This many fewer (floored at 0).
+    Leave(u64),
+}
+
 /// An append with its id, its item and its stream records built, not yet committed. Building
 /// is the only fallible part of an append, so it happens before any state changes.
 struct PendingEvent {
-    counter: CounterItem,
+    /// The counter as the transaction leaves it, and its stream record: on the first event
+    /// of a transaction only.
+    counter: Option<(CounterItem, EventRecord)>,
     item: StoredItem,
-    counter_record: EventRecord,
     event_record: EventRecord,
 }
 
@@ -598,43 +624,66 @@ impl Shared {
         event: ChatEvent,
         now_ms: i64,
     ) -> Result<PendingEvent, StoreError> {
-        let stored = StoredEvent {
-            room: room.to_owned(),
-            seq: after.last,
-            ts: now_ms,
-            event,
-        };
+        let mut pending = self.prepare_all(room, before, after, vec![event], now_ms)?;
+        pending
+            .pop()
+            .ok_or_else(|| StoreError::Malformed("no event prepared".into()))
+    }
+
+    /// [`Self::prepare`] for several events in one transaction: ids up to `after.last`, one
+    /// counter move (its record first, as DynamoDB's stream has the transaction's items).
+    fn prepare_all(
+        &self,
+        room: &str,
+        before: Option<CounterItem>,
+        after: CounterItem,
+        events: Vec<ChatEvent>,
+        now_ms: i64,
+    ) -> Result<Vec<PendingEvent>, StoreError> {
         let room_pk = keys::room_pk(room);
         limits::check_key(&room_pk, "0").map_err(|e| key_error(e, "TransactWriteItems"))?;
         let expires_at = epoch_secs(now_ms) + self.retention.event_retention.as_secs() as i64;
-        // The same item the DynamoDB adapter writes: `EventItem` is the one source of its shape.
-        let image: Item = serde_dynamo::to_item(EventItem::new(&stored, expires_at))
-            .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
-        // DynamoDB refuses the whole transaction for one item over 400 KB.
-        limits::check_item(&image).map_err(|e| StoreError::backend("TransactWriteItems", e))?;
-        let change = stream_change(now_ms, event_keys(&room_pk, stored.seq), image)
-            .map_err(|e| StoreError::Malformed(format!("stream record: {e}")))?;
-        let event_record = self.record("INSERT", change);
         let counter_change = stream_change(
             now_ms,
             event_keys(&room_pk, keys::COUNTER_SEQ),
             counter_image(&room_pk, after),
         )
         .map_err(|e| StoreError::Malformed(format!("stream record: {e}")))?;
-        let counter_record = self.record(
-            if before.is_some() { "MODIFY" } else { "INSERT" },
-            counter_change,
-        );
-        Ok(PendingEvent {
-            counter: after,
-            item: StoredItem {
-                event: stored,
-                expires_at,
-                committed: Instant::now(),
-            },
-            counter_record,
-            event_record,
-        })
+        let mut counter = Some((
+            after,
+            self.record(
+                if before.is_some() { "MODIFY" } else { "INSERT" },
+                counter_change,
+            ),
+        ));
+        let first = after.last + 1 - events.len() as u64;
+        let mut pending = Vec::with_capacity(events.len());
+        for (seq, event) in (first..).zip(events) {
+            let stored = StoredEvent {
+                room: room.to_owned(),
+                seq,
+                ts: now_ms,
+                event,
+            };
+            // The same item the DynamoDB adapter writes: `EventItem` is the one source of its
+            // shape.
+            let image: Item = serde_dynamo::to_item(EventItem::new(&stored, expires_at))
+                .map_err(|e| StoreError::Malformed(format!("event item: {e}")))?;
+            // DynamoDB refuses the whole transaction for one item over 400 KB.
+            limits::check_item(&image).map_err(|e| StoreError::backend("TransactWriteItems", e))?;
+            let change = stream_change(now_ms, event_keys(&room_pk, stored.seq), image)
+                .map_err(|e| StoreError::Malformed(format!("stream record: {e}")))?;
+            pending.push(PendingEvent {
+                counter: counter.take(),
+                item: StoredItem {
+                    event: stored,
+                    expires_at,
+                    committed: Instant::now(),
+                },
+                event_record: self.record("INSERT", change),
+            });
+        }
+        Ok(pending)
     }
 
     /// A stream record of the event table, everything but its sequence number and id.
@@ -1349,6 +1398,12 @@ impl First {
     }
 }
 
+/// Leaves per pruning transaction, as the DynamoDB adapter groups them: a connection update
+/// and a member item delete each, plus one counter and an event each, within
+/// `TransactWriteItems`' 100 actions.
+const LEAVES_PER_TRANSACTION: usize = 33;
+const _: () = assert!(LEAVES_PER_TRANSACTION * 3 < limits::TRANSACT_MAX_ACTIONS);
+
 /// What the first step of `setName` finds to do.
 enum NameStep {
     /// The same name again: nothing to claim (a join of lobby follows if it left it).
@@ -1363,7 +1418,10 @@ enum NameStep {
 
 /// What the first step of `setName` did.
 enum Claimed {
-    Same,
+    /// The same name again; whether the connection is in lobby.
+    Same {
+        in_lobby: bool,
+    },
     Evict(String),
     /// The first transaction's event; for a rename, the room it was announced in and the old
     /// name, so the other rooms can hear of it next.
@@ -1503,10 +1561,15 @@ impl EmbeddedStore {
             let base = Calls::default().get(conn_pk.clone());
             let step = name_step(state, connection_id, name, evicted, now_s);
             let (Ok(NameStep::Claim(first)), Some(conn)) =
-                (step, state.live_conn(connection_id, now_s))
+                (&step, state.live_conn(connection_id, now_s))
             else {
-                return base.get(name_pk.clone());
+                // The same name (or no connection) costs the connection's read only.
+                return match step {
+                    Ok(NameStep::Same) | Err(StoreError::NotConnected(_)) => base,
+                    _ => base.get(name_pk.clone()),
+                };
             };
+            let first = first.clone();
             // The claim, the counter, and the old claim (to release it if still ours).
             let mut calls = base
                 .get(name_pk.clone())
@@ -1538,7 +1601,12 @@ impl EmbeddedStore {
         };
         self.write(SET_NAME, plan, |state| {
             let first = match name_step(state, connection_id, name, evicted, now_s)? {
-                NameStep::Same => return Ok(Claimed::Same),
+                NameStep::Same => {
+                    let in_lobby = state
+                        .live_conn(connection_id, now_s)
+                        .is_some_and(|c| c.rooms.contains_key(DEFAULT_ROOM));
+                    return Ok(Claimed::Same { in_lobby });
+                }
                 NameStep::Evict(old) => return Ok(Claimed::Evict(old)),
                 NameStep::Claim(first) => first,
             };
@@ -1617,12 +1685,19 @@ impl EmbeddedStore {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let now_s = epoch_secs(now_ms);
         let conn_pk = keys::conn_pk(connection_id);
-        let Some(rooms) = self
-            .shared
-            .lock()
-            .live_conn(connection_id, now_s)
-            .map(|c| c.rooms.keys().cloned().collect::<Vec<_>>())
-        else {
+        // The adapter reads the connection once more, for the rooms to announce it in.
+        let rooms = self
+            .write(
+                RENAME,
+                |_| Calls::default().get(conn_pk.clone()),
+                |state| {
+                    Ok(state
+                        .live_conn(connection_id, now_s)
+                        .map(|c| c.rooms.keys().cloned().collect::<Vec<_>>()))
+                },
+            )
+            .await?;
+        let Some(rooms) = rooms else {
             return Ok(Vec::new());
         };
         // The shard of the room, if the connection is in it with this name.
@@ -1680,6 +1755,77 @@ impl EmbeddedStore {
             }
         }
         Ok(events)
+    }
+
+    /// The leaves of `ids` from `room` in one transaction (those still members of it), with
+    /// one counter move for them all.
+    async fn leave_many(
+        &self,
+        room: &str,
+        ids: &[String],
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        const PRUNE: &str = "TransactWriteItems prune";
+        let leaving = |state: &State| -> Vec<(ConnItem, u32)> {
+            ids.iter()
+                .filter_map(|id| state.conns.get(id))
+                .filter_map(|c| c.rooms.get(room).map(|&shard| (c.clone(), shard)))
+                .collect()
+        };
+        let plan = |state: &State| {
+            let mut calls = Calls::default().get(keys::room_pk(room));
+            for id in ids {
+                calls = calls.get(keys::conn_pk(id));
+            }
+            let leaving = leaving(state);
+            if leaving.is_empty() {
+                return calls;
+            }
+            for (conn, shard) in &leaving {
+                calls = calls
+                    .item(keys::conn_pk(&conn.connection_id), conn_units(conn))
+                    .item(keys::members_pk(room, *shard), 1);
+            }
+            let pk = keys::room_pk(room);
+            calls.writes.push((pk.clone(), 1));
+            for _ in &leaving {
+                calls
+                    .writes
+                    .push((pk.clone(), units_of(EVENT_OVERHEAD, 1024)));
+            }
+            calls.appends = Some(room.to_owned());
+            calls.transaction()
+        };
+        self.write(PRUNE, plan, |state| {
+            let leaving = leaving(state);
+            if leaving.is_empty() {
+                return Ok(Vec::new());
+            }
+            let k = leaving.len() as u64;
+            let (before, after) = state.advance(room, k, Members::Leave(k));
+            let events = leaving
+                .iter()
+                .map(|(conn, _)| ChatEvent::MemberLeft {
+                    connection_id: conn.connection_id.clone(),
+                    name: conn.display_name(),
+                    reason,
+                })
+                .collect();
+            let pending = self
+                .shared
+                .prepare_all(room, before, after, events, now_ms)?;
+            state.injected_failure(PRUNE)?;
+            for (conn, shard) in leaving {
+                let id = conn.connection_id.clone();
+                let mut gone = conn;
+                gone.rooms.remove(room);
+                state.put_conn(&id, Some(gone));
+                state.put_member(room, shard, &id, None);
+            }
+            Ok(pending.into_iter().map(|p| self.finish(state, p)).collect())
+        })
+        .await
     }
 
     /// Ends the membership of `conn` in `room` (its item in `shard`): `conn`'s `rooms` loses
@@ -1778,8 +1924,9 @@ impl ChatStore for EmbeddedStore {
                 .claim_name(connection_id, name, evicted, now_ms)
                 .await?
             {
-                Claimed::Same => {
-                    // Nothing to claim; back into lobby if it left it.
+                Claimed::Same { in_lobby: true } => return Ok(Vec::new()),
+                Claimed::Same { in_lobby: false } => {
+                    // Nothing to claim; back into lobby, which it left.
                     return Ok(
                         match self
                             .join_room(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
@@ -2036,8 +2183,9 @@ impl ChatStore for EmbeddedStore {
                         .item(keys::members_pk(room, *shard), 1)
                         .append(room, EVENT_OVERHEAD);
                 }
+                // Read again only after leaves, for a room joined meanwhile.
                 let last = base
-                    .get(conn_pk.clone())
+                    .get_if(!first, || conn_pk.clone())
                     .item(conn_pk.clone(), conn_units(conn))
                     .transaction();
                 match &conn.name {
@@ -2083,6 +2231,63 @@ impl ChatStore for EmbeddedStore {
                 Some(event) => left.push(event),
                 None => break,
             }
+        }
+        Ok(left)
+    }
+
+    /// As the DynamoDB adapter batches the fan-out's pruning: the connections (each once) are
+    /// read, their leaves are grouped by room, [`LEAVES_PER_TRANSACTION`] to a transaction (one
+    /// counter move for them all), then each connection goes as `remove_connection` ends.
+    /// The leaves come room by room (name order), each room's in connection id order.
+    async fn remove_connections(
+        &self,
+        connection_ids: &[String],
+        reason: LeaveReason,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let ids: BTreeSet<&str> = connection_ids.iter().map(String::as_str).collect();
+        // The reads go out together (one call's time), each to its connection's partition.
+        sleep(self.behaviour.read_latency).await;
+        for id in &ids {
+            self.take_units(
+                "GetItem connection",
+                &[(keys::conn_pk(id), 1.0)],
+                true,
+                true,
+            )
+            .await?;
+        }
+        let by_room: BTreeMap<String, Vec<String>> = {
+            let mut state = self.shared.lock();
+            let mut by_room: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for id in &ids {
+                // The adapter's GetItem of each connection, before anything else.
+                let pk = keys::conn_pk(id);
+                state.consumed.read_half_units += 2;
+                state
+                    .consumed_by_partition
+                    .entry(pk)
+                    .or_default()
+                    .read_half_units += 2;
+                if let Some(conn) = state.conns.get(id) {
+                    for room in conn.rooms.keys() {
+                        by_room
+                            .entry(room.clone())
+                            .or_default()
+                            .push((*id).to_owned());
+                    }
+                }
+            }
+            by_room
+        };
+        let mut left = Vec::new();
+        for (room, members) in &by_room {
+            for chunk in members.chunks(LEAVES_PER_TRANSACTION) {
+                left.extend(self.leave_many(room, chunk, reason, now_ms).await?);
+            }
+        }
+        for id in ids {
+            left.extend(self.remove_connection(id, reason, now_ms).await?);
         }
         Ok(left)
     }
