@@ -12,7 +12,7 @@
 //!   logged as sent to the on-failure destination, as Lambda would — so one poison record
 //!   cannot stop the stream (template.yaml: `MaximumRetryAttempts`, `DestinationConfig`);
 //! - records the template's `FilterCriteria` would drop (the rooms' counter records, see
-//!   [`passes_template_filter`]) are dropped before the invocation and checkpointed past, as
+//!   [`chat_shared::stream::passes_template_filter`]) are dropped before the invocation and checkpointed past, as
 //!   Lambda discards filtered records; a batch of nothing else invokes nothing.
 
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
-use chat_shared::stream::RecordSource;
+use chat_shared::stream::{passes_template_filter, RecordSource};
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
@@ -64,25 +64,6 @@ impl Default for EsmConfig {
             filter: true,
         }
     }
-}
-
-/// Whether a record passes template.yaml's `FilterCriteria` on the fan-out's mapping (the
-/// filters are ORed): `{"dynamodb":{"NewImage":{"type":{"S":[{"anything-but":["Counter"]}]}}}}`
-/// or `{"dynamodb":{"Keys":{"seq":{"N":[{"anything-but":["0"]}]}}}}`. So a room's counter item
-/// (seq 0, `type` `Counter`) never invokes the fan-out; events, redelivery items and TTL
-/// REMOVEs (keys only) do. `anything-but` matches only a value that is present.
-pub fn passes_template_filter(record: &EventRecord) -> bool {
-    use serde_dynamo::AttributeValue;
-    let type_not_counter = matches!(
-        record.change.new_image.get("type"),
-        Some(AttributeValue::S(t)) if t != "Counter"
-    );
-    // Stream records carry numbers as strings, so this is a string comparison, as Lambda's.
-    let seq_not_zero = match record.change.keys.get("seq") {
-        Some(AttributeValue::N(n)) => n != "0",
-        _ => false,
-    };
-    type_not_counter || seq_not_zero
 }
 
 /// What to do after one invocation.
@@ -362,6 +343,14 @@ mod tests {
             Some("Redelivery")
         )));
         assert!(passes_template_filter(&record("REMOVE", "7", None)));
+        // AND these are the template's patterns, word for word
+        let template = include_str!("../../template.yaml");
+        for pattern in [
+            r#"- Pattern: '{"dynamodb":{"NewImage":{"type":{"S":[{"anything-but":["Counter"]}]}}}}'"#,
+            r#"- Pattern: '{"dynamodb":{"Keys":{"seq":{"N":[{"anything-but":["0"]}]}}}}'"#,
+        ] {
+            assert!(template.contains(pattern), "template.yaml lacks {pattern}");
+        }
     }
 
     /// The fan-out's place: counts its invocations and keeps the records it got.

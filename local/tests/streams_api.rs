@@ -112,15 +112,31 @@ async fn stream_records_convert_exactly_as_the_independent_harness_converts_them
     // WHEN each record the Streams API returns is converted by chat-local and by the harness
     let (arn, records) = raw_records(&moto, &tables.events).await;
 
-    // THEN all seven are there, and both conversions give the same Lambda record
+    // THEN all seven are there, each append after lobby's counter record (INSERT for the
+    // first, MODIFY after: layout 2 keeps the counter in the events table), and both
+    // conversions give the same Lambda record, counters included
     let names: Vec<&str> = records
         .iter()
         .filter_map(|r| r.event_name().map(|n| n.as_str()))
         .collect();
+    let counter = |r: &&aws_sdk_dynamodbstreams::types::Record| {
+        r.dynamodb()
+            .and_then(|d| d.keys())
+            .and_then(|k| k.get("seq"))
+            .is_some_and(|seq| seq.as_n().is_ok_and(|n| n == "0"))
+    };
     assert_eq!(
         names,
-        ["INSERT", "INSERT", "INSERT", "INSERT", "INSERT", "INSERT", "REMOVE"]
+        [
+            "INSERT", "INSERT", "MODIFY", "INSERT", "MODIFY", "INSERT", "MODIFY", "INSERT",
+            "MODIFY", "INSERT", "MODIFY", "INSERT", "REMOVE"
+        ]
     );
+    assert_eq!(records.iter().filter(counter).count(), 6);
+    assert!(records
+        .iter()
+        .enumerate()
+        .all(|(i, r)| counter(&r) == (i % 2 == 0 && i < 12)));
     for record in &records {
         let ours = to_lambda_record(record, &arn, "us-east-1").expect("chat-local converts");
         let harness: EventRecord = serde_json::from_value(

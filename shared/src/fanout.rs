@@ -15,7 +15,8 @@
 //!   not O(N²). A single change gets exactly the tutorial's two frames.
 //! - **Large rooms.** Above `presence_limit` members of the room (default 1,000) presence is
 //!   not broadcast at all: a list of a few thousand names no longer fits API Gateway's 128 KB
-//!   frame, and each change would cost a broadcast. Messages are unaffected; joins and leaves stay in history.
+//!   frame, and each change would cost a broadcast. Messages are unaffected; joins and leaves
+//!   stay in history.
 //! - **Retries.** 429 and 5xx are retried with exponential backoff and full jitter, bounded by
 //!   the invocation's deadline: 5xx up to `max_attempts` from `base_backoff` (50 ms), 429 up to
 //!   `max_throttled_attempts` from `throttle_backoff` (8 from 200 ms, capped at 5 s each: a

@@ -3,7 +3,8 @@
 //! once a batch (or the part of it before a reported failure) is done.
 //!
 //! Two sources implement it: the embedded store's change feed and a poller of the DynamoDB
-//! Streams API. The local stack's event source mapping drives the fan-out from either.
+//! Streams API. The local stack's event source mapping drives the fan-out from either, after
+//! the filter the template puts on the real mapping ([`passes_template_filter`]).
 
 use async_trait::async_trait;
 use aws_lambda_events::event::dynamodb::EventRecord;
@@ -30,4 +31,22 @@ pub trait RecordSource: Send {
 
     /// Marks every record up to and including `sequence_number` as done.
     fn checkpoint(&mut self, sequence_number: &str);
+}
+
+/// Whether a record passes template.yaml's `FilterCriteria` on the fan-out's mapping (the
+/// filters are ORed): `{"dynamodb":{"NewImage":{"type":{"S":[{"anything-but":["Counter"]}]}}}}`
+/// or `{"dynamodb":{"Keys":{"seq":{"N":[{"anything-but":["0"]}]}}}}`. So a room's counter item
+/// (seq 0, `type` `Counter`) never invokes the fan-out; events, redelivery items and TTL
+/// REMOVEs (keys only) do. `anything-but` matches only a value that is present.
+pub fn passes_template_filter(record: &EventRecord) -> bool {
+    let type_not_counter = matches!(
+        record.change.new_image.get("type"),
+        Some(serde_dynamo::AttributeValue::S(t)) if t != "Counter"
+    );
+    // Stream records carry numbers as strings, so this is a string comparison, as Lambda's.
+    let seq_not_zero = match record.change.keys.get("seq") {
+        Some(serde_dynamo::AttributeValue::N(n)) => n != "0",
+        _ => false,
+    };
+    type_not_counter || seq_not_zero
 }

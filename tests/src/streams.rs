@@ -190,6 +190,16 @@ impl StreamReader {
         to_event(&records)
     }
 
+    /// [`StreamReader::next_event`] as the fan-out's event source mapping delivers it: without
+    /// the records template.yaml's `FilterCriteria` drops (the rooms' counter records).
+    pub async fn next_lambda_event(&mut self) -> anyhow::Result<Event> {
+        let mut event = self.next_event().await?;
+        event
+            .records
+            .retain(chat_shared::stream::passes_template_filter);
+        Ok(event)
+    }
+
     /// Polls until at least `min` new records arrived (all of them are returned in one event),
     /// or fails after `timeout`.
     pub async fn wait_for_records(

@@ -409,7 +409,7 @@ async fn a_recipient_failing_half_way_costs_only_that_recipient_and_catches_up_w
         None
     );
     w.say("B", "six").await;
-    let event = w.stream.next_event().await.expect("stream");
+    let event = w.stream.next_lambda_event().await.expect("stream");
     assert_eq!(event.records.len(), 7);
 
     // WHEN the fan-out handles the batch and carol's endpoint fails from "three" on
@@ -497,7 +497,7 @@ async fn a_slow_endpoint_runs_into_the_invocation_deadline_and_nothing_is_lost()
     for n in 1..=4 {
         w.say("B", &format!("slow {n}")).await;
     }
-    let event = w.stream.next_event().await.expect("stream");
+    let event = w.stream.next_lambda_event().await.expect("stream");
     w.endpoint.set_delay(Duration::from_millis(250));
 
     // WHEN the invocation has only 900 ms (four messages one after the other need 1 s)
@@ -654,7 +654,7 @@ async fn a_fanout_whose_store_fails_reports_the_record_and_delivers_it_later() {
     w.endpoint.clear();
     w.say("A", "hello").await;
     w.say("B", "hi").await;
-    let event = w.stream.next_event().await.expect("stream");
+    let event = w.stream.next_lambda_event().await.expect("stream");
     let broken = DynamoStore::new(
         w.moto.dynamodb(),
         Tables {
@@ -796,7 +796,7 @@ async fn poison_records_are_skipped_and_the_stream_keeps_moving() {
         .await,
         None
     );
-    let event = w.stream.next_event().await.expect("stream");
+    let event = w.stream.next_lambda_event().await.expect("stream");
     assert_eq!(event.records.len(), 3 + poison_items().len());
 
     // WHEN the fan-out handles the batch
@@ -869,7 +869,7 @@ async fn forbidden_and_too_large_are_logged_and_counted_not_retried() {
 
     // WHEN alice posts and the fan-out delivers it
     w.say("A", "hello").await;
-    let event = w.stream.next_event().await.expect("stream");
+    let event = w.stream.next_lambda_event().await.expect("stream");
     let logs = Logs::new();
     let response = logs.capture(w.fan_out_event(event)).await;
 
@@ -941,7 +941,7 @@ async fn an_endpoint_that_never_answers_times_out_as_transient_and_is_retried() 
     w.endpoint.stall_next("C", 1);
     w.endpoint.stall_next("Z", 1);
     w.say("A", "anyone there?").await;
-    let event = w.stream.next_event().await.expect("stream");
+    let event = w.stream.next_lambda_event().await.expect("stream");
 
     // WHEN the fan-out delivers the message, and (at the same time, so the test waits for the
     // SDK's 5 s attempt timeout once) the real `@connections` client posts to "Z"
@@ -974,4 +974,78 @@ async fn an_endpoint_that_never_answers_times_out_as_transient_and_is_retried() 
             "{id}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_recipient_failing_in_two_rooms_is_owed_each_rooms_frames_and_gets_them_later() {
+    // GIVEN alice, bob and carol in lobby, alice and carol also in ops, and carol's endpoint
+    // failing every attempt
+    let mut w = world().await;
+    for (id, name) in &MEMBERS[..3] {
+        w.join(id, name).await;
+    }
+    for id in ["A", "C"] {
+        let joined = w.send(id, json!({"action":"join","room":"ops"})).await;
+        assert!(joined.is_some_and(|j| j["joined"]["room"] == json!("ops")));
+    }
+    w.fan_out().await;
+    w.endpoint.clear();
+    w.endpoint.fail_next("C", 500, 1_000);
+
+    // WHEN alice speaks in ops and bob in lobby, and the fan-out handles the batch
+    let said = w
+        .send(
+            "A",
+            json!({"action":"sendPublic","room":"ops","message":"in ops"}),
+        )
+        .await;
+    assert_eq!(said, None);
+    w.say("B", "in lobby").await;
+    let response = w.fan_out().await;
+
+    // THEN no record fails, carol got nothing yet, the others got their rooms' frames
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    assert!(w.endpoint.frames_for("C").is_empty());
+    let tagged = |f: &Value| (f["room"].clone(), f["publicMessage"].clone());
+    let alice: Vec<_> = w.endpoint.frames_for("A").iter().map(tagged).collect();
+    assert_eq!(
+        alice,
+        vec![
+            (json!("ops"), json!("alice: in ops")),
+            (json!("lobby"), json!("bob: in lobby"))
+        ]
+    );
+
+    // WHEN her endpoint recovers and the stream brings back what she is owed
+    w.endpoint.fail_next("C", 500, 0);
+    w.endpoint.clear();
+    let response = w.fan_out().await;
+
+    // THEN she gets each room's frame, tagged with its room and that room's id, and nobody
+    // else gets anything
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    let carol: Vec<_> = w
+        .endpoint
+        .frames_for("C")
+        .iter()
+        .map(|f| {
+            (
+                f["room"].clone(),
+                f["id"].clone(),
+                f["publicMessage"].clone(),
+            )
+        })
+        .collect();
+    let mut carol_sorted = carol.clone();
+    carol_sorted.sort_by_key(|(room, _, _)| room.to_string());
+    assert_eq!(
+        carol_sorted,
+        vec![
+            (json!("lobby"), json!(4), json!("bob: in lobby")),
+            (json!("ops"), json!(3), json!("alice: in ops")),
+        ],
+        "{carol:?}"
+    );
+    assert!(w.endpoint.frames_for("A").is_empty());
+    assert!(w.endpoint.frames_for("B").is_empty());
 }

@@ -321,8 +321,8 @@ async fn the_insert_fixture_reaches_every_member_through_the_fanout() {
     // commit times; carol got nothing; nothing failed or was worth a warning
     assert!(response.batch_item_failures.is_empty(), "{response:?}");
     let expected = [
-        json!({"publicMessage": "alice: hello everyone", "id": 1, "ts": 1_732_636_803_250_i64}),
-        json!({"publicMessage": "bob: hi alice", "id": 2, "ts": 1_732_636_804_370_i64}),
+        json!({"publicMessage": "alice: hello everyone", "room": "lobby", "id": 1, "ts": 1_732_636_803_250_i64}),
+        json!({"publicMessage": "bob: hi alice", "room": "lobby", "id": 2, "ts": 1_732_636_804_370_i64}),
     ];
     assert_eq!(endpoint.frames_for("A"), expected);
     assert_eq!(endpoint.frames_for("B"), expected);
