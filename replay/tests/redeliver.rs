@@ -90,14 +90,22 @@ async fn redelivery_sends_each_event_once_to_each_current_member_with_its_origin
     // commit time (so a client that has them already drops the copies)
     let ts = |id: u64| Some(events[id as usize - 1].ts);
     let joined = [
-        (json!({"members": ["alice", "bob"]}), Some(2), ts(2)),
         (
-            json!({"systemMessage": "bob has joined the chat"}),
+            json!({"members": ["alice", "bob"], "room": "lobby"}),
+            Some(2),
+            ts(2),
+        ),
+        (
+            json!({"systemMessage": "bob has joined the chat", "room": "lobby"}),
             Some(2),
             ts(2),
         ),
     ];
-    let public = (json!({"publicMessage": "alice: hello"}), Some(3), ts(3));
+    let public = (
+        json!({"publicMessage": "alice: hello", "room": "lobby"}),
+        Some(3),
+        ts(3),
+    );
     let private = (json!({"privateMessage": "bob: psst"}), Some(4), ts(4));
     let frames = |id: &str| -> Vec<_> { endpoint.frames_for(id).into_iter().map(split).collect() };
     assert_eq!(
@@ -211,7 +219,10 @@ async fn the_binary_redelivers_and_prunes_a_gone_member_like_the_fan_out() {
     );
     let a: Vec<_> = endpoint.frames_for("A").into_iter().map(split).collect();
     assert_eq!(a.len(), 1);
-    assert_eq!(a[0].0, json!({"publicMessage": "alice: hello"}));
+    assert_eq!(
+        a[0].0,
+        json!({"publicMessage": "alice: hello", "room": "lobby"})
+    );
     assert_eq!(a[0].1, Some(3));
     assert_eq!(
         w.store
@@ -221,4 +232,52 @@ async fn the_binary_redelivers_and_prunes_a_gone_member_like_the_fan_out() {
         None
     );
     assert_eq!(last_id(&w).await, 6);
+}
+
+#[tokio::test]
+async fn a_room_is_redelivered_to_its_own_members_only() {
+    // GIVEN alice and bob in the lobby, and only alice in `ops`, where she posted (ops id 2)
+    let w = World::new().await;
+    seed(&w).await;
+    let now = chat_shared::now_ms();
+    w.store.join_room("A", "ops", 50, now).await.expect("join");
+    let posted = w
+        .store
+        .post_to_room("A", "ops", "ops only", now)
+        .await
+        .expect("post");
+    let endpoint = ConnectionsEndpoint::start("prod").await.expect("endpoint");
+    let api = ManagementApi::new(&w.moto.sdk_config(), &endpoint.url());
+    let options = RedeliverOptions {
+        filter: EventFilter::ids(2, 2).expect("range"),
+        dry_run: false,
+        json: true,
+        fanout: FanoutConfig::default(),
+    };
+
+    // WHEN ops's id 2 is redelivered
+    let mut out = Vec::new();
+    redeliver(
+        &w.log().in_room("ops"),
+        &w.store,
+        &api,
+        &options,
+        chat_shared::now_ms,
+        &mut out,
+        &ProgressBar::hidden(),
+    )
+    .await
+    .expect("redeliver");
+
+    // THEN alice got ops's frame with ops's id; bob, who is not in ops, got nothing
+    let frames: Vec<_> = endpoint.frames_for("A").into_iter().map(split).collect();
+    assert_eq!(
+        frames,
+        vec![(
+            json!({"publicMessage": "alice: ops only", "room": "ops"}),
+            Some(2),
+            Some(posted.ts)
+        )]
+    );
+    assert!(endpoint.frames_for("B").is_empty());
 }
