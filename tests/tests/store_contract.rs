@@ -10,8 +10,13 @@
 //! Both are decoded the same way (`NewImage` → `EventItem` → `StoredEvent`, the fan-out's own
 //! decoder), which also proves both feeds carry the same item shape.
 //!
-//! What only the embedded store can show (moto has no TTL sweeper, and failures cannot be
-//! injected into it) is tested after the shared cases.
+//! The rooms' counter items are on both feeds too (`type` `Counter`, seq 0); [`Fixture::committed`]
+//! leaves them out, and `the_room_counters_are_on_the_feed_with_the_last_id_given` checks them.
+//!
+//! What only the DynamoDB store can show (items written, and tables replaced, by hand with the
+//! SDK: member shards beyond what moto can join, a counter missing under a layout-1 log, a
+//! replaced connections table) and what only the embedded store can show (moto has no TTL
+//! sweeper, and failures cannot be injected into it) are tested after the shared cases.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -1691,6 +1696,100 @@ async fn the_room_counters_are_on_the_feed_with_the_last_id_given(f: &mut Fixtur
     assert_eq!(records.len(), 6);
 }
 
+async fn concurrent_joins_of_one_room_get_dense_ids(f: &mut Fixture) {
+    // GIVEN eight named connections
+    let now = chat_shared::now_ms();
+    let joiners: Vec<String> = (0..8).map(|i| format!("j{i}")).collect();
+    for (i, id) in joiners.iter().enumerate() {
+        join(f.store(), id, &format!("joiner{i}"), now).await;
+    }
+    f.committed().await;
+
+    // WHEN all join dev at once, from separate tasks
+    let joins: Vec<_> = joiners
+        .iter()
+        .map(|id| {
+            let store = Arc::clone(&f.store);
+            let id = id.clone();
+            tokio::spawn(async move { store.join_room(&id, "dev", DEFAULT_MAX_ROOMS, now).await })
+        })
+        .collect();
+    let mut joined = Vec::new();
+    for j in joins {
+        match j.await.expect("task").expect("every join succeeds") {
+            Joined::Now(event) => joined.push(event),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // THEN dev's ids are exactly 1..=8, each member listed once, and the feed has each join
+    let mut seqs: Vec<u64> = joined.iter().map(|e| e.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+    f.settle().await;
+    assert_eq!(
+        ids(&room_members(f.store(), "dev", now).await),
+        ids_of(&joiners)
+    );
+    assert_eq!(by_room(f.committed().await), by_room(joined));
+}
+
+fn ids_of(ids: &[String]) -> Vec<&str> {
+    ids.iter().map(String::as_str).collect()
+}
+
+async fn taking_a_name_back_removes_the_old_connection_from_every_room(f: &mut Fixture) {
+    // GIVEN u1's connection a1 named alice, in lobby and dev, with bob in dev too
+    let now = chat_shared::now_ms();
+    let store = Arc::clone(&f.store);
+    let s = store.as_ref();
+    s.add_identified_connection("a1", Some("u1"), now)
+        .await
+        .expect("connect");
+    s.set_name("a1", &name("alice"), now).await.expect("name");
+    join_room(s, "a1", "dev", now).await;
+    join(s, "b", "bob", now).await;
+    join_room(s, "b", "dev", now).await;
+    f.committed().await;
+
+    // WHEN u1 reconnects as a2 (a1's $disconnect lost) and takes alice back
+    s.add_identified_connection("a2", Some("u1"), now)
+        .await
+        .expect("connect");
+    let took = s
+        .set_name("a2", &name("alice"), now)
+        .await
+        .expect("take back");
+
+    // THEN a2 joins lobby (the one event returned); a1 left both its rooms as replaced, and is
+    // gone, from the connections and from every room's members
+    assert_eq!(took.len(), 1, "{took:?}");
+    assert_eq!(
+        (took[0].room.as_str(), &took[0].event),
+        (
+            "lobby",
+            &ChatEvent::MemberJoined {
+                connection_id: "a2".into(),
+                name: "alice".into()
+            }
+        )
+    );
+    let committed = f.committed().await;
+    let mut replaced: Vec<&str> = committed
+        .iter()
+        .filter(|e| {
+            matches!(&e.event, ChatEvent::MemberLeft { connection_id, reason: LeaveReason::Replaced, .. } if connection_id == "a1")
+        })
+        .map(|e| e.room.as_str())
+        .collect();
+    replaced.sort_unstable();
+    assert_eq!(replaced, ["dev", "lobby"]);
+    assert!(committed.contains(&took[0]));
+    assert_eq!(s.connection("a1", now).await.expect("read"), None);
+    assert_eq!(ids(&room_members(s, "dev", now).await), ["b"]);
+    assert_eq!(ids(&room_members(s, "lobby", now).await), ["a2", "b"]);
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -1748,6 +1847,8 @@ contract!(
     removing_many_connections_is_removing_each,
     members_of_a_room_are_its_own_members_only,
     the_room_counters_are_on_the_feed_with_the_last_id_given,
+    concurrent_joins_of_one_room_get_dense_ids,
+    taking_a_name_back_removes_the_old_connection_from_every_room,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -2041,6 +2142,37 @@ async fn dynamodb_a_room_without_its_counter_continues_after_its_newest_event() 
     let counter = counter_item(&client, &tables, keys::DEFAULT_ROOM).await;
     assert_eq!(number(&counter, keys::COUNTER_LAST), 7);
     assert_eq!(room_log(f.store(), "lobby", now).await.len(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_pruning_many_members_moves_the_room_counter_once() {
+    // GIVEN five members of lobby, and the feed read so far
+    let mut f = Fixture::dynamodb().await;
+    let now = chat_shared::now_ms();
+    let ids: Vec<String> = (0..5).map(|i| format!("g{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        join(f.store(), id, &format!("gone{i}"), now).await;
+    }
+    f.records().await;
+
+    // WHEN all five are removed at once (the fan-out's pruning after 410s)
+    let left = f
+        .store()
+        .remove_connections(&ids, LeaveReason::Gone, now)
+        .await
+        .expect("prune");
+
+    // THEN five MemberLeft (6..=10) committed in one transaction: the feed has one write of
+    // lobby's counter for them, not five (the room's partition is the one hot spot)
+    assert_eq!(
+        left.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (6..=10).collect::<Vec<_>>()
+    );
+    let records = f.records().await;
+    let counters: Vec<&EventRecord> = records.iter().filter(|r| is_counter(r)).collect();
+    assert_eq!(counters.len(), 1, "{counters:?}");
+    assert_eq!(records.len(), 6);
+    assert!(room_members(f.store(), "lobby", now).await.is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------
