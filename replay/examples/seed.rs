@@ -111,19 +111,24 @@ async fn main() -> anyhow::Result<()> {
             Ok(total)
         })
         .await?;
-    // The counter at the highest id, as the chat would have left it.
+    // The room's counter at the highest id, as the chat would have left it (keys.rs: the
+    // events table's item at seq 0).
     client
         .put_item()
-        .table_name(&tables.connections)
+        .table_name(&tables.events)
         .item(
             keys::PK,
             AttributeValue::S(keys::room_pk(keys::DEFAULT_ROOM)),
         )
-        .item(keys::SK, AttributeValue::S(keys::SEQ_SK.to_owned()))
-        .item(keys::SEQ, AttributeValue::N(args.count.to_string()))
+        .item(keys::SEQ, AttributeValue::N(keys::COUNTER_SEQ.to_string()))
+        .item(keys::TYPE, AttributeValue::S(keys::COUNTER_TYPE.to_owned()))
+        .item(
+            keys::COUNTER_LAST,
+            AttributeValue::N(args.count.to_string()),
+        )
         .send()
         .await
-        .context("PutItem SEQ")?;
+        .context("PutItem counter")?;
     let secs = began.elapsed().as_secs_f64();
     eprintln!(
         "seeded {written} events into {} in {secs:.1} s ({:.0} events/s)",

@@ -184,17 +184,6 @@ pub fn shards_for(members: u64, shards: u32) -> u32 {
     s
 }
 
-// Layout 1, still used by the adapters until they move to layout 2 (delete with the last use).
-pub const SEQ_SK: &str = "SEQ";
-pub const CONN_PREFIX: &str = "CONN#";
-pub const NAME_PREFIX: &str = "NAME#";
-pub fn conn_sk(connection_id: &str) -> String {
-    format!("{CONN_PREFIX}{connection_id}")
-}
-pub fn name_sk(name_key: &str) -> String {
-    format!("{NAME_PREFIX}{name_key}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

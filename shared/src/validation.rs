@@ -26,8 +26,8 @@ pub const NAME_MAX_CHARS: usize = 32;
 /// The longest room name, in characters (ASCII, so also bytes).
 pub const ROOM_MAX_CHARS: usize = 64;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4096;
-/// The longest name key (UTF-8 bytes) accepted. It becomes part of a sort key
-/// (`keys::name_sk`), which DynamoDB caps at 1,024 bytes; 256 leaves room for the prefix and
+/// The longest name key (UTF-8 bytes) accepted. It becomes part of a partition key
+/// (`keys::name_pk`), which DynamoDB caps at 2,048 bytes; 256 leaves room for the prefix and
 /// any room scoping, and no 32-character name that is not made of expanding ligatures comes
 /// near it (32 four-byte characters are 128 bytes).
 pub const NAME_KEY_MAX_BYTES: usize = 256;

@@ -114,10 +114,3 @@ impl CounterItem {
         self.shards.unwrap_or(1).max(1)
     }
 }
-
-/// Layout 1's room counter (`ROOM#lobby` / `SEQ` in the connections table), read only by
-/// `chat-replay rebuild` until it moves to layout 2; delete with that use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SeqItem {
-    pub seq: u64,
-}
