@@ -192,7 +192,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    chat_shared::telemetry::init();
+    chat_shared::telemetry::init_local();
     let args = Args::parse();
     let store = if args.dynamodb_endpoint.is_some() || args.aws {
         StoreChoice::DynamoDb {

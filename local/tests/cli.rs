@@ -113,6 +113,53 @@ async fn prints_its_urls_serves_chat_and_stops_on_ctrl_c() {
     assert!(status.success(), "exit status {status}");
 }
 
+#[tokio::test]
+async fn logs_go_to_stderr_and_stdout_carries_only_the_urls() {
+    // GIVEN chat-local logging at info, so that a join is logged
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chat-local"))
+        .args(["--port", "0"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chat-local starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let ws_url = lines
+        .next()
+        .expect("a line")
+        .expect("utf-8")
+        .strip_prefix("WebSocket URL: ")
+        .expect("the WebSocket URL first")
+        .to_owned();
+
+    // WHEN a client joins and the stack is stopped
+    let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url)
+        .await
+        .expect("connect");
+    ws.send(Message::text(
+        json!({"action":"setName","name":"alice"}).to_string(),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(next_json(&mut ws).await["members"], json!(["alice"]));
+    interrupt(&child);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait");
+
+    // THEN stdout held the two URLs and nothing else; the log lines went to stderr
+    assert!(out.status.success(), "exit status {}", out.status);
+    assert_eq!(rest.len(), 1, "stdout after the WebSocket URL: {rest:?}");
+    assert!(rest[0].starts_with("Connection URL: "), "{rest:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("connected"), "{stderr}");
+    assert!(stderr.contains("name set"), "{stderr}");
+}
+
 #[test]
 fn a_taken_port_is_a_clear_error_and_a_non_zero_exit() {
     // GIVEN something already listens on a port
@@ -207,8 +254,8 @@ async fn a_local_dynamodb_endpoint_needs_no_aws_credentials_and_probes_for_none(
         .expect("join")
         .expect("wait");
 
-    // THEN it worked against moto without asking anyone for credentials: neither its log
-    // (stdout) nor stderr says anything of the instance metadata service or of credentials
+    // THEN it worked against moto without asking anyone for credentials: neither stdout nor
+    // its log (stderr) says anything of the instance metadata service or of credentials
     assert!(out.status.success(), "exit status {}", out.status);
     let said = format!(
         "{}\n{}",
