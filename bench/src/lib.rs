@@ -14,6 +14,7 @@ pub mod agent;
 pub mod client;
 pub mod fanout;
 pub mod fanout_only;
+pub mod joinstorm;
 pub mod mgmt;
 pub mod sink;
 pub mod soak;

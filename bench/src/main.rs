@@ -6,6 +6,7 @@ use anyhow::Context;
 use chat_bench::agent::{self, AgentOptions};
 use chat_bench::fanout::{self, FanoutOptions};
 use chat_bench::fanout_only::{self, FanoutOnlyOptions};
+use chat_bench::joinstorm::{self, JoinstormOptions};
 use chat_bench::sink::{self, SinkOptions};
 use chat_bench::soak::{self, SoakOptions};
 use clap::{Parser, Subcommand};
@@ -31,6 +32,9 @@ enum Command {
     FanoutOnly(FanoutOnlyOptions),
     /// Steady public traffic to N members: loss, order, duplicates, latency.
     Soak(SoakOptions),
+    /// New connections joining one room at a steady rate against the AWS-like store: the
+    /// room's join ceiling, errors, latency, ids.
+    Joinstorm(JoinstormOptions),
     /// The stand-in @connections endpoint fanout-only runs (prints its URL on stdout).
     Sink(SinkOptions),
     /// A block of WebSocket clients, driven by fanout and soak over stdin/stdout.
@@ -70,6 +74,11 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::FanoutOnly(opts) => {
             let report = fanout_only::run(&opts, &exe()?).await?;
             emit(opts.json, &report, fanout_only::print)?;
+            Ok(report.ok)
+        }
+        Command::Joinstorm(opts) => {
+            let report = joinstorm::run(&opts).await?;
+            emit(opts.json, &report, joinstorm::print)?;
             Ok(report.ok)
         }
         Command::Soak(opts) => {
