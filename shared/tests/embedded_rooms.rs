@@ -195,7 +195,12 @@ async fn a_rename_that_fails_part_way_is_announced_in_the_first_room_only_until_
     assert!(matches!(taken, Err(StoreError::NameTaken(_))), "{taken:?}");
 
     // WHEN her client retries the same setName
+    let member_reads = |s: &EmbeddedStore| {
+        [DEFAULT_ROOM, "r1", "r2"].map(|r| s.consumed_in(&keys::members_pk(r, 0)).read_half_units)
+    };
+    let reads_before = member_reads(&s);
     let retried = s.set_name("a", &name("alicia"), now).await.expect("retry");
+    let reads_after = member_reads(&s);
 
     // THEN the rooms left behind hear of the rename, once each, from the name they knew,
     // and those are the events returned; lobby hears nothing twice
@@ -228,15 +233,22 @@ async fn a_rename_that_fails_part_way_is_announced_in_the_first_room_only_until_
             .count()
     };
     assert_eq!(lobby_renames(&s), 1);
+    // AND finishing it read her member item in each of her rooms, to compare names
+    for (before, after) in reads_before.iter().zip(reads_after) {
+        assert!(after > *before, "{reads_before:?} -> {reads_after:?}");
+    }
 
     // WHEN she retries once more
     let events_before = s.events().len();
+    let reads_before = member_reads(&s);
     let again = s.set_name("a", &name("alicia"), now).await.expect("again");
 
-    // THEN nothing is left to do: nothing recorded, nothing returned
+    // THEN nothing is left to do: nothing recorded, nothing returned, and no member item
+    // read (the connection item alone says no rename is unfinished)
     assert!(again.is_empty(), "{again:?}");
     assert_eq!(s.events().len(), events_before);
     assert_eq!(lobby_renames(&s), 1);
+    assert_eq!(member_reads(&s), reads_before);
 }
 
 #[tokio::test]
