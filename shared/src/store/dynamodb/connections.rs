@@ -363,6 +363,8 @@ impl DynamoStore {
                 let mut set = Expr::new("SET #name = :name, #nkey = :nkey")
                     .value(":name", s(&name.display))
                     .value(":nkey", s(&name.key));
+                let mut cond = name_unchanged(conn)
+                    .and(Expr::new("attribute_exists(#rooms.#room)").name("#room", room.clone()));
                 match (conn.room_names().len() > 1, &conn.name) {
                     // Other rooms still know the old name until their own transactions: the
                     // marker says so until the last of them is done, for a retry to finish.
@@ -370,16 +372,18 @@ impl DynamoStore {
                         set.text.push_str(", #renaming = :old");
                         set = set.value(":old", s(old));
                     }
-                    // This room is its only one: the rename is whole in this transaction.
-                    _ => set.text.push_str(" REMOVE #renaming"),
+                    // This room is its only one: the rename is whole in this transaction (if a
+                    // join has added a room since the read, build again: it needs the marker).
+                    _ => {
+                        set.text.push_str(" REMOVE #renaming");
+                        cond = cond.and(Expr::new("size(#rooms) = :one").value(":one", n(1)));
+                    }
                 }
                 items.push(update(
                     &self.tables.connections,
                     conn_key(id),
                     set,
-                    Some(name_unchanged(conn).and(
-                        Expr::new("attribute_exists(#rooms.#room)").name("#room", room.clone()),
-                    )),
+                    Some(cond),
                 )?);
                 items.push(self.put_member(room, *shard, conn, &name.display, None)?);
                 (
