@@ -1009,6 +1009,7 @@ mod tests {
             rl_at: None,
             identity: None,
             rooms: Some(rooms.iter().map(|(r, s)| ((*r).to_owned(), *s)).collect()),
+            renaming: None,
         }
     }
 

@@ -73,7 +73,7 @@
 //! ## Connections table (`CONNECTIONS_TABLE`) — current state, every item with TTL
 //! | `pk`                      | `sk`       | other attributes                                  |
 //! |---------------------------|------------|---------------------------------------------------|
-//! | `CONN#<connId>`           | `CONN`     | the connection: `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once named `name`, `nameKey`; `rooms` (M: room → its member shard) for every room it is a member of; the rate-limit bucket `rlTokens`, `rlAt` |
+//! | `CONN#<connId>`           | `CONN`     | the connection: `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once named `name`, `nameKey`; `rooms` (M: room → its member shard) for every room it is a member of; the rate-limit bucket `rlTokens`, `rlAt`; `renaming` while a rename is not yet in every room |
 //! | `NAME#<nameKey>`          | `NAME`     | a name claim: `connectionId`, `name`, `expiresAt`, and `identity` when its holder is authenticated; without `connectionId` it is that identity's reservation |
 //! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's) |
 //!
@@ -85,7 +85,22 @@
 //! A member is a connection named and joined to a room: its `MEMBERS#` item and its
 //! connection's `rooms` entry are written and removed together, in one transaction with the
 //! room's `MemberJoined`/`MemberLeft` event. A rename rewrites the member item (a put of
-//! the whole item, so it is never partial) in the transaction of that room's `MemberRenamed`. The shard is `member_shard(connId, shards)` with
+//! the whole item, so it is never partial, on the condition that it still has the old name)
+//! in the transaction of that room's `MemberRenamed`.
+//!
+//! **`renaming`** (S, on the connection item): the name the connection had before a rename
+//! that is not yet in every room. A rename is one transaction per room; the first (which moves
+//! the claim and the name) sets it when the connection is in other rooms too, and a last
+//! small update removes it once every room has its `MemberRenamed`. A rename interrupted in
+//! between (a store error) leaves it set, and the other rooms' member items with the old name:
+//! the next `setName` (the same name retried, or another) finds it, gives each room whose
+//! member item has another name than the connection its `MemberRenamed` (old name: the member
+//! item's), then removes it. While it is set, a leave reads the member item for the name its
+//! `MemberLeft` carries (the name that room knows), so no room hears of a name it never saw.
+//! Without it, every member item has the connection's name, so the common same-name
+//! `setName` reads nothing more than the connection.
+//!
+//! The shard is `member_shard(connId, shards)` with
 //! the room's `shards` when it joined, and is remembered in `rooms`, so a leave finds the
 //! item whatever the room's shard count is by then. Shards only grow (a join that takes the
 //! room above `shards × MEMBERS_PER_SHARD` members doubles `shards` in its transaction), so
@@ -117,6 +132,8 @@ pub const RATE_TOKENS: &str = "rlTokens";
 pub const RATE_AT: &str = "rlAt";
 /// The connection's rooms: a map from room name to the member shard its item is in.
 pub const ROOMS: &str = "rooms";
+/// The name a connection had before a rename not yet recorded in all its rooms (see above).
+pub const RENAMING: &str = "renaming";
 
 /// The counter item's sort key in the room's event partition.
 pub const COUNTER_SEQ: u64 = 0;

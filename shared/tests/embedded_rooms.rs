@@ -156,7 +156,7 @@ async fn a_disconnect_that_fails_part_way_leaves_the_rest_for_a_retry() {
 }
 
 #[tokio::test]
-async fn a_rename_that_fails_part_way_is_announced_in_the_first_room_only() {
+async fn a_rename_that_fails_part_way_is_announced_in_the_first_room_only_until_retried() {
     // GIVEN alice in lobby, r1 and r2
     let s = store();
     let now = chat_shared::now_ms();
@@ -193,6 +193,142 @@ async fn a_rename_that_fails_part_way_is_announced_in_the_first_room_only() {
     s.add_connection("c", now).await.expect("connect");
     let taken = s.set_name("c", &name("alicia"), now).await;
     assert!(matches!(taken, Err(StoreError::NameTaken(_))), "{taken:?}");
+
+    // WHEN her client retries the same setName
+    let member_reads = |s: &EmbeddedStore| {
+        [DEFAULT_ROOM, "r1", "r2"].map(|r| s.consumed_in(&keys::members_pk(r, 0)).read_half_units)
+    };
+    let reads_before = member_reads(&s);
+    let retried = s.set_name("a", &name("alicia"), now).await.expect("retry");
+    let reads_after = member_reads(&s);
+
+    // THEN the rooms left behind hear of the rename, once each, from the name they knew,
+    // and those are the events returned; lobby hears nothing twice
+    let renamed = |room: &str| {
+        (
+            room.to_owned(),
+            ChatEvent::MemberRenamed {
+                connection_id: "a".into(),
+                old_name: "alice".into(),
+                name: "alicia".into(),
+            },
+        )
+    };
+    let got: Vec<(String, ChatEvent)> = retried
+        .iter()
+        .map(|e| (e.room.clone(), e.event.clone()))
+        .collect();
+    assert_eq!(got, [renamed("r1"), renamed("r2")]);
+    assert_eq!(
+        in_room(&s.events(), "r1").last().map(|(id, _)| *id),
+        Some(2)
+    );
+    assert_eq!(s.events_in("r2").len(), 2);
+    assert_eq!(names_in(&members(&s, "r1", now).await), ["alicia"]);
+    assert_eq!(names_in(&members(&s, "r2", now).await), ["alicia"]);
+    let lobby_renames = |s: &EmbeddedStore| {
+        s.events_in(DEFAULT_ROOM)
+            .iter()
+            .filter(|e| matches!(e.event, ChatEvent::MemberRenamed { .. }))
+            .count()
+    };
+    assert_eq!(lobby_renames(&s), 1);
+    // AND finishing it read her member item in each of her rooms, to compare names
+    for (before, after) in reads_before.iter().zip(reads_after) {
+        assert!(after > *before, "{reads_before:?} -> {reads_after:?}");
+    }
+
+    // WHEN she retries once more
+    let events_before = s.events().len();
+    let reads_before = member_reads(&s);
+    let again = s.set_name("a", &name("alicia"), now).await.expect("again");
+
+    // THEN nothing is left to do: nothing recorded, nothing returned, and no member item
+    // read (the connection item alone says no rename is unfinished)
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(s.events().len(), events_before);
+    assert_eq!(lobby_renames(&s), 1);
+    assert_eq!(member_reads(&s), reads_before);
+}
+
+#[tokio::test]
+async fn after_a_rename_fails_part_way_a_new_name_is_announced_after_the_old_rename() {
+    // GIVEN alice in lobby and r1, renamed to alicia with r1's transaction failing
+    let s = store();
+    let now = chat_shared::now_ms();
+    named(&s, "a", "alice", now).await;
+    join(&s, "a", "r1", now).await;
+    s.fail_writes_after(1, 1);
+    s.set_name("a", &name("alicia"), now)
+        .await
+        .expect_err("r1's transaction fails");
+
+    // WHEN she renames herself again, to ali
+    let events = s.set_name("a", &name("ali"), now).await.expect("rename");
+
+    // THEN r1 first hears of the rename it missed, then of the new one; lobby of the new one
+    let got: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| match &e.event {
+            ChatEvent::MemberRenamed { old_name, name, .. } => {
+                (e.room.clone(), old_name.clone(), name.clone())
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let row = |room: &str, old: &str, new: &str| (room.to_owned(), old.to_owned(), new.to_owned());
+    assert_eq!(
+        got,
+        [
+            row("r1", "alice", "alicia"),
+            row(DEFAULT_ROOM, "alicia", "ali"),
+            row("r1", "alicia", "ali"),
+        ]
+    );
+    assert_eq!(names_in(&members(&s, "r1", now).await), ["ali"]);
+    // AND a same-name setName then has nothing to finish
+    let again = s.set_name("a", &name("ali"), now).await.expect("again");
+    assert!(again.is_empty(), "{again:?}");
+}
+
+#[tokio::test]
+async fn a_member_leaves_a_room_an_unfinished_rename_missed_under_the_name_it_knew() {
+    // GIVEN alice in lobby, r1 and r2, renamed to alicia with r1's transaction failing
+    let s = store();
+    let now = chat_shared::now_ms();
+    named(&s, "a", "alice", now).await;
+    join(&s, "a", "r1", now).await;
+    join(&s, "a", "r2", now).await;
+    s.fail_writes_after(1, 1);
+    s.set_name("a", &name("alicia"), now)
+        .await
+        .expect_err("r1's transaction fails");
+
+    // WHEN she leaves r1, then disconnects
+    let left = s
+        .leave_room("a", "r1", LeaveReason::Left, now)
+        .await
+        .expect("leave");
+    let gone = s
+        .remove_connection("a", LeaveReason::Disconnected, now)
+        .await
+        .expect("disconnect");
+
+    // THEN each room hears her leave under the name it knew her by: r1 and r2 never heard of
+    // alicia, lobby did
+    let left_as = |e: &StoredEvent| match &e.event {
+        ChatEvent::MemberLeft { name, .. } => (e.room.clone(), name.clone()),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(left_as(&left), ("r1".to_owned(), "alice".to_owned()));
+    let gone: Vec<(String, String)> = gone.iter().map(left_as).collect();
+    assert_eq!(
+        gone,
+        [
+            (DEFAULT_ROOM.to_owned(), "alicia".to_owned()),
+            ("r2".to_owned(), "alice".to_owned()),
+        ]
+    );
 }
 
 #[tokio::test]

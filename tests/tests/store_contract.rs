@@ -1405,6 +1405,36 @@ async fn a_rename_is_announced_in_every_room(f: &mut Fixture) {
     );
 }
 
+async fn the_same_name_again_after_a_whole_rename_records_nothing(f: &mut Fixture) {
+    // GIVEN alice in lobby, r1 and r2, renamed to alicia (every room heard of it)
+    let now = chat_shared::now_ms();
+    let store = Arc::clone(&f.store);
+    let s = store.as_ref();
+    join(s, "a", "alice", now).await;
+    join_room(s, "a", "r1", now).await;
+    join_room(s, "a", "r2", now).await;
+    let renamed = s.set_name("a", &name("alicia"), now).await.expect("rename");
+    assert_eq!(renamed.len(), 3);
+    f.committed().await;
+    // (on DynamoDB the rename left no `renaming` marker behind: the connection item alone
+    // then tells a same-name setName that nothing is unfinished)
+    if let Some((client, tables)) = &f.dynamo {
+        let item = conn_item(client, tables, "a").await;
+        assert!(!item.contains_key(keys::RENAMING), "{item:?}");
+    }
+
+    // WHEN her client sends setName alicia once more, twice
+    let again = s.set_name("a", &name("alicia"), now).await.expect("again");
+    let twice = s.set_name("a", &name("alicia"), now).await.expect("twice");
+
+    // THEN nothing is left to finish: nothing returned, nothing recorded
+    assert!(again.is_empty(), "{again:?}");
+    assert!(twice.is_empty(), "{twice:?}");
+    assert!(f.committed().await.is_empty());
+    let a = s.connection("a", now).await.expect("read").expect("a");
+    assert_eq!(a.name.as_deref(), Some("alicia"));
+}
+
 async fn set_name_after_leaving_lobby_joins_it_again(f: &mut Fixture) {
     // GIVEN alice joined (lobby 1), joined dev (dev 1), then left lobby (lobby 2)
     let now = chat_shared::now_ms();
@@ -1842,6 +1872,7 @@ contract!(
     leaving_a_room_ends_the_membership_there_only,
     a_connection_in_as_many_rooms_as_allowed_cannot_join_another,
     a_rename_is_announced_in_every_room,
+    the_same_name_again_after_a_whole_rename_records_nothing,
     set_name_after_leaving_lobby_joins_it_again,
     removing_a_connection_in_40_rooms_leaves_each_room,
     removing_many_connections_is_removing_each,
@@ -1920,6 +1951,107 @@ async fn counter_item(
         .expect("get counter")
         .item
         .expect("counter item exists")
+}
+
+/// A connection item as the store keeps it, read back with the SDK.
+async fn conn_item(
+    client: &aws_sdk_dynamodb::Client,
+    tables: &Tables,
+    id: &str,
+) -> HashMap<String, Av> {
+    client
+        .get_item()
+        .table_name(&tables.connections)
+        .key(keys::PK, av_s(&keys::conn_pk(id)))
+        .key(keys::SK, av_s(keys::CONN_SK))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("get connection")
+        .item
+        .expect("connection item exists")
+}
+
+/// Leaves connection `id`, named `old` and a member of lobby and `others` (each room small:
+/// its member item in shard 0), as a rename to `new` that failed after its first transaction
+/// leaves it, written with the SDK behind the store's back: the claim moved, the connection
+/// named `new` with the `renaming` marker, lobby's member item renamed, the other rooms'
+/// member items still named `old`.
+async fn half_renamed(
+    client: &aws_sdk_dynamodb::Client,
+    tables: &Tables,
+    id: &str,
+    old: &str,
+    new: &str,
+) {
+    let new = name(new);
+    let conn = conn_item(client, tables, id).await;
+    let expires_at = conn.get(keys::EXPIRES_AT).cloned().expect("expiresAt");
+    client
+        .update_item()
+        .table_name(&tables.connections)
+        .key(keys::PK, av_s(&keys::conn_pk(id)))
+        .key(keys::SK, av_s(keys::CONN_SK))
+        .update_expression("SET #name = :name, #nkey = :nkey, #renaming = :old")
+        .expression_attribute_names("#name", keys::NAME)
+        .expression_attribute_names("#nkey", keys::NAME_KEY)
+        .expression_attribute_names("#renaming", keys::RENAMING)
+        .expression_attribute_values(":name", av_s(&new.display))
+        .expression_attribute_values(":nkey", av_s(&new.key))
+        .expression_attribute_values(":old", av_s(old))
+        .send()
+        .await
+        .expect("rename the connection");
+    client
+        .delete_item()
+        .table_name(&tables.connections)
+        .key(keys::PK, av_s(&keys::name_pk(&name_key(old))))
+        .key(keys::SK, av_s(keys::NAME_SK))
+        .send()
+        .await
+        .expect("release the old claim");
+    client
+        .put_item()
+        .table_name(&tables.connections)
+        .item(keys::PK, av_s(&keys::name_pk(&new.key)))
+        .item(keys::SK, av_s(keys::NAME_SK))
+        .item(keys::CONNECTION_ID, av_s(id))
+        .item(keys::NAME, av_s(&new.display))
+        .item(keys::EXPIRES_AT, expires_at)
+        .send()
+        .await
+        .expect("claim the new name");
+    client
+        .update_item()
+        .table_name(&tables.connections)
+        .key(keys::PK, av_s(&keys::members_pk(keys::DEFAULT_ROOM, 0)))
+        .key(keys::SK, av_s(id))
+        .update_expression("SET #name = :name")
+        .expression_attribute_names("#name", keys::NAME)
+        .expression_attribute_values(":name", av_s(&new.display))
+        .send()
+        .await
+        .expect("rename the lobby member item");
+}
+
+/// The name on `id`'s member item in `room` (shard 0), read with the SDK.
+async fn member_name(
+    client: &aws_sdk_dynamodb::Client,
+    tables: &Tables,
+    room: &str,
+    id: &str,
+) -> Option<String> {
+    client
+        .get_item()
+        .table_name(&tables.connections)
+        .key(keys::PK, av_s(&keys::members_pk(room, 0)))
+        .key(keys::SK, av_s(id))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("get member")
+        .item
+        .and_then(|item| item.get(keys::NAME).and_then(|v| v.as_s().ok()).cloned())
 }
 
 fn number(item: &HashMap<String, Av>, attribute: &str) -> u64 {
@@ -2173,6 +2305,150 @@ async fn dynamodb_pruning_many_members_moves_the_room_counter_once() {
     assert_eq!(counters.len(), 1, "{counters:?}");
     assert_eq!(records.len(), 6);
     assert!(room_members(f.store(), "lobby", now).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_a_retried_set_name_finishes_a_rename_that_failed_part_way() {
+    // GIVEN alice in lobby, r1 and r2, and bob in r1
+    let mut f = Fixture::dynamodb().await;
+    let (client, tables) = f.dynamo.clone().expect("dynamodb fixture");
+    let now = chat_shared::now_ms();
+    join(f.store(), "a", "alice", now).await;
+    join(f.store(), "b", "bob", now).await;
+    join_room(f.store(), "a", "r1", now).await;
+    join_room(f.store(), "a", "r2", now).await;
+    join_room(f.store(), "b", "r1", now).await;
+    f.committed().await;
+    // AND her rename to alicia stopped after its first transaction (lobby's), as a store
+    // error in r1's would have left it: r1 and r2 still list her as alice
+    half_renamed(&client, &tables, "a", "alice", "alicia").await;
+    assert_eq!(
+        member_name(&client, &tables, "r1", "a").await.as_deref(),
+        Some("alice")
+    );
+
+    // WHEN her client retries setName alicia
+    let retried = f
+        .store()
+        .set_name("a", &name("alicia"), now)
+        .await
+        .expect("retry");
+
+    // THEN r1 and r2 hear of the rename, from the name they knew, at their next ids, and
+    // those are the events returned and committed; lobby (whose member item has the new
+    // name) hears nothing
+    let rename = ChatEvent::MemberRenamed {
+        connection_id: "a".into(),
+        old_name: "alice".into(),
+        name: "alicia".into(),
+    };
+    assert_eq!(
+        retried
+            .iter()
+            .map(|e| (e.room.as_str(), e.seq, &e.event))
+            .collect::<Vec<_>>(),
+        [("r1", 3, &rename), ("r2", 2, &rename)]
+    );
+    assert_eq!(f.committed().await, retried);
+    for room in ["lobby", "r1", "r2"] {
+        assert_eq!(
+            member_name(&client, &tables, room, "a").await.as_deref(),
+            Some("alicia"),
+            "in {room}"
+        );
+    }
+    // AND the marker is gone: a second retry records nothing
+    assert!(!conn_item(&client, &tables, "a")
+        .await
+        .contains_key(keys::RENAMING));
+    let again = f
+        .store()
+        .set_name("a", &name("alicia"), now)
+        .await
+        .expect("again");
+    assert!(again.is_empty(), "{again:?}");
+    assert!(f.committed().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_a_new_name_after_a_rename_failed_part_way_comes_after_the_old_rename() {
+    // GIVEN alice in lobby and r1, her rename to alicia stopped after lobby's transaction
+    let mut f = Fixture::dynamodb().await;
+    let (client, tables) = f.dynamo.clone().expect("dynamodb fixture");
+    let now = chat_shared::now_ms();
+    join(f.store(), "a", "alice", now).await;
+    join_room(f.store(), "a", "r1", now).await;
+    half_renamed(&client, &tables, "a", "alice", "alicia").await;
+    f.committed().await;
+
+    // WHEN she renames herself to ali
+    let events = f
+        .store()
+        .set_name("a", &name("ali"), now)
+        .await
+        .expect("rename");
+
+    // THEN r1 first hears of the rename it missed, then both rooms of the new one
+    let renamed = |old: &str, new: &str| ChatEvent::MemberRenamed {
+        connection_id: "a".into(),
+        old_name: old.into(),
+        name: new.into(),
+    };
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.room.as_str(), e.event.clone()))
+            .collect::<Vec<_>>(),
+        [
+            ("r1", renamed("alice", "alicia")),
+            ("lobby", renamed("alicia", "ali")),
+            ("r1", renamed("alicia", "ali")),
+        ]
+    );
+    assert_eq!(f.committed().await, events);
+    assert!(!conn_item(&client, &tables, "a")
+        .await
+        .contains_key(keys::RENAMING));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_leaves_during_an_unfinished_rename_carry_the_name_each_room_knew() {
+    // GIVEN alice in lobby, r1 and r2, her rename to alicia stopped after lobby's transaction
+    let f = Fixture::dynamodb().await;
+    let (client, tables) = f.dynamo.clone().expect("dynamodb fixture");
+    let now = chat_shared::now_ms();
+    join(f.store(), "a", "alice", now).await;
+    join_room(f.store(), "a", "r1", now).await;
+    join_room(f.store(), "a", "r2", now).await;
+    half_renamed(&client, &tables, "a", "alice", "alicia").await;
+
+    // WHEN she leaves r1, then disconnects
+    let left = f
+        .store()
+        .leave_room("a", "r1", LeaveReason::Left, now)
+        .await
+        .expect("leave");
+    let gone = f
+        .store()
+        .remove_connection("a", LeaveReason::Disconnected, now)
+        .await
+        .expect("disconnect");
+
+    // THEN each MemberLeft carries the name its room knew her by: r1 and r2 never heard of
+    // alicia, lobby did
+    let left_as = |e: &StoredEvent| match &e.event {
+        ChatEvent::MemberLeft { name, .. } => (e.room.clone(), name.clone()),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(left_as(&left), ("r1".to_owned(), "alice".to_owned()));
+    assert_eq!(
+        gone.iter().map(left_as).collect::<Vec<_>>(),
+        [
+            ("lobby".to_owned(), "alicia".to_owned()),
+            ("r2".to_owned(), "alice".to_owned())
+        ]
+    );
+    assert_eq!(f.store().connection("a", now).await.expect("read"), None);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -28,16 +28,20 @@ pub enum ReadOp {
     QueryEvents,
     /// `Query` of the newest event (healing a counter behind its log).
     QueryNewestEvent,
+    /// `GetItem` of one member item (`MEMBERS#<room>#<shard>` / `<connId>`): the name a room
+    /// knows a connection by, read only while a rename of it is unfinished (`renaming`).
+    GetMember,
 }
 
 impl ReadOp {
-    pub const ALL: [ReadOp; 6] = [
+    pub const ALL: [ReadOp; 7] = [
         ReadOp::GetConnection,
         ReadOp::GetNameClaim,
         ReadOp::GetSequence,
         ReadOp::QueryMembers,
         ReadOp::QueryEvents,
         ReadOp::QueryNewestEvent,
+        ReadOp::GetMember,
     ];
 
     /// Whether the read is strongly consistent (`ConsistentRead: true`).
@@ -52,7 +56,11 @@ impl ReadOp {
             | ReadOp::GetNameClaim
             | ReadOp::GetSequence
             | ReadOp::QueryEvents
-            | ReadOp::QueryNewestEvent => true,
+            | ReadOp::QueryNewestEvent
+            // Strongly consistent: an unfinished rename is finished by comparing names, and a
+            // stale name would announce a rename twice (the write's condition would refuse it,
+            // at the cost of a cancelled transaction).
+            | ReadOp::GetMember => true,
         }
     }
 }

@@ -89,6 +89,9 @@ struct ConnItem {
     identity: Option<String>,
     /// `rooms`: every room it is a member of, and the member shard its item is in there.
     rooms: BTreeMap<String, u32>,
+    /// `renaming`: the old name while a rename is not yet recorded in every room (some member
+    /// items may still have it); the next `setName` finishes the rename.
+    renaming: Option<String>,
 }
 
 impl ConnItem {
@@ -421,6 +424,24 @@ impl State {
             .entry(keys::members_pk(room, shard))
             .or_default()
             .put(connection_id.to_owned(), item, lag);
+    }
+
+    /// The connection's member item in `room`'s `shard`, expired or not (it expires with its
+    /// connection).
+    fn member(&self, room: &str, shard: u32, connection_id: &str) -> Option<&MemberItem> {
+        self.members
+            .get(&keys::members_pk(room, shard))
+            .and_then(|m| m.get(connection_id))
+    }
+
+    /// The name `room` knows `conn` by (for its `MemberLeft`): its member item's, which is the
+    /// connection's unless a rename of it is unfinished (`renaming`; the DynamoDB adapter reads
+    /// the member item only then).
+    fn name_in_room(&self, conn: &ConnItem, room: &str, shard: u32) -> String {
+        conn.renaming
+            .as_ref()
+            .and_then(|_| self.member(room, shard, &conn.connection_id))
+            .map_or_else(|| conn.display_name(), |m| m.name.clone())
     }
 
     fn live_claim(&self, key: &str, now_s: i64) -> Option<&Claim> {
@@ -1304,6 +1325,7 @@ fn op_name(op: ReadOp) -> &'static str {
         ReadOp::QueryMembers => "Query members",
         ReadOp::QueryEvents => "Query events",
         ReadOp::QueryNewestEvent => "Query newest event",
+        ReadOp::GetMember => "GetItem member",
     }
 }
 
@@ -1341,6 +1363,9 @@ fn conn_item_size(c: &ConnItem) -> usize {
     if !c.rooms.is_empty() {
         // A map: 3 bytes, and per entry 1 byte, the room's name and its shard number.
         size += keys::ROOMS.len() + 3 + c.rooms.keys().map(|r| 1 + r.len() + 2).sum::<usize>();
+    }
+    if let Some(old) = &c.renaming {
+        size += keys::RENAMING.len() + old.len();
     }
     size
 }
@@ -1593,7 +1618,13 @@ impl EmbeddedStore {
                 ),
                 First::Rename { shard, .. } => *shard,
             };
-            let renamed = conn_item_size(conn) + 2 * name.display.len() + 16;
+            let marker = match (&first, &conn.name) {
+                (First::Rename { .. }, Some(old)) if conn.rooms.len() > 1 => {
+                    keys::RENAMING.len() + old.display.len()
+                }
+                _ => 0,
+            };
+            let renamed = conn_item_size(conn) + 2 * name.display.len() + 16 + marker;
             calls
                 .item(conn_pk.clone(), units_of(renamed, 1024))
                 .item(keys::members_pk(first.room(), shard), 1)
@@ -1657,6 +1688,12 @@ impl EmbeddedStore {
                 display: name.display.clone(),
                 key: name.key.clone(),
             });
+            // Other rooms still know the old name until their own transactions: the marker
+            // says so until the last of them is done, for a retry to finish. A rename in its
+            // only room is whole in this one.
+            if !joins {
+                named.renaming = (named.rooms.len() > 1).then(|| old_name.clone());
+            }
             named.rooms.insert(room.clone(), shard);
             let member = MemberItem {
                 connection_id: connection_id.to_owned(),
@@ -1672,9 +1709,9 @@ impl EmbeddedStore {
     }
 
     /// After the first room heard of a rename: `MemberRenamed` in each other room the
-    /// connection is a member of (name order), one transaction each, then a join of lobby if
-    /// it is not in it. A room it has left meanwhile is skipped, and a rename made meanwhile
-    /// announces itself.
+    /// connection is a member of (name order), one transaction each, then the `renaming`
+    /// marker goes, then a join of lobby if it is not in it. A room it has left meanwhile is
+    /// skipped, and a rename made meanwhile announces itself.
     async fn announce_rename(
         &self,
         connection_id: &str,
@@ -1686,65 +1723,32 @@ impl EmbeddedStore {
         let now_s = epoch_secs(now_ms);
         let conn_pk = keys::conn_pk(connection_id);
         // The adapter reads the connection once more, for the rooms to announce it in.
-        let rooms = self
+        let read = self
             .write(
                 RENAME,
                 |_| Calls::default().get(conn_pk.clone()),
                 |state| {
-                    Ok(state
-                        .live_conn(connection_id, now_s)
-                        .map(|c| c.rooms.keys().cloned().collect::<Vec<_>>()))
+                    Ok(state.live_conn(connection_id, now_s).map(|c| {
+                        (
+                            c.rooms.keys().cloned().collect::<Vec<_>>(),
+                            c.renaming.is_some(),
+                        )
+                    }))
                 },
             )
             .await?;
-        let Some(rooms) = rooms else {
+        let Some((rooms, marked)) = read else {
             return Ok(Vec::new());
-        };
-        // The shard of the room, if the connection is in it with this name.
-        let renaming = |state: &State, room: &str| {
-            state
-                .live_conn(connection_id, now_s)
-                .filter(|c| c.name.as_ref().map(|n| n.display.as_str()) == Some(display))
-                .and_then(|c| c.rooms.get(room).map(|&shard| (c.clone(), shard)))
         };
         let mut events = Vec::new();
         for room in rooms.iter().filter(|r| *r != first_room) {
-            let plan = |state: &State| {
-                let base = Calls::default()
-                    .get(keys::room_pk(room))
-                    .get(conn_pk.clone());
-                match renaming(state, room) {
-                    Some((conn, shard)) => base
-                        .item(conn_pk.clone(), conn_units(&conn))
-                        .item(keys::members_pk(room, shard), 1)
-                        .append(room, EVENT_OVERHEAD),
-                    None => base,
-                }
-            };
-            let renamed = self
-                .write(RENAME, plan, |state| {
-                    let Some((conn, shard)) = renaming(state, room) else {
-                        return Ok(None);
-                    };
-                    let (before, after) = state.next_counter(room, 0);
-                    let event = ChatEvent::MemberRenamed {
-                        connection_id: connection_id.to_owned(),
-                        old_name: old_name.to_owned(),
-                        name: display.to_owned(),
-                    };
-                    let pending = self.shared.prepare(room, before, after, event, now_ms)?;
-                    state.injected_failure(RENAME)?;
-                    // A put of the whole member item, as the DynamoDB adapter writes it.
-                    let member = MemberItem {
-                        connection_id: connection_id.to_owned(),
-                        name: display.to_owned(),
-                        expires_at: conn.expires_at,
-                    };
-                    state.put_member(room, shard, connection_id, Some(member));
-                    Ok(Some(self.finish(state, pending)))
-                })
-                .await?;
-            events.extend(renamed);
+            events.extend(
+                self.rename_in(connection_id, room, display, Some(old_name), now_ms)
+                    .await?,
+            );
+        }
+        if marked {
+            self.clear_renaming(connection_id, display).await?;
         }
         if !rooms.iter().any(|r| r == DEFAULT_ROOM) {
             if let Joined::Now(event) = self
@@ -1755,6 +1759,132 @@ impl EmbeddedStore {
             }
         }
         Ok(events)
+    }
+
+    /// Finishes a rename that stopped part-way (the connection's `renaming` is set):
+    /// `MemberRenamed` in each room (name order) whose member item still has another name
+    /// than the connection, from that name, then the marker goes. Nothing (and no write)
+    /// without the marker, the common case: the connection has been read already.
+    async fn finish_rename(
+        &self,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let pending = {
+            let state = self.shared.lock();
+            state
+                .live_conn(connection_id, epoch_secs(now_ms))
+                .filter(|c| c.renaming.is_some())
+                .and_then(|c| {
+                    let rooms = c.rooms.keys().cloned().collect::<Vec<_>>();
+                    c.name.as_ref().map(|n| (rooms, n.display.clone()))
+                })
+        };
+        let Some((rooms, display)) = pending else {
+            return Ok(Vec::new());
+        };
+        let mut events = Vec::new();
+        for room in &rooms {
+            events.extend(
+                self.rename_in(connection_id, room, &display, None, now_ms)
+                    .await?,
+            );
+        }
+        self.clear_renaming(connection_id, &display).await?;
+        Ok(events)
+    }
+
+    /// `MemberRenamed` to `display` in `room` from the name its member item has, with the
+    /// put of that item, if that name is another one; nothing if the connection has left the
+    /// room or been renamed again (that rename announces itself). `old`: the name the rename
+    /// started from, which the DynamoDB adapter assumes on its first try instead of reading
+    /// the member item (on the condition that the item has it; `None`: it reads it).
+    async fn rename_in(
+        &self,
+        connection_id: &str,
+        room: &str,
+        display: &str,
+        old: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let conn_pk = keys::conn_pk(connection_id);
+        // The connection, its shard in the room and the name the room knows it by, if the
+        // room has a rename to hear of.
+        let renaming = |state: &State| {
+            let conn = state
+                .live_conn(connection_id, now_s)
+                .filter(|c| c.name.as_ref().map(|n| n.display.as_str()) == Some(display))?;
+            let shard = *conn.rooms.get(room)?;
+            let known = state.member(room, shard, connection_id)?.name.clone();
+            (known != display).then(|| (conn.clone(), shard, known))
+        };
+        let plan = |state: &State| {
+            let base = Calls::default()
+                .get(keys::room_pk(room))
+                .get(conn_pk.clone());
+            let shard = state
+                .live_conn(connection_id, now_s)
+                .and_then(|c| c.rooms.get(room).copied());
+            let base = match (old, shard) {
+                (None, Some(shard)) => base.get(keys::members_pk(room, shard)),
+                _ => base,
+            };
+            match renaming(state) {
+                Some((conn, shard, _)) => base
+                    .item(conn_pk.clone(), conn_units(&conn))
+                    .item(keys::members_pk(room, shard), 1)
+                    .append(room, EVENT_OVERHEAD),
+                None => base,
+            }
+        };
+        self.write(RENAME, plan, |state| {
+            let Some((conn, shard, known)) = renaming(state) else {
+                return Ok(None);
+            };
+            let (before, after) = state.next_counter(room, 0);
+            let event = ChatEvent::MemberRenamed {
+                connection_id: connection_id.to_owned(),
+                old_name: known,
+                name: display.to_owned(),
+            };
+            let pending = self.shared.prepare(room, before, after, event, now_ms)?;
+            state.injected_failure(RENAME)?;
+            // A put of the whole member item, as the DynamoDB adapter writes it.
+            let member = MemberItem {
+                connection_id: connection_id.to_owned(),
+                name: display.to_owned(),
+                expires_at: conn.expires_at,
+            };
+            state.put_member(room, shard, connection_id, Some(member));
+            Ok(Some(self.finish(state, pending)))
+        })
+        .await
+    }
+
+    /// Removes the `renaming` marker once every room has heard of the rename to `display`
+    /// (an `UpdateItem`); not if the connection has been renamed again since (that rename
+    /// owns the marker now).
+    async fn clear_renaming(&self, connection_id: &str, display: &str) -> Result<(), StoreError> {
+        const OP: &str = "UpdateItem renaming";
+        let conn_pk = keys::conn_pk(connection_id);
+        let plan = |state: &State| match state.conns.get(connection_id) {
+            Some(conn) => Calls::default().item(conn_pk.clone(), conn_units(conn)),
+            None => Calls::default(),
+        };
+        self.write(OP, plan, |state| {
+            let Some(mut done) = state.conns.get(connection_id).cloned() else {
+                return Ok(());
+            };
+            if done.name.as_ref().map(|n| n.display.as_str()) != Some(display) {
+                return Ok(());
+            }
+            state.injected_failure(OP)?;
+            done.renaming = None;
+            state.put_conn(connection_id, Some(done));
+            Ok(())
+        })
+        .await
     }
 
     /// The leaves of `ids` from `room` in one transaction (those still members of it), with
@@ -1784,6 +1914,7 @@ impl EmbeddedStore {
             }
             for (conn, shard) in &leaving {
                 calls = calls
+                    .get_if(conn.renaming.is_some(), || keys::members_pk(room, *shard))
                     .item(keys::conn_pk(&conn.connection_id), conn_units(conn))
                     .item(keys::members_pk(room, *shard), 1);
             }
@@ -1806,9 +1937,9 @@ impl EmbeddedStore {
             let (before, after) = state.advance(room, k, Members::Leave(k));
             let events = leaving
                 .iter()
-                .map(|(conn, _)| ChatEvent::MemberLeft {
+                .map(|(conn, shard)| ChatEvent::MemberLeft {
                     connection_id: conn.connection_id.clone(),
-                    name: conn.display_name(),
+                    name: state.name_in_room(conn, room, *shard),
                     reason,
                 })
                 .collect();
@@ -1846,7 +1977,7 @@ impl EmbeddedStore {
         let (before, after) = state.next_counter(room, -1);
         let event = ChatEvent::MemberLeft {
             connection_id: id.to_owned(),
-            name: conn.display_name(),
+            name: state.name_in_room(conn, room, shard),
             reason,
         };
         let pending = self.shared.prepare(room, before, after, event, now_ms)?;
@@ -1877,6 +2008,7 @@ impl ChatStore for EmbeddedStore {
             bucket: None,
             identity: identity.map(str::to_owned),
             rooms: BTreeMap::new(),
+            renaming: None,
         };
         let pk = keys::conn_pk(connection_id);
         let units = conn_units(&item);
@@ -1919,23 +2051,24 @@ impl ChatStore for EmbeddedStore {
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut evicted = false;
+        // An earlier rename stopped part-way (its client got an error): the rooms it did not
+        // reach hear of it first, whatever this call goes on to do.
+        let mut events = self.finish_rename(connection_id, now_ms).await?;
         loop {
             match self
                 .claim_name(connection_id, name, evicted, now_ms)
                 .await?
             {
-                Claimed::Same { in_lobby: true } => return Ok(Vec::new()),
+                Claimed::Same { in_lobby: true } => return Ok(events),
                 Claimed::Same { in_lobby: false } => {
                     // Nothing to claim; back into lobby, which it left.
-                    return Ok(
-                        match self
-                            .join_room(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
-                            .await?
-                        {
-                            Joined::Now(event) => vec![event],
-                            Joined::Already { .. } => Vec::new(),
-                        },
-                    );
+                    if let Joined::Now(event) = self
+                        .join_room(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
+                        .await?
+                    {
+                        events.push(event);
+                    }
+                    return Ok(events);
                 }
                 Claimed::Evict(old) => {
                     // The same identity takes its name back: its older connection (a stale
@@ -1955,7 +2088,7 @@ impl ChatStore for EmbeddedStore {
                     }
                 }
                 Claimed::First(first, renamed) => {
-                    let mut events = vec![*first];
+                    events.push(*first);
                     if let Some((room, old_name)) = renamed {
                         events.extend(
                             self.announce_rename(
@@ -2057,7 +2190,9 @@ impl ChatStore for EmbeddedStore {
                 .get(keys::room_pk(room))
                 .get(conn_pk.clone());
             match membership(state) {
+                // The member item too while a rename is unfinished: its name is the room's.
                 Ok((conn, shard)) => base
+                    .get_if(conn.renaming.is_some(), || keys::members_pk(room, shard))
                     .item(conn_pk.clone(), conn_units(&conn))
                     .item(keys::members_pk(room, shard), 1)
                     .append(room, EVENT_OVERHEAD),
@@ -2179,6 +2314,7 @@ impl ChatStore for EmbeddedStore {
                     return base
                         .get(keys::room_pk(room))
                         .get(conn_pk.clone())
+                        .get_if(conn.renaming.is_some(), || keys::members_pk(room, *shard))
                         .item(conn_pk.clone(), conn_units(conn))
                         .item(keys::members_pk(room, *shard), 1)
                         .append(room, EVENT_OVERHEAD);

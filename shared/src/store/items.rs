@@ -33,6 +33,10 @@ pub struct ConnItem {
     /// exists); `None` only on an item written before layout 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rooms: Option<BTreeMap<String, u32>>,
+    /// The old name while a rename is not yet recorded in every room it is in (`renaming`):
+    /// some member items may still have it, and the next `setName` finishes the rename.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renaming: Option<String>,
 }
 
 impl ConnItem {

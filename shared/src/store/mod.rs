@@ -180,6 +180,13 @@ pub trait ChatStore: Send + Sync {
     /// not a member of [`crate::keys::DEFAULT_ROOM`], it joins it (`MemberJoined`), as the
     /// tutorial's `setName` joins the chat. Returns the events recorded, lobby's first; the
     /// same name again, already in the lobby, changes nothing and returns none.
+    ///
+    /// A rename that failed part-way (a store error after its first transaction) is finished
+    /// by the next `setName` of the connection, the same name retried or another, before
+    /// anything else: each room whose member item still has another name than the connection
+    /// gets its `MemberRenamed` from that name, and those events come first in the answer.
+    /// The connection item's `renaming` marker ([`crate::keys`]) says one is unfinished, so a
+    /// `setName` without one reads no member item.
     async fn set_name(
         &self,
         connection_id: &str,
@@ -242,7 +249,8 @@ pub trait ChatStore: Send + Sync {
     ) -> Result<StoredEvent, StoreError>;
 
     /// Removes the connection and releases its name; records `MemberLeft` in every room it
-    /// was a member of (one transaction per room, then the connection itself last, so a
+    /// was a member of (with the name that room knows it by: the old one in a room an
+    /// unfinished rename has not reached) (one transaction per room, then the connection itself last, so a
     /// retry after a failure part-way finishes the job). Idempotent: an unknown connection
     /// is `Ok(vec![])`.
     async fn remove_connection(

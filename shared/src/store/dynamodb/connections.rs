@@ -115,6 +115,7 @@ impl DynamoStore {
             rl_at: None,
             identity: identity.map(str::to_owned),
             rooms: Some(BTreeMap::new()),
+            renaming: None,
         };
         let item = serde_dynamo::to_item(&conn)
             .map_err(|e| StoreError::Malformed(format!("connection item: {e}")))?;
@@ -185,21 +186,28 @@ impl DynamoStore {
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut evicted = false;
+        // The events of an interrupted rename this call finished first (at most once).
+        let mut finished: Option<Vec<StoredEvent>> = None;
         for attempt in 1..=MAX_ATTEMPTS {
             let conn = live(self.get_conn(connection_id).await?, now_ms)
                 .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+            if conn.renaming.is_some() && finished.is_none() {
+                // An earlier rename stopped part-way (its client got an error): the rooms it
+                // did not reach hear of it first, whatever this call goes on to do.
+                finished = Some(self.finish_rename(&conn, now_ms).await?);
+            }
+            let mut events = finished.clone().unwrap_or_default();
             if conn.name.as_deref() == Some(name.display.as_str()) {
                 // The same name again: nothing to claim; back into lobby if it left it.
-                if conn.shard_in(DEFAULT_ROOM).is_some() {
-                    return Ok(Vec::new());
+                if conn.shard_in(DEFAULT_ROOM).is_none() {
+                    if let Joined::Now(event) = self
+                        .join(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
+                        .await?
+                    {
+                        events.push(event);
+                    }
                 }
-                return match self
-                    .join(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
-                    .await?
-                {
-                    Joined::Now(event) => Ok(vec![event]),
-                    Joined::Already { .. } => Ok(Vec::new()),
-                };
+                return Ok(events);
             }
             match self.standing(&conn, name, now_ms).await? {
                 Standing::Taken => return Err(StoreError::NameTaken(name.display.clone())),
@@ -264,7 +272,7 @@ impl DynamoStore {
                     continue;
                 }
             };
-            let mut events = vec![first_event];
+            events.push(first_event);
             if let (FirstStep::Rename { room, .. }, Some(old)) = (first, &conn.name) {
                 events.extend(
                     self.announce_rename(connection_id, room, old, name, now_ms)
@@ -352,17 +360,32 @@ impl DynamoStore {
                 )
             }
             FirstStep::Rename { room, shard } => {
+                let mut set = Expr::new("SET #name = :name, #nkey = :nkey")
+                    .value(":name", s(&name.display))
+                    .value(":nkey", s(&name.key));
+                let mut cond = name_unchanged(conn)
+                    .and(Expr::new("attribute_exists(#rooms.#room)").name("#room", room.clone()));
+                match (conn.room_names().len() > 1, &conn.name) {
+                    // Other rooms still know the old name until their own transactions: the
+                    // marker says so until the last of them is done, for a retry to finish.
+                    (true, Some(old)) => {
+                        set.text.push_str(", #renaming = :old");
+                        set = set.value(":old", s(old));
+                    }
+                    // This room is its only one: the rename is whole in this transaction (if a
+                    // join has added a room since the read, build again: it needs the marker).
+                    _ => {
+                        set.text.push_str(" REMOVE #renaming");
+                        cond = cond.and(Expr::new("size(#rooms) = :one").value(":one", n(1)));
+                    }
+                }
                 items.push(update(
                     &self.tables.connections,
                     conn_key(id),
-                    Expr::new("SET #name = :name, #nkey = :nkey")
-                        .value(":name", s(&name.display))
-                        .value(":nkey", s(&name.key)),
-                    Some(name_unchanged(conn).and(
-                        Expr::new("attribute_exists(#rooms.#room)").name("#room", room.clone()),
-                    )),
+                    set,
+                    Some(cond),
                 )?);
-                items.push(self.put_member(room, *shard, conn, &name.display)?);
+                items.push(self.put_member(room, *shard, conn, &name.display, None)?);
                 (
                     ChatEvent::MemberRenamed {
                         connection_id: id.to_owned(),
@@ -381,8 +404,9 @@ impl DynamoStore {
     }
 
     /// After the first room heard of a rename: `MemberRenamed` in each other room the
-    /// connection is a member of (name order), one transaction each, then a join of lobby if
-    /// it is not in it. A room it has left meanwhile is skipped.
+    /// connection is a member of (name order), one transaction each, then the `renaming`
+    /// marker goes, then a join of lobby if it is not in it. A room it has left meanwhile is
+    /// skipped.
     async fn announce_rename(
         &self,
         connection_id: &str,
@@ -396,49 +420,13 @@ impl DynamoStore {
         };
         let mut events = Vec::new();
         for room in conn.room_names().iter().filter(|r| *r != first_room) {
-            let renamed = self
-                .append_one(
-                    "TransactWriteItems rename",
-                    room,
-                    now_ms,
-                    move |_counter, _attempt| {
-                        Box::pin(async move {
-                            let Some(conn) = live(self.get_conn(connection_id).await?, now_ms)
-                            else {
-                                return Ok(Attempt::Done(()));
-                            };
-                            let Some(shard) = conn.shard_in(room) else {
-                                return Ok(Attempt::Done(()));
-                            };
-                            if conn.name.as_deref() != Some(name.display.as_str()) {
-                                // Renamed again meanwhile: that rename announces itself.
-                                return Ok(Attempt::Done(()));
-                            }
-                            let items = vec![
-                                check(
-                                    &self.tables.connections,
-                                    conn_key(connection_id),
-                                    name_unchanged(&conn).and(
-                                        Expr::new("attribute_exists(#rooms.#room)")
-                                            .name("#room", room.clone()),
-                                    ),
-                                )?,
-                                self.put_member(room, shard, &conn, &name.display)?,
-                            ];
-                            Ok(Attempt::Commit(Change {
-                                items,
-                                events: vec![ChatEvent::MemberRenamed {
-                                    connection_id: connection_id.to_owned(),
-                                    old_name: old_name.to_owned(),
-                                    name: name.display.clone(),
-                                }],
-                                membership: Membership::Unchanged,
-                            }))
-                        })
-                    },
-                )
-                .await?;
-            events.extend(renamed.ok());
+            events.extend(
+                self.rename_in(connection_id, room, &name.display, Some(old_name), now_ms)
+                    .await?,
+            );
+        }
+        if conn.renaming.is_some() {
+            self.clear_renaming(connection_id, &name.display).await?;
         }
         if conn.shard_in(DEFAULT_ROOM).is_none() {
             if let Joined::Now(event) = self
@@ -449,6 +437,121 @@ impl DynamoStore {
             }
         }
         Ok(events)
+    }
+
+    /// Finishes a rename that stopped part-way (`renaming` set): `MemberRenamed` in each room
+    /// (name order) whose member item still has another name than the connection, from that
+    /// name, then the marker goes. Reads each room's member item: only ever after a failure.
+    async fn finish_rename(
+        &self,
+        conn: &ConnItem,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let Some(name) = conn.name.as_deref() else {
+            return Ok(Vec::new());
+        };
+        let id = conn.connection_id.as_str();
+        let mut events = Vec::new();
+        for room in conn.room_names() {
+            events.extend(self.rename_in(id, &room, name, None, now_ms).await?);
+        }
+        self.clear_renaming(id, name).await?;
+        Ok(events)
+    }
+
+    /// `MemberRenamed` to `name` in `room`, with the put of the connection's member item
+    /// there, if it still has another name: `old`, the name the rename started from, on a
+    /// first try (no read: the member item of an unfinished rename has it), else the member
+    /// item's as read (finishing an interrupted rename, or after a cancelled try). The put is
+    /// on the condition that the item still has that name, so two finishers of one rename
+    /// announce it once. Nothing if the connection has left the room or been renamed again
+    /// (that rename announces itself).
+    async fn rename_in(
+        &self,
+        connection_id: &str,
+        room: &str,
+        name: &str,
+        old: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        let renamed = self
+            .append_one(
+                "TransactWriteItems rename",
+                room,
+                now_ms,
+                move |_counter, attempt| {
+                    Box::pin(async move {
+                        let Some(conn) = live(self.get_conn(connection_id).await?, now_ms) else {
+                            return Ok(Attempt::Done(()));
+                        };
+                        let Some(shard) = conn.shard_in(room) else {
+                            return Ok(Attempt::Done(()));
+                        };
+                        if conn.name.as_deref() != Some(name) {
+                            return Ok(Attempt::Done(()));
+                        }
+                        let was = match old.filter(|_| attempt == 1) {
+                            Some(old) => old.to_owned(),
+                            None => match self.get_member(room, shard, connection_id).await? {
+                                Some(member) if member.name != name => member.name,
+                                // Renamed there already (or never written): nothing to tell.
+                                _ => return Ok(Attempt::Done(())),
+                            },
+                        };
+                        let items = vec![
+                            check(
+                                &self.tables.connections,
+                                conn_key(connection_id),
+                                name_unchanged(&conn).and(
+                                    Expr::new("attribute_exists(#rooms.#room)")
+                                        .name("#room", room.to_owned()),
+                                ),
+                            )?,
+                            self.put_member(room, shard, &conn, name, Some(&was))?,
+                        ];
+                        Ok(Attempt::Commit(Change {
+                            items,
+                            events: vec![ChatEvent::MemberRenamed {
+                                connection_id: connection_id.to_owned(),
+                                old_name: was,
+                                name: name.to_owned(),
+                            }],
+                            membership: Membership::Unchanged,
+                        }))
+                    })
+                },
+            )
+            .await?;
+        Ok(renamed.ok())
+    }
+
+    /// Removes the `renaming` marker once every room has heard of the rename to `name`; not
+    /// if the connection has been renamed again since (that rename owns the marker now).
+    async fn clear_renaming(&self, connection_id: &str, name: &str) -> Result<(), StoreError> {
+        let remove = Expr::new("REMOVE #renaming");
+        let cond = Expr::new("#name = :name").value(":name", s(name));
+        let (names, values) = placeholders(&[&remove, &cond]);
+        match self
+            .client
+            .update_item()
+            .table_name(&self.tables.connections)
+            .set_key(Some(conn_key(connection_id)))
+            .update_expression(remove.text)
+            .condition_expression(cond.text)
+            .set_expression_attribute_names(names)
+            .set_expression_attribute_values(values)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(StoreError::backend("UpdateItem renaming", e)),
+        }
     }
 
     /// The item that gives up the name claim the connection holds (its current name's, unless

@@ -17,7 +17,7 @@ use crate::store::StoreError;
 pub(super) type Item = HashMap<String, AttributeValue>;
 
 /// The fixed attribute placeholders; a room name is added per expression ([`Expr::name`]).
-const NAMES: [(&str, &str); 15] = [
+const NAMES: [(&str, &str); 16] = [
     ("#pk", keys::PK),
     ("#sk", keys::SK),
     ("#seq", keys::SEQ),
@@ -28,6 +28,7 @@ const NAMES: [(&str, &str); 15] = [
     ("#nkey", keys::NAME_KEY),
     ("#ident", keys::IDENTITY),
     ("#rooms", keys::ROOMS),
+    ("#renaming", keys::RENAMING),
     ("#last", keys::COUNTER_LAST),
     ("#members", keys::COUNTER_MEMBERS),
     ("#shards", keys::COUNTER_SHARDS),

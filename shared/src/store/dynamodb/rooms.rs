@@ -118,20 +118,22 @@ impl DynamoStore {
                 set,
                 Some(cond),
             )?,
-            self.put_member(room, shard, conn, name)?,
+            self.put_member(room, shard, conn, name, None)?,
         ];
         Ok((items, shards))
     }
 
     /// The member item of `conn` in `room`'s `shard`, named `name`, expiring with the
-    /// connection. A put (not an update): a rename rewrites it whole, so it can never be left
-    /// as a partial item.
+    /// connection; with `was`, only if the item is there with that name (a rename the room
+    /// has not heard of yet: two finishers of one rename cannot both announce it). A put (not
+    /// an update): a rename rewrites it whole, so it can never be left as a partial item.
     pub(super) fn put_member(
         &self,
         room: &str,
         shard: u32,
         conn: &ConnItem,
         name: &str,
+        was: Option<&str>,
     ) -> Result<TransactWriteItem, StoreError> {
         let member = MemberItem {
             connection_id: conn.connection_id.clone(),
@@ -143,7 +145,58 @@ impl DynamoStore {
         put(
             &self.tables.connections,
             with_key(item, member_key(room, shard, &conn.connection_id)),
-            None,
+            was.map(|old| Expr::new("#name = :old").value(":old", s(old))),
+        )
+    }
+
+    /// The connection's member item in `room`'s `shard`, if there is one (strongly
+    /// consistent, expired or not: it expires with its connection).
+    pub(super) async fn get_member(
+        &self,
+        room: &str,
+        shard: u32,
+        connection_id: &str,
+    ) -> Result<Option<MemberItem>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.connections)
+            .set_key(Some(member_key(room, shard, connection_id)))
+            .consistent_read(ReadOp::GetMember.consistent_read())
+            .send()
+            .await
+            .map_err(|e| StoreError::backend("GetItem member", e))?;
+        out.item
+            .map(|item| {
+                serde_dynamo::from_item(item)
+                    .map_err(|e| StoreError::Malformed(format!("member item: {e}")))
+            })
+            .transpose()
+    }
+
+    /// The name `room` knows `conn` by, for its `MemberLeft`, and the condition of the delete
+    /// of its member item. The connection's name, unconditionally, unless a rename of it is
+    /// unfinished (`renaming`): then the room may not have heard of the new name, so the
+    /// member item is read and its name used, and the delete is on the condition that it
+    /// still has it (a concurrent finishing of the rename makes the leave read again).
+    async fn name_in_room(
+        &self,
+        conn: &ConnItem,
+        room: &str,
+        shard: u32,
+    ) -> Result<(String, Option<Expr>), StoreError> {
+        let name = conn.name.clone().unwrap_or_default();
+        if conn.renaming.is_none() {
+            return Ok((name, None));
+        }
+        Ok(
+            match self.get_member(room, shard, &conn.connection_id).await? {
+                Some(member) => {
+                    let cond = Expr::new("#name = :known").value(":known", s(&member.name));
+                    (member.name, Some(cond))
+                }
+                None => (name, None),
+            },
         )
     }
 
@@ -171,6 +224,7 @@ impl DynamoStore {
                         let shard = conn
                             .shard_in(room)
                             .ok_or_else(|| StoreError::NotAMember(room.to_owned()))?;
+                        let (name, known) = self.name_in_room(&conn, room, shard).await?;
                         let items = vec![
                             update(
                                 &self.tables.connections,
@@ -183,14 +237,14 @@ impl DynamoStore {
                             delete(
                                 &self.tables.connections,
                                 member_key(room, shard, connection_id),
-                                None,
+                                known,
                             )?,
                         ];
                         Ok(Attempt::<Infallible>::Commit(Change {
                             items,
                             events: vec![ChatEvent::MemberLeft {
                                 connection_id: connection_id.to_owned(),
-                                name: conn.name.clone().unwrap_or_default(),
+                                name,
                                 reason,
                             }],
                             membership: Membership::Leave(1),
@@ -229,6 +283,7 @@ impl DynamoStore {
                                 continue;
                             };
                             let id = conn.connection_id.as_str();
+                            let (name, known) = self.name_in_room(&conn, room, shard).await?;
                             items.push(update(
                                 &self.tables.connections,
                                 conn_key(id),
@@ -240,11 +295,11 @@ impl DynamoStore {
                             items.push(delete(
                                 &self.tables.connections,
                                 member_key(room, shard, id),
-                                None,
+                                known,
                             )?);
                             events.push(ChatEvent::MemberLeft {
                                 connection_id: id.to_owned(),
-                                name: conn.name.clone().unwrap_or_default(),
+                                name,
                                 reason,
                             });
                         }
