@@ -229,6 +229,9 @@ pub struct RebuildReport {
     pub max_event_id: u64,
     pub drift: Vec<DriftEntry>,
     pub members_without_connection: Vec<MemberRef>,
+    /// Members whose connection has a rename in progress (its `renaming` marker): their names
+    /// are not compared, because the chat completes the rename at their next `setName`.
+    pub renames_pending: Vec<String>,
     /// Whether fixes were attempted (`--apply`).
     pub applied: bool,
     pub fixed: usize,
@@ -271,6 +274,14 @@ impl fmt::Display for RebuildReport {
             for m in &self.members_without_connection {
                 writeln!(f, "  {} ({:?})", m.connection_id, m.name)?;
             }
+        }
+        if !self.renames_pending.is_empty() {
+            writeln!(
+                f,
+                "renames in progress ({}), left to the chat (completed at the connection's next setName): {}",
+                self.renames_pending.len(),
+                self.renames_pending.join(", ")
+            )?;
         }
         if self.applied {
             writeln!(f, "applied: {} fixed, {} skipped", self.fixed, self.skipped)
@@ -825,9 +836,9 @@ async fn derive(
     Ok(derived)
 }
 
-/// The drift between a snapshot and what the log says, in a stable order, and the members
-/// without a connection.
-fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef>) {
+/// The drift between a snapshot and what the log says, in a stable order, the members without
+/// a connection, and the members with a rename in progress (left to the chat).
+fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef>, Vec<String>) {
     let mut drift = Vec::new();
     if snapshot.counter.unwrap_or(0) < derived.max_id {
         drift.push(Drift::CounterBehind {
@@ -839,8 +850,8 @@ fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef
     for (id, m) in &snapshot.members {
         let conn = snapshot.conns.get(id);
         match (derived.seen.get(id), conn) {
-            (Some(Seen::Member(name)), Some(_)) => {
-                if m.item.name != *name {
+            (Some(Seen::Member(name)), Some(conn)) => {
+                if m.item.name != *name && conn.renaming.is_none() {
                     drift.push(Drift::MemberNameDiffers {
                         connection_id: id.clone(),
                         shard: m.shard,
@@ -872,6 +883,7 @@ fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef
         .collect();
     members.sort();
     let mut without = Vec::new();
+    let mut pending = Vec::new();
     let mut claim_drift = Vec::new();
     for (id, name) in members {
         let Some(conn) = snapshot.conns.get(id) else {
@@ -895,6 +907,13 @@ fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef
                 item_missing: item.is_none(),
                 entry_missing: entry.is_none(),
             });
+        }
+        if conn.renaming.is_some() {
+            // A rename in progress: rooms it has not reached yet still know the old name (and
+            // the claim has moved to the new one). The chat completes it at the connection's
+            // next setName; "fixing" the name or the claim from this room's log would undo it.
+            pending.push(id.clone());
+            continue;
         }
         let key = name_key(name);
         if conn.name.as_deref() != Some(name.as_str())
@@ -922,7 +941,7 @@ fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef
         }
     }
     drift.extend(claim_drift);
-    (drift, without)
+    (drift, without, pending)
 }
 
 /// Compares the room's state with its log and, with `apply`, fixes each drift.
@@ -963,7 +982,7 @@ pub async fn rebuild(
         conns,
         claims,
     };
-    let (drift, members_without_connection) = compare(&snapshot, &derived);
+    let (drift, members_without_connection, renames_pending) = compare(&snapshot, &derived);
     let mut report = RebuildReport {
         room: log.room().to_owned(),
         events_read: derived.events_read,
@@ -976,6 +995,7 @@ pub async fn rebuild(
             })
             .collect(),
         members_without_connection,
+        renames_pending,
         applied: apply,
         fixed: 0,
         skipped: 0,
@@ -1068,7 +1088,7 @@ mod tests {
         let log = derived(&[("B", Seen::Member("bob".into()))], 3);
 
         // WHEN compared  THEN the one drift is B's claim pointing elsewhere
-        let (drift, without) = compare(&snapshot, &log);
+        let (drift, without, _) = compare(&snapshot, &log);
         assert_eq!(
             drift,
             vec![Drift::ClaimMissing {
@@ -1096,7 +1116,7 @@ mod tests {
 
         // WHEN compared  THEN C's item is left-but-present, G's an orphan; G is also a member
         // without a connection (reported)
-        let (drift, without) = compare(&snapshot, &log);
+        let (drift, without, _) = compare(&snapshot, &log);
         assert_eq!(
             drift,
             vec![
@@ -1135,7 +1155,7 @@ mod tests {
         let log = derived(&[("M", Seen::Member("meg".into()))], 4);
 
         // WHEN compared  THEN the counter and the item drift
-        let (drift, _) = compare(&snapshot, &log);
+        let (drift, _, _) = compare(&snapshot, &log);
         assert_eq!(
             drift,
             vec![
@@ -1156,8 +1176,30 @@ mod tests {
     }
 
     #[test]
+    fn a_rename_in_progress_is_left_to_the_chat() {
+        // GIVEN alice's connection is now "alicia" with a rename in progress, which has not
+        // reached this room: its log, its member item and the old claim's absence say "alice"
+        let mut renaming = conn(Some("alicia"), &[("r", 0)]);
+        renaming.renaming = Some("alice".into());
+        let snapshot = Snapshot {
+            members: BTreeMap::from([member("A", "alice", 0)]),
+            conns: BTreeMap::from([("A".to_owned(), renaming)]),
+            claims: BTreeMap::from([("alicia".to_owned(), claim("A"))]),
+            ..snapshot()
+        };
+        let log = derived(&[("A", Seen::Member("alice".into()))], 3);
+
+        // WHEN compared  THEN nothing would move her name or claim back: she is reported as a
+        // rename in progress instead
+        let (drift, without, pending) = compare(&snapshot, &log);
+        assert_eq!(drift, Vec::<Drift>::new());
+        assert!(without.is_empty());
+        assert_eq!(pending, ["A"]);
+    }
+
+    #[test]
     fn an_empty_room_has_no_drift() {
-        let (drift, without) = compare(&Snapshot::default(), &derived(&[], 0));
-        assert!(drift.is_empty() && without.is_empty());
+        let (drift, without, pending) = compare(&Snapshot::default(), &derived(&[], 0));
+        assert!(drift.is_empty() && without.is_empty() && pending.is_empty());
     }
 }
