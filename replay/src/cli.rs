@@ -94,8 +94,10 @@ pub enum Command {
         Members without a connection (joined per the log, but their CONN# item expired by TTL or \
         was deleted without an event) are reported only: no MemberLeft is recorded for them, \
         because the store records one only for a connection it can still read. Name claims are \
-        global, not per room: a claim whose holder is gone frees itself when it expires. Expired \
-        items are treated as absent, as every read of the chat treats them.\n\n\
+        global, not per room: a claim whose holder is gone frees itself when it expires. A member \
+        whose connection has a rename in progress (its renaming marker) is reported and not \
+        compared: the chat completes the rename at its next setName. Expired items are treated \
+        as absent, as every read of the chat treats them.\n\n\
         Each fix is a conditional write on the item as read, so a change made by the chat \
         meanwhile is never undone (the fix is reported as skipped; run again). Best run when the \
         room is quiet."
