@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use chat_local::aws_like::AwsLike;
 use chat_local::esm::EsmConfig;
 use chat_local::gateway::GatewayConfig;
@@ -12,6 +12,7 @@ use chat_shared::config::{FanoutConfig, Retention};
 use chat_shared::pacing::Pacer;
 use chat_shared::store::embedded::EmbeddedStore;
 use chat_shared::store::{ChatStore, Member};
+use futures::TryStreamExt;
 
 /// What a benchmark varies in the stack.
 #[derive(Debug, Clone)]
@@ -107,36 +108,17 @@ pub async fn member_ids(store: &dyn ChatStore) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// Every current member of the lobby, shard after shard, page after page, in the store's order.
+/// Every current member of the lobby, as the fan-out reads them.
 async fn member_list(store: &dyn ChatStore) -> anyhow::Result<Vec<Member>> {
     room_members(store, chat_shared::keys::DEFAULT_ROOM).await
 }
 
-/// Every current member of `room`, shard after shard, page after page, in the store's order.
+/// Every current member of `room`, read as the fan-out reads them.
 pub async fn room_members(store: &dyn ChatStore, room: &str) -> anyhow::Result<Vec<Member>> {
-    let now = chat_shared::now_ms();
-    let mut all = Vec::new();
-    for shard in 0..store.member_shards(room, now).await? {
-        let mut after: Option<String> = None;
-        // Bounded: a page is never empty with a cursor forever, but a bug must not spin here.
-        let mut pages = 0;
-        loop {
-            let page = store
-                .members_page(room, shard, after.as_deref(), now)
-                .await
-                .context("reading the members")?;
-            all.extend(page.members);
-            match page.next {
-                Some(next) => after = Some(next),
-                None => break,
-            }
-            pages += 1;
-            if pages > 1_000_000 {
-                bail!("the member list did not end");
-            }
-        }
-    }
-    Ok(all)
+    chat_shared::fanout::members(store, room, chat_shared::now_ms())
+        .try_collect()
+        .await
+        .context("reading the members")
 }
 
 /// Waits until the store has exactly `count` members; returns the last list read, and

@@ -18,6 +18,7 @@ use chat_shared::delivery::Deliver;
 use chat_shared::events::{ChatEvent, StoredEvent};
 use chat_shared::fanout::deliver_event;
 use chat_shared::store::ChatStore;
+use futures::TryStreamExt;
 use indicatif::ProgressBar;
 use serde::Serialize;
 use tracing::warn;
@@ -159,21 +160,9 @@ async fn count_members(
     room: &str,
     now_ms: i64,
 ) -> Result<usize, ReplayError> {
-    let mut count = 0;
-    for shard in 0..store.member_shards(room, now_ms).await? {
-        let mut after: Option<String> = None;
-        loop {
-            let page = store
-                .members_page(room, shard, after.as_deref(), now_ms)
-                .await?;
-            count += page.members.len();
-            match page.next {
-                Some(next) => after = Some(next),
-                None => break,
-            }
-        }
-    }
-    Ok(count)
+    // The room's members exactly as the fan-out reads them (every shard, page by page).
+    let members = chat_shared::fanout::members(store, room, now_ms);
+    Ok(members.try_fold(0, |n, _| async move { Ok(n + 1) }).await?)
 }
 
 fn write_outcome(out: &mut dyn Write, o: &EventOutcome, json: bool) -> std::io::Result<()> {

@@ -334,8 +334,9 @@ pub const SHARDS_AT_ONCE: usize = 8;
 /// member whose join committed is in shards `0..shards`), then the shards' pages read lazily,
 /// [`SHARDS_AT_ONCE`] shards in parallel, each page handed on as it arrives (the next page of a
 /// shard is fetched while the previous one is still being delivered). Only `room`'s members
-/// are read: a broadcast's read cost is proportional to its room.
-fn members<'a>(
+/// are read: a broadcast's read cost is proportional to its room. Also what every other
+/// reader of a whole room (`chat-replay redeliver --dry-run`, `chat-bench`) walks it with.
+pub fn members<'a>(
     store: &'a dyn ChatStore,
     room: &'a str,
     now_ms: i64,
