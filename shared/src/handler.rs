@@ -19,7 +19,8 @@ use crate::history::history_response;
 use crate::protocol::{
     joined_response, left_response, parse_request, ClientRequest, ErrorCode, Refusal,
 };
-use crate::store::{ChatStore, Joined, StoreError};
+use crate::ratelimit::{self, PrincipalLimit, RequestLimits, Verdict};
+use crate::store::{Admission, ChatStore, Joined, StoreError};
 use crate::validation::{validate_message, validate_name};
 
 #[derive(Debug, Error)]
@@ -128,11 +129,26 @@ pub async fn handle_request(
                     }
                 }
             };
+            let principal = principal_of(config, identity.as_deref(), &request);
+            let admission = principal.as_deref().map(|principal| Admission {
+                principal,
+                max_connections: config.principal_limit.max_connections,
+            });
             match store
-                .add_identified_connection(connection_id, identity.as_deref(), now_ms)
+                .open_connection(connection_id, identity.as_deref(), admission, now_ms)
                 .await
             {
-                Ok(_) => {
+                Ok(None) => {
+                    // 429 refuses the handshake, as API Gateway's own throttling does.
+                    warn!(
+                        connection_id,
+                        principal = principal.as_deref(),
+                        max = config.principal_limit.max_connections,
+                        "connection refused: too many connections at once"
+                    );
+                    Ok(response(429, None))
+                }
+                Ok(Some(_)) => {
                     info!(
                         connection_id,
                         authenticated = identity.is_some(),
@@ -167,7 +183,9 @@ pub async fn handle_request(
             let parsed = parse_request(request.body.as_deref());
             // Every frame counts against the limit, malformed ones too: a flood of garbage is
             // still a flood.
-            let limit = within_rate_limit(store, config, connection_id, now_ms).await;
+            let fallback = principal_of(config, None, &request);
+            let limit =
+                within_rate_limit(store, config, connection_id, fallback.as_deref(), now_ms).await;
             let writes = matches!(
                 parsed,
                 Ok(ClientRequest::SetName { .. }
@@ -184,6 +202,19 @@ pub async fn handle_request(
                     "The chat could not check this connection's request rate; nothing was done. Try again.",
                     parsed.as_ref().ok().map(ClientRequest::action),
                 );
+                return Ok(refused(&refusal));
+            }
+            if limit == Limit::PrincipalExceeded {
+                let action = parsed.as_ref().ok().map(ClientRequest::action);
+                let refusal = Refusal::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "Too many requests from your connections together (one account, or one address when not signed in): at most {} per second. Nothing was done; slow down and retry.",
+                        config.principal_limit.per_second
+                    ),
+                    action,
+                );
+                warn!(connection_id, "rate limited across connections");
                 return Ok(refused(&refusal));
             }
             if limit == Limit::Exceeded {
@@ -225,8 +256,26 @@ pub async fn handle_request(
 enum Limit {
     Within,
     Exceeded,
+    /// Over the principal's budget across its connections.
+    PrincipalExceeded,
     /// The limiter's store failed: writes are refused (fail closed), reads go ahead.
     Unknown,
+}
+
+/// The principal a request counts against when the limits across connections are on: the
+/// identity if there is one, else the caller's source IP (see [`crate::ratelimit`]).
+fn principal_of(
+    config: &HandlerConfig,
+    identity: Option<&str>,
+    request: &ApiGatewayWebsocketProxyRequest,
+) -> Option<String> {
+    if config.principal_limit == PrincipalLimit::OFF {
+        return None;
+    }
+    ratelimit::principal(
+        identity,
+        request.request_context.identity.source_ip.as_deref(),
+    )
 }
 
 /// Whether the connection may make another request.
@@ -234,14 +283,21 @@ async fn within_rate_limit(
     store: &dyn ChatStore,
     config: &HandlerConfig,
     connection_id: &str,
+    fallback_principal: Option<&str>,
     now_ms: i64,
 ) -> Limit {
+    let limits = RequestLimits {
+        connection: config.rate_limit,
+        principal_per_second: config.principal_limit.per_second,
+        fallback_principal,
+    };
     match store
-        .take_request_token(connection_id, config.rate_limit, now_ms)
+        .take_request_token(connection_id, &limits, now_ms)
         .await
     {
-        Ok(true) => Limit::Within,
-        Ok(false) => Limit::Exceeded,
+        Ok(Verdict::Allowed) => Limit::Within,
+        Ok(Verdict::ConnectionLimited) => Limit::Exceeded,
+        Ok(Verdict::PrincipalLimited) => Limit::PrincipalExceeded,
         Err(e) => {
             error!(connection_id, error = %e, cause = ?std::error::Error::source(&e), "rate limit unavailable; refusing writes");
             Limit::Unknown
