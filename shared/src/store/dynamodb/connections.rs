@@ -771,28 +771,13 @@ impl DynamoStore {
                 }
                 None => Expr::new("attribute_exists(#pk) AND attribute_not_exists(#at)"),
             };
-            let (names, values) = placeholders(&[&set, &cond]);
-            let result = self
-                .client
-                .update_item()
-                .table_name(&self.tables.connections)
-                .set_key(Some(conn_key(connection_id)))
-                .update_expression(set.text)
-                .condition_expression(cond.text)
-                .set_expression_attribute_names(names)
-                .set_expression_attribute_values(values)
-                .send()
-                .await;
-            match result {
-                Ok(_) => return Ok(Verdict::Allowed),
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-                {
-                    backoff(attempt).await;
-                }
-                Err(e) => return Err(StoreError::backend("UpdateItem rate limit", e)),
+            if self
+                .update_if("UpdateItem rate limit", conn_key(connection_id), set, cond)
+                .await?
+            {
+                return Ok(Verdict::Allowed);
             }
+            backoff(attempt).await;
         }
         // Requests from this one connection keep colliding: it is sending too fast.
         Ok(Verdict::ConnectionLimited)

@@ -3,7 +3,7 @@
 //! the per-window request counter. Both items live in the principal's own partition
 //! (`LIMIT#<principal>`, [`crate::keys`]).
 
-use super::expr::{key, n, placeholders, put, with_key, Expr, Item};
+use super::expr::{key, n, put, with_key, Expr, Item};
 use super::txn::{backoff, MAX_ATTEMPTS};
 use super::DynamoStore;
 use crate::keys;
@@ -103,29 +103,15 @@ impl DynamoStore {
         let cond = Expr::new("attribute_exists(#conns.#id)")
             .name("#conns", keys::LIMIT_CONNS)
             .name("#id", connection_id);
-        let (names, values) = placeholders(&[&update, &cond]);
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.tables.connections)
-            .set_key(Some(slots_key(principal)))
-            .update_expression(update.text)
-            .condition_expression(cond.text)
-            .set_expression_attribute_names(names)
-            .set_expression_attribute_values(values)
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            // Not there: released already, or it expired and an admission dropped it.
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(StoreError::backend("UpdateItem release slot", e)),
-        }
+        // Not there (released already, or it expired and an admission dropped it): done too.
+        self.update_if(
+            "UpdateItem release slot",
+            slots_key(principal),
+            update,
+            cond,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Counts one request against the principal's current window: `Ok(false)` when the
@@ -144,30 +130,12 @@ impl DynamoStore {
         let cond = Expr::new("attribute_not_exists(#n) OR #n < :max")
             .name("#n", keys::LIMIT_COUNT)
             .value(":max", n(per_window));
-        let (names, values) = placeholders(&[&update, &cond]);
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.tables.connections)
-            .set_key(Some(key(
-                keys::limit_pk(principal),
-                &keys::limit_window_sk(index),
-            )))
-            .update_expression(update.text)
-            .condition_expression(cond.text)
-            .set_expression_attribute_names(names)
-            .set_expression_attribute_values(values)
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(StoreError::backend("UpdateItem principal requests", e)),
-        }
+        self.update_if(
+            "UpdateItem principal requests",
+            key(keys::limit_pk(principal), &keys::limit_window_sk(index)),
+            update,
+            cond,
+        )
+        .await
     }
 }
