@@ -123,7 +123,11 @@ async fn metrics_after_a_scripted_chat_count_its_requests_and_deliveries() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         before = scrape(&stack).await;
     }
-    assert_eq!(sample(&before, DELIVERIES), presence_deliveries, "{before:#?}");
+    assert_eq!(
+        sample(&before, DELIVERIES),
+        presence_deliveries,
+        "{before:#?}"
+    );
 
     // WHEN alice says three things, sends an empty message and an unknown action
     for text in ["one", "two", "three"] {
@@ -146,10 +150,14 @@ async fn metrics_after_a_scripted_chat_count_its_requests_and_deliveries() {
         .expect("send");
     // AND both have received the three messages
     for ws in [&mut alice, &mut bob] {
-        until_frame(ws, "publicMessage", |f| f["publicMessage"] == "alice: three").await;
+        until_frame(ws, "publicMessage", |f| {
+            f["publicMessage"] == "alice: three"
+        })
+        .await;
     }
     // Wait, boundedly, for the three broadcasts to be counted.
-    let deliveries = |s: &BTreeMap<String, f64>| sample(s, DELIVERIES) - sample(&before, DELIVERIES);
+    let deliveries =
+        |s: &BTreeMap<String, f64>| sample(s, DELIVERIES) - sample(&before, DELIVERIES);
     let mut after = scrape(&stack).await;
     for _ in 0..100 {
         if deliveries(&after) >= 6.0 {
@@ -162,9 +170,21 @@ async fn metrics_after_a_scripted_chat_count_its_requests_and_deliveries() {
     // THEN /metrics counts six deliveries: three broadcasts of two recipients each
     assert_eq!(deliveries(&after), 6.0, "{after:#?}");
     let delta = |series: &str| sample(&after, series) - sample(&before, series);
-    assert_eq!(delta(&format!("{RECIPIENTS_PER_EVENT}_count")), 3.0, "{after:#?}");
-    assert_eq!(delta(&format!("{RECIPIENTS_PER_EVENT}_sum")), 6.0, "{after:#?}");
-    assert_eq!(delta(&format!("{BROADCAST_DURATION}_count")), 3.0, "{after:#?}");
+    assert_eq!(
+        delta(&format!("{RECIPIENTS_PER_EVENT}_count")),
+        3.0,
+        "{after:#?}"
+    );
+    assert_eq!(
+        delta(&format!("{RECIPIENTS_PER_EVENT}_sum")),
+        6.0,
+        "{after:#?}"
+    );
+    assert_eq!(
+        delta(&format!("{BROADCAST_DURATION}_count")),
+        3.0,
+        "{after:#?}"
+    );
     // AND the handler's requests by route and outcome: three stored, one refused by its code,
     // the unknown action on $default
     let requests = |route: &str, outcome: &str| {
@@ -175,9 +195,16 @@ async fn metrics_after_a_scripted_chat_count_its_requests_and_deliveries() {
     assert_eq!(requests("sendPublic", "ok"), 3.0, "{after:#?}");
     assert_eq!(requests("sendPublic", "invalid_message"), 1.0, "{after:#?}");
     assert_eq!(requests("$default", "unknown_action"), 1.0, "{after:#?}");
-    assert_eq!(requests("$connect", "ok"), 0.0, "connected before the first scrape");
+    assert_eq!(
+        requests("$connect", "ok"),
+        0.0,
+        "connected before the first scrape"
+    );
     assert!(
-        sample(&after, &format!("{HANDLER_REQUESTS}{{Route=\"$connect\",Outcome=\"ok\"}}")) >= 2.0,
+        sample(
+            &after,
+            &format!("{HANDLER_REQUESTS}{{Route=\"$connect\",Outcome=\"ok\"}}")
+        ) >= 2.0,
         "{after:#?}"
     );
     assert_eq!(

@@ -40,11 +40,9 @@ async fn main() -> Result<(), Error> {
             )
             .await;
             // Before answering: the invocation's metrics are part of its output.
-            if let Err(e) = chat_shared::metrics::flush_emf(
-                emf,
-                &event.context.request_id,
-                std::io::stdout(),
-            ) {
+            if let Err(e) =
+                chat_shared::metrics::flush_emf(emf, &event.context.request_id, std::io::stdout())
+            {
                 tracing::warn!(error = %e, "could not write the invocation's metrics");
             }
             response
