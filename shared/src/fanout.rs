@@ -166,7 +166,7 @@ pub async fn handle_stream_event(
     now_ms: impl Fn() -> i64,
     deadline: Option<Instant>,
 ) -> DynamoDbEventResponse {
-    crate::metrics::stream_batch(&event, now_ms());
+    crate::metrics::stream_batch(&event);
     let deadline = deadline.map(|d| d.checked_sub(config.time_margin).unwrap_or(d));
     let mut units: Vec<(Option<String>, Unit)> = Vec::new();
     let mut rounds: Vec<(Option<String>, Redelivery)> = Vec::new();
