@@ -5,15 +5,18 @@
 //!   plain text otherwise. A JSON line is flat: `level`, `message`, then the fields of every
 //!   span it is in (lambda_runtime's `requestId`; [`request_span`]'s `route` and
 //!   `connection_id`; [`unit_span`]'s `room`, `event_id`, `last_event_id`) and the event's own
-//!   fields, so CloudWatch Logs Insights can filter on any of them by name. The level is
-//!   `AWS_LAMBDA_LOG_LEVEL` (the `ApplicationLogLevel` of `LoggingConfig`) when set, else the
-//!   `RUST_LOG` filter, else `info`.
+//!   fields, so CloudWatch Logs Insights can filter on any of them by name. The filter is
+//!   `RUST_LOG` (template.yaml's `LogLevel`) when set, else `AWS_LAMBDA_LOG_LEVEL` (the
+//!   `ApplicationLogLevel` of `LoggingConfig`), else `info`. Lambda itself then drops JSON
+//!   lines below `ApplicationLogLevel` (the template sets `DEBUG`, so `LogLevel` decides down
+//!   to `debug`, and `trace` lines never reach CloudWatch).
 //! - **Locally** ([`init_local`]): plain text on stderr with timestamps, because `chat-local`'s
 //!   stdout carries the URLs that scripts read.
 //!
 //! What never reaches `info` or above: tokens (only whether a connection is authenticated)
 //! and message bodies. At `trace`, lambda_runtime logs each raw invocation event, which holds
-//! both (the `$connect` query string, the frame's body).
+//! both (the `$connect` query string, the frame's body): on AWS, Lambda drops those lines
+//! (`ApplicationLogLevel: DEBUG`).
 
 use std::fmt;
 
@@ -48,15 +51,20 @@ pub fn init() {
     }
 }
 
-/// `AWS_LAMBDA_LOG_LEVEL` first (Lambda drops lines below it anyway, so logging them would
-/// only cost time), then `RUST_LOG`, then `info`. Lambda's `FATAL` is tracing's `error`.
+/// `RUST_LOG` first: the template's `LogLevel`, which can name targets. Then
+/// `AWS_LAMBDA_LOG_LEVEL`, which Lambda sets from `ApplicationLogLevel` (its `FATAL` is
+/// tracing's `error`), then `info`.
 fn lambda_filter() -> EnvFilter {
+    if let Ok(filter) = EnvFilter::try_from_default_env() {
+        return filter;
+    }
     match std::env::var("AWS_LAMBDA_LOG_LEVEL") {
         Ok(level) if !level.is_empty() => {
             let level = level.to_ascii_lowercase();
-            EnvFilter::new(if level == "fatal" { "error" } else { &level })
+            EnvFilter::try_new(if level == "fatal" { "error" } else { &level })
+                .unwrap_or_else(|_| EnvFilter::new("info"))
         }
-        _ => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        _ => EnvFilter::new("info"),
     }
 }
 
