@@ -55,6 +55,7 @@ fn response(status: i64, body: Option<String>) -> ApiGatewayProxyResponse {
 }
 
 fn refused(refusal: &Refusal) -> ApiGatewayProxyResponse {
+    crate::metrics::refused(refusal.code.as_str());
     // 200: the refusal is a normal answer, delivered as the route response.
     response(200, Some(refusal.to_frame()))
 }
