@@ -8,7 +8,8 @@
 //! chat-bench) every call is a no-op.
 //!
 //! Dimensions are few and bounded: the handler's `Route` (the template's route keys) and
-//! `Outcome` (`ok`, an error code of the protocol, `unauthenticated`, `http_error`, `failed`),
+//! `Outcome` (`ok`, an error code of the protocol, `unauthenticated`, `too_many_connections`,
+//! `http_error`, `failed`),
 //! and `Function` on the cold-start metrics. Fan-out metrics have none: one stream, one
 //! fan-out, so alarms need no metric math.
 
@@ -188,8 +189,9 @@ pub fn refused(code: &'static str) {
 }
 
 /// Runs one handler invocation and counts it: `HandlerRequests` by `Route` and `Outcome`
-/// (`ok`; the error code of a refusal; `unauthenticated` for a 401 at `$connect`; `http_error`
-/// for another non-2xx status; `failed` when the handler returned an error to Lambda), and
+/// (`ok`; the error code of a refusal; `unauthenticated` for a 401 at `$connect`;
+/// `too_many_connections` for a 429 there (its principal's limit); `http_error` for another
+/// non-2xx status; `failed` when the handler returned an error to Lambda), and
 /// `HandlerLatency` by `Route`.
 pub async fn handler_request<E>(
     route: Option<&str>,
@@ -207,6 +209,7 @@ pub async fn handler_request<E>(
         (Ok(_), Some(code)) => code,
         (Ok(r), None) if (200..300).contains(&r.status_code) => "ok",
         (Ok(r), None) if r.status_code == 401 => "unauthenticated",
+        (Ok(r), None) if r.status_code == 429 => "too_many_connections",
         (Ok(_), None) => "http_error",
     };
     let route = route_label(route);
