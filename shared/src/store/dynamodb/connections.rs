@@ -241,7 +241,8 @@ impl DynamoStore {
             }
             let first = &FirstStep::of(&conn);
             let conn = &conn;
-            let (req, before) = (req.as_ref(), &events);
+            let before = events.clone();
+            let record = req.as_ref().map(|r| (r, before.as_slice()));
             let committed = self
                 .append_one(
                     "TransactWriteItems setName",
@@ -271,7 +272,7 @@ impl DynamoStore {
                                     _ => {}
                                 }
                             }
-                            self.first_name_change(conn, name, first, counter, req, before, now_ms)
+                            self.first_name_change(conn, name, first, counter, record, now_ms)
                                 .await
                         })
                     },
@@ -294,7 +295,7 @@ impl DynamoStore {
                         .await?,
                 );
             }
-            if let Some(r) = req {
+            if let Some(r) = &req {
                 if events.len() > recorded {
                     // The other rooms' events, known only now, complete the answer a resend
                     // gets. If this fails, the item keeps the first transaction's events.
@@ -334,8 +335,8 @@ impl DynamoStore {
         name: &ValidName,
         first: &FirstStep,
         counter: super::txn::Counter,
-        req: Option<&Requested<'_>>,
-        before: &[StoredEvent],
+        // With a requestId: its request, and the events this setName recorded before.
+        req: Option<(&Requested<'_>, &[StoredEvent])>,
         now_ms: i64,
     ) -> Result<Attempt<()>, StoreError> {
         let id = conn.connection_id.as_str();
@@ -420,7 +421,7 @@ impl DynamoStore {
                 )
             }
         };
-        if let Some(r) = req {
+        if let Some((r, before)) = req {
             // The request item records this transaction's event (after any an interrupted
             // rename's finishing recorded first), with the name it set.
             let mut refs = event_refs(before);
