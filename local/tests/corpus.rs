@@ -1119,7 +1119,9 @@ fn request_id_cases() -> Vec<Case> {
         text(
             "requestId of 65 characters, on sendPrivate",
             Alice,
-            format!(r#"{{"action":"sendPrivate","to":"bob","message":"psst","requestId":"{id65}"}}"#),
+            format!(
+                r#"{{"action":"sendPrivate","to":"bob","message":"psst","requestId":"{id65}"}}"#
+            ),
             bad_id("it is longer", Some("sendPrivate")),
         ),
         text(

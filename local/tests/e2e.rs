@@ -1068,9 +1068,9 @@ async fn request_id_scenario(mode: Mode) {
     );
     let ops_history = one("h-1")["history"]["frames"].clone();
     assert!(
-        ops_history
-            .as_array()
-            .is_some_and(|fs| fs.iter().any(|f| f["publicMessage"] == json!("alice: in ops"))),
+        ops_history.as_array().is_some_and(|fs| fs
+            .iter()
+            .any(|f| f["publicMessage"] == json!("alice: in ops"))),
         "{ops_history}"
     );
     // AND the ids in her answers are those of the frames everyone got: bob saw "one" and "two"

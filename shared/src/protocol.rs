@@ -185,11 +185,7 @@ pub struct Refusal {
     pub action: Option<String>,
     /// The request's `requestId`, when it carried a valid one: the client matches the error
     /// to its request by it.
-    #[serde(
-        default,
-        rename = "requestId",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, rename = "requestId", skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
 }
 
@@ -779,7 +775,10 @@ mod tests {
         for id in [uuid, max.as_str(), "A.b_c-d:9"] {
             let body = json!({"action":"history","requestId":id}).to_string();
             assert_eq!(
-                parse_frame(Some(&body)).expect("valid").request_id.as_deref(),
+                parse_frame(Some(&body))
+                    .expect("valid")
+                    .request_id
+                    .as_deref(),
                 Some(id)
             );
         }

@@ -284,7 +284,10 @@ async fn a_write_committed_but_unanswered_is_reported_honestly_and_its_resend_is
             json!({"action":"sendPrivate","to":"bob","message":"psst","requestId":"r-2"}),
             "lobby",
         ),
-        (json!({"action":"join","room":"ops","requestId":"r-3"}), "ops"),
+        (
+            json!({"action":"join","room":"ops","requestId":"r-3"}),
+            "ops",
+        ),
         (
             json!({"action":"leave","room":"ops","requestId":"r-4"}),
             "ops",
@@ -375,7 +378,12 @@ async fn without_a_request_id_a_lost_answer_is_still_not_called_nothing_written(
     let lossy = proxied_store(&w, &proxy, false);
     proxy.drop_next_transactions(1);
     // WHEN she posts without a requestId
-    let reply = send(&lossy, "A", json!({"action":"sendPublic","message":"maybe"})).await;
+    let reply = send(
+        &lossy,
+        "A",
+        json!({"action":"sendPublic","message":"maybe"}),
+    )
+    .await;
     // THEN she hears it may have been stored, and that a requestId makes a resend safe
     assert_eq!(
         reply,
@@ -538,7 +546,8 @@ async fn concurrent_resends_store_once(store: Arc<dyn ChatStore>) {
         let barrier = Arc::new(Barrier::new(COPIES));
         let tasks: Vec<_> = (0..COPIES)
             .map(|_| {
-                let (store, barrier, frame) = (Arc::clone(&store), Arc::clone(&barrier), frame.clone());
+                let (store, barrier, frame) =
+                    (Arc::clone(&store), Arc::clone(&barrier), frame.clone());
                 tokio::spawn(async move {
                     barrier.wait().await;
                     send(store.as_ref(), "A", frame).await
@@ -557,7 +566,9 @@ async fn concurrent_resends_store_once(store: Arc<dyn ChatStore>) {
         assert!(answers[0].get("error").is_none(), "{answers:?}");
         match frame["action"].as_str() {
             Some("join") => assert_eq!(count(store.as_ref(), "ops", "MemberJoined", "A").await, 1),
-            Some("sendPublic") => assert_eq!(stored(store.as_ref(), "lobby", "racing").await.len(), 1),
+            Some("sendPublic") => {
+                assert_eq!(stored(store.as_ref(), "lobby", "racing").await.len(), 1)
+            }
             _ => assert_eq!(
                 count(store.as_ref(), "lobby", "PrivateMessageSent", "A").await,
                 1
@@ -584,7 +595,10 @@ async fn a_refused_request_is_not_remembered_and_no_request_id_is_todays_behavio
     send(store, "A", json!({"action":"join","room":"ops"})).await;
     let again = send(store, "A", frame).await.expect("ok");
     // THEN the resend is evaluated afresh and stored (the refusal wrote nothing to remember)
-    assert_eq!(stored(store, "ops", "early").await, [again["ok"]["id"].as_u64().expect("id")]);
+    assert_eq!(
+        stored(store, "ops", "early").await,
+        [again["ok"]["id"].as_u64().expect("id")]
+    );
     // AND without requestIds, nothing changes from today: no answer to sends and setName, and
     // every send is stored
     for frame in [
@@ -611,7 +625,9 @@ fn aws_like() -> Arc<dyn ChatStore> {
 }
 
 async fn dynamodb() -> (Arc<dyn ChatStore>, Moto) {
-    let moto = Moto::start().await.expect("moto must start (run scripts/test)");
+    let moto = Moto::start()
+        .await
+        .expect("moto must start (run scripts/test)");
     let tables = Tables {
         events: unique_name("events"),
         connections: unique_name("connections"),
