@@ -76,7 +76,6 @@
 //! | `CONN#<connId>`           | `CONN`     | the connection: `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once named `name`, `nameKey`; `rooms` (M: room → its member shard) for every room it is a member of; the rate-limit bucket `rlTokens`, `rlAt`; `renaming` while a rename is not yet in every room |
 //! | `NAME#<nameKey>`          | `NAME`     | a name claim: `connectionId`, `name`, `expiresAt`, and `identity` when its holder is authenticated; without `connectionId` it is that identity's reservation |
 //! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's) |
-//!
 //! | `REQUEST#<scope>`         | `<requestId>` | a write request performed once (below)          |
 //!
 //! **Request items** (`crate::store::requests`): a write request that carried a `requestId`

@@ -116,7 +116,8 @@ pub enum ErrorCode {
     InvalidRecipient,
     /// The connection is not known (already closed or expired).
     NotConnected,
-    /// The store failed; nothing was written; the client may try again.
+    /// The store failed. Its message says whether nothing was written (certain) or the write
+    /// may have committed (an ambiguous failure: resend with the same `requestId`).
     InternalError,
     /// The connection sent more requests than its rate limit allows; nothing was done.
     RateLimited,
