@@ -189,6 +189,7 @@ impl Gateway {
                     .delete(management::delete_connection),
             )
             .route("/bill", get(bill))
+            .route("/metrics", get(crate::metrics::serve))
             .fallback(management::forbidden)
             .with_state(Arc::clone(&shared));
         if let Ok(addr) = listener.local_addr() {

@@ -1028,6 +1028,7 @@ mod tests {
             rl_tokens: None,
             rl_at: None,
             identity: None,
+            principal: None,
             rooms: Some(rooms.iter().map(|(r, s)| ((*r).to_owned(), *s)).collect()),
             renaming: None,
         }

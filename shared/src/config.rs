@@ -7,7 +7,10 @@ use thiserror::Error;
 
 use crate::auth::Authenticator;
 use crate::pacing::{Pacer, DEFAULT_MAX_RPS};
-use crate::ratelimit::{RateLimit, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND};
+use crate::ratelimit::{
+    PrincipalLimit, RateLimit, DEFAULT_PRINCIPAL_MAX_CONNECTIONS,
+    DEFAULT_PRINCIPAL_RATE_PER_SECOND, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND,
+};
 use crate::store::DEFAULT_MAX_ROOMS;
 use crate::validation::DEFAULT_MAX_MESSAGE_BYTES;
 
@@ -72,6 +75,10 @@ pub struct HandlerConfig {
     /// at once, `lobby` included. It bounds what a disconnect must undo (one transaction per
     /// room) and how many `rooms` entries the connection item carries.
     pub max_rooms: usize,
+    /// `PRINCIPAL_MAX_CONNECTIONS` / `PRINCIPAL_RATE_PER_SECOND` (default 50 connections at
+    /// once, 50 requests/s; 0 turns either off): what one identity, or without authentication
+    /// one source IP, may do across all its connections ([`crate::ratelimit`]).
+    pub principal_limit: PrincipalLimit,
 }
 
 impl Default for HandlerConfig {
@@ -81,6 +88,7 @@ impl Default for HandlerConfig {
             rate_limit: RateLimit::default(),
             auth: None,
             max_rooms: DEFAULT_MAX_ROOMS,
+            principal_limit: PrincipalLimit::default(),
         }
     }
 }
@@ -232,11 +240,24 @@ impl HandlerConfig {
                 why: "must be at least 1",
             });
         }
+        let principal_limit = PrincipalLimit {
+            max_connections: parse_var(
+                "PRINCIPAL_MAX_CONNECTIONS",
+                DEFAULT_PRINCIPAL_MAX_CONNECTIONS,
+                "expected a number of connections (0 turns the limit off)",
+            )?,
+            per_second: parse_var(
+                "PRINCIPAL_RATE_PER_SECOND",
+                DEFAULT_PRINCIPAL_RATE_PER_SECOND,
+                "expected requests per second (0 turns the limit off)",
+            )?,
+        };
         Ok(HandlerConfig {
             max_message_bytes: max,
             rate_limit,
             auth: var("AUTH_JWT_SECRET").map(|secret| Authenticator::hs256(secret.as_bytes())),
             max_rooms,
+            principal_limit,
         })
     }
 }

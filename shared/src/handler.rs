@@ -24,9 +24,10 @@ use crate::protocol::{
     joined_response, left_response, ok_response, parse_frame, ClientRequest, ErrorCode, EventRef,
     Refusal,
 };
+use crate::ratelimit::{self, PrincipalLimit, RequestLimits, Verdict};
 use crate::store::items::RequestItem;
 use crate::store::requests::{event_refs, Once, RequestKey};
-use crate::store::{ChatStore, Joined, StoreError};
+use crate::store::{Admission, ChatStore, Joined, StoreError};
 use crate::validation::{validate_message, validate_name};
 
 #[derive(Debug, Error)]
@@ -61,6 +62,7 @@ fn response(status: i64, body: Option<String>) -> ApiGatewayProxyResponse {
 }
 
 fn refused(refusal: &Refusal) -> ApiGatewayProxyResponse {
+    crate::metrics::refused(refusal.code.as_str());
     // 200: the refusal is a normal answer, delivered as the route response.
     response(200, Some(refusal.to_frame()))
 }
@@ -173,11 +175,26 @@ pub async fn handle_request(
                     }
                 }
             };
+            let principal = principal_of(config, identity.as_deref(), &request);
+            let admission = principal.as_deref().map(|principal| Admission {
+                principal,
+                max_connections: config.principal_limit.max_connections,
+            });
             match store
-                .add_identified_connection(connection_id, identity.as_deref(), now_ms)
+                .open_connection(connection_id, identity.as_deref(), admission, now_ms)
                 .await
             {
-                Ok(_) => {
+                Ok(None) => {
+                    // 429 refuses the handshake, as API Gateway's own throttling does.
+                    warn!(
+                        connection_id,
+                        principal = principal.as_deref(),
+                        max = config.principal_limit.max_connections,
+                        "connection refused: too many connections at once"
+                    );
+                    Ok(response(429, None))
+                }
+                Ok(Some(_)) => {
                     info!(
                         connection_id,
                         authenticated = identity.is_some(),
@@ -218,7 +235,9 @@ pub async fn handle_request(
             let request_id = request_id.as_deref();
             // Every frame counts against the limit, malformed ones too: a flood of garbage is
             // still a flood.
-            let limit = within_rate_limit(store, config, connection_id, now_ms).await;
+            let fallback = principal_of(config, None, &request);
+            let limit =
+                within_rate_limit(store, config, connection_id, fallback.as_deref(), now_ms).await;
             let action = parsed.as_ref().ok().map(|p| p.request.action());
             let writes = parsed.as_ref().is_ok_and(|p| p.request.writes());
             if limit == Limit::Unknown && writes {
@@ -230,6 +249,19 @@ pub async fn handle_request(
                     action,
                 )
                 .answering(request_id);
+                return Ok(refused(&refusal));
+            }
+            if limit == Limit::PrincipalExceeded {
+                let refusal = Refusal::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "Too many requests from your connections together (one account, or one address when not signed in): at most {} per second. Nothing was done; slow down and retry.",
+                        config.principal_limit.per_second
+                    ),
+                    action,
+                )
+                .answering(request_id);
+                warn!(connection_id, "rate limited across connections");
                 return Ok(refused(&refusal));
             }
             if limit == Limit::Exceeded {
@@ -281,8 +313,26 @@ pub async fn handle_request(
 enum Limit {
     Within,
     Exceeded,
+    /// Over the principal's budget across its connections.
+    PrincipalExceeded,
     /// The limiter's store failed: writes are refused (fail closed), reads go ahead.
     Unknown,
+}
+
+/// The principal a request counts against when the limits across connections are on: the
+/// identity if there is one, else the caller's source IP (see [`crate::ratelimit`]).
+fn principal_of(
+    config: &HandlerConfig,
+    identity: Option<&str>,
+    request: &ApiGatewayWebsocketProxyRequest,
+) -> Option<String> {
+    if config.principal_limit == PrincipalLimit::OFF {
+        return None;
+    }
+    ratelimit::principal(
+        identity,
+        request.request_context.identity.source_ip.as_deref(),
+    )
 }
 
 /// Whether the connection may make another request.
@@ -290,14 +340,21 @@ async fn within_rate_limit(
     store: &dyn ChatStore,
     config: &HandlerConfig,
     connection_id: &str,
+    fallback_principal: Option<&str>,
     now_ms: i64,
 ) -> Limit {
+    let limits = RequestLimits {
+        connection: config.rate_limit,
+        principal_per_second: config.principal_limit.per_second,
+        fallback_principal,
+    };
     match store
-        .take_request_token(connection_id, config.rate_limit, now_ms)
+        .take_request_token(connection_id, &limits, now_ms)
         .await
     {
-        Ok(true) => Limit::Within,
-        Ok(false) => Limit::Exceeded,
+        Ok(Verdict::Allowed) => Limit::Within,
+        Ok(Verdict::ConnectionLimited) => Limit::Exceeded,
+        Ok(Verdict::PrincipalLimited) => Limit::PrincipalExceeded,
         Err(e) => {
             error!(connection_id, error = %e, cause = ?std::error::Error::source(&e), "rate limit unavailable; refusing writes");
             Limit::Unknown

@@ -34,7 +34,7 @@ use chat_shared::store::embedded::THROTTLED;
 use chat_shared::store::embedded::{EmbeddedFeed, EmbeddedStore};
 use chat_shared::store::limits::{self, service_error};
 use chat_shared::store::{
-    epoch_secs, ChatStore, EventRange, Joined, Member, StoreError, DEFAULT_MAX_ROOMS,
+    epoch_secs, Admission, ChatStore, EventRange, Joined, Member, StoreError, DEFAULT_MAX_ROOMS,
     NAME_RESERVATION_SECS,
 };
 use chat_shared::stream::RecordSource;
@@ -857,7 +857,7 @@ async fn feed_records_look_like_lambdas_and_decode_to_the_returned_events(f: &mu
 /// Generates one test per case and store: `embedded::<case>` and `dynamodb::<case>`.
 /// Multi-threaded runtimes, so cases that spawn concurrent writers really run them in parallel.
 async fn each_connection_has_its_own_rate_limit_bucket(f: &mut Fixture) {
-    use chat_shared::ratelimit::RateLimit;
+    use chat_shared::ratelimit::{RateLimit, RequestLimits, Verdict};
     // GIVEN two connections and a limit of 2/s with bursts of 3
     let limit = RateLimit {
         per_second: 2,
@@ -868,7 +868,13 @@ async fn each_connection_has_its_own_rate_limit_bucket(f: &mut Fixture) {
     f.store().add_connection("c2", now).await.expect("connect");
     let take = |id: &'static str, at: i64| {
         let store = f.store();
-        async move { store.take_request_token(id, limit, at).await.expect("take") }
+        async move {
+            store
+                .take_request_token(id, &RequestLimits::connection_only(limit), at)
+                .await
+                .expect("take")
+                == Verdict::Allowed
+        }
     };
 
     // WHEN c1 makes four requests at once THEN the burst passes and the fourth is refused
@@ -889,11 +895,13 @@ async fn each_connection_has_its_own_rate_limit_bucket(f: &mut Fixture) {
         burst: 0,
     };
     for _ in 0..10 {
-        assert!(f
-            .store()
-            .take_request_token("c1", off, now)
-            .await
-            .expect("take"));
+        assert_eq!(
+            f.store()
+                .take_request_token("c1", &RequestLimits::connection_only(off), now)
+                .await
+                .expect("take"),
+            Verdict::Allowed
+        );
     }
     assert!(
         f.committed().await.is_empty(),
@@ -1820,6 +1828,145 @@ async fn taking_a_name_back_removes_the_old_connection_from_every_room(f: &mut F
     assert_eq!(ids(&room_members(s, "lobby", now).await), ["a2", "b"]);
 }
 
+/// Opens `id` for `principal` with at most `max` connections at once.
+async fn open_for(s: &dyn ChatStore, id: &str, principal: &str, max: u32, now: i64) -> bool {
+    s.open_connection(
+        id,
+        None,
+        Some(Admission {
+            principal,
+            max_connections: max,
+        }),
+        now,
+    )
+    .await
+    .expect("open")
+    .is_some()
+}
+
+async fn a_principal_has_at_most_its_connections_at_once(f: &mut Fixture) {
+    let s = f.store();
+    let now = chat_shared::now_ms();
+    // GIVEN 10.0.0.1 with its 2 connections open, the most it may have
+    assert!(open_for(s, "c1", "ip:10.0.0.1", 2, now).await);
+    assert!(open_for(s, "c2", "ip:10.0.0.1", 2, now).await);
+
+    // WHEN it opens a third THEN it is refused, and nothing of it is recorded
+    assert!(!open_for(s, "c3", "ip:10.0.0.1", 2, now).await);
+    assert_eq!(s.connection("c3", now).await.expect("read"), None);
+    // AND another address is not affected
+    assert!(open_for(s, "d1", "ip:10.0.0.2", 2, now).await);
+
+    // WHEN one of its connections goes THEN its slot is free again, once
+    s.remove_connection("c1", LeaveReason::Disconnected, now)
+        .await
+        .expect("remove");
+    assert!(open_for(s, "c3", "ip:10.0.0.1", 2, now).await);
+    assert!(!open_for(s, "c4", "ip:10.0.0.1", 2, now).await);
+    // AND removing a connection twice gives back nothing more
+    s.remove_connection("c1", LeaveReason::Disconnected, now)
+        .await
+        .expect("remove again");
+    assert!(!open_for(s, "c4", "ip:10.0.0.1", 2, now).await);
+
+    // WHEN its connections have expired (their $disconnect never came) THEN their slots no
+    // longer count
+    let later = now + (Retention::default().connection_ttl.as_millis() as i64) + 1_000;
+    assert!(open_for(s, "c5", "ip:10.0.0.1", 2, later).await);
+    assert!(open_for(s, "c6", "ip:10.0.0.1", 2, later).await);
+    assert!(!open_for(s, "c7", "ip:10.0.0.1", 2, later).await);
+}
+
+async fn concurrent_admissions_never_overfill_a_principal(f: &mut Fixture) {
+    // GIVEN a principal allowed 3 connections, and 12 $connects held at a barrier
+    let now = chat_shared::now_ms();
+    let barrier = Arc::new(tokio::sync::Barrier::new(12));
+    let store = Arc::clone(&f.store);
+    let opens = (0..12).map(|i| {
+        let barrier = Arc::clone(&barrier);
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            barrier.wait().await;
+            open_for(store.as_ref(), &format!("c{i}"), "id:u1", 3, now).await
+        })
+    });
+    // WHEN they are released at once
+    let admitted = futures::future::join_all(opens)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .filter(|&ok| ok)
+        .count();
+    // THEN exactly 3 are admitted, and exactly 3 are recorded
+    assert_eq!(admitted, 3);
+    let mut recorded = 0;
+    for i in 0..12 {
+        if f.store()
+            .connection(&format!("c{i}"), now)
+            .await
+            .expect("read")
+            .is_some()
+        {
+            recorded += 1;
+        }
+    }
+    assert_eq!(recorded, 3);
+}
+
+async fn requests_count_against_the_principal_across_its_connections(f: &mut Fixture) {
+    use chat_shared::ratelimit::{RateLimit, RequestLimits, Verdict, PRINCIPAL_WINDOW_SECS};
+    let s = f.store();
+    // GIVEN the start of a window, a budget of 1 request/s (10 a window) per principal, no
+    // per-connection limit, and two connections of 10.0.0.1
+    let window_ms = PRINCIPAL_WINDOW_SECS * 1000;
+    let now = chat_shared::now_ms() / window_ms * window_ms;
+    assert!(open_for(s, "c1", "ip:10.0.0.1", 0, now).await);
+    assert!(open_for(s, "c2", "ip:10.0.0.1", 0, now).await);
+    assert!(open_for(s, "d1", "ip:10.0.0.2", 0, now).await);
+    let limits = |fallback: Option<&'static str>| RequestLimits {
+        connection: RateLimit {
+            per_second: 0,
+            burst: 0,
+        },
+        principal_per_second: 1,
+        fallback_principal: fallback,
+    };
+    let take = |id: &'static str, fallback: Option<&'static str>, at: i64| {
+        let store = f.store();
+        async move {
+            store
+                .take_request_token(id, &limits(fallback), at)
+                .await
+                .expect("take")
+        }
+    };
+
+    // WHEN its two connections make 10 requests between them THEN all pass
+    for i in 0..10 {
+        let id = if i % 2 == 0 { "c1" } else { "c2" };
+        assert_eq!(
+            take(id, None, now + i).await,
+            Verdict::Allowed,
+            "request {i}"
+        );
+    }
+    // AND the 11th, from either, is refused as the principal's
+    assert_eq!(take("c1", None, now + 20).await, Verdict::PrincipalLimited);
+    assert_eq!(take("c2", None, now + 20).await, Verdict::PrincipalLimited);
+    // AND a fresh connection of the same address gets no fresh budget
+    assert!(open_for(s, "c3", "ip:10.0.0.1", 0, now + 30).await);
+    assert_eq!(take("c3", None, now + 40).await, Verdict::PrincipalLimited);
+    // AND an unknown connection is charged to the address it comes from
+    assert_eq!(
+        take("nobody", Some("ip:10.0.0.1"), now + 50).await,
+        Verdict::PrincipalLimited
+    );
+    // AND another address is unaffected
+    assert_eq!(take("d1", None, now + 60).await, Verdict::Allowed);
+    // WHEN the next window starts THEN the address may go on
+    assert_eq!(take("c1", None, now + window_ms).await, Verdict::Allowed);
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -1880,6 +2027,9 @@ contract!(
     the_room_counters_are_on_the_feed_with_the_last_id_given,
     concurrent_joins_of_one_room_get_dense_ids,
     taking_a_name_back_removes_the_old_connection_from_every_room,
+    a_principal_has_at_most_its_connections_at_once,
+    concurrent_admissions_never_overfill_a_principal,
+    requests_count_against_the_principal_across_its_connections,
 );
 
 // ---------------------------------------------------------------------------------------------

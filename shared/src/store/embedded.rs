@@ -53,18 +53,18 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::aws_like::{ReadOp, ReadTally, StoreBehaviour};
-use super::items::RequestItem;
+use super::items::{RequestItem, SlotsItem};
 use super::limits;
 use super::requests::{event_refs, scope, Once, RequestKey};
 use super::{
-    epoch_secs, ChatStore, Connection, EventRange, EventsPage, Joined, Member, MembersPage,
-    StoreError, NAME_RESERVATION_SECS,
+    epoch_secs, Admission, ChatStore, Connection, EventRange, EventsPage, Joined, Member,
+    MembersPage, StoreError, NAME_RESERVATION_SECS,
 };
 use crate::config::Retention;
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys::{self, DEFAULT_ROOM};
 use crate::protocol::EventRef;
-use crate::ratelimit::{self, Bucket, RateLimit};
+use crate::ratelimit::{self, Bucket, RequestLimits, Verdict};
 use crate::redelivery::{Redelivery, RedeliveryItem};
 use crate::stream::{RecordSource, SourceError};
 use crate::validation::{recipient_key, ValidName};
@@ -95,6 +95,8 @@ struct ConnItem {
     /// `renaming`: the old name while a rename is not yet recorded in every room (some member
     /// items may still have it); the next `setName` finishes the rename.
     renaming: Option<String>,
+    /// `principal`: whom its requests and its connection slot count against.
+    principal: Option<String>,
 }
 
 impl ConnItem {
@@ -345,6 +347,11 @@ struct State {
     consumed: Consumed,
     /// The same, by partition key.
     consumed_by_partition: HashMap<String, Consumed>,
+    /// Principals' connection slots (`LIMIT#<principal>`/`CONNS`), by principal.
+    slots: HashMap<String, SlotsItem>,
+    /// Principals' request counters (`LIMIT#<principal>`/`REQ#<window>`): only the current
+    /// window's matters, so each principal keeps its latest (window index, count).
+    windows: HashMap<String, (i64, u32)>,
 }
 
 /// DynamoDB request units an embedded store has used, by the DynamoDB adapter's calls for the
@@ -1440,7 +1447,26 @@ fn conn_item_size(c: &ConnItem) -> usize {
     if let Some(old) = &c.renaming {
         size += keys::RENAMING.len() + old.len();
     }
+    if let Some(p) = &c.principal {
+        size += keys::PRINCIPAL.len() + p.len();
+    }
     size
+}
+
+/// A principal's slots item's size in write units (a map entry: 1 byte, the id, a number).
+fn slots_units(principal: &str, slots: &SlotsItem) -> u64 {
+    let size = keys::PK.len()
+        + keys::limit_pk(principal).len()
+        + keys::SK.len()
+        + keys::LIMIT_SLOTS_SK.len()
+        + keys::LIMIT_CONNS.len()
+        + 3
+        + slots.conns.keys().map(|id| 1 + id.len() + 6).sum::<usize>()
+        + keys::LIMIT_VERSION.len()
+        + 4
+        + keys::EXPIRES_AT.len()
+        + 6;
+    units_of(size, 1024)
 }
 
 /// A connection item's size in write units.
@@ -2381,16 +2407,28 @@ impl EmbeddedStore {
     }
 }
 
+/// One step of `remove_connection`.
+enum Removal {
+    /// It left one room (more may follow).
+    Left(StoredEvent),
+    /// The connection is gone; its principal's slot is still to give back.
+    Gone(Option<String>),
+    /// There was no such connection.
+    Unknown,
+}
+
 #[async_trait]
 impl ChatStore for EmbeddedStore {
-    async fn add_identified_connection(
+    async fn open_connection(
         &self,
         connection_id: &str,
         identity: Option<&str>,
+        admission: Option<Admission<'_>>,
         now_ms: i64,
-    ) -> Result<Connection, StoreError> {
+    ) -> Result<Option<Connection>, StoreError> {
         const OP: &str = "PutItem connection";
-        let expires_at = epoch_secs(now_ms) + self.shared.retention.connection_ttl.as_secs() as i64;
+        let now_s = epoch_secs(now_ms);
+        let expires_at = now_s + self.shared.retention.connection_ttl.as_secs() as i64;
         let item = ConnItem {
             connection_id: connection_id.to_owned(),
             connected_at: now_ms,
@@ -2400,19 +2438,51 @@ impl ChatStore for EmbeddedStore {
             identity: identity.map(str::to_owned),
             rooms: BTreeMap::new(),
             renaming: None,
+            principal: admission.map(|a| a.principal.to_owned()),
         };
         let pk = keys::conn_pk(connection_id);
         let units = conn_units(&item);
+        let limited = admission.filter(|a| a.max_connections > 0);
         self.write(
             OP,
-            |_| Calls::default().item(pk.clone(), units),
+            |state| match limited {
+                // The adapter reads the slots, then puts them and the connection together.
+                Some(a) => {
+                    let lpk = keys::limit_pk(a.principal);
+                    let slots = state.slots.get(a.principal).cloned().unwrap_or_default();
+                    Calls::default()
+                        .get(lpk.clone())
+                        .item(lpk, slots_units(a.principal, &slots))
+                        .item(pk.clone(), units)
+                        .transaction()
+                }
+                None => Calls::default().item(pk.clone(), units),
+            },
             |state| {
                 limits::check_key(&pk, keys::CONN_SK).map_err(|e| key_error(e, OP))?;
+                if let Some(a) = limited {
+                    limits::check_key(&keys::limit_pk(a.principal), keys::LIMIT_SLOTS_SK)
+                        .map_err(|e| key_error(e, OP))?;
+                }
                 state.injected_failure(OP)?;
+                if let Some(a) = limited {
+                    let current = state.slots.get(a.principal).cloned().unwrap_or_default();
+                    let Some(mut live) = ratelimit::admit(&current.conns, a.max_connections, now_s)
+                    else {
+                        return Ok(None);
+                    };
+                    live.insert(connection_id.to_owned(), expires_at);
+                    let next = SlotsItem {
+                        expires_at: live.values().copied().max().unwrap_or(expires_at),
+                        conns: live,
+                        v: current.v + 1,
+                    };
+                    state.slots.insert(a.principal.to_owned(), next);
+                }
                 // A put replaces the whole item, as PutItem does (a reused id starts without a
                 // name or rooms).
                 state.put_conn(connection_id, Some(item.clone()));
-                Ok(item.to_connection())
+                Ok(Some(item.to_connection()))
             },
         )
         .await
@@ -2610,7 +2680,7 @@ impl ChatStore for EmbeddedStore {
                 .write(REMOVE, plan, |state| {
                     // Expired connections are removed too: `$disconnect` for them is still real.
                     let Some(conn) = state.conns.get(connection_id).cloned() else {
-                        return Ok(None);
+                        return Ok(Removal::Unknown);
                     };
                     // One room per transaction, in name order; the connection item goes last,
                     // so after a failure its `rooms` tells a retry what is left.
@@ -2618,20 +2688,27 @@ impl ChatStore for EmbeddedStore {
                         let room = room.clone();
                         return self
                             .leave(state, &conn, &room, shard, reason, now_ms, REMOVE)
-                            .map(Some);
+                            .map(Removal::Left);
                     }
                     state.injected_failure(REMOVE)?;
                     state.put_conn(connection_id, None);
                     if let Some(named) = &conn.name {
                         state.release(&named.key, connection_id, conn.identity.as_deref(), now_s);
                     }
-                    Ok(None)
+                    Ok(Removal::Gone(conn.principal.clone()))
                 })
                 .await?;
-            // `Some`: one room left; `None`: the connection is gone.
             match done {
-                Some(event) => left.push(event),
-                None => break,
+                Removal::Left(event) => left.push(event),
+                Removal::Gone(principal) => {
+                    // After the connection is gone, as the adapter does it.
+                    if let Some(principal) = principal {
+                        self.release_connection_slot(&principal, connection_id)
+                            .await?;
+                    }
+                    break;
+                }
+                Removal::Unknown => break,
             }
         }
         Ok(left)
@@ -2697,15 +2774,57 @@ impl ChatStore for EmbeddedStore {
     async fn take_request_token(
         &self,
         connection_id: &str,
-        limit: RateLimit,
+        limits: &RequestLimits<'_>,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
-        if limit.is_off() {
-            return Ok(true);
+    ) -> Result<Verdict, StoreError> {
+        let per_window = limits.principal_per_window();
+        let limit = limits.connection;
+        if limit.is_off() && per_window == 0 {
+            return Ok(Verdict::Allowed);
         }
         let pk = keys::conn_pk(connection_id);
+        if per_window > 0 {
+            // The adapter reads the connection for its principal, then counts the request in
+            // the principal's window with one update.
+            let principal = {
+                let state = self.shared.lock();
+                state
+                    .conns
+                    .get(connection_id)
+                    .and_then(|c| c.principal.clone())
+                    .or(limits.fallback_principal.map(str::to_owned))
+            };
+            if let Some(principal) = principal {
+                let (index, _) = ratelimit::window(now_ms);
+                let lpk = keys::limit_pk(&principal);
+                let admitted = self
+                    .write(
+                        "UpdateItem principal requests",
+                        |_| Calls::default().get(pk.clone()).item(lpk.clone(), 1),
+                        |state| {
+                            let entry =
+                                state.windows.entry(principal.clone()).or_insert((index, 0));
+                            if entry.0 != index {
+                                *entry = (index, 0);
+                            }
+                            if entry.1 >= per_window {
+                                return Ok(false);
+                            }
+                            entry.1 += 1;
+                            Ok(true)
+                        },
+                    )
+                    .await?;
+                if !admitted {
+                    return Ok(Verdict::PrincipalLimited);
+                }
+            }
+        }
+        if limit.is_off() {
+            return Ok(Verdict::Allowed);
+        }
         let plan = |state: &State| {
-            let base = Calls::default().get(pk.clone());
+            let base = Calls::default().get_if(per_window == 0, || pk.clone());
             match state.conns.get(connection_id) {
                 Some(conn) => base.item(pk.clone(), conn_units(conn)),
                 None => base,
@@ -2715,17 +2834,41 @@ impl ChatStore for EmbeddedStore {
         // the injected failures are meant for the request's own writes.
         self.write("UpdateItem rate limit", plan, |state| {
             let Some(mut conn) = state.conns.get(connection_id).cloned() else {
-                return Ok(true);
+                return Ok(Verdict::Allowed);
             };
             match ratelimit::take(limit, conn.bucket, now_ms) {
                 Some(next) => {
                     conn.bucket = Some(next);
                     state.put_conn(connection_id, Some(conn));
-                    Ok(true)
+                    Ok(Verdict::Allowed)
                 }
-                None => Ok(false),
+                None => Ok(Verdict::ConnectionLimited),
             }
         })
+        .await
+    }
+
+    async fn release_connection_slot(
+        &self,
+        principal: &str,
+        connection_id: &str,
+    ) -> Result<(), StoreError> {
+        let lpk = keys::limit_pk(principal);
+        self.write(
+            "UpdateItem release slot",
+            |state| {
+                let slots = state.slots.get(principal).cloned().unwrap_or_default();
+                Calls::default().item(lpk.clone(), slots_units(principal, &slots))
+            },
+            |state| {
+                if let Some(slots) = state.slots.get_mut(principal) {
+                    if slots.conns.remove(connection_id).is_some() {
+                        slots.v += 1;
+                    }
+                }
+                Ok(())
+            },
+        )
         .await
     }
 

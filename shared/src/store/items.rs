@@ -39,6 +39,10 @@ pub struct ConnItem {
     /// some member items may still have it, and the next `setName` finishes the rename.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renaming: Option<String>,
+    /// Whom the connection's requests and its connection slot count against
+    /// (`crate::ratelimit`): `id:<identity>` or `ip:<source IP>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
 }
 
 impl ConnItem {
@@ -144,5 +148,20 @@ pub struct RequestItem {
     /// When it was recorded (ms).
     pub ts: i64,
     /// TTL, epoch seconds: a day after `ts`.
+    pub expires_at: i64,
+}
+
+/// A principal's connection slots (`LIMIT#<principal>` / `CONNS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotsItem {
+    /// Connection id → that connection's `expiresAt` (epoch seconds).
+    #[serde(default)]
+    pub conns: BTreeMap<String, i64>,
+    /// Bumped by every change: an admission writes the item back only if it is as read.
+    #[serde(default)]
+    pub v: u64,
+    /// TTL: the latest slot's expiry.
+    #[serde(default)]
     pub expires_at: i64,
 }

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 use crate::events::{LeaveReason, StoredEvent};
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::{RequestLimits, Verdict};
 use crate::redelivery::Redelivery;
 use crate::validation::ValidName;
 use requests::{Once, RequestKey};
@@ -49,6 +49,16 @@ pub struct Connection {
 
 /// The most rooms one connection may be a member of, unless configured otherwise.
 pub const DEFAULT_MAX_ROOMS: usize = 50;
+
+/// A principal's claim on a connection slot at `$connect` (see [`crate::ratelimit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission<'a> {
+    /// `id:<identity>` or `ip:<source IP>` ([`crate::ratelimit::principal`]).
+    pub principal: &'a str,
+    /// Live connections the principal may have at once (0: no limit; the principal is still
+    /// recorded, for its request counter).
+    pub max_connections: u32,
+}
 
 /// What a `join` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,7 +211,25 @@ pub trait ChatStore: Send + Sync {
         connection_id: &str,
         identity: Option<&str>,
         now_ms: i64,
-    ) -> Result<Connection, StoreError>;
+    ) -> Result<Connection, StoreError> {
+        self.open_connection(connection_id, identity, None, now_ms)
+            .await?
+            // Without an admission there is no limit to refuse by.
+            .ok_or_else(|| StoreError::Malformed("a connection without a limit was refused".into()))
+    }
+
+    /// Records a new connection (`$connect`) as [`ChatStore::add_identified_connection`] does,
+    /// and, with an `admission`, records its principal and takes one of the principal's
+    /// connection slots in the same transaction (see [`crate::ratelimit`]): `Ok(None)` when the
+    /// principal already has `max_connections` live connections (nothing is written). Slots
+    /// of expired connections do not count.
+    async fn open_connection(
+        &self,
+        connection_id: &str,
+        identity: Option<&str>,
+        admission: Option<Admission<'_>>,
+        now_ms: i64,
+    ) -> Result<Option<Connection>, StoreError>;
 
     /// The connection, if recorded and not expired.
     async fn connection(
@@ -365,15 +393,26 @@ pub trait ChatStore: Send + Sync {
         Ok(left)
     }
 
-    /// Takes one request token from the connection's rate-limit bucket (atomically, so every
-    /// Lambda instance shares it): `Ok(true)` if the request may go ahead. An unknown
-    /// connection is let through (its request then fails as `not_connected`).
+    /// Checks a request against its limits (atomically, so every Lambda instance shares
+    /// them): first the principal's request counter for the current window (the connection's
+    /// recorded principal, else `limits.fallback_principal`), then the connection's own
+    /// bucket. `Ok(Verdict::Allowed)` if the request may go ahead. A request refused by the connection's
+    /// bucket still counts against its principal. An unknown connection has no bucket, but its
+    /// requests count against the fallback principal (its source IP) like any other.
     async fn take_request_token(
         &self,
         connection_id: &str,
-        limit: RateLimit,
+        limits: &RequestLimits<'_>,
         now_ms: i64,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Verdict, StoreError>;
+
+    /// Gives back a principal's connection slot (done by [`ChatStore::remove_connection`] for
+    /// a connection that recorded one; idempotent).
+    async fn release_connection_slot(
+        &self,
+        principal: &str,
+        connection_id: &str,
+    ) -> Result<(), StoreError>;
 
     /// Writes what a broadcast still owes a few connections as a redelivery item in the event
     /// table, so it comes back to the fan-out on the stream (see [`crate::redelivery`]).

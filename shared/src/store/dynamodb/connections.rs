@@ -17,12 +17,12 @@ use super::DynamoStore;
 use crate::events::{ChatEvent, LeaveReason, StoredEvent};
 use crate::keys::DEFAULT_ROOM;
 use crate::protocol::EventRef;
-use crate::ratelimit::{self, Bucket, RateLimit};
+use crate::ratelimit::{self, Bucket, RequestLimits, Verdict};
 use crate::store::aws_like::ReadOp;
 use crate::store::items::{ClaimItem, ConnItem};
 use crate::store::limits::TRANSACT_MAX_ACTIONS;
 use crate::store::requests::{event_refs, Once, RequestKey};
-use crate::store::{epoch_secs, Connection, Joined, StoreError, NAME_RESERVATION_SECS};
+use crate::store::{epoch_secs, Admission, Connection, Joined, StoreError, NAME_RESERVATION_SECS};
 use crate::validation::ValidName;
 
 /// Leaves per pruning transaction: two items each (the connection's `rooms` entry, the member
@@ -105,8 +105,9 @@ impl DynamoStore {
         &self,
         connection_id: &str,
         identity: Option<&str>,
+        admission: Option<Admission<'_>>,
         now_ms: i64,
-    ) -> Result<Connection, StoreError> {
+    ) -> Result<Option<Connection>, StoreError> {
         let expires_at = epoch_secs(now_ms) + self.retention.connection_ttl.as_secs() as i64;
         let conn = ConnItem {
             connection_id: connection_id.to_owned(),
@@ -119,17 +120,28 @@ impl DynamoStore {
             identity: identity.map(str::to_owned),
             rooms: Some(BTreeMap::new()),
             renaming: None,
+            principal: admission.map(|a| a.principal.to_owned()),
         };
         let item = serde_dynamo::to_item(&conn)
             .map_err(|e| StoreError::Malformed(format!("connection item: {e}")))?;
+        let item = with_key(item, conn_key(connection_id));
+        if let Some(admission) = admission.filter(|a| a.max_connections > 0) {
+            if !self
+                .admit(admission, connection_id, item, expires_at, now_ms)
+                .await?
+            {
+                return Ok(None);
+            }
+            return Ok(Some(to_connection(conn)));
+        }
         self.client
             .put_item()
             .table_name(&self.tables.connections)
-            .set_item(Some(with_key(item, conn_key(connection_id))))
+            .set_item(Some(item))
             .send()
             .await
             .map_err(|e| StoreError::backend("PutItem connection", e))?;
-        Ok(to_connection(conn))
+        Ok(Some(to_connection(conn)))
     }
 
     pub(super) async fn read_connection(
@@ -675,6 +687,11 @@ impl DynamoStore {
                 .transact("TransactWriteItems remove connection", items)
                 .await?
             {
+                if let Some(principal) = &conn.principal {
+                    // After the connection is gone, so a failure here costs the principal a
+                    // slot until the connection's expiry, never a connection without a slot.
+                    self.release_slot(principal, connection_id).await?;
+                }
                 return Ok(left);
             }
             backoff(attempt).await;
@@ -741,22 +758,48 @@ impl DynamoStore {
     pub(super) async fn take_token(
         &self,
         connection_id: &str,
-        limit: RateLimit,
+        limits: &RequestLimits<'_>,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
-        if limit.is_off() {
-            return Ok(true);
+    ) -> Result<Verdict, StoreError> {
+        let per_window = limits.principal_per_window();
+        if limits.connection.is_off() && per_window == 0 {
+            return Ok(Verdict::Allowed);
         }
+        let first = self.get_conn(connection_id).await?;
+        if per_window > 0 {
+            let principal = first
+                .as_ref()
+                .and_then(|c| c.principal.as_deref())
+                .or(limits.fallback_principal);
+            if let Some(principal) = principal {
+                if !self
+                    .take_principal_token(principal, per_window, now_ms)
+                    .await?
+                {
+                    return Ok(Verdict::PrincipalLimited);
+                }
+            }
+        }
+        let limit = limits.connection;
+        if limit.is_off() {
+            return Ok(Verdict::Allowed);
+        }
+        let mut read = first;
         for attempt in 1..=5 {
-            let Some(conn) = self.get_conn(connection_id).await? else {
-                return Ok(true);
+            let conn = match read.take() {
+                Some(conn) => conn,
+                None if attempt == 1 => return Ok(Verdict::Allowed),
+                None => match self.get_conn(connection_id).await? {
+                    Some(conn) => conn,
+                    None => return Ok(Verdict::Allowed),
+                },
             };
             let bucket = conn.rl_at.map(|at_ms| Bucket {
                 milli_tokens: conn.rl_tokens.unwrap_or(0),
                 at_ms,
             });
             let Some(next) = ratelimit::take(limit, bucket, now_ms) else {
-                return Ok(false);
+                return Ok(Verdict::ConnectionLimited);
             };
             // Optimistic: the write only lands if nobody took a token since the read.
             let set = Expr::new("SET #tokens = :tokens, #at = :now")
@@ -768,31 +811,16 @@ impl DynamoStore {
                 }
                 None => Expr::new("attribute_exists(#pk) AND attribute_not_exists(#at)"),
             };
-            let (names, values) = placeholders(&[&set, &cond]);
-            let result = self
-                .client
-                .update_item()
-                .table_name(&self.tables.connections)
-                .set_key(Some(conn_key(connection_id)))
-                .update_expression(set.text)
-                .condition_expression(cond.text)
-                .set_expression_attribute_names(names)
-                .set_expression_attribute_values(values)
-                .send()
-                .await;
-            match result {
-                Ok(_) => return Ok(true),
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-                {
-                    backoff(attempt).await;
-                }
-                Err(e) => return Err(StoreError::backend("UpdateItem rate limit", e)),
+            if self
+                .update_if("UpdateItem rate limit", conn_key(connection_id), set, cond)
+                .await?
+            {
+                return Ok(Verdict::Allowed);
             }
+            backoff(attempt).await;
         }
         // Requests from this one connection keep colliding: it is sending too fast.
-        Ok(false)
+        Ok(Verdict::ConnectionLimited)
     }
 }
 

@@ -11,6 +11,7 @@
 //!   removal;
 //! - [`rooms`]: joins, leaves, members and their shards;
 //! - [`log`]: posts, private messages, history reads, redelivery items;
+//! - [`principals`]: connection slots and request counters across a principal's connections;
 //! - [`tables`]: creating the tables as the template does.
 //!
 //! The calls each operation makes when nothing collides (reads are `GetItem`s, strongly
@@ -18,7 +19,7 @@
 //! room's counter, the connection (and, for `setName`, the claim) again, then the transaction.
 //! | operation | reads | writes |
 //! |-----------|-------|--------|
-//! | `$connect` | — | `PutItem` connection |
+//! | `$connect` | — (with a connection limit: the principal's slots) | `PutItem` connection (with a connection limit: [slots put, connection put]) |
 //! | `connection` | connection | — |
 //! | `setName`, first name | connection, claim, lobby's counter | [claim put, connection update, member put, counter, event] |
 //! | `setName`, rename | connection, claim, first room's counter, old claim; then the connection once more, and per other room its counter and the connection | [claim put, old claim release, connection update, member put, counter, event], then per other room [connection check, member put, counter, event] |
@@ -28,8 +29,8 @@
 //! | `post_to_room` | room's counter, connection | [connection check, counter, event] |
 //! | `post_private` | lobby's counter, sender, recipient's claim, recipient | [sender check, claim check, counter, event] |
 //! | any write with a `requestId` | as without; `setName` also its request item first; a refused or cancelled one also its request item | as without, plus [request item put] in the (first) transaction |
-//! | `remove_connection` | connection, then per room a `leave`'s reads; the connection again (if it had rooms), its claim (if named) | per room a `leave`'s, then [connection delete, claim release] |
-//! | `take_request_token` | connection | `UpdateItem` connection |
+//! | `remove_connection` | connection, then per room a `leave`'s reads; the connection again (if it had rooms), its claim (if named) | per room a `leave`'s, then [connection delete, claim release], then `UpdateItem` the principal's slots (if it has one) |
+//! | `take_request_token` | connection | `UpdateItem` principal's window counter (with a principal limit), `UpdateItem` connection |
 //! | `member_shards` | room's counter | — |
 //! | `members_page` | one `Query` of `MEMBERS#<room>#<shard>` | — |
 //! | `read_events` | `Query` pages of `ROOM#<room>` until the page is full | — |
@@ -37,6 +38,7 @@
 mod connections;
 mod expr;
 mod log;
+mod principals;
 mod requests;
 mod rooms;
 mod tables;
@@ -47,10 +49,12 @@ use aws_sdk_dynamodb::Client;
 
 pub use tables::{create_tables, wait_active};
 
-use super::{ChatStore, Connection, EventRange, EventsPage, Joined, MembersPage, StoreError};
+use super::{
+    Admission, ChatStore, Connection, EventRange, EventsPage, Joined, MembersPage, StoreError,
+};
 use crate::config::{Retention, Tables};
 use crate::events::{LeaveReason, StoredEvent};
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::{RequestLimits, Verdict};
 use crate::redelivery::Redelivery;
 use crate::store::requests::{Once, RequestKey};
 use crate::validation::ValidName;
@@ -87,13 +91,14 @@ impl DynamoStore {
 
 #[async_trait]
 impl ChatStore for DynamoStore {
-    async fn add_identified_connection(
+    async fn open_connection(
         &self,
         connection_id: &str,
         identity: Option<&str>,
+        admission: Option<Admission<'_>>,
         now_ms: i64,
-    ) -> Result<Connection, StoreError> {
-        self.add_connection_item(connection_id, identity, now_ms)
+    ) -> Result<Option<Connection>, StoreError> {
+        self.add_connection_item(connection_id, identity, admission, now_ms)
             .await
     }
 
@@ -250,10 +255,18 @@ impl ChatStore for DynamoStore {
     async fn take_request_token(
         &self,
         connection_id: &str,
-        limit: RateLimit,
+        limits: &RequestLimits<'_>,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
-        self.take_token(connection_id, limit, now_ms).await
+    ) -> Result<Verdict, StoreError> {
+        self.take_token(connection_id, limits, now_ms).await
+    }
+
+    async fn release_connection_slot(
+        &self,
+        principal: &str,
+        connection_id: &str,
+    ) -> Result<(), StoreError> {
+        self.release_slot(principal, connection_id).await
     }
 
     async fn schedule_redelivery(

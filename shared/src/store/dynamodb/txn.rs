@@ -22,7 +22,7 @@ use aws_sdk_dynamodb::types::TransactWriteItem;
 use futures::future::BoxFuture;
 use rand::Rng;
 
-use super::expr::{event_key, n, put, s, update, Expr};
+use super::expr::{event_key, n, placeholders, put, s, update, Expr, Item};
 use super::DynamoStore;
 use crate::events::{ChatEvent, EventItem, StoredEvent};
 use crate::keys;
@@ -318,6 +318,39 @@ impl DynamoStore {
                 Ok(false)
             }
             Err(e) if unconfirmed(&e) => Err(StoreError::unconfirmed(op, e)),
+            Err(e) => Err(StoreError::backend(op, e)),
+        }
+    }
+
+    /// One conditional `UpdateItem` on the connections table: `Ok(false)` when its condition
+    /// does not hold (nothing was written).
+    pub(super) async fn update_if(
+        &self,
+        op: &'static str,
+        key: Item,
+        update: Expr,
+        cond: Expr,
+    ) -> Result<bool, StoreError> {
+        let (names, values) = placeholders(&[&update, &cond]);
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.tables.connections)
+            .set_key(Some(key))
+            .update_expression(update.text)
+            .condition_expression(cond.text)
+            .set_expression_attribute_names(names)
+            .set_expression_attribute_values(values)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(StoreError::backend(op, e)),
         }
     }
