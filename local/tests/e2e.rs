@@ -1275,11 +1275,6 @@ mod moto {
     use super::*;
 
     #[tokio::test]
-    async fn a_client_matches_answers_to_its_requests_by_request_id() {
-        request_id_scenario(Mode::Moto).await;
-    }
-
-    #[tokio::test]
     async fn a_client_that_reconnects_catches_up_on_everything_it_missed() {
         catch_up_scenario(Mode::Moto).await;
     }
