@@ -78,6 +78,23 @@
 //! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's) |
 //! | `LIMIT#<principal>`       | `CONNS`    | the principal's connection slots: `conns` (M: connection id → that connection's `expiresAt`), `v` (N, bumped by every change, the compare-and-swap of an admission), `expiresAt` (the latest slot's) |
 //! | `LIMIT#<principal>`       | `REQ#<window>` | the principal's request counter for one window: `n` (N), `expiresAt` (a minute after the window ends) |
+//! | `REQUEST#<scope>`         | `<requestId>` | a write request performed once (below)          |
+//!
+//! **Request items** (`crate::store::requests`): a write request that carried a `requestId`
+//! (1–64 ASCII letters, digits, `-`, `_`, `.`, `:`), written **in the transaction of the
+//! event it produced** on the condition that no live one exists (`attribute_not_exists(pk)
+//! OR expiresAt <= now`), so it exists exactly when that transaction committed. `<scope>` is
+//! `identity#<identity>` for an authenticated connection, else `conn#<connectionId>`: a
+//! resend from a new connection of the same identity finds it. A resend finds it (a cancelled
+//! transaction, or a refusal, is followed by a strongly consistent read of it) and is answered
+//! from it; nothing else reads it. Attributes: `type` (`Request`), `action`, `fingerprint`
+//! (SHA-256 hex of the request's action and fields: the same `requestId` with another request
+//! is refused), `connectionId` (who sent it first), `name` (`setName` only), `events` (L of M
+//! `{room, id}`: the ids of the answer), `ts` (ms), `expiresAt` (a day later). Where it is
+//! written: `sendPublic`, `sendPrivate`, `join`, `leave` put it in their one transaction;
+//! `setName` in the transaction that moves the claim (or joins lobby), with the events of that
+//! transaction (a rename's other rooms follow in their own transactions, and their events are
+//! not in it). The connections table has no stream, so no reader of the stream sees it.
 //!
 //! `$connect` writes `rooms` as an empty map: a join sets `rooms.<room>`, which DynamoDB can
 //! only do in a map that exists. A connection id is a partition key in `CONN#<connId>` (at most
@@ -169,6 +186,9 @@ pub const COUNTER_MEMBERS: &str = "members";
 /// The counter's member shard count.
 pub const COUNTER_SHARDS: &str = "shards";
 
+/// The `type` of a request item.
+pub const REQUEST_TYPE: &str = "Request";
+
 /// Sort key of a connection item.
 pub const CONN_SK: &str = "CONN";
 /// Sort key of a name claim.
@@ -196,6 +216,12 @@ pub fn conn_pk(connection_id: &str) -> String {
 /// The partition of a name's claim.
 pub fn name_pk(name_key: &str) -> String {
     format!("NAME#{name_key}")
+}
+
+/// The partition of a scope's request items (`scope`: [`crate::store::requests::scope`]);
+/// the sort key is the `requestId`.
+pub fn request_pk(scope: &str) -> String {
+    format!("REQUEST#{scope}")
 }
 
 /// The partition of a principal's limits (its connection slots and request counters).

@@ -17,6 +17,7 @@ use chat_shared::protocol::{HistoryDirection, HistoryRequest};
 use chat_shared::ratelimit::{RateLimit, RequestLimits, Verdict};
 use chat_shared::redelivery::{self, Redelivery};
 use chat_shared::store::embedded::EmbeddedStore;
+use chat_shared::store::requests::{Once, RequestKey};
 use chat_shared::store::{
     Admission, ChatStore, Connection, EventRange, EventsPage, Joined, MembersPage, StoreError,
 };
@@ -250,6 +251,64 @@ impl<S: ChatStore> ChatStore for CountingReads<S> {
             .post_private(connection_id, to, message, now_ms)
             .await
     }
+    async fn set_name_once(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Vec<StoredEvent>>, StoreError> {
+        self.inner
+            .set_name_once(connection_id, name, request, now_ms)
+            .await
+    }
+    async fn join_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Joined>, StoreError> {
+        self.inner
+            .join_room_once(connection_id, room, max_rooms, request, now_ms)
+            .await
+    }
+    async fn leave_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.inner
+            .leave_room_once(connection_id, room, request, now_ms)
+            .await
+    }
+    async fn post_to_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.inner
+            .post_to_room_once(connection_id, room, message, request, now_ms)
+            .await
+    }
+    async fn post_private_once(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.inner
+            .post_private_once(connection_id, to, message, request, now_ms)
+            .await
+    }
     async fn remove_connection(
         &self,
         connection_id: &str,
@@ -335,7 +394,7 @@ async fn history_behind_a_long_private_run_examines_a_bounded_number_of_items() 
         limit: 1,
     };
     let page: Value = serde_json::from_str(
-        &history_response(&store, &request, Some("carol"), now)
+        &history_response(&store, &request, Some("carol"), None, now)
             .await
             .expect("history"),
     )
@@ -362,7 +421,7 @@ async fn history_behind_a_long_private_run_examines_a_bounded_number_of_items() 
             limit: 1,
         };
         let page: Value = serde_json::from_str(
-            &history_response(&store, &request, Some("carol"), now)
+            &history_response(&store, &request, Some("carol"), None, now)
                 .await
                 .expect("history"),
         )

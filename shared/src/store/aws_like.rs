@@ -31,10 +31,13 @@ pub enum ReadOp {
     /// `GetItem` of one member item (`MEMBERS#<room>#<shard>` / `<connId>`): the name a room
     /// knows a connection by, read only while a rename of it is unfinished (`renaming`).
     GetMember,
+    /// `GetItem` of a request item (`REQUEST#<scope>` / `<requestId>`): read only after a
+    /// request with a `requestId` was cancelled or refused, to tell a resend of a done request.
+    GetRequest,
 }
 
 impl ReadOp {
-    pub const ALL: [ReadOp; 7] = [
+    pub const ALL: [ReadOp; 8] = [
         ReadOp::GetConnection,
         ReadOp::GetNameClaim,
         ReadOp::GetSequence,
@@ -42,6 +45,7 @@ impl ReadOp {
         ReadOp::QueryEvents,
         ReadOp::QueryNewestEvent,
         ReadOp::GetMember,
+        ReadOp::GetRequest,
     ];
 
     /// Whether the read is strongly consistent (`ConsistentRead: true`).
@@ -60,7 +64,10 @@ impl ReadOp {
             // Strongly consistent: an unfinished rename is finished by comparing names, and a
             // stale name would announce a rename twice (the write's condition would refuse it,
             // at the cost of a cancelled transaction).
-            | ReadOp::GetMember => true,
+            | ReadOp::GetMember
+            // Strongly consistent: a resend read eventually could miss the item its first
+            // send committed a moment ago, and be stored twice.
+            | ReadOp::GetRequest => true,
         }
     }
 }

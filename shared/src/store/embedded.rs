@@ -53,8 +53,9 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::aws_like::{ReadOp, ReadTally, StoreBehaviour};
-use super::items::SlotsItem;
+use super::items::{RequestItem, SlotsItem};
 use super::limits;
+use super::requests::{event_refs, scope, Once, RequestKey};
 use super::{
     epoch_secs, Admission, ChatStore, Connection, EventRange, EventsPage, Joined, Member,
     MembersPage, StoreError, NAME_RESERVATION_SECS,
@@ -62,6 +63,7 @@ use super::{
 use crate::config::Retention;
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys::{self, DEFAULT_ROOM};
+use crate::protocol::EventRef;
 use crate::ratelimit::{self, Bucket, RequestLimits, Verdict};
 use crate::redelivery::{Redelivery, RedeliveryItem};
 use crate::stream::{RecordSource, SourceError};
@@ -317,6 +319,8 @@ struct State {
     conns: Versioned<ConnItem>,
     /// Name claims, by name key (each its own partition `NAME#<key>`).
     claims: HashMap<String, Claim>,
+    /// Request items, by scope and `requestId` (`REQUEST#<scope>` / `<requestId>`).
+    requests: HashMap<(String, String), RequestItem>,
     /// Member items: by partition key (`MEMBERS#<room>#<shard>`), then connection id (the
     /// sort key, so iterating is the order of DynamoDB's member query and a page cursor is the
     /// same string in both adapters).
@@ -409,6 +413,58 @@ const THROTTLED_MESSAGE: &str = "The level of configured provisioned throughput 
 const SDK_ATTEMPTS: u32 = 3;
 
 impl State {
+    /// The scope and `requestId` of `request` sent by the live connection `connection_id`
+    /// (`None` without a request or a live connection: the write then refuses as it would).
+    fn request_slot(
+        &self,
+        request: Option<&RequestKey>,
+        connection_id: &str,
+        now_s: i64,
+    ) -> Option<(String, String)> {
+        let conn = self.live_conn(connection_id, now_s)?;
+        request.map(|r| {
+            (
+                scope(connection_id, conn.identity.as_deref()),
+                r.request_id.clone(),
+            )
+        })
+    }
+
+    /// The live request item of `request`, if it was done already (`RequestIdReused` if the
+    /// item recorded another request): checked in the same step as the write, as the
+    /// DynamoDB adapter's condition on the item does.
+    fn request_done(
+        &self,
+        request: Option<&RequestKey>,
+        connection_id: &str,
+        now_s: i64,
+    ) -> Result<Option<RequestItem>, StoreError> {
+        let (Some(key), Some(slot)) = (request, self.request_slot(request, connection_id, now_s))
+        else {
+            return Ok(None);
+        };
+        match self.requests.get(&slot) {
+            Some(item) if item.expires_at > now_s => key.matches(item.clone()).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Records `request` as done with `events` (and `name`), in the step that wrote them.
+    fn record_request(
+        &mut self,
+        request: Option<&RequestKey>,
+        connection_id: &str,
+        name: Option<&str>,
+        events: Vec<EventRef>,
+        now_ms: i64,
+    ) {
+        let Some(key) = request else { return };
+        if let Some(slot) = self.request_slot(request, connection_id, epoch_secs(now_ms)) {
+            let item = key.record(connection_id, name, events, now_ms);
+            self.requests.insert(slot, item);
+        }
+    }
+
     fn live_conn(&self, connection_id: &str, now_s: i64) -> Option<&ConnItem> {
         self.conns
             .get(connection_id)
@@ -992,9 +1048,10 @@ impl EmbeddedStore {
         for id in &conns {
             state.put_conn(id, None);
         }
-        let claims = state.claims.len();
+        let claims = state.claims.len() + state.requests.len();
         state.claims.retain(|_, c| c.expires_at > now_s);
-        let claims = claims - state.claims.len();
+        state.requests.retain(|_, r| r.expires_at > now_s);
+        let claims = claims - state.claims.len() - state.requests.len();
         let lag = state.lag;
         let mut members = 0;
         for partition in state.members.values_mut() {
@@ -1075,6 +1132,20 @@ impl Calls {
     fn item(mut self, pk: String, units: u64) -> Self {
         self.writes.push((pk, units.max(1)));
         self
+    }
+
+    /// The request item a write with a `requestId` puts in its transaction (one unit).
+    fn request(
+        self,
+        state: &State,
+        request: Option<&RequestKey>,
+        connection_id: &str,
+        now_s: i64,
+    ) -> Self {
+        match state.request_slot(request, connection_id, now_s) {
+            Some((scope, _)) => self.item(keys::request_pk(&scope), 1),
+            None => self,
+        }
     }
 
     fn transaction(mut self) -> Self {
@@ -1334,6 +1405,7 @@ fn op_name(op: ReadOp) -> &'static str {
         ReadOp::QueryEvents => "Query events",
         ReadOp::QueryNewestEvent => "Query newest event",
         ReadOp::GetMember => "GetItem member",
+        ReadOp::GetRequest => "GetItem request",
     }
 }
 
@@ -1478,6 +1550,8 @@ enum Claimed {
     /// The first transaction's event; for a rename, the room it was announced in and the old
     /// name, so the other rooms can hear of it next.
     First(Box<StoredEvent>, Option<(String, String)>),
+    /// A resend of a `setName` done already: its request item.
+    Again(Box<RequestItem>),
 }
 
 const SET_NAME: &str = "TransactWriteItems setName";
@@ -1604,6 +1678,8 @@ impl EmbeddedStore {
         connection_id: &str,
         name: &ValidName,
         evicted: bool,
+        request: Option<&RequestKey>,
+        earlier: &[StoredEvent],
         now_ms: i64,
     ) -> Result<Claimed, StoreError> {
         let now_s = epoch_secs(now_ms);
@@ -1655,9 +1731,13 @@ impl EmbeddedStore {
             calls
                 .item(conn_pk.clone(), units_of(renamed, 1024))
                 .item(keys::members_pk(first.room(), shard), 1)
+                .request(state, request, connection_id, now_s)
                 .append(first.room(), EVENT_OVERHEAD)
         };
         self.write(SET_NAME, plan, |state| {
+            if let Some(done) = state.request_done(request, connection_id, now_s)? {
+                return Ok(Claimed::Again(Box::new(done)));
+            }
             let first = match name_step(state, connection_id, name, evicted, now_s)? {
                 NameStep::Same => {
                     let in_lobby = state
@@ -1730,6 +1810,9 @@ impl EmbeddedStore {
             state.put_conn(connection_id, Some(named));
             state.put_member(&room, shard, connection_id, Some(member));
             let event = Box::new(self.finish(state, pending));
+            let mut refs = event_refs(earlier);
+            refs.extend(event_refs([event.as_ref()]));
+            state.record_request(request, connection_id, Some(&name.display), refs, now_ms);
             Ok(Claimed::First(event, (!joins).then_some((room, old_name))))
         })
         .await
@@ -2017,6 +2100,313 @@ impl EmbeddedStore {
     }
 }
 
+/// The writes a request with a `requestId` may make, at most once per request (the trait's
+/// `*_once` methods; without one, the plain methods).
+impl EmbeddedStore {
+    /// `setName`, with `request` at most once (see [`ChatStore::set_name_once`]).
+    async fn set_name_in(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        request: Option<&RequestKey>,
+        now_ms: i64,
+    ) -> Result<Once<Vec<StoredEvent>>, StoreError> {
+        let mut evicted = false;
+        // An earlier rename stopped part-way (its client got an error): the rooms it did not
+        // reach hear of it first, whatever this call goes on to do.
+        if let Some(done) = {
+            let state = self.shared.lock();
+            state.request_done(request, connection_id, epoch_secs(now_ms))?
+        } {
+            // A resend of a setName done already (checked before finishing a rename, as the
+            // DynamoDB adapter reads the item first).
+            return Ok(Once::Again(done));
+        }
+        let mut events = self.finish_rename(connection_id, now_ms).await?;
+        loop {
+            match self
+                .claim_name(connection_id, name, evicted, request, &events, now_ms)
+                .await?
+            {
+                Claimed::Again(done) => return Ok(Once::Again(*done)),
+                Claimed::Same { in_lobby: true } => return Ok(Once::First(events)),
+                Claimed::Same { in_lobby: false } => {
+                    // Nothing to claim; back into lobby, which it left.
+                    if let Joined::Now(event) = self
+                        .join_room(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
+                        .await?
+                    {
+                        events.push(event);
+                    }
+                    return Ok(Once::First(events));
+                }
+                Claimed::Evict(old) => {
+                    // The same identity takes its name back: its older connection (a stale
+                    // one, typically) is removed first, leaving every room it is in as a
+                    // disconnect would (those leaves are its own, not in this answer); its
+                    // claim becomes this identity's reservation.
+                    evicted = true;
+                    let holds_it = self
+                        .shared
+                        .lock()
+                        .conns
+                        .get(&old)
+                        .is_some_and(|c| c.name.as_ref().is_some_and(|n| n.key == name.key));
+                    if holds_it {
+                        self.remove_connection(&old, LeaveReason::Replaced, now_ms)
+                            .await?;
+                    }
+                }
+                Claimed::First(first, renamed) => {
+                    events.push(*first);
+                    let recorded = events.len();
+                    if let Some((room, old_name)) = renamed {
+                        events.extend(
+                            self.announce_rename(
+                                connection_id,
+                                &room,
+                                &old_name,
+                                &name.display,
+                                now_ms,
+                            )
+                            .await?,
+                        );
+                    }
+                    if events.len() > recorded {
+                        // The other rooms' events complete the answer a resend gets.
+                        let mut state = self.shared.lock();
+                        if let Some(slot) =
+                            state.request_slot(request, connection_id, epoch_secs(now_ms))
+                        {
+                            if let Some(item) = state.requests.get_mut(&slot) {
+                                item.events = event_refs(&events);
+                            }
+                        }
+                    }
+                    return Ok(Once::First(events));
+                }
+            }
+        }
+    }
+
+    /// `join`, with `request` at most once.
+    async fn join_in(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        request: Option<&RequestKey>,
+        now_ms: i64,
+    ) -> Result<Once<Joined>, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let conn_pk = keys::conn_pk(connection_id);
+        let plan = |state: &State| {
+            let base = Calls::default()
+                .get(keys::room_pk(room))
+                .get(conn_pk.clone());
+            match (
+                join_step(state, connection_id, room, max_rooms, now_s),
+                state.conns.get(connection_id),
+            ) {
+                (Ok(Ok(shard)), Some(conn)) => base
+                    .item(
+                        conn_pk.clone(),
+                        units_of(conn_item_size(conn) + room.len() + 3, 1024),
+                    )
+                    .item(keys::members_pk(room, shard), 1)
+                    .request(state, request, connection_id, now_s)
+                    .append(room, EVENT_OVERHEAD),
+                _ => base,
+            }
+        };
+        self.write(JOIN, plan, |state| {
+            if let Some(done) = state.request_done(request, connection_id, now_s)? {
+                return Ok(Once::Again(done));
+            }
+            let shard = match join_step(state, connection_id, room, max_rooms, now_s)? {
+                Ok(shard) => shard,
+                Err(last) => return Ok(Once::First(Joined::Already { last })),
+            };
+            limits::check_key(&keys::members_pk(room, shard), connection_id)
+                .map_err(|e| key_error(e, JOIN))?;
+            let mut conn = state
+                .live_conn(connection_id, now_s)
+                .cloned()
+                .ok_or_else(|| not_connected(connection_id))?;
+            let (before, after) = state.next_counter(room, 1);
+            let event = ChatEvent::MemberJoined {
+                connection_id: connection_id.to_owned(),
+                name: conn.display_name(),
+            };
+            let pending = self.shared.prepare(room, before, after, event, now_ms)?;
+            state.injected_failure(JOIN)?;
+            let member = MemberItem {
+                connection_id: connection_id.to_owned(),
+                name: conn.display_name(),
+                expires_at: conn.expires_at,
+            };
+            conn.rooms.insert(room.to_owned(), shard);
+            state.put_conn(connection_id, Some(conn));
+            state.put_member(room, shard, connection_id, Some(member));
+            let event = self.finish(state, pending);
+            state.record_request(request, connection_id, None, event_refs([&event]), now_ms);
+            Ok(Once::First(Joined::Now(event)))
+        })
+        .await
+    }
+
+    /// A `leave`, with `request` at most once.
+    async fn leave_in(
+        &self,
+        connection_id: &str,
+        room: &str,
+        reason: LeaveReason,
+        request: Option<&RequestKey>,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let conn_pk = keys::conn_pk(connection_id);
+        let membership = |state: &State| -> Result<(ConnItem, u32), StoreError> {
+            let conn = state
+                .live_conn(connection_id, now_s)
+                .ok_or_else(|| not_connected(connection_id))?;
+            let shard = conn
+                .rooms
+                .get(room)
+                .copied()
+                .ok_or_else(|| StoreError::NotAMember(room.to_owned()))?;
+            Ok((conn.clone(), shard))
+        };
+        let plan = |state: &State| {
+            let base = Calls::default()
+                .get(keys::room_pk(room))
+                .get(conn_pk.clone());
+            match membership(state) {
+                // The member item too while a rename is unfinished: its name is the room's.
+                Ok((conn, shard)) => base
+                    .get_if(conn.renaming.is_some(), || keys::members_pk(room, shard))
+                    .item(conn_pk.clone(), conn_units(&conn))
+                    .item(keys::members_pk(room, shard), 1)
+                    .request(state, request, connection_id, now_s)
+                    .append(room, EVENT_OVERHEAD),
+                Err(_) => base,
+            }
+        };
+        self.write(LEAVE, plan, |state| {
+            if let Some(done) = state.request_done(request, connection_id, now_s)? {
+                return Ok(Once::Again(done));
+            }
+            let (conn, shard) = membership(state)?;
+            let event = self.leave(state, &conn, room, shard, reason, now_ms, LEAVE)?;
+            state.record_request(request, connection_id, None, event_refs([&event]), now_ms);
+            Ok(Once::First(event))
+        })
+        .await
+    }
+
+    /// A post to a room, with `request` at most once.
+    async fn post_in(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        request: Option<&RequestKey>,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let conn_pk = keys::conn_pk(connection_id);
+        let plan = |state: &State| {
+            let base = Calls::default()
+                .get(keys::room_pk(room))
+                .get(conn_pk.clone());
+            match post_check(state, connection_id, room, now_s) {
+                Ok(conn) => base
+                    .item(conn_pk.clone(), conn_units(conn))
+                    .request(state, request, connection_id, now_s)
+                    .append(room, EVENT_OVERHEAD + message.len()),
+                Err(_) => base,
+            }
+        };
+        self.write(POST, plan, |state| {
+            if let Some(done) = state.request_done(request, connection_id, now_s)? {
+                return Ok(Once::Again(done));
+            }
+            let conn = post_check(state, connection_id, room, now_s)?;
+            let event = ChatEvent::MessagePosted {
+                connection_id: connection_id.to_owned(),
+                name: conn.display_name(),
+                message: message.to_owned(),
+            };
+            let (before, after) = state.next_counter(room, 0);
+            let pending = self.shared.prepare(room, before, after, event, now_ms)?;
+            state.injected_failure(POST)?;
+            let event = self.finish(state, pending);
+            state.record_request(request, connection_id, None, event_refs([&event]), now_ms);
+            Ok(Once::First(event))
+        })
+        .await
+    }
+
+    /// A private message, with `request` at most once.
+    async fn private_in(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        request: Option<&RequestKey>,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let to_key = recipient_key(to);
+        let conn_pk = keys::conn_pk(connection_id);
+        let plan = |state: &State| {
+            let base = Calls::default()
+                .get(keys::room_pk(DEFAULT_ROOM))
+                .get(conn_pk.clone());
+            let Some(key) = to_key.as_deref() else {
+                return base;
+            };
+            let base = base.get(keys::name_pk(key));
+            match private_check(state, connection_id, to, Some(key), now_s) {
+                // The sender's connection and the recipient's claim are the conditions.
+                Ok((conn, to_conn)) => base
+                    .get(keys::conn_pk(&to_conn.connection_id))
+                    .item(conn_pk.clone(), conn_units(conn))
+                    .item(keys::name_pk(key), 1)
+                    .request(state, request, connection_id, now_s)
+                    .append(DEFAULT_ROOM, EVENT_OVERHEAD + message.len()),
+                Err(_) => base,
+            }
+        };
+        self.write(PRIVATE, plan, |state| {
+            if let Some(done) = state.request_done(request, connection_id, now_s)? {
+                return Ok(Once::Again(done));
+            }
+            let (conn, to_conn) =
+                private_check(state, connection_id, to, to_key.as_deref(), now_s)?;
+            let event = ChatEvent::PrivateMessageSent {
+                connection_id: connection_id.to_owned(),
+                name: conn.display_name(),
+                to_connection_id: to_conn.connection_id.clone(),
+                to_name: to_conn.display_name(),
+                message: message.to_owned(),
+                identity: conn.identity.clone(),
+                to_identity: to_conn.identity.clone(),
+            };
+            // Numbered in the lobby's log, whoever is in the lobby (see `keys`).
+            let (before, after) = state.next_counter(DEFAULT_ROOM, 0);
+            let pending = self
+                .shared
+                .prepare(DEFAULT_ROOM, before, after, event, now_ms)?;
+            state.injected_failure(PRIVATE)?;
+            let event = self.finish(state, pending);
+            state.record_request(request, connection_id, None, event_refs([&event]), now_ms);
+            Ok(Once::First(event))
+        })
+        .await
+    }
+}
+
 /// One step of `remove_connection`.
 enum Removal {
     /// It left one room (more may follow).
@@ -2121,61 +2511,20 @@ impl ChatStore for EmbeddedStore {
         name: &ValidName,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut evicted = false;
-        // An earlier rename stopped part-way (its client got an error): the rooms it did not
-        // reach hear of it first, whatever this call goes on to do.
-        let mut events = self.finish_rename(connection_id, now_ms).await?;
-        loop {
-            match self
-                .claim_name(connection_id, name, evicted, now_ms)
-                .await?
-            {
-                Claimed::Same { in_lobby: true } => return Ok(events),
-                Claimed::Same { in_lobby: false } => {
-                    // Nothing to claim; back into lobby, which it left.
-                    if let Joined::Now(event) = self
-                        .join_room(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
-                        .await?
-                    {
-                        events.push(event);
-                    }
-                    return Ok(events);
-                }
-                Claimed::Evict(old) => {
-                    // The same identity takes its name back: its older connection (a stale
-                    // one, typically) is removed first, leaving every room it is in as a
-                    // disconnect would (those leaves are its own, not in this answer); its
-                    // claim becomes this identity's reservation.
-                    evicted = true;
-                    let holds_it = self
-                        .shared
-                        .lock()
-                        .conns
-                        .get(&old)
-                        .is_some_and(|c| c.name.as_ref().is_some_and(|n| n.key == name.key));
-                    if holds_it {
-                        self.remove_connection(&old, LeaveReason::Replaced, now_ms)
-                            .await?;
-                    }
-                }
-                Claimed::First(first, renamed) => {
-                    events.push(*first);
-                    if let Some((room, old_name)) = renamed {
-                        events.extend(
-                            self.announce_rename(
-                                connection_id,
-                                &room,
-                                &old_name,
-                                &name.display,
-                                now_ms,
-                            )
-                            .await?,
-                        );
-                    }
-                    return Ok(events);
-                }
-            }
-        }
+        self.set_name_in(connection_id, name, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn set_name_once(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Vec<StoredEvent>>, StoreError> {
+        self.set_name_in(connection_id, name, Some(request), now_ms)
+            .await
     }
 
     async fn join_room(
@@ -2185,55 +2534,21 @@ impl ChatStore for EmbeddedStore {
         max_rooms: usize,
         now_ms: i64,
     ) -> Result<Joined, StoreError> {
-        let now_s = epoch_secs(now_ms);
-        let conn_pk = keys::conn_pk(connection_id);
-        let plan = |state: &State| {
-            let base = Calls::default()
-                .get(keys::room_pk(room))
-                .get(conn_pk.clone());
-            match (
-                join_step(state, connection_id, room, max_rooms, now_s),
-                state.conns.get(connection_id),
-            ) {
-                (Ok(Ok(shard)), Some(conn)) => base
-                    .item(
-                        conn_pk.clone(),
-                        units_of(conn_item_size(conn) + room.len() + 3, 1024),
-                    )
-                    .item(keys::members_pk(room, shard), 1)
-                    .append(room, EVENT_OVERHEAD),
-                _ => base,
-            }
-        };
-        self.write(JOIN, plan, |state| {
-            let shard = match join_step(state, connection_id, room, max_rooms, now_s)? {
-                Ok(shard) => shard,
-                Err(last) => return Ok(Joined::Already { last }),
-            };
-            limits::check_key(&keys::members_pk(room, shard), connection_id)
-                .map_err(|e| key_error(e, JOIN))?;
-            let mut conn = state
-                .live_conn(connection_id, now_s)
-                .cloned()
-                .ok_or_else(|| not_connected(connection_id))?;
-            let (before, after) = state.next_counter(room, 1);
-            let event = ChatEvent::MemberJoined {
-                connection_id: connection_id.to_owned(),
-                name: conn.display_name(),
-            };
-            let pending = self.shared.prepare(room, before, after, event, now_ms)?;
-            state.injected_failure(JOIN)?;
-            let member = MemberItem {
-                connection_id: connection_id.to_owned(),
-                name: conn.display_name(),
-                expires_at: conn.expires_at,
-            };
-            conn.rooms.insert(room.to_owned(), shard);
-            state.put_conn(connection_id, Some(conn));
-            state.put_member(room, shard, connection_id, Some(member));
-            Ok(Joined::Now(self.finish(state, pending)))
-        })
-        .await
+        self.join_in(connection_id, room, max_rooms, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn join_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Joined>, StoreError> {
+        self.join_in(connection_id, room, max_rooms, Some(request), now_ms)
+            .await
     }
 
     async fn leave_room(
@@ -2243,37 +2558,25 @@ impl ChatStore for EmbeddedStore {
         reason: LeaveReason,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        let now_s = epoch_secs(now_ms);
-        let conn_pk = keys::conn_pk(connection_id);
-        let membership = |state: &State| -> Result<(ConnItem, u32), StoreError> {
-            let conn = state
-                .live_conn(connection_id, now_s)
-                .ok_or_else(|| not_connected(connection_id))?;
-            let shard = conn
-                .rooms
-                .get(room)
-                .copied()
-                .ok_or_else(|| StoreError::NotAMember(room.to_owned()))?;
-            Ok((conn.clone(), shard))
-        };
-        let plan = |state: &State| {
-            let base = Calls::default()
-                .get(keys::room_pk(room))
-                .get(conn_pk.clone());
-            match membership(state) {
-                // The member item too while a rename is unfinished: its name is the room's.
-                Ok((conn, shard)) => base
-                    .get_if(conn.renaming.is_some(), || keys::members_pk(room, shard))
-                    .item(conn_pk.clone(), conn_units(&conn))
-                    .item(keys::members_pk(room, shard), 1)
-                    .append(room, EVENT_OVERHEAD),
-                Err(_) => base,
-            }
-        };
-        self.write(LEAVE, plan, |state| {
-            let (conn, shard) = membership(state)?;
-            self.leave(state, &conn, room, shard, reason, now_ms, LEAVE)
-        })
+        self.leave_in(connection_id, room, reason, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn leave_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.leave_in(
+            connection_id,
+            room,
+            LeaveReason::Left,
+            Some(request),
+            now_ms,
+        )
         .await
     }
 
@@ -2284,32 +2587,21 @@ impl ChatStore for EmbeddedStore {
         message: &str,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        let now_s = epoch_secs(now_ms);
-        let conn_pk = keys::conn_pk(connection_id);
-        let plan = |state: &State| {
-            let base = Calls::default()
-                .get(keys::room_pk(room))
-                .get(conn_pk.clone());
-            match post_check(state, connection_id, room, now_s) {
-                Ok(conn) => base
-                    .item(conn_pk.clone(), conn_units(conn))
-                    .append(room, EVENT_OVERHEAD + message.len()),
-                Err(_) => base,
-            }
-        };
-        self.write(POST, plan, |state| {
-            let conn = post_check(state, connection_id, room, now_s)?;
-            let event = ChatEvent::MessagePosted {
-                connection_id: connection_id.to_owned(),
-                name: conn.display_name(),
-                message: message.to_owned(),
-            };
-            let (before, after) = state.next_counter(room, 0);
-            let pending = self.shared.prepare(room, before, after, event, now_ms)?;
-            state.injected_failure(POST)?;
-            Ok(self.finish(state, pending))
-        })
-        .await
+        self.post_in(connection_id, room, message, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn post_to_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.post_in(connection_id, room, message, Some(request), now_ms)
+            .await
     }
 
     async fn post_private(
@@ -2319,48 +2611,21 @@ impl ChatStore for EmbeddedStore {
         message: &str,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        let now_s = epoch_secs(now_ms);
-        let to_key = recipient_key(to);
-        let conn_pk = keys::conn_pk(connection_id);
-        let plan = |state: &State| {
-            let base = Calls::default()
-                .get(keys::room_pk(DEFAULT_ROOM))
-                .get(conn_pk.clone());
-            let Some(key) = to_key.as_deref() else {
-                return base;
-            };
-            let base = base.get(keys::name_pk(key));
-            match private_check(state, connection_id, to, Some(key), now_s) {
-                // The sender's connection and the recipient's claim are the conditions.
-                Ok((conn, to_conn)) => base
-                    .get(keys::conn_pk(&to_conn.connection_id))
-                    .item(conn_pk.clone(), conn_units(conn))
-                    .item(keys::name_pk(key), 1)
-                    .append(DEFAULT_ROOM, EVENT_OVERHEAD + message.len()),
-                Err(_) => base,
-            }
-        };
-        self.write(PRIVATE, plan, |state| {
-            let (conn, to_conn) =
-                private_check(state, connection_id, to, to_key.as_deref(), now_s)?;
-            let event = ChatEvent::PrivateMessageSent {
-                connection_id: connection_id.to_owned(),
-                name: conn.display_name(),
-                to_connection_id: to_conn.connection_id.clone(),
-                to_name: to_conn.display_name(),
-                message: message.to_owned(),
-                identity: conn.identity.clone(),
-                to_identity: to_conn.identity.clone(),
-            };
-            // Numbered in the lobby's log, whoever is in the lobby (see `keys`).
-            let (before, after) = state.next_counter(DEFAULT_ROOM, 0);
-            let pending = self
-                .shared
-                .prepare(DEFAULT_ROOM, before, after, event, now_ms)?;
-            state.injected_failure(PRIVATE)?;
-            Ok(self.finish(state, pending))
-        })
-        .await
+        self.private_in(connection_id, to, message, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn post_private_once(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.private_in(connection_id, to, message, Some(request), now_ms)
+            .await
     }
 
     async fn remove_connection(

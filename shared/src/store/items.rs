@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::EventRef;
+
 /// A connection (`CONN#<connectionId>` / `CONN`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -121,6 +123,32 @@ impl CounterItem {
     pub fn shards(&self) -> u32 {
         self.shards.unwrap_or(1).max(1)
     }
+}
+
+/// A write request performed once (`REQUEST#<scope>` / `<requestId>`, see
+/// [`crate::store::requests`]): written in the transaction of the event it produced, it
+/// holds that request's answer, so a resend is answered from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestItem {
+    /// Always [`crate::keys::REQUEST_TYPE`].
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request's action (`sendPublic`, `sendPrivate`, `setName`, `join`, `leave`).
+    pub action: String,
+    /// SHA-256 (hex) of the request's canonical form: a resend has the same.
+    pub fingerprint: String,
+    /// The connection that made it (for operators; the scope may be an identity).
+    pub connection_id: String,
+    /// `setName` only: the name it set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The events it recorded (room, id), in the order of its answer.
+    pub events: Vec<EventRef>,
+    /// When it was recorded (ms).
+    pub ts: i64,
+    /// TTL, epoch seconds: a day after `ts`.
+    pub expires_at: i64,
 }
 
 /// A principal's connection slots (`LIMIT#<principal>` / `CONNS`).

@@ -17,6 +17,7 @@ pub mod dynamodb;
 pub mod embedded;
 pub mod items;
 pub mod limits;
+pub mod requests;
 
 use async_trait::async_trait;
 use thiserror::Error;
@@ -25,6 +26,7 @@ use crate::events::{LeaveReason, StoredEvent};
 use crate::ratelimit::{RequestLimits, Verdict};
 use crate::redelivery::Redelivery;
 use crate::validation::ValidName;
+use requests::{Once, RequestKey};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -129,13 +131,26 @@ pub enum StoreError {
     /// Concurrent writers kept winning the room's sequence number.
     #[error("gave up after {0} attempts: concurrent writers kept winning")]
     Contention(u32),
-    /// The backing store failed; nothing was written.
+    /// The backing store failed, and certainly wrote nothing: a read failed, or a write was
+    /// refused before it could commit (a validation error, a missing table).
     #[error("store operation {op} failed")]
     Backend {
         op: &'static str,
         #[source]
         source: BoxError,
     },
+    /// A write whose outcome is unknown: it may have committed (a timeout, a 5xx, a dropped
+    /// connection, or a throttle after one of those in the SDK's retries). A resend with the
+    /// same `requestId` finds out without writing twice.
+    #[error("store operation {op} may or may not have committed")]
+    Unconfirmed {
+        op: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    /// The `requestId` was already used, in the same scope, for another request.
+    #[error("requestId {0:?} was already used for another request")]
+    RequestIdReused(String),
     /// An item in the store does not have the shape this code writes.
     #[error("stored item is malformed: {0}")]
     Malformed(String),
@@ -149,9 +164,30 @@ impl StoreError {
         }
     }
 
+    pub fn unconfirmed(op: &'static str, source: impl Into<BoxError>) -> Self {
+        StoreError::Unconfirmed {
+            op,
+            source: source.into(),
+        }
+    }
+
     /// Whether trying the same operation again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Backend { .. } | StoreError::Contention(_))
+        matches!(
+            self,
+            StoreError::Backend { .. } | StoreError::Unconfirmed { .. } | StoreError::Contention(_)
+        )
+    }
+
+    /// Whether the store failed (as opposed to refusing the request for a reason of its own).
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Backend { .. }
+                | StoreError::Unconfirmed { .. }
+                | StoreError::Contention(_)
+                | StoreError::Malformed(_)
+        )
     }
 }
 
@@ -232,6 +268,59 @@ pub trait ChatStore: Send + Sync {
         max_rooms: usize,
         now_ms: i64,
     ) -> Result<Joined, StoreError>;
+
+    /// [`ChatStore::set_name`] performed at most once per `request` in its scope
+    /// ([`requests`]): the request item goes in the transaction that moves the claim (or
+    /// joins lobby), with that transaction's events. A resend gets `Once::Again` with the
+    /// first's item; one that changed nothing records nothing.
+    async fn set_name_once(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Vec<StoredEvent>>, StoreError>;
+
+    /// [`ChatStore::join_room`] performed at most once per `request` (a join of a room it is
+    /// in already records nothing).
+    async fn join_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Joined>, StoreError>;
+
+    /// [`ChatStore::leave_room`] (reason `left`) performed at most once per `request`.
+    async fn leave_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError>;
+
+    /// [`ChatStore::post_to_room`] performed at most once per `request`: the request item is
+    /// in the event's transaction.
+    async fn post_to_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError>;
+
+    /// [`ChatStore::post_private`] performed at most once per `request`.
+    async fn post_private_once(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError>;
 
     /// Ends the connection's membership of `room`, recording `MemberLeft` with `reason` there
     /// (a `leave` request says `left`). `NotAMember` if it was not one.

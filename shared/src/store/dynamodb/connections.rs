@@ -10,15 +10,18 @@ use futures::future::BoxFuture;
 use super::expr::{
     check, claim_key, conn_key, delete, n, placeholders, put, s, update, with_key, Expr,
 };
+use super::requests::{requested, Requested};
 use super::rooms::name_unchanged;
 use super::txn::{backoff, Attempt, Change, Membership, MAX_ATTEMPTS};
 use super::DynamoStore;
 use crate::events::{ChatEvent, LeaveReason, StoredEvent};
 use crate::keys::DEFAULT_ROOM;
+use crate::protocol::EventRef;
 use crate::ratelimit::{self, Bucket, RequestLimits, Verdict};
 use crate::store::aws_like::ReadOp;
 use crate::store::items::{ClaimItem, ConnItem};
 use crate::store::limits::TRANSACT_MAX_ACTIONS;
+use crate::store::requests::{event_refs, Once, RequestKey};
 use crate::store::{epoch_secs, Admission, Connection, Joined, StoreError, NAME_RESERVATION_SECS};
 use crate::validation::ValidName;
 
@@ -195,14 +198,23 @@ impl DynamoStore {
         &self,
         connection_id: &str,
         name: &ValidName,
+        request: Option<&RequestKey>,
         now_ms: i64,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+    ) -> Result<Once<Vec<StoredEvent>>, StoreError> {
         let mut evicted = false;
         // The events of an interrupted rename this call finished first (at most once).
         let mut finished: Option<Vec<StoredEvent>> = None;
         for attempt in 1..=MAX_ATTEMPTS {
             let conn = live(self.get_conn(connection_id).await?, now_ms)
                 .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+            // With a requestId, its item is read first (setName is rare; a resend must not
+            // rename back after a later rename, nor answer `[]` for a name it set itself).
+            let req = requested(request, &conn);
+            if let Some(r) = &req {
+                if let Some(done) = self.find_request(r, now_ms).await? {
+                    return Ok(Once::Again(done));
+                }
+            }
             if conn.renaming.is_some() && finished.is_none() {
                 // An earlier rename stopped part-way (its client got an error): the rooms it
                 // did not reach hear of it first, whatever this call goes on to do.
@@ -213,13 +225,14 @@ impl DynamoStore {
                 // The same name again: nothing to claim; back into lobby if it left it.
                 if conn.shard_in(DEFAULT_ROOM).is_none() {
                     if let Joined::Now(event) = self
-                        .join(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
+                        .join(connection_id, DEFAULT_ROOM, usize::MAX, None, now_ms)
                         .await?
+                        .first()?
                     {
                         events.push(event);
                     }
                 }
-                return Ok(events);
+                return Ok(Once::First(events));
             }
             match self.standing(&conn, name, now_ms).await? {
                 Standing::Taken => return Err(StoreError::NameTaken(name.display.clone())),
@@ -240,6 +253,8 @@ impl DynamoStore {
             }
             let first = &FirstStep::of(&conn);
             let conn = &conn;
+            let before = events.clone();
+            let record = req.as_ref().map(|r| (r, before.as_slice()));
             let committed = self
                 .append_one(
                     "TransactWriteItems setName",
@@ -269,7 +284,7 @@ impl DynamoStore {
                                     _ => {}
                                 }
                             }
-                            self.first_name_change(conn, name, first, counter, now_ms)
+                            self.first_name_change(conn, name, first, counter, record, now_ms)
                                 .await
                         })
                     },
@@ -285,13 +300,21 @@ impl DynamoStore {
                 }
             };
             events.push(first_event);
+            let recorded = events.len();
             if let (FirstStep::Rename { room, .. }, Some(old)) = (first, &conn.name) {
                 events.extend(
                     self.announce_rename(connection_id, room, old, name, now_ms)
                         .await?,
                 );
             }
-            return Ok(events);
+            if let Some(r) = &req {
+                if events.len() > recorded {
+                    // The other rooms' events, known only now, complete the answer a resend
+                    // gets. If this fails, the item keeps the first transaction's events.
+                    self.complete_request(r, event_refs(&events)).await?;
+                }
+            }
+            return Ok(Once::First(events));
         }
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
@@ -324,6 +347,8 @@ impl DynamoStore {
         name: &ValidName,
         first: &FirstStep,
         counter: super::txn::Counter,
+        // With a requestId: its request, and the events this setName recorded before.
+        req: Option<(&Requested<'_>, &[StoredEvent])>,
         now_ms: i64,
     ) -> Result<Attempt<()>, StoreError> {
         let id = conn.connection_id.as_str();
@@ -408,6 +433,16 @@ impl DynamoStore {
                 )
             }
         };
+        if let Some((r, before)) = req {
+            // The request item records this transaction's event (after any an interrupted
+            // rename's finishing recorded first), with the name it set.
+            let mut refs = event_refs(before);
+            refs.push(EventRef {
+                room: first.room().to_owned(),
+                id: counter.last + 1,
+            });
+            items.push(self.request_put(r, id, Some(&name.display), refs, now_ms)?);
+        }
         Ok(Attempt::Commit(Change {
             items,
             events: vec![event],
@@ -442,8 +477,9 @@ impl DynamoStore {
         }
         if conn.shard_in(DEFAULT_ROOM).is_none() {
             if let Joined::Now(event) = self
-                .join(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
+                .join(connection_id, DEFAULT_ROOM, usize::MAX, None, now_ms)
                 .await?
+                .first()?
             {
                 events.push(event);
             }
@@ -615,7 +651,11 @@ impl DynamoStore {
         for attempt in 1..=MAX_ATTEMPTS {
             let rooms = conn.room_names();
             for room in &rooms {
-                match self.leave(connection_id, room, reason, false, now_ms).await {
+                match self
+                    .leave(connection_id, room, reason, false, None, now_ms)
+                    .await
+                    .and_then(Once::first)
+                {
                     Ok(event) => left.push(event),
                     // Left (or removed) concurrently: nothing left to do there.
                     Err(StoreError::NotAMember(_)) => {}

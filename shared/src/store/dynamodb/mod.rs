@@ -28,6 +28,7 @@
 //! | `leave` | room's counter, connection | [connection update, member delete, counter, event] |
 //! | `post_to_room` | room's counter, connection | [connection check, counter, event] |
 //! | `post_private` | lobby's counter, sender, recipient's claim, recipient | [sender check, claim check, counter, event] |
+//! | any write with a `requestId` | as without; `setName` also its request item first; a refused or cancelled one also its request item | as without, plus [request item put] in the (first) transaction |
 //! | `remove_connection` | connection, then per room a `leave`'s reads; the connection again (if it had rooms), its claim (if named) | per room a `leave`'s, then [connection delete, claim release], then `UpdateItem` the principal's slots (if it has one) |
 //! | `take_request_token` | connection | `UpdateItem` principal's window counter (with a principal limit), `UpdateItem` connection |
 //! | `member_shards` | room's counter | — |
@@ -38,6 +39,7 @@ mod connections;
 mod expr;
 mod log;
 mod principals;
+mod requests;
 mod rooms;
 mod tables;
 mod txn;
@@ -54,6 +56,7 @@ use crate::config::{Retention, Tables};
 use crate::events::{LeaveReason, StoredEvent};
 use crate::ratelimit::{RequestLimits, Verdict};
 use crate::redelivery::Redelivery;
+use crate::store::requests::{Once, RequestKey};
 use crate::validation::ValidName;
 
 pub struct DynamoStore {
@@ -113,7 +116,20 @@ impl ChatStore for DynamoStore {
         name: &ValidName,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        self.claim_name(connection_id, name, now_ms).await
+        self.claim_name(connection_id, name, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn set_name_once(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Vec<StoredEvent>>, StoreError> {
+        self.claim_name(connection_id, name, Some(request), now_ms)
+            .await
     }
 
     async fn join_room(
@@ -123,7 +139,21 @@ impl ChatStore for DynamoStore {
         max_rooms: usize,
         now_ms: i64,
     ) -> Result<Joined, StoreError> {
-        self.join(connection_id, room, max_rooms, now_ms).await
+        self.join(connection_id, room, max_rooms, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn join_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Joined>, StoreError> {
+        self.join(connection_id, room, max_rooms, Some(request), now_ms)
+            .await
     }
 
     async fn leave_room(
@@ -133,7 +163,27 @@ impl ChatStore for DynamoStore {
         reason: LeaveReason,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        self.leave(connection_id, room, reason, true, now_ms).await
+        self.leave(connection_id, room, reason, true, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn leave_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.leave(
+            connection_id,
+            room,
+            LeaveReason::Left,
+            true,
+            Some(request),
+            now_ms,
+        )
+        .await
     }
 
     async fn post_to_room(
@@ -143,7 +193,21 @@ impl ChatStore for DynamoStore {
         message: &str,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        self.post(connection_id, room, message, now_ms).await
+        self.post(connection_id, room, message, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn post_to_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.post(connection_id, room, message, Some(request), now_ms)
+            .await
     }
 
     async fn post_private(
@@ -153,7 +217,21 @@ impl ChatStore for DynamoStore {
         message: &str,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        self.whisper(connection_id, to, message, now_ms).await
+        self.whisper(connection_id, to, message, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn post_private_once(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.whisper(connection_id, to, message, Some(request), now_ms)
+            .await
     }
 
     async fn remove_connection(

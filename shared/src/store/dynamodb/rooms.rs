@@ -1,17 +1,18 @@
 //! Rooms: joins and leaves (each one transaction with the room's counter and its event),
 //! the member items they write, and the reads of a room's members, shard by shard.
 
-use std::convert::Infallible;
-
 use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
 
 use super::expr::{conn_key, delete, member_key, n, put, s, update, with_key, Expr, Item};
+use super::requests::requested;
 use super::txn::{Attempt, Change, Counter, Membership, Outcome};
 use super::DynamoStore;
 use crate::events::{ChatEvent, LeaveReason, StoredEvent};
 use crate::keys;
+use crate::protocol::EventRef;
 use crate::store::aws_like::ReadOp;
 use crate::store::items::{ConnItem, MemberItem};
+use crate::store::requests::{Once, RequestKey};
 use crate::store::{epoch_secs, Joined, Member, MembersPage, StoreError};
 use crate::validation::ValidName;
 
@@ -31,26 +32,58 @@ impl DynamoStore {
         connection_id: &str,
         room: &str,
         max_rooms: usize,
+        request: Option<&RequestKey>,
         now_ms: i64,
-    ) -> Result<Joined, StoreError> {
+    ) -> Result<Once<Joined>, StoreError> {
         let joined = self
             .append_one(
                 "TransactWriteItems join",
                 room,
                 now_ms,
-                move |counter, _attempt| {
+                move |counter, attempt| {
                     Box::pin(async move {
                         let conn = live(self.get_conn(connection_id).await?, now_ms)
                             .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-                        let name = conn.name.clone().ok_or(StoreError::NameRequired)?;
+                        // A request with a requestId: a resend of one done already is answered
+                        // from its request item (see `super::requests`).
+                        let req = requested(request, &conn);
+                        if let Some(done) = self.done_before(req.as_ref(), attempt, now_ms).await? {
+                            return Ok(Attempt::Done(Once::Again(done)));
+                        }
+                        let refused = |e| async {
+                            self.unless_done(req.as_ref(), e, now_ms)
+                                .await
+                                .map(|done| Attempt::Done(Once::Again(done)))
+                        };
+                        let Some(name) = conn.name.clone() else {
+                            return refused(StoreError::NameRequired).await;
+                        };
                         if conn.shard_in(room).is_some() {
-                            return Ok(Attempt::Done(counter.last));
+                            if let Some(r) = &req {
+                                if let Some(done) = self.find_request(r, now_ms).await? {
+                                    return Ok(Attempt::Done(Once::Again(done)));
+                                }
+                            }
+                            return Ok(Attempt::Done(Once::First(counter.last)));
                         }
                         if conn.room_names().len() >= max_rooms {
-                            return Err(StoreError::TooManyRooms(max_rooms));
+                            return refused(StoreError::TooManyRooms(max_rooms)).await;
                         }
-                        let (items, shards) =
+                        let (mut items, shards) =
                             self.join_items(&conn, room, &name, counter, max_rooms, None)?;
+                        if let Some(r) = &req {
+                            let id = EventRef {
+                                room: room.to_owned(),
+                                id: counter.last + 1,
+                            };
+                            items.push(self.request_put(
+                                r,
+                                connection_id,
+                                None,
+                                vec![id],
+                                now_ms,
+                            )?);
+                        }
                         Ok(Attempt::Commit(Change {
                             items,
                             events: vec![ChatEvent::MemberJoined {
@@ -64,8 +97,9 @@ impl DynamoStore {
             )
             .await?;
         Ok(match joined {
-            Ok(event) => Joined::Now(event),
-            Err(last) => Joined::Already { last },
+            Ok(event) => Once::First(Joined::Now(event)),
+            Err(Once::First(last)) => Once::First(Joined::Already { last }),
+            Err(Once::Again(done)) => Once::Again(done),
         })
     }
 
@@ -209,23 +243,32 @@ impl DynamoStore {
         room: &str,
         reason: LeaveReason,
         live_only: bool,
+        request: Option<&RequestKey>,
         now_ms: i64,
-    ) -> Result<StoredEvent, StoreError> {
+    ) -> Result<Once<StoredEvent>, StoreError> {
         let left = self
             .append_one(
                 "TransactWriteItems leave",
                 room,
                 now_ms,
-                move |_counter, _attempt| {
+                move |counter, attempt| {
                     Box::pin(async move {
                         let conn = self.get_conn(connection_id).await?;
                         let conn = if live_only { live(conn, now_ms) } else { conn }
                             .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-                        let shard = conn
-                            .shard_in(room)
-                            .ok_or_else(|| StoreError::NotAMember(room.to_owned()))?;
+                        let req = requested(request, &conn);
+                        if let Some(done) = self.done_before(req.as_ref(), attempt, now_ms).await? {
+                            return Ok(Attempt::Done(done));
+                        }
+                        let Some(shard) = conn.shard_in(room) else {
+                            let e = StoreError::NotAMember(room.to_owned());
+                            return self
+                                .unless_done(req.as_ref(), e, now_ms)
+                                .await
+                                .map(Attempt::Done);
+                        };
                         let (name, known) = self.name_in_room(&conn, room, shard).await?;
-                        let items = vec![
+                        let mut items = vec![
                             update(
                                 &self.tables.connections,
                                 conn_key(connection_id),
@@ -240,7 +283,20 @@ impl DynamoStore {
                                 known,
                             )?,
                         ];
-                        Ok(Attempt::<Infallible>::Commit(Change {
+                        if let Some(r) = &req {
+                            let id = EventRef {
+                                room: room.to_owned(),
+                                id: counter.last + 1,
+                            };
+                            items.push(self.request_put(
+                                r,
+                                connection_id,
+                                None,
+                                vec![id],
+                                now_ms,
+                            )?);
+                        }
+                        Ok(Attempt::Commit(Change {
                             items,
                             events: vec![ChatEvent::MemberLeft {
                                 connection_id: connection_id.to_owned(),
@@ -253,8 +309,10 @@ impl DynamoStore {
                 },
             )
             .await?;
-        let Ok(left) = left;
-        Ok(left)
+        Ok(match left {
+            Ok(event) => Once::First(event),
+            Err(done) => Once::Again(done),
+        })
     }
 
     /// One transaction of `MemberLeft`s (`reason`) in `room` for those of `ids` that are

@@ -15,6 +15,7 @@
 
 use std::time::Duration;
 
+use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::TransactWriteItem;
@@ -316,6 +317,7 @@ impl DynamoStore {
             {
                 Ok(false)
             }
+            Err(e) if unconfirmed(&e) => Err(StoreError::unconfirmed(op, e)),
             Err(e) => Err(StoreError::backend(op, e)),
         }
     }
@@ -351,6 +353,37 @@ impl DynamoStore {
             }
             Err(e) => Err(StoreError::backend(op, e)),
         }
+    }
+}
+
+/// Whether a failed `TransactWriteItems` may have committed. Certain failures are those
+/// DynamoDB answers before doing anything and the SDK does not retry (a request it could not
+/// build, a validation error, a missing table): they fail the first attempt the same way.
+/// Everything else is unknown: no answer (a timeout, a dropped connection, an unreadable
+/// response), a 5xx, and the errors the SDK retries (throttling, a transaction in progress),
+/// since an earlier attempt of the same call may have timed out after committing.
+fn unconfirmed(e: &SdkError<TransactWriteItemsError, HttpResponse>) -> bool {
+    use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+    match e {
+        SdkError::ConstructionFailure(_) => false,
+        SdkError::ServiceError(service) => {
+            let err = service.err();
+            let transient = matches!(
+                err.code(),
+                Some(
+                    "ThrottlingException"
+                        | "ProvisionedThroughputExceededException"
+                        | "RequestLimitExceeded"
+                        | "TransactionInProgressException"
+                        | "InternalServerError"
+                        | "ServiceUnavailable"
+                )
+            );
+            transient
+                || matches!(err, TransactWriteItemsError::InternalServerError(_))
+                || service.raw().status().is_server_error()
+        }
+        _ => true,
     }
 }
 
