@@ -163,6 +163,48 @@ for (const mode of MODES) {
       }
     });
 
+    test('a message both caught up from history and received live is delivered once', async () => {
+      // GIVEN gina (the library) and hank (a raw WebSocket) in lobby
+      const recorder = recordingWebSocket();
+      const gina = new ChatClient(plain.ws, { WebSocket: recorder.WebSocket, initialBackoffMs: 50 });
+      const { events } = record(gina);
+      const hank = await rawClient(plain.ws);
+      try {
+        await gina.connect();
+        await gina.setName('gina');
+        hank.send({ action: 'setName', name: 'hank' });
+        hank.send({ action: 'sendPublic', message: 'before', requestId: 'before' });
+        await waitUntil(() => events.some((e) => e.body === 'before'), 'gina has hank’s first message');
+
+        // WHEN her connection drops, and on the new one her catch-up read is held (a slow
+        // network) until hank's next message has reached her live
+        recorder.holdOnNext((frame) => frame.action === 'history');
+        recorder.sockets[0].terminate();
+        await waitUntil(() => recorder.sockets[1]?.held.length > 0, 'the catch-up read, held');
+        hank.send({ action: 'sendPublic', message: 'overlap', requestId: 'overlap' });
+        await hank.waitFor((f) => f.ok?.requestId === 'overlap', 'hank’s message stored');
+        const fresh = recorder.sockets[1];
+        await waitUntil(() => fresh.received.some((f) => f.publicMessage === 'hank: overlap'), 'the live frame');
+        fresh.release();
+
+        // THEN the history read returned it too, and the application saw it once
+        await waitUntil(
+          () => fresh.received.some((f) => f.history?.frames.some((h) => h.publicMessage === 'hank: overlap')),
+          'the history page with it',
+        );
+        hank.send({ action: 'sendPublic', message: 'after', requestId: 'after' });
+        await waitUntil(() => events.some((e) => e.body === 'after'), 'a later message');
+        assert.deepEqual(
+          events.filter((e) => e.from === 'hank').map((e) => e.body),
+          ['before', 'overlap', 'after'],
+        );
+        assertOncePerIdInOrder(events);
+      } finally {
+        gina.close();
+        hank.close();
+      }
+    });
+
     test('after a reconnect the name is taken back once the old connection lets it go', async () => {
       // GIVEN alice (no authentication: a name is freed only by the old connection's
       // $disconnect) and bob

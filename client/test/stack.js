@@ -78,14 +78,31 @@ export function recordingWebSocket() {
       super(url);
       sockets.push(this);
       this.sent = [];
+      this.received = [];
+      this.held = [];
+      this.hold = Recorded.prototype.holdPredicate ?? null; // a predicate: outgoing frames it matches wait for release()
+      this.addEventListener('message', (event) => this.received.push(JSON.parse(String(event.data))));
       const send = this.send.bind(this);
       this.send = (data, ...rest) => {
+        if (this.hold?.(JSON.parse(String(data)))) {
+          this.held.push(() => this.send(data, ...rest));
+          return undefined;
+        }
         this.sent.push(String(data));
         return send(data, ...rest);
       };
+      /** Sends the held frames (a network that delayed them). */
+      this.release = () => {
+        this.hold = null;
+        for (const sendHeld of this.held.splice(0)) sendHeld();
+      };
     }
   }
-  return { WebSocket: Recorded, sockets };
+  /** Holds, on every socket made from now on, the outgoing frames `predicate` matches. */
+  const holdOnNext = (predicate) => {
+    Recorded.prototype.holdPredicate = predicate;
+  };
+  return { WebSocket: Recorded, sockets, holdOnNext };
 }
 
 /** A raw client: a plain `ws` socket speaking the wire protocol, for the "others". */
