@@ -23,9 +23,9 @@ export function chatLocalBinary() {
 }
 
 /** Starts chat-local on a free port with `args`; resolves with its two URLs and a stop(). */
-export async function startStack(args = []) {
+export async function startStack(args = [], { log = 'warn' } = {}) {
   const child = spawn(chatLocalBinary(), ['--port', '0', ...args], {
-    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' },
+    env: { ...process.env, RUST_LOG: log },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stderr = '';
@@ -53,6 +53,14 @@ export async function startStack(args = []) {
     ...urls,
     http: urls.ws.replace(/^ws:/, 'http:').replace(/\/[^/]*$/, ''),
     stderr: () => stderr,
+    /** The connection ids the gateway logged as connected, oldest first (needs log 'info'). */
+    connectionIds: () =>
+      [...stderr.replace(/\x1b\[[0-9;]*m/g, '').matchAll(/ connected connection_id="?([^"\s]+)/g)].map((m) => m[1]),
+    /** `DELETE @connections/{id}`: the server drops the connection, as the Management API does. */
+    async disconnect(connectionId) {
+      const response = await fetch(`${urls.connections}/${encodeURIComponent(connectionId)}`, { method: 'DELETE' });
+      if (response.status !== 204) throw new Error(`DELETE @connections/${connectionId}: ${response.status}`);
+    },
     async stop() {
       if (child.exitCode !== null) return;
       const exited = new Promise((resolve) => child.once('exit', resolve));
