@@ -268,7 +268,9 @@ async fn main() -> anyhow::Result<()> {
     println!("Connection URL: {}", running.connection_url);
     // The page is served at the root of the same host and port (not under the stage).
     let page = running.websocket_url.replacen("ws://", "http://", 1);
-    let page = page.rsplit_once('/').map_or(page.as_str(), |(host, _stage)| host);
+    let page = page
+        .rsplit_once('/')
+        .map_or(page.as_str(), |(host, _stage)| host);
     eprintln!("Chat page: {page}/");
     // Ctrl-C, or SIGTERM from a process manager: both mean a clean stop.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
