@@ -486,16 +486,12 @@ async fn perform(
             // after a reconnect asks before it has set its name again. Its identity (when
             // authenticated) adds the private messages it sent or received.
             match store.connection(connection_id, now_ms).await {
-                Ok(Some(conn)) => history_response(
-                    store,
-                    request,
-                    conn.identity.as_deref(),
-                    request_id,
-                    now_ms,
-                )
-                .await
-                .map(Some)
-                .map_err(refuse),
+                Ok(Some(conn)) => {
+                    history_response(store, request, conn.identity.as_deref(), request_id, now_ms)
+                        .await
+                        .map(Some)
+                        .map_err(refuse)
+                }
                 Ok(None) => Err(refuse(StoreError::NotConnected(connection_id.to_owned()))),
                 Err(e) => Err(refuse(e)),
             }

@@ -185,11 +185,7 @@ pub struct Refusal {
     pub action: Option<String>,
     /// The request's `requestId`, when it carried a valid one: the client matches the error
     /// to its request by it.
-    #[serde(
-        default,
-        rename = "requestId",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, rename = "requestId", skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
 }
 
@@ -624,6 +620,7 @@ pub fn ok_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn refusal(body: &str) -> Refusal {
         parse_request(Some(body)).expect_err("should be refused")
@@ -756,6 +753,118 @@ mod tests {
             assert_eq!(r.code, *code, "body {body:?}: {r:?}");
             assert_eq!(r.action.as_deref(), Some(*action), "body {body:?}");
         }
+    }
+
+    #[test]
+    fn a_request_id_is_parsed_on_every_action_and_kept_in_refusals() {
+        // GIVEN each action with a valid requestId  WHEN parsed  THEN the id comes with it
+        for body in [
+            r#"{"action":"setName","name":"a","requestId":"r1"}"#,
+            r#"{"action":"sendPublic","message":"m","requestId":"r1"}"#,
+            r#"{"action":"sendPrivate","to":"b","message":"m","requestId":"r1"}"#,
+            r#"{"action":"history","requestId":"r1"}"#,
+            r#"{"action":"join","room":"r","requestId":"r1"}"#,
+            r#"{"action":"leave","room":"r","requestId":"r1"}"#,
+        ] {
+            let parsed = parse_frame(Some(body)).expect(body);
+            assert_eq!(parsed.request_id.as_deref(), Some("r1"), "{body}");
+        }
+        // AND a UUID, 64 characters and every allowed punctuation are valid; null is absent
+        let uuid = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        let max = "a".repeat(REQUEST_ID_MAX_CHARS);
+        for id in [uuid, max.as_str(), "A.b_c-d:9"] {
+            let body = json!({"action":"history","requestId":id}).to_string();
+            assert_eq!(
+                parse_frame(Some(&body))
+                    .expect("valid")
+                    .request_id
+                    .as_deref(),
+                Some(id)
+            );
+        }
+        let null = parse_frame(Some(r#"{"action":"history","requestId":null}"#)).expect("null");
+        assert_eq!(null.request_id, None);
+        // AND anything else is invalid_field, with the action, and without the bad id
+        let long = "a".repeat(REQUEST_ID_MAX_CHARS + 1);
+        for bad in [
+            json!(7),
+            json!(""),
+            json!(long),
+            json!("a b"),
+            json!("é"),
+            json!("a#b"),
+            json!("a/b"),
+            json!(["r1"]),
+            json!({"id":"r1"}),
+            json!(true),
+        ] {
+            let body = json!({"action":"sendPublic","message":"m","requestId":bad}).to_string();
+            let r = refusal(&body);
+            assert_eq!(r.code, ErrorCode::InvalidField, "{body}");
+            assert_eq!(r.action.as_deref(), Some("sendPublic"), "{body}");
+            assert_eq!(r.request_id, None, "{body}");
+            assert!(r.message.contains("requestId"), "{body}: {}", r.message);
+        }
+        // AND a valid id stays in the refusal of the rest of the frame
+        let r = refusal(r#"{"action":"sendPublic","requestId":"r9"}"#);
+        assert_eq!(
+            (r.code, r.request_id.as_deref()),
+            (ErrorCode::MissingField, Some("r9"))
+        );
+        let r = refusal(r#"{"requestId":"r9"}"#);
+        assert_eq!(
+            (r.code, r.action.as_deref(), r.request_id.as_deref()),
+            (ErrorCode::UnknownAction, None, Some("r9"))
+        );
+        assert_eq!(
+            r.to_frame(),
+            r#"{"error":{"code":"unknown_action","message":"The frame has no \"action\" key.","requestId":"r9"}}"#
+        );
+    }
+
+    #[test]
+    fn ok_answers_have_the_documented_shape() {
+        let lobby = |id| EventRef {
+            room: "lobby".into(),
+            id,
+        };
+        assert_eq!(
+            ok_response("sendPublic", "r5", None, &[lobby(42)]),
+            r#"{"ok":{"action":"sendPublic","requestId":"r5","room":"lobby","id":42}}"#
+        );
+        assert_eq!(
+            ok_response("sendPrivate", "r6", None, &[lobby(43)]),
+            r#"{"ok":{"action":"sendPrivate","requestId":"r6","id":43}}"#
+        );
+        assert_eq!(
+            ok_response("setName", "r7", Some("alice"), &[lobby(12)]),
+            r#"{"ok":{"action":"setName","requestId":"r7","name":"alice","events":[{"room":"lobby","id":12}]}}"#
+        );
+        assert_eq!(
+            ok_response("setName", "r8", Some("alice"), &[]),
+            r#"{"ok":{"action":"setName","requestId":"r8","name":"alice","events":[]}}"#
+        );
+    }
+
+    #[test]
+    fn the_canonical_form_tells_requests_apart() {
+        let c = |b: &str| parse_request(Some(b)).expect(b).canonical();
+        assert_eq!(
+            c(r#"{"action":"sendPublic","message":"hi"}"#),
+            c(r#"{"action":"sendPublic","message":"hi","room":"lobby","requestId":"x"}"#)
+        );
+        assert_ne!(
+            c(r#"{"action":"sendPublic","message":"hi"}"#),
+            c(r#"{"action":"sendPublic","message":"hi","room":"ops"}"#)
+        );
+        assert_ne!(
+            c(r#"{"action":"join","room":"ops"}"#),
+            c(r#"{"action":"leave","room":"ops"}"#)
+        );
+        assert_ne!(
+            c(r#"{"action":"sendPrivate","to":"a\u0000b","message":"c"}"#),
+            c(r#"{"action":"sendPrivate","to":"a","message":"b\u0000c"}"#)
+        );
     }
 
     #[test]

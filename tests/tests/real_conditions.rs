@@ -16,8 +16,8 @@ use chat_shared::pacing::Pacer;
 use chat_shared::protocol::{HistoryDirection, HistoryRequest};
 use chat_shared::ratelimit::RateLimit;
 use chat_shared::redelivery::{self, Redelivery};
-use chat_shared::store::requests::{Once, RequestKey};
 use chat_shared::store::embedded::EmbeddedStore;
+use chat_shared::store::requests::{Once, RequestKey};
 use chat_shared::store::{
     ChatStore, Connection, EventRange, EventsPage, Joined, MembersPage, StoreError,
 };

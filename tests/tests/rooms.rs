@@ -20,8 +20,8 @@ use chat_shared::events::{LeaveReason, StoredEvent};
 use chat_shared::fanout::{handle_stream_event, SHARDS_AT_ONCE};
 use chat_shared::ratelimit::RateLimit;
 use chat_shared::redelivery::Redelivery;
-use chat_shared::store::requests::{Once, RequestKey};
 use chat_shared::store::embedded::EmbeddedStore;
+use chat_shared::store::requests::{Once, RequestKey};
 use chat_shared::store::{
     ChatStore, Connection, EventRange, EventsPage, Joined, MembersPage, StoreError,
 };

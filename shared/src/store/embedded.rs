@@ -2500,8 +2500,14 @@ impl ChatStore for EmbeddedStore {
         request: &RequestKey,
         now_ms: i64,
     ) -> Result<Once<StoredEvent>, StoreError> {
-        self.leave_in(connection_id, room, LeaveReason::Left, Some(request), now_ms)
-            .await
+        self.leave_in(
+            connection_id,
+            room,
+            LeaveReason::Left,
+            Some(request),
+            now_ms,
+        )
+        .await
     }
 
     async fn post_to_room(

@@ -76,7 +76,13 @@ impl DynamoStore {
                                 room: room.to_owned(),
                                 id: counter.last + 1,
                             };
-                            items.push(self.request_put(r, connection_id, None, vec![id], now_ms)?);
+                            items.push(self.request_put(
+                                r,
+                                connection_id,
+                                None,
+                                vec![id],
+                                now_ms,
+                            )?);
                         }
                         Ok(Attempt::Commit(Change {
                             items,
@@ -169,7 +175,13 @@ impl DynamoStore {
                                 room: DEFAULT_ROOM.to_owned(),
                                 id: counter.last + 1,
                             };
-                            items.push(self.request_put(r, connection_id, None, vec![id], now_ms)?);
+                            items.push(self.request_put(
+                                r,
+                                connection_id,
+                                None,
+                                vec![id],
+                                now_ms,
+                            )?);
                         }
                         Ok(Attempt::Commit(Change {
                             items,
