@@ -473,9 +473,13 @@ export class ChatClient {
       this._onMembers(frame);
       return;
     }
-    if (typeof frame.message === 'string' && Object.keys(frame).length <= 3 && !('id' in frame)) {
-      // API Gateway's own answer to a throttled frame: {"message":"Too Many Requests",…}.
-      this._emit('error', { code: 'throttled', message: frame.message });
+    if (typeof frame.message === 'string' && !('id' in frame)) {
+      // API Gateway's own frames: {"message":"Too Many Requests",…} for a throttled frame,
+      // {"message":"Internal server error","connectionId":…,"requestId":…} for a failed
+      // integration. Their requestId is API Gateway's, not ours: the request they answer is
+      // unknown, and its promise times out.
+      const code = frame.message === 'Too Many Requests' ? 'throttled' : 'gateway_error';
+      this._emit('error', { code, message: frame.message });
       return;
     }
     if (SEQUENCE_KEYS.some((key) => typeof frame[key] === 'string')) this._accept(frame, false);
