@@ -100,6 +100,8 @@ for (const mode of MODES) {
         token: token(SECRET, 'user-alice'),
         // Long enough that bob writes while she is away (the catch-up must be exercised).
         initialBackoffMs: 800,
+        // Small pages: the catch-up must follow `next`.
+        historyPageLimit: 2,
       });
       const { events, states } = record(alice);
       const bob = await rawClient(`${authed.ws}?token=${token(SECRET, 'user-bob')}`);
@@ -151,6 +153,9 @@ for (const mode of MODES) {
         assertOncePerIdInOrder(events);
         // AND the drop really overlapped bob's writes: some came from history, some live
         assert.ok(recorder.sockets.length >= 2, 'alice reconnected');
+        const reads = recorder.sockets.slice(1).flatMap((s) => s.sent.map((f) => JSON.parse(f)));
+        const lobbyReads = reads.filter((f) => f.action === 'history' && f.room === 'lobby');
+        assert.ok(lobbyReads.length >= 2, `the lobby's catch-up followed next: ${JSON.stringify(lobbyReads)}`);
         assert.ok(fromBob().some((e) => e.replayed), 'some messages were caught up from history');
         assert.ok(fromBob().some((e) => !e.replayed), 'some messages came live');
         assert.deepEqual(states.slice(0, 2), ['connecting', 'open']);
