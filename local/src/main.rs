@@ -286,6 +286,12 @@ async fn main() -> anyhow::Result<()> {
     // The same shapes as the stack's Outputs on AWS; scripts and tests read these two lines.
     println!("WebSocket URL: {}", running.websocket_url);
     println!("Connection URL: {}", running.connection_url);
+    // The page is served at the root of the same host and port (not under the stage).
+    let page = running.websocket_url.replacen("ws://", "http://", 1);
+    let page = page
+        .rsplit_once('/')
+        .map_or(page.as_str(), |(host, _stage)| host);
+    eprintln!("Chat page: {page}/");
     // Ctrl-C, or SIGTERM from a process manager: both mean a clean stop.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
