@@ -17,13 +17,20 @@ const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '.
 const INJECTION_NAME = '<img src=x onerror=window.p=1>';
 const INJECTION_MESSAGE = '<img src=x onerror="window.pwned=1"><b>bold?</b>';
 
-describe('the chat page in Chromium', () => {
+// Both modes of the local stack, as every end-to-end test here: the ideal one, and the
+// AWS-like one (store latency, eventual consistency, @connections round trips, stream polling).
+const MODES = [
+  { name: 'ideal', args: [] },
+  { name: 'aws-like', args: ['--aws-like'] },
+];
+
+for (const mode of MODES) describe(`the chat page in Chromium, ${mode.name} mode`, () => {
   let stack;
   let context;
   let profile;
   before(async () => {
     assert.ok(existsSync(CHROMIUM), `${CHROMIUM} is missing: apt-get install -y chromium (or set CHROMIUM)`);
-    stack = await startStack([], { log: 'info' });
+    stack = await startStack(mode.args, { log: 'info' });
     profile = mkdtempSync(path.join(tmpdir(), 'chat-chromium-'));
     // These flags keep Chromium off the network (this machine has none: it would hang on it).
     context = await chromium.launchPersistentContext(profile, {
@@ -125,7 +132,7 @@ describe('the chat page in Chromium', () => {
 
     // The README's screenshot, refreshed on demand (a test run leaves the tree as it was):
     // UPDATE_SCREENSHOT=1 npm test --prefix client
-    if (process.env.UPDATE_SCREENSHOT) {
+    if (process.env.UPDATE_SCREENSHOT && mode.name === 'ideal') {
       mkdirSync(path.join(repo, 'docs'), { recursive: true });
       await alice.page.screenshot({ path: path.join(repo, 'docs', 'chat-page.png') });
     }
