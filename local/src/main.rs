@@ -246,6 +246,7 @@ async fn main() -> anyhow::Result<()> {
                 .filter(|s| !s.is_empty())
                 .map(|s| Authenticator::hs256(s.as_bytes())),
             max_rooms: args.max_rooms,
+            ..HandlerConfig::default()
         },
         fanout: FanoutConfig {
             concurrency: args.fanout_concurrency,

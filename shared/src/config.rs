@@ -72,6 +72,10 @@ pub struct HandlerConfig {
     /// at once, `lobby` included. It bounds what a disconnect must undo (one transaction per
     /// room) and how many `rooms` entries the connection item carries.
     pub max_rooms: usize,
+    /// `PRESENCE_BROADCAST_LIMIT` (default 1,000), the fan-out's setting: past this many
+    /// members a room is large, and its joins and disconnects are unsequenced (the store is
+    /// built with it: `with_large_room_limit`; see [`crate::keys`]).
+    pub presence_limit: usize,
 }
 
 impl Default for HandlerConfig {
@@ -81,6 +85,7 @@ impl Default for HandlerConfig {
             rate_limit: RateLimit::default(),
             auth: None,
             max_rooms: DEFAULT_MAX_ROOMS,
+            presence_limit: DEFAULT_PRESENCE_BROADCAST_LIMIT,
         }
     }
 }
@@ -237,6 +242,11 @@ impl HandlerConfig {
             rate_limit,
             auth: var("AUTH_JWT_SECRET").map(|secret| Authenticator::hs256(secret.as_bytes())),
             max_rooms,
+            presence_limit: parse_var(
+                "PRESENCE_BROADCAST_LIMIT",
+                DEFAULT_PRESENCE_BROADCAST_LIMIT,
+                "expected a number of members",
+            )?,
         })
     }
 }

@@ -303,6 +303,16 @@ async fn perform(
                     );
                     Ok(Some(joined_response(room, event.seq, false)))
                 }
+                Ok(Joined::Unsequenced { last }) => {
+                    // No event (a large or contended room): catch up from the room's last id.
+                    info!(
+                        connection_id,
+                        room = room.as_str(),
+                        last_event_id = last,
+                        "joined a room unsequenced"
+                    );
+                    Ok(Some(joined_response(room, last, false)))
+                }
                 Ok(Joined::Already { last }) => {
                     info!(
                         connection_id,

@@ -76,9 +76,18 @@ impl Fixture {
     }
 
     fn embedded_with(behaviour: StoreBehaviour) -> Fixture {
+        Self::embedded_limited(
+            behaviour,
+            chat_shared::config::DEFAULT_PRESENCE_BROADCAST_LIMIT,
+        )
+    }
+
+    /// An embedded store whose rooms turn large past `large_limit` members.
+    fn embedded_limited(behaviour: StoreBehaviour, large_limit: usize) -> Fixture {
         let store = EmbeddedStore::new(Retention::default())
             .with_page_limit(PAGE_LIMIT)
-            .with_behaviour(behaviour);
+            .with_behaviour(behaviour)
+            .with_large_room_limit(large_limit);
         Fixture {
             feed: Feed::Embedded(store.feed()),
             store: Arc::new(store),
@@ -89,6 +98,11 @@ impl Fixture {
     }
 
     async fn dynamodb() -> Fixture {
+        Self::dynamodb_limited(chat_shared::config::DEFAULT_PRESENCE_BROADCAST_LIMIT).await
+    }
+
+    /// The DynamoDB store whose rooms turn large past `large_limit` members.
+    async fn dynamodb_limited(large_limit: usize) -> Fixture {
         let moto = Moto::start().await.expect("moto starts");
         let tables = Tables {
             events: unique_name("events"),
@@ -98,7 +112,8 @@ impl Fixture {
             .await
             .expect("tables created");
         let store = DynamoStore::new(moto.dynamodb(), tables.clone(), Retention::default())
-            .with_page_limit(PAGE_LIMIT as i32);
+            .with_page_limit(PAGE_LIMIT as i32)
+            .with_large_room_limit(large_limit);
         let reader = StreamReader::new(&moto.dynamodb(), moto.streams(), &tables.events)
             .await
             .expect("stream reader");
@@ -252,6 +267,7 @@ async fn join_room(store: &dyn ChatStore, id: &str, room: &str, now_ms: i64) -> 
     {
         Joined::Now(event) => event,
         Joined::Already { .. } => panic!("{id} was a member of {room} already"),
+        Joined::Unsequenced { .. } => panic!("{id} joined {room} unsequenced"),
     }
 }
 
@@ -1745,17 +1761,23 @@ async fn concurrent_joins_of_one_room_get_dense_ids(f: &mut Fixture) {
         })
         .collect();
     let mut joined = Vec::new();
+    let mut unsequenced = 0;
     for j in joins {
         match j.await.expect("task").expect("every join succeeds") {
             Joined::Now(event) => joined.push(event),
+            // One that lost the counter SEQUENCED_JOIN_ATTEMPTS times joined without an event.
+            Joined::Unsequenced { .. } => unsequenced += 1,
             other => panic!("{other:?}"),
         }
     }
 
-    // THEN dev's ids are exactly 1..=8, each member listed once, and the feed has each join
+    // THEN dev's ids are exactly 1..=k for the k sequenced joins (the first always is), every
+    // joiner is listed once, and the feed has each sequenced join
     let mut seqs: Vec<u64> = joined.iter().map(|e| e.seq).collect();
     seqs.sort_unstable();
-    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+    assert!(!seqs.is_empty());
+    assert_eq!(seqs.len() + unsequenced, 8);
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
     f.settle().await;
     assert_eq!(
         ids(&room_members(f.store(), "dev", now).await),
@@ -1819,6 +1841,146 @@ async fn taking_a_name_back_removes_the_old_connection_from_every_room(f: &mut F
     assert_eq!(ids(&room_members(s, "dev", now).await), ["b"]);
     assert_eq!(ids(&room_members(s, "lobby", now).await), ["a2", "b"]);
 }
+
+/// The large-room limit of the `contract_large!` cases.
+const SMALL_LIMIT: usize = 3;
+
+/// `setName` of a new connection, with whatever events it recorded (none for an unsequenced
+/// join of a large lobby).
+async fn named(store: &dyn ChatStore, id: &str, display: &str, now_ms: i64) -> Vec<StoredEvent> {
+    store.add_connection(id, now_ms).await.expect("connect");
+    store
+        .set_name(id, &name(display), now_ms)
+        .await
+        .expect("set name")
+}
+
+async fn joins_past_the_large_room_limit_are_unsequenced_members(f: &mut Fixture) {
+    // GIVEN a large-room limit of 3 and six connections setting their names
+    let now = chat_shared::now_ms();
+    let mut lobby = Vec::new();
+    for i in 0..6 {
+        lobby.push(named(f.store(), &format!("m{i}"), &format!("member{i}"), now).await);
+    }
+    // THEN the first four joins of lobby are sequenced (the fourth takes it past the limit and
+    // makes it large, with at least LARGE_ROOM_SHARDS shards), the last two record nothing
+    let counts: Vec<usize> = lobby.iter().map(Vec::len).collect();
+    assert_eq!(counts, [1, 1, 1, 1, 0, 0]);
+    assert_eq!(
+        f.store()
+            .member_shards(keys::DEFAULT_ROOM, now)
+            .await
+            .expect("shards"),
+        keys::LARGE_ROOM_SHARDS
+    );
+
+    // WHEN all six join room big
+    let mut answers = Vec::new();
+    for i in 0..6 {
+        answers.push(
+            f.store()
+                .join_room(&format!("m{i}"), "big", DEFAULT_MAX_ROOMS, now)
+                .await
+                .expect("join"),
+        );
+    }
+    // THEN the same: four MemberJoined (ids 1..=4), then two unsequenced joins whose catch-up
+    // point is the room's last id when they joined
+    for (i, answer) in answers.iter().enumerate() {
+        match (i, answer) {
+            (0..=3, Joined::Now(e)) => assert_eq!(e.seq, i as u64 + 1),
+            (4 | 5, Joined::Unsequenced { last }) => assert_eq!(*last, 4),
+            other => panic!("join {i}: {other:?}"),
+        }
+    }
+    // AND every one is a member (the fan-out's member walk finds it), big's log has the four
+    // joins only, and the feed has nothing but the sequenced events
+    f.settle().await;
+    let all: Vec<String> = (0..6).map(|i| format!("m{i}")).collect();
+    assert_eq!(
+        ids(&room_members(f.store(), "big", now).await),
+        ids_of(&all)
+    );
+    assert_eq!(
+        ids(&room_members(f.store(), keys::DEFAULT_ROOM, now).await),
+        ids_of(&all)
+    );
+    let log = room_log(f.store(), "big", now).await;
+    assert_eq!(log.len(), 4);
+    assert!(log
+        .iter()
+        .all(|e| matches!(e.event, ChatEvent::MemberJoined { .. })));
+    let committed = f.committed().await;
+    assert_eq!(committed.len(), 8, "{committed:?}");
+
+    // WHEN an unsequenced member posts THEN it may (it is a member), at the next id
+    let posted = f
+        .store()
+        .post_to_room("m5", "big", "hello", now)
+        .await
+        .expect("post");
+    assert_eq!(posted.seq, 5);
+    // WHEN one member disconnects THEN it leaves both large rooms without an event
+    let left = f
+        .store()
+        .remove_connection("m5", LeaveReason::Disconnected, now)
+        .await
+        .expect("remove");
+    assert_eq!(left, vec![]);
+    // AND an explicit leave is still a sequenced MemberLeft
+    let leave = f
+        .store()
+        .leave_room("m4", "big", LeaveReason::Left, now)
+        .await
+        .expect("leave");
+    assert_eq!(leave.seq, 6);
+    f.settle().await;
+    assert_eq!(
+        ids(&room_members(f.store(), "big", now).await),
+        ["m0", "m1", "m2", "m3"]
+    );
+    assert_eq!(room_log(f.store(), "big", now).await.len(), 6);
+}
+
+macro_rules! contract_large {
+    ($($case:ident),* $(,)?) => {
+        mod large_embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&mut super::Fixture::embedded_limited(
+                        super::StoreBehaviour::IDEAL,
+                        super::SMALL_LIMIT,
+                    ))
+                    .await;
+                }
+            )*
+        }
+        mod large_aws_like {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&mut super::Fixture::embedded_limited(
+                        super::StoreBehaviour::aws_like(),
+                        super::SMALL_LIMIT,
+                    ))
+                    .await;
+                }
+            )*
+        }
+        mod large_dynamodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&mut super::Fixture::dynamodb_limited(super::SMALL_LIMIT).await)
+                        .await;
+                }
+            )*
+        }
+    };
+}
+
+contract_large!(joins_past_the_large_room_limit_are_unsequenced_members);
 
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {

@@ -31,10 +31,13 @@ pub enum ReadOp {
     /// `GetItem` of one member item (`MEMBERS#<room>#<shard>` / `<connId>`): the name a room
     /// knows a connection by, read only while a rename of it is unfinished (`renaming`).
     GetMember,
+    /// `Query` of one member shard with `Select: COUNT`: an unsequenced join sizing its room
+    /// (see [`crate::keys`]).
+    CountMembers,
 }
 
 impl ReadOp {
-    pub const ALL: [ReadOp; 7] = [
+    pub const ALL: [ReadOp; 8] = [
         ReadOp::GetConnection,
         ReadOp::GetNameClaim,
         ReadOp::GetSequence,
@@ -42,6 +45,7 @@ impl ReadOp {
         ReadOp::QueryEvents,
         ReadOp::QueryNewestEvent,
         ReadOp::GetMember,
+        ReadOp::CountMembers,
     ];
 
     /// Whether the read is strongly consistent (`ConsistentRead: true`).
@@ -60,7 +64,10 @@ impl ReadOp {
             // Strongly consistent: an unfinished rename is finished by comparing names, and a
             // stale name would announce a rename twice (the write's condition would refuse it,
             // at the cost of a cancelled transaction).
-            | ReadOp::GetMember => true,
+            | ReadOp::GetMember
+            // Strongly consistent: a count that misses the joins of the last moment would
+            // size the room behind them.
+            | ReadOp::CountMembers => true,
         }
     }
 }

@@ -56,6 +56,10 @@ pub enum Joined {
     /// It was a member already; nothing changed. `last` is the room's newest event id, where
     /// a catch-up can start.
     Already { last: u64 },
+    /// The connection became a member without an event (the room is large, or its counter
+    /// was contended; see [`crate::keys`]): `last` is the room's newest event id, read
+    /// strongly consistent before the join committed, where its catch-up starts.
+    Unsequenced { last: u64 },
 }
 
 /// How long a name stays reserved for an authenticated identity after its connection lets it
@@ -195,7 +199,8 @@ pub trait ChatStore: Send + Sync {
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
     /// Makes a named connection a member of `room` (a valid room name), recording
-    /// `MemberJoined` there. `NameRequired` without a name; `TooManyRooms` when it is already
+    /// `MemberJoined` there — or unsequenced ([`Joined::Unsequenced`], no event) when the room
+    /// is past the store's large-room limit or its counter is contended. `NameRequired` without a name; `TooManyRooms` when it is already
     /// in `max_rooms` rooms; joining a room it is in changes nothing.
     async fn join_room(
         &self,

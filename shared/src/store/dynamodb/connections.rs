@@ -11,10 +11,10 @@ use super::expr::{
     check, claim_key, conn_key, delete, n, placeholders, put, s, update, with_key, Expr,
 };
 use super::rooms::name_unchanged;
-use super::txn::{backoff, Attempt, Change, Membership, MAX_ATTEMPTS};
+use super::txn::{backoff, Attempt, Change, Membership, Outcome, MAX_ATTEMPTS};
 use super::DynamoStore;
 use crate::events::{ChatEvent, LeaveReason, StoredEvent};
-use crate::keys::DEFAULT_ROOM;
+use crate::keys::{self, DEFAULT_ROOM};
 use crate::ratelimit::{self, Bucket, RateLimit};
 use crate::store::aws_like::ReadOp;
 use crate::store::items::{ClaimItem, ConnItem};
@@ -228,8 +228,11 @@ impl DynamoStore {
             }
             let first = &FirstStep::of(&conn);
             let conn = &conn;
+            // An unsequenced join of lobby: the member shard, for sizing the room.
+            let unsequenced: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);
+            let unsequenced = &unsequenced;
             let committed = self
-                .append_one(
+                .append_loop(
                     "TransactWriteItems setName",
                     first.room(),
                     now_ms,
@@ -257,15 +260,33 @@ impl DynamoStore {
                                     _ => {}
                                 }
                             }
-                            self.first_name_change(conn, name, first, counter, now_ms)
+                            let quiet = matches!(first, FirstStep::JoinLobby)
+                                && super::rooms::unsequenced_join(counter, attempt);
+                            let shard = keys::member_shard(connection_id, counter.shards);
+                            super::rooms::set(unsequenced, quiet.then_some(shard));
+                            self.first_name_change(conn, name, first, counter, quiet, now_ms)
                                 .await
                         })
                     },
                 )
                 .await?;
             let first_event = match committed {
-                Ok(event) => event,
-                Err(()) => {
+                Outcome::Committed(mut committed) if committed.len() == 1 => committed.remove(0),
+                Outcome::Committed(committed) if committed.is_empty() => {
+                    // Named, and in lobby unsequenced: no event to answer with.
+                    if let Some(shard) = super::rooms::lock(unsequenced) {
+                        self.size_room_logged(DEFAULT_ROOM, connection_id, shard, now_ms)
+                            .await;
+                    }
+                    return Ok(events);
+                }
+                Outcome::Committed(committed) => {
+                    return Err(StoreError::Malformed(format!(
+                        "setName: {} events committed, one expected",
+                        committed.len()
+                    )))
+                }
+                Outcome::Done(()) => {
                     // The connection changed under us (a concurrent join, leave or rename):
                     // start over from what it is now.
                     backoff(attempt).await;
@@ -312,6 +333,7 @@ impl DynamoStore {
         name: &ValidName,
         first: &FirstStep,
         counter: super::txn::Counter,
+        unsequenced: bool,
         now_ms: i64,
     ) -> Result<Attempt<()>, StoreError> {
         let id = conn.connection_id.as_str();
@@ -349,8 +371,17 @@ impl DynamoStore {
                     counter,
                     usize::MAX,
                     Some(name),
+                    unsequenced,
                 )?;
                 items.extend(join);
+                if unsequenced {
+                    // A large (or contended) lobby: named and a member, without an event.
+                    return Ok(Attempt::Commit(Change {
+                        items,
+                        events: Vec::new(),
+                        membership: Membership::Unchanged,
+                    }));
+                }
                 (
                     ChatEvent::MemberJoined {
                         connection_id: id.to_owned(),
@@ -604,7 +635,7 @@ impl DynamoStore {
             let rooms = conn.room_names();
             for room in &rooms {
                 match self.leave(connection_id, room, reason, false, now_ms).await {
-                    Ok(event) => left.push(event),
+                    Ok(event) => left.extend(event),
                     // Left (or removed) concurrently: nothing left to do there.
                     Err(StoreError::NotAMember(_)) => {}
                     Err(StoreError::NotConnected(_)) => return Ok(left),
