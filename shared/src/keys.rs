@@ -252,13 +252,13 @@ pub fn samples_size(connection_id: &str) -> bool {
 }
 
 /// What a sampler concludes from `counted` members in its shard of a room of `shards` shards
-/// with large-room limit `limit`: the room's shards and whether it is large, from the estimate
-/// `counted × shards` (never fewer shards than now; a large room at least
-/// [`LARGE_ROOM_SHARDS`]).
-pub fn sized(counted: u64, shards: u32, limit: u64) -> (u32, bool) {
+/// (`large` already or not) with large-room limit `limit`: the room's shards and whether it is
+/// large, from the estimate `counted × shards` (never fewer shards than now, never large no
+/// more; a large room at least [`LARGE_ROOM_SHARDS`]).
+pub fn sized(counted: u64, shards: u32, large: bool, limit: u64) -> (u32, bool) {
     let shards = shards.max(1);
     let estimate = counted.saturating_mul(u64::from(shards));
-    let large = estimate > limit;
+    let large = large || estimate > limit;
     let mut s = shards_for(estimate, shards);
     if large {
         s = s.max(LARGE_ROOM_SHARDS.min(MAX_MEMBER_SHARDS));
@@ -314,12 +314,13 @@ mod tests {
     fn a_sample_doubles_shards_and_flags_a_large_room() {
         // 600 in one of 2 shards: 1,200 members, more than 1,000 per shard over 1: 2 shards
         // stay; past a limit of 1,000 → large, at least LARGE_ROOM_SHARDS
-        assert_eq!(sized(600, 2, 1_000), (LARGE_ROOM_SHARDS, true));
-        assert_eq!(sized(400, 2, 1_000), (2, false));
+        assert_eq!(sized(600, 2, false, 1_000), (LARGE_ROOM_SHARDS, true));
+        assert_eq!(sized(400, 2, false, 1_000), (2, false));
         // 1,500 in one of 8 shards: 12,000 members → 16 shards
-        assert_eq!(sized(1_500, 8, 1_000), (16, true));
-        // never fewer shards than now
-        assert_eq!(sized(0, 64, 1_000), (64, false));
+        assert_eq!(sized(1_500, 8, true, 1_000), (16, true));
+        // never fewer shards than now, and large stays large (with its shards)
+        assert_eq!(sized(0, 64, false, 1_000), (64, false));
+        assert_eq!(sized(1, 1, true, 1_000), (LARGE_ROOM_SHARDS, true));
     }
 
     #[test]

@@ -40,6 +40,7 @@ use chat_shared::store::{
 use chat_shared::stream::RecordSource;
 use chat_shared::validation::{name_key, validate_name, ValidName};
 use chat_tests::{unique_name, Moto, StreamReader};
+use futures::StreamExt;
 
 /// Members per page in every store under test, so a handful of members spans several pages.
 const PAGE_LIMIT: usize = 2;
@@ -3045,4 +3046,186 @@ async fn embedded_aws_like_a_hot_partition_is_throttled_as_dynamodb_throttles_it
     let later = later.expect("the partition refilled");
     assert_eq!(later.seq, joined.seq + 1);
     assert_eq!(store.events().len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unsequenced joins: forced contention and the sampled sizing of a room
+// ---------------------------------------------------------------------------------------------
+
+/// Connection ids with the given prefix that do (or do not) size their room when they join
+/// unsequenced (`keys::samples_size`).
+fn sampling_ids(prefix: &str, samples: bool, n: usize) -> Vec<String> {
+    let found: Vec<String> = (0..10_000)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|id| keys::samples_size(id) == samples)
+        .take(n)
+        .collect();
+    assert_eq!(found.len(), n, "ids that sample: {samples}");
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_join_that_loses_the_counter_three_times_joins_unsequenced_and_is_listed() {
+    // GIVEN a room dev of one member, and two more named connections
+    let s = embedded();
+    let now = chat_shared::now_ms();
+    for (id, display) in [("a", "alice"), ("b", "bob"), ("c", "carol"), ("d", "dave")] {
+        join(&s, id, display, now).await;
+    }
+    assert_eq!(join_room(&s, "a", "dev", now).await.seq, 1);
+
+    // WHEN bob's join loses dev's counter twice (forced, as if two writers had moved it)
+    s.force_collisions("dev", keys::SEQUENCED_JOIN_ATTEMPTS - 1);
+    let bob = s
+        .join_room("b", "dev", DEFAULT_MAX_ROOMS, now)
+        .await
+        .expect("join");
+    // THEN its third attempt still records MemberJoined
+    assert!(matches!(bob, Joined::Now(ref e) if e.seq == 2), "{bob:?}");
+
+    // WHEN carol's join loses it three times
+    s.force_collisions("dev", keys::SEQUENCED_JOIN_ATTEMPTS);
+    let carol = s
+        .join_room("c", "dev", DEFAULT_MAX_ROOMS, now)
+        .await
+        .expect("join");
+    // THEN she joins unsequenced: no event, her catch-up point the room's last id
+    assert_eq!(carol, Joined::Unsequenced { last: 2 });
+    assert_eq!(s.events_in("dev").len(), 2);
+    assert_eq!(s.counter("dev").map(|c| c.last), Some(2));
+
+    // AND the fan-out's member walk finds her, so she receives the next broadcast
+    let walk: Vec<String> = chat_shared::fanout::members(&s, "dev", now)
+        .map(|m| m.expect("member").connection_id)
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(
+        BTreeSet::from_iter(walk),
+        BTreeSet::from(["a", "b", "c"].map(String::from))
+    );
+    // AND the next sequenced presence change of the room (dave's join) carries her in its
+    // members frame: the frame is built from that walk
+    let dave = join_room(&s, "d", "dev", now).await;
+    assert_eq!(dave.seq, 3);
+    let names: Vec<String> = chat_shared::fanout::members(&s, "dev", now)
+        .map(|m| m.expect("member").name)
+        .collect::<Vec<_>>()
+        .await;
+    let frames = chat_shared::fanout::presence_frames(&[dave], names);
+    let members_frame = frames
+        .iter()
+        .map(|f| f.to_json())
+        .find(|f| f.contains("\"members\""))
+        .expect("a members frame");
+    assert!(members_frame.contains("carol"), "{members_frame}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_sampled_unsequenced_joins_make_a_room_large_without_the_counter() {
+    // GIVEN a large-room limit of 3 and dev's counter contended on every append (so each join
+    // is unsequenced and `members` stays 0)
+    let s = embedded().with_large_room_limit(3);
+    let now = chat_shared::now_ms();
+    let quiet = sampling_ids("q", false, 4);
+    let samplers = sampling_ids("s", true, 2);
+    // (lobby turns large too: `named`, whose setName may record nothing)
+    for (i, id) in quiet.iter().chain(&samplers).enumerate() {
+        named(&s, id, &format!("user{i}"), now).await;
+    }
+    named(&s, "seed", "seed", now).await;
+    join_room(&s, "seed", "dev", now).await;
+    s.force_collisions("dev", 1_000);
+
+    // WHEN a sampler joins with 2 members in the room THEN the room is not past the limit
+    let first = s
+        .join_room(&samplers[0], "dev", DEFAULT_MAX_ROOMS, now)
+        .await
+        .expect("join");
+    assert!(matches!(first, Joined::Unsequenced { .. }), "{first:?}");
+    assert_eq!(s.member_shards("dev", now).await.expect("shards"), 1);
+    // WHEN four non-samplers join THEN nothing sizes the room (still 1 shard, not large)
+    for id in &quiet {
+        let j = s
+            .join_room(id, "dev", DEFAULT_MAX_ROOMS, now)
+            .await
+            .expect("join");
+        assert!(matches!(j, Joined::Unsequenced { .. }), "{j:?}");
+    }
+    assert_eq!(s.member_shards("dev", now).await.expect("shards"), 1);
+    assert!(!s.counter("dev").expect("counter").large);
+    // WHEN the second sampler joins (7 members in dev's one shard)
+    s.join_room(&samplers[1], "dev", DEFAULT_MAX_ROOMS, now)
+        .await
+        .expect("join");
+    // THEN its count makes dev large, with LARGE_ROOM_SHARDS shards, though `members` says 1
+    let counter = s.counter("dev").expect("counter");
+    assert!(counter.large);
+    assert_eq!(counter.shards, keys::LARGE_ROOM_SHARDS);
+    assert_eq!(counter.members, 1);
+    // AND with the contention gone, the next join is unsequenced because dev is large
+    s.force_collisions("dev", 0);
+    named(&s, "late", "late", now).await;
+    let late = s
+        .join_room("late", "dev", DEFAULT_MAX_ROOMS, now)
+        .await
+        .expect("join");
+    assert_eq!(late, Joined::Unsequenced { last: 1 });
+    let walk = chat_shared::fanout::members(&s, "dev", now)
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(walk.len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_a_sampled_unsequenced_join_sizes_a_large_room() {
+    // GIVEN dev's counter marked large by hand (one shard), and named connections
+    let f = Fixture::dynamodb().await;
+    let (client, tables) = f.dynamo.clone().expect("dynamodb fixture");
+    let now = chat_shared::now_ms();
+    client
+        .put_item()
+        .table_name(&tables.events)
+        .item(keys::PK, av_s(&keys::room_pk("dev")))
+        .item(keys::SEQ, av_n(keys::COUNTER_SEQ))
+        .item(keys::TYPE, av_s(keys::COUNTER_TYPE))
+        .item(keys::COUNTER_LAST, av_n(0))
+        .item(keys::COUNTER_LARGE, Av::Bool(true))
+        .send()
+        .await
+        .expect("put counter");
+    let quiet = sampling_ids("q", false, 2);
+    let sampler = sampling_ids("s", true, 1).remove(0);
+    for (i, id) in quiet.iter().chain([&sampler]).enumerate() {
+        join(f.store(), id, &format!("user{i}"), now).await;
+    }
+
+    // WHEN two non-samplers join THEN they are unsequenced and the counter is as it was
+    for id in &quiet {
+        let j = f
+            .store()
+            .join_room(id, "dev", DEFAULT_MAX_ROOMS, now)
+            .await
+            .expect("join");
+        assert_eq!(j, Joined::Unsequenced { last: 0 });
+    }
+    assert!(!counter_item(&client, &tables, "dev")
+        .await
+        .contains_key(keys::COUNTER_SHARDS));
+    // WHEN a sampler joins THEN its count (Query, Select COUNT) gives the large room its
+    // LARGE_ROOM_SHARDS shards (UpdateItem on the condition shards are as read)
+    let j = f
+        .store()
+        .join_room(&sampler, "dev", DEFAULT_MAX_ROOMS, now)
+        .await
+        .expect("join");
+    assert_eq!(j, Joined::Unsequenced { last: 0 });
+    let counter = counter_item(&client, &tables, "dev").await;
+    assert_eq!(
+        number(&counter, keys::COUNTER_SHARDS),
+        u64::from(keys::LARGE_ROOM_SHARDS)
+    );
+    assert_eq!(number(&counter, keys::COUNTER_LAST), 0);
+    // AND every joiner is still found, the earlier ones in shard 0 of the eight
+    assert_eq!(room_members(f.store(), "dev", now).await.len(), 3);
+    assert!(room_log(f.store(), "dev", now).await.is_empty());
 }

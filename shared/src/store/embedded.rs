@@ -2149,7 +2149,7 @@ impl EmbeddedStore {
             (state.shards(room), state.large(room), counted)
         };
         let limit = self.shared.lock().large_limit();
-        let (shards, large) = keys::sized(counted, shards_read, limit);
+        let (shards, large) = keys::sized(counted, shards_read, large_read, limit);
         if shards == shards_read && (!large || large_read) {
             return Ok(());
         }

@@ -162,7 +162,7 @@ impl DynamoStore {
             }
         }
         let counter = self.read_counter(room).await?;
-        let (shards, large) = keys::sized(counted, counter.shards, self.large_limit);
+        let (shards, large) = keys::sized(counted, counter.shards, counter.large, self.large_limit);
         if shards == counter.shards && (!large || counter.large) {
             return Ok(());
         }
