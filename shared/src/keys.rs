@@ -83,14 +83,18 @@
 //! **The room's size without the counter.** `members` counts sequenced joins and leaves only.
 //! An unsequenced join does not touch the counter, so it sizes the room by sampling: one join
 //! in [`SIZE_SAMPLE_EVERY`] (by [`samples_size`], a hash of its connection id) counts the
-//! members of its own shard after committing (a strongly consistent `Query` with
-//! `Select: COUNT`, about 25 read units for 1,000 members), estimates the room at that count
-//! times `shards`, and, if the estimate calls for more shards ([`shards_for`]) or is past the
-//! limit, updates the counter's `shards` and `large` (an `UpdateItem` on the condition that
-//! `shards` is as read, so two samplers cannot shrink each other's doubling; sequenced joins
-//! likewise only write `shards` on the condition that it is as they read it). A room that turns
-//! large gets at least [`LARGE_ROOM_SHARDS`] shards, so a storm of joins spreads its member
-//! writes over that many partitions. `large` is sticky (like `shards`): a room that was large
+//! members of the room's newest shard (`shards - 1`) after committing (a strongly consistent
+//! `Query` with `Select: COUNT`, about 25 read units for 1,000 members), estimates the room at
+//! that count times `shards`, and, if the estimate calls for more shards ([`shards_for`]) or is
+//! past the limit, updates the counter's `shards` and `large` (an `UpdateItem` on the condition
+//! that `shards` is as read, so two samplers cannot shrink each other's doubling; sequenced
+//! joins likewise only write `shards` on the condition that it is as they read it). The newest
+//! shard, because doubling moves no member: an older shard also holds the members of every
+//! earlier era and would make the estimate run away (each doubling doubling the next), while
+//! the newest one holds only joins since the last doubling — the estimate can only err low,
+//! and a shard past [`MEMBERS_PER_SHARD`] still doubles. A sampled room (large, or contended
+//! enough to join unsequenced) gets at least [`LARGE_ROOM_SHARDS`] shards, so a storm of joins
+//! spreads its member writes over that many partitions. `large` is sticky (like `shards`): a room that was large
 //! keeps unsequenced joins, which is the hysteresis; its members are still exact in the
 //! member items, which is all the fan-out reads.
 //!
@@ -251,18 +255,15 @@ pub fn samples_size(connection_id: &str) -> bool {
     (h >> 7) % SIZE_SAMPLE_EVERY == 0
 }
 
-/// What a sampler concludes from `counted` members in its shard of a room of `shards` shards
-/// (`large` already or not) with large-room limit `limit`: the room's shards and whether it is
-/// large, from the estimate `counted × shards` (never fewer shards than now, never large no
-/// more; a large room at least [`LARGE_ROOM_SHARDS`]).
+/// What a sampler concludes from `counted` members in the newest shard of a room of `shards`
+/// shards (`large` already or not) with large-room limit `limit`: the room's shards and whether
+/// it is large, from the estimate `counted × shards` (never fewer shards than now, never large
+/// no more; at least [`LARGE_ROOM_SHARDS`]: a room whose joins are unsequenced is busy).
 pub fn sized(counted: u64, shards: u32, large: bool, limit: u64) -> (u32, bool) {
     let shards = shards.max(1);
     let estimate = counted.saturating_mul(u64::from(shards));
     let large = large || estimate > limit;
-    let mut s = shards_for(estimate, shards);
-    if large {
-        s = s.max(LARGE_ROOM_SHARDS.min(MAX_MEMBER_SHARDS));
-    }
+    let s = shards_for(estimate, shards).max(LARGE_ROOM_SHARDS.min(MAX_MEMBER_SHARDS));
     (s, large)
 }
 
@@ -315,7 +316,7 @@ mod tests {
         // 600 in one of 2 shards: 1,200 members, more than 1,000 per shard over 1: 2 shards
         // stay; past a limit of 1,000 → large, at least LARGE_ROOM_SHARDS
         assert_eq!(sized(600, 2, false, 1_000), (LARGE_ROOM_SHARDS, true));
-        assert_eq!(sized(400, 2, false, 1_000), (2, false));
+        assert_eq!(sized(400, 2, false, 1_000), (LARGE_ROOM_SHARDS, false));
         // 1,500 in one of 8 shards: 12,000 members → 16 shards
         assert_eq!(sized(1_500, 8, true, 1_000), (16, true));
         // never fewer shards than now, and large stays large (with its shards)

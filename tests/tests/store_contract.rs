@@ -3122,11 +3122,17 @@ async fn embedded_a_join_that_loses_the_counter_three_times_joins_unsequenced_an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_sampled_unsequenced_joins_make_a_room_large_without_the_counter() {
-    // GIVEN a large-room limit of 3 and dev's counter contended on every append (so each join
-    // is unsequenced and `members` stays 0)
+    // GIVEN a large-room limit of 3, a room dev of one member, and dev's counter contended on
+    // every append (so each join is unsequenced and `members` stays 1)
     let s = embedded().with_large_room_limit(3);
     let now = chat_shared::now_ms();
-    let quiet = sampling_ids("q", false, 4);
+    // Four that are no samplers and land in dev's newest shard once it has eight.
+    let quiet: Vec<String> = sampling_ids("q", false, 200)
+        .into_iter()
+        .filter(|id| keys::member_shard(id, keys::LARGE_ROOM_SHARDS) == keys::LARGE_ROOM_SHARDS - 1)
+        .take(4)
+        .collect();
+    assert_eq!(quiet.len(), 4);
     let samplers = sampling_ids("s", true, 2);
     // (lobby turns large too: `named`, whose setName may record nothing)
     for (i, id) in quiet.iter().chain(&samplers).enumerate() {
@@ -3136,14 +3142,17 @@ async fn embedded_sampled_unsequenced_joins_make_a_room_large_without_the_counte
     join_room(&s, "seed", "dev", now).await;
     s.force_collisions("dev", 1_000);
 
-    // WHEN a sampler joins with 2 members in the room THEN the room is not past the limit
+    // WHEN a sampler joins (2 members in dev's one shard)
     let first = s
         .join_room(&samplers[0], "dev", DEFAULT_MAX_ROOMS, now)
         .await
         .expect("join");
     assert!(matches!(first, Joined::Unsequenced { .. }), "{first:?}");
-    assert_eq!(s.member_shards("dev", now).await.expect("shards"), 1);
-    // WHEN four non-samplers join THEN nothing sizes the room (still 1 shard, not large)
+    // THEN the busy room gets LARGE_ROOM_SHARDS shards, but is not past the limit
+    let counter = s.counter("dev").expect("counter");
+    assert_eq!(counter.shards, keys::LARGE_ROOM_SHARDS);
+    assert!(!counter.large);
+    // WHEN four non-samplers join dev's newest shard THEN nothing sizes the room
     for id in &quiet {
         let j = s
             .join_room(id, "dev", DEFAULT_MAX_ROOMS, now)
@@ -3151,13 +3160,13 @@ async fn embedded_sampled_unsequenced_joins_make_a_room_large_without_the_counte
             .expect("join");
         assert!(matches!(j, Joined::Unsequenced { .. }), "{j:?}");
     }
-    assert_eq!(s.member_shards("dev", now).await.expect("shards"), 1);
     assert!(!s.counter("dev").expect("counter").large);
-    // WHEN the second sampler joins (7 members in dev's one shard)
+    // WHEN the second sampler joins
     s.join_room(&samplers[1], "dev", DEFAULT_MAX_ROOMS, now)
         .await
         .expect("join");
-    // THEN its count makes dev large, with LARGE_ROOM_SHARDS shards, though `members` says 1
+    // THEN its count of the newest shard (4 or more, times 8) makes dev large, though
+    // `members` says 1
     let counter = s.counter("dev").expect("counter");
     assert!(counter.large);
     assert_eq!(counter.shards, keys::LARGE_ROOM_SHARDS);

@@ -1562,11 +1562,8 @@ enum Claimed {
     /// The first transaction's event; for a rename, the room it was announced in and the old
     /// name, so the other rooms can hear of it next.
     First(Box<StoredEvent>, Option<(String, String)>),
-    /// The name is set and the connection joined lobby unsequenced (no event), its member
-    /// item in `shard`.
-    Unsequenced {
-        shard: u32,
-    },
+    /// The name is set and the connection joined lobby unsequenced (no event).
+    Unsequenced,
 }
 
 const SET_NAME: &str = "TransactWriteItems setName";
@@ -1851,7 +1848,7 @@ impl EmbeddedStore {
             state.put_conn(connection_id, Some(named));
             state.put_member(&room, shard, connection_id, Some(member));
             let Some(pending) = pending else {
-                return Ok(Claimed::Unsequenced { shard });
+                return Ok(Claimed::Unsequenced);
             };
             let event = Box::new(self.finish(state, pending));
             Ok(Claimed::First(event, (!joins).then_some((room, old_name))))
@@ -2125,22 +2122,30 @@ impl EmbeddedStore {
         .await
     }
 
-    /// After an unsequenced join of `connection_id` into `room`'s `shard`: if it is one of the
-    /// samplers ([`keys::samples_size`]), counts that shard (a `Query` with `Select: COUNT`)
+    /// After an unsequenced join of `connection_id` into `room`: if it is one of the samplers
+    /// ([`keys::samples_size`]), counts the room's newest shard (a `Query` with
+    /// `Select: COUNT`)
     /// and updates the counter's `shards` and `large` if the estimate calls for it (an
     /// `UpdateItem` on the condition that `shards` is as read). The join has committed
     /// already, so a failure here is only logged: the next sampler sizes the room.
-    async fn size_room_logged(&self, room: &str, connection_id: &str, shard: u32, now_ms: i64) {
+    async fn size_room_logged(&self, room: &str, connection_id: &str, now_ms: i64) {
         if !keys::samples_size(connection_id) {
             return;
         }
-        if let Err(e) = self.size_room(room, shard, now_ms).await {
+        if let Err(e) = self.size_room(room, now_ms).await {
             warn!(room, error = %e, "sizing the room after an unsequenced join failed");
         }
     }
 
-    async fn size_room(&self, room: &str, shard: u32, now_ms: i64) -> Result<(), StoreError> {
+    async fn size_room(&self, room: &str, now_ms: i64) -> Result<(), StoreError> {
         const OP: &str = "UpdateItem counter size";
+        // The counter first (GetItem), for the newest shard to count.
+        let room_pk = keys::room_pk(room);
+        let shard = {
+            let (mut state, _) = self.read(ReadOp::GetSequence, &room_pk).await?;
+            self.charge_read(&mut state, ReadOp::GetSequence, &room_pk, 100);
+            state.shards(room) - 1
+        };
         let pk = keys::members_pk(room, shard);
         let (shards_read, large_read, counted) = {
             let (mut state, _) = self.read(ReadOp::CountMembers, &pk).await?;
@@ -2153,7 +2158,6 @@ impl EmbeddedStore {
         if shards == shards_read && (!large || large_read) {
             return Ok(());
         }
-        let room_pk = keys::room_pk(room);
         self.write(
             OP,
             |_| Calls::default().item(room_pk.clone(), 1),
@@ -2324,8 +2328,8 @@ impl ChatStore for EmbeddedStore {
                             .await?;
                     }
                 }
-                Claimed::Unsequenced { shard } => {
-                    self.size_room_logged(DEFAULT_ROOM, connection_id, shard, now_ms)
+                Claimed::Unsequenced => {
+                    self.size_room_logged(DEFAULT_ROOM, connection_id, now_ms)
                         .await;
                     return Ok(events);
                 }
@@ -2427,9 +2431,8 @@ impl ChatStore for EmbeddedStore {
                 })
             })
             .await?;
-        if let Some(shard) = quiet_shard {
-            self.size_room_logged(room, connection_id, shard, now_ms)
-                .await;
+        if quiet_shard.is_some() {
+            self.size_room_logged(room, connection_id, now_ms).await;
         }
         Ok(joined)
     }

@@ -14,7 +14,7 @@ use super::rooms::name_unchanged;
 use super::txn::{backoff, Attempt, Change, Membership, Outcome, MAX_ATTEMPTS};
 use super::DynamoStore;
 use crate::events::{ChatEvent, LeaveReason, StoredEvent};
-use crate::keys::{self, DEFAULT_ROOM};
+use crate::keys::DEFAULT_ROOM;
 use crate::ratelimit::{self, Bucket, RateLimit};
 use crate::store::aws_like::ReadOp;
 use crate::store::items::{ClaimItem, ConnItem};
@@ -228,8 +228,8 @@ impl DynamoStore {
             }
             let first = &FirstStep::of(&conn);
             let conn = &conn;
-            // An unsequenced join of lobby: the member shard, for sizing the room.
-            let unsequenced: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);
+            // Whether the join of lobby was unsequenced, for sizing the room.
+            let unsequenced = std::sync::Mutex::new(false);
             let unsequenced = &unsequenced;
             let committed = self
                 .append_loop(
@@ -262,8 +262,7 @@ impl DynamoStore {
                             }
                             let quiet = matches!(first, FirstStep::JoinLobby)
                                 && super::rooms::unsequenced_join(counter, attempt);
-                            let shard = keys::member_shard(connection_id, counter.shards);
-                            super::rooms::set(unsequenced, quiet.then_some(shard));
+                            super::rooms::set(unsequenced, quiet);
                             self.first_name_change(conn, name, first, counter, quiet, now_ms)
                                 .await
                         })
@@ -274,8 +273,8 @@ impl DynamoStore {
                 Outcome::Committed(mut committed) if committed.len() == 1 => committed.remove(0),
                 Outcome::Committed(committed) if committed.is_empty() => {
                     // Named, and in lobby unsequenced: no event to answer with.
-                    if let Some(shard) = super::rooms::lock(unsequenced) {
-                        self.size_room_logged(DEFAULT_ROOM, connection_id, shard, now_ms)
+                    if super::rooms::lock(unsequenced) {
+                        self.size_room_logged(DEFAULT_ROOM, connection_id, now_ms)
                             .await;
                     }
                     return Ok(events);

@@ -52,7 +52,7 @@ impl DynamoStore {
         now_ms: i64,
     ) -> Result<Joined, StoreError> {
         // An unsequenced join's counter as read (its catch-up point) and its member shard.
-        let unsequenced: std::sync::Mutex<Option<(u64, u32)>> = std::sync::Mutex::new(None);
+        let unsequenced: std::sync::Mutex<Option<u64>> = std::sync::Mutex::new(None);
         let unsequenced = &unsequenced;
         let outcome = self
             .append_loop(
@@ -74,8 +74,7 @@ impl DynamoStore {
                         let (items, shards) =
                             self.join_items(&conn, room, &name, counter, max_rooms, None, quiet)?;
                         if quiet {
-                            let shard = keys::member_shard(connection_id, shards);
-                            set(unsequenced, Some((counter.last, shard)));
+                            set(unsequenced, Some(counter.last));
                             return Ok(Attempt::Commit(Change {
                                 items,
                                 events: Vec::new(),
@@ -99,11 +98,10 @@ impl DynamoStore {
             Outcome::Done(last) => Joined::Already { last },
             Outcome::Committed(mut events) if events.len() == 1 => Joined::Now(events.remove(0)),
             Outcome::Committed(events) if events.is_empty() => {
-                let (last, shard) = lock(unsequenced).ok_or_else(|| {
+                let last = lock(unsequenced).ok_or_else(|| {
                     StoreError::Malformed("an unsequenced join without its read".into())
                 })?;
-                self.size_room_logged(room, connection_id, shard, now_ms)
-                    .await;
+                self.size_room_logged(room, connection_id, now_ms).await;
                 Joined::Unsequenced { last }
             }
             Outcome::Committed(events) => {
@@ -115,27 +113,23 @@ impl DynamoStore {
         })
     }
 
-    /// After an unsequenced join of `connection_id` into `room`'s `shard`: one of the
-    /// samplers ([`keys::samples_size`]) counts that shard and updates the counter's `shards`
+    /// After an unsequenced join of `connection_id` into `room`: one of the samplers
+    /// ([`keys::samples_size`]) counts the room's newest shard and updates the counter's `shards`
     /// and `large` if the estimate calls for it (see [`crate::keys`]). The join has committed,
     /// so a failure is only logged: the next sampler sizes the room.
-    pub(super) async fn size_room_logged(
-        &self,
-        room: &str,
-        connection_id: &str,
-        shard: u32,
-        now_ms: i64,
-    ) {
+    pub(super) async fn size_room_logged(&self, room: &str, connection_id: &str, now_ms: i64) {
         if !keys::samples_size(connection_id) {
             return;
         }
-        if let Err(e) = self.size_room(room, shard, now_ms).await {
+        if let Err(e) = self.size_room(room, now_ms).await {
             tracing::warn!(room, error = %e, "sizing the room after an unsequenced join failed");
         }
     }
 
-    async fn size_room(&self, room: &str, shard: u32, now_ms: i64) -> Result<(), StoreError> {
-        let pk = keys::members_pk(room, shard);
+    async fn size_room(&self, room: &str, now_ms: i64) -> Result<(), StoreError> {
+        // The newest shard: it holds only joins since the last doubling (see `keys`).
+        let counter = self.read_counter(room).await?;
+        let pk = keys::members_pk(room, counter.shards - 1);
         let mut counted: u64 = 0;
         let mut start: Option<Item> = None;
         loop {
@@ -161,7 +155,6 @@ impl DynamoStore {
                 break;
             }
         }
-        let counter = self.read_counter(room).await?;
         let (shards, large) = keys::sized(counted, counter.shards, counter.large, self.large_limit);
         if shards == counter.shards && (!large || counter.large) {
             return Ok(());
