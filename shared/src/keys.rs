@@ -252,7 +252,7 @@ pub fn samples_size(connection_id: &str) -> bool {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    (h >> 7) % SIZE_SAMPLE_EVERY == 0
+    (h >> 7).is_multiple_of(SIZE_SAMPLE_EVERY)
 }
 
 /// What a sampler concludes from `counted` members in the newest shard of a room of `shards`
