@@ -254,7 +254,8 @@ pub trait ChatStore: Send + Sync {
     ) -> Result<StoredEvent, StoreError>;
 
     /// Removes the connection and releases its name; records `MemberLeft` in every room it
-    /// was a member of (with the name that room knows it by: the old one in a room an
+    /// was a member of (except a large room, which it leaves unsequenced: see
+    /// [`crate::keys`]) (with the name that room knows it by: the old one in a room an
     /// unfinished rename has not reached) (one transaction per room, then the connection itself last, so a
     /// retry after a failure part-way finishes the job). Idempotent: an unknown connection
     /// is `Ok(vec![])`.
