@@ -8,8 +8,10 @@ use chat_local::aws_like::AwsLike;
 use chat_local::esm::EsmConfig;
 use chat_local::gateway::GatewayConfig;
 use chat_local::stack::{self, LocalOptions, RunningStack, StoreChoice};
+use chat_shared::config::HandlerConfig;
 use chat_shared::config::{FanoutConfig, Retention};
 use chat_shared::pacing::Pacer;
+use chat_shared::ratelimit::PrincipalLimit;
 use chat_shared::store::embedded::EmbeddedStore;
 use chat_shared::store::{ChatStore, Member};
 use futures::TryStreamExt;
@@ -59,6 +61,12 @@ impl Stack {
                 ..FanoutConfig::default()
             },
             esm: EsmConfig::default(),
+            handler: HandlerConfig {
+                // Every benchmark client is one address (127.0.0.1): limits across a
+                // principal's connections would refuse all but the first 50.
+                principal_limit: PrincipalLimit::OFF,
+                ..HandlerConfig::default()
+            },
             ..LocalOptions::default()
         };
         if let Some(aws_like) = &settings.aws_like {

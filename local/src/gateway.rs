@@ -189,6 +189,12 @@ impl Gateway {
                     .delete(management::delete_connection),
             )
             .route("/bill", get(bill))
+            .route("/metrics", get(crate::metrics::serve))
+            // The chat's web page (crate::page), on the same port as on a laptop there is
+            // nothing else to host it.
+            .route("/", get(page_index))
+            .route("/app.js", get(crate::page::app))
+            .route("/client.js", get(crate::page::client))
             .fallback(management::forbidden)
             .with_state(Arc::clone(&shared));
         if let Ok(addr) = listener.local_addr() {
@@ -245,6 +251,13 @@ async fn bill(
     axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
 ) -> axum::Json<crate::bill::Bill> {
     axum::Json(shared.bill())
+}
+
+/// `GET /`: the chat page, pointed at this stage.
+async fn page_index(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+) -> axum::response::Response {
+    crate::page::index(&shared.config.stage)
 }
 
 /// State shared by the HTTP handlers and the connection tasks.

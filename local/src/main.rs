@@ -65,6 +65,22 @@ struct Args {
     /// Requests a connection may make in a burst.
     #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = DEFAULT_RATE_BURST)]
     rate_limit_burst: u32,
+    /// Connections one identity (or, without authentication, one source IP) may have open at
+    /// once (0: no limit). Every local client is 127.0.0.1 unless it comes from elsewhere.
+    #[arg(
+        long,
+        env = "PRINCIPAL_MAX_CONNECTIONS",
+        default_value_t = chat_shared::ratelimit::DEFAULT_PRINCIPAL_MAX_CONNECTIONS
+    )]
+    principal_max_connections: u32,
+    /// Requests per second one identity (or source IP) may make across all its connections
+    /// (0: no limit).
+    #[arg(
+        long,
+        env = "PRINCIPAL_RATE_PER_SECOND",
+        default_value_t = chat_shared::ratelimit::DEFAULT_PRINCIPAL_RATE_PER_SECOND
+    )]
+    principal_rate_per_second: u32,
     /// Require a JWT signed with this HMAC-SHA256 key at $connect (`?token=…`); its subject
     /// becomes the connection's identity. Unset: anyone may connect.
     #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
@@ -246,6 +262,10 @@ async fn main() -> anyhow::Result<()> {
                 .filter(|s| !s.is_empty())
                 .map(|s| Authenticator::hs256(s.as_bytes())),
             max_rooms: args.max_rooms,
+            principal_limit: chat_shared::ratelimit::PrincipalLimit {
+                max_connections: args.principal_max_connections,
+                per_second: args.principal_rate_per_second,
+            },
             ..HandlerConfig::default()
         },
         fanout: FanoutConfig {
@@ -267,6 +287,12 @@ async fn main() -> anyhow::Result<()> {
     // The same shapes as the stack's Outputs on AWS; scripts and tests read these two lines.
     println!("WebSocket URL: {}", running.websocket_url);
     println!("Connection URL: {}", running.connection_url);
+    // The page is served at the root of the same host and port (not under the stage).
+    let page = running.websocket_url.replacen("ws://", "http://", 1);
+    let page = page
+        .rsplit_once('/')
+        .map_or(page.as_str(), |(host, _stage)| host);
+    eprintln!("Chat page: {page}/");
     // Ctrl-C, or SIGTERM from a process manager: both mean a clean stop.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

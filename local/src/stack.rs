@@ -86,11 +86,18 @@ impl Integration for HandlerIntegration {
         request: ApiGatewayWebsocketProxyRequest,
     ) -> Result<ApiGatewayProxyResponse, gateway::BoxError> {
         let started = tokio::time::Instant::now();
-        let response = handle_request(
+        // The same span and metrics as chat-api-handler's main.rs around the same call.
+        let route = request.request_context.route_key.clone();
+        let span = chat_shared::telemetry::request_span(&request);
+        let handled = handle_request(
             self.store.as_ref(),
             &self.config,
             request,
             chat_shared::now_ms(),
+        );
+        let response = chat_shared::metrics::handler_request(
+            route.as_deref(),
+            tracing::Instrument::instrument(handled, span),
         )
         .await;
         self.meter
@@ -245,6 +252,7 @@ async fn dynamodb_sdk_config(endpoint: Option<&str>, region: &str) -> SdkConfig 
 }
 
 pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
+    crate::metrics::install();
     let bind = format!("{}:{}", options.host, options.port);
     let listener = match TcpListener::bind(&bind).await {
         Ok(l) => l,

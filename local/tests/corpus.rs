@@ -222,6 +222,8 @@ enum Out {
 enum Expect {
     /// This error frame and nothing else.
     Error(&'static str, Option<&'static str>),
+    /// Exactly this frame (message included) and nothing else.
+    Frame(Value),
     /// The gateway closes the connection with this code.
     Closed(CloseCode),
     /// Nothing at all: the connection was closed by the client and its later frames go nowhere.
@@ -1061,6 +1063,8 @@ fn corpus() -> Vec<Case> {
             expect: Expect::Nothing,
         },
     ];
+    let mut cases = cases;
+    cases.extend(request_id_cases());
     // The 10,000-array case must stay under the 32 KB frame limit to reach the handler.
     for case in &cases {
         if let (Out::Text(t), Expect::Error(..)) = (&case.out, &case.expect) {
@@ -1068,6 +1072,215 @@ fn corpus() -> Vec<Case> {
         }
     }
     cases
+}
+
+/// `requestId` cases, with the exact frame each gets: an invalid one is refused on every
+/// action (without echoing it); a valid one is echoed in the refusal of the rest of the frame;
+/// `null` is no requestId.
+fn request_id_cases() -> Vec<Case> {
+    use Who::{Alice, Carol};
+    let bad_id = |why: &str, action: Option<&str>| {
+        let message = format!(
+            "\"requestId\" must be 1–64 characters of ASCII letters, digits, '-', '_', '.' or ':' ({why})."
+        );
+        let mut error = json!({"code":"invalid_field","message":message});
+        if let Some(action) = action {
+            error["action"] = json!(action);
+        }
+        Expect::Frame(json!({ "error": error }))
+    };
+    let refused = |code: &str, message: &str, action: Option<&str>, id: &str| {
+        let mut error = json!({"code":code,"message":message});
+        if let Some(action) = action {
+            error["action"] = json!(action);
+        }
+        error["requestId"] = json!(id);
+        Expect::Frame(json!({ "error": error }))
+    };
+    let id65 = "r".repeat(65);
+    let id64 = "r".repeat(64);
+    let uuid = "0f8fad5b-d9cb-469f-a165-70867728950e";
+    let not_string = "it is not a string";
+    let other = "it has other characters";
+    vec![
+        // --- an invalid requestId, on each action
+        text(
+            "requestId a number, on setName",
+            Alice,
+            r#"{"action":"setName","name":"alice2","requestId":7}"#,
+            bad_id(not_string, Some("setName")),
+        ),
+        text(
+            "requestId empty, on sendPublic",
+            Alice,
+            r#"{"action":"sendPublic","message":"hi","requestId":""}"#,
+            bad_id("it is empty", Some("sendPublic")),
+        ),
+        text(
+            "requestId of 65 characters, on sendPrivate",
+            Alice,
+            format!(
+                r#"{{"action":"sendPrivate","to":"bob","message":"psst","requestId":"{id65}"}}"#
+            ),
+            bad_id("it is longer", Some("sendPrivate")),
+        ),
+        text(
+            "requestId with a space, on history",
+            Carol,
+            r#"{"action":"history","requestId":"r 1"}"#,
+            bad_id(other, Some("history")),
+        ),
+        text(
+            "requestId with a non-ASCII letter, on join",
+            Alice,
+            r#"{"action":"join","room":"ops","requestId":"é"}"#,
+            bad_id(other, Some("join")),
+        ),
+        text(
+            "requestId an array, on leave",
+            Alice,
+            r#"{"action":"leave","room":"lobby","requestId":["r1"]}"#,
+            bad_id(not_string, Some("leave")),
+        ),
+        text(
+            "requestId with a slash",
+            Alice,
+            r#"{"action":"sendPublic","message":"hi","requestId":"r/1"}"#,
+            bad_id(other, Some("sendPublic")),
+        ),
+        text(
+            "requestId with a hash",
+            Alice,
+            r##"{"action":"sendPublic","message":"hi","requestId":"r#1"}"##,
+            bad_id(other, Some("sendPublic")),
+        ),
+        text(
+            "requestId an object, on an unknown action",
+            Alice,
+            r#"{"action":"dance","requestId":{"id":"r1"}}"#,
+            bad_id(not_string, Some("dance")),
+        ),
+        text(
+            "requestId true, without an action",
+            Carol,
+            r#"{"requestId":true}"#,
+            bad_id(not_string, None),
+        ),
+        text(
+            "requestId a number, from a connection without a name",
+            Carol,
+            r#"{"action":"sendPublic","message":"hi","requestId":1.5}"#,
+            bad_id(not_string, Some("sendPublic")),
+        ),
+        // --- a valid requestId is echoed in the refusal of the rest of the frame
+        text(
+            "valid requestId, empty message",
+            Alice,
+            r#"{"action":"sendPublic","message":" ","requestId":"c-1"}"#,
+            refused(
+                "invalid_message",
+                "A message cannot be empty.",
+                Some("sendPublic"),
+                "c-1",
+            ),
+        ),
+        text(
+            "valid requestId, a taken name",
+            Alice,
+            r#"{"action":"setName","name":"BOB","requestId":"c.2"}"#,
+            refused(
+                "name_taken",
+                "The name \"BOB\" is taken; choose another.",
+                Some("setName"),
+                "c.2",
+            ),
+        ),
+        text(
+            "valid requestId, sending without a name",
+            Carol,
+            r#"{"action":"sendPublic","message":"hi","requestId":"carol:1"}"#,
+            refused(
+                "name_required",
+                "Set a name with setName before sending messages.",
+                Some("sendPublic"),
+                "carol:1",
+            ),
+        ),
+        text(
+            "valid requestId, no action",
+            Alice,
+            r#"{"requestId":"r_x"}"#,
+            refused(
+                "unknown_action",
+                "The frame has no \"action\" key.",
+                None,
+                "r_x",
+            ),
+        ),
+        text(
+            "requestId of 64 characters, a bad history limit",
+            Carol,
+            format!(r#"{{"action":"history","limit":0,"requestId":"{id64}"}}"#),
+            refused(
+                "invalid_field",
+                "\"limit\" must be from 1 to 100.",
+                Some("history"),
+                &id64,
+            ),
+        ),
+        text(
+            "a UUID requestId, a bad room",
+            Alice,
+            format!(r#"{{"action":"join","room":"a b","requestId":"{uuid}"}}"#),
+            refused(
+                "invalid_room",
+                "A room name can only use ASCII letters, digits, '-', '_' and '.'; it has ' '.",
+                Some("join"),
+                uuid,
+            ),
+        ),
+        text(
+            "valid requestId, a private message to oneself",
+            Alice,
+            r#"{"action":"sendPrivate","to":"Alice","message":"me","requestId":"c-3"}"#,
+            refused(
+                "invalid_recipient",
+                "You cannot send a private message to yourself.",
+                Some("sendPrivate"),
+                "c-3",
+            ),
+        ),
+        text(
+            "valid requestId, leaving a room one is not in",
+            Alice,
+            r#"{"action":"leave","room":"ops","requestId":"c-4"}"#,
+            refused(
+                "not_a_member",
+                "You are not a member of room \"ops\"; join it first.",
+                Some("leave"),
+                "c-4",
+            ),
+        ),
+        text(
+            "valid requestId, one room too many",
+            Alice,
+            r#"{"action":"join","room":"ops","requestId":"c-5"}"#,
+            refused(
+                "too_many_rooms",
+                "You are already in 1 rooms, the most allowed; leave one first.",
+                Some("join"),
+                "c-5",
+            ),
+        ),
+        text(
+            "requestId null is none, empty message",
+            Alice,
+            r#"{"action":"sendPublic","message":"","requestId":null}"#,
+            Expect::Frame(
+                json!({"error":{"code":"invalid_message","message":"A message cannot be empty.","action":"sendPublic"}}),
+            ),
+        ),
+    ]
 }
 
 /// The stack and its clients.
@@ -1195,11 +1408,12 @@ impl World {
                     Out::Binary(b) => sender.send_message(Message::binary(b.clone())).await,
                     Out::Raw(_) => panic!("{label}: raw frames need a fresh connection"),
                 }
-                let Expect::Error(code, action) = case.expect else {
-                    panic!("{label}: an existing client must get an error frame");
-                };
                 let reply = sender.next(label).await;
-                assert_error_frame(label, &reply, code, action);
+                match &case.expect {
+                    Expect::Error(code, action) => assert_error_frame(label, &reply, code, *action),
+                    Expect::Frame(frame) => assert_eq!(&reply, frame, "{label}"),
+                    _ => panic!("{label}: an existing client must get an error frame"),
+                }
             }
             Who::Fresh => self.run_fresh(case).await,
         }
@@ -1242,7 +1456,9 @@ impl World {
                     }
                     // The server answers the client's close and hears nothing after it.
                     Expect::Nothing => assert_eq!(close_code, Some(1000), "{label}: {frames:?}"),
-                    Expect::Error(..) => panic!("{label}: raw cases never get an error frame"),
+                    Expect::Error(..) | Expect::Frame(_) => {
+                        panic!("{label}: raw cases never get an error frame")
+                    }
                 }
             }
             _ => panic!("{label}: not a case for a fresh connection"),

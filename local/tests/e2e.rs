@@ -1055,12 +1055,128 @@ async fn large_room_scenario(mode: Mode) {
     local.stop().await;
 }
 
+/// The requestId a route response answers (`None`: a fan-out frame).
+fn answers(f: &Value) -> Option<&str> {
+    ["ok", "joined", "left", "history", "error"]
+        .iter()
+        .find_map(|k| f[*k]["requestId"].as_str())
+}
+
+async fn request_id_scenario(mode: Mode) {
+    let local = Local::start(mode, GatewayConfig::default()).await;
+    // GIVEN bob is a member, and alice joins with a requestId
+    let mut bob = local.member("bob").await;
+    let mut alice = local.client().await;
+    alice
+        .send(json!({"action":"setName","name":"alice","requestId":"n-1"}))
+        .await;
+    let mut fanned = Vec::new();
+    let named = loop {
+        let f = alice.next().await;
+        match answers(&f) {
+            Some(_) => break f,
+            None => fanned.push(f),
+        }
+    };
+    let joined_id = bob
+        .until(|f| f["systemMessage"] == json!("alice has joined the chat"))
+        .await["id"]
+        .clone();
+    assert_eq!(
+        named,
+        json!({"ok":{"action":"setName","requestId":"n-1","name":"alice","events":[{"room":"lobby","id":joined_id}]}})
+    );
+
+    // WHEN alice sends a burst of requests, each with its own requestId (one refused, one a
+    // resend of an earlier one), without waiting for answers
+    let requests = [
+        json!({"action":"sendPublic","message":"one","requestId":"p-1"}),
+        json!({"action":"sendPublic","message":"two","requestId":"p-2"}),
+        json!({"action":"join","room":"ops","requestId":"j-1"}),
+        json!({"action":"sendPublic","room":"ops","message":"in ops","requestId":"p-3"}),
+        json!({"action":"sendPrivate","to":"bob","message":"psst","requestId":"w-1"}),
+        json!({"action":"sendPublic","message":" ","requestId":"e-1"}),
+        json!({"action":"history","room":"ops","after":0,"requestId":"h-1"}),
+        json!({"action":"leave","room":"ops","requestId":"l-1"}),
+        json!({"action":"sendPublic","message":"two","requestId":"p-2"}),
+        json!({"action":"sendPublic","message":"end"}),
+    ];
+    for r in &requests {
+        alice.send(r.clone()).await;
+    }
+    // THEN she matches one answer to each request by its requestId (the resend's second)
+    let mut got: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    while got.values().map(Vec::len).sum::<usize>() < requests.len() - 1 {
+        let f = alice.next().await;
+        match answers(&f) {
+            Some(id) => got.entry(id.to_owned()).or_default().push(f.clone()),
+            None => fanned.push(f),
+        }
+    }
+    let one = |id: &str| got[id][0].clone();
+    let ok_id = |id: &str| one(id)["ok"]["id"].as_u64().expect("an id");
+    assert_eq!(got["p-2"].len(), 2, "the resend is answered too");
+    assert_eq!(got["p-2"][0], got["p-2"][1], "as the first was");
+    assert_eq!(one("p-1")["ok"]["room"], json!("lobby"));
+    assert_eq!(one("p-3")["ok"]["room"], json!("ops"));
+    assert_eq!(one("j-1")["joined"]["room"], json!("ops"));
+    assert_eq!(one("l-1")["left"]["room"], json!("ops"));
+    assert_eq!(
+        one("e-1"),
+        json!({"error":{"code":"invalid_message","message":"A message cannot be empty.","action":"sendPublic","requestId":"e-1"}})
+    );
+    let ops_history = one("h-1")["history"]["frames"].clone();
+    assert!(
+        ops_history.as_array().is_some_and(|fs| fs
+            .iter()
+            .any(|f| f["publicMessage"] == json!("alice: in ops"))),
+        "{ops_history}"
+    );
+    // AND the ids in her answers are those of the frames everyone got: bob saw "one" and "two"
+    // once each (the resend stored nothing), and the whisper, with those ids
+    let mut bobs = Vec::new();
+    loop {
+        let f = bob.next().await;
+        let end = f["publicMessage"] == json!("alice: end");
+        bobs.push(f);
+        if end {
+            break;
+        }
+    }
+    let said: Vec<(Value, Value)> = bobs
+        .iter()
+        .filter(|f| f.get("publicMessage").is_some() || f.get("privateMessage").is_some())
+        .map(|f| {
+            let text = f.get("publicMessage").or(f.get("privateMessage")).cloned();
+            (text.unwrap_or(Value::Null), f["id"].clone())
+        })
+        .collect();
+    let end_id = said.last().map(|(_, id)| id.clone()).expect("end");
+    assert_eq!(
+        said,
+        vec![
+            (json!("alice: one"), json!(ok_id("p-1"))),
+            (json!("alice: two"), json!(ok_id("p-2"))),
+            (json!("alice: psst"), json!(ok_id("w-1"))),
+            (json!("alice: end"), end_id),
+        ]
+    );
+    // AND frames without a requestId were never mistaken for answers
+    assert!(fanned.iter().all(|f| answers(f).is_none()));
+    local.stop().await;
+}
+
 mod embedded {
     use super::*;
 
     #[tokio::test]
     async fn a_join_into_a_large_room_is_unsequenced_and_gets_the_next_broadcast() {
         large_room_scenario(Mode::Embedded).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_matches_answers_to_its_requests_by_request_id() {
+        request_id_scenario(Mode::Embedded).await;
     }
 
     #[tokio::test]
@@ -1126,6 +1242,11 @@ mod aws_like {
     #[tokio::test]
     async fn a_join_into_a_large_room_is_unsequenced_and_gets_the_next_broadcast() {
         large_room_scenario(aws_like()).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_matches_answers_to_its_requests_by_request_id() {
+        request_id_scenario(aws_like()).await;
     }
 
     #[tokio::test]

@@ -1098,6 +1098,7 @@ mod tests {
             rl_tokens: None,
             rl_at: None,
             identity: None,
+            principal: None,
             rooms: Some(rooms.iter().map(|(r, s)| ((*r).to_owned(), *s)).collect()),
             renaming: None,
         }

@@ -7,7 +7,10 @@ use thiserror::Error;
 
 use crate::auth::Authenticator;
 use crate::pacing::{Pacer, DEFAULT_MAX_RPS};
-use crate::ratelimit::{RateLimit, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND};
+use crate::ratelimit::{
+    PrincipalLimit, RateLimit, DEFAULT_PRINCIPAL_MAX_CONNECTIONS,
+    DEFAULT_PRINCIPAL_RATE_PER_SECOND, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND,
+};
 use crate::store::DEFAULT_MAX_ROOMS;
 use crate::validation::DEFAULT_MAX_MESSAGE_BYTES;
 
@@ -76,6 +79,10 @@ pub struct HandlerConfig {
     /// members a room is large, and its joins and disconnects are unsequenced (the store is
     /// built with it: `with_large_room_limit`; see [`crate::keys`]).
     pub presence_limit: usize,
+    /// `PRINCIPAL_MAX_CONNECTIONS` / `PRINCIPAL_RATE_PER_SECOND` (default 50 connections at
+    /// once, 50 requests/s; 0 turns either off): what one identity, or without authentication
+    /// one source IP, may do across all its connections ([`crate::ratelimit`]).
+    pub principal_limit: PrincipalLimit,
 }
 
 impl Default for HandlerConfig {
@@ -86,6 +93,7 @@ impl Default for HandlerConfig {
             auth: None,
             max_rooms: DEFAULT_MAX_ROOMS,
             presence_limit: DEFAULT_PRESENCE_BROADCAST_LIMIT,
+            principal_limit: PrincipalLimit::default(),
         }
     }
 }
@@ -237,6 +245,18 @@ impl HandlerConfig {
                 why: "must be at least 1",
             });
         }
+        let principal_limit = PrincipalLimit {
+            max_connections: parse_var(
+                "PRINCIPAL_MAX_CONNECTIONS",
+                DEFAULT_PRINCIPAL_MAX_CONNECTIONS,
+                "expected a number of connections (0 turns the limit off)",
+            )?,
+            per_second: parse_var(
+                "PRINCIPAL_RATE_PER_SECOND",
+                DEFAULT_PRINCIPAL_RATE_PER_SECOND,
+                "expected requests per second (0 turns the limit off)",
+            )?,
+        };
         Ok(HandlerConfig {
             max_message_bytes: max,
             rate_limit,
@@ -247,6 +267,7 @@ impl HandlerConfig {
                 DEFAULT_PRESENCE_BROADCAST_LIMIT,
                 "expected a number of members",
             )?,
+            principal_limit,
         })
     }
 }

@@ -166,6 +166,7 @@ pub async fn handle_stream_event(
     now_ms: impl Fn() -> i64,
     deadline: Option<Instant>,
 ) -> DynamoDbEventResponse {
+    crate::metrics::stream_batch(&event);
     let deadline = deadline.map(|d| d.checked_sub(config.time_margin).unwrap_or(d));
     let mut units: Vec<(Option<String>, Unit)> = Vec::new();
     let mut rounds: Vec<(Option<String>, Redelivery)> = Vec::new();
@@ -221,7 +222,9 @@ pub async fn handle_stream_event(
                 deliver_redelivery(store, deliver, config, &round, now_ms(), deadline).await;
             match outcome {
                 Ok(report) => {
+                    crate::metrics::redelivery_done(&report);
                     info!(
+                        room = round.room.as_str(),
                         event_id = round.event_id,
                         round = round.round,
                         delivered = report.delivered,
@@ -234,7 +237,7 @@ pub async fn handle_stream_event(
                     None
                 }
                 Err(e) => {
-                    warn!(event_id = round.event_id, round = round.round, error = %e, "redelivery failed; Lambda will retry it");
+                    warn!(room = round.room.as_str(), event_id = round.event_id, round = round.round, error = %e, "redelivery failed; Lambda will retry it");
                     Some(seq_no)
                 }
             }
@@ -251,6 +254,7 @@ pub async fn handle_stream_event(
         failure.item_identifier = seq_no;
         response.batch_item_failures.push(failure);
     }
+    crate::metrics::batch_response(&response);
     response
 }
 
@@ -274,6 +278,12 @@ async fn deliver_in_order(
         // checkpointed past unsent — the `timeout_at` backstop below never fires for a future
         // that is already ready.
         let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+        let started = crate::metrics::broadcast_started();
+        // Every line logged for this unit (retries, refusals, its outcome) names its room and ids.
+        let span = crate::telemetry::unit_span(match &unit {
+            Unit::Single(e) => std::slice::from_ref(e),
+            Unit::Presence(run) => run,
+        });
         let work = async {
             if out_of_time {
                 return Err(FanoutError::OutOfTime);
@@ -288,12 +298,14 @@ async fn deliver_in_order(
             }
         };
         // A backstop for a store call that hangs: the per-delivery checks stop sending in time.
+        let work = tracing::Instrument::instrument(work, span.clone());
         let outcome = match deadline {
             Some(d) => tokio::time::timeout_at(d, work)
                 .await
                 .unwrap_or(Err(FanoutError::OutOfTime)),
             None => work.await,
         };
+        let _in_unit = span.enter();
         let (first, last) = match &unit {
             Unit::Single(e) => (e.seq, e.seq),
             Unit::Presence(run) => (
@@ -302,16 +314,19 @@ async fn deliver_in_order(
             ),
         };
         match outcome {
-            Ok(report) => info!(
-                first_event_id = first,
-                last_event_id = last,
-                delivered = report.delivered,
-                pruned = report.pruned.len(),
-                rejected = report.rejected,
-                redelivering = report.redelivering,
-                presence_skipped = report.presence_skipped,
-                "fanned out"
-            ),
+            Ok(report) => {
+                crate::metrics::broadcast_done(&report, started);
+                info!(
+                    first_event_id = first,
+                    last_event_id = last,
+                    delivered = report.delivered,
+                    pruned = report.pruned.len(),
+                    rejected = report.rejected,
+                    redelivering = report.redelivering,
+                    presence_skipped = report.presence_skipped,
+                    "fanned out"
+                )
+            }
             Err(e) => {
                 warn!(first_event_id = first, error = %e, cause = ?std::error::Error::source(&e), "fan-out failed; Lambda will retry from this record");
                 let mut failure = DynamoDbBatchItemFailure::default();
@@ -779,6 +794,7 @@ impl Sender<'_> {
                     (0, Duration::ZERO)
                 }
                 Err(DeliveryError::Throttled(_)) => {
+                    crate::metrics::throttled();
                     // The whole account is over its quota, not this recipient: slow every
                     // call down, and give this one longer to get through.
                     pacer.throttled();
@@ -802,6 +818,7 @@ impl Sender<'_> {
                         return Err(e);
                     }
                     debug!(connection_id, attempt, ?wait, error = %e, "retrying delivery");
+                    crate::metrics::retried();
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }

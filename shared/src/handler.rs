@@ -4,7 +4,11 @@
 //! `@connections`. A refused request is answered with one error frame as the route's
 //! response, which API Gateway sends to the caller only (the message routes are two-way);
 //! so are the answers to `join` and `leave` (`{"joined":…}`, `{"left":…}`, see
-//! [`crate::protocol::joined_response`]) and `history`.
+//! [`crate::protocol::joined_response`]) and `history`, and — only to a request that carried a
+//! `requestId` — the `ok` answers of `setName`, `sendPublic` and `sendPrivate`
+//! ([`crate::protocol::ok_response`]). Every answer to a request with a `requestId` echoes it,
+//! and a write with one is performed at most once ([`crate::store::requests`]): a resend is
+//! answered from the first's request item.
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;
@@ -17,9 +21,13 @@ use crate::config::HandlerConfig;
 use crate::events::LeaveReason;
 use crate::history::history_response;
 use crate::protocol::{
-    joined_response, left_response, parse_request, ClientRequest, ErrorCode, Refusal,
+    joined_response, left_response, ok_response, parse_frame, ClientRequest, ErrorCode, EventRef,
+    Refusal,
 };
-use crate::store::{ChatStore, Joined, StoreError};
+use crate::ratelimit::{self, PrincipalLimit, RequestLimits, Verdict};
+use crate::store::items::RequestItem;
+use crate::store::requests::{event_refs, Once, RequestKey};
+use crate::store::{Admission, ChatStore, Joined, StoreError};
 use crate::validation::{validate_message, validate_name};
 
 #[derive(Debug, Error)]
@@ -54,12 +62,30 @@ fn response(status: i64, body: Option<String>) -> ApiGatewayProxyResponse {
 }
 
 fn refused(refusal: &Refusal) -> ApiGatewayProxyResponse {
+    crate::metrics::refused(refusal.code.as_str());
     // 200: the refusal is a normal answer, delivered as the route response.
     response(200, Some(refusal.to_frame()))
 }
 
+/// What the client is told when the store failed in a way that may have written: the write
+/// may have committed, so "nothing was written" would be a lie (a timeout or a 5xx on a
+/// `TransactWriteItems`, a `setName` that stopped between its transactions).
+pub const UNCONFIRMED_MESSAGE: &str = "The chat could not confirm this request was stored; it may have been. Resend it with the same requestId to be sure it is stored once.";
+
+/// [`UNCONFIRMED_MESSAGE`] for a request without a `requestId`, which cannot be resent safely.
+pub const UNCONFIRMED_NO_ID_MESSAGE: &str = "The chat could not confirm this request was stored; it may have been, and resending it may store it twice. Send a requestId with each request to make resends safe.";
+
+/// What the client is told when the store failed before anything could be written.
+pub const NOTHING_WRITTEN_MESSAGE: &str =
+    "The chat could not store this request; nothing was written. Try again.";
+
 /// Maps a store refusal to what the client is told.
 pub fn refusal_for(err: &StoreError, action: &str) -> Refusal {
+    refusal_for_request(err, action, None)
+}
+
+/// [`refusal_for`] for a request that carried `request_id` (its refusal echoes it).
+pub fn refusal_for_request(err: &StoreError, action: &str, request_id: Option<&str>) -> Refusal {
     let (code, message) = match err {
         StoreError::NotConnected(_) => (
             ErrorCode::NotConnected,
@@ -93,12 +119,33 @@ pub fn refusal_for(err: &StoreError, action: &str) -> Refusal {
             ErrorCode::InvalidRecipient,
             "You cannot send a private message to yourself.".to_owned(),
         ),
-        StoreError::Contention(_) | StoreError::Backend { .. } | StoreError::Malformed(_) => (
+        StoreError::RequestIdReused(id) => (
+            ErrorCode::InvalidField,
+            format!(
+                "requestId \"{id}\" was already used for another request; use a new requestId for each request."
+            ),
+        ),
+        // Certain: contention gives up before committing, a backend failure of a
+        // single-transaction write is a read or a write refused before it ran. A setName is
+        // several transactions, so a failure part-way may follow a committed one.
+        StoreError::Contention(_) | StoreError::Backend { .. } if action != "setName" => (
             ErrorCode::InternalError,
-            "The chat could not store this request; nothing was sent. Try again.".to_owned(),
+            NOTHING_WRITTEN_MESSAGE.to_owned(),
+        ),
+        StoreError::Contention(_)
+        | StoreError::Backend { .. }
+        | StoreError::Unconfirmed { .. }
+        | StoreError::Malformed(_) => (
+            ErrorCode::InternalError,
+            if request_id.is_some() {
+                UNCONFIRMED_MESSAGE
+            } else {
+                UNCONFIRMED_NO_ID_MESSAGE
+            }
+            .to_owned(),
         ),
     };
-    Refusal::new(code, message, Some(action))
+    Refusal::new(code, message, Some(action)).answering(request_id)
 }
 
 pub async fn handle_request(
@@ -128,11 +175,26 @@ pub async fn handle_request(
                     }
                 }
             };
+            let principal = principal_of(config, identity.as_deref(), &request);
+            let admission = principal.as_deref().map(|principal| Admission {
+                principal,
+                max_connections: config.principal_limit.max_connections,
+            });
             match store
-                .add_identified_connection(connection_id, identity.as_deref(), now_ms)
+                .open_connection(connection_id, identity.as_deref(), admission, now_ms)
                 .await
             {
-                Ok(_) => {
+                Ok(None) => {
+                    // 429 refuses the handshake, as API Gateway's own throttling does.
+                    warn!(
+                        connection_id,
+                        principal = principal.as_deref(),
+                        max = config.principal_limit.max_connections,
+                        "connection refused: too many connections at once"
+                    );
+                    Ok(response(429, None))
+                }
+                Ok(Some(_)) => {
                     info!(
                         connection_id,
                         authenticated = identity.is_some(),
@@ -164,30 +226,45 @@ pub async fn handle_request(
                 );
                 return Ok(refused(&refusal));
             }
-            let parsed = parse_request(request.body.as_deref());
+            let parsed = parse_frame(request.body.as_deref());
+            // A valid requestId is in every answer to the frame, refusals included.
+            let request_id = match &parsed {
+                Ok(p) => p.request_id.clone(),
+                Err(r) => r.request_id.clone(),
+            };
+            let request_id = request_id.as_deref();
             // Every frame counts against the limit, malformed ones too: a flood of garbage is
             // still a flood.
-            let limit = within_rate_limit(store, config, connection_id, now_ms).await;
-            let writes = matches!(
-                parsed,
-                Ok(ClientRequest::SetName { .. }
-                    | ClientRequest::SendPublic { .. }
-                    | ClientRequest::SendPrivate { .. }
-                    | ClientRequest::Join { .. }
-                    | ClientRequest::Leave { .. })
-            );
+            let fallback = principal_of(config, None, &request);
+            let limit =
+                within_rate_limit(store, config, connection_id, fallback.as_deref(), now_ms).await;
+            let action = parsed.as_ref().ok().map(|p| p.request.action());
+            let writes = parsed.as_ref().is_ok_and(|p| p.request.writes());
             if limit == Limit::Unknown && writes {
                 // Failing open would let a client that can make the limiter's store fail (or a
                 // store in trouble) write without a limit; reads and refusals still answer.
                 let refusal = Refusal::new(
                     ErrorCode::InternalError,
                     "The chat could not check this connection's request rate; nothing was done. Try again.",
-                    parsed.as_ref().ok().map(ClientRequest::action),
-                );
+                    action,
+                )
+                .answering(request_id);
+                return Ok(refused(&refusal));
+            }
+            if limit == Limit::PrincipalExceeded {
+                let refusal = Refusal::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "Too many requests from your connections together (one account, or one address when not signed in): at most {} per second. Nothing was done; slow down and retry.",
+                        config.principal_limit.per_second
+                    ),
+                    action,
+                )
+                .answering(request_id);
+                warn!(connection_id, "rate limited across connections");
                 return Ok(refused(&refusal));
             }
             if limit == Limit::Exceeded {
-                let action = parsed.as_ref().ok().map(ClientRequest::action);
                 let limit = config.rate_limit;
                 let refusal = Refusal::new(
                     ErrorCode::RateLimited,
@@ -196,12 +273,23 @@ pub async fn handle_request(
                         limit.per_second, limit.burst
                     ),
                     action,
-                );
+                )
+                .answering(request_id);
                 warn!(connection_id, "rate limited");
                 return Ok(refused(&refusal));
             }
             let outcome = match parsed {
-                Ok(req) => perform(store, config, connection_id, req, now_ms).await,
+                Ok(p) => {
+                    perform(
+                        store,
+                        config,
+                        connection_id,
+                        p.request,
+                        p.request_id.as_deref(),
+                        now_ms,
+                    )
+                    .await
+                }
                 Err(refusal) => Err(refusal),
             };
             match outcome {
@@ -225,8 +313,26 @@ pub async fn handle_request(
 enum Limit {
     Within,
     Exceeded,
+    /// Over the principal's budget across its connections.
+    PrincipalExceeded,
     /// The limiter's store failed: writes are refused (fail closed), reads go ahead.
     Unknown,
+}
+
+/// The principal a request counts against when the limits across connections are on: the
+/// identity if there is one, else the caller's source IP (see [`crate::ratelimit`]).
+fn principal_of(
+    config: &HandlerConfig,
+    identity: Option<&str>,
+    request: &ApiGatewayWebsocketProxyRequest,
+) -> Option<String> {
+    if config.principal_limit == PrincipalLimit::OFF {
+        return None;
+    }
+    ratelimit::principal(
+        identity,
+        request.request_context.identity.source_ip.as_deref(),
+    )
 }
 
 /// Whether the connection may make another request.
@@ -234,14 +340,21 @@ async fn within_rate_limit(
     store: &dyn ChatStore,
     config: &HandlerConfig,
     connection_id: &str,
+    fallback_principal: Option<&str>,
     now_ms: i64,
 ) -> Limit {
+    let limits = RequestLimits {
+        connection: config.rate_limit,
+        principal_per_second: config.principal_limit.per_second,
+        fallback_principal,
+    };
     match store
-        .take_request_token(connection_id, config.rate_limit, now_ms)
+        .take_request_token(connection_id, &limits, now_ms)
         .await
     {
-        Ok(true) => Limit::Within,
-        Ok(false) => Limit::Exceeded,
+        Ok(Verdict::Allowed) => Limit::Within,
+        Ok(Verdict::ConnectionLimited) => Limit::Exceeded,
+        Ok(Verdict::PrincipalLimited) => Limit::PrincipalExceeded,
         Err(e) => {
             error!(connection_id, error = %e, cause = ?std::error::Error::source(&e), "rate limit unavailable; refusing writes");
             Limit::Unknown
@@ -254,17 +367,31 @@ async fn perform(
     config: &HandlerConfig,
     connection_id: &str,
     req: ClientRequest,
+    request_id: Option<&str>,
     now_ms: i64,
 ) -> Result<Option<String>, Refusal> {
     let action = req.action();
-    let result = match &req {
+    let refuse = |e: StoreError| log_and_refuse(connection_id, action, request_id, &e);
+    // With a requestId, a write is performed at most once (see `store::requests`).
+    let key = request_id.map(|id| RequestKey::new(id, action, &req.canonical()));
+    let key = key.as_ref();
+    let answer = |name: Option<&str>, events: &[EventRef]| {
+        request_id.map(|id| ok_response(action, id, name, events))
+    };
+    match &req {
         ClientRequest::SetName { name } => {
-            let name = validate_name(name)?;
-            store
-                .set_name(connection_id, &name, now_ms)
-                .await
-                .map(|events| {
-                    for event in events {
+            let name = validate_name(name).map_err(|r| r.answering(request_id))?;
+            let outcome = match key {
+                Some(key) => store.set_name_once(connection_id, &name, key, now_ms).await,
+                None => store
+                    .set_name(connection_id, &name, now_ms)
+                    .await
+                    .map(Once::First),
+            }
+            .map_err(refuse)?;
+            match outcome {
+                Once::First(events) => {
+                    for event in &events {
                         info!(
                             connection_id,
                             room = event.room.as_str(),
@@ -273,37 +400,99 @@ async fn perform(
                             "name set"
                         );
                     }
-                })
+                    Ok(answer(Some(&name.display), &event_refs(&events)))
+                }
+                Once::Again(done) => {
+                    resent(connection_id, action, &done);
+                    Ok(answer(done.name.as_deref(), &done.events))
+                }
+            }
         }
         ClientRequest::SendPublic { message, room } => {
-            validate_message(message, config.max_message_bytes, action)?;
-            store
-                .post_to_room(connection_id, room, message, now_ms)
-                .await
-                .map(|event| {
+            validate_message(message, config.max_message_bytes, action)
+                .map_err(|r| r.answering(request_id))?;
+            let outcome = match key {
+                Some(key) => {
+                    store
+                        .post_to_room_once(connection_id, room, message, key, now_ms)
+                        .await
+                }
+                None => store
+                    .post_to_room(connection_id, room, message, now_ms)
+                    .await
+                    .map(Once::First),
+            }
+            .map_err(refuse)?;
+            match outcome {
+                Once::First(event) => {
                     info!(
                         connection_id,
                         room = room.as_str(),
                         event_id = event.seq,
                         "public message stored"
-                    )
-                })
+                    );
+                    Ok(answer(None, &event_refs([&event])))
+                }
+                Once::Again(done) => {
+                    resent(connection_id, action, &done);
+                    Ok(answer(None, &done.events))
+                }
+            }
+        }
+        ClientRequest::SendPrivate { to, message } => {
+            validate_message(message, config.max_message_bytes, action)
+                .map_err(|r| r.answering(request_id))?;
+            let outcome = match key {
+                Some(key) => {
+                    store
+                        .post_private_once(connection_id, to, message, key, now_ms)
+                        .await
+                }
+                None => store
+                    .post_private(connection_id, to, message, now_ms)
+                    .await
+                    .map(Once::First),
+            }
+            .map_err(refuse)?;
+            match outcome {
+                Once::First(event) => {
+                    info!(
+                        connection_id,
+                        event_id = event.seq,
+                        "private message stored"
+                    );
+                    Ok(answer(None, &event_refs([&event])))
+                }
+                Once::Again(done) => {
+                    resent(connection_id, action, &done);
+                    Ok(answer(None, &done.events))
+                }
+            }
         }
         ClientRequest::Join { room } => {
-            return match store
-                .join_room(connection_id, room, config.max_rooms, now_ms)
-                .await
-            {
-                Ok(Joined::Now(event)) => {
+            let outcome = match key {
+                Some(key) => {
+                    store
+                        .join_room_once(connection_id, room, config.max_rooms, key, now_ms)
+                        .await
+                }
+                None => store
+                    .join_room(connection_id, room, config.max_rooms, now_ms)
+                    .await
+                    .map(Once::First),
+            }
+            .map_err(refuse)?;
+            let (id, already) = match outcome {
+                Once::First(Joined::Now(event)) => {
                     info!(
                         connection_id,
                         room = room.as_str(),
                         event_id = event.seq,
                         "joined a room"
                     );
-                    Ok(Some(joined_response(room, event.seq, false)))
+                    (event.seq, false)
                 }
-                Ok(Joined::Unsequenced { last }) => {
+                Once::First(Joined::Unsequenced { last }) => {
                     // No event (a large or contended room): catch up from the room's last id.
                     info!(
                         connection_id,
@@ -311,49 +500,53 @@ async fn perform(
                         last_event_id = last,
                         "joined a room unsequenced"
                     );
-                    Ok(Some(joined_response(room, last, false)))
+                    (last, false)
                 }
-                Ok(Joined::Already { last }) => {
+                Once::First(Joined::Already { last }) => {
                     info!(
                         connection_id,
                         room = room.as_str(),
                         last_event_id = last,
                         "already a member of the room"
                     );
-                    Ok(Some(joined_response(room, last, true)))
+                    (last, true)
                 }
-                Err(e) => Err(log_and_refuse(connection_id, action, &e)),
+                Once::Again(done) => {
+                    resent(connection_id, action, &done);
+                    (recorded_id(&done, connection_id, action)?, false)
+                }
             };
+            Ok(Some(joined_response(room, id, already, request_id)))
         }
         ClientRequest::Leave { room } => {
-            return match store
-                .leave_room(connection_id, room, LeaveReason::Left, now_ms)
-                .await
-            {
-                Ok(event) => {
+            let outcome = match key {
+                Some(key) => {
+                    store
+                        .leave_room_once(connection_id, room, key, now_ms)
+                        .await
+                }
+                None => store
+                    .leave_room(connection_id, room, LeaveReason::Left, now_ms)
+                    .await
+                    .map(Once::First),
+            }
+            .map_err(refuse)?;
+            let id = match outcome {
+                Once::First(event) => {
                     info!(
                         connection_id,
                         room = room.as_str(),
                         event_id = event.seq,
                         "left a room"
                     );
-                    Ok(Some(left_response(room, event.seq)))
+                    event.seq
                 }
-                Err(e) => Err(log_and_refuse(connection_id, action, &e)),
+                Once::Again(done) => {
+                    resent(connection_id, action, &done);
+                    recorded_id(&done, connection_id, action)?
+                }
             };
-        }
-        ClientRequest::SendPrivate { to, message } => {
-            validate_message(message, config.max_message_bytes, action)?;
-            store
-                .post_private(connection_id, to, message, now_ms)
-                .await
-                .map(|event| {
-                    info!(
-                        connection_id,
-                        event_id = event.seq,
-                        "private message stored"
-                    )
-                })
+            Ok(Some(left_response(room, id, request_id)))
         }
         ClientRequest::History(request) => {
             // Any known connection may read public history, named or not: a client catching up
@@ -361,27 +554,45 @@ async fn perform(
             // authenticated) adds the private messages it sent or received.
             match store.connection(connection_id, now_ms).await {
                 Ok(Some(conn)) => {
-                    return history_response(store, request, conn.identity.as_deref(), now_ms)
+                    history_response(store, request, conn.identity.as_deref(), request_id, now_ms)
                         .await
                         .map(Some)
-                        .map_err(|e| log_and_refuse(connection_id, action, &e));
+                        .map_err(refuse)
                 }
-                Ok(None) => Err(StoreError::NotConnected(connection_id.to_owned())),
-                Err(e) => Err(e),
+                Ok(None) => Err(refuse(StoreError::NotConnected(connection_id.to_owned()))),
+                Err(e) => Err(refuse(e)),
             }
         }
-    };
-    result
-        .map(|()| None)
-        .map_err(|e| log_and_refuse(connection_id, action, &e))
+    }
 }
 
-fn log_and_refuse(connection_id: &str, action: &str, e: &StoreError) -> Refusal {
-    if matches!(
-        e,
-        StoreError::Backend { .. } | StoreError::Contention(_) | StoreError::Malformed(_)
-    ) {
+/// Logs a resend answered from its request item (nothing was written).
+fn resent(connection_id: &str, action: &str, done: &RequestItem) {
+    info!(
+        connection_id,
+        action,
+        first_connection_id = done.connection_id.as_str(),
+        events = done.events.len(),
+        "resend answered from its request item"
+    );
+}
+
+/// The one event id a join's or leave's request item holds.
+fn recorded_id(done: &RequestItem, connection_id: &str, action: &str) -> Result<u64, Refusal> {
+    done.events.first().map(|e| e.id).ok_or_else(|| {
+        let e = StoreError::Malformed(format!("{action} request item without its event"));
+        log_and_refuse(connection_id, action, None, &e)
+    })
+}
+
+fn log_and_refuse(
+    connection_id: &str,
+    action: &str,
+    request_id: Option<&str>,
+    e: &StoreError,
+) -> Refusal {
+    if e.is_failure() {
         error!(connection_id, action, error = %e, cause = ?std::error::Error::source(e), "store failed");
     }
-    refusal_for(e, action)
+    refusal_for_request(e, action, request_id)
 }

@@ -65,6 +65,9 @@ struct Page<'a> {
     frames: Vec<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     next: Option<Next<'a>>,
+    /// The request's `requestId`, echoed (at most 64 characters: within `ENVELOPE_BYTES`).
+    #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -117,6 +120,7 @@ pub async fn history_response(
     store: &dyn ChatStore,
     request: &HistoryRequest,
     reader: Option<&str>,
+    request_id: Option<&str>,
     now_ms: i64,
 ) -> Result<String, StoreError> {
     let mut range = match request.direction {
@@ -202,6 +206,7 @@ pub async fn history_response(
         history: Page {
             frames: raw.iter().map(AsRef::as_ref).collect(),
             next,
+            request_id,
         },
     };
     serde_json::to_string(&response)

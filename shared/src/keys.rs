@@ -119,6 +119,25 @@
 //! | `CONN#<connId>`           | `CONN`     | the connection: `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once named `name`, `nameKey`; `rooms` (M: room → its member shard) for every room it is a member of; the rate-limit bucket `rlTokens`, `rlAt`; `renaming` while a rename is not yet in every room |
 //! | `NAME#<nameKey>`          | `NAME`     | a name claim: `connectionId`, `name`, `expiresAt`, and `identity` when its holder is authenticated; without `connectionId` it is that identity's reservation |
 //! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's) |
+//! | `LIMIT#<principal>`       | `CONNS`    | the principal's connection slots: `conns` (M: connection id → that connection's `expiresAt`), `v` (N, bumped by every change, the compare-and-swap of an admission), `expiresAt` (the latest slot's) |
+//! | `LIMIT#<principal>`       | `REQ#<window>` | the principal's request counter for one window: `n` (N), `expiresAt` (a minute after the window ends) |
+//! | `REQUEST#<scope>`         | `<requestId>` | a write request performed once (below)          |
+//!
+//! **Request items** (`crate::store::requests`): a write request that carried a `requestId`
+//! (1–64 ASCII letters, digits, `-`, `_`, `.`, `:`), written **in the transaction of the
+//! event it produced** on the condition that no live one exists (`attribute_not_exists(pk)
+//! OR expiresAt <= now`), so it exists exactly when that transaction committed. `<scope>` is
+//! `identity#<identity>` for an authenticated connection, else `conn#<connectionId>`: a
+//! resend from a new connection of the same identity finds it. A resend finds it (a cancelled
+//! transaction, or a refusal, is followed by a strongly consistent read of it) and is answered
+//! from it; nothing else reads it. Attributes: `type` (`Request`), `action`, `fingerprint`
+//! (SHA-256 hex of the request's action and fields: the same `requestId` with another request
+//! is refused), `connectionId` (who sent it first), `name` (`setName` only), `events` (L of M
+//! `{room, id}`: the ids of the answer), `ts` (ms), `expiresAt` (a day later). Where it is
+//! written: `sendPublic`, `sendPrivate`, `join`, `leave` put it in their one transaction;
+//! `setName` in the transaction that moves the claim (or joins lobby), with the events of that
+//! transaction (a rename's other rooms follow in their own transactions, and their events are
+//! not in it). The connections table has no stream, so no reader of the stream sees it.
 //!
 //! `$connect` writes `rooms` as an empty map: a join sets `rooms.<room>`, which DynamoDB can
 //! only do in a map that exists. A connection id is a partition key in `CONN#<connId>` (at most
@@ -142,6 +161,18 @@
 //! `MemberLeft` carries (the name that room knows), so no room hears of a name it never saw.
 //! Without it, every member item has the connection's name, so the common same-name
 //! `setName` reads nothing more than the connection.
+//!
+//! **Principals** (`crate::ratelimit`): a connection's principal is `id:<identity>` when
+//! authenticated, else `ip:<source IP>`; it is recorded on the connection item as `principal`
+//! (absent when neither was known, or on items written before principals), so a removal can
+//! give the slot back and a request knows whom to charge. `$connect` takes a slot in the same
+//! transaction that puts the connection item: the slots item is rewritten whole, without the
+//! expired slots, on the condition that `v` is as read (or that it does not exist), so
+//! concurrent admissions never overfill it. A removal drops the slot with one update
+//! (condition: the slot is there; it also bumps `v`, so an admission that read the slot
+//! cannot write it back). A slot whose removal never ran expires with its connection.
+//! Each request adds 1 to the current window's `REQ#` item, on the condition that `n` is
+//! still under the budget: one write, no read.
 //!
 //! The shard is `member_shard(connId, shards)` with
 //! the room's `shards` when it joined, and is remembered in `rooms`, so a leave finds the
@@ -177,6 +208,15 @@ pub const RATE_AT: &str = "rlAt";
 pub const ROOMS: &str = "rooms";
 /// The name a connection had before a rename not yet recorded in all its rooms (see above).
 pub const RENAMING: &str = "renaming";
+/// The connection's principal (`id:<identity>` or `ip:<source IP>`), see above.
+pub const PRINCIPAL: &str = "principal";
+/// The slots item's map of connection id → expiry, and its version.
+pub const LIMIT_CONNS: &str = "conns";
+pub const LIMIT_VERSION: &str = "v";
+/// A window counter's count.
+pub const LIMIT_COUNT: &str = "n";
+/// Sort key of a principal's slots item.
+pub const LIMIT_SLOTS_SK: &str = "CONNS";
 
 /// The counter item's sort key in the room's event partition.
 pub const COUNTER_SEQ: u64 = 0;
@@ -197,6 +237,9 @@ pub const SEQUENCED_JOIN_ATTEMPTS: u32 = 3;
 pub const SIZE_SAMPLE_EVERY: u32 = 16;
 /// The fewest member shards of a large room.
 pub const LARGE_ROOM_SHARDS: u32 = 8;
+
+/// The `type` of a request item.
+pub const REQUEST_TYPE: &str = "Request";
 
 /// Sort key of a connection item.
 pub const CONN_SK: &str = "CONN";
@@ -225,6 +268,22 @@ pub fn conn_pk(connection_id: &str) -> String {
 /// The partition of a name's claim.
 pub fn name_pk(name_key: &str) -> String {
     format!("NAME#{name_key}")
+}
+
+/// The partition of a scope's request items (`scope`: [`crate::store::requests::scope`]);
+/// the sort key is the `requestId`.
+pub fn request_pk(scope: &str) -> String {
+    format!("REQUEST#{scope}")
+}
+
+/// The partition of a principal's limits (its connection slots and request counters).
+pub fn limit_pk(principal: &str) -> String {
+    format!("LIMIT#{principal}")
+}
+
+/// Sort key of a principal's request counter for window `index`.
+pub fn limit_window_sk(index: i64) -> String {
+    format!("REQ#{index}")
 }
 
 /// The partition of one shard of a room's members.

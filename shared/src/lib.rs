@@ -25,6 +25,7 @@ pub mod fanout;
 pub mod handler;
 pub mod history;
 pub mod keys;
+pub mod metrics;
 pub mod pacing;
 pub mod protocol;
 pub mod ratelimit;

@@ -2,7 +2,8 @@
 //!
 //! The frames are those of the classic API Gateway WebSocket chat tutorial, kept exactly;
 //! what we add is additive (`room`, `id` and `ts` on chat frames, the `error` frame, the
-//! `join`/`leave` requests and their answers), so the old client keeps working in `lobby`. Parsing is done by hand over `serde_json::Value` rather than with a
+//! `join`/`leave` requests and their answers, `requestId` and the `ok` answers), so the old
+//! client keeps working in `lobby`. Parsing is done by hand over `serde_json::Value` rather than with a
 //! tagged serde enum because every way a frame can be wrong deserves its own precise error
 //! code, and serde's messages are neither stable nor meant for end users.
 
@@ -63,6 +64,25 @@ impl ClientRequest {
             ClientRequest::Leave { .. } => "leave",
         }
     }
+
+    /// Whether the request changes state (and so is performed at most once per `requestId`).
+    pub fn writes(&self) -> bool {
+        !matches!(self, ClientRequest::History(_))
+    }
+
+    /// The request as one canonical string (its action and fields, JSON-quoted so no two
+    /// requests share one): what a `requestId` is bound to, so the same id reused for another
+    /// request is told apart from a resend.
+    pub fn canonical(&self) -> String {
+        let parts: Vec<&str> = match self {
+            ClientRequest::SetName { name } => vec![name],
+            ClientRequest::SendPublic { message, room } => vec![room, message],
+            ClientRequest::SendPrivate { to, message } => vec![to, message],
+            ClientRequest::Join { room } | ClientRequest::Leave { room } => vec![room],
+            ClientRequest::History(h) => vec![&h.room],
+        };
+        serde_json::to_string(&(self.action(), parts)).expect("strings serialise")
+    }
 }
 
 /// Every reason a request can be refused. The snake_case names are part of the public API
@@ -96,7 +116,8 @@ pub enum ErrorCode {
     InvalidRecipient,
     /// The connection is not known (already closed or expired).
     NotConnected,
-    /// The store failed; nothing was written; the client may try again.
+    /// The store failed. Its message says whether nothing was written (certain) or the write
+    /// may have committed (an ambiguous failure: resend with the same `requestId`).
     InternalError,
     /// The connection sent more requests than its rate limit allows; nothing was done.
     RateLimited,
@@ -163,6 +184,10 @@ pub struct Refusal {
     /// The request's action, when it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
+    /// The request's `requestId`, when it carried a valid one: the client matches the error
+    /// to its request by it.
+    #[serde(default, rename = "requestId", skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl Refusal {
@@ -171,10 +196,17 @@ impl Refusal {
             code,
             message: message.into(),
             action: action.map(str::to_owned),
+            request_id: None,
         }
     }
 
-    /// The frame `{"error":{"code","message","action"}}`.
+    /// This refusal, answering the request `request_id` (if any).
+    pub fn answering(mut self, request_id: Option<&str>) -> Self {
+        self.request_id = request_id.map(str::to_owned);
+        self
+    }
+
+    /// The frame `{"error":{"code","message","action","requestId"}}`.
     pub fn to_frame(&self) -> String {
         #[derive(Serialize)]
         struct ErrorFrame<'a> {
@@ -185,8 +217,25 @@ impl Refusal {
     }
 }
 
+/// The most characters a `requestId` may have.
+pub const REQUEST_ID_MAX_CHARS: usize = 64;
+
+/// A parsed frame: the request, and the `requestId` it carried (if any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    pub request: ClientRequest,
+    pub request_id: Option<String>,
+}
+
 /// Parses the body of a WebSocket message into a request, or says precisely why not.
 pub fn parse_request(body: Option<&str>) -> Result<ClientRequest, Refusal> {
+    parse_frame(body).map(|p| p.request)
+}
+
+/// [`parse_request`] with the frame's `requestId`: a valid one is in the answer, and in the
+/// refusal when the rest of the frame is refused; an invalid one is itself refused
+/// (`invalid_field`) before the action's own keys are looked at.
+pub fn parse_frame(body: Option<&str>) -> Result<Parsed, Refusal> {
     let body = body.unwrap_or("");
     if body.trim().is_empty() {
         return Err(Refusal::new(
@@ -210,15 +259,67 @@ pub fn parse_request(body: Option<&str>) -> Result<ClientRequest, Refusal> {
         ));
     };
     let action = match object.get("action") {
-        None => {
+        Some(Value::String(action)) => Some(action.as_str()),
+        _ => None,
+    };
+    let request_id = request_id_field(&object, action)?;
+    parse_object(&object, action)
+        .map(|request| Parsed {
+            request,
+            request_id: request_id.clone(),
+        })
+        .map_err(|r| r.answering(request_id.as_deref()))
+}
+
+/// The frame's `requestId`: absent or `null` is none; otherwise 1–[`REQUEST_ID_MAX_CHARS`]
+/// characters, each an ASCII letter, digit, `-`, `_`, `.` or `:` (a UUID fits).
+fn request_id_field(
+    object: &Map<String, Value>,
+    action: Option<&str>,
+) -> Result<Option<String>, Refusal> {
+    let refuse = |why: &str| {
+        Err(Refusal::new(
+            ErrorCode::InvalidField,
+            format!(
+                "\"requestId\" must be 1–{REQUEST_ID_MAX_CHARS} characters of ASCII letters, digits, '-', '_', '.' or ':'{why}."
+            ),
+            action,
+        ))
+    };
+    match object.get("requestId") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) => {
+            if id.is_empty() {
+                refuse(" (it is empty)")
+            } else if id.chars().count() > REQUEST_ID_MAX_CHARS {
+                refuse(" (it is longer)")
+            } else if !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+            {
+                refuse(" (it has other characters)")
+            } else {
+                Ok(Some(id.clone()))
+            }
+        }
+        Some(_) => refuse(" (it is not a string)"),
+    }
+}
+
+fn parse_object(
+    object: &Map<String, Value>,
+    action: Option<&str>,
+) -> Result<ClientRequest, Refusal> {
+    let action = match (object.get("action"), action) {
+        (_, Some(action)) => action,
+        (None, _) => {
             return Err(Refusal::new(
                 ErrorCode::UnknownAction,
                 "The frame has no \"action\" key.",
                 None,
             ))
         }
-        Some(Value::String(action)) => action.as_str(),
-        Some(_) => {
+        (Some(_), None) => {
             return Err(Refusal::new(
                 ErrorCode::UnknownAction,
                 "\"action\" must be a string.",
@@ -226,25 +327,25 @@ pub fn parse_request(body: Option<&str>) -> Result<ClientRequest, Refusal> {
             ))
         }
     };
-    let field = |key: &str| string_field(&object, action, key);
+    let field = |key: &str| string_field(object, action, key);
     match action {
         "setName" => Ok(ClientRequest::SetName {
             name: field("name")?,
         }),
         "sendPublic" => Ok(ClientRequest::SendPublic {
             message: field("message")?,
-            room: room_field(&object, action, false)?,
+            room: room_field(object, action, false)?,
         }),
         "sendPrivate" => Ok(ClientRequest::SendPrivate {
             to: field("to")?,
             message: field("message")?,
         }),
-        "history" => parse_history(&object).map(ClientRequest::History),
+        "history" => parse_history(object).map(ClientRequest::History),
         "join" => Ok(ClientRequest::Join {
-            room: room_field(&object, action, true)?,
+            room: room_field(object, action, true)?,
         }),
         "leave" => Ok(ClientRequest::Leave {
-            room: room_field(&object, action, true)?,
+            room: room_field(object, action, true)?,
         }),
         other => Err(Refusal::new(
             ErrorCode::UnknownAction,
@@ -398,45 +499,129 @@ impl Frame {
 /// `{"joined":{"room":"r","id":42,"already":true}}`, where `id` is the room's newest event id.
 /// Either way a client can catch up with `history` `after` that id without waiting for a
 /// `members` frame (which a room over the presence limit never sends).
-pub fn joined_response(room: &str, id: u64, already: bool) -> String {
+/// With a `requestId`, the answer carries it: `{"joined":{"room":"r","id":17,"requestId":"r2"}}`.
+pub fn joined_response(room: &str, id: u64, already: bool, request_id: Option<&str>) -> String {
     #[derive(Serialize)]
     struct Body<'a> {
         room: &'a str,
         id: u64,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         already: bool,
+        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
     }
     #[derive(Serialize)]
     struct Joined<'a> {
         joined: Body<'a>,
     }
     serde_json::to_string(&Joined {
-        joined: Body { room, id, already },
+        joined: Body {
+            room,
+            id,
+            already,
+            request_id,
+        },
     })
     .expect("a join response holds only strings and numbers")
 }
 
 /// The answer to a `leave`, to its sender only: `{"left":{"room":"r","id":18}}`, where `id`
-/// is the leave's `MemberLeft` event in that room.
-pub fn left_response(room: &str, id: u64) -> String {
+/// is the leave's `MemberLeft` event in that room (and `requestId` when the request had one).
+pub fn left_response(room: &str, id: u64, request_id: Option<&str>) -> String {
     #[derive(Serialize)]
     struct Body<'a> {
         room: &'a str,
         id: u64,
+        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
     }
     #[derive(Serialize)]
     struct Left<'a> {
         left: Body<'a>,
     }
     serde_json::to_string(&Left {
-        left: Body { room, id },
+        left: Body {
+            room,
+            id,
+            request_id,
+        },
     })
     .expect("a leave response holds only strings and numbers")
+}
+
+/// One event a request recorded: its room and id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRef {
+    pub room: String,
+    pub id: u64,
+}
+
+/// The answer to a `sendPublic`, `sendPrivate` or `setName` that carried a `requestId` (those
+/// without one have no answer, as in the tutorial):
+/// - `{"ok":{"action":"sendPublic","requestId":"r5","room":"lobby","id":42}}`
+/// - `{"ok":{"action":"sendPrivate","requestId":"r6","id":43}}` (the id in lobby's log)
+/// - `{"ok":{"action":"setName","requestId":"r7","name":"alice","events":[{"room":"lobby","id":12}]}}`
+///   (`events`: what the setName recorded, per room; `[]` when it changed nothing)
+///
+/// `events` are the recorded events, whatever the action: the single event of a send.
+pub fn ok_response(
+    action: &str,
+    request_id: &str,
+    name: Option<&str>,
+    events: &[EventRef],
+) -> String {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        action: &'a str,
+        #[serde(rename = "requestId")]
+        request_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        events: Option<&'a [EventRef]>,
+    }
+    #[derive(Serialize)]
+    struct Ok<'a> {
+        ok: Body<'a>,
+    }
+    let first = events.first();
+    let body = match action {
+        "sendPublic" => Body {
+            action,
+            request_id,
+            room: first.map(|e| e.room.as_str()),
+            id: first.map(|e| e.id),
+            name: None,
+            events: None,
+        },
+        "sendPrivate" => Body {
+            action,
+            request_id,
+            room: None,
+            id: first.map(|e| e.id),
+            name: None,
+            events: None,
+        },
+        _ => Body {
+            action,
+            request_id,
+            room: None,
+            id: None,
+            name,
+            events: Some(events),
+        },
+    };
+    serde_json::to_string(&Ok { ok: body }).expect("an ok answer holds only strings and numbers")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn refusal(body: &str) -> Refusal {
         parse_request(Some(body)).expect_err("should be refused")
@@ -572,16 +757,144 @@ mod tests {
     }
 
     #[test]
+    fn a_request_id_is_parsed_on_every_action_and_kept_in_refusals() {
+        // GIVEN each action with a valid requestId  WHEN parsed  THEN the id comes with it
+        for body in [
+            r#"{"action":"setName","name":"a","requestId":"r1"}"#,
+            r#"{"action":"sendPublic","message":"m","requestId":"r1"}"#,
+            r#"{"action":"sendPrivate","to":"b","message":"m","requestId":"r1"}"#,
+            r#"{"action":"history","requestId":"r1"}"#,
+            r#"{"action":"join","room":"r","requestId":"r1"}"#,
+            r#"{"action":"leave","room":"r","requestId":"r1"}"#,
+        ] {
+            let parsed = parse_frame(Some(body)).expect(body);
+            assert_eq!(parsed.request_id.as_deref(), Some("r1"), "{body}");
+        }
+        // AND a UUID, 64 characters and every allowed punctuation are valid; null is absent
+        let uuid = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        let max = "a".repeat(REQUEST_ID_MAX_CHARS);
+        for id in [uuid, max.as_str(), "A.b_c-d:9"] {
+            let body = json!({"action":"history","requestId":id}).to_string();
+            assert_eq!(
+                parse_frame(Some(&body))
+                    .expect("valid")
+                    .request_id
+                    .as_deref(),
+                Some(id)
+            );
+        }
+        let null = parse_frame(Some(r#"{"action":"history","requestId":null}"#)).expect("null");
+        assert_eq!(null.request_id, None);
+        // AND anything else is invalid_field, with the action, and without the bad id
+        let long = "a".repeat(REQUEST_ID_MAX_CHARS + 1);
+        for bad in [
+            json!(7),
+            json!(""),
+            json!(long),
+            json!("a b"),
+            json!("é"),
+            json!("a#b"),
+            json!("a/b"),
+            json!(["r1"]),
+            json!({"id":"r1"}),
+            json!(true),
+        ] {
+            let body = json!({"action":"sendPublic","message":"m","requestId":bad}).to_string();
+            let r = refusal(&body);
+            assert_eq!(r.code, ErrorCode::InvalidField, "{body}");
+            assert_eq!(r.action.as_deref(), Some("sendPublic"), "{body}");
+            assert_eq!(r.request_id, None, "{body}");
+            assert!(r.message.contains("requestId"), "{body}: {}", r.message);
+        }
+        // AND a valid id stays in the refusal of the rest of the frame
+        let r = refusal(r#"{"action":"sendPublic","requestId":"r9"}"#);
+        assert_eq!(
+            (r.code, r.request_id.as_deref()),
+            (ErrorCode::MissingField, Some("r9"))
+        );
+        let r = refusal(r#"{"requestId":"r9"}"#);
+        assert_eq!(
+            (r.code, r.action.as_deref(), r.request_id.as_deref()),
+            (ErrorCode::UnknownAction, None, Some("r9"))
+        );
+        assert_eq!(
+            r.to_frame(),
+            r#"{"error":{"code":"unknown_action","message":"The frame has no \"action\" key.","requestId":"r9"}}"#
+        );
+    }
+
+    #[test]
+    fn ok_answers_have_the_documented_shape() {
+        let lobby = |id| EventRef {
+            room: "lobby".into(),
+            id,
+        };
+        assert_eq!(
+            ok_response("sendPublic", "r5", None, &[lobby(42)]),
+            r#"{"ok":{"action":"sendPublic","requestId":"r5","room":"lobby","id":42}}"#
+        );
+        assert_eq!(
+            ok_response("sendPrivate", "r6", None, &[lobby(43)]),
+            r#"{"ok":{"action":"sendPrivate","requestId":"r6","id":43}}"#
+        );
+        assert_eq!(
+            ok_response("setName", "r7", Some("alice"), &[lobby(12)]),
+            r#"{"ok":{"action":"setName","requestId":"r7","name":"alice","events":[{"room":"lobby","id":12}]}}"#
+        );
+        assert_eq!(
+            ok_response("setName", "r8", Some("alice"), &[]),
+            r#"{"ok":{"action":"setName","requestId":"r8","name":"alice","events":[]}}"#
+        );
+    }
+
+    #[test]
+    fn the_canonical_form_tells_requests_apart() {
+        let c = |b: &str| parse_request(Some(b)).expect(b).canonical();
+        assert_eq!(
+            c(r#"{"action":"sendPublic","message":"hi"}"#),
+            c(r#"{"action":"sendPublic","message":"hi","room":"lobby","requestId":"x"}"#)
+        );
+        assert_ne!(
+            c(r#"{"action":"sendPublic","message":"hi"}"#),
+            c(r#"{"action":"sendPublic","message":"hi","room":"ops"}"#)
+        );
+        assert_ne!(
+            c(r#"{"action":"join","room":"ops"}"#),
+            c(r#"{"action":"leave","room":"ops"}"#)
+        );
+        assert_ne!(
+            c(r#"{"action":"sendPrivate","to":"a\u0000b","message":"c"}"#),
+            c(r#"{"action":"sendPrivate","to":"a","message":"b\u0000c"}"#)
+        );
+    }
+
+    #[test]
     fn join_and_leave_answers_have_the_documented_shape() {
         assert_eq!(
-            joined_response("r", 17, false),
+            joined_response("r", 17, false, None),
             r#"{"joined":{"room":"r","id":17}}"#
         );
         assert_eq!(
-            joined_response("r", 42, true),
+            joined_response("r", 42, true, None),
             r#"{"joined":{"room":"r","id":42,"already":true}}"#
         );
-        assert_eq!(left_response("r", 18), r#"{"left":{"room":"r","id":18}}"#);
+        assert_eq!(
+            left_response("r", 18, None),
+            r#"{"left":{"room":"r","id":18}}"#
+        );
+        // AND with a requestId, each carries it
+        assert_eq!(
+            joined_response("ops", 17, false, Some("r2")),
+            r#"{"joined":{"room":"ops","id":17,"requestId":"r2"}}"#
+        );
+        assert_eq!(
+            joined_response("ops", 42, true, Some("r2")),
+            r#"{"joined":{"room":"ops","id":42,"already":true,"requestId":"r2"}}"#
+        );
+        assert_eq!(
+            left_response("ops", 18, Some("r3")),
+            r#"{"left":{"room":"ops","id":18,"requestId":"r3"}}"#
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use chat_shared::config::{
 };
 
 /// Every variable `config` reads.
-const VARIABLES: [&str; 13] = [
+const VARIABLES: [&str; 15] = [
     "EVENTS_TABLE",
     "CONNECTIONS_TABLE",
     "CONNECTION_TTL_SECONDS",
@@ -21,6 +21,8 @@ const VARIABLES: [&str; 13] = [
     "RATE_LIMIT_BURST",
     "AUTH_JWT_SECRET",
     "MAX_ROOMS",
+    "PRINCIPAL_MAX_CONNECTIONS",
+    "PRINCIPAL_RATE_PER_SECOND",
     "FANOUT_CONCURRENCY",
     "PRESENCE_BROADCAST_LIMIT",
     "CONNECTIONS_ENDPOINT",
@@ -74,6 +76,13 @@ fn settings_come_from_the_environment_with_the_documented_defaults_and_limits() 
     );
     assert!(handler.auth.is_none());
     assert_eq!(handler.max_rooms, 50);
+    assert_eq!(
+        (
+            handler.principal_limit.max_connections,
+            handler.principal_limit.per_second
+        ),
+        (50, 50)
+    );
     let fanout = FanoutConfig::from_env().expect("defaults");
     assert_eq!((fanout.concurrency, fanout.presence_limit), (512, 1_000));
 
@@ -95,6 +104,8 @@ fn settings_come_from_the_environment_with_the_documented_defaults_and_limits() 
         ("RATE_LIMIT_BURST", "3"),
         ("AUTH_JWT_SECRET", "s3cret"),
         ("MAX_ROOMS", " 3 "),
+        ("PRINCIPAL_MAX_CONNECTIONS", "4"),
+        ("PRINCIPAL_RATE_PER_SECOND", "0"),
         ("FANOUT_CONCURRENCY", "64"),
         ("PRESENCE_BROADCAST_LIMIT", "10"),
         (
@@ -123,6 +134,13 @@ fn settings_come_from_the_environment_with_the_documented_defaults_and_limits() 
     );
     assert!(handler.auth.is_some());
     assert_eq!(handler.max_rooms, 3);
+    assert_eq!(
+        (
+            handler.principal_limit.max_connections,
+            handler.principal_limit.per_second
+        ),
+        (4, 0)
+    );
     let fanout = FanoutConfig::from_env().expect("fan-out");
     assert_eq!((fanout.concurrency, fanout.presence_limit), (64, 10));
 

@@ -10,7 +10,7 @@ use aws_lambda_events::event::dynamodb::EventRecord;
 use chat_shared::config::Retention;
 use chat_shared::events::{ChatEvent, LeaveReason, StoredEvent};
 use chat_shared::keys::{self, DEFAULT_ROOM};
-use chat_shared::ratelimit::RateLimit;
+use chat_shared::ratelimit::{RateLimit, RequestLimits};
 use chat_shared::store::aws_like::{PartitionThroughput, StoreBehaviour};
 use chat_shared::store::embedded::{Consumed, EmbeddedFeed, EmbeddedStore, RoomCounter, THROTTLED};
 use chat_shared::store::limits::service_error;
@@ -564,7 +564,14 @@ async fn each_connection_has_a_partition_of_its_own() {
     let mut refused = Vec::new();
     for i in 0..20 {
         for _ in 0..2 {
-            if let Err(e) = s.take_request_token(&format!("c{i}"), limit, now).await {
+            if let Err(e) = s
+                .take_request_token(
+                    &format!("c{i}"),
+                    &RequestLimits::connection_only(limit),
+                    now,
+                )
+                .await
+            {
                 refused.push(e);
             }
         }
@@ -572,7 +579,10 @@ async fn each_connection_has_a_partition_of_its_own() {
     // AND one of them then takes ten more at once
     let mut own = Vec::new();
     for _ in 0..10 {
-        own.push(s.take_request_token("c0", limit, now).await);
+        own.push(
+            s.take_request_token("c0", &RequestLimits::connection_only(limit), now)
+                .await,
+        );
     }
 
     // THEN none of the forty is throttled: they are spread over twenty partitions; the one

@@ -10,7 +10,8 @@
 //! - [`fixtures`]: event JSON as AWS sends it, from `tests/fixtures/`;
 //! - [`world`]: the chat's handler and fan-out wired onto all of the above, for the end-to-end
 //!   suites;
-//! - [`logs`]: what the code under test logged, for tests whose claim is "logged".
+//! - [`logs`]: what the code under test logged, for tests whose claim is "logged";
+//! - [`runtime_api`]: a Lambda Runtime API with a function's real bootstrap behind it.
 //!
 //! The harness modules (all but [`world`]) deliberately use nothing from `chat-shared` or
 //! `chat-local`, so the harness can be trusted on its own (see `tests/harness_selftest.rs`);
@@ -20,6 +21,7 @@ pub mod connections;
 pub mod fixtures;
 pub mod logs;
 pub mod moto;
+pub mod runtime_api;
 pub mod streams;
 pub mod world;
 

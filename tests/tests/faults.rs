@@ -41,13 +41,15 @@ use tracing::Level;
 /// A world for fault injection; panics if it cannot be set up (moto missing: run scripts/test).
 async fn world() -> World {
     let config = WorldConfig {
-        // No rate limit: it writes a bucket on the connection item, which would blur the
-        // "nothing was written" checks.
+        // No rate limits: they write on every request (a bucket on the connection item, a
+        // counter in the principal's partition), which would blur the "nothing was written"
+        // checks.
         handler: HandlerConfig {
             rate_limit: RateLimit {
                 per_second: 0,
                 burst: 0,
             },
+            principal_limit: chat_shared::ratelimit::PrincipalLimit::OFF,
             ..HandlerConfig::default()
         },
         // Short backoffs keep the retries fast; 8 attempts let a delivery absorb 7 faults.

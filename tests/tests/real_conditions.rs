@@ -14,11 +14,12 @@ use chat_shared::fanout::handle_stream_event;
 use chat_shared::history::history_response;
 use chat_shared::pacing::Pacer;
 use chat_shared::protocol::{HistoryDirection, HistoryRequest};
-use chat_shared::ratelimit::RateLimit;
+use chat_shared::ratelimit::{RateLimit, RequestLimits, Verdict};
 use chat_shared::redelivery::{self, Redelivery};
 use chat_shared::store::embedded::EmbeddedStore;
+use chat_shared::store::requests::{Once, RequestKey};
 use chat_shared::store::{
-    ChatStore, Connection, EventRange, EventsPage, Joined, MembersPage, StoreError,
+    Admission, ChatStore, Connection, EventRange, EventsPage, Joined, MembersPage, StoreError,
 };
 use chat_shared::validation::{validate_name, ValidName};
 use chat_tests::world::code;
@@ -171,14 +172,24 @@ impl<S> CountingReads<S> {
 
 #[async_trait]
 impl<S: ChatStore> ChatStore for CountingReads<S> {
-    async fn add_identified_connection(
+    async fn open_connection(
         &self,
         connection_id: &str,
         identity: Option<&str>,
+        admission: Option<Admission<'_>>,
         now_ms: i64,
-    ) -> Result<Connection, StoreError> {
+    ) -> Result<Option<Connection>, StoreError> {
         self.inner
-            .add_identified_connection(connection_id, identity, now_ms)
+            .open_connection(connection_id, identity, admission, now_ms)
+            .await
+    }
+    async fn release_connection_slot(
+        &self,
+        principal: &str,
+        connection_id: &str,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .release_connection_slot(principal, connection_id)
             .await
     }
     async fn connection(
@@ -240,6 +251,64 @@ impl<S: ChatStore> ChatStore for CountingReads<S> {
             .post_private(connection_id, to, message, now_ms)
             .await
     }
+    async fn set_name_once(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Vec<StoredEvent>>, StoreError> {
+        self.inner
+            .set_name_once(connection_id, name, request, now_ms)
+            .await
+    }
+    async fn join_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Joined>, StoreError> {
+        self.inner
+            .join_room_once(connection_id, room, max_rooms, request, now_ms)
+            .await
+    }
+    async fn leave_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.inner
+            .leave_room_once(connection_id, room, request, now_ms)
+            .await
+    }
+    async fn post_to_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.inner
+            .post_to_room_once(connection_id, room, message, request, now_ms)
+            .await
+    }
+    async fn post_private_once(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.inner
+            .post_private_once(connection_id, to, message, request, now_ms)
+            .await
+    }
     async fn remove_connection(
         &self,
         connection_id: &str,
@@ -253,9 +322,9 @@ impl<S: ChatStore> ChatStore for CountingReads<S> {
     async fn take_request_token(
         &self,
         connection_id: &str,
-        limit: RateLimit,
+        limits: &RequestLimits<'_>,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Verdict, StoreError> {
         if self.limiter_fails.load(Ordering::SeqCst) {
             return Err(StoreError::backend(
                 "UpdateItem rate limit",
@@ -263,7 +332,7 @@ impl<S: ChatStore> ChatStore for CountingReads<S> {
             ));
         }
         self.inner
-            .take_request_token(connection_id, limit, now_ms)
+            .take_request_token(connection_id, limits, now_ms)
             .await
     }
     async fn schedule_redelivery(
@@ -325,7 +394,7 @@ async fn history_behind_a_long_private_run_examines_a_bounded_number_of_items() 
         limit: 1,
     };
     let page: Value = serde_json::from_str(
-        &history_response(&store, &request, Some("carol"), now)
+        &history_response(&store, &request, Some("carol"), None, now)
             .await
             .expect("history"),
     )
@@ -352,7 +421,7 @@ async fn history_behind_a_long_private_run_examines_a_bounded_number_of_items() 
             limit: 1,
         };
         let page: Value = serde_json::from_str(
-            &history_response(&store, &request, Some("carol"), now)
+            &history_response(&store, &request, Some("carol"), None, now)
                 .await
                 .expect("history"),
         )

@@ -34,7 +34,7 @@ use chat_shared::store::embedded::THROTTLED;
 use chat_shared::store::embedded::{EmbeddedFeed, EmbeddedStore};
 use chat_shared::store::limits::{self, service_error};
 use chat_shared::store::{
-    epoch_secs, ChatStore, EventRange, Joined, Member, StoreError, DEFAULT_MAX_ROOMS,
+    epoch_secs, Admission, ChatStore, EventRange, Joined, Member, StoreError, DEFAULT_MAX_ROOMS,
     NAME_RESERVATION_SECS,
 };
 use chat_shared::stream::RecordSource;
@@ -874,7 +874,7 @@ async fn feed_records_look_like_lambdas_and_decode_to_the_returned_events(f: &mu
 /// Generates one test per case and store: `embedded::<case>` and `dynamodb::<case>`.
 /// Multi-threaded runtimes, so cases that spawn concurrent writers really run them in parallel.
 async fn each_connection_has_its_own_rate_limit_bucket(f: &mut Fixture) {
-    use chat_shared::ratelimit::RateLimit;
+    use chat_shared::ratelimit::{RateLimit, RequestLimits, Verdict};
     // GIVEN two connections and a limit of 2/s with bursts of 3
     let limit = RateLimit {
         per_second: 2,
@@ -885,7 +885,13 @@ async fn each_connection_has_its_own_rate_limit_bucket(f: &mut Fixture) {
     f.store().add_connection("c2", now).await.expect("connect");
     let take = |id: &'static str, at: i64| {
         let store = f.store();
-        async move { store.take_request_token(id, limit, at).await.expect("take") }
+        async move {
+            store
+                .take_request_token(id, &RequestLimits::connection_only(limit), at)
+                .await
+                .expect("take")
+                == Verdict::Allowed
+        }
     };
 
     // WHEN c1 makes four requests at once THEN the burst passes and the fourth is refused
@@ -906,11 +912,13 @@ async fn each_connection_has_its_own_rate_limit_bucket(f: &mut Fixture) {
         burst: 0,
     };
     for _ in 0..10 {
-        assert!(f
-            .store()
-            .take_request_token("c1", off, now)
-            .await
-            .expect("take"));
+        assert_eq!(
+            f.store()
+                .take_request_token("c1", &RequestLimits::connection_only(off), now)
+                .await
+                .expect("take"),
+            Verdict::Allowed
+        );
     }
     assert!(
         f.committed().await.is_empty(),
@@ -1943,6 +1951,111 @@ async fn joins_past_the_large_room_limit_are_unsequenced_members(f: &mut Fixture
     assert_eq!(room_log(f.store(), "big", now).await.len(), 6);
 }
 
+async fn requests_into_a_large_room_are_unsequenced_and_recorded_once(f: &mut Fixture) {
+    use chat_shared::store::requests::{Once, RequestKey};
+    // GIVEN a large-room limit of 3: four named connections make lobby large, and their
+    // joins make room big large
+    let now = chat_shared::now_ms();
+    for i in 0..4 {
+        named(f.store(), &format!("m{i}"), &format!("member{i}"), now).await;
+        let joined = f
+            .store()
+            .join_room(&format!("m{i}"), "big", DEFAULT_MAX_ROOMS, now)
+            .await
+            .expect("join");
+        assert!(matches!(joined, Joined::Now(_)), "join {i}: {joined:?}");
+    }
+    f.store().add_connection("m4", now).await.expect("connect");
+
+    // WHEN a fifth sets its name with a requestId THEN it is in lobby unsequenced: no event
+    let set = RequestKey::new("n-1", "setName", r#"["setName",["member4"]]"#);
+    let first = f
+        .store()
+        .set_name_once("m4", &name("member4"), &set, now)
+        .await
+        .expect("set name");
+    assert!(
+        matches!(&first, Once::First(events) if events.is_empty()),
+        "{first:?}"
+    );
+    // AND its resend is answered from its record, with no event either
+    match f
+        .store()
+        .set_name_once("m4", &name("member4"), &set, now)
+        .await
+        .expect("resend set name")
+    {
+        Once::Again(done) => {
+            assert_eq!(done.name.as_deref(), Some("member4"));
+            assert!(done.events.is_empty(), "{:?}", done.events);
+        }
+        other => panic!("resent setName: {other:?}"),
+    }
+
+    // WHEN it joins big with a requestId THEN it joins unsequenced, at big's last id (4)
+    let join = RequestKey::new("j-1", "join", r#"["join",["big"]]"#);
+    let joined = f
+        .store()
+        .join_room_once("m4", "big", DEFAULT_MAX_ROOMS, &join, now)
+        .await
+        .expect("join once");
+    assert!(
+        matches!(joined, Once::First(Joined::Unsequenced { last: 4 })),
+        "{joined:?}"
+    );
+    // AND after big moves on (a post, id 5), its resend gets the same answer, from the record
+    let posted = f
+        .store()
+        .post_to_room("m0", "big", "hello", now)
+        .await
+        .expect("post");
+    assert_eq!(posted.seq, 5);
+    match f
+        .store()
+        .join_room_once("m4", "big", DEFAULT_MAX_ROOMS, &join, now)
+        .await
+        .expect("resend join")
+    {
+        Once::Again(done) => {
+            let answer: Vec<(&str, u64)> = done
+                .events
+                .iter()
+                .map(|e| (e.room.as_str(), e.id))
+                .collect();
+            assert_eq!(answer, [("big", 4)]);
+        }
+        other => panic!("resent join: {other:?}"),
+    }
+    // AND it is a member once, and nothing but the four joins and the post is in big's log
+    f.settle().await;
+    assert_eq!(
+        ids(&room_members(f.store(), "big", now).await),
+        ["m0", "m1", "m2", "m3", "m4"]
+    );
+    assert_eq!(room_log(f.store(), "big", now).await.len(), 5);
+
+    // WHEN it leaves big with a requestId THEN the leave is sequenced (MemberLeft, id 6), and
+    // its resend gets that id without a second event
+    let leave = RequestKey::new("l-1", "leave", r#"["leave",["big"]]"#);
+    let left = f
+        .store()
+        .leave_room_once("m4", "big", &leave, now)
+        .await
+        .expect("leave once");
+    assert!(matches!(&left, Once::First(e) if e.seq == 6), "{left:?}");
+    match f
+        .store()
+        .leave_room_once("m4", "big", &leave, now)
+        .await
+        .expect("resend leave")
+    {
+        Once::Again(done) => assert_eq!(done.events.first().map(|e| e.id), Some(6)),
+        other => panic!("resent leave: {other:?}"),
+    }
+    f.settle().await;
+    assert_eq!(room_log(f.store(), "big", now).await.len(), 6);
+}
+
 macro_rules! contract_large {
     ($($case:ident),* $(,)?) => {
         mod large_embedded {
@@ -1981,7 +2094,149 @@ macro_rules! contract_large {
     };
 }
 
-contract_large!(joins_past_the_large_room_limit_are_unsequenced_members);
+contract_large!(
+    joins_past_the_large_room_limit_are_unsequenced_members,
+    requests_into_a_large_room_are_unsequenced_and_recorded_once,
+);
+
+/// Opens `id` for `principal` with at most `max` connections at once.
+async fn open_for(s: &dyn ChatStore, id: &str, principal: &str, max: u32, now: i64) -> bool {
+    s.open_connection(
+        id,
+        None,
+        Some(Admission {
+            principal,
+            max_connections: max,
+        }),
+        now,
+    )
+    .await
+    .expect("open")
+    .is_some()
+}
+
+async fn a_principal_has_at_most_its_connections_at_once(f: &mut Fixture) {
+    let s = f.store();
+    let now = chat_shared::now_ms();
+    // GIVEN 10.0.0.1 with its 2 connections open, the most it may have
+    assert!(open_for(s, "c1", "ip:10.0.0.1", 2, now).await);
+    assert!(open_for(s, "c2", "ip:10.0.0.1", 2, now).await);
+
+    // WHEN it opens a third THEN it is refused, and nothing of it is recorded
+    assert!(!open_for(s, "c3", "ip:10.0.0.1", 2, now).await);
+    assert_eq!(s.connection("c3", now).await.expect("read"), None);
+    // AND another address is not affected
+    assert!(open_for(s, "d1", "ip:10.0.0.2", 2, now).await);
+
+    // WHEN one of its connections goes THEN its slot is free again, once
+    s.remove_connection("c1", LeaveReason::Disconnected, now)
+        .await
+        .expect("remove");
+    assert!(open_for(s, "c3", "ip:10.0.0.1", 2, now).await);
+    assert!(!open_for(s, "c4", "ip:10.0.0.1", 2, now).await);
+    // AND removing a connection twice gives back nothing more
+    s.remove_connection("c1", LeaveReason::Disconnected, now)
+        .await
+        .expect("remove again");
+    assert!(!open_for(s, "c4", "ip:10.0.0.1", 2, now).await);
+
+    // WHEN its connections have expired (their $disconnect never came) THEN their slots no
+    // longer count
+    let later = now + (Retention::default().connection_ttl.as_millis() as i64) + 1_000;
+    assert!(open_for(s, "c5", "ip:10.0.0.1", 2, later).await);
+    assert!(open_for(s, "c6", "ip:10.0.0.1", 2, later).await);
+    assert!(!open_for(s, "c7", "ip:10.0.0.1", 2, later).await);
+}
+
+async fn concurrent_admissions_never_overfill_a_principal(f: &mut Fixture) {
+    // GIVEN a principal allowed 3 connections, and 12 $connects held at a barrier
+    let now = chat_shared::now_ms();
+    let barrier = Arc::new(tokio::sync::Barrier::new(12));
+    let store = Arc::clone(&f.store);
+    let opens = (0..12).map(|i| {
+        let barrier = Arc::clone(&barrier);
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            barrier.wait().await;
+            open_for(store.as_ref(), &format!("c{i}"), "id:u1", 3, now).await
+        })
+    });
+    // WHEN they are released at once
+    let admitted = futures::future::join_all(opens)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .filter(|&ok| ok)
+        .count();
+    // THEN exactly 3 are admitted, and exactly 3 are recorded
+    assert_eq!(admitted, 3);
+    let mut recorded = 0;
+    for i in 0..12 {
+        if f.store()
+            .connection(&format!("c{i}"), now)
+            .await
+            .expect("read")
+            .is_some()
+        {
+            recorded += 1;
+        }
+    }
+    assert_eq!(recorded, 3);
+}
+
+async fn requests_count_against_the_principal_across_its_connections(f: &mut Fixture) {
+    use chat_shared::ratelimit::{RateLimit, RequestLimits, Verdict, PRINCIPAL_WINDOW_SECS};
+    let s = f.store();
+    // GIVEN the start of a window, a budget of 1 request/s (10 a window) per principal, no
+    // per-connection limit, and two connections of 10.0.0.1
+    let window_ms = PRINCIPAL_WINDOW_SECS * 1000;
+    let now = chat_shared::now_ms() / window_ms * window_ms;
+    assert!(open_for(s, "c1", "ip:10.0.0.1", 0, now).await);
+    assert!(open_for(s, "c2", "ip:10.0.0.1", 0, now).await);
+    assert!(open_for(s, "d1", "ip:10.0.0.2", 0, now).await);
+    let limits = |fallback: Option<&'static str>| RequestLimits {
+        connection: RateLimit {
+            per_second: 0,
+            burst: 0,
+        },
+        principal_per_second: 1,
+        fallback_principal: fallback,
+    };
+    let take = |id: &'static str, fallback: Option<&'static str>, at: i64| {
+        let store = f.store();
+        async move {
+            store
+                .take_request_token(id, &limits(fallback), at)
+                .await
+                .expect("take")
+        }
+    };
+
+    // WHEN its two connections make 10 requests between them THEN all pass
+    for i in 0..10 {
+        let id = if i % 2 == 0 { "c1" } else { "c2" };
+        assert_eq!(
+            take(id, None, now + i).await,
+            Verdict::Allowed,
+            "request {i}"
+        );
+    }
+    // AND the 11th, from either, is refused as the principal's
+    assert_eq!(take("c1", None, now + 20).await, Verdict::PrincipalLimited);
+    assert_eq!(take("c2", None, now + 20).await, Verdict::PrincipalLimited);
+    // AND a fresh connection of the same address gets no fresh budget
+    assert!(open_for(s, "c3", "ip:10.0.0.1", 0, now + 30).await);
+    assert_eq!(take("c3", None, now + 40).await, Verdict::PrincipalLimited);
+    // AND an unknown connection is charged to the address it comes from
+    assert_eq!(
+        take("nobody", Some("ip:10.0.0.1"), now + 50).await,
+        Verdict::PrincipalLimited
+    );
+    // AND another address is unaffected
+    assert_eq!(take("d1", None, now + 60).await, Verdict::Allowed);
+    // WHEN the next window starts THEN the address may go on
+    assert_eq!(take("c1", None, now + window_ms).await, Verdict::Allowed);
+}
 
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
@@ -2043,6 +2298,9 @@ contract!(
     the_room_counters_are_on_the_feed_with_the_last_id_given,
     concurrent_joins_of_one_room_get_dense_ids,
     taking_a_name_back_removes_the_old_connection_from_every_room,
+    a_principal_has_at_most_its_connections_at_once,
+    concurrent_admissions_never_overfill_a_principal,
+    requests_count_against_the_principal_across_its_connections,
 );
 
 // ---------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
+    let started = std::time::Instant::now();
     chat_shared::telemetry::init();
+    let emf = chat_shared::metrics::install_emf()?;
     let config = HandlerConfig::from_env()?;
     // Built once per execution environment and reused by every invocation.
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
@@ -26,10 +28,29 @@ async fn main() -> Result<(), Error> {
     )
     .with_large_room_limit(config.presence_limit);
     let (store, config) = (&store, &config);
+    let cold = &std::sync::Once::new();
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {
-            handle_request(store, config, event.payload, chat_shared::now_ms()).await
+            cold.call_once(|| chat_shared::metrics::cold_start(FUNCTION, started.elapsed()));
+            let route = event.payload.request_context.route_key.clone();
+            let span = chat_shared::telemetry::request_span(&event.payload);
+            let handled = handle_request(store, config, event.payload, chat_shared::now_ms());
+            let response = chat_shared::metrics::handler_request(
+                route.as_deref(),
+                tracing::Instrument::instrument(handled, span),
+            )
+            .await;
+            // Before answering: the invocation's metrics are part of its output.
+            if let Err(e) =
+                chat_shared::metrics::flush_emf(emf, &event.context.request_id, std::io::stdout())
+            {
+                tracing::warn!(error = %e, "could not write the invocation's metrics");
+            }
+            response
         },
     ))
     .await
 }
+
+/// The `Function` dimension of the cold-start metrics.
+const FUNCTION: &str = "chat-api-handler";

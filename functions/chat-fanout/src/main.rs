@@ -15,7 +15,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
+    let started = std::time::Instant::now();
     chat_shared::telemetry::init();
+    let emf = chat_shared::metrics::install_emf()?;
     let config = FanoutConfig::from_env()?;
     // One SDK config, one DynamoDB client and one Management API client (one HTTP pool)
     // for the life of the execution environment.
@@ -28,7 +30,9 @@ async fn main() -> Result<(), Error> {
     .with_large_room_limit(config.presence_limit);
     let api = ManagementApi::new(&aws, &connections_endpoint_from_env()?);
     let (store, api, config) = (&store, &api, &config);
+    let cold = &std::sync::Once::new();
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Event>| async move {
+        cold.call_once(|| chat_shared::metrics::cold_start(FUNCTION, started.elapsed()));
         // Lambda's deadline (epoch ms) as an Instant: retries stop in time to answer with a
         // partial batch response rather than being cut off mid-batch.
         let now = chat_shared::now_ms();
@@ -37,17 +41,25 @@ async fn main() -> Result<(), Error> {
             .deadline
             .saturating_sub(u64::try_from(now).unwrap_or(0));
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(left);
-        Ok::<_, Error>(
-            handle_stream_event(
-                store,
-                api,
-                config,
-                event.payload,
-                chat_shared::now_ms,
-                Some(deadline),
-            )
-            .await,
+        let response = handle_stream_event(
+            store,
+            api,
+            config,
+            event.payload,
+            chat_shared::now_ms,
+            Some(deadline),
         )
+        .await;
+        // Before answering: the invocation's metrics are part of its output.
+        if let Err(e) =
+            chat_shared::metrics::flush_emf(emf, &event.context.request_id, std::io::stdout())
+        {
+            tracing::warn!(error = %e, "could not write the invocation's metrics");
+        }
+        Ok::<_, Error>(response)
     }))
     .await
 }
+
+/// The `Function` dimension of the cold-start metrics.
+const FUNCTION: &str = "chat-fanout";

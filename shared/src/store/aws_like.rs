@@ -34,10 +34,13 @@ pub enum ReadOp {
     /// `Query` of one member shard with `Select: COUNT`: an unsequenced join sizing its room
     /// (see [`crate::keys`]).
     CountMembers,
+    /// `GetItem` of a request item (`REQUEST#<scope>` / `<requestId>`): read only after a
+    /// request with a `requestId` was cancelled or refused, to tell a resend of a done request.
+    GetRequest,
 }
 
 impl ReadOp {
-    pub const ALL: [ReadOp; 8] = [
+    pub const ALL: [ReadOp; 9] = [
         ReadOp::GetConnection,
         ReadOp::GetNameClaim,
         ReadOp::GetSequence,
@@ -46,6 +49,7 @@ impl ReadOp {
         ReadOp::QueryNewestEvent,
         ReadOp::GetMember,
         ReadOp::CountMembers,
+        ReadOp::GetRequest,
     ];
 
     /// Whether the read is strongly consistent (`ConsistentRead: true`).
@@ -67,7 +71,10 @@ impl ReadOp {
             | ReadOp::GetMember
             // Strongly consistent: a count that misses the joins of the last moment would
             // size the room behind them.
-            | ReadOp::CountMembers => true,
+            | ReadOp::CountMembers
+            // Strongly consistent: a resend read eventually could miss the item its first
+            // send committed a moment ago, and be stored twice.
+            | ReadOp::GetRequest => true,
         }
     }
 }

@@ -53,15 +53,18 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::aws_like::{ReadOp, ReadTally, StoreBehaviour};
+use super::items::{RequestItem, SlotsItem};
 use super::limits;
+use super::requests::{event_refs, scope, Once, RequestKey};
 use super::{
-    epoch_secs, ChatStore, Connection, EventRange, EventsPage, Joined, Member, MembersPage,
-    StoreError, NAME_RESERVATION_SECS,
+    epoch_secs, Admission, ChatStore, Connection, EventRange, EventsPage, Joined, Member,
+    MembersPage, StoreError, NAME_RESERVATION_SECS,
 };
 use crate::config::Retention;
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys::{self, DEFAULT_ROOM};
-use crate::ratelimit::{self, Bucket, RateLimit};
+use crate::protocol::EventRef;
+use crate::ratelimit::{self, Bucket, RequestLimits, Verdict};
 use crate::redelivery::{Redelivery, RedeliveryItem};
 use crate::stream::{RecordSource, SourceError};
 use crate::validation::{recipient_key, ValidName};
@@ -92,6 +95,8 @@ struct ConnItem {
     /// `renaming`: the old name while a rename is not yet recorded in every room (some member
     /// items may still have it); the next `setName` finishes the rename.
     renaming: Option<String>,
+    /// `principal`: whom its requests and its connection slot count against.
+    principal: Option<String>,
 }
 
 impl ConnItem {
@@ -318,6 +323,8 @@ struct State {
     conns: Versioned<ConnItem>,
     /// Name claims, by name key (each its own partition `NAME#<key>`).
     claims: HashMap<String, Claim>,
+    /// Request items, by scope and `requestId` (`REQUEST#<scope>` / `<requestId>`).
+    requests: HashMap<(String, String), RequestItem>,
     /// Member items: by partition key (`MEMBERS#<room>#<shard>`), then connection id (the
     /// sort key, so iterating is the order of DynamoDB's member query and a page cursor is the
     /// same string in both adapters).
@@ -349,6 +356,11 @@ struct State {
     /// Appends to a room to treat as having lost its counter, by room (a test's forced
     /// contention, in every mode).
     forced_collisions: HashMap<String, u32>,
+    /// Principals' connection slots (`LIMIT#<principal>`/`CONNS`), by principal.
+    slots: HashMap<String, SlotsItem>,
+    /// Principals' request counters (`LIMIT#<principal>`/`REQ#<window>`): only the current
+    /// window's matters, so each principal keeps its latest (window index, count).
+    windows: HashMap<String, (i64, u32)>,
 }
 
 /// DynamoDB request units an embedded store has used, by the DynamoDB adapter's calls for the
@@ -410,6 +422,58 @@ const THROTTLED_MESSAGE: &str = "The level of configured provisioned throughput 
 const SDK_ATTEMPTS: u32 = 3;
 
 impl State {
+    /// The scope and `requestId` of `request` sent by the live connection `connection_id`
+    /// (`None` without a request or a live connection: the write then refuses as it would).
+    fn request_slot(
+        &self,
+        request: Option<&RequestKey>,
+        connection_id: &str,
+        now_s: i64,
+    ) -> Option<(String, String)> {
+        let conn = self.live_conn(connection_id, now_s)?;
+        request.map(|r| {
+            (
+                scope(connection_id, conn.identity.as_deref()),
+                r.request_id.clone(),
+            )
+        })
+    }
+
+    /// The live request item of `request`, if it was done already (`RequestIdReused` if the
+    /// item recorded another request): checked in the same step as the write, as the
+    /// DynamoDB adapter's condition on the item does.
+    fn request_done(
+        &self,
+        request: Option<&RequestKey>,
+        connection_id: &str,
+        now_s: i64,
+    ) -> Result<Option<RequestItem>, StoreError> {
+        let (Some(key), Some(slot)) = (request, self.request_slot(request, connection_id, now_s))
+        else {
+            return Ok(None);
+        };
+        match self.requests.get(&slot) {
+            Some(item) if item.expires_at > now_s => key.matches(item.clone()).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Records `request` as done with `events` (and `name`), in the step that wrote them.
+    fn record_request(
+        &mut self,
+        request: Option<&RequestKey>,
+        connection_id: &str,
+        name: Option<&str>,
+        events: Vec<EventRef>,
+        now_ms: i64,
+    ) {
+        let Some(key) = request else { return };
+        if let Some(slot) = self.request_slot(request, connection_id, epoch_secs(now_ms)) {
+            let item = key.record(connection_id, name, events, now_ms);
+            self.requests.insert(slot, item);
+        }
+    }
+
     fn live_conn(&self, connection_id: &str, now_s: i64) -> Option<&ConnItem> {
         self.conns
             .get(connection_id)
@@ -1068,9 +1132,10 @@ impl EmbeddedStore {
         for id in &conns {
             state.put_conn(id, None);
         }
-        let claims = state.claims.len();
+        let claims = state.claims.len() + state.requests.len();
         state.claims.retain(|_, c| c.expires_at > now_s);
-        let claims = claims - state.claims.len();
+        state.requests.retain(|_, r| r.expires_at > now_s);
+        let claims = claims - state.claims.len() - state.requests.len();
         let lag = state.lag;
         let mut members = 0;
         for partition in state.members.values_mut() {
@@ -1151,6 +1216,20 @@ impl Calls {
     fn item(mut self, pk: String, units: u64) -> Self {
         self.writes.push((pk, units.max(1)));
         self
+    }
+
+    /// The request item a write with a `requestId` puts in its transaction (one unit).
+    fn request(
+        self,
+        state: &State,
+        request: Option<&RequestKey>,
+        connection_id: &str,
+        now_s: i64,
+    ) -> Self {
+        match state.request_slot(request, connection_id, now_s) {
+            Some((scope, _)) => self.item(keys::request_pk(&scope), 1),
+            None => self,
+        }
     }
 
     fn transaction(mut self) -> Self {
@@ -1437,6 +1516,7 @@ fn op_name(op: ReadOp) -> &'static str {
         ReadOp::QueryNewestEvent => "Query newest event",
         ReadOp::GetMember => "GetItem member",
         ReadOp::CountMembers => "Query count members",
+        ReadOp::GetRequest => "GetItem request",
     }
 }
 
@@ -1478,7 +1558,26 @@ fn conn_item_size(c: &ConnItem) -> usize {
     if let Some(old) = &c.renaming {
         size += keys::RENAMING.len() + old.len();
     }
+    if let Some(p) = &c.principal {
+        size += keys::PRINCIPAL.len() + p.len();
+    }
     size
+}
+
+/// A principal's slots item's size in write units (a map entry: 1 byte, the id, a number).
+fn slots_units(principal: &str, slots: &SlotsItem) -> u64 {
+    let size = keys::PK.len()
+        + keys::limit_pk(principal).len()
+        + keys::SK.len()
+        + keys::LIMIT_SLOTS_SK.len()
+        + keys::LIMIT_CONNS.len()
+        + 3
+        + slots.conns.keys().map(|id| 1 + id.len() + 6).sum::<usize>()
+        + keys::LIMIT_VERSION.len()
+        + 4
+        + keys::EXPIRES_AT.len()
+        + 6;
+    units_of(size, 1024)
 }
 
 /// A connection item's size in write units.
@@ -1564,6 +1663,8 @@ enum Claimed {
     First(Box<StoredEvent>, Option<(String, String)>),
     /// The name is set and the connection joined lobby unsequenced (no event).
     Unsequenced,
+    /// A resend of a `setName` done already: its request item.
+    Again(Box<RequestItem>),
 }
 
 const SET_NAME: &str = "TransactWriteItems setName";
@@ -1700,6 +1801,8 @@ impl EmbeddedStore {
         connection_id: &str,
         name: &ValidName,
         evicted: bool,
+        request: Option<&RequestKey>,
+        earlier: &[StoredEvent],
         now_ms: i64,
     ) -> Result<Claimed, StoreError> {
         let now_s = epoch_secs(now_ms);
@@ -1755,7 +1858,8 @@ impl EmbeddedStore {
             let renamed = conn_item_size(conn) + 2 * name.display.len() + 16 + marker;
             let calls = calls
                 .item(conn_pk.clone(), units_of(renamed, 1024))
-                .item(keys::members_pk(first.room(), shard), 1);
+                .item(keys::members_pk(first.room(), shard), 1)
+                .request(state, request, connection_id, now_s);
             if quiet {
                 // An unsequenced join of lobby: no counter, no event.
                 calls.transaction()
@@ -1764,6 +1868,9 @@ impl EmbeddedStore {
             }
         };
         self.write_attempts(SET_NAME, plan, |state, attempt| {
+            if let Some(done) = state.request_done(request, connection_id, now_s)? {
+                return Ok(Claimed::Again(Box::new(done)));
+            }
             let first = match name_step(state, connection_id, name, evicted, now_s)? {
                 NameStep::Same => {
                     let in_lobby = state
@@ -1848,9 +1955,21 @@ impl EmbeddedStore {
             state.put_conn(connection_id, Some(named));
             state.put_member(&room, shard, connection_id, Some(member));
             let Some(pending) = pending else {
+                // Recorded with the events of the rename it finished first, if any: a resend
+                // gets the same answer.
+                state.record_request(
+                    request,
+                    connection_id,
+                    Some(&name.display),
+                    event_refs(earlier),
+                    now_ms,
+                );
                 return Ok(Claimed::Unsequenced);
             };
             let event = Box::new(self.finish(state, pending));
+            let mut refs = event_refs(earlier);
+            refs.extend(event_refs([event.as_ref()]));
+            state.record_request(request, connection_id, Some(&name.display), refs, now_ms);
             Ok(Claimed::First(event, (!joins).then_some((room, old_name))))
         })
         .await
@@ -2231,16 +2350,383 @@ impl EmbeddedStore {
     }
 }
 
+/// The writes a request with a `requestId` may make, at most once per request (the trait's
+/// `*_once` methods; without one, the plain methods).
+impl EmbeddedStore {
+    /// `setName`, with `request` at most once (see [`ChatStore::set_name_once`]).
+    async fn set_name_in(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        request: Option<&RequestKey>,
+        now_ms: i64,
+    ) -> Result<Once<Vec<StoredEvent>>, StoreError> {
+        let mut evicted = false;
+        // An earlier rename stopped part-way (its client got an error): the rooms it did not
+        // reach hear of it first, whatever this call goes on to do.
+        if let Some(done) = {
+            let state = self.shared.lock();
+            state.request_done(request, connection_id, epoch_secs(now_ms))?
+        } {
+            // A resend of a setName done already (checked before finishing a rename, as the
+            // DynamoDB adapter reads the item first).
+            return Ok(Once::Again(done));
+        }
+        let mut events = self.finish_rename(connection_id, now_ms).await?;
+        loop {
+            match self
+                .claim_name(connection_id, name, evicted, request, &events, now_ms)
+                .await?
+            {
+                Claimed::Again(done) => return Ok(Once::Again(*done)),
+                Claimed::Unsequenced => {
+                    self.size_room_logged(DEFAULT_ROOM, connection_id, now_ms)
+                        .await;
+                    return Ok(Once::First(events));
+                }
+                Claimed::Same { in_lobby: true } => return Ok(Once::First(events)),
+                Claimed::Same { in_lobby: false } => {
+                    // Nothing to claim; back into lobby, which it left.
+                    if let Joined::Now(event) = self
+                        .join_room(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
+                        .await?
+                    {
+                        events.push(event);
+                    }
+                    return Ok(Once::First(events));
+                }
+                Claimed::Evict(old) => {
+                    // The same identity takes its name back: its older connection (a stale
+                    // one, typically) is removed first, leaving every room it is in as a
+                    // disconnect would (those leaves are its own, not in this answer); its
+                    // claim becomes this identity's reservation.
+                    evicted = true;
+                    let holds_it = self
+                        .shared
+                        .lock()
+                        .conns
+                        .get(&old)
+                        .is_some_and(|c| c.name.as_ref().is_some_and(|n| n.key == name.key));
+                    if holds_it {
+                        self.remove_connection(&old, LeaveReason::Replaced, now_ms)
+                            .await?;
+                    }
+                }
+                Claimed::First(first, renamed) => {
+                    events.push(*first);
+                    let recorded = events.len();
+                    if let Some((room, old_name)) = renamed {
+                        events.extend(
+                            self.announce_rename(
+                                connection_id,
+                                &room,
+                                &old_name,
+                                &name.display,
+                                now_ms,
+                            )
+                            .await?,
+                        );
+                    }
+                    if events.len() > recorded {
+                        // The other rooms' events complete the answer a resend gets.
+                        let mut state = self.shared.lock();
+                        if let Some(slot) =
+                            state.request_slot(request, connection_id, epoch_secs(now_ms))
+                        {
+                            if let Some(item) = state.requests.get_mut(&slot) {
+                                item.events = event_refs(&events);
+                            }
+                        }
+                    }
+                    return Ok(Once::First(events));
+                }
+            }
+        }
+    }
+
+    /// `join`, with `request` at most once. A join of a large room, or one whose append lost
+    /// the counter [`keys::SEQUENCED_JOIN_ATTEMPTS`] times, is unsequenced: its member item
+    /// and rooms entry only (and its request item, recording the room's last id as its answer).
+    async fn join_in(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        request: Option<&RequestKey>,
+        now_ms: i64,
+    ) -> Result<Once<Joined>, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let conn_pk = keys::conn_pk(connection_id);
+        let plan = |state: &State, attempt: u32| {
+            let base = Calls::default()
+                .get(keys::room_pk(room))
+                .get(conn_pk.clone());
+            let quiet = quiet_join(state, room, attempt);
+            match (
+                join_step(state, connection_id, room, max_rooms, quiet, now_s),
+                state.conns.get(connection_id),
+            ) {
+                (Ok(Ok(shard)), Some(conn)) => {
+                    let calls = base
+                        .item(
+                            conn_pk.clone(),
+                            units_of(conn_item_size(conn) + room.len() + 3, 1024),
+                        )
+                        .item(keys::members_pk(room, shard), 1)
+                        .request(state, request, connection_id, now_s);
+                    if quiet {
+                        calls.transaction()
+                    } else {
+                        calls.append(room, EVENT_OVERHEAD)
+                    }
+                }
+                _ => base,
+            }
+        };
+        let (joined, quiet) = self
+            .write_attempts(JOIN, plan, |state, attempt| {
+                if let Some(done) = state.request_done(request, connection_id, now_s)? {
+                    return Ok((Once::Again(done), false));
+                }
+                let quiet = quiet_join(state, room, attempt);
+                let shard = match join_step(state, connection_id, room, max_rooms, quiet, now_s)? {
+                    Ok(shard) => shard,
+                    Err(last) => return Ok((Once::First(Joined::Already { last }), false)),
+                };
+                limits::check_key(&keys::members_pk(room, shard), connection_id)
+                    .map_err(|e| key_error(e, JOIN))?;
+                let mut conn = state
+                    .live_conn(connection_id, now_s)
+                    .cloned()
+                    .ok_or_else(|| not_connected(connection_id))?;
+                let pending = if quiet {
+                    None
+                } else {
+                    let (before, after) = state.next_counter(room, 1);
+                    let event = ChatEvent::MemberJoined {
+                        connection_id: connection_id.to_owned(),
+                        name: conn.display_name(),
+                    };
+                    Some(self.shared.prepare(room, before, after, event, now_ms)?)
+                };
+                state.injected_failure(JOIN)?;
+                let member = MemberItem {
+                    connection_id: connection_id.to_owned(),
+                    name: conn.display_name(),
+                    expires_at: conn.expires_at,
+                };
+                conn.rooms.insert(room.to_owned(), shard);
+                state.put_conn(connection_id, Some(conn));
+                state.put_member(room, shard, connection_id, Some(member));
+                Ok(match pending {
+                    Some(pending) => {
+                        let event = self.finish(state, pending);
+                        state.record_request(
+                            request,
+                            connection_id,
+                            None,
+                            event_refs([&event]),
+                            now_ms,
+                        );
+                        (Once::First(Joined::Now(event)), false)
+                    }
+                    None => {
+                        // The counter as it stands when the join commits: the catch-up point,
+                        // and the answer a resend gets.
+                        let last = state.last(room);
+                        let answer = EventRef {
+                            room: room.to_owned(),
+                            id: last,
+                        };
+                        state.record_request(request, connection_id, None, vec![answer], now_ms);
+                        (Once::First(Joined::Unsequenced { last }), true)
+                    }
+                })
+            })
+            .await?;
+        if quiet {
+            self.size_room_logged(room, connection_id, now_ms).await;
+        }
+        Ok(joined)
+    }
+
+    /// A `leave`, with `request` at most once.
+    async fn leave_in(
+        &self,
+        connection_id: &str,
+        room: &str,
+        reason: LeaveReason,
+        request: Option<&RequestKey>,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let conn_pk = keys::conn_pk(connection_id);
+        let membership = |state: &State| -> Result<(ConnItem, u32), StoreError> {
+            let conn = state
+                .live_conn(connection_id, now_s)
+                .ok_or_else(|| not_connected(connection_id))?;
+            let shard = conn
+                .rooms
+                .get(room)
+                .copied()
+                .ok_or_else(|| StoreError::NotAMember(room.to_owned()))?;
+            Ok((conn.clone(), shard))
+        };
+        let plan = |state: &State| {
+            let base = Calls::default()
+                .get(keys::room_pk(room))
+                .get(conn_pk.clone());
+            match membership(state) {
+                // The member item too while a rename is unfinished: its name is the room's.
+                Ok((conn, shard)) => base
+                    .get_if(conn.renaming.is_some(), || keys::members_pk(room, shard))
+                    .item(conn_pk.clone(), conn_units(&conn))
+                    .item(keys::members_pk(room, shard), 1)
+                    .request(state, request, connection_id, now_s)
+                    .append(room, EVENT_OVERHEAD),
+                Err(_) => base,
+            }
+        };
+        self.write(LEAVE, plan, |state| {
+            if let Some(done) = state.request_done(request, connection_id, now_s)? {
+                return Ok(Once::Again(done));
+            }
+            let (conn, shard) = membership(state)?;
+            // An explicit leave is always sequenced.
+            let event = self
+                .leave(state, &conn, room, shard, reason, now_ms, LEAVE)?
+                .ok_or_else(|| StoreError::Malformed("a leave recorded no event".into()))?;
+            state.record_request(request, connection_id, None, event_refs([&event]), now_ms);
+            Ok(Once::First(event))
+        })
+        .await
+    }
+
+    /// A post to a room, with `request` at most once.
+    async fn post_in(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        request: Option<&RequestKey>,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let conn_pk = keys::conn_pk(connection_id);
+        let plan = |state: &State| {
+            let base = Calls::default()
+                .get(keys::room_pk(room))
+                .get(conn_pk.clone());
+            match post_check(state, connection_id, room, now_s) {
+                Ok(conn) => base
+                    .item(conn_pk.clone(), conn_units(conn))
+                    .request(state, request, connection_id, now_s)
+                    .append(room, EVENT_OVERHEAD + message.len()),
+                Err(_) => base,
+            }
+        };
+        self.write(POST, plan, |state| {
+            if let Some(done) = state.request_done(request, connection_id, now_s)? {
+                return Ok(Once::Again(done));
+            }
+            let conn = post_check(state, connection_id, room, now_s)?;
+            let event = ChatEvent::MessagePosted {
+                connection_id: connection_id.to_owned(),
+                name: conn.display_name(),
+                message: message.to_owned(),
+            };
+            let (before, after) = state.next_counter(room, 0);
+            let pending = self.shared.prepare(room, before, after, event, now_ms)?;
+            state.injected_failure(POST)?;
+            let event = self.finish(state, pending);
+            state.record_request(request, connection_id, None, event_refs([&event]), now_ms);
+            Ok(Once::First(event))
+        })
+        .await
+    }
+
+    /// A private message, with `request` at most once.
+    async fn private_in(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        request: Option<&RequestKey>,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        let now_s = epoch_secs(now_ms);
+        let to_key = recipient_key(to);
+        let conn_pk = keys::conn_pk(connection_id);
+        let plan = |state: &State| {
+            let base = Calls::default()
+                .get(keys::room_pk(DEFAULT_ROOM))
+                .get(conn_pk.clone());
+            let Some(key) = to_key.as_deref() else {
+                return base;
+            };
+            let base = base.get(keys::name_pk(key));
+            match private_check(state, connection_id, to, Some(key), now_s) {
+                // The sender's connection and the recipient's claim are the conditions.
+                Ok((conn, to_conn)) => base
+                    .get(keys::conn_pk(&to_conn.connection_id))
+                    .item(conn_pk.clone(), conn_units(conn))
+                    .item(keys::name_pk(key), 1)
+                    .request(state, request, connection_id, now_s)
+                    .append(DEFAULT_ROOM, EVENT_OVERHEAD + message.len()),
+                Err(_) => base,
+            }
+        };
+        self.write(PRIVATE, plan, |state| {
+            if let Some(done) = state.request_done(request, connection_id, now_s)? {
+                return Ok(Once::Again(done));
+            }
+            let (conn, to_conn) =
+                private_check(state, connection_id, to, to_key.as_deref(), now_s)?;
+            let event = ChatEvent::PrivateMessageSent {
+                connection_id: connection_id.to_owned(),
+                name: conn.display_name(),
+                to_connection_id: to_conn.connection_id.clone(),
+                to_name: to_conn.display_name(),
+                message: message.to_owned(),
+                identity: conn.identity.clone(),
+                to_identity: to_conn.identity.clone(),
+            };
+            // Numbered in the lobby's log, whoever is in the lobby (see `keys`).
+            let (before, after) = state.next_counter(DEFAULT_ROOM, 0);
+            let pending = self
+                .shared
+                .prepare(DEFAULT_ROOM, before, after, event, now_ms)?;
+            state.injected_failure(PRIVATE)?;
+            let event = self.finish(state, pending);
+            state.record_request(request, connection_id, None, event_refs([&event]), now_ms);
+            Ok(Once::First(event))
+        })
+        .await
+    }
+}
+
+/// One step of `remove_connection`.
+enum Removal {
+    /// It left one room (more may follow), with its event unless unsequenced (a large room).
+    Left(Option<StoredEvent>),
+    /// The connection is gone; its principal's slot is still to give back.
+    Gone(Option<String>),
+    /// There was no such connection.
+    Unknown,
+}
+
 #[async_trait]
 impl ChatStore for EmbeddedStore {
-    async fn add_identified_connection(
+    async fn open_connection(
         &self,
         connection_id: &str,
         identity: Option<&str>,
+        admission: Option<Admission<'_>>,
         now_ms: i64,
-    ) -> Result<Connection, StoreError> {
+    ) -> Result<Option<Connection>, StoreError> {
         const OP: &str = "PutItem connection";
-        let expires_at = epoch_secs(now_ms) + self.shared.retention.connection_ttl.as_secs() as i64;
+        let now_s = epoch_secs(now_ms);
+        let expires_at = now_s + self.shared.retention.connection_ttl.as_secs() as i64;
         let item = ConnItem {
             connection_id: connection_id.to_owned(),
             connected_at: now_ms,
@@ -2250,19 +2736,51 @@ impl ChatStore for EmbeddedStore {
             identity: identity.map(str::to_owned),
             rooms: BTreeMap::new(),
             renaming: None,
+            principal: admission.map(|a| a.principal.to_owned()),
         };
         let pk = keys::conn_pk(connection_id);
         let units = conn_units(&item);
+        let limited = admission.filter(|a| a.max_connections > 0);
         self.write(
             OP,
-            |_| Calls::default().item(pk.clone(), units),
+            |state| match limited {
+                // The adapter reads the slots, then puts them and the connection together.
+                Some(a) => {
+                    let lpk = keys::limit_pk(a.principal);
+                    let slots = state.slots.get(a.principal).cloned().unwrap_or_default();
+                    Calls::default()
+                        .get(lpk.clone())
+                        .item(lpk, slots_units(a.principal, &slots))
+                        .item(pk.clone(), units)
+                        .transaction()
+                }
+                None => Calls::default().item(pk.clone(), units),
+            },
             |state| {
                 limits::check_key(&pk, keys::CONN_SK).map_err(|e| key_error(e, OP))?;
+                if let Some(a) = limited {
+                    limits::check_key(&keys::limit_pk(a.principal), keys::LIMIT_SLOTS_SK)
+                        .map_err(|e| key_error(e, OP))?;
+                }
                 state.injected_failure(OP)?;
+                if let Some(a) = limited {
+                    let current = state.slots.get(a.principal).cloned().unwrap_or_default();
+                    let Some(mut live) = ratelimit::admit(&current.conns, a.max_connections, now_s)
+                    else {
+                        return Ok(None);
+                    };
+                    live.insert(connection_id.to_owned(), expires_at);
+                    let next = SlotsItem {
+                        expires_at: live.values().copied().max().unwrap_or(expires_at),
+                        conns: live,
+                        v: current.v + 1,
+                    };
+                    state.slots.insert(a.principal.to_owned(), next);
+                }
                 // A put replaces the whole item, as PutItem does (a reused id starts without a
                 // name or rooms).
                 state.put_conn(connection_id, Some(item.clone()));
-                Ok(item.to_connection())
+                Ok(Some(item.to_connection()))
             },
         )
         .await
@@ -2291,66 +2809,20 @@ impl ChatStore for EmbeddedStore {
         name: &ValidName,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut evicted = false;
-        // An earlier rename stopped part-way (its client got an error): the rooms it did not
-        // reach hear of it first, whatever this call goes on to do.
-        let mut events = self.finish_rename(connection_id, now_ms).await?;
-        loop {
-            match self
-                .claim_name(connection_id, name, evicted, now_ms)
-                .await?
-            {
-                Claimed::Same { in_lobby: true } => return Ok(events),
-                Claimed::Same { in_lobby: false } => {
-                    // Nothing to claim; back into lobby, which it left.
-                    if let Joined::Now(event) = self
-                        .join_room(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
-                        .await?
-                    {
-                        events.push(event);
-                    }
-                    return Ok(events);
-                }
-                Claimed::Evict(old) => {
-                    // The same identity takes its name back: its older connection (a stale
-                    // one, typically) is removed first, leaving every room it is in as a
-                    // disconnect would (those leaves are its own, not in this answer); its
-                    // claim becomes this identity's reservation.
-                    evicted = true;
-                    let holds_it = self
-                        .shared
-                        .lock()
-                        .conns
-                        .get(&old)
-                        .is_some_and(|c| c.name.as_ref().is_some_and(|n| n.key == name.key));
-                    if holds_it {
-                        self.remove_connection(&old, LeaveReason::Replaced, now_ms)
-                            .await?;
-                    }
-                }
-                Claimed::Unsequenced => {
-                    self.size_room_logged(DEFAULT_ROOM, connection_id, now_ms)
-                        .await;
-                    return Ok(events);
-                }
-                Claimed::First(first, renamed) => {
-                    events.push(*first);
-                    if let Some((room, old_name)) = renamed {
-                        events.extend(
-                            self.announce_rename(
-                                connection_id,
-                                &room,
-                                &old_name,
-                                &name.display,
-                                now_ms,
-                            )
-                            .await?,
-                        );
-                    }
-                    return Ok(events);
-                }
-            }
-        }
+        self.set_name_in(connection_id, name, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn set_name_once(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Vec<StoredEvent>>, StoreError> {
+        self.set_name_in(connection_id, name, Some(request), now_ms)
+            .await
     }
 
     async fn join_room(
@@ -2360,81 +2832,21 @@ impl ChatStore for EmbeddedStore {
         max_rooms: usize,
         now_ms: i64,
     ) -> Result<Joined, StoreError> {
-        let now_s = epoch_secs(now_ms);
-        let conn_pk = keys::conn_pk(connection_id);
-        let plan = |state: &State, attempt: u32| {
-            let base = Calls::default()
-                .get(keys::room_pk(room))
-                .get(conn_pk.clone());
-            let quiet = quiet_join(state, room, attempt);
-            match (
-                join_step(state, connection_id, room, max_rooms, quiet, now_s),
-                state.conns.get(connection_id),
-            ) {
-                (Ok(Ok(shard)), Some(conn)) => {
-                    let calls = base
-                        .item(
-                            conn_pk.clone(),
-                            units_of(conn_item_size(conn) + room.len() + 3, 1024),
-                        )
-                        .item(keys::members_pk(room, shard), 1);
-                    if quiet {
-                        calls.transaction()
-                    } else {
-                        calls.append(room, EVENT_OVERHEAD)
-                    }
-                }
-                _ => base,
-            }
-        };
-        let (joined, quiet_shard) = self
-            .write_attempts(JOIN, plan, |state, attempt| {
-                let quiet = quiet_join(state, room, attempt);
-                let shard = match join_step(state, connection_id, room, max_rooms, quiet, now_s)? {
-                    Ok(shard) => shard,
-                    Err(last) => return Ok((Joined::Already { last }, None)),
-                };
-                limits::check_key(&keys::members_pk(room, shard), connection_id)
-                    .map_err(|e| key_error(e, JOIN))?;
-                let mut conn = state
-                    .live_conn(connection_id, now_s)
-                    .cloned()
-                    .ok_or_else(|| not_connected(connection_id))?;
-                let pending = if quiet {
-                    None
-                } else {
-                    let (before, after) = state.next_counter(room, 1);
-                    let event = ChatEvent::MemberJoined {
-                        connection_id: connection_id.to_owned(),
-                        name: conn.display_name(),
-                    };
-                    Some(self.shared.prepare(room, before, after, event, now_ms)?)
-                };
-                state.injected_failure(JOIN)?;
-                let member = MemberItem {
-                    connection_id: connection_id.to_owned(),
-                    name: conn.display_name(),
-                    expires_at: conn.expires_at,
-                };
-                conn.rooms.insert(room.to_owned(), shard);
-                state.put_conn(connection_id, Some(conn));
-                state.put_member(room, shard, connection_id, Some(member));
-                Ok(match pending {
-                    Some(pending) => (Joined::Now(self.finish(state, pending)), None),
-                    // The counter as it stands when the join commits: the catch-up point.
-                    None => (
-                        Joined::Unsequenced {
-                            last: state.last(room),
-                        },
-                        Some(shard),
-                    ),
-                })
-            })
-            .await?;
-        if quiet_shard.is_some() {
-            self.size_room_logged(room, connection_id, now_ms).await;
-        }
-        Ok(joined)
+        self.join_in(connection_id, room, max_rooms, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn join_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Joined>, StoreError> {
+        self.join_in(connection_id, room, max_rooms, Some(request), now_ms)
+            .await
     }
 
     async fn leave_room(
@@ -2444,38 +2856,25 @@ impl ChatStore for EmbeddedStore {
         reason: LeaveReason,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        let now_s = epoch_secs(now_ms);
-        let conn_pk = keys::conn_pk(connection_id);
-        let membership = |state: &State| -> Result<(ConnItem, u32), StoreError> {
-            let conn = state
-                .live_conn(connection_id, now_s)
-                .ok_or_else(|| not_connected(connection_id))?;
-            let shard = conn
-                .rooms
-                .get(room)
-                .copied()
-                .ok_or_else(|| StoreError::NotAMember(room.to_owned()))?;
-            Ok((conn.clone(), shard))
-        };
-        let plan = |state: &State| {
-            let base = Calls::default()
-                .get(keys::room_pk(room))
-                .get(conn_pk.clone());
-            match membership(state) {
-                // The member item too while a rename is unfinished: its name is the room's.
-                Ok((conn, shard)) => base
-                    .get_if(conn.renaming.is_some(), || keys::members_pk(room, shard))
-                    .item(conn_pk.clone(), conn_units(&conn))
-                    .item(keys::members_pk(room, shard), 1)
-                    .append(room, EVENT_OVERHEAD),
-                Err(_) => base,
-            }
-        };
-        self.write(LEAVE, plan, |state| {
-            let (conn, shard) = membership(state)?;
-            self.leave(state, &conn, room, shard, reason, now_ms, LEAVE)?
-                .ok_or_else(|| StoreError::Malformed("a leave recorded no event".into()))
-        })
+        self.leave_in(connection_id, room, reason, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn leave_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.leave_in(
+            connection_id,
+            room,
+            LeaveReason::Left,
+            Some(request),
+            now_ms,
+        )
         .await
     }
 
@@ -2486,32 +2885,21 @@ impl ChatStore for EmbeddedStore {
         message: &str,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        let now_s = epoch_secs(now_ms);
-        let conn_pk = keys::conn_pk(connection_id);
-        let plan = |state: &State| {
-            let base = Calls::default()
-                .get(keys::room_pk(room))
-                .get(conn_pk.clone());
-            match post_check(state, connection_id, room, now_s) {
-                Ok(conn) => base
-                    .item(conn_pk.clone(), conn_units(conn))
-                    .append(room, EVENT_OVERHEAD + message.len()),
-                Err(_) => base,
-            }
-        };
-        self.write(POST, plan, |state| {
-            let conn = post_check(state, connection_id, room, now_s)?;
-            let event = ChatEvent::MessagePosted {
-                connection_id: connection_id.to_owned(),
-                name: conn.display_name(),
-                message: message.to_owned(),
-            };
-            let (before, after) = state.next_counter(room, 0);
-            let pending = self.shared.prepare(room, before, after, event, now_ms)?;
-            state.injected_failure(POST)?;
-            Ok(self.finish(state, pending))
-        })
-        .await
+        self.post_in(connection_id, room, message, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn post_to_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.post_in(connection_id, room, message, Some(request), now_ms)
+            .await
     }
 
     async fn post_private(
@@ -2521,48 +2909,21 @@ impl ChatStore for EmbeddedStore {
         message: &str,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        let now_s = epoch_secs(now_ms);
-        let to_key = recipient_key(to);
-        let conn_pk = keys::conn_pk(connection_id);
-        let plan = |state: &State| {
-            let base = Calls::default()
-                .get(keys::room_pk(DEFAULT_ROOM))
-                .get(conn_pk.clone());
-            let Some(key) = to_key.as_deref() else {
-                return base;
-            };
-            let base = base.get(keys::name_pk(key));
-            match private_check(state, connection_id, to, Some(key), now_s) {
-                // The sender's connection and the recipient's claim are the conditions.
-                Ok((conn, to_conn)) => base
-                    .get(keys::conn_pk(&to_conn.connection_id))
-                    .item(conn_pk.clone(), conn_units(conn))
-                    .item(keys::name_pk(key), 1)
-                    .append(DEFAULT_ROOM, EVENT_OVERHEAD + message.len()),
-                Err(_) => base,
-            }
-        };
-        self.write(PRIVATE, plan, |state| {
-            let (conn, to_conn) =
-                private_check(state, connection_id, to, to_key.as_deref(), now_s)?;
-            let event = ChatEvent::PrivateMessageSent {
-                connection_id: connection_id.to_owned(),
-                name: conn.display_name(),
-                to_connection_id: to_conn.connection_id.clone(),
-                to_name: to_conn.display_name(),
-                message: message.to_owned(),
-                identity: conn.identity.clone(),
-                to_identity: to_conn.identity.clone(),
-            };
-            // Numbered in the lobby's log, whoever is in the lobby (see `keys`).
-            let (before, after) = state.next_counter(DEFAULT_ROOM, 0);
-            let pending = self
-                .shared
-                .prepare(DEFAULT_ROOM, before, after, event, now_ms)?;
-            state.injected_failure(PRIVATE)?;
-            Ok(self.finish(state, pending))
-        })
-        .await
+        self.private_in(connection_id, to, message, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn post_private_once(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.private_in(connection_id, to, message, Some(request), now_ms)
+            .await
     }
 
     async fn remove_connection(
@@ -2621,7 +2982,7 @@ impl ChatStore for EmbeddedStore {
                 .write(REMOVE, plan, |state| {
                     // Expired connections are removed too: `$disconnect` for them is still real.
                     let Some(conn) = state.conns.get(connection_id).cloned() else {
-                        return Ok(None);
+                        return Ok(Removal::Unknown);
                     };
                     // One room per transaction, in name order; the connection item goes last,
                     // so after a failure its `rooms` tells a retry what is left.
@@ -2629,21 +2990,28 @@ impl ChatStore for EmbeddedStore {
                         let room = room.clone();
                         return self
                             .leave(state, &conn, &room, shard, reason, now_ms, REMOVE)
-                            .map(Some);
+                            .map(Removal::Left);
                     }
                     state.injected_failure(REMOVE)?;
                     state.put_conn(connection_id, None);
                     if let Some(named) = &conn.name {
                         state.release(&named.key, connection_id, conn.identity.as_deref(), now_s);
                     }
-                    Ok(None)
+                    Ok(Removal::Gone(conn.principal.clone()))
                 })
                 .await?;
-            // `Some`: one room left (with its event, unless unsequenced); `None`: the
-            // connection is gone.
+            // `Left`: one room left (with its event, unless unsequenced).
             match done {
-                Some(event) => left.extend(event),
-                None => break,
+                Removal::Left(event) => left.extend(event),
+                Removal::Gone(principal) => {
+                    // After the connection is gone, as the adapter does it.
+                    if let Some(principal) = principal {
+                        self.release_connection_slot(&principal, connection_id)
+                            .await?;
+                    }
+                    break;
+                }
+                Removal::Unknown => break,
             }
         }
         Ok(left)
@@ -2709,15 +3077,57 @@ impl ChatStore for EmbeddedStore {
     async fn take_request_token(
         &self,
         connection_id: &str,
-        limit: RateLimit,
+        limits: &RequestLimits<'_>,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
-        if limit.is_off() {
-            return Ok(true);
+    ) -> Result<Verdict, StoreError> {
+        let per_window = limits.principal_per_window();
+        let limit = limits.connection;
+        if limit.is_off() && per_window == 0 {
+            return Ok(Verdict::Allowed);
         }
         let pk = keys::conn_pk(connection_id);
+        if per_window > 0 {
+            // The adapter reads the connection for its principal, then counts the request in
+            // the principal's window with one update.
+            let principal = {
+                let state = self.shared.lock();
+                state
+                    .conns
+                    .get(connection_id)
+                    .and_then(|c| c.principal.clone())
+                    .or(limits.fallback_principal.map(str::to_owned))
+            };
+            if let Some(principal) = principal {
+                let (index, _) = ratelimit::window(now_ms);
+                let lpk = keys::limit_pk(&principal);
+                let admitted = self
+                    .write(
+                        "UpdateItem principal requests",
+                        |_| Calls::default().get(pk.clone()).item(lpk.clone(), 1),
+                        |state| {
+                            let entry =
+                                state.windows.entry(principal.clone()).or_insert((index, 0));
+                            if entry.0 != index {
+                                *entry = (index, 0);
+                            }
+                            if entry.1 >= per_window {
+                                return Ok(false);
+                            }
+                            entry.1 += 1;
+                            Ok(true)
+                        },
+                    )
+                    .await?;
+                if !admitted {
+                    return Ok(Verdict::PrincipalLimited);
+                }
+            }
+        }
+        if limit.is_off() {
+            return Ok(Verdict::Allowed);
+        }
         let plan = |state: &State| {
-            let base = Calls::default().get(pk.clone());
+            let base = Calls::default().get_if(per_window == 0, || pk.clone());
             match state.conns.get(connection_id) {
                 Some(conn) => base.item(pk.clone(), conn_units(conn)),
                 None => base,
@@ -2727,17 +3137,41 @@ impl ChatStore for EmbeddedStore {
         // the injected failures are meant for the request's own writes.
         self.write("UpdateItem rate limit", plan, |state| {
             let Some(mut conn) = state.conns.get(connection_id).cloned() else {
-                return Ok(true);
+                return Ok(Verdict::Allowed);
             };
             match ratelimit::take(limit, conn.bucket, now_ms) {
                 Some(next) => {
                     conn.bucket = Some(next);
                     state.put_conn(connection_id, Some(conn));
-                    Ok(true)
+                    Ok(Verdict::Allowed)
                 }
-                None => Ok(false),
+                None => Ok(Verdict::ConnectionLimited),
             }
         })
+        .await
+    }
+
+    async fn release_connection_slot(
+        &self,
+        principal: &str,
+        connection_id: &str,
+    ) -> Result<(), StoreError> {
+        let lpk = keys::limit_pk(principal);
+        self.write(
+            "UpdateItem release slot",
+            |state| {
+                let slots = state.slots.get(principal).cloned().unwrap_or_default();
+                Calls::default().item(lpk.clone(), slots_units(principal, &slots))
+            },
+            |state| {
+                if let Some(slots) = state.slots.get_mut(principal) {
+                    if slots.conns.remove(connection_id).is_some() {
+                        slots.v += 1;
+                    }
+                }
+                Ok(())
+            },
+        )
         .await
     }
 

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::EventRef;
+
 /// A connection (`CONN#<connectionId>` / `CONN`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -37,6 +39,10 @@ pub struct ConnItem {
     /// some member items may still have it, and the next `setName` finishes the rename.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renaming: Option<String>,
+    /// Whom the connection's requests and its connection slot count against
+    /// (`crate::ratelimit`): `id:<identity>` or `ip:<source IP>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
 }
 
 impl ConnItem {
@@ -126,4 +132,45 @@ impl CounterItem {
     pub fn large(&self) -> bool {
         self.large.unwrap_or(false)
     }
+}
+
+/// A write request performed once (`REQUEST#<scope>` / `<requestId>`, see
+/// [`crate::store::requests`]): written in the transaction of the event it produced, it
+/// holds that request's answer, so a resend is answered from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestItem {
+    /// Always [`crate::keys::REQUEST_TYPE`].
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request's action (`sendPublic`, `sendPrivate`, `setName`, `join`, `leave`).
+    pub action: String,
+    /// SHA-256 (hex) of the request's canonical form: a resend has the same.
+    pub fingerprint: String,
+    /// The connection that made it (for operators; the scope may be an identity).
+    pub connection_id: String,
+    /// `setName` only: the name it set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The events it recorded (room, id), in the order of its answer.
+    pub events: Vec<EventRef>,
+    /// When it was recorded (ms).
+    pub ts: i64,
+    /// TTL, epoch seconds: a day after `ts`.
+    pub expires_at: i64,
+}
+
+/// A principal's connection slots (`LIMIT#<principal>` / `CONNS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotsItem {
+    /// Connection id → that connection's `expiresAt` (epoch seconds).
+    #[serde(default)]
+    pub conns: BTreeMap<String, i64>,
+    /// Bumped by every change: an admission writes the item back only if it is as read.
+    #[serde(default)]
+    pub v: u64,
+    /// TTL: the latest slot's expiry.
+    #[serde(default)]
+    pub expires_at: i64,
 }

@@ -17,14 +17,16 @@ pub mod dynamodb;
 pub mod embedded;
 pub mod items;
 pub mod limits;
+pub mod requests;
 
 use async_trait::async_trait;
 use thiserror::Error;
 
 use crate::events::{LeaveReason, StoredEvent};
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::{RequestLimits, Verdict};
 use crate::redelivery::Redelivery;
 use crate::validation::ValidName;
+use requests::{Once, RequestKey};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -47,6 +49,16 @@ pub struct Connection {
 
 /// The most rooms one connection may be a member of, unless configured otherwise.
 pub const DEFAULT_MAX_ROOMS: usize = 50;
+
+/// A principal's claim on a connection slot at `$connect` (see [`crate::ratelimit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission<'a> {
+    /// `id:<identity>` or `ip:<source IP>` ([`crate::ratelimit::principal`]).
+    pub principal: &'a str,
+    /// Live connections the principal may have at once (0: no limit; the principal is still
+    /// recorded, for its request counter).
+    pub max_connections: u32,
+}
 
 /// What a `join` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,13 +135,26 @@ pub enum StoreError {
     /// Concurrent writers kept winning the room's sequence number.
     #[error("gave up after {0} attempts: concurrent writers kept winning")]
     Contention(u32),
-    /// The backing store failed; nothing was written.
+    /// The backing store failed, and certainly wrote nothing: a read failed, or a write was
+    /// refused before it could commit (a validation error, a missing table).
     #[error("store operation {op} failed")]
     Backend {
         op: &'static str,
         #[source]
         source: BoxError,
     },
+    /// A write whose outcome is unknown: it may have committed (a timeout, a 5xx, a dropped
+    /// connection, or a throttle after one of those in the SDK's retries). A resend with the
+    /// same `requestId` finds out without writing twice.
+    #[error("store operation {op} may or may not have committed")]
+    Unconfirmed {
+        op: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    /// The `requestId` was already used, in the same scope, for another request.
+    #[error("requestId {0:?} was already used for another request")]
+    RequestIdReused(String),
     /// An item in the store does not have the shape this code writes.
     #[error("stored item is malformed: {0}")]
     Malformed(String),
@@ -143,9 +168,30 @@ impl StoreError {
         }
     }
 
+    pub fn unconfirmed(op: &'static str, source: impl Into<BoxError>) -> Self {
+        StoreError::Unconfirmed {
+            op,
+            source: source.into(),
+        }
+    }
+
     /// Whether trying the same operation again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Backend { .. } | StoreError::Contention(_))
+        matches!(
+            self,
+            StoreError::Backend { .. } | StoreError::Unconfirmed { .. } | StoreError::Contention(_)
+        )
+    }
+
+    /// Whether the store failed (as opposed to refusing the request for a reason of its own).
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Backend { .. }
+                | StoreError::Unconfirmed { .. }
+                | StoreError::Contention(_)
+                | StoreError::Malformed(_)
+        )
     }
 }
 
@@ -169,7 +215,25 @@ pub trait ChatStore: Send + Sync {
         connection_id: &str,
         identity: Option<&str>,
         now_ms: i64,
-    ) -> Result<Connection, StoreError>;
+    ) -> Result<Connection, StoreError> {
+        self.open_connection(connection_id, identity, None, now_ms)
+            .await?
+            // Without an admission there is no limit to refuse by.
+            .ok_or_else(|| StoreError::Malformed("a connection without a limit was refused".into()))
+    }
+
+    /// Records a new connection (`$connect`) as [`ChatStore::add_identified_connection`] does,
+    /// and, with an `admission`, records its principal and takes one of the principal's
+    /// connection slots in the same transaction (see [`crate::ratelimit`]): `Ok(None)` when the
+    /// principal already has `max_connections` live connections (nothing is written). Slots
+    /// of expired connections do not count.
+    async fn open_connection(
+        &self,
+        connection_id: &str,
+        identity: Option<&str>,
+        admission: Option<Admission<'_>>,
+        now_ms: i64,
+    ) -> Result<Option<Connection>, StoreError>;
 
     /// The connection, if recorded and not expired.
     async fn connection(
@@ -209,6 +273,59 @@ pub trait ChatStore: Send + Sync {
         max_rooms: usize,
         now_ms: i64,
     ) -> Result<Joined, StoreError>;
+
+    /// [`ChatStore::set_name`] performed at most once per `request` in its scope
+    /// ([`requests`]): the request item goes in the transaction that moves the claim (or
+    /// joins lobby), with that transaction's events. A resend gets `Once::Again` with the
+    /// first's item; one that changed nothing records nothing.
+    async fn set_name_once(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Vec<StoredEvent>>, StoreError>;
+
+    /// [`ChatStore::join_room`] performed at most once per `request` (a join of a room it is
+    /// in already records nothing).
+    async fn join_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Joined>, StoreError>;
+
+    /// [`ChatStore::leave_room`] (reason `left`) performed at most once per `request`.
+    async fn leave_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError>;
+
+    /// [`ChatStore::post_to_room`] performed at most once per `request`: the request item is
+    /// in the event's transaction.
+    async fn post_to_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError>;
+
+    /// [`ChatStore::post_private`] performed at most once per `request`.
+    async fn post_private_once(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError>;
 
     /// Ends the connection's membership of `room`, recording `MemberLeft` with `reason` there
     /// (a `leave` request says `left`). `NotAMember` if it was not one.
@@ -282,15 +399,26 @@ pub trait ChatStore: Send + Sync {
         Ok(left)
     }
 
-    /// Takes one request token from the connection's rate-limit bucket (atomically, so every
-    /// Lambda instance shares it): `Ok(true)` if the request may go ahead. An unknown
-    /// connection is let through (its request then fails as `not_connected`).
+    /// Checks a request against its limits (atomically, so every Lambda instance shares
+    /// them): first the principal's request counter for the current window (the connection's
+    /// recorded principal, else `limits.fallback_principal`), then the connection's own
+    /// bucket. `Ok(Verdict::Allowed)` if the request may go ahead. A request refused by the connection's
+    /// bucket still counts against its principal. An unknown connection has no bucket, but its
+    /// requests count against the fallback principal (its source IP) like any other.
     async fn take_request_token(
         &self,
         connection_id: &str,
-        limit: RateLimit,
+        limits: &RequestLimits<'_>,
         now_ms: i64,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Verdict, StoreError>;
+
+    /// Gives back a principal's connection slot (done by [`ChatStore::remove_connection`] for
+    /// a connection that recorded one; idempotent).
+    async fn release_connection_slot(
+        &self,
+        principal: &str,
+        connection_id: &str,
+    ) -> Result<(), StoreError>;
 
     /// Writes what a broadcast still owes a few connections as a redelivery item in the event
     /// table, so it comes back to the fan-out on the stream (see [`crate::redelivery`]).

@@ -10,16 +10,19 @@ use futures::future::BoxFuture;
 use super::expr::{
     check, claim_key, conn_key, delete, n, placeholders, put, s, update, with_key, Expr,
 };
+use super::requests::{requested, Requested};
 use super::rooms::name_unchanged;
 use super::txn::{backoff, Attempt, Change, Membership, Outcome, MAX_ATTEMPTS};
 use super::DynamoStore;
 use crate::events::{ChatEvent, LeaveReason, StoredEvent};
 use crate::keys::DEFAULT_ROOM;
-use crate::ratelimit::{self, Bucket, RateLimit};
+use crate::protocol::EventRef;
+use crate::ratelimit::{self, Bucket, RequestLimits, Verdict};
 use crate::store::aws_like::ReadOp;
 use crate::store::items::{ClaimItem, ConnItem};
 use crate::store::limits::TRANSACT_MAX_ACTIONS;
-use crate::store::{epoch_secs, Connection, Joined, StoreError, NAME_RESERVATION_SECS};
+use crate::store::requests::{event_refs, Once, RequestKey};
+use crate::store::{epoch_secs, Admission, Connection, Joined, StoreError, NAME_RESERVATION_SECS};
 use crate::validation::ValidName;
 
 /// Leaves per pruning transaction: two items each (the connection's `rooms` entry, the member
@@ -102,8 +105,9 @@ impl DynamoStore {
         &self,
         connection_id: &str,
         identity: Option<&str>,
+        admission: Option<Admission<'_>>,
         now_ms: i64,
-    ) -> Result<Connection, StoreError> {
+    ) -> Result<Option<Connection>, StoreError> {
         let expires_at = epoch_secs(now_ms) + self.retention.connection_ttl.as_secs() as i64;
         let conn = ConnItem {
             connection_id: connection_id.to_owned(),
@@ -116,17 +120,28 @@ impl DynamoStore {
             identity: identity.map(str::to_owned),
             rooms: Some(BTreeMap::new()),
             renaming: None,
+            principal: admission.map(|a| a.principal.to_owned()),
         };
         let item = serde_dynamo::to_item(&conn)
             .map_err(|e| StoreError::Malformed(format!("connection item: {e}")))?;
+        let item = with_key(item, conn_key(connection_id));
+        if let Some(admission) = admission.filter(|a| a.max_connections > 0) {
+            if !self
+                .admit(admission, connection_id, item, expires_at, now_ms)
+                .await?
+            {
+                return Ok(None);
+            }
+            return Ok(Some(to_connection(conn)));
+        }
         self.client
             .put_item()
             .table_name(&self.tables.connections)
-            .set_item(Some(with_key(item, conn_key(connection_id))))
+            .set_item(Some(item))
             .send()
             .await
             .map_err(|e| StoreError::backend("PutItem connection", e))?;
-        Ok(to_connection(conn))
+        Ok(Some(to_connection(conn)))
     }
 
     pub(super) async fn read_connection(
@@ -183,14 +198,23 @@ impl DynamoStore {
         &self,
         connection_id: &str,
         name: &ValidName,
+        request: Option<&RequestKey>,
         now_ms: i64,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+    ) -> Result<Once<Vec<StoredEvent>>, StoreError> {
         let mut evicted = false;
         // The events of an interrupted rename this call finished first (at most once).
         let mut finished: Option<Vec<StoredEvent>> = None;
         for attempt in 1..=MAX_ATTEMPTS {
             let conn = live(self.get_conn(connection_id).await?, now_ms)
                 .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
+            // With a requestId, its item is read first (setName is rare; a resend must not
+            // rename back after a later rename, nor answer `[]` for a name it set itself).
+            let req = requested(request, &conn);
+            if let Some(r) = &req {
+                if let Some(done) = self.find_request(r, now_ms).await? {
+                    return Ok(Once::Again(done));
+                }
+            }
             if conn.renaming.is_some() && finished.is_none() {
                 // An earlier rename stopped part-way (its client got an error): the rooms it
                 // did not reach hear of it first, whatever this call goes on to do.
@@ -201,13 +225,14 @@ impl DynamoStore {
                 // The same name again: nothing to claim; back into lobby if it left it.
                 if conn.shard_in(DEFAULT_ROOM).is_none() {
                     if let Joined::Now(event) = self
-                        .join(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
+                        .join(connection_id, DEFAULT_ROOM, usize::MAX, None, now_ms)
                         .await?
+                        .first()?
                     {
                         events.push(event);
                     }
                 }
-                return Ok(events);
+                return Ok(Once::First(events));
             }
             match self.standing(&conn, name, now_ms).await? {
                 Standing::Taken => return Err(StoreError::NameTaken(name.display.clone())),
@@ -231,6 +256,8 @@ impl DynamoStore {
             // Whether the join of lobby was unsequenced, for sizing the room.
             let unsequenced = std::sync::Mutex::new(false);
             let unsequenced = &unsequenced;
+            let before = events.clone();
+            let record = req.as_ref().map(|r| (r, before.as_slice()));
             let committed = self
                 .append_loop(
                     "TransactWriteItems setName",
@@ -263,8 +290,10 @@ impl DynamoStore {
                             let quiet = matches!(first, FirstStep::JoinLobby)
                                 && super::rooms::unsequenced_join(counter, attempt);
                             super::rooms::set(unsequenced, quiet);
-                            self.first_name_change(conn, name, first, counter, quiet, now_ms)
-                                .await
+                            self.first_name_change(
+                                conn, name, first, counter, quiet, record, now_ms,
+                            )
+                            .await
                         })
                     },
                 )
@@ -277,7 +306,7 @@ impl DynamoStore {
                         self.size_room_logged(DEFAULT_ROOM, connection_id, now_ms)
                             .await;
                     }
-                    return Ok(events);
+                    return Ok(Once::First(events));
                 }
                 Outcome::Committed(committed) => {
                     return Err(StoreError::Malformed(format!(
@@ -293,13 +322,21 @@ impl DynamoStore {
                 }
             };
             events.push(first_event);
+            let recorded = events.len();
             if let (FirstStep::Rename { room, .. }, Some(old)) = (first, &conn.name) {
                 events.extend(
                     self.announce_rename(connection_id, room, old, name, now_ms)
                         .await?,
                 );
             }
-            return Ok(events);
+            if let Some(r) = &req {
+                if events.len() > recorded {
+                    // The other rooms' events, known only now, complete the answer a resend
+                    // gets. If this fails, the item keeps the first transaction's events.
+                    self.complete_request(r, event_refs(&events)).await?;
+                }
+            }
+            return Ok(Once::First(events));
         }
         Err(StoreError::Contention(MAX_ATTEMPTS))
     }
@@ -326,6 +363,7 @@ impl DynamoStore {
 
     /// The first transaction of a name change: the claim moves (the old one released), the
     /// connection's name changes, and the first room hears of it.
+    #[allow(clippy::too_many_arguments)]
     async fn first_name_change(
         &self,
         conn: &ConnItem,
@@ -333,6 +371,8 @@ impl DynamoStore {
         first: &FirstStep,
         counter: super::txn::Counter,
         unsequenced: bool,
+        // With a requestId: its request, and the events this setName recorded before.
+        req: Option<(&Requested<'_>, &[StoredEvent])>,
         now_ms: i64,
     ) -> Result<Attempt<()>, StoreError> {
         let id = conn.connection_id.as_str();
@@ -374,7 +414,18 @@ impl DynamoStore {
                 )?;
                 items.extend(join);
                 if unsequenced {
-                    // A large (or contended) lobby: named and a member, without an event.
+                    // A large (or contended) lobby: named and a member, without an event; the
+                    // request item records the events an interrupted rename's finishing
+                    // recorded first, if any (a resend gets the same answer).
+                    if let Some((r, before)) = req {
+                        items.push(self.request_put(
+                            r,
+                            id,
+                            Some(&name.display),
+                            event_refs(before),
+                            now_ms,
+                        )?);
+                    }
                     return Ok(Attempt::Commit(Change {
                         items,
                         events: Vec::new(),
@@ -426,6 +477,16 @@ impl DynamoStore {
                 )
             }
         };
+        if let Some((r, before)) = req {
+            // The request item records this transaction's event (after any an interrupted
+            // rename's finishing recorded first), with the name it set.
+            let mut refs = event_refs(before);
+            refs.push(EventRef {
+                room: first.room().to_owned(),
+                id: counter.last + 1,
+            });
+            items.push(self.request_put(r, id, Some(&name.display), refs, now_ms)?);
+        }
         Ok(Attempt::Commit(Change {
             items,
             events: vec![event],
@@ -460,8 +521,9 @@ impl DynamoStore {
         }
         if conn.shard_in(DEFAULT_ROOM).is_none() {
             if let Joined::Now(event) = self
-                .join(connection_id, DEFAULT_ROOM, usize::MAX, now_ms)
+                .join(connection_id, DEFAULT_ROOM, usize::MAX, None, now_ms)
                 .await?
+                .first()?
             {
                 events.push(event);
             }
@@ -633,7 +695,11 @@ impl DynamoStore {
         for attempt in 1..=MAX_ATTEMPTS {
             let rooms = conn.room_names();
             for room in &rooms {
-                match self.leave(connection_id, room, reason, false, now_ms).await {
+                match self
+                    .leave(connection_id, room, reason, false, None, now_ms)
+                    .await
+                    .and_then(Once::first)
+                {
                     Ok(event) => left.extend(event),
                     // Left (or removed) concurrently: nothing left to do there.
                     Err(StoreError::NotAMember(_)) => {}
@@ -665,6 +731,11 @@ impl DynamoStore {
                 .transact("TransactWriteItems remove connection", items)
                 .await?
             {
+                if let Some(principal) = &conn.principal {
+                    // After the connection is gone, so a failure here costs the principal a
+                    // slot until the connection's expiry, never a connection without a slot.
+                    self.release_slot(principal, connection_id).await?;
+                }
                 return Ok(left);
             }
             backoff(attempt).await;
@@ -731,22 +802,48 @@ impl DynamoStore {
     pub(super) async fn take_token(
         &self,
         connection_id: &str,
-        limit: RateLimit,
+        limits: &RequestLimits<'_>,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
-        if limit.is_off() {
-            return Ok(true);
+    ) -> Result<Verdict, StoreError> {
+        let per_window = limits.principal_per_window();
+        if limits.connection.is_off() && per_window == 0 {
+            return Ok(Verdict::Allowed);
         }
+        let first = self.get_conn(connection_id).await?;
+        if per_window > 0 {
+            let principal = first
+                .as_ref()
+                .and_then(|c| c.principal.as_deref())
+                .or(limits.fallback_principal);
+            if let Some(principal) = principal {
+                if !self
+                    .take_principal_token(principal, per_window, now_ms)
+                    .await?
+                {
+                    return Ok(Verdict::PrincipalLimited);
+                }
+            }
+        }
+        let limit = limits.connection;
+        if limit.is_off() {
+            return Ok(Verdict::Allowed);
+        }
+        let mut read = first;
         for attempt in 1..=5 {
-            let Some(conn) = self.get_conn(connection_id).await? else {
-                return Ok(true);
+            let conn = match read.take() {
+                Some(conn) => conn,
+                None if attempt == 1 => return Ok(Verdict::Allowed),
+                None => match self.get_conn(connection_id).await? {
+                    Some(conn) => conn,
+                    None => return Ok(Verdict::Allowed),
+                },
             };
             let bucket = conn.rl_at.map(|at_ms| Bucket {
                 milli_tokens: conn.rl_tokens.unwrap_or(0),
                 at_ms,
             });
             let Some(next) = ratelimit::take(limit, bucket, now_ms) else {
-                return Ok(false);
+                return Ok(Verdict::ConnectionLimited);
             };
             // Optimistic: the write only lands if nobody took a token since the read.
             let set = Expr::new("SET #tokens = :tokens, #at = :now")
@@ -758,31 +855,16 @@ impl DynamoStore {
                 }
                 None => Expr::new("attribute_exists(#pk) AND attribute_not_exists(#at)"),
             };
-            let (names, values) = placeholders(&[&set, &cond]);
-            let result = self
-                .client
-                .update_item()
-                .table_name(&self.tables.connections)
-                .set_key(Some(conn_key(connection_id)))
-                .update_expression(set.text)
-                .condition_expression(cond.text)
-                .set_expression_attribute_names(names)
-                .set_expression_attribute_values(values)
-                .send()
-                .await;
-            match result {
-                Ok(_) => return Ok(true),
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-                {
-                    backoff(attempt).await;
-                }
-                Err(e) => return Err(StoreError::backend("UpdateItem rate limit", e)),
+            if self
+                .update_if("UpdateItem rate limit", conn_key(connection_id), set, cond)
+                .await?
+            {
+                return Ok(Verdict::Allowed);
             }
+            backoff(attempt).await;
         }
         // Requests from this one connection keep colliding: it is sending too fast.
-        Ok(false)
+        Ok(Verdict::ConnectionLimited)
     }
 }
 

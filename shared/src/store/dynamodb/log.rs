@@ -2,56 +2,89 @@
 //! history reads, and the redelivery items that share the events table.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::connections::live;
 use super::expr::{check, claim_key, conn_key, n, s, Expr};
+use super::requests::requested;
 use super::rooms::name_unchanged;
 use super::txn::{Attempt, Change, Membership};
 use super::DynamoStore;
 use crate::events::{ChatEvent, EventItem, StoredEvent};
 use crate::keys::{self, DEFAULT_ROOM};
+use crate::protocol::EventRef;
 use crate::redelivery::{Redelivery, RedeliveryItem};
 use crate::store::aws_like::ReadOp;
+use crate::store::requests::{Once, RequestKey};
 use crate::store::{epoch_secs, EventRange, EventsPage, StoreError};
 use crate::validation::recipient_key;
 
 impl DynamoStore {
-    /// `MessagePosted` in `room` from a member of it.
+    /// `MessagePosted` in `room` from a member of it; with `request`, at most once
+    /// ([`super::requests`]).
     pub(super) async fn post(
         &self,
         connection_id: &str,
         room: &str,
         message: &str,
+        request: Option<&RequestKey>,
         now_ms: i64,
-    ) -> Result<StoredEvent, StoreError> {
+    ) -> Result<Once<StoredEvent>, StoreError> {
         let posted = self
             .append_one(
                 "TransactWriteItems post",
                 room,
                 now_ms,
-                move |_counter, _attempt| {
+                move |counter, attempt| {
                     Box::pin(async move {
                         let conn = live(self.get_conn(connection_id).await?, now_ms)
                             .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-                        let name = conn.name.clone().ok_or(StoreError::NameRequired)?;
-                        if conn.shard_in(room).is_none() {
-                            return Err(StoreError::NotAMember(room.to_owned()));
+                        let req = requested(request, &conn);
+                        if let Some(done) = self.done_before(req.as_ref(), attempt, now_ms).await? {
+                            return Ok(Attempt::Done(done));
                         }
+                        let checked = match &conn.name {
+                            None => Err(StoreError::NameRequired),
+                            Some(_) if conn.shard_in(room).is_none() => {
+                                Err(StoreError::NotAMember(room.to_owned()))
+                            }
+                            Some(name) => Ok(name.clone()),
+                        };
+                        let name = match checked {
+                            Ok(name) => name,
+                            Err(e) => {
+                                return self
+                                    .unless_done(req.as_ref(), e, now_ms)
+                                    .await
+                                    .map(Attempt::Done)
+                            }
+                        };
                         // The condition is on the connection item, not the member item: it is the
                         // one item that says both that the sender is a member and by which name,
                         // and it has been read already (the member item is only written with it).
-                        let items = vec![check(
+                        let mut items = vec![check(
                             &self.tables.connections,
                             conn_key(connection_id),
                             name_unchanged(&conn).and(
                                 Expr::new("attribute_exists(#rooms.#room)").name("#room", room),
                             ),
                         )?];
-                        Ok(Attempt::<Infallible>::Commit(Change {
+                        if let Some(r) = &req {
+                            let id = EventRef {
+                                room: room.to_owned(),
+                                id: counter.last + 1,
+                            };
+                            items.push(self.request_put(
+                                r,
+                                connection_id,
+                                None,
+                                vec![id],
+                                now_ms,
+                            )?);
+                        }
+                        Ok(Attempt::Commit(Change {
                             items,
                             events: vec![ChatEvent::MessagePosted {
                                 connection_id: connection_id.to_owned(),
@@ -64,19 +97,22 @@ impl DynamoStore {
                 },
             )
             .await?;
-        let Ok(posted) = posted;
-        Ok(posted)
+        Ok(match posted {
+            Ok(event) => Once::First(event),
+            Err(done) => Once::Again(done),
+        })
     }
 
     /// `PrivateMessageSent` from a named connection to the holder of the name `to`, numbered
-    /// in lobby's log whether or not either is a member of lobby.
+    /// in lobby's log whether or not either is a member of lobby; with `request`, at most once.
     pub(super) async fn whisper(
         &self,
         connection_id: &str,
         to: &str,
         message: &str,
+        request: Option<&RequestKey>,
         now_ms: i64,
-    ) -> Result<StoredEvent, StoreError> {
+    ) -> Result<Once<StoredEvent>, StoreError> {
         let now_s = epoch_secs(now_ms);
         // `None`: no valid name has this key, and it may be too long to be a DynamoDB key.
         let to_key = recipient_key(to);
@@ -86,26 +122,43 @@ impl DynamoStore {
                 "TransactWriteItems sendPrivate",
                 DEFAULT_ROOM,
                 now_ms,
-                move |_counter, _attempt| {
+                move |counter, attempt| {
                     Box::pin(async move {
                         let conn = live(self.get_conn(connection_id).await?, now_ms)
                             .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-                        let name = conn.name.clone().ok_or(StoreError::NameRequired)?;
-                        let unknown = || StoreError::UnknownRecipient(to.to_owned());
-                        let to_key = to_key.ok_or_else(unknown)?;
-                        if conn.name_key.as_deref() == Some(to_key) {
-                            return Err(StoreError::SelfRecipient);
+                        let req = requested(request, &conn);
+                        if let Some(done) = self.done_before(req.as_ref(), attempt, now_ms).await? {
+                            return Ok(Attempt::Done(done));
                         }
-                        let recipient = self
-                            .get_claim(to_key)
-                            .await?
-                            .filter(|c| c.expires_at > now_s)
-                            .ok_or_else(unknown)?;
-                        let recipient_id = recipient.connection_id.ok_or_else(unknown)?;
-                        let to_conn = live(self.get_conn(&recipient_id).await?, now_ms)
-                            .filter(|c| c.name_key.as_deref() == Some(to_key))
-                            .ok_or_else(unknown)?;
-                        let items = vec![
+                        let found = async {
+                            let name = conn.name.clone().ok_or(StoreError::NameRequired)?;
+                            let unknown = || StoreError::UnknownRecipient(to.to_owned());
+                            let to_key = to_key.ok_or_else(unknown)?;
+                            if conn.name_key.as_deref() == Some(to_key) {
+                                return Err(StoreError::SelfRecipient);
+                            }
+                            let recipient = self
+                                .get_claim(to_key)
+                                .await?
+                                .filter(|c| c.expires_at > now_s)
+                                .ok_or_else(unknown)?;
+                            let recipient_id = recipient.connection_id.ok_or_else(unknown)?;
+                            let to_conn = live(self.get_conn(&recipient_id).await?, now_ms)
+                                .filter(|c| c.name_key.as_deref() == Some(to_key))
+                                .ok_or_else(unknown)?;
+                            Ok((name, to_key, to_conn))
+                        }
+                        .await;
+                        let (name, to_key, to_conn) = match found {
+                            Ok(found) => found,
+                            Err(e) => {
+                                return self
+                                    .unless_done(req.as_ref(), e, now_ms)
+                                    .await
+                                    .map(Attempt::Done)
+                            }
+                        };
+                        let mut items = vec![
                             check(
                                 &self.tables.connections,
                                 conn_key(connection_id),
@@ -117,7 +170,20 @@ impl DynamoStore {
                                 Expr::new("#conn = :to").value(":to", s(&to_conn.connection_id)),
                             )?,
                         ];
-                        Ok(Attempt::<Infallible>::Commit(Change {
+                        if let Some(r) = &req {
+                            let id = EventRef {
+                                room: DEFAULT_ROOM.to_owned(),
+                                id: counter.last + 1,
+                            };
+                            items.push(self.request_put(
+                                r,
+                                connection_id,
+                                None,
+                                vec![id],
+                                now_ms,
+                            )?);
+                        }
+                        Ok(Attempt::Commit(Change {
                             items,
                             events: vec![ChatEvent::PrivateMessageSent {
                                 connection_id: connection_id.to_owned(),
@@ -134,8 +200,10 @@ impl DynamoStore {
                 },
             )
             .await?;
-        let Ok(sent) = sent;
-        Ok(sent)
+        Ok(match sent {
+            Ok(event) => Once::First(event),
+            Err(done) => Once::Again(done),
+        })
     }
 
     pub(super) async fn query_events(

@@ -11,6 +11,7 @@
 //!   removal;
 //! - [`rooms`]: joins, leaves, members and their shards;
 //! - [`log`]: posts, private messages, history reads, redelivery items;
+//! - [`principals`]: connection slots and request counters across a principal's connections;
 //! - [`tables`]: creating the tables as the template does.
 //!
 //! The calls each operation makes when nothing collides (reads are `GetItem`s, strongly
@@ -18,7 +19,7 @@
 //! room's counter, the connection (and, for `setName`, the claim) again, then the transaction.
 //! | operation | reads | writes |
 //! |-----------|-------|--------|
-//! | `$connect` | — | `PutItem` connection |
+//! | `$connect` | — (with a connection limit: the principal's slots) | `PutItem` connection (with a connection limit: [slots put, connection put]) |
 //! | `connection` | connection | — |
 //! | `setName`, first name | connection, claim, lobby's counter | [claim put, connection update, member put, counter, event] |
 //! | `setName`, rename | connection, claim, first room's counter, old claim; then the connection once more, and per other room its counter and the connection | [claim put, old claim release, connection update, member put, counter, event], then per other room [connection check, member put, counter, event] |
@@ -27,8 +28,9 @@
 //! | `leave` | room's counter, connection | [connection update, member delete, counter, event] |
 //! | `post_to_room` | room's counter, connection | [connection check, counter, event] |
 //! | `post_private` | lobby's counter, sender, recipient's claim, recipient | [sender check, claim check, counter, event] |
-//! | `remove_connection` | connection, then per room a `leave`'s reads; the connection again (if it had rooms), its claim (if named) | per room a `leave`'s, then [connection delete, claim release] |
-//! | `take_request_token` | connection | `UpdateItem` connection |
+//! | any write with a `requestId` | as without; `setName` also its request item first; a refused or cancelled one also its request item | as without, plus [request item put] in the (first) transaction |
+//! | `remove_connection` | connection, then per room a `leave`'s reads; the connection again (if it had rooms), its claim (if named) | per room a `leave`'s, then [connection delete, claim release], then `UpdateItem` the principal's slots (if it has one) |
+//! | `take_request_token` | connection | `UpdateItem` principal's window counter (with a principal limit), `UpdateItem` connection |
 //! | `member_shards` | room's counter | — |
 //! | `members_page` | one `Query` of `MEMBERS#<room>#<shard>` | — |
 //! | `read_events` | `Query` pages of `ROOM#<room>` until the page is full | — |
@@ -36,6 +38,8 @@
 mod connections;
 mod expr;
 mod log;
+mod principals;
+mod requests;
 mod rooms;
 mod tables;
 mod txn;
@@ -45,11 +49,14 @@ use aws_sdk_dynamodb::Client;
 
 pub use tables::{create_tables, wait_active};
 
-use super::{ChatStore, Connection, EventRange, EventsPage, Joined, MembersPage, StoreError};
+use super::{
+    Admission, ChatStore, Connection, EventRange, EventsPage, Joined, MembersPage, StoreError,
+};
 use crate::config::{Retention, Tables};
 use crate::events::{LeaveReason, StoredEvent};
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::{RequestLimits, Verdict};
 use crate::redelivery::Redelivery;
+use crate::store::requests::{Once, RequestKey};
 use crate::validation::ValidName;
 
 pub struct DynamoStore {
@@ -94,13 +101,14 @@ impl DynamoStore {
 
 #[async_trait]
 impl ChatStore for DynamoStore {
-    async fn add_identified_connection(
+    async fn open_connection(
         &self,
         connection_id: &str,
         identity: Option<&str>,
+        admission: Option<Admission<'_>>,
         now_ms: i64,
-    ) -> Result<Connection, StoreError> {
-        self.add_connection_item(connection_id, identity, now_ms)
+    ) -> Result<Option<Connection>, StoreError> {
+        self.add_connection_item(connection_id, identity, admission, now_ms)
             .await
     }
 
@@ -118,7 +126,20 @@ impl ChatStore for DynamoStore {
         name: &ValidName,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        self.claim_name(connection_id, name, now_ms).await
+        self.claim_name(connection_id, name, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn set_name_once(
+        &self,
+        connection_id: &str,
+        name: &ValidName,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Vec<StoredEvent>>, StoreError> {
+        self.claim_name(connection_id, name, Some(request), now_ms)
+            .await
     }
 
     async fn join_room(
@@ -128,7 +149,21 @@ impl ChatStore for DynamoStore {
         max_rooms: usize,
         now_ms: i64,
     ) -> Result<Joined, StoreError> {
-        self.join(connection_id, room, max_rooms, now_ms).await
+        self.join(connection_id, room, max_rooms, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn join_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        max_rooms: usize,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<Joined>, StoreError> {
+        self.join(connection_id, room, max_rooms, Some(request), now_ms)
+            .await
     }
 
     async fn leave_room(
@@ -138,9 +173,36 @@ impl ChatStore for DynamoStore {
         reason: LeaveReason,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        self.leave(connection_id, room, reason, true, now_ms)
+        self.leave(connection_id, room, reason, true, None, now_ms)
             .await?
-            .ok_or_else(|| StoreError::Malformed("a leave recorded no event".into()))
+            .first()?
+            .ok_or_else(no_leave_event)
+    }
+
+    async fn leave_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        // An explicit leave is always sequenced: it records its event.
+        Ok(
+            match self
+                .leave(
+                    connection_id,
+                    room,
+                    LeaveReason::Left,
+                    true,
+                    Some(request),
+                    now_ms,
+                )
+                .await?
+            {
+                Once::First(event) => Once::First(event.ok_or_else(no_leave_event)?),
+                Once::Again(done) => Once::Again(done),
+            },
+        )
     }
 
     async fn post_to_room(
@@ -150,7 +212,21 @@ impl ChatStore for DynamoStore {
         message: &str,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        self.post(connection_id, room, message, now_ms).await
+        self.post(connection_id, room, message, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn post_to_room_once(
+        &self,
+        connection_id: &str,
+        room: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.post(connection_id, room, message, Some(request), now_ms)
+            .await
     }
 
     async fn post_private(
@@ -160,7 +236,21 @@ impl ChatStore for DynamoStore {
         message: &str,
         now_ms: i64,
     ) -> Result<StoredEvent, StoreError> {
-        self.whisper(connection_id, to, message, now_ms).await
+        self.whisper(connection_id, to, message, None, now_ms)
+            .await?
+            .first()
+    }
+
+    async fn post_private_once(
+        &self,
+        connection_id: &str,
+        to: &str,
+        message: &str,
+        request: &RequestKey,
+        now_ms: i64,
+    ) -> Result<Once<StoredEvent>, StoreError> {
+        self.whisper(connection_id, to, message, Some(request), now_ms)
+            .await
     }
 
     async fn remove_connection(
@@ -184,10 +274,18 @@ impl ChatStore for DynamoStore {
     async fn take_request_token(
         &self,
         connection_id: &str,
-        limit: RateLimit,
+        limits: &RequestLimits<'_>,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
-        self.take_token(connection_id, limit, now_ms).await
+    ) -> Result<Verdict, StoreError> {
+        self.take_token(connection_id, limits, now_ms).await
+    }
+
+    async fn release_connection_slot(
+        &self,
+        principal: &str,
+        connection_id: &str,
+    ) -> Result<(), StoreError> {
+        self.release_slot(principal, connection_id).await
     }
 
     async fn schedule_redelivery(
@@ -221,4 +319,9 @@ impl ChatStore for DynamoStore {
     ) -> Result<EventsPage, StoreError> {
         self.query_events(room, range, limit, now_ms).await
     }
+}
+
+/// A `leave` request is never unsequenced (only a disconnect of a large room is).
+fn no_leave_event() -> StoreError {
+    StoreError::Malformed("a leave recorded no event".into())
 }

@@ -1,17 +1,18 @@
 //! Rooms: joins and leaves (each one transaction with the room's counter and its event),
 //! the member items they write, and the reads of a room's members, shard by shard.
 
-use std::convert::Infallible;
-
 use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
 
 use super::expr::{conn_key, delete, member_key, n, put, s, update, with_key, Expr, Item};
+use super::requests::requested;
 use super::txn::{Attempt, Change, Counter, Membership, Outcome};
 use super::DynamoStore;
 use crate::events::{ChatEvent, LeaveReason, StoredEvent};
 use crate::keys;
+use crate::protocol::EventRef;
 use crate::store::aws_like::ReadOp;
 use crate::store::items::{ConnItem, MemberItem};
+use crate::store::requests::{Once, RequestKey};
 use crate::store::{epoch_secs, Joined, Member, MembersPage, StoreError};
 use crate::validation::ValidName;
 
@@ -49,9 +50,10 @@ impl DynamoStore {
         connection_id: &str,
         room: &str,
         max_rooms: usize,
+        request: Option<&RequestKey>,
         now_ms: i64,
-    ) -> Result<Joined, StoreError> {
-        // An unsequenced join's counter as read (its catch-up point) and its member shard.
+    ) -> Result<Once<Joined>, StoreError> {
+        // An unsequenced join's counter as read (its catch-up point).
         let unsequenced: std::sync::Mutex<Option<u64>> = std::sync::Mutex::new(None);
         let unsequenced = &unsequenced;
         let outcome = self
@@ -63,16 +65,53 @@ impl DynamoStore {
                     Box::pin(async move {
                         let conn = live(self.get_conn(connection_id).await?, now_ms)
                             .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-                        let name = conn.name.clone().ok_or(StoreError::NameRequired)?;
+                        // A request with a requestId: a resend of one done already is answered
+                        // from its request item (see `super::requests`).
+                        let req = requested(request, &conn);
+                        if let Some(done) = self.done_before(req.as_ref(), attempt, now_ms).await? {
+                            return Ok(Attempt::Done(Once::Again(done)));
+                        }
+                        let refused = |e| async {
+                            self.unless_done(req.as_ref(), e, now_ms)
+                                .await
+                                .map(|done| Attempt::Done(Once::Again(done)))
+                        };
+                        let Some(name) = conn.name.clone() else {
+                            return refused(StoreError::NameRequired).await;
+                        };
                         if conn.shard_in(room).is_some() {
-                            return Ok(Attempt::Done(counter.last));
+                            if let Some(r) = &req {
+                                if let Some(done) = self.find_request(r, now_ms).await? {
+                                    return Ok(Attempt::Done(Once::Again(done)));
+                                }
+                            }
+                            return Ok(Attempt::Done(Once::First(counter.last)));
                         }
                         if conn.room_names().len() >= max_rooms {
-                            return Err(StoreError::TooManyRooms(max_rooms));
+                            return refused(StoreError::TooManyRooms(max_rooms)).await;
                         }
                         let quiet = unsequenced_join(counter, attempt);
-                        let (items, shards) =
+                        let (mut items, shards) =
                             self.join_items(&conn, room, &name, counter, max_rooms, None, quiet)?;
+                        if let Some(r) = &req {
+                            // The answer a resend gets: the join's event id, or an unsequenced
+                            // join's catch-up point (the room's last id as read).
+                            let id = EventRef {
+                                room: room.to_owned(),
+                                id: if quiet {
+                                    counter.last
+                                } else {
+                                    counter.last + 1
+                                },
+                            };
+                            items.push(self.request_put(
+                                r,
+                                connection_id,
+                                None,
+                                vec![id],
+                                now_ms,
+                            )?);
+                        }
                         if quiet {
                             set(unsequenced, Some(counter.last));
                             return Ok(Attempt::Commit(Change {
@@ -95,14 +134,17 @@ impl DynamoStore {
             )
             .await?;
         Ok(match outcome {
-            Outcome::Done(last) => Joined::Already { last },
-            Outcome::Committed(mut events) if events.len() == 1 => Joined::Now(events.remove(0)),
+            Outcome::Done(Once::First(last)) => Once::First(Joined::Already { last }),
+            Outcome::Done(Once::Again(done)) => Once::Again(done),
+            Outcome::Committed(mut events) if events.len() == 1 => {
+                Once::First(Joined::Now(events.remove(0)))
+            }
             Outcome::Committed(events) if events.is_empty() => {
                 let last = lock(unsequenced).ok_or_else(|| {
                     StoreError::Malformed("an unsequenced join without its read".into())
                 })?;
                 self.size_room_logged(room, connection_id, now_ms).await;
-                Joined::Unsequenced { last }
+                Once::First(Joined::Unsequenced { last })
             }
             Outcome::Committed(events) => {
                 return Err(StoreError::Malformed(format!(
@@ -342,23 +384,32 @@ impl DynamoStore {
         room: &str,
         reason: LeaveReason,
         live_only: bool,
+        request: Option<&RequestKey>,
         now_ms: i64,
-    ) -> Result<Option<StoredEvent>, StoreError> {
+    ) -> Result<Once<Option<StoredEvent>>, StoreError> {
         let left = self
             .append_loop(
                 "TransactWriteItems leave",
                 room,
                 now_ms,
-                move |counter, _attempt| {
+                move |counter, attempt| {
                     Box::pin(async move {
                         let conn = self.get_conn(connection_id).await?;
                         let conn = if live_only { live(conn, now_ms) } else { conn }
                             .ok_or_else(|| StoreError::NotConnected(connection_id.to_owned()))?;
-                        let shard = conn
-                            .shard_in(room)
-                            .ok_or_else(|| StoreError::NotAMember(room.to_owned()))?;
+                        let req = requested(request, &conn);
+                        if let Some(done) = self.done_before(req.as_ref(), attempt, now_ms).await? {
+                            return Ok(Attempt::Done(done));
+                        }
+                        let Some(shard) = conn.shard_in(room) else {
+                            let e = StoreError::NotAMember(room.to_owned());
+                            return self
+                                .unless_done(req.as_ref(), e, now_ms)
+                                .await
+                                .map(Attempt::Done);
+                        };
                         let (name, known) = self.name_in_room(&conn, room, shard).await?;
-                        let items = vec![
+                        let mut items = vec![
                             update(
                                 &self.tables.connections,
                                 conn_key(connection_id),
@@ -374,13 +425,28 @@ impl DynamoStore {
                             )?,
                         ];
                         if !live_only && counter.large {
-                            return Ok(Attempt::<Infallible>::Commit(Change {
+                            // A disconnect (no requestId) of a large room: no event, no
+                            // counter move.
+                            return Ok(Attempt::Commit(Change {
                                 items,
                                 events: Vec::new(),
                                 membership: Membership::Unchanged,
                             }));
                         }
-                        Ok(Attempt::<Infallible>::Commit(Change {
+                        if let Some(r) = &req {
+                            let id = EventRef {
+                                room: room.to_owned(),
+                                id: counter.last + 1,
+                            };
+                            items.push(self.request_put(
+                                r,
+                                connection_id,
+                                None,
+                                vec![id],
+                                now_ms,
+                            )?);
+                        }
+                        Ok(Attempt::Commit(Change {
                             items,
                             events: vec![ChatEvent::MemberLeft {
                                 connection_id: connection_id.to_owned(),
@@ -394,12 +460,12 @@ impl DynamoStore {
             )
             .await?;
         match left {
-            Outcome::Committed(mut events) if events.len() <= 1 => Ok(events.pop()),
+            Outcome::Committed(mut events) if events.len() <= 1 => Ok(Once::First(events.pop())),
             Outcome::Committed(events) => Err(StoreError::Malformed(format!(
                 "leave: {} events committed, one expected",
                 events.len()
             ))),
-            Outcome::Done(never) => match never {},
+            Outcome::Done(done) => Ok(Once::Again(done)),
         }
     }
 

@@ -15,13 +15,14 @@
 
 use std::time::Duration;
 
+use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
 use futures::future::BoxFuture;
 use rand::Rng;
 
-use super::expr::{event_key, n, put, s, update, Expr};
+use super::expr::{event_key, n, placeholders, put, s, update, Expr, Item};
 use super::DynamoStore;
 use crate::events::{ChatEvent, EventItem, StoredEvent};
 use crate::keys;
@@ -346,8 +347,73 @@ impl DynamoStore {
             {
                 Ok(false)
             }
+            Err(e) if unconfirmed(&e) => Err(StoreError::unconfirmed(op, e)),
             Err(e) => Err(StoreError::backend(op, e)),
         }
+    }
+
+    /// One conditional `UpdateItem` on the connections table: `Ok(false)` when its condition
+    /// does not hold (nothing was written).
+    pub(super) async fn update_if(
+        &self,
+        op: &'static str,
+        key: Item,
+        update: Expr,
+        cond: Expr,
+    ) -> Result<bool, StoreError> {
+        let (names, values) = placeholders(&[&update, &cond]);
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.tables.connections)
+            .set_key(Some(key))
+            .update_expression(update.text)
+            .condition_expression(cond.text)
+            .set_expression_attribute_names(names)
+            .set_expression_attribute_values(values)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(StoreError::backend(op, e)),
+        }
+    }
+}
+
+/// Whether a failed `TransactWriteItems` may have committed. Certain failures are those
+/// DynamoDB answers before doing anything and the SDK does not retry (a request it could not
+/// build, a validation error, a missing table): they fail the first attempt the same way.
+/// Everything else is unknown: no answer (a timeout, a dropped connection, an unreadable
+/// response), a 5xx, and the errors the SDK retries (throttling, a transaction in progress),
+/// since an earlier attempt of the same call may have timed out after committing.
+fn unconfirmed(e: &SdkError<TransactWriteItemsError, HttpResponse>) -> bool {
+    use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+    match e {
+        SdkError::ConstructionFailure(_) => false,
+        SdkError::ServiceError(service) => {
+            let err = service.err();
+            let transient = matches!(
+                err.code(),
+                Some(
+                    "ThrottlingException"
+                        | "ProvisionedThroughputExceededException"
+                        | "RequestLimitExceeded"
+                        | "TransactionInProgressException"
+                        | "InternalServerError"
+                        | "ServiceUnavailable"
+                )
+            );
+            transient
+                || matches!(err, TransactWriteItemsError::InternalServerError(_))
+                || service.raw().status().is_server_error()
+        }
+        _ => true,
     }
 }
 
