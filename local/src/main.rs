@@ -266,6 +266,7 @@ async fn main() -> anyhow::Result<()> {
                 max_connections: args.principal_max_connections,
                 per_second: args.principal_rate_per_second,
             },
+            ..HandlerConfig::default()
         },
         fanout: FanoutConfig {
             concurrency: args.fanout_concurrency,

@@ -274,7 +274,9 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
     let (store, source, sweeper): (Arc<dyn ChatStore>, Box<dyn RecordSource>, _) =
         match &options.store {
             StoreChoice::Embedded(store) => {
-                let store = store.clone();
+                let store = store
+                    .clone()
+                    .with_large_room_limit(options.handler.presence_limit);
                 let feed = store.feed();
                 // DynamoDB's TTL sweeper, in-process: expired connections, claims and history go.
                 let sweeping = store.clone();
@@ -328,7 +330,8 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
                 )
                 .await
                 .context("reading the event table's stream")?;
-                let store = DynamoStore::new(dynamodb, tables.clone(), options.retention);
+                let store = DynamoStore::new(dynamodb, tables.clone(), options.retention)
+                    .with_large_room_limit(options.handler.presence_limit);
                 (Arc::new(store), Box::new(source), None)
             }
         };

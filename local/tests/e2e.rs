@@ -996,6 +996,65 @@ async fn auth_scenario(mode: Mode) {
     local.stop().await;
 }
 
+/// A room past the large-room limit (2 here): joins are unsequenced, answered with the room's
+/// last id, and the joiner gets the next broadcast.
+async fn large_room_scenario(mode: Mode) {
+    // GIVEN a large-room (and presence) limit of 2, alice and bob in lobby and in big
+    let local = Local::start_with(mode, GatewayConfig::default(), |o| {
+        o.handler.presence_limit = 2;
+        o.fanout.presence_limit = 2;
+        o.handler.rate_limit.per_second = 0;
+    })
+    .await;
+    let mut alice = local.member("alice").await;
+    let mut bob = local.member("bob").await;
+    alice.send(json!({"action":"join","room":"big"})).await;
+    alice.until(|f| f["joined"].is_object()).await;
+    bob.send(json!({"action":"join","room":"big"})).await;
+    assert_eq!(
+        bob.until(|f| f["joined"].is_object()).await,
+        json!({"joined":{"room":"big","id":2}})
+    );
+    // AND carol's join takes big past the limit (a sequenced MemberJoined, id 3)
+    let mut carol = local.client().await;
+    carol.send(json!({"action":"setName","name":"carol"})).await;
+    carol.send(json!({"action":"join","room":"big"})).await;
+    assert_eq!(
+        carol.until(|f| f["joined"].is_object()).await,
+        json!({"joined":{"room":"big","id":3}})
+    );
+
+    // WHEN dave joins big, now large
+    let mut dave = local.client().await;
+    dave.send(json!({"action":"setName","name":"dave"})).await;
+    dave.send(json!({"action":"join","room":"big"})).await;
+    // THEN his join is unsequenced: answered with big's last id, his catch-up point
+    assert_eq!(
+        dave.until(|f| f["joined"].is_object()).await,
+        json!({"joined":{"room":"big","id":3}})
+    );
+    // AND the next broadcast reaches him, with the next id
+    alice
+        .send(json!({"action":"sendPublic","room":"big","message":"hi all"}))
+        .await;
+    let message = dave.until(|f| f["publicMessage"].is_string()).await;
+    assert_eq!(message["publicMessage"], "alice: hi all");
+    assert_eq!(message["id"], 4);
+    assert_eq!(message["room"], "big");
+    // AND big's history after his catch-up point is exactly that message
+    dave.send(json!({"action":"history","room":"big","after":3}))
+        .await;
+    let history = dave
+        .until(|f| f["history"].is_object() || f["history"].is_array())
+        .await;
+    assert!(history.to_string().contains("hi all"), "{history}");
+    assert!(
+        !history.to_string().contains("dave"),
+        "no MemberJoined of dave: {history}"
+    );
+    local.stop().await;
+}
+
 /// The requestId a route response answers (`None`: a fan-out frame).
 fn answers(f: &Value) -> Option<&str> {
     ["ok", "joined", "left", "history", "error"]
@@ -1111,6 +1170,11 @@ mod embedded {
     use super::*;
 
     #[tokio::test]
+    async fn a_join_into_a_large_room_is_unsequenced_and_gets_the_next_broadcast() {
+        large_room_scenario(Mode::Embedded).await;
+    }
+
+    #[tokio::test]
     async fn a_client_matches_answers_to_its_requests_by_request_id() {
         request_id_scenario(Mode::Embedded).await;
     }
@@ -1174,6 +1238,11 @@ mod embedded {
 
 mod aws_like {
     use super::*;
+
+    #[tokio::test]
+    async fn a_join_into_a_large_room_is_unsequenced_and_gets_the_next_broadcast() {
+        large_room_scenario(aws_like()).await;
+    }
 
     #[tokio::test]
     async fn a_client_matches_answers_to_its_requests_by_request_id() {
@@ -1273,6 +1342,11 @@ mod aws_like {
 
 mod moto {
     use super::*;
+
+    #[tokio::test]
+    async fn a_join_into_a_large_room_is_unsequenced_and_gets_the_next_broadcast() {
+        large_room_scenario(Mode::Moto).await;
+    }
 
     #[tokio::test]
     async fn a_client_that_reconnects_catches_up_on_everything_it_missed() {

@@ -11,6 +11,13 @@
 //! room), so a claim nobody in this room holds is no drift of this room's: a claim whose
 //! holder is gone frees itself when it expires with its holder's connection.
 //!
+//! Joins and disconnects need not be events (see `chat_shared::keys`: a large room's, and a
+//! join whose counter was contended, are *unsequenced*): a member item whose connection's
+//! `rooms` names the room with the item's shard is a member the log need not list (counted as
+//! an unsequenced member, not drift), and in a large room (its counter's `large`) a member per
+//! the log with neither a member item nor a `rooms` entry left unsequenced (counted as an
+//! unsequenced leave, not drift). Only one of the two missing is still drift.
+//!
 //! Connections the log says are members but that have no live `CONN#` item (expired by TTL, or
 //! deleted without an event) are reported as "members without a connection" and left alone:
 //! recording their `MemberLeft` needs the store's append (counter and event in one transaction),
@@ -232,6 +239,12 @@ pub struct RebuildReport {
     /// Members whose connection has a rename in progress (its `renaming` marker): their names
     /// are not compared, because the chat completes the rename at their next `setName`.
     pub renames_pending: Vec<String>,
+    /// Members the log does not list but whose member item and connection's `rooms` entry
+    /// agree: joined unsequenced (a large room, or a contended counter). Not drift.
+    pub unsequenced_members: usize,
+    /// Members per the log with neither a member item nor a `rooms` entry, in a large room:
+    /// left unsequenced (a disconnect whose connection item was not removed yet). Not drift.
+    pub unsequenced_leaves: usize,
     /// Whether fixes were attempted (`--apply`).
     pub applied: bool,
     pub fixed: usize,
@@ -274,6 +287,13 @@ impl fmt::Display for RebuildReport {
             for m in &self.members_without_connection {
                 writeln!(f, "  {} ({:?})", m.connection_id, m.name)?;
             }
+        }
+        if self.unsequenced_members > 0 || self.unsequenced_leaves > 0 {
+            writeln!(
+                f,
+                "unsequenced (no event, not drift): {} members joined, {} left",
+                self.unsequenced_members, self.unsequenced_leaves
+            )?;
         }
         if !self.renames_pending.is_empty() {
             writeln!(
@@ -321,6 +341,8 @@ struct Snapshot {
     /// The counter's `last` (`None`: no counter item), and its shard count.
     counter: Option<u64>,
     shards: u32,
+    /// The counter's `large`: joins and disconnects are unsequenced.
+    large: bool,
     /// Member items by connection id.
     members: BTreeMap<String, Membership>,
     /// Live connection items of the members and of the log's members, by connection id.
@@ -385,7 +407,7 @@ impl ConnectionsTable {
     }
 
     /// The room's counter (`None` if it has none) and its shard count.
-    async fn counter(&self) -> Result<(Option<u64>, u32), ReplayError> {
+    async fn counter(&self) -> Result<(Option<u64>, u32, bool), ReplayError> {
         let out = self
             .client
             .get_item()
@@ -397,11 +419,11 @@ impl ConnectionsTable {
             .await
             .map_err(|e| classify(e, "GetItem counter", &self.events_table, &self.at))?;
         match out.item {
-            None => Ok((None, 1)),
+            None => Ok((None, 1, false)),
             Some(item) => {
                 let counter: CounterItem = serde_dynamo::from_item(item)
                     .map_err(Self::malformed(keys::room_pk(&self.room)))?;
-                Ok((Some(counter.last), counter.shards()))
+                Ok((Some(counter.last), counter.shards(), counter.large()))
             }
         }
     }
@@ -836,6 +858,44 @@ async fn derive(
     Ok(derived)
 }
 
+/// Whether the member item `m` (of a connection the log does not list as a member) is an
+/// unsequenced member: its connection's `rooms` names the room with the item's shard.
+fn is_unsequenced_member(conn: &ConnItem, derived: &Derived, m: &Membership) -> bool {
+    conn.shard_in(&derived.room) == Some(m.shard)
+}
+
+/// (unsequenced members, unsequenced leaves) of a snapshot, as [`compare`] leaves them out.
+fn unsequenced(snapshot: &Snapshot, derived: &Derived) -> (usize, usize) {
+    let members = snapshot
+        .members
+        .iter()
+        .filter(|(id, m)| {
+            !matches!(derived.seen.get(*id), Some(Seen::Member(_)))
+                && snapshot
+                    .conns
+                    .get(*id)
+                    .is_some_and(|c| is_unsequenced_member(c, derived, m))
+        })
+        .count();
+    let leaves = if snapshot.large {
+        derived
+            .seen
+            .iter()
+            .filter(|(id, seen)| {
+                matches!(seen, Seen::Member(_))
+                    && !snapshot.members.contains_key(*id)
+                    && snapshot
+                        .conns
+                        .get(*id)
+                        .is_some_and(|c| c.shard_in(&derived.room).is_none())
+            })
+            .count()
+    } else {
+        0
+    };
+    (members, leaves)
+}
+
 /// The drift between a snapshot and what the log says, in a stable order, the members without
 /// a connection, and the members with a rename in progress (left to the chat).
 fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef>, Vec<String>) {
@@ -865,6 +925,8 @@ fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef
                 shard: m.shard,
                 name: m.item.name.clone(),
             }),
+            // Joined unsequenced: the item and the connection's entry agree.
+            (Some(Seen::Left) | None, Some(conn)) if is_unsequenced_member(conn, derived, m) => {}
             (Some(Seen::Left) | None, _) => drift.push(Drift::LeftButPresent {
                 connection_id: id.clone(),
                 shard: m.shard,
@@ -895,6 +957,10 @@ fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef
         };
         let item = snapshot.members.get(id);
         let entry = conn.shard_in(&derived.room);
+        if item.is_none() && entry.is_none() && snapshot.large {
+            // Left a large room unsequenced (no MemberLeft): not a member any more.
+            continue;
+        }
         if item.is_none() || entry.is_none() {
             drift.push(Drift::MemberMissing {
                 connection_id: id.clone(),
@@ -953,7 +1019,7 @@ pub async fn rebuild(
     progress: &ProgressBar,
 ) -> Result<RebuildReport, ReplayError> {
     let now_s = epoch_secs(now_ms);
-    let (counter, shards) = tables.counter().await?;
+    let (counter, shards, large) = tables.counter().await?;
     let members = tables.member_items(shards, now_s).await?;
     let keep: BTreeSet<&str> = members.keys().map(String::as_str).collect();
     let derived = derive(log, &keep, now_ms, progress).await?;
@@ -978,11 +1044,13 @@ pub async fn rebuild(
     let snapshot = Snapshot {
         counter,
         shards,
+        large,
         members,
         conns,
         claims,
     };
     let (drift, members_without_connection, renames_pending) = compare(&snapshot, &derived);
+    let (unsequenced_members, unsequenced_leaves) = unsequenced(&snapshot, &derived);
     let mut report = RebuildReport {
         room: log.room().to_owned(),
         events_read: derived.events_read,
@@ -996,6 +1064,8 @@ pub async fn rebuild(
             .collect(),
         members_without_connection,
         renames_pending,
+        unsequenced_members,
+        unsequenced_leaves,
         applied: apply,
         fixed: 0,
         skipped: 0,
@@ -1107,10 +1177,12 @@ mod tests {
 
     #[test]
     fn a_member_item_of_a_departed_connection_goes_and_a_ghost_goes() {
-        // GIVEN C left r per the log but its member item is there; G's item has no connection
+        // GIVEN C left r per the log but its member item is there (its connection's `rooms`
+        // does not name r: with the entry, it would be an unsequenced re-join); G's item has
+        // no connection
         let snapshot = Snapshot {
             members: BTreeMap::from([member("C", "carol", 0), member("G", "gus", 0)]),
-            conns: BTreeMap::from([("C".to_owned(), conn(Some("carol"), &[("r", 0)]))]),
+            conns: BTreeMap::from([("C".to_owned(), conn(Some("carol"), &[]))]),
             ..snapshot()
         };
         let log = derived(&[("C", Seen::Left), ("G", Seen::Member("gus".into()))], 3);

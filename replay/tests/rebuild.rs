@@ -528,3 +528,57 @@ async fn a_room_other_than_the_lobby_is_rebuilt_on_its_own() {
     // AND the lobby had no drift to begin with, and still has none
     assert_eq!(w.rebuild(false).await.drifts(), Vec::<&Drift>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_a_large_room_joined_or_left_without_events_are_not_drift() {
+    // GIVEN a store whose rooms turn large past 2 members: A, B and C join lobby with
+    // MemberJoined (C's takes it past the limit), D and E join unsequenced (no event)
+    let w = World::new().await;
+    let store = chat_shared::store::dynamodb::DynamoStore::new(
+        w.client.clone(),
+        w.tables.clone(),
+        chat_shared::config::Retention::default(),
+    )
+    .with_large_room_limit(2);
+    let now = chat_shared::now_ms();
+    let mut events = 0;
+    for (id, name) in [
+        ("A", "alice"),
+        ("B", "bob"),
+        ("C", "carol"),
+        ("D", "dave"),
+        ("E", "erin"),
+    ] {
+        store.add_connection(id, now).await.expect("connect");
+        events += store
+            .set_name(id, &valid(name), now)
+            .await
+            .expect("name")
+            .len();
+    }
+    assert_eq!(events, 3);
+    // AND C disconnects, leaving the large lobby without a MemberLeft
+    let left = store
+        .remove_connection("C", LeaveReason::Disconnected, now)
+        .await
+        .expect("remove");
+    assert!(left.is_empty(), "{left:?}");
+
+    // WHEN the room is rebuilt
+    let report = w.rebuild(false).await;
+
+    // THEN there is no drift: D and E are counted as unsequenced members, and C (whom the log
+    // still lists, with no connection left) is reported as a member without a connection
+    assert_eq!(report.drifts(), Vec::<&Drift>::new(), "{report}");
+    assert_eq!(report.unsequenced_members, 2);
+    assert_eq!(
+        report.members_without_connection,
+        vec![MemberRef {
+            connection_id: "C".into(),
+            name: "carol".into(),
+        }]
+    );
+    assert!(report
+        .to_string()
+        .contains("unsequenced (no event, not drift): 2 members joined"));
+}

@@ -75,6 +75,10 @@ pub struct HandlerConfig {
     /// at once, `lobby` included. It bounds what a disconnect must undo (one transaction per
     /// room) and how many `rooms` entries the connection item carries.
     pub max_rooms: usize,
+    /// `PRESENCE_BROADCAST_LIMIT` (default 1,000), the fan-out's setting: past this many
+    /// members a room is large, and its joins and disconnects are unsequenced (the store is
+    /// built with it: `with_large_room_limit`; see [`crate::keys`]).
+    pub presence_limit: usize,
     /// `PRINCIPAL_MAX_CONNECTIONS` / `PRINCIPAL_RATE_PER_SECOND` (default 50 connections at
     /// once, 50 requests/s; 0 turns either off): what one identity, or without authentication
     /// one source IP, may do across all its connections ([`crate::ratelimit`]).
@@ -88,6 +92,7 @@ impl Default for HandlerConfig {
             rate_limit: RateLimit::default(),
             auth: None,
             max_rooms: DEFAULT_MAX_ROOMS,
+            presence_limit: DEFAULT_PRESENCE_BROADCAST_LIMIT,
             principal_limit: PrincipalLimit::default(),
         }
     }
@@ -257,6 +262,11 @@ impl HandlerConfig {
             rate_limit,
             auth: var("AUTH_JWT_SECRET").map(|secret| Authenticator::hs256(secret.as_bytes())),
             max_rooms,
+            presence_limit: parse_var(
+                "PRESENCE_BROADCAST_LIMIT",
+                DEFAULT_PRESENCE_BROADCAST_LIMIT,
+                "expected a number of members",
+            )?,
             principal_limit,
         })
     }

@@ -492,6 +492,16 @@ async fn perform(
                     );
                     (event.seq, false)
                 }
+                Once::First(Joined::Unsequenced { last }) => {
+                    // No event (a large or contended room): catch up from the room's last id.
+                    info!(
+                        connection_id,
+                        room = room.as_str(),
+                        last_event_id = last,
+                        "joined a room unsequenced"
+                    );
+                    (last, false)
+                }
                 Once::First(Joined::Already { last }) => {
                     info!(
                         connection_id,

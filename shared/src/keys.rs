@@ -42,6 +42,7 @@
 //! | `last`    | N    | the last event id given out in the room (no TTL: never expires)     |
 //! | `members` | N    | how many members the room has, kept with each sequenced join/leave  |
 //! | `shards`  | N    | how many member shards the room uses (1, 2, 4, … ≤ [`MAX_MEMBER_SHARDS`]; absent = 1) |
+//! | `large`   | BOOL | set once the room is past its large-room limit (sticky); absent = false |
 //!
 //! Every append is a compare-and-swap on `last` in the same transaction as the event item, so
 //! ids are dense and committed in id order. Which attributes each append writes: always
@@ -54,6 +55,48 @@
 //! A room whose counter is missing (a table written by layout 1, or restored) starts from
 //! its newest event: a writer whose append collides with an existing id moves the counter up
 //! to the log's newest id.
+//!
+//! **Unsequenced joins and leaves (large rooms, contended joins).** A room's counter is one
+//! item: its compare-and-swap commits one append at a time, 50–100 a second at DynamoDB's
+//! 10–20 ms per transaction, while API Gateway admits 500 new connections a second. So not
+//! every join is an event. A join is *unsequenced* — a transaction of the connection's
+//! `rooms` entry and its member item only (no counter move, no `MemberJoined`) — when:
+//! - the room is **large** (`large` set): past the large-room limit (the fan-out's
+//!   `PRESENCE_BROADCAST_LIMIT`, default 1,000), where presence is not broadcast anyway, so a
+//!   `MemberJoined` would only cost the counter; or
+//! - its counter is **contended**: a join cancelled [`SEQUENCED_JOIN_ATTEMPTS`] times on the
+//!   counter joins unsequenced on its next attempt. Its presence is not lost, only coalesced:
+//!   the next sequenced presence change of the room carries a `members` frame (the fan-out
+//!   reads the member items), which lists it.
+//!
+//! A disconnect (or a prune) of a large room leaves it unsequenced too (its `rooms` entry and
+//! member item go, nothing else); an explicit `leave` stays a sequenced `MemberLeft` (its
+//! answer carries the event's id). The answer to an unsequenced `join` is
+//! `{"joined":{"room","id"}}` with `id` the counter's `last` read strongly consistent before
+//! the join commits. Catching up from there loses nothing: every event up to `last` was
+//! committed before that read (an event commits with its counter move), so the joiner was not
+//! a member for any of them and is owed none; every event after `last` is one it may have
+//! missed live (its fan-out may have read the members before the join committed), and a
+//! history read after `last` returns exactly those. A sequenced join's id is the same point
+//! (its own `MemberJoined`).
+//!
+//! **The room's size without the counter.** `members` counts sequenced joins and leaves only.
+//! An unsequenced join does not touch the counter, so it sizes the room by sampling: one join
+//! in [`SIZE_SAMPLE_EVERY`] (by [`samples_size`], a hash of its connection id) counts the
+//! members of the room's newest shard (`shards - 1`) after committing (a strongly consistent
+//! `Query` with `Select: COUNT`, about 25 read units for 1,000 members), estimates the room at
+//! that count times `shards`, and, if the estimate calls for more shards ([`shards_for`]) or is
+//! past the limit, updates the counter's `shards` and `large` (an `UpdateItem` on the condition
+//! that `shards` is as read, so two samplers cannot shrink each other's doubling; sequenced
+//! joins likewise only write `shards` on the condition that it is as they read it). The newest
+//! shard, because doubling moves no member: an older shard also holds the members of every
+//! earlier era and would make the estimate run away (each doubling doubling the next), while
+//! the newest one holds only joins since the last doubling — the estimate can only err low,
+//! and a shard past [`MEMBERS_PER_SHARD`] still doubles. A sampled room (large, or contended
+//! enough to join unsequenced) gets at least [`LARGE_ROOM_SHARDS`] shards, so a storm of joins
+//! spreads its member writes over that many partitions. `large` is sticky (like `shards`): a room that was large
+//! keeps unsequenced joins, which is the hysteresis; its members are still exact in the
+//! member items, which is all the fan-out reads.
 //!
 //! The same table holds **redelivery items** (`crate::redelivery`): frames a broadcast still
 //! owes a few connections, brought back to the fan-out by the stream. Their partition is
@@ -185,6 +228,15 @@ pub const COUNTER_LAST: &str = "last";
 pub const COUNTER_MEMBERS: &str = "members";
 /// The counter's member shard count.
 pub const COUNTER_SHARDS: &str = "shards";
+/// The counter's large-room flag.
+pub const COUNTER_LARGE: &str = "large";
+
+/// A join whose append lost the counter this many times joins unsequenced on its next attempt.
+pub const SEQUENCED_JOIN_ATTEMPTS: u32 = 3;
+/// One unsequenced join in this many (by [`samples_size`]) counts its shard to size the room.
+pub const SIZE_SAMPLE_EVERY: u32 = 16;
+/// The fewest member shards of a large room.
+pub const LARGE_ROOM_SHARDS: u32 = 8;
 
 /// The `type` of a request item.
 pub const REQUEST_TYPE: &str = "Request";
@@ -250,6 +302,30 @@ pub fn member_shard(connection_id: &str, shards: u32) -> u32 {
     h % shards.max(1)
 }
 
+/// Whether the unsequenced join of `connection_id` counts its shard to size the room: one id
+/// in [`SIZE_SAMPLE_EVERY`], by a hash independent of [`member_shard`]'s (so the samplers are
+/// spread over every shard), stable across processes.
+pub fn samples_size(connection_id: &str) -> bool {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in connection_id.bytes().rev() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h >> 7).is_multiple_of(SIZE_SAMPLE_EVERY)
+}
+
+/// What a sampler concludes from `counted` members in the newest shard of a room of `shards`
+/// shards (`large` already or not) with large-room limit `limit`: the room's shards and whether
+/// it is large, from the estimate `counted × shards` (never fewer shards than now, never large
+/// no more; at least [`LARGE_ROOM_SHARDS`]: a room whose joins are unsequenced is busy).
+pub fn sized(counted: u64, shards: u32, large: bool, limit: u64) -> (u32, bool) {
+    let shards = shards.max(1);
+    let estimate = counted.saturating_mul(u64::from(shards));
+    let large = large || estimate > limit;
+    let s = shards_for(estimate, shards).max(LARGE_ROOM_SHARDS.min(MAX_MEMBER_SHARDS));
+    (s, large)
+}
+
 /// How many shards a room of `members` members uses, given it uses `shards` now: doubled
 /// while over [`MEMBERS_PER_SHARD`] each, never fewer than now, at most [`MAX_MEMBER_SHARDS`].
 pub fn shards_for(members: u64, shards: u32) -> u32 {
@@ -272,6 +348,39 @@ mod tests {
         assert_eq!(shards_for(100_000, 1), 128);
         assert_eq!(shards_for(10, 8), 8);
         assert_eq!(shards_for(10_000_000, 1), MAX_MEMBER_SHARDS);
+    }
+
+    #[test]
+    fn one_join_in_sample_every_sizes_the_room_and_samplers_spread_over_shards() {
+        // GIVEN 16,000 connection ids
+        let sampled: Vec<String> = (0..16_000)
+            .map(|i| format!("conn-{i}="))
+            .filter(|id| samples_size(id))
+            .collect();
+        // THEN about one in SIZE_SAMPLE_EVERY samples, and the samplers land on every shard
+        assert!(
+            sampled.len() > 700 && sampled.len() < 1_300,
+            "{}",
+            sampled.len()
+        );
+        let mut shards = [0u32; 16];
+        for id in &sampled {
+            shards[member_shard(id, 16) as usize] += 1;
+        }
+        assert!(shards.iter().all(|&c| c > 20), "{shards:?}");
+    }
+
+    #[test]
+    fn a_sample_doubles_shards_and_flags_a_large_room() {
+        // 600 in one of 2 shards: 1,200 members, more than 1,000 per shard over 1: 2 shards
+        // stay; past a limit of 1,000 → large, at least LARGE_ROOM_SHARDS
+        assert_eq!(sized(600, 2, false, 1_000), (LARGE_ROOM_SHARDS, true));
+        assert_eq!(sized(400, 2, false, 1_000), (LARGE_ROOM_SHARDS, false));
+        // 1,500 in one of 8 shards: 12,000 members → 16 shards
+        assert_eq!(sized(1_500, 8, true, 1_000), (16, true));
+        // never fewer shards than now, and large stays large (with its shards)
+        assert_eq!(sized(0, 64, false, 1_000), (64, false));
+        assert_eq!(sized(1, 1, true, 1_000), (LARGE_ROOM_SHARDS, true));
     }
 
     #[test]

@@ -47,6 +47,7 @@ async fn join(store: &EmbeddedStore, id: &str, room: &str, now: i64) -> StoredEv
     {
         Joined::Now(event) => event,
         Joined::Already { .. } => panic!("{id} was in {room} already"),
+        Joined::Unsequenced { .. } => panic!("{id} joined {room} unsequenced"),
     }
 }
 
@@ -398,7 +399,8 @@ async fn every_append_moves_its_rooms_counter_on_the_feed_before_its_event() {
         Some(RoomCounter {
             last: 3,
             members: 0,
-            shards: 1
+            shards: 1,
+            large: false,
         })
     );
     // AND the keys of every record are the item's key, as DynamoDB Streams gives them
@@ -407,8 +409,9 @@ async fn every_append_moves_its_rooms_counter_on_the_feed_before_its_event() {
 
 #[tokio::test]
 async fn a_room_past_a_thousand_members_doubles_its_shards_and_keeps_everyone() {
-    // GIVEN 1,050 named connections (each a member of lobby)
-    let s = store();
+    // GIVEN 1,050 named connections (each a member of lobby), under a large-room limit above
+    // that, so every join is sequenced and counted
+    let s = store().with_large_room_limit(2_000);
     let now = chat_shared::now_ms();
     for i in 0..1_050 {
         named(&s, &format!("c{i:04}="), &format!("m{i}"), now).await;

@@ -40,6 +40,7 @@ use chat_shared::store::{
 use chat_shared::stream::RecordSource;
 use chat_shared::validation::{name_key, validate_name, ValidName};
 use chat_tests::{unique_name, Moto, StreamReader};
+use futures::StreamExt;
 
 /// Members per page in every store under test, so a handful of members spans several pages.
 const PAGE_LIMIT: usize = 2;
@@ -76,9 +77,18 @@ impl Fixture {
     }
 
     fn embedded_with(behaviour: StoreBehaviour) -> Fixture {
+        Self::embedded_limited(
+            behaviour,
+            chat_shared::config::DEFAULT_PRESENCE_BROADCAST_LIMIT,
+        )
+    }
+
+    /// An embedded store whose rooms turn large past `large_limit` members.
+    fn embedded_limited(behaviour: StoreBehaviour, large_limit: usize) -> Fixture {
         let store = EmbeddedStore::new(Retention::default())
             .with_page_limit(PAGE_LIMIT)
-            .with_behaviour(behaviour);
+            .with_behaviour(behaviour)
+            .with_large_room_limit(large_limit);
         Fixture {
             feed: Feed::Embedded(store.feed()),
             store: Arc::new(store),
@@ -89,6 +99,11 @@ impl Fixture {
     }
 
     async fn dynamodb() -> Fixture {
+        Self::dynamodb_limited(chat_shared::config::DEFAULT_PRESENCE_BROADCAST_LIMIT).await
+    }
+
+    /// The DynamoDB store whose rooms turn large past `large_limit` members.
+    async fn dynamodb_limited(large_limit: usize) -> Fixture {
         let moto = Moto::start().await.expect("moto starts");
         let tables = Tables {
             events: unique_name("events"),
@@ -98,7 +113,8 @@ impl Fixture {
             .await
             .expect("tables created");
         let store = DynamoStore::new(moto.dynamodb(), tables.clone(), Retention::default())
-            .with_page_limit(PAGE_LIMIT as i32);
+            .with_page_limit(PAGE_LIMIT as i32)
+            .with_large_room_limit(large_limit);
         let reader = StreamReader::new(&moto.dynamodb(), moto.streams(), &tables.events)
             .await
             .expect("stream reader");
@@ -252,6 +268,7 @@ async fn join_room(store: &dyn ChatStore, id: &str, room: &str, now_ms: i64) -> 
     {
         Joined::Now(event) => event,
         Joined::Already { .. } => panic!("{id} was a member of {room} already"),
+        Joined::Unsequenced { .. } => panic!("{id} joined {room} unsequenced"),
     }
 }
 
@@ -1753,17 +1770,23 @@ async fn concurrent_joins_of_one_room_get_dense_ids(f: &mut Fixture) {
         })
         .collect();
     let mut joined = Vec::new();
+    let mut unsequenced = 0;
     for j in joins {
         match j.await.expect("task").expect("every join succeeds") {
             Joined::Now(event) => joined.push(event),
+            // One that lost the counter SEQUENCED_JOIN_ATTEMPTS times joined without an event.
+            Joined::Unsequenced { .. } => unsequenced += 1,
             other => panic!("{other:?}"),
         }
     }
 
-    // THEN dev's ids are exactly 1..=8, each member listed once, and the feed has each join
+    // THEN dev's ids are exactly 1..=k for the k sequenced joins (the first always is), every
+    // joiner is listed once, and the feed has each sequenced join
     let mut seqs: Vec<u64> = joined.iter().map(|e| e.seq).collect();
     seqs.sort_unstable();
-    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+    assert!(!seqs.is_empty());
+    assert_eq!(seqs.len() + unsequenced, 8);
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
     f.settle().await;
     assert_eq!(
         ids(&room_members(f.store(), "dev", now).await),
@@ -1827,6 +1850,254 @@ async fn taking_a_name_back_removes_the_old_connection_from_every_room(f: &mut F
     assert_eq!(ids(&room_members(s, "dev", now).await), ["b"]);
     assert_eq!(ids(&room_members(s, "lobby", now).await), ["a2", "b"]);
 }
+
+/// The large-room limit of the `contract_large!` cases.
+const SMALL_LIMIT: usize = 3;
+
+/// `setName` of a new connection, with whatever events it recorded (none for an unsequenced
+/// join of a large lobby).
+async fn named(store: &dyn ChatStore, id: &str, display: &str, now_ms: i64) -> Vec<StoredEvent> {
+    store.add_connection(id, now_ms).await.expect("connect");
+    store
+        .set_name(id, &name(display), now_ms)
+        .await
+        .expect("set name")
+}
+
+async fn joins_past_the_large_room_limit_are_unsequenced_members(f: &mut Fixture) {
+    // GIVEN a large-room limit of 3 and six connections setting their names
+    let now = chat_shared::now_ms();
+    let mut lobby = Vec::new();
+    for i in 0..6 {
+        lobby.push(named(f.store(), &format!("m{i}"), &format!("member{i}"), now).await);
+    }
+    // THEN the first four joins of lobby are sequenced (the fourth takes it past the limit and
+    // makes it large, with at least LARGE_ROOM_SHARDS shards), the last two record nothing
+    let counts: Vec<usize> = lobby.iter().map(Vec::len).collect();
+    assert_eq!(counts, [1, 1, 1, 1, 0, 0]);
+    assert_eq!(
+        f.store()
+            .member_shards(keys::DEFAULT_ROOM, now)
+            .await
+            .expect("shards"),
+        keys::LARGE_ROOM_SHARDS
+    );
+
+    // WHEN all six join room big
+    let mut answers = Vec::new();
+    for i in 0..6 {
+        answers.push(
+            f.store()
+                .join_room(&format!("m{i}"), "big", DEFAULT_MAX_ROOMS, now)
+                .await
+                .expect("join"),
+        );
+    }
+    // THEN the same: four MemberJoined (ids 1..=4), then two unsequenced joins whose catch-up
+    // point is the room's last id when they joined
+    for (i, answer) in answers.iter().enumerate() {
+        match (i, answer) {
+            (0..=3, Joined::Now(e)) => assert_eq!(e.seq, i as u64 + 1),
+            (4 | 5, Joined::Unsequenced { last }) => assert_eq!(*last, 4),
+            other => panic!("join {i}: {other:?}"),
+        }
+    }
+    // AND every one is a member (the fan-out's member walk finds it), big's log has the four
+    // joins only, and the feed has nothing but the sequenced events
+    f.settle().await;
+    let all: Vec<String> = (0..6).map(|i| format!("m{i}")).collect();
+    assert_eq!(
+        ids(&room_members(f.store(), "big", now).await),
+        ids_of(&all)
+    );
+    assert_eq!(
+        ids(&room_members(f.store(), keys::DEFAULT_ROOM, now).await),
+        ids_of(&all)
+    );
+    let log = room_log(f.store(), "big", now).await;
+    assert_eq!(log.len(), 4);
+    assert!(log
+        .iter()
+        .all(|e| matches!(e.event, ChatEvent::MemberJoined { .. })));
+    let committed = f.committed().await;
+    assert_eq!(committed.len(), 8, "{committed:?}");
+
+    // WHEN an unsequenced member posts THEN it may (it is a member), at the next id
+    let posted = f
+        .store()
+        .post_to_room("m5", "big", "hello", now)
+        .await
+        .expect("post");
+    assert_eq!(posted.seq, 5);
+    // WHEN one member disconnects THEN it leaves both large rooms without an event
+    let left = f
+        .store()
+        .remove_connection("m5", LeaveReason::Disconnected, now)
+        .await
+        .expect("remove");
+    assert_eq!(left, vec![]);
+    // AND an explicit leave is still a sequenced MemberLeft
+    let leave = f
+        .store()
+        .leave_room("m4", "big", LeaveReason::Left, now)
+        .await
+        .expect("leave");
+    assert_eq!(leave.seq, 6);
+    f.settle().await;
+    assert_eq!(
+        ids(&room_members(f.store(), "big", now).await),
+        ["m0", "m1", "m2", "m3"]
+    );
+    assert_eq!(room_log(f.store(), "big", now).await.len(), 6);
+}
+
+async fn requests_into_a_large_room_are_unsequenced_and_recorded_once(f: &mut Fixture) {
+    use chat_shared::store::requests::{Once, RequestKey};
+    // GIVEN a large-room limit of 3: four named connections make lobby large, and their
+    // joins make room big large
+    let now = chat_shared::now_ms();
+    for i in 0..4 {
+        named(f.store(), &format!("m{i}"), &format!("member{i}"), now).await;
+        let joined = f
+            .store()
+            .join_room(&format!("m{i}"), "big", DEFAULT_MAX_ROOMS, now)
+            .await
+            .expect("join");
+        assert!(matches!(joined, Joined::Now(_)), "join {i}: {joined:?}");
+    }
+    f.store().add_connection("m4", now).await.expect("connect");
+
+    // WHEN a fifth sets its name with a requestId THEN it is in lobby unsequenced: no event
+    let set = RequestKey::new("n-1", "setName", r#"["setName",["member4"]]"#);
+    let first = f
+        .store()
+        .set_name_once("m4", &name("member4"), &set, now)
+        .await
+        .expect("set name");
+    assert!(
+        matches!(&first, Once::First(events) if events.is_empty()),
+        "{first:?}"
+    );
+    // AND its resend is answered from its record, with no event either
+    match f
+        .store()
+        .set_name_once("m4", &name("member4"), &set, now)
+        .await
+        .expect("resend set name")
+    {
+        Once::Again(done) => {
+            assert_eq!(done.name.as_deref(), Some("member4"));
+            assert!(done.events.is_empty(), "{:?}", done.events);
+        }
+        other => panic!("resent setName: {other:?}"),
+    }
+
+    // WHEN it joins big with a requestId THEN it joins unsequenced, at big's last id (4)
+    let join = RequestKey::new("j-1", "join", r#"["join",["big"]]"#);
+    let joined = f
+        .store()
+        .join_room_once("m4", "big", DEFAULT_MAX_ROOMS, &join, now)
+        .await
+        .expect("join once");
+    assert!(
+        matches!(joined, Once::First(Joined::Unsequenced { last: 4 })),
+        "{joined:?}"
+    );
+    // AND after big moves on (a post, id 5), its resend gets the same answer, from the record
+    let posted = f
+        .store()
+        .post_to_room("m0", "big", "hello", now)
+        .await
+        .expect("post");
+    assert_eq!(posted.seq, 5);
+    match f
+        .store()
+        .join_room_once("m4", "big", DEFAULT_MAX_ROOMS, &join, now)
+        .await
+        .expect("resend join")
+    {
+        Once::Again(done) => {
+            let answer: Vec<(&str, u64)> = done
+                .events
+                .iter()
+                .map(|e| (e.room.as_str(), e.id))
+                .collect();
+            assert_eq!(answer, [("big", 4)]);
+        }
+        other => panic!("resent join: {other:?}"),
+    }
+    // AND it is a member once, and nothing but the four joins and the post is in big's log
+    f.settle().await;
+    assert_eq!(
+        ids(&room_members(f.store(), "big", now).await),
+        ["m0", "m1", "m2", "m3", "m4"]
+    );
+    assert_eq!(room_log(f.store(), "big", now).await.len(), 5);
+
+    // WHEN it leaves big with a requestId THEN the leave is sequenced (MemberLeft, id 6), and
+    // its resend gets that id without a second event
+    let leave = RequestKey::new("l-1", "leave", r#"["leave",["big"]]"#);
+    let left = f
+        .store()
+        .leave_room_once("m4", "big", &leave, now)
+        .await
+        .expect("leave once");
+    assert!(matches!(&left, Once::First(e) if e.seq == 6), "{left:?}");
+    match f
+        .store()
+        .leave_room_once("m4", "big", &leave, now)
+        .await
+        .expect("resend leave")
+    {
+        Once::Again(done) => assert_eq!(done.events.first().map(|e| e.id), Some(6)),
+        other => panic!("resent leave: {other:?}"),
+    }
+    f.settle().await;
+    assert_eq!(room_log(f.store(), "big", now).await.len(), 6);
+}
+
+macro_rules! contract_large {
+    ($($case:ident),* $(,)?) => {
+        mod large_embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&mut super::Fixture::embedded_limited(
+                        super::StoreBehaviour::IDEAL,
+                        super::SMALL_LIMIT,
+                    ))
+                    .await;
+                }
+            )*
+        }
+        mod large_aws_like {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&mut super::Fixture::embedded_limited(
+                        super::StoreBehaviour::aws_like(),
+                        super::SMALL_LIMIT,
+                    ))
+                    .await;
+                }
+            )*
+        }
+        mod large_dynamodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&mut super::Fixture::dynamodb_limited(super::SMALL_LIMIT).await)
+                        .await;
+                }
+            )*
+        }
+    };
+}
+
+contract_large!(
+    joins_past_the_large_room_limit_are_unsequenced_members,
+    requests_into_a_large_room_are_unsequenced_and_recorded_once,
+);
 
 /// Opens `id` for `principal` with at most `max` connections at once.
 async fn open_for(s: &dyn ChatStore, id: &str, principal: &str, max: u32, now: i64) -> bool {
@@ -3033,4 +3304,195 @@ async fn embedded_aws_like_a_hot_partition_is_throttled_as_dynamodb_throttles_it
     let later = later.expect("the partition refilled");
     assert_eq!(later.seq, joined.seq + 1);
     assert_eq!(store.events().len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unsequenced joins: forced contention and the sampled sizing of a room
+// ---------------------------------------------------------------------------------------------
+
+/// Connection ids with the given prefix that do (or do not) size their room when they join
+/// unsequenced (`keys::samples_size`).
+fn sampling_ids(prefix: &str, samples: bool, n: usize) -> Vec<String> {
+    let found: Vec<String> = (0..10_000)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|id| keys::samples_size(id) == samples)
+        .take(n)
+        .collect();
+    assert_eq!(found.len(), n, "ids that sample: {samples}");
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_join_that_loses_the_counter_three_times_joins_unsequenced_and_is_listed() {
+    // GIVEN a room dev of one member, and two more named connections
+    let s = embedded();
+    let now = chat_shared::now_ms();
+    for (id, display) in [("a", "alice"), ("b", "bob"), ("c", "carol"), ("d", "dave")] {
+        join(&s, id, display, now).await;
+    }
+    assert_eq!(join_room(&s, "a", "dev", now).await.seq, 1);
+
+    // WHEN bob's join loses dev's counter twice (forced, as if two writers had moved it)
+    s.force_collisions("dev", keys::SEQUENCED_JOIN_ATTEMPTS - 1);
+    let bob = s
+        .join_room("b", "dev", DEFAULT_MAX_ROOMS, now)
+        .await
+        .expect("join");
+    // THEN its third attempt still records MemberJoined
+    assert!(matches!(bob, Joined::Now(ref e) if e.seq == 2), "{bob:?}");
+
+    // WHEN carol's join loses it three times
+    s.force_collisions("dev", keys::SEQUENCED_JOIN_ATTEMPTS);
+    let carol = s
+        .join_room("c", "dev", DEFAULT_MAX_ROOMS, now)
+        .await
+        .expect("join");
+    // THEN she joins unsequenced: no event, her catch-up point the room's last id
+    assert_eq!(carol, Joined::Unsequenced { last: 2 });
+    assert_eq!(s.events_in("dev").len(), 2);
+    assert_eq!(s.counter("dev").map(|c| c.last), Some(2));
+
+    // AND the fan-out's member walk finds her, so she receives the next broadcast
+    let walk: Vec<String> = chat_shared::fanout::members(&s, "dev", now)
+        .map(|m| m.expect("member").connection_id)
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(
+        BTreeSet::from_iter(walk),
+        BTreeSet::from(["a", "b", "c"].map(String::from))
+    );
+    // AND the next sequenced presence change of the room (dave's join) carries her in its
+    // members frame: the frame is built from that walk
+    let dave = join_room(&s, "d", "dev", now).await;
+    assert_eq!(dave.seq, 3);
+    let names: Vec<String> = chat_shared::fanout::members(&s, "dev", now)
+        .map(|m| m.expect("member").name)
+        .collect::<Vec<_>>()
+        .await;
+    let frames = chat_shared::fanout::presence_frames(&[dave], names);
+    let members_frame = frames
+        .iter()
+        .map(|f| f.to_json())
+        .find(|f| f.contains("\"members\""))
+        .expect("a members frame");
+    assert!(members_frame.contains("carol"), "{members_frame}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_sampled_unsequenced_joins_make_a_room_large_without_the_counter() {
+    // GIVEN a large-room limit of 3, a room dev of one member, and dev's counter contended on
+    // every append (so each join is unsequenced and `members` stays 1)
+    let s = embedded().with_large_room_limit(3);
+    let now = chat_shared::now_ms();
+    // Four that are no samplers and land in dev's newest shard once it has eight.
+    let quiet: Vec<String> = sampling_ids("q", false, 200)
+        .into_iter()
+        .filter(|id| keys::member_shard(id, keys::LARGE_ROOM_SHARDS) == keys::LARGE_ROOM_SHARDS - 1)
+        .take(4)
+        .collect();
+    assert_eq!(quiet.len(), 4);
+    let samplers = sampling_ids("s", true, 2);
+    // (lobby turns large too: `named`, whose setName may record nothing)
+    for (i, id) in quiet.iter().chain(&samplers).enumerate() {
+        named(&s, id, &format!("user{i}"), now).await;
+    }
+    named(&s, "seed", "seed", now).await;
+    join_room(&s, "seed", "dev", now).await;
+    s.force_collisions("dev", 1_000);
+
+    // WHEN a sampler joins (2 members in dev's one shard)
+    let first = s
+        .join_room(&samplers[0], "dev", DEFAULT_MAX_ROOMS, now)
+        .await
+        .expect("join");
+    assert!(matches!(first, Joined::Unsequenced { .. }), "{first:?}");
+    // THEN the busy room gets LARGE_ROOM_SHARDS shards, but is not past the limit
+    let counter = s.counter("dev").expect("counter");
+    assert_eq!(counter.shards, keys::LARGE_ROOM_SHARDS);
+    assert!(!counter.large);
+    // WHEN four non-samplers join dev's newest shard THEN nothing sizes the room
+    for id in &quiet {
+        let j = s
+            .join_room(id, "dev", DEFAULT_MAX_ROOMS, now)
+            .await
+            .expect("join");
+        assert!(matches!(j, Joined::Unsequenced { .. }), "{j:?}");
+    }
+    assert!(!s.counter("dev").expect("counter").large);
+    // WHEN the second sampler joins
+    s.join_room(&samplers[1], "dev", DEFAULT_MAX_ROOMS, now)
+        .await
+        .expect("join");
+    // THEN its count of the newest shard (4 or more, times 8) makes dev large, though
+    // `members` says 1
+    let counter = s.counter("dev").expect("counter");
+    assert!(counter.large);
+    assert_eq!(counter.shards, keys::LARGE_ROOM_SHARDS);
+    assert_eq!(counter.members, 1);
+    // AND with the contention gone, the next join is unsequenced because dev is large
+    s.force_collisions("dev", 0);
+    named(&s, "late", "late", now).await;
+    let late = s
+        .join_room("late", "dev", DEFAULT_MAX_ROOMS, now)
+        .await
+        .expect("join");
+    assert_eq!(late, Joined::Unsequenced { last: 1 });
+    let walk = chat_shared::fanout::members(&s, "dev", now)
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(walk.len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_a_sampled_unsequenced_join_sizes_a_large_room() {
+    // GIVEN dev's counter marked large by hand (one shard), and named connections
+    let f = Fixture::dynamodb().await;
+    let (client, tables) = f.dynamo.clone().expect("dynamodb fixture");
+    let now = chat_shared::now_ms();
+    client
+        .put_item()
+        .table_name(&tables.events)
+        .item(keys::PK, av_s(&keys::room_pk("dev")))
+        .item(keys::SEQ, av_n(keys::COUNTER_SEQ))
+        .item(keys::TYPE, av_s(keys::COUNTER_TYPE))
+        .item(keys::COUNTER_LAST, av_n(0))
+        .item(keys::COUNTER_LARGE, Av::Bool(true))
+        .send()
+        .await
+        .expect("put counter");
+    let quiet = sampling_ids("q", false, 2);
+    let sampler = sampling_ids("s", true, 1).remove(0);
+    for (i, id) in quiet.iter().chain([&sampler]).enumerate() {
+        join(f.store(), id, &format!("user{i}"), now).await;
+    }
+
+    // WHEN two non-samplers join THEN they are unsequenced and the counter is as it was
+    for id in &quiet {
+        let j = f
+            .store()
+            .join_room(id, "dev", DEFAULT_MAX_ROOMS, now)
+            .await
+            .expect("join");
+        assert_eq!(j, Joined::Unsequenced { last: 0 });
+    }
+    assert!(!counter_item(&client, &tables, "dev")
+        .await
+        .contains_key(keys::COUNTER_SHARDS));
+    // WHEN a sampler joins THEN its count (Query, Select COUNT) gives the large room its
+    // LARGE_ROOM_SHARDS shards (UpdateItem on the condition shards are as read)
+    let j = f
+        .store()
+        .join_room(&sampler, "dev", DEFAULT_MAX_ROOMS, now)
+        .await
+        .expect("join");
+    assert_eq!(j, Joined::Unsequenced { last: 0 });
+    let counter = counter_item(&client, &tables, "dev").await;
+    assert_eq!(
+        number(&counter, keys::COUNTER_SHARDS),
+        u64::from(keys::LARGE_ROOM_SHARDS)
+    );
+    assert_eq!(number(&counter, keys::COUNTER_LAST), 0);
+    // AND every joiner is still found, the earlier ones in shard 0 of the eight
+    assert_eq!(room_members(f.store(), "dev", now).await.len(), 3);
+    assert!(room_log(f.store(), "dev", now).await.is_empty());
 }

@@ -25,7 +25,8 @@ async fn main() -> Result<(), Error> {
         aws_sdk_dynamodb::Client::new(&aws),
         Tables::from_env()?,
         Retention::from_env()?,
-    );
+    )
+    .with_large_room_limit(config.presence_limit);
     let (store, config) = (&store, &config);
     let cold = &std::sync::Once::new();
     lambda_runtime::run(service_fn(

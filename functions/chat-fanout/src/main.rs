@@ -26,7 +26,8 @@ async fn main() -> Result<(), Error> {
         aws_sdk_dynamodb::Client::new(&aws),
         Tables::from_env()?,
         Retention::from_env()?,
-    );
+    )
+    .with_large_room_limit(config.presence_limit);
     let api = ManagementApi::new(&aws, &connections_endpoint_from_env()?);
     let (store, api, config) = (&store, &api, &config);
     let cold = &std::sync::Once::new();

@@ -31,13 +31,16 @@ pub enum ReadOp {
     /// `GetItem` of one member item (`MEMBERS#<room>#<shard>` / `<connId>`): the name a room
     /// knows a connection by, read only while a rename of it is unfinished (`renaming`).
     GetMember,
+    /// `Query` of one member shard with `Select: COUNT`: an unsequenced join sizing its room
+    /// (see [`crate::keys`]).
+    CountMembers,
     /// `GetItem` of a request item (`REQUEST#<scope>` / `<requestId>`): read only after a
     /// request with a `requestId` was cancelled or refused, to tell a resend of a done request.
     GetRequest,
 }
 
 impl ReadOp {
-    pub const ALL: [ReadOp; 8] = [
+    pub const ALL: [ReadOp; 9] = [
         ReadOp::GetConnection,
         ReadOp::GetNameClaim,
         ReadOp::GetSequence,
@@ -45,6 +48,7 @@ impl ReadOp {
         ReadOp::QueryEvents,
         ReadOp::QueryNewestEvent,
         ReadOp::GetMember,
+        ReadOp::CountMembers,
         ReadOp::GetRequest,
     ];
 
@@ -65,6 +69,9 @@ impl ReadOp {
             // stale name would announce a rename twice (the write's condition would refuse it,
             // at the cost of a cancelled transaction).
             | ReadOp::GetMember
+            // Strongly consistent: a count that misses the joins of the last moment would
+            // size the room behind them.
+            | ReadOp::CountMembers
             // Strongly consistent: a resend read eventually could miss the item its first
             // send committed a moment ago, and be stored twice.
             | ReadOp::GetRequest => true,

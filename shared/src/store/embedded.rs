@@ -157,6 +157,8 @@ pub struct RoomCounter {
     pub members: u64,
     /// Member shards the room uses.
     pub shards: u32,
+    /// Past the large-room limit: joins and disconnects are unsequenced (see [`crate::keys`]).
+    pub large: bool,
 }
 
 /// A room's counter item as stored: `members` and `shards` are set by the first join (a room
@@ -166,6 +168,7 @@ struct CounterItem {
     last: u64,
     members: Option<u64>,
     shards: Option<u32>,
+    large: Option<bool>,
 }
 
 impl CounterItem {
@@ -174,6 +177,7 @@ impl CounterItem {
             last: self.last,
             members: self.members.unwrap_or(0),
             shards: self.shards.unwrap_or(1).max(1),
+            large: self.large.unwrap_or(false),
         }
     }
 }
@@ -347,6 +351,11 @@ struct State {
     consumed: Consumed,
     /// The same, by partition key.
     consumed_by_partition: HashMap<String, Consumed>,
+    /// The large-room limit (`None`: [`crate::config::DEFAULT_PRESENCE_BROADCAST_LIMIT`]).
+    large_limit: Option<u64>,
+    /// Appends to a room to treat as having lost its counter, by room (a test's forced
+    /// contention, in every mode).
+    forced_collisions: HashMap<String, u32>,
     /// Principals' connection slots (`LIMIT#<principal>`/`CONNS`), by principal.
     slots: HashMap<String, SlotsItem>,
     /// Principals' request counters (`LIMIT#<principal>`/`REQ#<window>`): only the current
@@ -522,6 +531,50 @@ impl State {
         self.counter(room).map_or(0, |c| c.last)
     }
 
+    fn large_limit(&self) -> u64 {
+        self.large_limit
+            .unwrap_or(crate::config::DEFAULT_PRESENCE_BROADCAST_LIMIT as u64)
+    }
+
+    /// Whether the room is large (its joins and disconnects unsequenced).
+    fn large(&self, room: &str) -> bool {
+        self.counter(room).is_some_and(|c| c.view().large)
+    }
+
+    /// The room's shards now (1 for a room without a counter).
+    fn shards(&self, room: &str) -> u32 {
+        self.counter(room).map_or(1, |c| c.view().shards)
+    }
+
+    /// Takes one forced collision of `room`'s counter, if a test asked for any.
+    fn forced_collision(&mut self, room: &str) -> bool {
+        match self.forced_collisions.get_mut(room) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Live member items in one shard (a sampler's `Query` with `Select: COUNT`), and their
+    /// size in bytes (what the query reads).
+    fn count_shard(&self, room: &str, shard: u32, now_s: i64) -> (u64, usize) {
+        let pk = keys::members_pk(room, shard);
+        let Some(items) = self.members.get(&pk) else {
+            return (0, 0);
+        };
+        let mut count = 0;
+        let mut bytes = 0;
+        for m in items.items.values() {
+            bytes += member_item_size(&pk, m);
+            if m.expires_at > now_s {
+                count += 1;
+            }
+        }
+        (count, bytes)
+    }
+
     /// The room's counter before and after one more append that changes its members by
     /// `members` (+1 a join, -1 a leave, floored at 0; a join may double the shards).
     fn next_counter(&self, room: &str, members: i8) -> (Option<CounterItem>, CounterItem) {
@@ -549,7 +602,13 @@ impl State {
         match members {
             Members::Join => {
                 after.members = Some(now.members + 1);
-                after.shards = Some(keys::shards_for(now.members + 1, now.shards));
+                let mut shards = keys::shards_for(now.members + 1, now.shards);
+                // The join that takes the room past the limit makes it large.
+                if now.members + 1 > self.large_limit() {
+                    after.large = Some(true);
+                    shards = shards.max(keys::LARGE_ROOM_SHARDS);
+                }
+                after.shards = Some(shards);
             }
             Members::Same => {}
             Members::Leave(n) => after.members = Some(now.members.saturating_sub(n)),
@@ -842,6 +901,9 @@ fn counter_image(room_pk: &str, c: CounterItem) -> Item {
     if let Some(shards) = c.shards {
         item.insert(keys::COUNTER_SHARDS.to_owned(), n(u64::from(shards)));
     }
+    if let Some(large) = c.large {
+        item.insert(keys::COUNTER_LARGE.to_owned(), AttributeValue::Bool(large));
+    }
     Item::from(item)
 }
 
@@ -956,6 +1018,28 @@ impl EmbeddedStore {
     /// transaction then).
     pub fn counter_collisions(&self) -> u64 {
         self.shared.lock().collisions
+    }
+
+    /// Joins past `limit` members make a room large: its joins and disconnects are then
+    /// unsequenced (see [`crate::keys`]). The deployment passes `PRESENCE_BROADCAST_LIMIT`.
+    pub fn with_large_room_limit(self, limit: usize) -> Self {
+        self.shared.lock().large_limit = Some(limit as u64);
+        self
+    }
+
+    /// Makes the next `n` appends to `room` lose its counter (as if another writer had moved
+    /// it between their read and their commit), in every mode: a test's way to force
+    /// contention rather than hope for it.
+    pub fn force_collisions(&self, room: &str, n: u32) {
+        self.shared
+            .lock()
+            .forced_collisions
+            .insert(room.to_owned(), n);
+    }
+
+    /// The request units used so far, every partition key's (see [`Self::consumed_in`]).
+    pub fn consumed_by_partition(&self) -> HashMap<String, Consumed> {
+        self.shared.lock().consumed_by_partition.clone()
     }
 
     /// Evaluates at most `limit` member items per member page (for tests of pagination), as
@@ -1219,20 +1303,42 @@ impl EmbeddedStore {
         plan: impl Fn(&State) -> Calls,
         mut f: impl FnMut(&mut State) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.write_attempts(op, |state, _| plan(state), |state, _| f(state))
+            .await
+    }
+
+    /// [`Self::write`] for a step that changes with its attempt's number (from 1): a join
+    /// whose append lost the counter [`keys::SEQUENCED_JOIN_ATTEMPTS`] times joins
+    /// unsequenced. A collision forced by [`Self::force_collisions`] counts in every mode.
+    async fn write_attempts<T>(
+        &self,
+        op: &'static str,
+        plan: impl Fn(&State, u32) -> Calls,
+        mut f: impl FnMut(&mut State, u32) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let b = self.behaviour;
         if b.read_latency.is_zero()
             && b.write_latency.is_zero()
             && !b.contention
             && b.partition.is_none()
         {
-            let mut state = self.shared.lock();
-            let calls = plan(&state);
-            let done = f(&mut state);
-            state.meter(&calls, done.is_ok());
-            return done;
+            for attempt in 1..=MAX_ATTEMPTS {
+                let mut state = self.shared.lock();
+                let calls = plan(&state, attempt);
+                if let Some(room) = calls.appends.as_deref() {
+                    if state.forced_collision(room) {
+                        state.collisions += 1;
+                        continue;
+                    }
+                }
+                let done = f(&mut state, attempt);
+                state.meter(&calls, done.is_ok());
+                return done;
+            }
+            return Err(StoreError::Contention(MAX_ATTEMPTS));
         }
         for attempt in 1..=MAX_ATTEMPTS {
-            let calls = plan(&self.shared.lock());
+            let calls = plan(&self.shared.lock(), attempt);
             sleep(b.read_latency * calls.reads.len() as u32).await;
             for pk in &calls.reads {
                 self.take_units(op, &[(pk.clone(), 1.0)], true, true)
@@ -1251,8 +1357,12 @@ impl EmbeddedStore {
             {
                 let mut state = self.shared.lock();
                 let now = calls.appends.as_deref().map(|room| state.last(room));
-                if !(b.contention && now != seen) {
-                    let done = f(&mut state);
+                let forced = match calls.appends.as_deref() {
+                    Some(room) => state.forced_collision(room),
+                    None => false,
+                };
+                if !(forced || b.contention && now != seen) {
+                    let done = f(&mut state, attempt);
                     state.meter(&calls, done.is_ok());
                     // A write DynamoDB refuses before it starts (a limit) uses no units.
                     if done.is_ok() && b.partition.is_some() {
@@ -1405,6 +1515,7 @@ fn op_name(op: ReadOp) -> &'static str {
         ReadOp::QueryEvents => "Query events",
         ReadOp::QueryNewestEvent => "Query newest event",
         ReadOp::GetMember => "GetItem member",
+        ReadOp::CountMembers => "Query count members",
         ReadOp::GetRequest => "GetItem request",
     }
 }
@@ -1550,6 +1661,8 @@ enum Claimed {
     /// The first transaction's event; for a rename, the room it was announced in and the old
     /// name, so the other rooms can hear of it next.
     First(Box<StoredEvent>, Option<(String, String)>),
+    /// The name is set and the connection joined lobby unsequenced (no event).
+    Unsequenced,
     /// A resend of a `setName` done already: its request item.
     Again(Box<RequestItem>),
 }
@@ -1623,6 +1736,7 @@ fn join_step(
     connection_id: &str,
     room: &str,
     max_rooms: usize,
+    quiet: bool,
     now_s: i64,
 ) -> Result<Result<u32, u64>, StoreError> {
     let conn = state
@@ -1635,8 +1749,17 @@ fn join_step(
     if conn.rooms.len() >= max_rooms {
         return Err(StoreError::TooManyRooms(max_rooms));
     }
+    if quiet {
+        return Ok(Ok(keys::member_shard(connection_id, state.shards(room))));
+    }
     let (_, after) = state.next_counter(room, 1);
     Ok(Ok(keys::member_shard(connection_id, after.view().shards)))
+}
+
+/// Whether a join of `room` on attempt `attempt` is unsequenced: the room is large, or the
+/// join has lost the counter [`keys::SEQUENCED_JOIN_ATTEMPTS`] times already.
+fn quiet_join(state: &State, room: &str, attempt: u32) -> bool {
+    attempt > keys::SEQUENCED_JOIN_ATTEMPTS || state.large(room)
 }
 
 /// The sender and the recipient of a private message.
@@ -1685,7 +1808,7 @@ impl EmbeddedStore {
         let now_s = epoch_secs(now_ms);
         let conn_pk = keys::conn_pk(connection_id);
         let name_pk = keys::name_pk(&name.key);
-        let plan = |state: &State| {
+        let plan = |state: &State, attempt: u32| {
             let base = Calls::default().get(conn_pk.clone());
             let step = name_step(state, connection_id, name, evicted, now_s);
             let (Ok(NameStep::Claim(first)), Some(conn)) =
@@ -1714,7 +1837,12 @@ impl EmbeddedStore {
                     calls = calls.item(old_pk, 1);
                 }
             }
+            let quiet =
+                matches!(first, First::JoinLobby) && quiet_join(state, DEFAULT_ROOM, attempt);
             let shard = match &first {
+                First::JoinLobby if quiet => {
+                    keys::member_shard(connection_id, state.shards(DEFAULT_ROOM))
+                }
                 First::JoinLobby => keys::member_shard(
                     connection_id,
                     state.next_counter(DEFAULT_ROOM, 1).1.view().shards,
@@ -1728,13 +1856,18 @@ impl EmbeddedStore {
                 _ => 0,
             };
             let renamed = conn_item_size(conn) + 2 * name.display.len() + 16 + marker;
-            calls
+            let calls = calls
                 .item(conn_pk.clone(), units_of(renamed, 1024))
                 .item(keys::members_pk(first.room(), shard), 1)
-                .request(state, request, connection_id, now_s)
-                .append(first.room(), EVENT_OVERHEAD)
+                .request(state, request, connection_id, now_s);
+            if quiet {
+                // An unsequenced join of lobby: no counter, no event.
+                calls.transaction()
+            } else {
+                calls.append(first.room(), EVENT_OVERHEAD)
+            }
         };
-        self.write(SET_NAME, plan, |state| {
+        self.write_attempts(SET_NAME, plan, |state, attempt| {
             if let Some(done) = state.request_done(request, connection_id, now_s)? {
                 return Ok(Claimed::Again(Box::new(done)));
             }
@@ -1754,8 +1887,16 @@ impl EmbeddedStore {
                 .ok_or_else(|| not_connected(connection_id))?;
             let room = first.room().to_owned();
             let joins = matches!(first, First::JoinLobby);
+            let quiet = joins && quiet_join(state, DEFAULT_ROOM, attempt);
             let (before, after) = state.next_counter(&room, i8::from(joins));
             let (event, shard) = match &first {
+                First::JoinLobby if quiet => (
+                    ChatEvent::MemberJoined {
+                        connection_id: connection_id.to_owned(),
+                        name: name.display.clone(),
+                    },
+                    keys::member_shard(connection_id, state.shards(DEFAULT_ROOM)),
+                ),
                 First::JoinLobby => (
                     ChatEvent::MemberJoined {
                         connection_id: connection_id.to_owned(),
@@ -1774,7 +1915,11 @@ impl EmbeddedStore {
             };
             limits::check_key(&keys::members_pk(&room, shard), connection_id)
                 .map_err(|e| key_error(e, SET_NAME))?;
-            let pending = self.shared.prepare(&room, before, after, event, now_ms)?;
+            let pending = if quiet {
+                None
+            } else {
+                Some(self.shared.prepare(&room, before, after, event, now_ms)?)
+            };
             state.injected_failure(SET_NAME)?;
             if let Some(old) = conn.name.as_ref().filter(|o| o.key != name.key) {
                 state.release(&old.key, connection_id, conn.identity.as_deref(), now_s);
@@ -1809,6 +1954,18 @@ impl EmbeddedStore {
             };
             state.put_conn(connection_id, Some(named));
             state.put_member(&room, shard, connection_id, Some(member));
+            let Some(pending) = pending else {
+                // Recorded with the events of the rename it finished first, if any: a resend
+                // gets the same answer.
+                state.record_request(
+                    request,
+                    connection_id,
+                    Some(&name.display),
+                    event_refs(earlier),
+                    now_ms,
+                );
+                return Ok(Claimed::Unsequenced);
+            };
             let event = Box::new(self.finish(state, pending));
             let mut refs = event_refs(earlier);
             refs.extend(event_refs([event.as_ref()]));
@@ -2028,6 +2185,10 @@ impl EmbeddedStore {
                     .item(keys::conn_pk(&conn.connection_id), conn_units(conn))
                     .item(keys::members_pk(room, *shard), 1);
             }
+            if state.large(room) {
+                // Unsequenced: the connections and member items only.
+                return calls.transaction();
+            }
             let pk = keys::room_pk(room);
             calls.writes.push((pk.clone(), 1));
             for _ in &leaving {
@@ -2041,6 +2202,17 @@ impl EmbeddedStore {
         self.write(PRUNE, plan, |state| {
             let leaving = leaving(state);
             if leaving.is_empty() {
+                return Ok(Vec::new());
+            }
+            if state.large(room) {
+                state.injected_failure(PRUNE)?;
+                for (conn, shard) in leaving {
+                    let id = conn.connection_id.clone();
+                    let mut gone = conn;
+                    gone.rooms.remove(room);
+                    state.put_conn(&id, Some(gone));
+                    state.put_member(room, shard, &id, None);
+                }
                 return Ok(Vec::new());
             }
             let k = leaving.len() as u64;
@@ -2069,6 +2241,75 @@ impl EmbeddedStore {
         .await
     }
 
+    /// After an unsequenced join of `connection_id` into `room`: if it is one of the samplers
+    /// ([`keys::samples_size`]), counts the room's newest shard (a `Query` with
+    /// `Select: COUNT`)
+    /// and updates the counter's `shards` and `large` if the estimate calls for it (an
+    /// `UpdateItem` on the condition that `shards` is as read). The join has committed
+    /// already, so a failure here is only logged: the next sampler sizes the room.
+    async fn size_room_logged(&self, room: &str, connection_id: &str, now_ms: i64) {
+        if !keys::samples_size(connection_id) {
+            return;
+        }
+        if let Err(e) = self.size_room(room, now_ms).await {
+            warn!(room, error = %e, "sizing the room after an unsequenced join failed");
+        }
+    }
+
+    async fn size_room(&self, room: &str, now_ms: i64) -> Result<(), StoreError> {
+        const OP: &str = "UpdateItem counter size";
+        // The counter first (GetItem), for the newest shard to count.
+        let room_pk = keys::room_pk(room);
+        let shard = {
+            let (mut state, _) = self.read(ReadOp::GetSequence, &room_pk).await?;
+            self.charge_read(&mut state, ReadOp::GetSequence, &room_pk, 100);
+            state.shards(room) - 1
+        };
+        let pk = keys::members_pk(room, shard);
+        let (shards_read, large_read, counted) = {
+            let (mut state, _) = self.read(ReadOp::CountMembers, &pk).await?;
+            let (counted, bytes) = state.count_shard(room, shard, epoch_secs(now_ms));
+            self.charge_read(&mut state, ReadOp::CountMembers, &pk, bytes);
+            (state.shards(room), state.large(room), counted)
+        };
+        let limit = self.shared.lock().large_limit();
+        let (shards, large) = keys::sized(counted, shards_read, large_read, limit);
+        if shards == shards_read && (!large || large_read) {
+            return Ok(());
+        }
+        self.write(
+            OP,
+            |_| Calls::default().item(room_pk.clone(), 1),
+            |state| {
+                // The condition: `shards` as read (else another sampler or join moved it).
+                if state.shards(room) != shards_read {
+                    return Ok(());
+                }
+                state.injected_failure(OP)?;
+                let before = state.counter(room);
+                let mut after = before.unwrap_or_default();
+                after.shards = Some(shards);
+                if large {
+                    after.large = Some(true);
+                }
+                let change = stream_change(
+                    now_ms,
+                    event_keys(&room_pk, keys::COUNTER_SEQ),
+                    counter_image(&room_pk, after),
+                )
+                .map_err(|e| StoreError::Malformed(format!("stream record: {e}")))?;
+                let record = self
+                    .shared
+                    .record(if before.is_some() { "MODIFY" } else { "INSERT" }, change);
+                state.rooms.entry(room.to_owned()).or_default().counter = Some(after);
+                state.publish(self.shared.instance, record);
+                self.shared.changed.notify_waiters();
+                Ok(())
+            },
+        )
+        .await
+    }
+
     /// Ends the membership of `conn` in `room` (its item in `shard`): `conn`'s `rooms` loses
     /// the room, the member item goes, the counter's `members` goes down and `MemberLeft` is
     /// appended, all at once.
@@ -2082,8 +2323,17 @@ impl EmbeddedStore {
         reason: LeaveReason,
         now_ms: i64,
         op: &'static str,
-    ) -> Result<StoredEvent, StoreError> {
+    ) -> Result<Option<StoredEvent>, StoreError> {
         let id = conn.connection_id.as_str();
+        // A disconnect of a large room is unsequenced; an explicit `leave` never is.
+        if op != LEAVE && state.large(room) {
+            state.injected_failure(op)?;
+            let mut left = conn.clone();
+            left.rooms.remove(room);
+            state.put_conn(id, Some(left));
+            state.put_member(room, shard, id, None);
+            return Ok(None);
+        }
         let (before, after) = state.next_counter(room, -1);
         let event = ChatEvent::MemberLeft {
             connection_id: id.to_owned(),
@@ -2096,7 +2346,7 @@ impl EmbeddedStore {
         left.rooms.remove(room);
         state.put_conn(id, Some(left));
         state.put_member(room, shard, id, None);
-        Ok(self.finish(state, pending))
+        Ok(Some(self.finish(state, pending)))
     }
 }
 
@@ -2129,6 +2379,11 @@ impl EmbeddedStore {
                 .await?
             {
                 Claimed::Again(done) => return Ok(Once::Again(*done)),
+                Claimed::Unsequenced => {
+                    self.size_room_logged(DEFAULT_ROOM, connection_id, now_ms)
+                        .await;
+                    return Ok(Once::First(events));
+                }
                 Claimed::Same { in_lobby: true } => return Ok(Once::First(events)),
                 Claimed::Same { in_lobby: false } => {
                     // Nothing to claim; back into lobby, which it left.
@@ -2189,7 +2444,9 @@ impl EmbeddedStore {
         }
     }
 
-    /// `join`, with `request` at most once.
+    /// `join`, with `request` at most once. A join of a large room, or one whose append lost
+    /// the counter [`keys::SEQUENCED_JOIN_ATTEMPTS`] times, is unsequenced: its member item
+    /// and rooms entry only (and its request item, recording the room's last id as its answer).
     async fn join_in(
         &self,
         connection_id: &str,
@@ -2200,59 +2457,97 @@ impl EmbeddedStore {
     ) -> Result<Once<Joined>, StoreError> {
         let now_s = epoch_secs(now_ms);
         let conn_pk = keys::conn_pk(connection_id);
-        let plan = |state: &State| {
+        let plan = |state: &State, attempt: u32| {
             let base = Calls::default()
                 .get(keys::room_pk(room))
                 .get(conn_pk.clone());
+            let quiet = quiet_join(state, room, attempt);
             match (
-                join_step(state, connection_id, room, max_rooms, now_s),
+                join_step(state, connection_id, room, max_rooms, quiet, now_s),
                 state.conns.get(connection_id),
             ) {
-                (Ok(Ok(shard)), Some(conn)) => base
-                    .item(
-                        conn_pk.clone(),
-                        units_of(conn_item_size(conn) + room.len() + 3, 1024),
-                    )
-                    .item(keys::members_pk(room, shard), 1)
-                    .request(state, request, connection_id, now_s)
-                    .append(room, EVENT_OVERHEAD),
+                (Ok(Ok(shard)), Some(conn)) => {
+                    let calls = base
+                        .item(
+                            conn_pk.clone(),
+                            units_of(conn_item_size(conn) + room.len() + 3, 1024),
+                        )
+                        .item(keys::members_pk(room, shard), 1)
+                        .request(state, request, connection_id, now_s);
+                    if quiet {
+                        calls.transaction()
+                    } else {
+                        calls.append(room, EVENT_OVERHEAD)
+                    }
+                }
                 _ => base,
             }
         };
-        self.write(JOIN, plan, |state| {
-            if let Some(done) = state.request_done(request, connection_id, now_s)? {
-                return Ok(Once::Again(done));
-            }
-            let shard = match join_step(state, connection_id, room, max_rooms, now_s)? {
-                Ok(shard) => shard,
-                Err(last) => return Ok(Once::First(Joined::Already { last })),
-            };
-            limits::check_key(&keys::members_pk(room, shard), connection_id)
-                .map_err(|e| key_error(e, JOIN))?;
-            let mut conn = state
-                .live_conn(connection_id, now_s)
-                .cloned()
-                .ok_or_else(|| not_connected(connection_id))?;
-            let (before, after) = state.next_counter(room, 1);
-            let event = ChatEvent::MemberJoined {
-                connection_id: connection_id.to_owned(),
-                name: conn.display_name(),
-            };
-            let pending = self.shared.prepare(room, before, after, event, now_ms)?;
-            state.injected_failure(JOIN)?;
-            let member = MemberItem {
-                connection_id: connection_id.to_owned(),
-                name: conn.display_name(),
-                expires_at: conn.expires_at,
-            };
-            conn.rooms.insert(room.to_owned(), shard);
-            state.put_conn(connection_id, Some(conn));
-            state.put_member(room, shard, connection_id, Some(member));
-            let event = self.finish(state, pending);
-            state.record_request(request, connection_id, None, event_refs([&event]), now_ms);
-            Ok(Once::First(Joined::Now(event)))
-        })
-        .await
+        let (joined, quiet) = self
+            .write_attempts(JOIN, plan, |state, attempt| {
+                if let Some(done) = state.request_done(request, connection_id, now_s)? {
+                    return Ok((Once::Again(done), false));
+                }
+                let quiet = quiet_join(state, room, attempt);
+                let shard = match join_step(state, connection_id, room, max_rooms, quiet, now_s)? {
+                    Ok(shard) => shard,
+                    Err(last) => return Ok((Once::First(Joined::Already { last }), false)),
+                };
+                limits::check_key(&keys::members_pk(room, shard), connection_id)
+                    .map_err(|e| key_error(e, JOIN))?;
+                let mut conn = state
+                    .live_conn(connection_id, now_s)
+                    .cloned()
+                    .ok_or_else(|| not_connected(connection_id))?;
+                let pending = if quiet {
+                    None
+                } else {
+                    let (before, after) = state.next_counter(room, 1);
+                    let event = ChatEvent::MemberJoined {
+                        connection_id: connection_id.to_owned(),
+                        name: conn.display_name(),
+                    };
+                    Some(self.shared.prepare(room, before, after, event, now_ms)?)
+                };
+                state.injected_failure(JOIN)?;
+                let member = MemberItem {
+                    connection_id: connection_id.to_owned(),
+                    name: conn.display_name(),
+                    expires_at: conn.expires_at,
+                };
+                conn.rooms.insert(room.to_owned(), shard);
+                state.put_conn(connection_id, Some(conn));
+                state.put_member(room, shard, connection_id, Some(member));
+                Ok(match pending {
+                    Some(pending) => {
+                        let event = self.finish(state, pending);
+                        state.record_request(
+                            request,
+                            connection_id,
+                            None,
+                            event_refs([&event]),
+                            now_ms,
+                        );
+                        (Once::First(Joined::Now(event)), false)
+                    }
+                    None => {
+                        // The counter as it stands when the join commits: the catch-up point,
+                        // and the answer a resend gets.
+                        let last = state.last(room);
+                        let answer = EventRef {
+                            room: room.to_owned(),
+                            id: last,
+                        };
+                        state.record_request(request, connection_id, None, vec![answer], now_ms);
+                        (Once::First(Joined::Unsequenced { last }), true)
+                    }
+                })
+            })
+            .await?;
+        if quiet {
+            self.size_room_logged(room, connection_id, now_ms).await;
+        }
+        Ok(joined)
     }
 
     /// A `leave`, with `request` at most once.
@@ -2297,7 +2592,10 @@ impl EmbeddedStore {
                 return Ok(Once::Again(done));
             }
             let (conn, shard) = membership(state)?;
-            let event = self.leave(state, &conn, room, shard, reason, now_ms, LEAVE)?;
+            // An explicit leave is always sequenced.
+            let event = self
+                .leave(state, &conn, room, shard, reason, now_ms, LEAVE)?
+                .ok_or_else(|| StoreError::Malformed("a leave recorded no event".into()))?;
             state.record_request(request, connection_id, None, event_refs([&event]), now_ms);
             Ok(Once::First(event))
         })
@@ -2409,8 +2707,8 @@ impl EmbeddedStore {
 
 /// One step of `remove_connection`.
 enum Removal {
-    /// It left one room (more may follow).
-    Left(StoredEvent),
+    /// It left one room (more may follow), with its event unless unsequenced (a large room).
+    Left(Option<StoredEvent>),
     /// The connection is gone; its principal's slot is still to give back.
     Gone(Option<String>),
     /// There was no such connection.
@@ -2647,13 +2945,17 @@ impl ChatStore for EmbeddedStore {
                     return base;
                 };
                 if let Some((room, shard)) = conn.rooms.iter().next() {
-                    return base
+                    let calls = base
                         .get(keys::room_pk(room))
                         .get(conn_pk.clone())
                         .get_if(conn.renaming.is_some(), || keys::members_pk(room, *shard))
                         .item(conn_pk.clone(), conn_units(conn))
-                        .item(keys::members_pk(room, *shard), 1)
-                        .append(room, EVENT_OVERHEAD);
+                        .item(keys::members_pk(room, *shard), 1);
+                    return if state.large(room) {
+                        calls.transaction()
+                    } else {
+                        calls.append(room, EVENT_OVERHEAD)
+                    };
                 }
                 // Read again only after leaves, for a room joined meanwhile.
                 let last = base
@@ -2698,8 +3000,9 @@ impl ChatStore for EmbeddedStore {
                     Ok(Removal::Gone(conn.principal.clone()))
                 })
                 .await?;
+            // `Left`: one room left (with its event, unless unsequenced).
             match done {
-                Removal::Left(event) => left.push(event),
+                Removal::Left(event) => left.extend(event),
                 Removal::Gone(principal) => {
                     // After the connection is gone, as the adapter does it.
                     if let Some(principal) = principal {

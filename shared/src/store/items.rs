@@ -111,6 +111,10 @@ pub struct CounterItem {
     /// How many member shards the room uses; absent means 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards: Option<u32>,
+    /// Set (sticky) once the room is past its large-room limit: its joins and disconnects are
+    /// then unsequenced (no event, no counter move); absent means false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub large: Option<bool>,
 }
 
 impl CounterItem {
@@ -122,6 +126,11 @@ impl CounterItem {
     /// The shards the room uses (at least 1).
     pub fn shards(&self) -> u32 {
         self.shards.unwrap_or(1).max(1)
+    }
+
+    /// Whether the room is large (its joins are unsequenced).
+    pub fn large(&self) -> bool {
+        self.large.unwrap_or(false)
     }
 }
 

@@ -68,6 +68,10 @@ pub enum Joined {
     /// It was a member already; nothing changed. `last` is the room's newest event id, where
     /// a catch-up can start.
     Already { last: u64 },
+    /// The connection became a member without an event (the room is large, or its counter
+    /// was contended; see [`crate::keys`]): `last` is the room's newest event id, read
+    /// strongly consistent before the join committed, where its catch-up starts.
+    Unsequenced { last: u64 },
 }
 
 /// How long a name stays reserved for an authenticated identity after its connection lets it
@@ -259,7 +263,8 @@ pub trait ChatStore: Send + Sync {
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
     /// Makes a named connection a member of `room` (a valid room name), recording
-    /// `MemberJoined` there. `NameRequired` without a name; `TooManyRooms` when it is already
+    /// `MemberJoined` there — or unsequenced ([`Joined::Unsequenced`], no event) when the room
+    /// is past the store's large-room limit or its counter is contended. `NameRequired` without a name; `TooManyRooms` when it is already
     /// in `max_rooms` rooms; joining a room it is in changes nothing.
     async fn join_room(
         &self,
@@ -366,7 +371,8 @@ pub trait ChatStore: Send + Sync {
     ) -> Result<StoredEvent, StoreError>;
 
     /// Removes the connection and releases its name; records `MemberLeft` in every room it
-    /// was a member of (with the name that room knows it by: the old one in a room an
+    /// was a member of (except a large room, which it leaves unsequenced: see
+    /// [`crate::keys`]) (with the name that room knows it by: the old one in a room an
     /// unfinished rename has not reached) (one transaction per room, then the connection itself last, so a
     /// retry after a failure part-way finishes the job). Idempotent: an unknown connection
     /// is `Ok(vec![])`.

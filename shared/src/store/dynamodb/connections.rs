@@ -12,7 +12,7 @@ use super::expr::{
 };
 use super::requests::{requested, Requested};
 use super::rooms::name_unchanged;
-use super::txn::{backoff, Attempt, Change, Membership, MAX_ATTEMPTS};
+use super::txn::{backoff, Attempt, Change, Membership, Outcome, MAX_ATTEMPTS};
 use super::DynamoStore;
 use crate::events::{ChatEvent, LeaveReason, StoredEvent};
 use crate::keys::DEFAULT_ROOM;
@@ -253,10 +253,13 @@ impl DynamoStore {
             }
             let first = &FirstStep::of(&conn);
             let conn = &conn;
+            // Whether the join of lobby was unsequenced, for sizing the room.
+            let unsequenced = std::sync::Mutex::new(false);
+            let unsequenced = &unsequenced;
             let before = events.clone();
             let record = req.as_ref().map(|r| (r, before.as_slice()));
             let committed = self
-                .append_one(
+                .append_loop(
                     "TransactWriteItems setName",
                     first.room(),
                     now_ms,
@@ -284,15 +287,34 @@ impl DynamoStore {
                                     _ => {}
                                 }
                             }
-                            self.first_name_change(conn, name, first, counter, record, now_ms)
-                                .await
+                            let quiet = matches!(first, FirstStep::JoinLobby)
+                                && super::rooms::unsequenced_join(counter, attempt);
+                            super::rooms::set(unsequenced, quiet);
+                            self.first_name_change(
+                                conn, name, first, counter, quiet, record, now_ms,
+                            )
+                            .await
                         })
                     },
                 )
                 .await?;
             let first_event = match committed {
-                Ok(event) => event,
-                Err(()) => {
+                Outcome::Committed(mut committed) if committed.len() == 1 => committed.remove(0),
+                Outcome::Committed(committed) if committed.is_empty() => {
+                    // Named, and in lobby unsequenced: no event to answer with.
+                    if super::rooms::lock(unsequenced) {
+                        self.size_room_logged(DEFAULT_ROOM, connection_id, now_ms)
+                            .await;
+                    }
+                    return Ok(Once::First(events));
+                }
+                Outcome::Committed(committed) => {
+                    return Err(StoreError::Malformed(format!(
+                        "setName: {} events committed, one expected",
+                        committed.len()
+                    )))
+                }
+                Outcome::Done(()) => {
                     // The connection changed under us (a concurrent join, leave or rename):
                     // start over from what it is now.
                     backoff(attempt).await;
@@ -341,12 +363,14 @@ impl DynamoStore {
 
     /// The first transaction of a name change: the claim moves (the old one released), the
     /// connection's name changes, and the first room hears of it.
+    #[allow(clippy::too_many_arguments)]
     async fn first_name_change(
         &self,
         conn: &ConnItem,
         name: &ValidName,
         first: &FirstStep,
         counter: super::txn::Counter,
+        unsequenced: bool,
         // With a requestId: its request, and the events this setName recorded before.
         req: Option<(&Requested<'_>, &[StoredEvent])>,
         now_ms: i64,
@@ -386,8 +410,28 @@ impl DynamoStore {
                     counter,
                     usize::MAX,
                     Some(name),
+                    unsequenced,
                 )?;
                 items.extend(join);
+                if unsequenced {
+                    // A large (or contended) lobby: named and a member, without an event; the
+                    // request item records the events an interrupted rename's finishing
+                    // recorded first, if any (a resend gets the same answer).
+                    if let Some((r, before)) = req {
+                        items.push(self.request_put(
+                            r,
+                            id,
+                            Some(&name.display),
+                            event_refs(before),
+                            now_ms,
+                        )?);
+                    }
+                    return Ok(Attempt::Commit(Change {
+                        items,
+                        events: Vec::new(),
+                        membership: Membership::Unchanged,
+                    }));
+                }
                 (
                     ChatEvent::MemberJoined {
                         connection_id: id.to_owned(),
@@ -656,7 +700,7 @@ impl DynamoStore {
                     .await
                     .and_then(Once::first)
                 {
-                    Ok(event) => left.push(event),
+                    Ok(event) => left.extend(event),
                     // Left (or removed) concurrently: nothing left to do there.
                     Err(StoreError::NotAMember(_)) => {}
                     Err(StoreError::NotConnected(_)) => return Ok(left),

@@ -17,7 +17,7 @@ use crate::store::StoreError;
 pub(super) type Item = HashMap<String, AttributeValue>;
 
 /// The fixed attribute placeholders; a room name is added per expression ([`Expr::name`]).
-const NAMES: [(&str, &str); 16] = [
+const NAMES: [(&str, &str); 17] = [
     ("#pk", keys::PK),
     ("#sk", keys::SK),
     ("#seq", keys::SEQ),
@@ -32,6 +32,7 @@ const NAMES: [(&str, &str); 16] = [
     ("#last", keys::COUNTER_LAST),
     ("#members", keys::COUNTER_MEMBERS),
     ("#shards", keys::COUNTER_SHARDS),
+    ("#large", keys::COUNTER_LARGE),
     ("#tokens", keys::RATE_TOKENS),
     ("#at", keys::RATE_AT),
 ];

@@ -24,7 +24,7 @@
 //! | `setName`, first name | connection, claim, lobby's counter | [claim put, connection update, member put, counter, event] |
 //! | `setName`, rename | connection, claim, first room's counter, old claim; then the connection once more, and per other room its counter and the connection | [claim put, old claim release, connection update, member put, counter, event], then per other room [connection check, member put, counter, event] |
 //! | `setName`, same name | connection (+ a lobby join if it left lobby) | — |
-//! | `join` | room's counter, connection | [connection update, member put, counter, event] |
+//! | `join` | room's counter, connection | [connection update, member put, counter, event]; unsequenced (a large room, or after 3 lost counters): [connection update, member put], and one join in 16 then a `Query` `Select: COUNT` of its shard (+ `UpdateItem` counter when the room needs more shards or turns large) |
 //! | `leave` | room's counter, connection | [connection update, member delete, counter, event] |
 //! | `post_to_room` | room's counter, connection | [connection check, counter, event] |
 //! | `post_private` | lobby's counter, sender, recipient's claim, recipient | [sender check, claim check, counter, event] |
@@ -66,6 +66,8 @@ pub struct DynamoStore {
     /// `Limit` for member queries; `None` lets DynamoDB fill 1 MB pages. Tests set it low to
     /// exercise pagination.
     page_limit: Option<i32>,
+    /// Joins past this many members make a room large (see [`crate::keys`]).
+    large_limit: u64,
 }
 
 impl DynamoStore {
@@ -75,7 +77,15 @@ impl DynamoStore {
             tables,
             retention,
             page_limit: None,
+            large_limit: crate::config::DEFAULT_PRESENCE_BROADCAST_LIMIT as u64,
         }
+    }
+
+    /// Joins past `limit` members make a room large: its joins and disconnects are then
+    /// unsequenced (see [`crate::keys`]). The deployment passes `PRESENCE_BROADCAST_LIMIT`.
+    pub fn with_large_room_limit(mut self, limit: usize) -> Self {
+        self.large_limit = limit as u64;
+        self
     }
 
     /// Caps each member query page at `limit` items (for tests of pagination).
@@ -165,7 +175,8 @@ impl ChatStore for DynamoStore {
     ) -> Result<StoredEvent, StoreError> {
         self.leave(connection_id, room, reason, true, None, now_ms)
             .await?
-            .first()
+            .first()?
+            .ok_or_else(no_leave_event)
     }
 
     async fn leave_room_once(
@@ -175,15 +186,23 @@ impl ChatStore for DynamoStore {
         request: &RequestKey,
         now_ms: i64,
     ) -> Result<Once<StoredEvent>, StoreError> {
-        self.leave(
-            connection_id,
-            room,
-            LeaveReason::Left,
-            true,
-            Some(request),
-            now_ms,
+        // An explicit leave is always sequenced: it records its event.
+        Ok(
+            match self
+                .leave(
+                    connection_id,
+                    room,
+                    LeaveReason::Left,
+                    true,
+                    Some(request),
+                    now_ms,
+                )
+                .await?
+            {
+                Once::First(event) => Once::First(event.ok_or_else(no_leave_event)?),
+                Once::Again(done) => Once::Again(done),
+            },
         )
-        .await
     }
 
     async fn post_to_room(
@@ -300,4 +319,9 @@ impl ChatStore for DynamoStore {
     ) -> Result<EventsPage, StoreError> {
         self.query_events(room, range, limit, now_ms).await
     }
+}
+
+/// A `leave` request is never unsequenced (only a disconnect of a large room is).
+fn no_leave_event() -> StoreError {
+    StoreError::Malformed("a leave recorded no event".into())
 }

@@ -18,6 +18,24 @@ use crate::validation::ValidName;
 
 use super::connections::live;
 
+/// Whether a join on attempt `attempt` (from 1) with the room's counter as read is
+/// unsequenced: the room is large, or the join lost the counter
+/// [`keys::SEQUENCED_JOIN_ATTEMPTS`] times already (see [`crate::keys`]).
+pub(super) fn unsequenced_join(counter: Counter, attempt: u32) -> bool {
+    counter.large || attempt > keys::SEQUENCED_JOIN_ATTEMPTS
+}
+
+/// Locks a small piece of state shared between a loop's attempts (never held across an
+/// await; a poisoned lock's value is still sound: it is written whole).
+pub(super) fn lock<T: Copy>(m: &std::sync::Mutex<T>) -> T {
+    *m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sets what [`lock`] reads.
+pub(super) fn set<T>(m: &std::sync::Mutex<T>, value: T) {
+    *m.lock().unwrap_or_else(|p| p.into_inner()) = value;
+}
+
 /// The condition that the connection still has the name it was read with.
 pub(super) fn name_unchanged(conn: &ConnItem) -> Expr {
     match &conn.name {
@@ -35,8 +53,11 @@ impl DynamoStore {
         request: Option<&RequestKey>,
         now_ms: i64,
     ) -> Result<Once<Joined>, StoreError> {
-        let joined = self
-            .append_one(
+        // An unsequenced join's counter as read (its catch-up point).
+        let unsequenced: std::sync::Mutex<Option<u64>> = std::sync::Mutex::new(None);
+        let unsequenced = &unsequenced;
+        let outcome = self
+            .append_loop(
                 "TransactWriteItems join",
                 room,
                 now_ms,
@@ -69,12 +90,19 @@ impl DynamoStore {
                         if conn.room_names().len() >= max_rooms {
                             return refused(StoreError::TooManyRooms(max_rooms)).await;
                         }
+                        let quiet = unsequenced_join(counter, attempt);
                         let (mut items, shards) =
-                            self.join_items(&conn, room, &name, counter, max_rooms, None)?;
+                            self.join_items(&conn, room, &name, counter, max_rooms, None, quiet)?;
                         if let Some(r) = &req {
+                            // The answer a resend gets: the join's event id, or an unsequenced
+                            // join's catch-up point (the room's last id as read).
                             let id = EventRef {
                                 room: room.to_owned(),
-                                id: counter.last + 1,
+                                id: if quiet {
+                                    counter.last
+                                } else {
+                                    counter.last + 1
+                                },
                             };
                             items.push(self.request_put(
                                 r,
@@ -84,6 +112,15 @@ impl DynamoStore {
                                 now_ms,
                             )?);
                         }
+                        if quiet {
+                            set(unsequenced, Some(counter.last));
+                            return Ok(Attempt::Commit(Change {
+                                items,
+                                events: Vec::new(),
+                                membership: Membership::Unchanged,
+                            }));
+                        }
+                        set(unsequenced, None);
                         Ok(Attempt::Commit(Change {
                             items,
                             events: vec![ChatEvent::MemberJoined {
@@ -96,17 +133,115 @@ impl DynamoStore {
                 },
             )
             .await?;
-        Ok(match joined {
-            Ok(event) => Once::First(Joined::Now(event)),
-            Err(Once::First(last)) => Once::First(Joined::Already { last }),
-            Err(Once::Again(done)) => Once::Again(done),
+        Ok(match outcome {
+            Outcome::Done(Once::First(last)) => Once::First(Joined::Already { last }),
+            Outcome::Done(Once::Again(done)) => Once::Again(done),
+            Outcome::Committed(mut events) if events.len() == 1 => {
+                Once::First(Joined::Now(events.remove(0)))
+            }
+            Outcome::Committed(events) if events.is_empty() => {
+                let last = lock(unsequenced).ok_or_else(|| {
+                    StoreError::Malformed("an unsequenced join without its read".into())
+                })?;
+                self.size_room_logged(room, connection_id, now_ms).await;
+                Once::First(Joined::Unsequenced { last })
+            }
+            Outcome::Committed(events) => {
+                return Err(StoreError::Malformed(format!(
+                    "join: {} events committed, one expected",
+                    events.len()
+                )))
+            }
         })
+    }
+
+    /// After an unsequenced join of `connection_id` into `room`: one of the samplers
+    /// ([`keys::samples_size`]) counts the room's newest shard and updates the counter's `shards`
+    /// and `large` if the estimate calls for it (see [`crate::keys`]). The join has committed,
+    /// so a failure is only logged: the next sampler sizes the room.
+    pub(super) async fn size_room_logged(&self, room: &str, connection_id: &str, now_ms: i64) {
+        if !keys::samples_size(connection_id) {
+            return;
+        }
+        if let Err(e) = self.size_room(room, now_ms).await {
+            tracing::warn!(room, error = %e, "sizing the room after an unsequenced join failed");
+        }
+    }
+
+    async fn size_room(&self, room: &str, now_ms: i64) -> Result<(), StoreError> {
+        // The newest shard: it holds only joins since the last doubling (see `keys`).
+        let counter = self.read_counter(room).await?;
+        let pk = keys::members_pk(room, counter.shards - 1);
+        let mut counted: u64 = 0;
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.tables.connections)
+                .key_condition_expression("#pk = :pk")
+                .filter_expression("#exp > :now")
+                .expression_attribute_names("#pk", keys::PK)
+                .expression_attribute_names("#exp", keys::EXPIRES_AT)
+                .expression_attribute_values(":pk", s(pk.clone()))
+                .expression_attribute_values(":now", n(epoch_secs(now_ms)))
+                .select(aws_sdk_dynamodb::types::Select::Count)
+                .set_exclusive_start_key(start)
+                .consistent_read(ReadOp::CountMembers.consistent_read())
+                .send()
+                .await
+                .map_err(|e| StoreError::backend("Query count members", e))?;
+            counted += u64::try_from(out.count).unwrap_or(0);
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        let (shards, large) = keys::sized(counted, counter.shards, counter.large, self.large_limit);
+        if shards == counter.shards && (!large || counter.large) {
+            return Ok(());
+        }
+        let mut set = Expr::new(
+            "SET #type = if_not_exists(#type, :counter), #last = if_not_exists(#last, :zero), #shards = :shards",
+        )
+        .value(":counter", s(keys::COUNTER_TYPE))
+        .value(":zero", n(0))
+        .value(":shards", n(shards));
+        if large {
+            set.text.push_str(", #large = :large");
+            set = set.value(":large", AttributeValue::Bool(true));
+        }
+        let cond = super::txn::shards_unmoved(counter.shards);
+        let (names, values) = super::expr::placeholders(&[&set, &cond]);
+        match self
+            .client
+            .update_item()
+            .table_name(&self.tables.events)
+            .set_key(Some(super::expr::event_key(room, keys::COUNTER_SEQ)))
+            .update_expression(&set.text)
+            .condition_expression(&cond.text)
+            .set_expression_attribute_names(names)
+            .set_expression_attribute_values(values)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Another sampler (or a sequenced join) moved the shards first: its count stands.
+            Err(aws_sdk_dynamodb::error::SdkError::ServiceError(e))
+                if e.err().is_conditional_check_failed_exception() =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(StoreError::backend("UpdateItem counter size", e)),
+        }
     }
 
     /// The state items of `conn` joining `room` as `name`: its `rooms` entry (and, with
     /// `new_name`, its new name) on the condition that it is as read and under `max_rooms`
     /// rooms, and its member item in the shard its id hashes to among the room's shards after
-    /// this join. Returns those shards too.
+    /// this join (`unsequenced`: the shards as read, which it does not change). Returns
+    /// those shards too.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn join_items(
         &self,
         conn: &ConnItem,
@@ -115,8 +250,13 @@ impl DynamoStore {
         counter: Counter,
         max_rooms: usize,
         new_name: Option<&ValidName>,
+        unsequenced: bool,
     ) -> Result<(Vec<TransactWriteItem>, u32), StoreError> {
-        let shards = keys::shards_for(counter.members + 1, counter.shards);
+        let shards = if unsequenced {
+            counter.shards.max(1)
+        } else {
+            self.join_sizing(counter).0
+        };
         let shard = keys::member_shard(&conn.connection_id, shards);
         let mut cond = name_unchanged(conn);
         let mut set = match conn.rooms {
@@ -236,7 +376,8 @@ impl DynamoStore {
 
     /// Ends the membership of `room`: `MemberLeft` with `reason`. `live_only`: an expired
     /// connection counts as not connected (a `leave` request); a removal leaves its rooms
-    /// whether or not it has expired (its `$disconnect` is still real).
+    /// whether or not it has expired (its `$disconnect` is still real), and leaves a large
+    /// room unsequenced (`None`: no event, no counter move).
     pub(super) async fn leave(
         &self,
         connection_id: &str,
@@ -245,9 +386,9 @@ impl DynamoStore {
         live_only: bool,
         request: Option<&RequestKey>,
         now_ms: i64,
-    ) -> Result<Once<StoredEvent>, StoreError> {
+    ) -> Result<Once<Option<StoredEvent>>, StoreError> {
         let left = self
-            .append_one(
+            .append_loop(
                 "TransactWriteItems leave",
                 room,
                 now_ms,
@@ -283,6 +424,15 @@ impl DynamoStore {
                                 known,
                             )?,
                         ];
+                        if !live_only && counter.large {
+                            // A disconnect (no requestId) of a large room: no event, no
+                            // counter move.
+                            return Ok(Attempt::Commit(Change {
+                                items,
+                                events: Vec::new(),
+                                membership: Membership::Unchanged,
+                            }));
+                        }
                         if let Some(r) = &req {
                             let id = EventRef {
                                 room: room.to_owned(),
@@ -309,10 +459,14 @@ impl DynamoStore {
                 },
             )
             .await?;
-        Ok(match left {
-            Ok(event) => Once::First(event),
-            Err(done) => Once::Again(done),
-        })
+        match left {
+            Outcome::Committed(mut events) if events.len() <= 1 => Ok(Once::First(events.pop())),
+            Outcome::Committed(events) => Err(StoreError::Malformed(format!(
+                "leave: {} events committed, one expected",
+                events.len()
+            ))),
+            Outcome::Done(done) => Ok(Once::Again(done)),
+        }
     }
 
     /// One transaction of `MemberLeft`s (`reason`) in `room` for those of `ids` that are
@@ -329,7 +483,7 @@ impl DynamoStore {
                 "TransactWriteItems prune",
                 room,
                 now_ms,
-                move |_counter, _attempt| {
+                move |counter, _attempt| {
                     Box::pin(async move {
                         let conns =
                             futures::future::try_join_all(ids.iter().map(|id| self.get_conn(id)))
@@ -365,6 +519,14 @@ impl DynamoStore {
                             return Ok(Attempt::Done(()));
                         }
                         let leaving = events.len() as u64;
+                        if counter.large {
+                            // A large room: the disconnects are unsequenced.
+                            return Ok(Attempt::Commit(Change {
+                                items,
+                                events: Vec::new(),
+                                membership: Membership::Unchanged,
+                            }));
+                        }
                         Ok(Attempt::Commit(Change {
                             items,
                             events,

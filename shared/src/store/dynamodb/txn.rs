@@ -18,7 +18,7 @@ use std::time::Duration;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::TransactWriteItem;
+use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
 use futures::future::BoxFuture;
 use rand::Rng;
 
@@ -46,6 +46,8 @@ pub(super) struct Counter {
     pub last: u64,
     pub members: u64,
     pub shards: u32,
+    /// Past the large-room limit: joins and disconnects are unsequenced.
+    pub large: bool,
 }
 
 /// What a change does to the room's member count.
@@ -138,6 +140,19 @@ impl DynamoStore {
         }
     }
 
+    /// The room's shards and whether it is large after one more sequenced join: doubled as
+    /// [`keys::shards_for`] says, large past the limit (then at least
+    /// [`keys::LARGE_ROOM_SHARDS`]).
+    pub(super) fn join_sizing(&self, counter: Counter) -> (u32, bool) {
+        let members = counter.members + 1;
+        let mut shards = keys::shards_for(members, counter.shards);
+        let large = counter.large || members > self.large_limit;
+        if large {
+            shards = shards.max(keys::LARGE_ROOM_SHARDS);
+        }
+        (shards, large)
+    }
+
     /// The room's counter, strongly consistent; absent reads as 0.
     pub(super) async fn read_counter(&self, room: &str) -> Result<Counter, StoreError> {
         let out = self
@@ -155,6 +170,7 @@ impl DynamoStore {
                 last: 0,
                 members: 0,
                 shards: 1,
+                large: false,
             });
         };
         let c: CounterItem = serde_dynamo::from_item(item)
@@ -164,6 +180,7 @@ impl DynamoStore {
             last: c.last,
             members: c.members(),
             shards: c.shards(),
+            large: c.large(),
         })
     }
 
@@ -190,6 +207,10 @@ impl DynamoStore {
             Membership::Join { shards } => Some(shards),
             _ => None,
         };
+        // The join that takes the room past the limit makes it large.
+        let large = matches!(membership, Membership::Join { .. })
+            && !counter.large
+            && self.join_sizing(counter).1;
         let counter_item = if counter.exists {
             let mut set = Expr::new("SET #type = :counter, #last = :next")
                 .value(":counter", s(keys::COUNTER_TYPE))
@@ -198,15 +219,23 @@ impl DynamoStore {
                 set.text.push_str(", #members = :members");
                 set = set.value(":members", n(members));
             }
+            let mut cond = unmoved(counter);
             if let Some(shards) = shards {
                 set.text.push_str(", #shards = :shards");
                 set = set.value(":shards", n(shards));
+                // A sampler may have doubled the shards since the read (it does not move
+                // `last`): never write them back down.
+                cond = cond.and(shards_unmoved(counter.shards));
+            }
+            if large {
+                set.text.push_str(", #large = :large");
+                set = set.value(":large", AttributeValue::Bool(true));
             }
             update(
                 &self.tables.events,
                 event_key(room, keys::COUNTER_SEQ),
                 set,
-                Some(unmoved(counter)),
+                Some(cond),
             )?
         } else {
             // Created whole with a put rather than an update: the stream's INSERT record then
@@ -217,6 +246,7 @@ impl DynamoStore {
                 last,
                 members,
                 shards,
+                large: large.then_some(true),
             };
             let mut item: super::expr::Item = serde_dynamo::to_item(&item)
                 .map_err(|e| StoreError::Malformed(format!("counter item: {e}")))?;
@@ -384,6 +414,16 @@ fn unconfirmed(e: &SdkError<TransactWriteItemsError, HttpResponse>) -> bool {
                 || service.raw().status().is_server_error()
         }
         _ => true,
+    }
+}
+
+/// The condition that the counter's `shards` is `shards` as read (absent reads as 1).
+pub(super) fn shards_unmoved(shards: u32) -> Expr {
+    if shards <= 1 {
+        Expr::new("attribute_not_exists(#shards) OR #shards = :readshards")
+            .value(":readshards", n(1))
+    } else {
+        Expr::new("#shards = :readshards").value(":readshards", n(shards))
     }
 }
 
