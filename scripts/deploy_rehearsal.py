@@ -254,6 +254,9 @@ def check_stack(clients: dict[str, Any], sam: dict[str, Any], c: Checks) -> None
         "EVENTS_TABLE": events["TableName"],
         "CONNECTIONS_TABLE": connections["TableName"],
         "EVENT_RETENTION_DAYS": defaults["EventRetentionDays"],
+        # Both: the fan-out stops broadcasting presence past it, the handler's joins turn
+        # unsequenced past it.
+        "PRESENCE_BROADCAST_LIMIT": defaults["PresenceBroadcastLimit"],
         "RUST_LOG": defaults["LogLevel"],
         "METRICS_NAMESPACE": f"ServerlessChat/{STACK}",
     }
