@@ -3004,10 +3004,15 @@ impl ChatStore for EmbeddedStore {
             match done {
                 Removal::Left(event) => left.extend(event),
                 Removal::Gone(principal) => {
-                    // After the connection is gone, as the adapter does it.
+                    // After the connection is gone, and never failing the removal, as the adapter
+                    // does it.
                     if let Some(principal) = principal {
-                        self.release_connection_slot(&principal, connection_id)
-                            .await?;
+                        if let Err(e) = self
+                            .release_connection_slot(&principal, connection_id)
+                            .await
+                        {
+                            warn!(connection_id, error = %e, "could not give back the connection's slot; it expires with the connection");
+                        }
                     }
                     break;
                 }

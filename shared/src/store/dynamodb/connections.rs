@@ -733,8 +733,12 @@ impl DynamoStore {
             {
                 if let Some(principal) = &conn.principal {
                     // After the connection is gone, so a failure here costs the principal a
-                    // slot until the connection's expiry, never a connection without a slot.
-                    self.release_slot(principal, connection_id).await?;
+                    // slot until the connection's expiry, never a connection without a slot;
+                    // and it does not fail the removal, which is done (a retry would find
+                    // nothing left to remove, and give back nothing).
+                    if let Err(e) = self.release_slot(principal, connection_id).await {
+                        tracing::warn!(connection_id, error = %e, "could not give back the connection's slot; it expires with the connection");
+                    }
                 }
                 return Ok(left);
             }
