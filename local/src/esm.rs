@@ -13,7 +13,9 @@
 //!   cannot stop the stream (template.yaml: `MaximumRetryAttempts`, `DestinationConfig`);
 //! - records the template's `FilterCriteria` would drop (the rooms' counter records, see
 //!   [`chat_shared::stream::passes_template_filter`]) are dropped before the invocation and checkpointed past, as
-//!   Lambda discards filtered records; a batch of nothing else invokes nothing.
+//!   Lambda discards filtered records; a batch of nothing else invokes nothing. The mapping of
+//!   the connections table's stream has its own filter (TTL deletions of connection items
+//!   only, [`chat_shared::stream::passes_expiry_filter`]): [`Mapping::spawn_filtered`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,9 @@ use async_trait::async_trait;
 use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use chat_shared::stream::{passes_template_filter, RecordSource};
+
+/// A mapping's `FilterCriteria`: whether a record reaches the function.
+pub type RecordFilter = fn(&EventRecord) -> bool;
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
@@ -137,9 +142,20 @@ pub struct MappingStats {
 /// Runs the mapping until `stop` turns true and the source is drained (a poll returns no
 /// records), so the events written while shutting down (the `$disconnect`s) are delivered.
 pub async fn run(
+    source: Box<dyn RecordSource>,
+    target: Arc<dyn StreamTarget>,
+    config: EsmConfig,
+    stop: watch::Receiver<bool>,
+) -> MappingStats {
+    run_filtered(source, target, config, passes_template_filter, stop).await
+}
+
+/// [`run`] with another mapping's filter (applied when `config.filter` is on).
+pub async fn run_filtered(
     mut source: Box<dyn RecordSource>,
     target: Arc<dyn StreamTarget>,
     config: EsmConfig,
+    passes: RecordFilter,
     mut stop: watch::Receiver<bool>,
 ) -> MappingStats {
     let mut stats = MappingStats::default();
@@ -173,7 +189,7 @@ pub async fn run(
         let polled_last = batch.last().and_then(|r| r.change.sequence_number.clone());
         let polled = batch.len();
         let batch: Vec<EventRecord> = if config.filter {
-            batch.into_iter().filter(passes_template_filter).collect()
+            batch.into_iter().filter(|r| passes(r)).collect()
         } else {
             batch
         };
@@ -253,8 +269,18 @@ impl Mapping {
         target: Arc<dyn StreamTarget>,
         config: EsmConfig,
     ) -> Self {
+        Self::spawn_filtered(source, target, config, passes_template_filter)
+    }
+
+    /// [`Mapping::spawn`] with another mapping's filter (the connections table's).
+    pub fn spawn_filtered(
+        source: Box<dyn RecordSource>,
+        target: Arc<dyn StreamTarget>,
+        config: EsmConfig,
+        passes: RecordFilter,
+    ) -> Self {
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(run(source, target, config, rx));
+        let task = tokio::spawn(run_filtered(source, target, config, passes, rx));
         Mapping { stop, task }
     }
 
