@@ -3262,9 +3262,7 @@ impl ChatStore for EmbeddedStore {
         let now_s = epoch_secs(now_ms);
         // As the adapter: the connection first; still there, it decides.
         let existing = {
-            let (mut state, _) = self
-                .read(ReadOp::GetConnection, &keys::conn_pk(id))
-                .await?;
+            let (mut state, _) = self.read(ReadOp::GetConnection, &keys::conn_pk(id)).await?;
             let found = state.conns.get(id).cloned();
             self.charge_read(
                 &mut state,

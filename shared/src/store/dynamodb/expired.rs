@@ -47,13 +47,14 @@ impl DynamoStore {
             .flatten()
             .map(|(room, shard)| (room.clone(), *shard))
             .collect();
-        let left: Vec<Option<StoredEvent>> = futures::stream::iter(rooms)
-            .map(|(room, shard)| async move {
-                self.leave_expired_room(id, &room, shard, now_ms).await
-            })
-            .buffered(ROOMS_AT_ONCE)
-            .try_collect()
-            .await?;
+        let left: Vec<Option<StoredEvent>> =
+            futures::stream::iter(rooms)
+                .map(|(room, shard)| async move {
+                    self.leave_expired_room(id, &room, shard, now_ms).await
+                })
+                .buffered(ROOMS_AT_ONCE)
+                .try_collect()
+                .await?;
         // After the rooms, so a failure there leaves the claim for the record's retry to find.
         if let Some(release) = self.release_if_ours(gone, None, now_ms).await? {
             // Cancelled: the claim changed hands since the read (a newer holder keeps it).
