@@ -137,6 +137,8 @@ pub struct MappingStats {
     pub given_up: u64,
     /// Records dropped by the template's filter (never sent to the fan-out).
     pub filtered: u64,
+    /// Times the function was invoked (retries included).
+    pub invocations: u64,
 }
 
 /// Runs the mapping until `stop` turns true and the source is drained (a poll returns no
@@ -204,6 +206,7 @@ pub async fn run_filtered(
         let size = batch.len();
         let mut event = Event::default();
         event.records = batch;
+        stats.invocations += 1;
         let outcome = target.invoke(event.clone()).await;
         let Next::Checkpoint { after, failed } = interpret(&event.records, &outcome);
         // A batch done is done past the filtered records at its tail too.
