@@ -191,7 +191,7 @@ pub async fn run_filtered(
         let polled_last = batch.last().and_then(|r| r.change.sequence_number.clone());
         let polled = batch.len();
         let batch: Vec<EventRecord> = if config.filter {
-            batch.into_iter().filter(|r| passes(r)).collect()
+            batch.into_iter().filter(&passes).collect()
         } else {
             batch
         };
