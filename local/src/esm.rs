@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
-use chat_shared::stream::{passes_template_filter, RecordSource};
+use chat_shared::stream::{passes_template_filter, RecordSource, SourceError};
 
 /// A mapping's `FilterCriteria`: whether a record reaches the function.
 pub type RecordFilter = fn(&EventRecord) -> bool;
@@ -171,6 +171,12 @@ pub async fn run_filtered(
         };
         let batch = match source.poll(config.batch_size, wait).await {
             Ok(batch) => batch,
+            Err(SourceError::Gone(stream)) => {
+                // Its table was deleted (on AWS the mapping is disabled): nothing will ever
+                // come from it, so there is nothing to drain either.
+                error!(stream, "the stream is gone; the mapping stops");
+                return stats;
+            }
             Err(e) => {
                 warn!(error = %e, cause = ?std::error::Error::source(&e), "polling the stream failed; retrying");
                 if wait_or_stop(&mut stop, config.retry_backoff).await && stopping {
