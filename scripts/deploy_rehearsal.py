@@ -9,8 +9,8 @@ turns template.yaml into plain CloudFormation, a dummy zip stands in for each bo
 creates functions, it need not run them), and moto's CloudFormation API creates the stack,
 which must reach CREATE_COMPLETE. Then it reads back what moto built (DynamoDB, Lambda, IAM,
 SQS, CloudWatch Logs) and checks it against what the code and the README rely on: the stream
-and its view type, TTL, the stream mapping (batch size, bisect, retries, record age,
-on-failure destination, ReportBatchItemFailures and its filters), each function's environment,
+and its view type (both tables'), TTL, the two stream mappings (batch size, bisect, retries,
+record age, on-failure destination, ReportBatchItemFailures and their filters), each function's environment,
 role and log group, each role's statements, the handler's invoke permission, the queue.
 
 moto does not model AWS::ApiGatewayV2::*. The rehearsal therefore replaces the WebSocket API
@@ -219,7 +219,8 @@ def check_stack(clients: dict[str, Any], sam: dict[str, Any], c: Checks) -> None
         "EventsTable", "ConnectionsTable",
         "ChatApiHandlerFunction", "ChatApiHandlerFunctionRole", "ChatApiHandlerInvokePermission",
         "ChatApiHandlerLogGroup",
-        "FanoutFunction", "FanoutFunctionRole", "FanoutFunctionStream", "FanoutLogGroup",
+        "FanoutFunction", "FanoutFunctionRole", "FanoutFunctionStream", "FanoutFunctionExpiryStream",
+        "FanoutLogGroup",
         "FanoutDeadLetterQueue",
     ]  # fmt: skip
     for name in wanted:
@@ -236,10 +237,13 @@ def check_stack(clients: dict[str, Any], sam: dict[str, Any], c: Checks) -> None
          [{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}])
     c.eq("events stream", events.get("StreamSpecification"),
          {"StreamEnabled": True, "StreamViewType": "NEW_IMAGE"})
-    c.true("connections table has no stream", not connections.get("StreamSpecification", {}).get("StreamEnabled"))
+    # The old image of a connection's TTL deletion carries the rooms its expiry leaves.
+    c.eq("connections stream", connections.get("StreamSpecification"),
+         {"StreamEnabled": True, "StreamViewType": "OLD_IMAGE"})
     for label, table in (("events", events), ("connections", connections)):
         c.eq(f"{label} table billing", table.get("BillingModeSummary", {}).get("BillingMode"), "PAY_PER_REQUEST")
     stream_arn = events["LatestStreamArn"]
+    conn_stream_arn = connections.get("LatestStreamArn")
 
     # --- Queue ----------------------------------------------------------------------------
     queue = sqs.get_queue_attributes(QueueUrl=physical["FanoutDeadLetterQueue"], AttributeNames=["All"])["Attributes"]
@@ -296,27 +300,39 @@ def check_stack(clients: dict[str, Any], sam: dict[str, Any], c: Checks) -> None
         found = logs.describe_log_groups(logGroupNamePrefix=physical[log_group])["logGroups"]
         c.eq(f"{log_group} retention (days)", [g.get("retentionInDays") for g in found], [30])
 
-    # --- The stream mapping ---------------------------------------------------------------
-    mapping = lam.get_event_source_mapping(UUID=physical["FanoutFunctionStream"])
-    c.eq("mapping source", mapping.get("EventSourceArn"), stream_arn)
-    c.eq("mapping function", mapping.get("FunctionArn"), fanout["FunctionArn"])
-    c.eq("mapping starting position", mapping.get("StartingPosition"), "LATEST")
-    c.eq("mapping batch size", mapping.get("BatchSize"), 100)
-    c.eq("mapping batching window (s)", mapping.get("MaximumBatchingWindowInSeconds"), 0)
-    c.eq("mapping parallelization factor", mapping.get("ParallelizationFactor"), 1)
-    c.eq("mapping bisects on error", mapping.get("BisectBatchOnFunctionError"), True)
-    c.eq("mapping retries", mapping.get("MaximumRetryAttempts"), 5)
-    c.eq("mapping maximum record age (s)", mapping.get("MaximumRecordAgeInSeconds"), 3600)
-    c.eq("mapping on-failure destination", mapping.get("DestinationConfig"), {"OnFailure": {"Destination": queue_arn}})
-    c.eq("mapping response types", mapping.get("FunctionResponseTypes"), ["ReportBatchItemFailures"])
-    patterns = [json.loads(f["Pattern"]) for f in mapping.get("FilterCriteria", {}).get("Filters", [])]
+    # --- The stream mappings --------------------------------------------------------------
     # The fan-out must see every event and redelivery item (INSERT/MODIFY whose new image is
     # not the room's counter) and every REMOVE of a non-counter item (keys only, seq != 0);
-    # Lambda ORs the filters.
-    c.eq("mapping filters", patterns, [
-        {"dynamodb": {"NewImage": {"type": {"S": [{"anything-but": ["Counter"]}]}}}},
-        {"dynamodb": {"Keys": {"seq": {"N": [{"anything-but": ["0"]}]}}}},
-    ])  # fmt: skip
+    # Lambda ORs the filters. Of the connections table it must see only TTL deletions of
+    # connection items (REMOVE by the DynamoDB service, key CONN#.../CONN): every request
+    # writes that table, and $disconnect's own delete must not run the expiry path.
+    mappings = {
+        "FanoutFunctionStream": (stream_arn, [
+            {"dynamodb": {"NewImage": {"type": {"S": [{"anything-but": ["Counter"]}]}}}},
+            {"dynamodb": {"Keys": {"seq": {"N": [{"anything-but": ["0"]}]}}}},
+        ]),
+        "FanoutFunctionExpiryStream": (conn_stream_arn, [
+            {"eventName": ["REMOVE"],
+             "userIdentity": {"type": ["Service"], "principalId": ["dynamodb.amazonaws.com"]},
+             "dynamodb": {"Keys": {"pk": {"S": [{"prefix": "CONN#"}]}, "sk": {"S": ["CONN"]}}}},
+        ]),
+    }  # fmt: skip
+    for logical, (source, filters) in mappings.items():
+        mapping = lam.get_event_source_mapping(UUID=physical[logical])
+        c.eq(f"{logical} source", mapping.get("EventSourceArn"), source)
+        c.eq(f"{logical} function", mapping.get("FunctionArn"), fanout["FunctionArn"])
+        c.eq(f"{logical} starting position", mapping.get("StartingPosition"), "LATEST")
+        c.eq(f"{logical} batch size", mapping.get("BatchSize"), 100)
+        c.eq(f"{logical} batching window (s)", mapping.get("MaximumBatchingWindowInSeconds"), 0)
+        c.eq(f"{logical} parallelization factor", mapping.get("ParallelizationFactor"), 1)
+        c.eq(f"{logical} bisects on error", mapping.get("BisectBatchOnFunctionError"), True)
+        c.eq(f"{logical} retries", mapping.get("MaximumRetryAttempts"), 5)
+        c.eq(f"{logical} maximum record age (s)", mapping.get("MaximumRecordAgeInSeconds"), 3600)
+        c.eq(f"{logical} on-failure destination", mapping.get("DestinationConfig"),
+             {"OnFailure": {"Destination": queue_arn}})
+        c.eq(f"{logical} response types", mapping.get("FunctionResponseTypes"), ["ReportBatchItemFailures"])
+        patterns = [json.loads(f["Pattern"]) for f in mapping.get("FilterCriteria", {}).get("Filters", [])]
+        c.eq(f"{logical} filters", patterns, filters)
 
     # --- Roles ----------------------------------------------------------------------------
     tables = sorted([events["TableArn"], connections["TableArn"]])
@@ -335,7 +351,7 @@ def check_stack(clients: dict[str, Any], sam: dict[str, Any], c: Checks) -> None
         "FanoutFunctionRole": {
             "Logs": (["logs:CreateLogStream", "logs:PutLogEvents"], [log_group_arn]),
             "ReadEventsStream": (["dynamodb:DescribeStream", "dynamodb:GetRecords", "dynamodb:GetShardIterator"],
-                                 [stream_arn]),
+                                 sorted([stream_arn, conn_stream_arn or "<no connections stream>"])),
             "ChatTablesReadWrite": (sorted(rw + ["dynamodb:BatchWriteItem"]), tables),
             "ManageConnections": (["execute-api:ManageConnections"],
                                   sorted(f"{api_arn}/{verb}/@connections/*" for verb in ("POST", "GET", "DELETE"))),

@@ -13,7 +13,9 @@
 //!   cannot stop the stream (template.yaml: `MaximumRetryAttempts`, `DestinationConfig`);
 //! - records the template's `FilterCriteria` would drop (the rooms' counter records, see
 //!   [`chat_shared::stream::passes_template_filter`]) are dropped before the invocation and checkpointed past, as
-//!   Lambda discards filtered records; a batch of nothing else invokes nothing.
+//!   Lambda discards filtered records; a batch of nothing else invokes nothing. The mapping of
+//!   the connections table's stream has its own filter (TTL deletions of connection items
+//!   only, [`chat_shared::stream::passes_expiry_filter`]): [`Mapping::spawn_filtered`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +23,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
-use chat_shared::stream::{passes_template_filter, RecordSource};
+use chat_shared::stream::{passes_template_filter, RecordSource, SourceError};
+
+/// A mapping's `FilterCriteria`: whether a record reaches the function.
+pub type RecordFilter = fn(&EventRecord) -> bool;
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
@@ -132,14 +137,27 @@ pub struct MappingStats {
     pub given_up: u64,
     /// Records dropped by the template's filter (never sent to the fan-out).
     pub filtered: u64,
+    /// Times the function was invoked (retries included).
+    pub invocations: u64,
 }
 
 /// Runs the mapping until `stop` turns true and the source is drained (a poll returns no
 /// records), so the events written while shutting down (the `$disconnect`s) are delivered.
 pub async fn run(
+    source: Box<dyn RecordSource>,
+    target: Arc<dyn StreamTarget>,
+    config: EsmConfig,
+    stop: watch::Receiver<bool>,
+) -> MappingStats {
+    run_filtered(source, target, config, passes_template_filter, stop).await
+}
+
+/// [`run`] with another mapping's filter (applied when `config.filter` is on).
+pub async fn run_filtered(
     mut source: Box<dyn RecordSource>,
     target: Arc<dyn StreamTarget>,
     config: EsmConfig,
+    passes: RecordFilter,
     mut stop: watch::Receiver<bool>,
 ) -> MappingStats {
     let mut stats = MappingStats::default();
@@ -153,6 +171,12 @@ pub async fn run(
         };
         let batch = match source.poll(config.batch_size, wait).await {
             Ok(batch) => batch,
+            Err(SourceError::Gone(stream)) => {
+                // Its table was deleted (on AWS the mapping is disabled): nothing will ever
+                // come from it, so there is nothing to drain either.
+                error!(stream, "the stream is gone; the mapping stops");
+                return stats;
+            }
             Err(e) => {
                 warn!(error = %e, cause = ?std::error::Error::source(&e), "polling the stream failed; retrying");
                 if wait_or_stop(&mut stop, config.retry_backoff).await && stopping {
@@ -173,7 +197,7 @@ pub async fn run(
         let polled_last = batch.last().and_then(|r| r.change.sequence_number.clone());
         let polled = batch.len();
         let batch: Vec<EventRecord> = if config.filter {
-            batch.into_iter().filter(passes_template_filter).collect()
+            batch.into_iter().filter(&passes).collect()
         } else {
             batch
         };
@@ -188,6 +212,7 @@ pub async fn run(
         let size = batch.len();
         let mut event = Event::default();
         event.records = batch;
+        stats.invocations += 1;
         let outcome = target.invoke(event.clone()).await;
         let Next::Checkpoint { after, failed } = interpret(&event.records, &outcome);
         // A batch done is done past the filtered records at its tail too.
@@ -253,8 +278,18 @@ impl Mapping {
         target: Arc<dyn StreamTarget>,
         config: EsmConfig,
     ) -> Self {
+        Self::spawn_filtered(source, target, config, passes_template_filter)
+    }
+
+    /// [`Mapping::spawn`] with another mapping's filter (the connections table's).
+    pub fn spawn_filtered(
+        source: Box<dyn RecordSource>,
+        target: Arc<dyn StreamTarget>,
+        config: EsmConfig,
+        passes: RecordFilter,
+    ) -> Self {
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(run(source, target, config, rx));
+        let task = tokio::spawn(run_filtered(source, target, config, passes, rx));
         Mapping { stop, task }
     }
 

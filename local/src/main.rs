@@ -104,6 +104,16 @@ struct Args {
     /// Never run $disconnect (models AWS losing it; stale connections are then pruned on 410).
     #[arg(long, hide = true)]
     drop_disconnect: bool,
+    /// Embedded store: how often the TTL sweeper deletes expired items (DynamoDB takes up to a
+    /// few days; this one is prompt). An expired connection's TTL deletion leaves its rooms.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    ttl_sweep_seconds: u64,
+    /// Embedded store: connections expire this long after `$connect`. Local only: the Lambdas'
+    /// CONNECTION_TTL_SECONDS has a minimum of 7,200 (API Gateway keeps a connection up to 2 h,
+    /// so a shorter TTL would expire live connections); here a short one lets you watch TTL
+    /// expiry leave a connection's rooms (with --drop-disconnect) without waiting hours.
+    #[arg(long, value_name = "SECONDS")]
+    connection_ttl_seconds: Option<u64>,
     /// Behave like AWS where it hurts: store latency, eventually consistent reads, counter
     /// contention, `@connections` round trips and the stream's polling delay (README, "AWS-like
     /// mode"). The knobs below tune it. Without it everything is instant and consistent.
@@ -220,9 +230,12 @@ async fn main() -> anyhow::Result<()> {
             },
         }
     } else {
-        StoreChoice::Embedded(chat_shared::store::embedded::EmbeddedStore::new(
-            Retention::default(),
-        ))
+        let mut retention = Retention::default();
+        if let Some(ttl) = args.connection_ttl_seconds {
+            anyhow::ensure!(ttl > 0, "--connection-ttl-seconds must be at least 1");
+            retention.connection_ttl = Duration::from_secs(ttl);
+        }
+        StoreChoice::Embedded(chat_shared::store::embedded::EmbeddedStore::new(retention))
     };
     anyhow::ensure!(
         args.max_message_bytes > 0,
@@ -278,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
             batch_size: args.batch_size,
             ..EsmConfig::default()
         },
+        ttl_sweep: Duration::from_secs(args.ttl_sweep_seconds.max(1)),
     };
     if let Some(aws_like) = &aws_like {
         aws_like.apply(&mut options);

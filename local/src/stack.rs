@@ -1,7 +1,9 @@
 //! Wires the local stack together: the gateway emulator in front of chat-api-handler's code,
 //! a store (embedded, or a real DynamoDB API), and the event source mapping driving the
 //! fan-out's code, which reaches clients through the gateway's own `@connections` endpoint
-//! with the same SDK client as on AWS.
+//! with the same SDK client as on AWS. A second mapping reads the connections table's stream
+//! into the same fan-out, with template.yaml's filter of TTL deletions of connections
+//! ([`chat_shared::expiry`]); with the embedded store, a sweeper plays DynamoDB's TTL.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use chat_shared::handler::handle_request;
 use chat_shared::store::dynamodb::{create_tables, DynamoStore};
 use chat_shared::store::embedded::EmbeddedStore;
 use chat_shared::store::ChatStore;
-use chat_shared::stream::RecordSource;
+use chat_shared::stream::{passes_expiry_filter, RecordSource};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -55,7 +57,20 @@ pub struct LocalOptions {
     pub fanout: FanoutConfig,
     pub retention: Retention,
     pub esm: EsmConfig,
+    /// How often the embedded store's TTL sweeper runs (DynamoDB deletes expired items
+    /// "typically within a few days"; the local one is prompt). Each run deletes the expired
+    /// connection items (their TTL `REMOVE`s go on the connections feed), then the other
+    /// expired items that expired more than [`SWEEP_GRACE`] ago.
+    pub ttl_sweep: Duration,
 }
+
+/// How long after their expiry the local sweeper leaves a connection's member items and name
+/// claim (which expire with it) in place: the expiry path leaves each room by its member item,
+/// so it must find them after the connection item's deletion (see docs/local-stack.md).
+pub const SWEEP_GRACE: Duration = Duration::from_secs(60);
+
+/// The sweeper's default interval.
+pub const DEFAULT_TTL_SWEEP: Duration = Duration::from_secs(60);
 
 impl Default for LocalOptions {
     fn default() -> Self {
@@ -68,6 +83,7 @@ impl Default for LocalOptions {
             fanout: FanoutConfig::default(),
             retention: Retention::default(),
             esm: EsmConfig::default(),
+            ttl_sweep: DEFAULT_TTL_SWEEP,
         }
     }
 }
@@ -147,6 +163,8 @@ pub struct Shutdown {
     /// What the event source mapping went through over the stack's life (zeros when it
     /// did not drain in time).
     pub mapping: MappingStats,
+    /// The same for the connections table's mapping (TTL expiry; zeros without one).
+    pub expiry_mapping: MappingStats,
 }
 
 /// A running local stack.
@@ -162,6 +180,8 @@ pub struct RunningStack {
     gateway_handle: Gateway,
     gateway: tokio::task::JoinHandle<std::io::Result<()>>,
     mapping: Mapping,
+    /// The connections table's mapping (none on a table without a stream).
+    expiry_mapping: Option<Mapping>,
     sweeper: Option<tokio::task::JoinHandle<()>>,
     meter: Arc<Meter>,
 }
@@ -271,26 +291,38 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
     };
     let http_base = format!("http://{client_host}:{}/{stage}", addr.port());
 
-    let (store, source, sweeper): (Arc<dyn ChatStore>, Box<dyn RecordSource>, _) =
+    type Source = Box<dyn RecordSource>;
+    let (store, source, conn_source, sweeper): (Arc<dyn ChatStore>, Source, Option<Source>, _) =
         match &options.store {
             StoreChoice::Embedded(store) => {
                 let store = store
                     .clone()
                     .with_large_room_limit(options.handler.presence_limit);
                 let feed = store.feed();
-                // DynamoDB's TTL sweeper, in-process: expired connections, claims and history go.
+                let conn_feed = store.connections_feed();
+                // DynamoDB's TTL sweeper, in-process: expired connections first (their TTL
+                // REMOVEs drive the expiry path), the rest (member items, claims, history) a
+                // grace later, so the expiry path finds the member items it leaves by.
                 let sweeping = store.clone();
+                let every = options.ttl_sweep.max(Duration::from_millis(10));
                 let sweeper = tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(Duration::from_secs(60));
+                    let mut tick = tokio::time::interval(every);
                     loop {
                         tick.tick().await;
-                        let removed = sweeping.expire(chat_shared::now_ms());
-                        if removed > 0 {
-                            info!(removed, "expired items removed (TTL)");
+                        let now = chat_shared::now_ms();
+                        let connections = sweeping.expire_connections(now);
+                        let rest = sweeping.expire(now - SWEEP_GRACE.as_millis() as i64);
+                        if connections + rest > 0 {
+                            info!(connections, rest, "expired items removed (TTL)");
                         }
                     }
                 });
-                (Arc::new(store), Box::new(feed), Some(sweeper))
+                (
+                    Arc::new(store),
+                    Box::new(feed),
+                    Some(Box::new(conn_feed)),
+                    Some(sweeper),
+                )
             }
             StoreChoice::DynamoDb {
                 endpoint,
@@ -330,9 +362,38 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
                 )
                 .await
                 .context("reading the event table's stream")?;
+                // The connections table's stream, for TTL expiry. moto runs no TTL deletions
+                // (a test feeds the record); a table created before it had a stream has none.
+                let conn_stream = dynamodb
+                    .describe_table()
+                    .table_name(&tables.connections)
+                    .send()
+                    .await
+                    .with_context(|| format!("describing table {}", tables.connections))?
+                    .table()
+                    .and_then(|t| t.latest_stream_arn())
+                    .map(str::to_owned);
+                let conn_source: Option<Source> = match conn_stream {
+                    Some(arn) => Some(Box::new(
+                        StreamsApiSource::at_latest(
+                            aws_sdk_dynamodbstreams::Client::new(&sdk),
+                            arn,
+                            region.clone(),
+                        )
+                        .await
+                        .context("reading the connections table's stream")?,
+                    )),
+                    None => {
+                        warn!(
+                            table = tables.connections.as_str(),
+                            "the connections table has no stream: a connection whose TTL expires will not leave its rooms (enable an OLD_IMAGE stream, as template.yaml does)"
+                        );
+                        None
+                    }
+                };
                 let store = DynamoStore::new(dynamodb, tables.clone(), options.retention)
                     .with_large_room_limit(options.handler.presence_limit);
-                (Arc::new(store), Box::new(source), None)
+                (Arc::new(store), Box::new(source), conn_source, None)
             }
         };
 
@@ -358,6 +419,14 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
         api: ManagementApi::new(&management, &http_base),
         config: options.fanout.clone(),
         meter: Arc::clone(&meter),
+    });
+    let expiry_mapping = conn_source.map(|conn_source| {
+        Mapping::spawn_filtered(
+            conn_source,
+            Arc::clone(&target) as Arc<dyn StreamTarget>,
+            options.esm.clone(),
+            passes_expiry_filter,
+        )
     });
     let mapping = Mapping::spawn(source, target, options.esm.clone());
     let (shutdown, on_shutdown) = oneshot::channel::<()>();
@@ -385,6 +454,7 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
         gateway: gateway_task,
         gateway_handle: gateway,
         mapping,
+        expiry_mapping,
         sweeper,
         meter,
     })
@@ -408,6 +478,11 @@ impl RunningStack {
         self.gateway_handle.clients_closed().await;
         // The leaves just recorded are still in the stream: the fan-out drains them while
         // `@connections` still answers (410 for everyone), then the listener closes.
+        // The expiry mapping first: the leaves it records go to the events stream.
+        let expiry_mapping = match self.expiry_mapping {
+            Some(m) => m.drain(SHUTDOWN_DRAIN_LIMIT).await,
+            None => Some(MappingStats::default()),
+        };
         let mapping = self.mapping.drain(SHUTDOWN_DRAIN_LIMIT).await;
         let _ = self.stop_listening.send(());
         match self.gateway.await {
@@ -420,8 +495,9 @@ impl RunningStack {
         }
         info!(drained = mapping.is_some(), ?mapping, "stopped");
         Ok(Shutdown {
-            drained: mapping.is_some(),
+            drained: mapping.is_some() && expiry_mapping.is_some(),
             mapping: mapping.unwrap_or_default(),
+            expiry_mapping: expiry_mapping.unwrap_or_default(),
         })
     }
 }

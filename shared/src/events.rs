@@ -21,6 +21,10 @@ pub enum LeaveReason {
     Replaced,
     /// The member asked to leave the room (`leave`).
     Left,
+    /// The connection's item expired (its TTL) without a `$disconnect` or a 410: DynamoDB's
+    /// TTL deletion reached the fan-out on the connections table's stream
+    /// ([`crate::expiry`]).
+    Expired,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -167,6 +167,14 @@ pub async fn handle_stream_event(
     deadline: Option<Instant>,
 ) -> DynamoDbEventResponse {
     crate::metrics::stream_batch(&event);
+    // The connections table's stream (its own mapping): TTL deletions of connections, whose
+    // leaves `crate::expiry` performs; their `MemberLeft`s come back on the event table's.
+    let mut event = event;
+    let (conns, rest): (Vec<EventRecord>, Vec<EventRecord>) = std::mem::take(&mut event.records)
+        .into_iter()
+        .partition(crate::expiry::is_connections_record);
+    event.records = rest;
+    let expiry_failures = crate::expiry::handle_records(store, &conns, &now_ms).await;
     let deadline = deadline.map(|d| d.checked_sub(config.time_margin).unwrap_or(d));
     let mut units: Vec<(Option<String>, Unit)> = Vec::new();
     let mut rounds: Vec<(Option<String>, Redelivery)> = Vec::new();
@@ -249,6 +257,7 @@ pub async fn handle_stream_event(
         deliver_in_order(store, deliver, config, units, now_ms, deadline),
         redeliveries
     );
+    response.batch_item_failures.extend(expiry_failures);
     for seq_no in failed_rounds {
         let mut failure = DynamoDbBatchItemFailure::default();
         failure.item_identifier = seq_no;

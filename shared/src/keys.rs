@@ -27,7 +27,7 @@
 //! | `message`      | S    | messages only                                                  |
 //! | `toConnectionId`, `toName` | S | private messages only: the recipient at send time     |
 //! | `identity`, `toIdentity` | S | private messages only, when authenticated: the sender's and the recipient's identity, the two who may read it back from history |
-//! | `reason`       | S    | leaves only: `disconnected`, `gone` (pruned on 410) or `replaced` |
+//! | `reason`       | S    | leaves only: `disconnected`, `gone` (pruned on 410), `replaced`, `left` (a `leave` request) or `expired` (the connection's TTL ran out: see *TTL expiry* below) |
 //!
 //! Event items are immutable: the only REMOVE records of event items are TTL deletions.
 //! Private messages are not room-scoped but are numbered in `lobby`'s log (`ROOM#lobby`), as
@@ -114,6 +114,30 @@
 //! | `round`, `notBefore` | N | which retry round this is (1-based), and not before when (ms) |
 //!
 //! ## Connections table (`CONNECTIONS_TABLE`) — current state, every item with TTL
+//!
+//! The table has a stream (`OLD_IMAGE`) for one reader: the fan-out's second event source
+//! mapping, whose filter passes only **TTL deletions of connection items** — `eventName`
+//! `REMOVE`, `userIdentity` `{"type": "Service", "principalId": "dynamodb.amazonaws.com"}`,
+//! key `CONN#<connId>` / `CONN` ([`crate::stream::EXPIRY_FILTER_PATTERN`]). Every other write
+//! (each request's rate-limit update, joins, `$disconnect`'s own delete, member items, claims)
+//! is on the stream too but never invokes Lambda.
+//!
+//! **TTL expiry** ([`crate::expiry`]): a connection whose `$disconnect` was lost and that never
+//! met a 410 ends when DynamoDB's TTL deletes its item. The record's old image is the item as
+//! it was then; its `rooms` are exactly the rooms no leave had committed for (every leave
+//! removes its `rooms` entry in its own transaction, and after the deletion no leave can
+//! commit: each is conditioned on the item). For each of those rooms the fan-out commits, on
+//! the condition that the connection's member item (`MEMBERS#<room>#<shard>` / `<connId>`, the
+//! shard from `rooms`) still exists, its delete with a `MemberLeft` (reason `expired`, the
+//! member item's name) and the counter's move (`members` − 1) — unsequenced (the delete
+//! only) in a large room — one transaction per room, so a connection in more rooms than one
+//! transaction holds leaves them all. Then its claim goes (deleted, or an identity's
+//! reservation) only if it is still this connection's, and its principal's slot. A redelivered
+//! record, or one for a membership another path already ended, finds the member item gone
+//! and writes nothing; a newer holder of the name keeps its claim. The member item expires
+//! with the connection: if DynamoDB's TTL deletes it **before** the connection item's record
+//! is handled, that room's leave is silent (the member already reads as absent, as before
+//! this path existed) — see the README's *Guarantees*.
 //! | `pk`                      | `sk`       | other attributes                                  |
 //! |---------------------------|------------|---------------------------------------------------|
 //! | `CONN#<connId>`           | `CONN`     | the connection: `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once named `name`, `nameKey`; `rooms` (M: room → its member shard) for every room it is a member of; the rate-limit bucket `rlTokens`, `rlAt`; `renaming` while a rename is not yet in every room |
@@ -137,7 +161,8 @@
 //! written: `sendPublic`, `sendPrivate`, `join`, `leave` put it in their one transaction;
 //! `setName` in the transaction that moves the claim (or joins lobby), with the events of that
 //! transaction (a rename's other rooms follow in their own transactions, and their events are
-//! not in it). The connections table has no stream, so no reader of the stream sees it.
+//! not in it). The connections table's stream carries it, but its mapping's filter passes only
+//! TTL deletions of connection items (below), so no reader of a stream sees it.
 //!
 //! `$connect` writes `rooms` as an empty map: a join sets `rooms.<room>`, which DynamoDB can
 //! only do in a map that exists. A connection id is a partition key in `CONN#<connId>` (at most
@@ -184,7 +209,8 @@
 //! `nameKey` is the name's NFKC_Casefold without invisible characters (`validation::name_key`):
 //! names are unique ignoring case and Unicode compatibility differences. `expiresAt` is epoch
 //! seconds; DynamoDB deletes expired items only eventually, so every read also treats
-//! `expiresAt <= now` as absent (a member item expires with its connection).
+//! `expiresAt <= now` as absent (a member item expires with its connection; its rooms hear of
+//! it when the connection item's TTL deletion reaches the fan-out, above).
 
 /// The room of the classic chat: `setName` joins it, and `sendPublic`/`history` without a
 /// `room` mean it.

@@ -13,6 +13,7 @@
 //! - [`handler`]: the chat-api-handler logic (routes → validated state changes + events);
 //! - [`history`]: the `history` route's pages of public history;
 //! - [`fanout`]: the stream fan-out logic (events → deliveries, pruning on 410);
+//! - [`expiry`]: TTL deletions of connections (the connections table's stream) → their leaves;
 //! - [`redelivery`]: what a broadcast still owes a few failing connections, retried on its own;
 //! - [`stream`]: the stream-record source port the local event source mapping polls;
 //! - [`config`]: settings read from the environment, with their defaults.
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod events;
+pub mod expiry;
 pub mod fanout;
 pub mod handler;
 pub mod history;

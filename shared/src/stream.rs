@@ -50,3 +50,28 @@ pub fn passes_template_filter(record: &EventRecord) -> bool {
     };
     type_not_counter || seq_not_zero
 }
+
+/// The pattern of template.yaml's `FilterCriteria` on the connections table's mapping, word
+/// for word: DynamoDB's TTL deletions (`REMOVE` by the service `dynamodb.amazonaws.com`) of
+/// connection items (`pk` `CONN#…`, `sk` `CONN`). Every other write to that table — `$connect`'s
+/// put, each request's rate-limit update, joins, `$disconnect`'s delete, the member items and
+/// claims — never invokes Lambda.
+pub const EXPIRY_FILTER_PATTERN: &str = r#"{"eventName":["REMOVE"],"userIdentity":{"type":["Service"],"principalId":["dynamodb.amazonaws.com"]},"dynamodb":{"Keys":{"pk":{"S":[{"prefix":"CONN#"}]},"sk":{"S":["CONN"]}}}}"#;
+
+/// Whether a record passes [`EXPIRY_FILTER_PATTERN`] (the local event source mapping of the
+/// connections table's stream applies it as Lambda does).
+pub fn passes_expiry_filter(record: &EventRecord) -> bool {
+    use serde_dynamo::AttributeValue::S;
+    let by_ttl = record.user_identity.as_ref().is_some_and(|identity| {
+        identity.type_ == "Service" && identity.principal_id == "dynamodb.amazonaws.com"
+    });
+    let pk_is_conn = matches!(
+        record.change.keys.get(crate::keys::PK),
+        Some(S(pk)) if pk.starts_with("CONN#")
+    );
+    let sk_is_conn = matches!(
+        record.change.keys.get(crate::keys::SK),
+        Some(S(sk)) if sk == crate::keys::CONN_SK
+    );
+    record.event_name == "REMOVE" && by_ttl && pk_is_conn && sk_is_conn
+}

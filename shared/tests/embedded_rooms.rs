@@ -461,8 +461,8 @@ async fn member_items_expire_with_their_connection() {
     let later = now + ttl + 1_000;
     let removed = s.expire(later);
 
-    // THEN her connection, her claim and both member items go (the connections table has no
-    // stream, so no record); the counters stay
+    // THEN her connection, her claim and both member items go (the connection's record goes to
+    // the connections feed, not this one); the counters stay
     assert_eq!(removed, 4);
     assert!(drain(&mut feed).await.is_empty());
     assert!(members(&s, "dev", later).await.is_empty());

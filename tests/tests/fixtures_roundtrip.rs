@@ -30,9 +30,11 @@ const WEBSOCKET_FIXTURES: [&str; 6] = [
     "apigw-websocket-disconnect.json",
 ];
 
-const DYNAMODB_FIXTURES: [&str; 2] = [
+const DYNAMODB_FIXTURES: [&str; 3] = [
     "dynamodb-stream-insert.json",
     "dynamodb-stream-ttl-remove.json",
+    // Roundtripped and driven through the fan-out by `tests/ttl_expiry.rs`.
+    "dynamodb-stream-ttl-remove-connection.json",
 ];
 
 /// Parses a fixture, serialises it, parses that again, and checks nothing was lost.

@@ -319,6 +319,13 @@ impl<S: ChatStore> ChatStore for CountingReads<S> {
             .remove_connection(connection_id, reason, now_ms)
             .await
     }
+    async fn remove_expired(
+        &self,
+        gone: &chat_shared::store::items::ConnItem,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.inner.remove_expired(gone, now_ms).await
+    }
     async fn take_request_token(
         &self,
         connection_id: &str,

@@ -288,6 +288,13 @@ impl ChatStore for Watched {
             .remove_connection(connection_id, reason, now_ms)
             .await
     }
+    async fn remove_expired(
+        &self,
+        gone: &chat_shared::store::items::ConnItem,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.inner.remove_expired(gone, now_ms).await
+    }
     async fn take_request_token(
         &self,
         connection_id: &str,

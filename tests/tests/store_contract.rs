@@ -2911,7 +2911,8 @@ async fn embedded_expiry_removes_items_like_dynamodbs_ttl_sweeper() {
     let removed_events = store.expire(history_gone_at);
     let removals = drain(&mut feed).await;
 
-    // THEN first the connection, its claim and its member item go (no stream on that table),
+    // THEN first the connection, its claim and its member item go (the connection's TTL
+    // REMOVE goes to the connections table's own feed, not this one),
     // then both events, each as a REMOVE record by the DynamoDB service with the keys and no
     // image (the room's counter never expires)
     assert_eq!(removed_connections, 3);

@@ -25,6 +25,15 @@
 //! items, connections, claims, member items; never a counter), and each expired item of the
 //! event table leaves a `REMOVE` record marked as done by the DynamoDB service.
 //!
+//! The connections table has a stream of its own (template.yaml: `OLD_IMAGE`), read by
+//! [`EmbeddedStore::connections_feed`]: the `REMOVE` record of every deleted connection item,
+//! with its last image ([`super::items::ConnItem`], the DynamoDB adapter's shape) — marked as
+//! done by the DynamoDB service when the TTL sweeper deleted it ([`EmbeddedStore::expire`],
+//! [`EmbeddedStore::expire_connections`]), unmarked when `$disconnect` (or a prune) did. The
+//! other writes to that table would be on DynamoDB's stream too; the connections mapping's
+//! filter drops them before Lambda ([`crate::stream::passes_expiry_filter`]), so the feed does
+//! not carry them.
+//!
 //! By default the store is ideal: every call is instant and every read strongly consistent.
 //! [`EmbeddedStore::with_behaviour`] makes it behave like DynamoDB
 //! ([`super::aws_like::StoreBehaviour`]): each write step takes the time of the calls the
@@ -108,6 +117,23 @@ impl ConnItem {
             name: self.name.as_ref().map(|n| n.display.clone()),
             identity: self.identity.clone(),
             rooms: self.rooms.keys().cloned().collect(),
+        }
+    }
+
+    /// The item as the DynamoDB adapter stores it (its one shape, [`super::items::ConnItem`]).
+    fn to_item(&self) -> super::items::ConnItem {
+        super::items::ConnItem {
+            connection_id: self.connection_id.clone(),
+            connected_at: self.connected_at,
+            expires_at: self.expires_at,
+            name: self.name.as_ref().map(|n| n.display.clone()),
+            name_key: self.name.as_ref().map(|n| n.key.clone()),
+            rl_tokens: self.bucket.map(|b| b.milli_tokens),
+            rl_at: self.bucket.map(|b| b.at_ms),
+            identity: self.identity.clone(),
+            rooms: Some(self.rooms.clone()),
+            renaming: self.renaming.clone(),
+            principal: self.principal.clone(),
         }
     }
 
@@ -336,7 +362,10 @@ struct State {
     redeliveries: BTreeMap<(String, u64), i64>,
     /// The event table's stream, in commit order, with each record's sequence number.
     log: Vec<(u64, EventRecord)>,
-    /// The last stream sequence number given out (INSERTs, MODIFYs and REMOVEs share it).
+    /// The connections table's stream: the `REMOVE` records of connection items.
+    conn_log: Vec<(u64, EventRecord)>,
+    /// The last stream sequence number given out (INSERTs, MODIFYs and REMOVEs of both
+    /// streams share it, so each stream's numbers only grow).
     stream_seq: u64,
     failures: Failures,
     /// The longest an eventually consistent read can lag (zero keeps no old versions).
@@ -667,6 +696,18 @@ impl State {
         self.log.push((self.stream_seq, record));
     }
 
+    /// Gives the next stream sequence number to a record of the connections table's stream.
+    fn publish_conn(&mut self, instance: u64, mut record: EventRecord) {
+        self.stream_seq += 1;
+        record.change.sequence_number = Some(format!(
+            "{:0width$}",
+            self.stream_seq,
+            width = SEQUENCE_DIGITS
+        ));
+        record.event_id = format!("{instance:016x}{:016x}", self.stream_seq);
+        self.conn_log.push((self.stream_seq, record));
+    }
+
     /// Commits a prepared append: the counter moves, the event item is stored, and the
     /// counter's then the event's stream records are published (the order of the items in the
     /// DynamoDB adapter's transaction). Infallible, so it runs only once every check passed.
@@ -744,6 +785,8 @@ struct Shared {
     changed: Notify,
     retention: Retention,
     stream_arn: String,
+    /// The connections table's stream ARN.
+    conn_stream_arn: String,
     /// Random per store: the high half of every record's `eventID`.
     instance: u64,
 }
@@ -862,11 +905,71 @@ impl Shared {
         }
     }
 
-    /// Records after stream sequence number `after`, at most `max`.
-    fn records_after(&self, after: u64, max: usize) -> Vec<EventRecord> {
+    /// The `REMOVE` record of a deleted connection item on the connections table's stream,
+    /// with its last image (the DynamoDB adapter's item: keys and [`super::items::ConnItem`]);
+    /// `by_ttl`: marked as done by the DynamoDB service, as a TTL deletion is.
+    fn conn_removal(&self, now_ms: i64, conn: &ConnItem, by_ttl: bool) -> Option<EventRecord> {
+        let keys = Item::from(HashMap::from([
+            (
+                keys::PK.to_owned(),
+                AttributeValue::S(keys::conn_pk(&conn.connection_id)),
+            ),
+            (
+                keys::SK.to_owned(),
+                AttributeValue::S(keys::CONN_SK.to_owned()),
+            ),
+        ]));
+        let built = || -> Result<StreamRecord, String> {
+            let mut image: Item =
+                serde_dynamo::to_item(conn.to_item()).map_err(|e| e.to_string())?;
+            image.insert(
+                keys::PK.to_owned(),
+                AttributeValue::S(keys::conn_pk(&conn.connection_id)),
+            );
+            image.insert(
+                keys::SK.to_owned(),
+                AttributeValue::S(keys::CONN_SK.to_owned()),
+            );
+            let mut change: StreamRecord = serde_json::from_value(json!({
+                "ApproximateCreationDateTime": epoch_secs(now_ms),
+                "SizeBytes": limits::item_size(&keys) + limits::item_size(&image),
+            }))
+            .map_err(|e| e.to_string())?;
+            change.keys = keys;
+            change.old_image = image;
+            change.stream_view_type = Some(StreamViewType::OldImage);
+            Ok(change)
+        };
+        match built() {
+            Ok(change) => {
+                let mut record = self.record("REMOVE", change);
+                record.event_source_arn = Some(self.conn_stream_arn.clone());
+                if by_ttl {
+                    let mut identity = UserIdentity::default();
+                    identity.type_ = "Service".to_owned();
+                    identity.principal_id = "dynamodb.amazonaws.com".to_owned();
+                    record.user_identity = Some(identity);
+                }
+                Some(record)
+            }
+            Err(e) => {
+                warn!(connection_id = conn.connection_id, error = %e, "could not build the connection's REMOVE record");
+                None
+            }
+        }
+    }
+
+    /// Records after stream sequence number `after`, at most `max`, of the event table's
+    /// stream or (`connections`) the connections table's.
+    fn records_after(&self, after: u64, max: usize, connections: bool) -> Vec<EventRecord> {
         let state = self.lock();
-        let start = state.log.partition_point(|(seq, _)| *seq <= after);
-        state.log[start..]
+        let log = if connections {
+            &state.conn_log
+        } else {
+            &state.log
+        };
+        let start = log.partition_point(|(seq, _)| *seq <= after);
+        log[start..]
             .iter()
             .take(max)
             .map(|(_, record)| record.clone())
@@ -955,6 +1058,7 @@ impl EmbeddedStore {
                 changed: Notify::new(),
                 retention,
                 stream_arn: format!("{STREAM_ARN_PREFIX}events/stream/embedded"),
+                conn_stream_arn: format!("{STREAM_ARN_PREFIX}connections/stream/embedded"),
                 instance: rand::random(),
             }),
             page_limit: Some(DEFAULT_PAGE_ITEMS),
@@ -1056,7 +1160,79 @@ impl EmbeddedStore {
         EmbeddedFeed {
             shared: Arc::clone(&self.shared),
             checkpoint: 0,
+            connections: false,
         }
+    }
+
+    /// A new reader of the connections table's stream (the `REMOVE` records of connection
+    /// items, see the module's documentation), from its oldest record.
+    pub fn connections_feed(&self) -> EmbeddedFeed {
+        EmbeddedFeed {
+            shared: Arc::clone(&self.shared),
+            checkpoint: 0,
+            connections: true,
+        }
+    }
+
+    /// Sets when a connection expires (its item, its member items and its name claim, which
+    /// expire with it), as if `$connect` had given it that TTL: a test's way to make one
+    /// connection expire without waiting hours, or every connection with it. `false` if there
+    /// is no such connection.
+    pub fn set_connection_expiry(&self, connection_id: &str, expires_at: i64) -> bool {
+        let mut state = self.shared.lock();
+        let Some(mut conn) = state.conns.get(connection_id).cloned() else {
+            return false;
+        };
+        conn.expires_at = expires_at;
+        for (room, shard) in conn.rooms.clone() {
+            if let Some(mut member) = state.member(&room, shard, connection_id).cloned() {
+                member.expires_at = expires_at;
+                state.put_member(&room, shard, connection_id, Some(member));
+            }
+        }
+        if let Some(named) = &conn.name {
+            if let Some(claim) = state.claims.get_mut(&named.key) {
+                if claim.connection_id.as_deref() == Some(connection_id) {
+                    claim.expires_at = expires_at;
+                }
+            }
+        }
+        state.put_conn(connection_id, Some(conn));
+        true
+    }
+
+    /// DynamoDB's TTL deletion of the connection items only (not their member items, claims
+    /// or anything else): each expired one goes, with a `REMOVE` record by the DynamoDB
+    /// service carrying its last image on the connections feed. The local stack's sweeper
+    /// runs this first and the rest of [`Self::expire`] a grace later, so the expiry path
+    /// finds the member items it leaves by (see docs/local-stack.md). Returns how many went.
+    pub fn expire_connections(&self, now_ms: i64) -> usize {
+        let now_s = epoch_secs(now_ms);
+        let mut state = self.shared.lock();
+        let expired = Self::sweep_connections(&self.shared, &mut state, now_s, now_ms);
+        drop(state);
+        if expired > 0 {
+            self.shared.changed.notify_waiters();
+        }
+        expired
+    }
+
+    /// Deletes the expired connection items, publishing their TTL `REMOVE` records.
+    fn sweep_connections(shared: &Shared, state: &mut State, now_s: i64, now_ms: i64) -> usize {
+        let conns: Vec<ConnItem> = state
+            .conns
+            .items
+            .values()
+            .filter(|c| c.expires_at <= now_s)
+            .cloned()
+            .collect();
+        for conn in &conns {
+            state.put_conn(&conn.connection_id, None);
+            if let Some(record) = shared.conn_removal(now_ms, conn, true) {
+                state.publish_conn(shared.instance, record);
+            }
+        }
+        conns.len()
     }
 
     /// Every event item in the event table: room by room (in name order), each in id order.
@@ -1088,8 +1264,9 @@ impl EmbeddedStore {
     /// DynamoDB's TTL sweeper: deletes every item whose `expiresAt` has passed at `now_ms`
     /// (events, redelivery items, connections, name claims, member items; never a room's
     /// counter). Each deleted item of the event table appears in the feed as a `REMOVE` record
-    /// by the DynamoDB service, as TTL deletions do on a real stream (the connections table
-    /// has no stream). Returns how many items were deleted.
+    /// by the DynamoDB service, as TTL deletions do on a real stream; each deleted connection
+    /// item likewise on the connections feed, with its last image. Returns how many items were
+    /// deleted.
     pub fn expire(&self, now_ms: i64) -> usize {
         let now_s = epoch_secs(now_ms);
         let mut state = self.shared.lock();
@@ -1122,16 +1299,7 @@ impl EmbeddedStore {
                 state.publish(self.shared.instance, record);
             }
         }
-        let conns: Vec<String> = state
-            .conns
-            .items
-            .iter()
-            .filter(|(_, c)| c.expires_at <= now_s)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &conns {
-            state.put_conn(id, None);
-        }
+        let conns = Self::sweep_connections(&self.shared, &mut state, now_s, now_ms);
         let claims = state.claims.len() + state.requests.len();
         state.claims.retain(|_, c| c.expires_at > now_s);
         state.requests.retain(|_, r| r.expires_at > now_s);
@@ -1151,10 +1319,10 @@ impl EmbeddedStore {
             }
         }
         drop(state);
-        if stream_removals > 0 {
+        if stream_removals + conns > 0 {
             self.shared.changed.notify_waiters();
         }
-        stream_removals + conns.len() + claims + members
+        stream_removals + conns + claims + members
     }
 
     /// Makes the next `n` write steps fail with [`StoreError::Backend`], writing nothing: every
@@ -2994,6 +3162,10 @@ impl ChatStore for EmbeddedStore {
                     }
                     state.injected_failure(REMOVE)?;
                     state.put_conn(connection_id, None);
+                    // An ordinary delete: on the connections table's stream, unmarked.
+                    if let Some(record) = self.shared.conn_removal(now_ms, &conn, false) {
+                        state.publish_conn(self.shared.instance, record);
+                    }
                     if let Some(named) = &conn.name {
                         state.release(&named.key, connection_id, conn.identity.as_deref(), now_s);
                     }
@@ -3075,6 +3247,118 @@ impl ChatStore for EmbeddedStore {
         }
         for id in ids {
             left.extend(self.remove_connection(id, reason, now_ms).await?);
+        }
+        Ok(left)
+    }
+
+    async fn remove_expired(
+        &self,
+        gone: &super::items::ConnItem,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        const OP: &str = "TransactWriteItems expired leave";
+        const RELEASE: &str = "TransactWriteItems release expired claim";
+        let id = gone.connection_id.as_str();
+        let now_s = epoch_secs(now_ms);
+        // As the adapter: the connection first; still there, it decides.
+        let existing = {
+            let (mut state, _) = self.read(ReadOp::GetConnection, &keys::conn_pk(id)).await?;
+            let found = state.conns.get(id).cloned();
+            self.charge_read(
+                &mut state,
+                ReadOp::GetConnection,
+                &keys::conn_pk(id),
+                found.as_ref().map_or(0, conn_item_size),
+            );
+            found
+        };
+        if let Some(conn) = existing {
+            if conn.expires_at > now_s {
+                warn!(
+                    connection_id = id,
+                    "a TTL removal of a connection that is still live; leaving it alone"
+                );
+                return Ok(Vec::new());
+            }
+            return self
+                .remove_connection(id, LeaveReason::Expired, now_ms)
+                .await;
+        }
+        let mut left = Vec::new();
+        for (room, &shard) in gone.rooms.iter().flatten() {
+            let mpk = keys::members_pk(room, shard);
+            let plan = |state: &State| {
+                let calls = Calls::default().get(keys::room_pk(room)).get(mpk.clone());
+                if state.member(room, shard, id).is_none() {
+                    return calls;
+                }
+                let calls = calls.item(mpk.clone(), 1);
+                if state.large(room) {
+                    calls.transaction()
+                } else {
+                    calls.append(room, EVENT_OVERHEAD)
+                }
+            };
+            let event = self
+                .write(OP, plan, |state| {
+                    // The condition: the member item is still there (no leave yet).
+                    let Some(member) = state.member(room, shard, id).cloned() else {
+                        return Ok(None);
+                    };
+                    if state.large(room) {
+                        state.injected_failure(OP)?;
+                        state.put_member(room, shard, id, None);
+                        return Ok(None);
+                    }
+                    let (before, after) = state.next_counter(room, -1);
+                    let event = ChatEvent::MemberLeft {
+                        connection_id: id.to_owned(),
+                        name: member.name,
+                        reason: LeaveReason::Expired,
+                    };
+                    let pending = self.shared.prepare(room, before, after, event, now_ms)?;
+                    state.injected_failure(OP)?;
+                    state.put_member(room, shard, id, None);
+                    Ok(Some(self.finish(state, pending)))
+                })
+                .await?;
+            left.extend(event);
+        }
+        if let Some(key) = gone.name_key.as_deref() {
+            let npk = keys::name_pk(key);
+            self.write(
+                RELEASE,
+                |state| {
+                    let ours = state
+                        .claims
+                        .get(key)
+                        .is_some_and(|c| c.connection_id.as_deref() == Some(id));
+                    let calls = Calls::default().get(npk.clone());
+                    if ours {
+                        calls.item(npk.clone(), 1).transaction()
+                    } else {
+                        calls
+                    }
+                },
+                |state| {
+                    // Only a claim still this connection's: a newer holder keeps the name.
+                    let ours = state
+                        .claims
+                        .get(key)
+                        .is_some_and(|c| c.connection_id.as_deref() == Some(id));
+                    if ours {
+                        state.injected_failure(RELEASE)?;
+                        state.release(key, id, gone.identity.as_deref(), now_s);
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        }
+        if let Some(principal) = &gone.principal {
+            if let Err(e) = self.release_connection_slot(principal, id).await {
+                warn!(connection_id = id, error = %e, "could not give back the expired connection's slot; it expires with the connection");
+            }
         }
         Ok(left)
     }
@@ -3332,12 +3616,18 @@ pub struct EmbeddedFeed {
     shared: Arc<Shared>,
     /// Every record up to this stream sequence number is done.
     checkpoint: u64,
+    /// Reads the connections table's stream rather than the event table's.
+    connections: bool,
 }
 
 impl EmbeddedFeed {
     /// The stream ARN every record carries as `eventSourceARN`.
     pub fn stream_arn(&self) -> &str {
-        &self.shared.stream_arn
+        if self.connections {
+            &self.shared.conn_stream_arn
+        } else {
+            &self.shared.stream_arn
+        }
     }
 }
 
@@ -3351,7 +3641,9 @@ impl RecordSource for EmbeddedFeed {
             // Registered before looking, so a commit between the look and the wait still
             // wakes this reader.
             changed.as_mut().enable();
-            let batch = self.shared.records_after(self.checkpoint, max);
+            let batch = self
+                .shared
+                .records_after(self.checkpoint, max, self.connections);
             if !batch.is_empty() || max == 0 {
                 return Ok(batch);
             }

@@ -383,6 +383,23 @@ pub trait ChatStore: Send + Sync {
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// Leaves every room a connection was in when DynamoDB's TTL deleted its item: `gone` is
+    /// that item's last image (the `OldImage` of its `REMOVE` on the connections table's
+    /// stream, see [`crate::expiry`]). Each room of its `rooms` whose member item is still
+    /// there gets a `MemberLeft` (reason `expired`; unsequenced in a large room) in a
+    /// transaction with the member item's delete, on the condition that the item exists, one
+    /// transaction per room; then its name claim (only if still this connection's) and its
+    /// principal's slot are given back, as [`ChatStore::remove_connection`] does. Idempotent:
+    /// a room whose member item is gone (left already: `$disconnect`, a prune, a `leave`, or
+    /// an earlier delivery of the same record) writes nothing. If the connection item is still
+    /// there (the record is stale or not a TTL deletion) it is removed the ordinary way if it
+    /// has expired, and left alone if it is live.
+    async fn remove_expired(
+        &self,
+        gone: &items::ConnItem,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
     /// Removes many connections at once (the fan-out's pruning after 410s): the same as
     /// [`ChatStore::remove_connection`] for each, returning the `MemberLeft` events recorded.
     /// Adapters batch it; this default does them one by one.

@@ -650,7 +650,7 @@ impl DynamoStore {
     /// that is `keep`), if the claim is still its own: deleted, or — for an authenticated
     /// connection — kept as its identity's reservation for [`NAME_RESERVATION_SECS`]. An
     /// expired claim may already belong to someone else, and deleting theirs would be wrong.
-    async fn release_if_ours(
+    pub(super) async fn release_if_ours(
         &self,
         conn: &ConnItem,
         keep: Option<&str>,

@@ -10,6 +10,7 @@
 //! - [`connections`]: connections, names (claims, take-back, reservations), rate limits,
 //!   removal;
 //! - [`rooms`]: joins, leaves, members and their shards;
+//! - [`expired`]: the leaves of a connection whose item DynamoDB's TTL deleted;
 //! - [`log`]: posts, private messages, history reads, redelivery items;
 //! - [`principals`]: connection slots and request counters across a principal's connections;
 //! - [`tables`]: creating the tables as the template does.
@@ -30,12 +31,14 @@
 //! | `post_private` | lobby's counter, sender, recipient's claim, recipient | [sender check, claim check, counter, event] |
 //! | any write with a `requestId` | as without; `setName` also its request item first; a refused or cancelled one also its request item | as without, plus [request item put] in the (first) transaction |
 //! | `remove_connection` | connection, then per room a `leave`'s reads; the connection again (if it had rooms), its claim (if named) | per room a `leave`'s, then [connection delete, claim release], then `UpdateItem` the principal's slots (if it has one) |
+//! | `remove_expired` (a TTL deletion) | the connection (gone, normally), per room its counter and member item; the claim (if named) | per room still a member [member delete, counter, event] (large: [member delete]), then [claim release] if still its own, then `UpdateItem` the principal's slots |
 //! | `take_request_token` | connection | `UpdateItem` principal's window counter (with a principal limit), `UpdateItem` connection |
 //! | `member_shards` | room's counter | — |
 //! | `members_page` | one `Query` of `MEMBERS#<room>#<shard>` | — |
 //! | `read_events` | `Query` pages of `ROOM#<room>` until the page is full | — |
 
 mod connections;
+mod expired;
 mod expr;
 mod log;
 mod principals;
@@ -269,6 +272,14 @@ impl ChatStore for DynamoStore {
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         self.remove_many(connection_ids, reason, now_ms).await
+    }
+
+    async fn remove_expired(
+        &self,
+        gone: &crate::store::items::ConnItem,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.leave_expired(gone, now_ms).await
     }
 
     async fn take_request_token(

@@ -43,7 +43,7 @@ pub async fn create_tables(client: &Client, tables: &Tables) -> Result<(), Store
                 attr(keys::PK, ScalarAttributeType::S)?,
                 attr(keys::SEQ, ScalarAttributeType::N)?,
             ],
-            true,
+            Some(StreamViewType::NewImage),
         ),
         (
             &tables.connections,
@@ -55,7 +55,9 @@ pub async fn create_tables(client: &Client, tables: &Tables) -> Result<(), Store
                 attr(keys::PK, ScalarAttributeType::S)?,
                 attr(keys::SK, ScalarAttributeType::S)?,
             ],
-            false,
+            // The old image: a TTL deletion's record carries the expired connection's rooms,
+            // name and principal, which its leaves need (`crate::expiry`).
+            Some(StreamViewType::OldImage),
         ),
     ];
     for (name, key_schema, attrs, stream) in specs {
@@ -65,11 +67,11 @@ pub async fn create_tables(client: &Client, tables: &Tables) -> Result<(), Store
             .billing_mode(BillingMode::PayPerRequest)
             .set_key_schema(Some(key_schema.to_vec()))
             .set_attribute_definitions(Some(attrs.to_vec()));
-        if stream {
+        if let Some(view) = stream {
             req = req.stream_specification(
                 StreamSpecification::builder()
                     .stream_enabled(true)
-                    .stream_view_type(StreamViewType::NewImage)
+                    .stream_view_type(view)
                     .build()
                     .map_err(build_err)?,
             );
