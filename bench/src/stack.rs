@@ -65,6 +65,9 @@ impl Stack {
                 // Every benchmark client is one address (127.0.0.1): limits across a
                 // principal's connections would refuse all but the first 50.
                 principal_limit: PrincipalLimit::OFF,
+                // Capacity, not the per-room presence budget: a benchmark's joins come in
+                // storms the budget would spread out.
+                presence_budget: chat_shared::presence::PresenceBudget::OFF,
                 ..HandlerConfig::default()
             },
             ..LocalOptions::default()

@@ -12,6 +12,7 @@
 //! - [`rooms`]: joins, leaves, members and their shards;
 //! - [`log`]: posts, private messages, history reads, redelivery items;
 //! - [`principals`]: connection slots and request counters across a principal's connections;
+//! - [`presence`]: a room's presence budget, per second;
 //! - [`tables`]: creating the tables as the template does.
 //!
 //! The calls each operation makes when nothing collides (reads are `GetItem`s, strongly
@@ -30,6 +31,7 @@
 //! | `post_private` | lobby's counter, sender, recipient's claim, recipient | [sender check, claim check, counter, event] |
 //! | any write with a `requestId` | as without; `setName` also its request item first; a refused or cancelled one also its request item | as without, plus [request item put] in the (first) transaction |
 //! | `remove_connection` | connection, then per room a `leave`'s reads; the connection again (if it had rooms), its claim (if named) | per room a `leave`'s, then [connection delete, claim release], then `UpdateItem` the principal's slots (if it has one) |
+//! | `take_presence_budget` | room's counter (none with the budget off) | `UpdateItem` the room's window (not in a large room) |
 //! | `take_request_token` | connection | `UpdateItem` principal's window counter (with a principal limit), `UpdateItem` connection |
 //! | `member_shards` | room's counter | — |
 //! | `members_page` | one `Query` of `MEMBERS#<room>#<shard>` | — |
@@ -38,6 +40,7 @@
 mod connections;
 mod expr;
 mod log;
+mod presence;
 mod principals;
 mod requests;
 mod rooms;
@@ -54,6 +57,7 @@ use super::{
 };
 use crate::config::{Retention, Tables};
 use crate::events::{LeaveReason, StoredEvent};
+use crate::presence::{BudgetVerdict, PresenceBudget};
 use crate::ratelimit::{RequestLimits, Verdict};
 use crate::redelivery::Redelivery;
 use crate::store::requests::{Once, RequestKey};
@@ -286,6 +290,15 @@ impl ChatStore for DynamoStore {
         connection_id: &str,
     ) -> Result<(), StoreError> {
         self.release_slot(principal, connection_id).await
+    }
+
+    async fn take_presence_budget(
+        &self,
+        room: &str,
+        budget: PresenceBudget,
+        now_ms: i64,
+    ) -> Result<BudgetVerdict, StoreError> {
+        self.charge_presence(room, budget, now_ms).await
     }
 
     async fn schedule_redelivery(
