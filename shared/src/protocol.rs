@@ -491,7 +491,10 @@ pub enum FrameBody {
 /// event's id (dense and ordered per room) and `ts` its commit time (ms): additive keys the
 /// tutorial client ignores, which newer clients use to tell rooms apart and drop
 /// redeliveries (dedupe on (`room`, `id`, the frame's kind): one join yields both a
-/// `members` and a `systemMessage` frame with the same `id`). Every room-scoped frame has a
+/// `members` and a `systemMessage` frame with the same `id`). Each presence change has its own
+/// `systemMessage`, the same live and in history; `members` is a snapshot carrying the id of
+/// the newest change it reflects, applied only if newer than the last list applied
+/// ([`crate::presence`]). Every room-scoped frame has a
 /// `room`, `lobby`'s included; a `privateMessage` has none — private messages are addressed
 /// to a name, not a room, and their `id` is in `lobby`'s sequence (where they are logged).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
