@@ -760,7 +760,9 @@ async fn many_gone_connections_are_pruned_together() {
         .map(|f| f["systemMessage"].as_str().expect("a leave").to_owned())
         .collect();
     left.sort();
-    let expected: Vec<String> = (5..40).map(|i| format!("n{i:02} has left the chat")).collect();
+    let expected: Vec<String> = (5..40)
+        .map(|i| format!("n{i:02} has left the chat"))
+        .collect();
     assert_eq!(left, expected);
     assert_eq!(frames[35], members(&["n00", "n01", "n02", "n03", "n04"]));
     // AND their names are free again
