@@ -58,6 +58,11 @@ impl Stack {
                 // The benchmark measures capacity: the fan-out's own quota pacing would cap
                 // every figure at its rate.
                 pacer: Pacer::unpaced(),
+                // Message fan-out is measured, not presence: each join announced to every
+                // member (one frame per change, crate::presence) would make a setup of N
+                // joins cost O(N²) posts before anything is timed, with the presence budget
+                // (off here, below) no longer spreading it. Joins are still sequenced events.
+                presence_limit: 0,
                 ..FanoutConfig::default()
             },
             esm: EsmConfig::default(),

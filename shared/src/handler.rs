@@ -8,7 +8,9 @@
 //! `requestId` — the `ok` answers of `setName`, `sendPublic` and `sendPrivate`
 //! ([`crate::protocol::ok_response`]). Every answer to a request with a `requestId` echoes it,
 //! and a write with one is performed at most once ([`crate::store::requests`]): a resend is
-//! answered from the first's request item.
+//! answered from the first's request item. A presence change (a rename, `join`, first
+//! `setName`, `leave`) is first charged to its rooms' presence budgets ([`crate::presence`]),
+//! and refused with `presence_rate_limited` before anything is written when one is spent.
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;

@@ -31,9 +31,10 @@
 //! `systemMessage` each): 2,000 at the presence limit of 1,000. One connection alternating
 //! rename and post (5 requests/s) could spend the account's 10,000 requests/s alone. So each
 //! room has a budget of POSTs per second for its presence: a rename, a `join`, a first
-//! `setName` (a join of `lobby`) or a `leave` is charged 2 × (M + 1) in the room's counter item
-//! for the current second (M from the room's counter, as read; a room past its large-room limit
-//! costs nothing: its presence is not broadcast), and is refused with `presence_rate_limited`
+//! `setName` (a join of `lobby`) or a `leave` is charged 2 × (M + 1) in the room's budget item
+//! for the current second (`PRESENCE#<room>`, [`crate::keys`]; M from the room's counter, as
+//! read; a room past its large-room limit costs nothing: its presence is not broadcast), and is
+//! refused with `presence_rate_limited`
 //! and a `retryAfterMs` hint when the second's budget cannot pay for it. Nothing is written for
 //! a refused request (the check comes first). A window always admits its first change, however
 //! large the room, so every room can change at least once a second.
@@ -44,6 +45,13 @@
 //! Disconnects (and prunes on 410) are not refused — a closed socket cannot be told to retry —
 //! and not charged; each is the leave of a member whose join was charged, so over any stretch
 //! of time they add at most what the joins cost.
+//!
+//! **What it does not do.** The budget protects the account's quota, not fairness inside a room:
+//! one member renaming once a second can spend a room-at-the-limit's whole budget, and a
+//! request refused for another reason after its charge (a `name_taken` rename, a `leave` of a
+//! room it is not in) keeps its charge. The per-connection and per-principal rate limits bound
+//! both. With the budget off, a storm of N joins into one room costs O(N × M) posts, as every
+//! change is announced to every member.
 
 use crate::events::{ChatEvent, StoredEvent};
 use crate::protocol::Frame;
