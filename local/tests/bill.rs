@@ -117,6 +117,6 @@ async fn a_known_script_is_billed_the_units_computed_by_hand() {
     };
     expect(&dollars["api_gateway"], 5.0 * 1e-6 + minutes * 0.25e-6);
     expect(&dollars["lambda"], 5.0 * 0.2e-6 + gb_s * 0.000_013_333_4);
-    expect(&dollars["dynamodb"], 12.0 * 0.125e-6 + 24.0 * 0.625e-6);
+    expect(&dollars["dynamodb"], 14.0 * 0.125e-6 + 25.0 * 0.625e-6);
     stack.shutdown().await.expect("clean shutdown");
 }
