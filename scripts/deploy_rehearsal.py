@@ -275,6 +275,7 @@ def check_stack(clients: dict[str, Any], sam: dict[str, Any], c: Checks) -> None
             "MAX_ROOMS": defaults["MaxRooms"],
             "PRINCIPAL_MAX_CONNECTIONS": defaults["PrincipalMaxConnections"],
             "PRINCIPAL_RATE_PER_SECOND": defaults["PrincipalRatePerSecond"],
+            "ROOM_PRESENCE_POSTS_PER_SECOND": defaults["RoomPresencePostsPerSecond"],
         },
         "FanoutFunction": {
             **common_env,

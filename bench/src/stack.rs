@@ -58,6 +58,11 @@ impl Stack {
                 // The benchmark measures capacity: the fan-out's own quota pacing would cap
                 // every figure at its rate.
                 pacer: Pacer::unpaced(),
+                // Message fan-out is measured, not presence: each join announced to every
+                // member (one frame per change, crate::presence) would make a setup of N
+                // joins cost O(N²) posts before anything is timed, with the presence budget
+                // (off here, below) no longer spreading it. Joins are still sequenced events.
+                presence_limit: 0,
                 ..FanoutConfig::default()
             },
             esm: EsmConfig::default(),
@@ -65,6 +70,9 @@ impl Stack {
                 // Every benchmark client is one address (127.0.0.1): limits across a
                 // principal's connections would refuse all but the first 50.
                 principal_limit: PrincipalLimit::OFF,
+                // Capacity, not the per-room presence budget: a benchmark's joins come in
+                // storms the budget would spread out.
+                presence_budget: chat_shared::presence::PresenceBudget::OFF,
                 ..HandlerConfig::default()
             },
             ..LocalOptions::default()

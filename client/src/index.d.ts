@@ -51,6 +51,8 @@ export class ChatError extends Error {
   code: string;
   action?: string;
   requestId?: string;
+  /** `presence_rate_limited`: ms until the room's presence budget admits the change again. */
+  retryAfterMs?: number;
 }
 
 interface EventBase {
@@ -84,7 +86,7 @@ export interface PrivateMessageEvent extends EventBase {
 export interface SystemEvent extends EventBase {
   type: 'system';
   text: string;
-  /** join/leave/rename of one person; `other` for coalesced summaries ("a and b have joined"). */
+  /** join/leave/rename of one person (every presence change has its own message); `other` for any other text. */
   kind: 'join' | 'leave' | 'rename' | 'other';
   name?: string;
   newName?: string;

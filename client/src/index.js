@@ -41,12 +41,14 @@ const SEQUENCE_KEYS = ['systemMessage', 'publicMessage', 'privateMessage'];
 /** A refused or failed request: `code` is the error frame's code (README, "Error frames"),
  * or one of the library's own: `timeout`, `connection_lost`, `closed`. */
 export class ChatError extends Error {
-  constructor(code, message, { action, requestId } = {}) {
+  constructor(code, message, { action, requestId, retryAfterMs } = {}) {
     super(message);
     this.name = 'ChatError';
     this.code = code;
     if (action !== undefined) this.action = action;
     if (requestId !== undefined) this.requestId = requestId;
+    // `presence_rate_limited`: when the room's presence budget has room again.
+    if (Number.isInteger(retryAfterMs)) this.retryAfterMs = retryAfterMs;
   }
 }
 
@@ -353,14 +355,19 @@ export class ChatClient {
   }
 
   /** A request of the restore sequence: sent now on this connection, never queued; retried
-   * on `rate_limited` and `internal_error` (both mean nothing was done, or it may be resent
-   * with the same requestId). */
+   * on `rate_limited`, `presence_rate_limited` (after its `retryAfterMs`) and `internal_error`
+   * (all mean nothing was done, or it may be resent with the same requestId). */
   async _internal(generation, action, fields) {
     for (;;) {
       if (generation !== this._generation) throw new ChatError('connection_lost', 'reconnecting');
       try {
         return await this._newRequest(action, fields, (request) => this._transmit(request), true);
       } catch (error) {
+        if (error.code === 'presence_rate_limited') {
+          // The room's presence budget for this second is spent: its next second admits it.
+          await sleep(error.retryAfterMs ?? this.options.internalRetryMs);
+          continue;
+        }
         if (error.code !== 'rate_limited' && error.code !== 'internal_error') throw error;
         await sleep(this.options.internalRetryMs);
       }
@@ -442,10 +449,10 @@ export class ChatClient {
 
   _onFrame(frame) {
     if (frame.error && typeof frame.error === 'object') {
-      const { code, message, action, requestId } = frame.error;
+      const { code, message, action, requestId, retryAfterMs } = frame.error;
       const request = this._answerFor(requestId, action);
       if (request) {
-        this._settle(request, new ChatError(code, message, { action: request.action, requestId: request.requestId }));
+        this._settle(request, new ChatError(code, message, { action: request.action, requestId: request.requestId, retryAfterMs }));
       } else {
         this._emit('error', { code, message, action });
       }
@@ -490,8 +497,9 @@ export class ChatClient {
     if (room !== LOBBY && !this.rooms.has(room) && !this._joining(room)) return;
     const id = Number.isInteger(frame.id) ? frame.id : null;
     const last = this._membersId.get(room);
-    // State, not an event: the newest list wins; a redelivered older one is stale.
-    if (id !== null && last !== undefined && id < last) return;
+    // A snapshot, not an event: applied only if newer than the last list applied. A batch
+    // redelivered at other boundaries brings lists with older ids: stale, not news.
+    if (id !== null && last !== undefined && id <= last) return;
     if (id !== null) this._membersId.set(room, id);
     this.members.set(room, frame.members.slice());
     this._emit('members', { room, members: frame.members.slice(), id, ts: frame.ts ?? null });
@@ -539,8 +547,9 @@ export class ChatClient {
     if (st.delivered === null) st.delivered = frame.id - 1; // first frame of a new member
     if (frame.id <= st.delivered) return; // a redelivery, or an id already resolved
     const held = st.buffer.get(frame.id);
-    // History's copy of an event wins over a live coalesced presence frame of the same id.
-    if (!held || (replayed && !held.replayed)) st.buffer.set(frame.id, { frame, replayed });
+    // Live and history frames of one event are identical (presence included: one
+    // systemMessage per change, README "Guarantees"); the first copy held is kept.
+    if (!held) st.buffer.set(frame.id, { frame, replayed });
     this._drain(room);
   }
 
@@ -647,7 +656,7 @@ export class ChatClient {
   }
 }
 
-/** A systemMessage's kind: join, leave, rename, or other (coalesced summaries). */
+/** A systemMessage's kind: join, leave, rename, or other (a text the library does not know). */
 function classify(text) {
   let m = /^(.*) has joined the chat$/s.exec(text);
   if (m) return { kind: 'join', name: m[1] };

@@ -91,6 +91,46 @@ for (const mode of MODES) {
       }
     });
 
+    test('a change over the room\'s presence budget rejects with presence_rate_limited and a retry hint; the restore waits it out', async () => {
+      // GIVEN a stack whose rooms may spend 1 @connections call a second on presence: each
+      // second admits one change (an empty second admits any one), the rest are refused
+      const budgeted = await startStack([...mode.args, '--room-presence-posts-per-second', '1']);
+      const recorder = recordingWebSocket();
+      const alice = new ChatClient(budgeted.ws, { WebSocket: recorder.WebSocket, initialBackoffMs: 50 });
+      try {
+        await alice.connect();
+        await alice.setName('alice');
+        // WHEN she renames three times at once
+        const outcomes = await Promise.allSettled(['al1', 'al2', 'al3'].map((n) => alice.setName(n)));
+        // THEN at most two seconds' worth got through, and each refusal says when to retry
+        const refused = outcomes.filter((o) => o.status === 'rejected').map((o) => o.reason);
+        assert.ok(refused.length >= 1, JSON.stringify(outcomes));
+        for (const error of refused) {
+          assert.equal(error.code, 'presence_rate_limited');
+          assert.ok(Number.isInteger(error.retryAfterMs) && error.retryAfterMs >= 1 && error.retryAfterMs <= 1000, String(error.retryAfterMs));
+        }
+        const name = alice.name;
+        // WHEN her connection drops: the restore's setName (a join of lobby) and join meet
+        // the budget too
+        await alice.join('ops').catch(async (error) => {
+          assert.equal(error.code, 'presence_rate_limited');
+          await sleep(error.retryAfterMs);
+          await alice.join('ops');
+        });
+        recorder.sockets[0].terminate();
+        await waitUntil(() => recorder.sockets.length >= 2 && alice.state === 'open', 'alice restored', 15_000);
+        // THEN she is back under her name, in both rooms: refusals were waited out, not fatal
+        assert.equal(alice.name, name);
+        assert.deepEqual([...alice.rooms], ['ops']);
+        const sent = recorder.sockets.slice(1).flatMap((s) => s.sent.map((f) => JSON.parse(f)));
+        assert.ok(sent.some((f) => f.action === 'setName' && f.name === name), JSON.stringify(sent));
+        assert.ok(sent.some((f) => f.action === 'join' && f.room === 'ops'), JSON.stringify(sent));
+      } finally {
+        alice.close();
+        await budgeted.stop();
+      }
+    });
+
     test('a connection dropped mid-conversation: the application sees every message once, in order', async () => {
       // GIVEN alice (the library, authenticated, so her private messages are history too) in
       // lobby and ops, and bob (a raw WebSocket) writing to both rooms and privately to her

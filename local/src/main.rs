@@ -81,6 +81,15 @@ struct Args {
         default_value_t = chat_shared::ratelimit::DEFAULT_PRINCIPAL_RATE_PER_SECOND
     )]
     principal_rate_per_second: u32,
+    /// @connections calls per second one room's joins, leaves and renames may cost (their
+    /// `members` and `systemMessage` frames to each member); over it they are refused with
+    /// `presence_rate_limited`. 0 turns the budget off.
+    #[arg(
+        long,
+        env = "ROOM_PRESENCE_POSTS_PER_SECOND",
+        default_value_t = chat_shared::presence::DEFAULT_ROOM_PRESENCE_POSTS_PER_SECOND
+    )]
+    room_presence_posts_per_second: u32,
     /// Require a JWT signed with this HMAC-SHA256 key at $connect (`?token=…`); its subject
     /// becomes the connection's identity. Unset: anyone may connect.
     #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
@@ -278,6 +287,9 @@ async fn main() -> anyhow::Result<()> {
             principal_limit: chat_shared::ratelimit::PrincipalLimit {
                 max_connections: args.principal_max_connections,
                 per_second: args.principal_rate_per_second,
+            },
+            presence_budget: chat_shared::presence::PresenceBudget {
+                posts_per_second: args.room_presence_posts_per_second,
             },
             ..HandlerConfig::default()
         },

@@ -91,20 +91,21 @@ async fn a_known_script_is_billed_the_units_computed_by_hand() {
     // - DynamoDB writes (1 KB units, transactions ×2): $connect takes a slot of 127.0.0.1's
     //   (the limits across connections are on by default): transaction of slots and
     //   connection 2 × 2 = 4; setName: the address's request counter UpdateItem 1 + rate limit
-    //   UpdateItem 1 + transaction of claim, connection, lobby member item, counter, event
-    //   5 × 2 = 10; sendPublic: 1 + 1 + transaction of membership check, counter, event
-    //   3 × 2 = 6; total 24
+    //   UpdateItem 1 + lobby's presence budget UpdateItem 1 + transaction of claim,
+    //   connection, lobby member item, counter, event 5 × 2 = 10; sendPublic: 1 + 1 +
+    //   transaction of membership check, counter, event 3 × 2 = 6; total 25
     // - DynamoDB reads (4 KB units, strongly consistent 1, eventual ½): $connect: the slots
-    //   GetItem 1; setName: the connection's GetItem for the limits 1 + connection, claim,
-    //   counter 3; its fan-out: lobby's shard count (GetItem of the counter) 1 + the one
+    //   GetItem 1; setName: the connection's GetItem for the limits 1 + the connection (which
+    //   rooms its presence changes) and lobby's counter for the presence budget 2 +
+    //   connection, claim, counter 3; its fan-out: lobby's shard count (GetItem of the counter) 1 + the one
     //   shard's member Query 1 (both strongly consistent); sendPublic: GetItem 1 + connection,
-    //   counter 2; its fan-out: shard count 1 + member Query 1; total 12
+    //   counter 2; its fan-out: shard count 1 + member Query 1; total 14
     // - the counter records on the stream invoke nothing: the mapping filters them out, as
     //   the template's FilterCriteria does
     assert_eq!(bill_now["api_gateway_messages"], json!(5), "{bill_now}");
     assert_eq!(bill_now["lambda_requests"], json!(5), "{bill_now}");
-    assert_eq!(bill_now["dynamodb_write_units"], json!(24), "{bill_now}");
-    assert_eq!(bill_now["dynamodb_read_units"], json!(12.0), "{bill_now}");
+    assert_eq!(bill_now["dynamodb_write_units"], json!(25), "{bill_now}");
+    assert_eq!(bill_now["dynamodb_read_units"], json!(14.0), "{bill_now}");
     // AND time-based quantities are there, and the dollars are the price table's
     let gb_s = bill_now["lambda_gb_seconds"].as_f64().expect("GB-s");
     let minutes = bill_now["connection_minutes"].as_f64().expect("minutes");
@@ -116,6 +117,6 @@ async fn a_known_script_is_billed_the_units_computed_by_hand() {
     };
     expect(&dollars["api_gateway"], 5.0 * 1e-6 + minutes * 0.25e-6);
     expect(&dollars["lambda"], 5.0 * 0.2e-6 + gb_s * 0.000_013_333_4);
-    expect(&dollars["dynamodb"], 12.0 * 0.125e-6 + 24.0 * 0.625e-6);
+    expect(&dollars["dynamodb"], 14.0 * 0.125e-6 + 25.0 * 0.625e-6);
     stack.shutdown().await.expect("clean shutdown");
 }

@@ -7,6 +7,7 @@ use thiserror::Error;
 
 use crate::auth::Authenticator;
 use crate::pacing::{Pacer, DEFAULT_MAX_RPS};
+use crate::presence::{PresenceBudget, DEFAULT_ROOM_PRESENCE_POSTS_PER_SECOND};
 use crate::ratelimit::{
     PrincipalLimit, RateLimit, DEFAULT_PRINCIPAL_MAX_CONNECTIONS,
     DEFAULT_PRINCIPAL_RATE_PER_SECOND, DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND,
@@ -83,6 +84,9 @@ pub struct HandlerConfig {
     /// once, 50 requests/s; 0 turns either off): what one identity, or without authentication
     /// one source IP, may do across all its connections ([`crate::ratelimit`]).
     pub principal_limit: PrincipalLimit,
+    /// `ROOM_PRESENCE_POSTS_PER_SECOND` (default 2,000; 0 turns it off): the `@connections`
+    /// POSTs per second one room's joins, leaves and renames may cost ([`crate::presence`]).
+    pub presence_budget: PresenceBudget,
 }
 
 impl Default for HandlerConfig {
@@ -94,6 +98,7 @@ impl Default for HandlerConfig {
             max_rooms: DEFAULT_MAX_ROOMS,
             presence_limit: DEFAULT_PRESENCE_BROADCAST_LIMIT,
             principal_limit: PrincipalLimit::default(),
+            presence_budget: PresenceBudget::default(),
         }
     }
 }
@@ -268,6 +273,13 @@ impl HandlerConfig {
                 "expected a number of members",
             )?,
             principal_limit,
+            presence_budget: PresenceBudget {
+                posts_per_second: parse_var(
+                    "ROOM_PRESENCE_POSTS_PER_SECOND",
+                    DEFAULT_ROOM_PRESENCE_POSTS_PER_SECOND,
+                    "expected @connections calls per second (0 turns the budget off)",
+                )?,
+            },
         })
     }
 }

@@ -9,10 +9,11 @@
 //!   shard count, then r's shards, [`SHARDS_AT_ONCE`] in parallel, page by page. Records of a
 //!   room's counter item (`type` `Counter`) are skipped before decoding. A private message
 //!   goes to its recipient's connection, whatever rooms either party is in.
-//! - **Presence coalescing.** Consecutive joins, renames and leaves of one room in one batch
-//!   are one unit: each of the room's members gets one `members` frame (the room's list after
-//!   the last of them) and one `systemMessage`, so N joins in a batch cost O(N) deliveries,
-//!   not O(N²). A single change gets exactly the tutorial's two frames.
+//! - **Presence.** Consecutive joins, renames and leaves of one room in one batch are one
+//!   unit, read the member list once: each member gets one `systemMessage` per change (the
+//!   frame `history` serves for it, with its own id) and one `members` snapshot with the run's
+//!   last id ([`crate::presence`] owns the frames and why they do not depend on batch
+//!   boundaries). A single change gets exactly the tutorial's two frames.
 //! - **Large rooms.** Above `presence_limit` members of the room (default 1,000) presence is
 //!   not broadcast at all: a list of a few thousand names no longer fits API Gateway's 128 KB
 //!   frame, and each change would cost a broadcast. Messages are unaffected; joins and leaves
@@ -52,7 +53,6 @@ use crate::config::FanoutConfig;
 use crate::delivery::{Deliver, DeliveryError};
 use crate::events::{ChatEvent, DecodeError, EventItem, LeaveReason, StoredEvent};
 use crate::keys;
-use crate::protocol::{Frame, FrameBody};
 use crate::redelivery::{self, Redelivery, RedeliveryItem};
 use crate::store::{ChatStore, Member, StoreError};
 
@@ -496,8 +496,8 @@ pub async fn deliver_event_until(
     settle(store, outcomes, owed, now_ms).await
 }
 
-/// Delivers a run of presence changes as one `members` frame and one `systemMessage` per
-/// member (see the module docs), unless the room is over `presence_limit`.
+/// Delivers a run of presence changes: each member gets one `members` snapshot and one
+/// `systemMessage` per change ([`crate::presence`]), unless the room is over `presence_limit`.
 pub async fn deliver_presence(
     store: &dyn ChatStore,
     deliver: &dyn Deliver,
@@ -595,64 +595,7 @@ pub async fn deliver_redelivery(
     settle(store, outcomes, owed, now_ms + wait.as_millis() as i64).await
 }
 
-/// The frames of a run of presence changes. One change: the tutorial's own two frames, in its
-/// order. Several: the final `members` list, then one `systemMessage` saying what happened,
-/// both with the id of the last change (clients dedupe on id and frame key).
-pub fn presence_frames(run: &[StoredEvent], names: Vec<String>) -> Vec<Frame> {
-    let (Some(last), [_, _, ..]) = (run.last(), run) else {
-        return run
-            .first()
-            .map(|e| e.membership_frames(names))
-            .unwrap_or_default();
-    };
-    let (mut joined, mut left, mut renamed) = (Vec::new(), Vec::new(), Vec::new());
-    for event in run {
-        match &event.event {
-            ChatEvent::MemberJoined { name, .. } => joined.push(name.as_str()),
-            ChatEvent::MemberLeft { name, .. } => left.push(name.as_str()),
-            ChatEvent::MemberRenamed { old_name, name, .. } => {
-                renamed.push(format!("{old_name} is now known as {name}"))
-            }
-            ChatEvent::MessagePosted { .. } | ChatEvent::PrivateMessageSent { .. } => {}
-        }
-    }
-    let mut parts = Vec::new();
-    if !joined.is_empty() {
-        parts.push(format!("{} joined the chat", names_phrase(&joined)));
-    }
-    if !left.is_empty() {
-        parts.push(format!("{} left the chat", names_phrase(&left)));
-    }
-    let only_leaves = joined.is_empty() && renamed.is_empty();
-    parts.extend(renamed);
-    let frame = |body| Frame {
-        body,
-        room: Some(last.room.clone()),
-        id: Some(last.seq),
-        ts: Some(last.ts),
-    };
-    let members = frame(FrameBody::Members(names));
-    let message = frame(FrameBody::SystemMessage(parts.join("; ")));
-    if only_leaves {
-        vec![message, members]
-    } else {
-        vec![members, message]
-    }
-}
-
-/// "alice has", "alice and bob have", "a, b, c, d, e and 7 others have".
-fn names_phrase(names: &[&str]) -> String {
-    const SHOWN: usize = 5;
-    match names {
-        [one] => format!("{one} has"),
-        [init @ .., last] if names.len() <= SHOWN => format!("{} and {last} have", init.join(", ")),
-        _ => format!(
-            "{} and {} others have",
-            names[..SHOWN].join(", "),
-            names.len() - SHOWN
-        ),
-    }
-}
+pub use crate::presence::presence_frames;
 
 /// The outcomes of a unit's deliveries, counted as they complete: a broadcast keeps counts
 /// and the (few) gone connections, never one entry per recipient.
@@ -834,91 +777,5 @@ impl Sender<'_> {
                 other => return other,
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(seq: u64, event: ChatEvent) -> StoredEvent {
-        StoredEvent {
-            room: "lobby".into(),
-            seq,
-            ts: seq as i64 * 10,
-            event,
-        }
-    }
-
-    fn joined(seq: u64, name: &str) -> StoredEvent {
-        event(
-            seq,
-            ChatEvent::MemberJoined {
-                connection_id: name.into(),
-                name: name.into(),
-            },
-        )
-    }
-
-    fn left(seq: u64, name: &str) -> StoredEvent {
-        event(
-            seq,
-            ChatEvent::MemberLeft {
-                connection_id: name.into(),
-                name: name.into(),
-                reason: LeaveReason::Disconnected,
-            },
-        )
-    }
-
-    #[test]
-    fn one_change_gets_the_tutorials_frames() {
-        let frames = presence_frames(&[joined(4, "alice")], vec!["alice".into()]);
-        assert_eq!(
-            frames,
-            joined(4, "alice").membership_frames(vec!["alice".into()])
-        );
-    }
-
-    #[test]
-    fn a_run_of_changes_is_one_members_frame_and_one_message() {
-        // GIVEN seven joins, a leave and a rename in one batch
-        let mut run: Vec<StoredEvent> = ["a", "b", "c", "d", "e", "f", "g"]
-            .iter()
-            .enumerate()
-            .map(|(i, n)| joined(i as u64 + 1, n))
-            .collect();
-        run.push(left(8, "z"));
-        run.push(event(
-            9,
-            ChatEvent::MemberRenamed {
-                connection_id: "a".into(),
-                old_name: "a".into(),
-                name: "aa".into(),
-            },
-        ));
-        // WHEN framed
-        let frames = presence_frames(&run, vec!["aa".into(), "b".into()]);
-        // THEN members first, then one summary, both with the last id
-        assert_eq!(frames.len(), 2);
-        assert_eq!(
-            frames[0].body,
-            FrameBody::Members(vec!["aa".into(), "b".into()])
-        );
-        assert_eq!(
-            frames[1].body,
-            FrameBody::SystemMessage(
-                "a, b, c, d, e and 2 others have joined the chat; z has left the chat; a is now known as aa"
-                    .into()
-            )
-        );
-        assert!(frames.iter().all(|f| f.id == Some(9) && f.ts == Some(90)));
-        // AND leaves only keep the tutorial's order: the message before the list
-        let frames = presence_frames(&[left(1, "x"), left(2, "y")], vec![]);
-        assert_eq!(
-            frames[0].body,
-            FrameBody::SystemMessage("x and y have left the chat".into())
-        );
-        assert_eq!(frames[1].body, FrameBody::Members(vec![]));
     }
 }

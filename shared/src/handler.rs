@@ -8,7 +8,9 @@
 //! `requestId` — the `ok` answers of `setName`, `sendPublic` and `sendPrivate`
 //! ([`crate::protocol::ok_response`]). Every answer to a request with a `requestId` echoes it,
 //! and a write with one is performed at most once ([`crate::store::requests`]): a resend is
-//! answered from the first's request item.
+//! answered from the first's request item. A presence change (a rename, `join`, first
+//! `setName`, `leave`) is first charged to its rooms' presence budgets ([`crate::presence`]),
+//! and refused with `presence_rate_limited` before anything is written when one is spent.
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;
@@ -20,6 +22,8 @@ use crate::auth::TOKEN_PARAMETER;
 use crate::config::HandlerConfig;
 use crate::events::LeaveReason;
 use crate::history::history_response;
+use crate::keys::DEFAULT_ROOM;
+use crate::presence::BudgetVerdict;
 use crate::protocol::{
     joined_response, left_response, ok_response, parse_frame, ClientRequest, ErrorCode, EventRef,
     Refusal,
@@ -381,6 +385,28 @@ async fn perform(
     match &req {
         ClientRequest::SetName { name } => {
             let name = validate_name(name).map_err(|r| r.answering(request_id))?;
+            let rooms = set_name_rooms(store, connection_id, &name.display, now_ms)
+                .await
+                .map_err(|e| match e {
+                    // Only a read ran: certainly nothing was written.
+                    StoreError::Backend { .. } => Refusal::new(
+                        ErrorCode::InternalError,
+                        NOTHING_WRITTEN_MESSAGE,
+                        Some(action),
+                    )
+                    .answering(request_id),
+                    e => refuse(e),
+                })?;
+            within_presence_budget(
+                store,
+                config,
+                connection_id,
+                action,
+                request_id,
+                &rooms,
+                now_ms,
+            )
+            .await?;
             let outcome = match key {
                 Some(key) => store.set_name_once(connection_id, &name, key, now_ms).await,
                 None => store
@@ -470,6 +496,16 @@ async fn perform(
             }
         }
         ClientRequest::Join { room } => {
+            within_presence_budget(
+                store,
+                config,
+                connection_id,
+                action,
+                request_id,
+                std::slice::from_ref(room),
+                now_ms,
+            )
+            .await?;
             let outcome = match key {
                 Some(key) => {
                     store
@@ -519,6 +555,16 @@ async fn perform(
             Ok(Some(joined_response(room, id, already, request_id)))
         }
         ClientRequest::Leave { room } => {
+            within_presence_budget(
+                store,
+                config,
+                connection_id,
+                action,
+                request_id,
+                std::slice::from_ref(room),
+                now_ms,
+            )
+            .await?;
             let outcome = match key {
                 Some(key) => {
                     store
@@ -564,6 +610,86 @@ async fn perform(
             }
         }
     }
+}
+
+/// The rooms whose presence a `setName` changes: `lobby` for a first name (or a connection that
+/// left lobby), every room of the connection for a rename, none for the same name again. An
+/// unknown connection changes none (the store refuses it).
+async fn set_name_rooms(
+    store: &dyn ChatStore,
+    connection_id: &str,
+    display: &str,
+    now_ms: i64,
+) -> Result<Vec<String>, StoreError> {
+    let Some(conn) = store.connection(connection_id, now_ms).await? else {
+        return Ok(Vec::new());
+    };
+    let mut rooms = if conn.name.as_deref().is_some_and(|old| old != display) {
+        conn.rooms.clone()
+    } else {
+        Vec::new()
+    };
+    if !conn.rooms.iter().any(|r| r == DEFAULT_ROOM) {
+        rooms.push(DEFAULT_ROOM.to_owned());
+    }
+    Ok(rooms)
+}
+
+/// Charges one presence change to each of `rooms`' budgets ([`crate::presence`]) before the
+/// change is written: refused with `presence_rate_limited` (and when to retry) if any room's
+/// second is spent, so a refused change writes nothing. A room charged before another refused
+/// keeps the charge: the budget errs on the side of fewer POSTs. A store error fails closed.
+async fn within_presence_budget(
+    store: &dyn ChatStore,
+    config: &HandlerConfig,
+    connection_id: &str,
+    action: &str,
+    request_id: Option<&str>,
+    rooms: &[String],
+    now_ms: i64,
+) -> Result<(), Refusal> {
+    if config.presence_budget.is_off() || rooms.is_empty() {
+        return Ok(());
+    }
+    let verdicts = futures::future::try_join_all(
+        rooms
+            .iter()
+            .map(|room| store.take_presence_budget(room, config.presence_budget, now_ms)),
+    )
+    .await
+    .map_err(|e| {
+        error!(connection_id, action, error = %e, cause = ?std::error::Error::source(&e), "presence budget unavailable; refusing");
+        Refusal::new(ErrorCode::InternalError, NOTHING_WRITTEN_MESSAGE, Some(action))
+            .answering(request_id)
+    })?;
+    let wait = verdicts
+        .iter()
+        .zip(rooms)
+        .filter_map(|(v, room)| match v {
+            BudgetVerdict::Allowed => None,
+            BudgetVerdict::Exceeded { retry_after_ms } => Some((*retry_after_ms, room)),
+        })
+        .max();
+    let Some((retry_after_ms, room)) = wait else {
+        return Ok(());
+    };
+    warn!(
+        connection_id,
+        action,
+        room = room.as_str(),
+        retry_after_ms,
+        "presence budget spent"
+    );
+    Err(Refusal::new(
+        ErrorCode::PresenceRateLimited,
+        format!(
+            "Room \"{room}\" has had as many joins, leaves and renames this second as its members can be told about (at most {} deliveries per second). Nothing was done; retry in {retry_after_ms} ms.",
+            config.presence_budget.posts_per_second
+        ),
+        Some(action),
+    )
+    .answering(request_id)
+    .retry_after(retry_after_ms))
 }
 
 /// Logs a resend answered from its request item (nothing was written).

@@ -145,6 +145,7 @@
 //! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's) |
 //! | `LIMIT#<principal>`       | `CONNS`    | the principal's connection slots: `conns` (M: connection id → that connection's `expiresAt`), `v` (N, bumped by every change, the compare-and-swap of an admission), `expiresAt` (the latest slot's) |
 //! | `LIMIT#<principal>`       | `REQ#<window>` | the principal's request counter for one window: `n` (N), `expiresAt` (a minute after the window ends) |
+//! | `PRESENCE#<room>`         | `W#<second>` | the room's presence budget for one second (epoch seconds, [`crate::presence`]): `n` (N, the `@connections` POSTs charged to it), `expiresAt` (a minute after the second) |
 //! | `REQUEST#<scope>`         | `<requestId>` | a write request performed once (below)          |
 //!
 //! **Request items** (`crate::store::requests`): a write request that carried a `requestId`
@@ -198,6 +199,12 @@
 //! cannot write it back). A slot whose removal never ran expires with its connection.
 //! Each request adds 1 to the current window's `REQ#` item, on the condition that `n` is
 //! still under the budget: one write, no read.
+//!
+//! **A room's presence budget** (`PRESENCE#<room>`): a rename, `join`, first `setName` or
+//! `leave` reads the room's counter (`members`, `large`) and adds its cost, 2 × (members + 1)
+//! (nothing in a large room), to the current second's `W#` item, on the condition that `n` is
+//! absent or at most the budget less the cost: one write, in the room's own partition. The
+//! handler does it before the change, so a refused change writes nothing else.
 //!
 //! The shard is `member_shard(connId, shards)` with
 //! the room's `shards` when it joined, and is remembered in `rooms`, so a leave finds the
@@ -305,6 +312,16 @@ pub fn request_pk(scope: &str) -> String {
 /// The partition of a principal's limits (its connection slots and request counters).
 pub fn limit_pk(principal: &str) -> String {
     format!("LIMIT#{principal}")
+}
+
+/// The partition of a room's presence budget ([`crate::presence`]).
+pub fn presence_budget_pk(room: &str) -> String {
+    format!("PRESENCE#{room}")
+}
+
+/// Sort key of a room's presence budget for the second `index` (epoch seconds).
+pub fn presence_window_sk(index: i64) -> String {
+    format!("W#{index}")
 }
 
 /// Sort key of a principal's request counter for window `index`.

@@ -14,6 +14,7 @@
 //! - [`history`]: the `history` route's pages of public history;
 //! - [`fanout`]: the stream fan-out logic (events → deliveries, pruning on 410);
 //! - [`expiry`]: TTL deletions of connections (the connections table's stream) → their leaves;
+//! - [`presence`]: presence frames (a function of the events) and a room's presence budget;
 //! - [`redelivery`]: what a broadcast still owes a few failing connections, retried on its own;
 //! - [`stream`]: the stream-record source port the local event source mapping polls;
 //! - [`config`]: settings read from the environment, with their defaults.
@@ -29,6 +30,7 @@ pub mod history;
 pub mod keys;
 pub mod metrics;
 pub mod pacing;
+pub mod presence;
 pub mod protocol;
 pub mod ratelimit;
 pub mod redelivery;

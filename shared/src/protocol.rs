@@ -127,10 +127,13 @@ pub enum ErrorCode {
     NotAMember,
     /// Joining would take the connection over its room limit.
     TooManyRooms,
+    /// The room's presence budget for this second is spent ([`crate::presence`]): the join,
+    /// leave or rename was not done; retry after `retryAfterMs`.
+    PresenceRateLimited,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidRequest,
         ErrorCode::UnknownAction,
@@ -149,6 +152,7 @@ impl ErrorCode {
         ErrorCode::InvalidRoom,
         ErrorCode::NotAMember,
         ErrorCode::TooManyRooms,
+        ErrorCode::PresenceRateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -171,6 +175,7 @@ impl ErrorCode {
             ErrorCode::InvalidRoom => "invalid_room",
             ErrorCode::NotAMember => "not_a_member",
             ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::PresenceRateLimited => "presence_rate_limited",
         }
     }
 }
@@ -188,6 +193,13 @@ pub struct Refusal {
     /// to its request by it.
     #[serde(default, rename = "requestId", skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// When retrying may succeed, in ms from now (`presence_rate_limited`).
+    #[serde(
+        default,
+        rename = "retryAfterMs",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl Refusal {
@@ -197,7 +209,14 @@ impl Refusal {
             message: message.into(),
             action: action.map(str::to_owned),
             request_id: None,
+            retry_after_ms: None,
         }
+    }
+
+    /// This refusal, saying when a retry may succeed.
+    pub fn retry_after(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
     }
 
     /// This refusal, answering the request `request_id` (if any).
@@ -206,7 +225,7 @@ impl Refusal {
         self
     }
 
-    /// The frame `{"error":{"code","message","action","requestId"}}`.
+    /// The frame `{"error":{"code","message","action","requestId","retryAfterMs"}}`.
     pub fn to_frame(&self) -> String {
         #[derive(Serialize)]
         struct ErrorFrame<'a> {
@@ -472,7 +491,10 @@ pub enum FrameBody {
 /// event's id (dense and ordered per room) and `ts` its commit time (ms): additive keys the
 /// tutorial client ignores, which newer clients use to tell rooms apart and drop
 /// redeliveries (dedupe on (`room`, `id`, the frame's kind): one join yields both a
-/// `members` and a `systemMessage` frame with the same `id`). Every room-scoped frame has a
+/// `members` and a `systemMessage` frame with the same `id`). Each presence change has its own
+/// `systemMessage`, the same live and in history; `members` is a snapshot carrying the id of
+/// the newest change it reflects, applied only if newer than the last list applied
+/// ([`crate::presence`]). Every room-scoped frame has a
 /// `room`, `lobby`'s included; a `privateMessage` has none — private messages are addressed
 /// to a name, not a room, and their `id` is in `lobby`'s sequence (where they are logged).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

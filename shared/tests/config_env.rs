@@ -11,7 +11,7 @@ use chat_shared::config::{
 };
 
 /// Every variable `config` reads.
-const VARIABLES: [&str; 15] = [
+const VARIABLES: [&str; 16] = [
     "EVENTS_TABLE",
     "CONNECTIONS_TABLE",
     "CONNECTION_TTL_SECONDS",
@@ -23,6 +23,7 @@ const VARIABLES: [&str; 15] = [
     "MAX_ROOMS",
     "PRINCIPAL_MAX_CONNECTIONS",
     "PRINCIPAL_RATE_PER_SECOND",
+    "ROOM_PRESENCE_POSTS_PER_SECOND",
     "FANOUT_CONCURRENCY",
     "PRESENCE_BROADCAST_LIMIT",
     "CONNECTIONS_ENDPOINT",
@@ -83,6 +84,7 @@ fn settings_come_from_the_environment_with_the_documented_defaults_and_limits() 
         ),
         (50, 50)
     );
+    assert_eq!(handler.presence_budget.posts_per_second, 2_000);
     let fanout = FanoutConfig::from_env().expect("defaults");
     assert_eq!((fanout.concurrency, fanout.presence_limit), (512, 1_000));
 
@@ -106,6 +108,7 @@ fn settings_come_from_the_environment_with_the_documented_defaults_and_limits() 
         ("MAX_ROOMS", " 3 "),
         ("PRINCIPAL_MAX_CONNECTIONS", "4"),
         ("PRINCIPAL_RATE_PER_SECOND", "0"),
+        ("ROOM_PRESENCE_POSTS_PER_SECOND", " 300 "),
         ("FANOUT_CONCURRENCY", "64"),
         ("PRESENCE_BROADCAST_LIMIT", "10"),
         (
@@ -134,6 +137,7 @@ fn settings_come_from_the_environment_with_the_documented_defaults_and_limits() 
     );
     assert!(handler.auth.is_some());
     assert_eq!(handler.max_rooms, 3);
+    assert_eq!(handler.presence_budget.posts_per_second, 300);
     assert_eq!(
         (
             handler.principal_limit.max_connections,

@@ -964,9 +964,9 @@ struct ExpectedFrame {
 
 /// What each recipient must receive for `events` (the decodable records of a batch, in
 /// order), worked out from the README's rules: a message to every member, a private one to its
-/// recipient, a run of consecutive joins, renames and leaves as one `members` list and one
-/// `systemMessage` (the tutorial's two frames, in its order, for a single change) to every
-/// member. Members are read when each unit is sent: dan is gone after the first unit sent to
+/// recipient, a run of consecutive joins, renames and leaves as one `members` list (the run's
+/// last id) and one `systemMessage` per change (its own id: the frame history serves; the
+/// tutorial's two frames, in its order, for a single change) to every member. Members are read when each unit is sent: dan is gone after the first unit sent to
 /// him; cid and dan never receive anything.
 fn expected_deliveries(events: &[StoredEvent]) -> HashMap<String, Vec<ExpectedFrame>> {
     let mut members: Vec<(&str, &str)> = ROOM.to_vec();
@@ -1030,31 +1030,44 @@ fn expected_deliveries(events: &[StoredEvent]) -> HashMap<String, Vec<ExpectedFr
                 let mut names: Vec<&str> = members.iter().map(|(_, n)| *n).collect();
                 names.sort_by_key(|n| n.to_lowercase());
                 let list = frame("members", Some(json!({ "members": names })));
-                let said = match (&unit[..], &last.event) {
-                    ([_], ChatEvent::MemberJoined { name, .. }) => {
-                        Some(format!("{name} has joined the chat"))
-                    }
-                    ([_], ChatEvent::MemberLeft { name, .. }) => {
-                        Some(format!("{name} has left the chat"))
-                    }
-                    ([_], ChatEvent::MemberRenamed { old_name, name, .. }) => {
-                        Some(format!("{old_name} is now known as {name}"))
-                    }
-                    _ => None,
-                };
-                let system = frame(
-                    "systemMessage",
-                    said.map(|text| json!({ "systemMessage": text })),
-                );
+                // crate::presence: each change its own systemMessage (its own id and ts, the
+                // text history serves), one list per run with the run's last id.
+                let said: Vec<ExpectedFrame> = unit
+                    .iter()
+                    .map(|e| {
+                        let text = match &e.event {
+                            ChatEvent::MemberJoined { name, .. } => {
+                                format!("{name} has joined the chat")
+                            }
+                            ChatEvent::MemberLeft { name, .. } => {
+                                format!("{name} has left the chat")
+                            }
+                            ChatEvent::MemberRenamed { old_name, name, .. } => {
+                                format!("{old_name} is now known as {name}")
+                            }
+                            other => panic!("not a presence change: {other:?}"),
+                        };
+                        ExpectedFrame {
+                            id: e.seq,
+                            key: "systemMessage",
+                            body: Some(json!({
+                                "systemMessage": text,
+                                "room": e.room,
+                                "id": e.seq,
+                                "ts": e.ts,
+                            })),
+                        }
+                    })
+                    .collect();
                 let only_leaves = unit
                     .iter()
                     .all(|e| matches!(e.event, ChatEvent::MemberLeft { .. }));
                 (
                     room_members,
                     if only_leaves {
-                        vec![system, list]
+                        said.into_iter().chain([list]).collect()
                     } else {
-                        vec![list, system]
+                        [list].into_iter().chain(said).collect()
                     },
                 )
             }

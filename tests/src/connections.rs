@@ -45,6 +45,8 @@ struct Fault {
 #[derive(Debug, Default)]
 struct Recorded {
     posts: Vec<Post>,
+    /// When each of `posts` arrived (same index).
+    posted_at: Vec<std::time::Instant>,
     gone: HashSet<String>,
     faults: HashMap<String, Fault>,
     any_fault: Option<Fault>,
@@ -139,6 +141,12 @@ impl ConnectionsEndpoint {
             .iter()
             .map(|post| (post.connection_id.clone(), body_json(&post.body)))
             .collect()
+    }
+
+    /// When each delivered post arrived, in arrival order (the same order as [`Self::posts`]):
+    /// for counting posts per second at the endpoint.
+    pub fn post_times(&self) -> Vec<std::time::Instant> {
+        self.shared.lock().posted_at.clone()
     }
 
     /// Delivered posts with their exact bytes, in arrival order.
@@ -236,6 +244,7 @@ impl ConnectionsEndpoint {
     pub fn clear(&self) {
         let mut recorded = self.shared.lock();
         recorded.posts.clear();
+        recorded.posted_at.clear();
         recorded.gone_hits = 0;
         recorded.faults_served = 0;
         recorded.stalls_served = 0;
@@ -354,10 +363,14 @@ async fn post_connection(
     if let Err(response) = answer_common(&shared, &id).await {
         return response;
     }
-    shared.lock().posts.push(Post {
-        connection_id: id,
-        body: body.to_vec(),
-    });
+    {
+        let mut recorded = shared.lock();
+        recorded.posts.push(Post {
+            connection_id: id,
+            body: body.to_vec(),
+        });
+        recorded.posted_at.push(std::time::Instant::now());
+    }
     shared.changed.notify_waiters();
     // PostToConnection's output has no members: API Gateway answers 200 with an empty body.
     with_request_id(StatusCode::OK.into_response())

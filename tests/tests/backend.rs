@@ -664,7 +664,7 @@ async fn mixed_batch_skips_poison_and_owes_a_failing_recipient_only_its_frames()
 }
 
 #[tokio::test]
-async fn presence_changes_in_one_batch_cost_one_members_frame_per_member() {
+async fn presence_changes_in_one_batch_cost_one_members_frame_per_member_and_a_message_each() {
     // GIVEN alice has joined, and her join was fanned out
     let mut w = World::new(config()).await.expect("world");
     w.join("A", "alice").await;
@@ -685,24 +685,35 @@ async fn presence_changes_in_one_batch_cost_one_members_frame_per_member() {
     w.disconnect("G").await;
     let response = w.fan_out().await;
 
-    // THEN every current member gets exactly two frames: the final list and one summary
+    // THEN every current member gets one list (the final one) and one message per change,
+    // each the frame history serves for it (crate::presence)
     assert!(response.batch_item_failures.is_empty());
     let expected = vec![
         members(&["alice", "bob", "carol", "dave", "erin", "frank"]),
-        system("bob, carol, dave, erin, frank and 1 others have joined the chat; gina has left the chat"),
+        system("bob has joined the chat"),
+        system("carol has joined the chat"),
+        system("dave has joined the chat"),
+        system("erin has joined the chat"),
+        system("frank has joined the chat"),
+        system("gina has joined the chat"),
+        system("gina has left the chat"),
     ];
     for id in ["A", "B", "C", "D", "E", "F"] {
         assert_eq!(w.frames(id), expected, "{id}");
     }
-    // AND 6 members x 2 frames were posted, not one broadcast per change
-    assert_eq!(w.endpoint.post_count(), 12);
+    // AND 6 members x (7 changes + 1 list) were posted: one list per run, not one per change
+    assert_eq!(w.endpoint.post_count(), 6 * 8);
     let ids: Vec<u64> = w
         .endpoint
         .frames_for("A")
         .iter()
         .map(|f| f["id"].as_u64().expect("id"))
         .collect();
-    assert_eq!(ids, vec![8, 8], "the frames carry the last change's id");
+    assert_eq!(
+        ids,
+        vec![8, 2, 3, 4, 5, 6, 7, 8],
+        "the list carries the last change's id, each message its own"
+    );
 }
 
 #[tokio::test]
@@ -739,16 +750,21 @@ async fn many_gone_connections_are_pruned_together() {
             None
         );
     }
-    // AND the 35 leaves reach the living as one coalesced update
+    // AND the 35 leaves reach the living as one run: each leave's message, then one list
     w.endpoint.clear();
     w.fan_out().await;
     let frames = w.frames("c01");
-    assert_eq!(frames.len(), 2, "{frames:?}");
-    assert_eq!(
-        frames[0]["systemMessage"],
-        json!("n05, n06, n07, n08, n09 and 30 others have left the chat")
-    );
-    assert_eq!(frames[1], members(&["n00", "n01", "n02", "n03", "n04"]));
+    assert_eq!(frames.len(), 36, "{frames:?}");
+    let mut left: Vec<String> = frames[..35]
+        .iter()
+        .map(|f| f["systemMessage"].as_str().expect("a leave").to_owned())
+        .collect();
+    left.sort();
+    let expected: Vec<String> = (5..40)
+        .map(|i| format!("n{i:02} has left the chat"))
+        .collect();
+    assert_eq!(left, expected);
+    assert_eq!(frames[35], members(&["n00", "n01", "n02", "n03", "n04"]));
     // AND their names are free again
     w.connect("new").await;
     assert_eq!(
@@ -818,7 +834,9 @@ async fn presence_is_not_broadcast_above_the_presence_limit_but_messages_are() {
         w.frames("A"),
         [
             members(&["alice", "bob", "carol"]),
-            system("alice, bob and carol have joined the chat")
+            system("alice has joined the chat"),
+            system("bob has joined the chat"),
+            system("carol has joined the chat")
         ]
     );
     w.endpoint.clear();
@@ -902,11 +920,12 @@ async fn rooms_answer_join_and_leave_and_deliver_each_rooms_frames_to_its_member
     assert!(response.batch_item_failures.is_empty());
 
     // THEN ops's members got ops's frames, tagged ops, with ops's ids (the two joins in one
-    // batch are one presence unit); carol got nothing
+    // batch are one presence run: one list, a message each); carol got nothing
     let ops = |frame: Value| (Some("ops".to_owned()), frame);
     let expected = vec![
         ops(json!({"members":["alice","bob"],"id":2})),
-        ops(json!({"systemMessage":"alice and bob have joined the chat","id":2})),
+        ops(json!({"systemMessage":"alice has joined the chat","id":1})),
+        ops(json!({"systemMessage":"bob has joined the chat","id":2})),
         ops(json!({"publicMessage":"alice: ops only","id":3})),
     ];
     assert_eq!(w.room_frames("A"), expected);

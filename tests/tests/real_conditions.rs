@@ -192,6 +192,14 @@ impl<S: ChatStore> ChatStore for CountingReads<S> {
             .release_connection_slot(principal, connection_id)
             .await
     }
+    async fn take_presence_budget(
+        &self,
+        room: &str,
+        budget: chat_shared::presence::PresenceBudget,
+        now_ms: i64,
+    ) -> Result<chat_shared::presence::BudgetVerdict, StoreError> {
+        self.inner.take_presence_budget(room, budget, now_ms).await
+    }
     async fn connection(
         &self,
         connection_id: &str,

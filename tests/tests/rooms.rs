@@ -160,6 +160,14 @@ impl ChatStore for Watched {
             .release_connection_slot(principal, connection_id)
             .await
     }
+    async fn take_presence_budget(
+        &self,
+        room: &str,
+        budget: chat_shared::presence::PresenceBudget,
+        now_ms: i64,
+    ) -> Result<chat_shared::presence::BudgetVerdict, StoreError> {
+        self.inner.take_presence_budget(room, budget, now_ms).await
+    }
     async fn connection(
         &self,
         connection_id: &str,

@@ -2238,6 +2238,72 @@ async fn requests_count_against_the_principal_across_its_connections(f: &mut Fix
     assert_eq!(take("c1", None, now + window_ms).await, Verdict::Allowed);
 }
 
+async fn a_rooms_presence_budget_admits_what_it_can_pay_for(f: &mut Fixture) {
+    use chat_shared::presence::{BudgetVerdict, PresenceBudget};
+    let s = f.store();
+    // GIVEN lobby with 4 members (a change costs 2 × 5 = 10), a budget of 25 a second, and
+    // the start of a second
+    let now = chat_shared::now_ms() / 1000 * 1000 + 2000;
+    for (id, n) in [("a", "alice"), ("b", "bob"), ("c", "carol"), ("d", "dave")] {
+        join(s, id, n, now).await;
+    }
+    let budget = PresenceBudget {
+        posts_per_second: 25,
+    };
+    let take = |room: &'static str, budget: PresenceBudget, at: i64| async move {
+        s.take_presence_budget(room, budget, at)
+            .await
+            .expect("take")
+    };
+    // WHEN 20 changes race for it in one second THEN exactly two are paid for (10 + 10; a
+    // third would make 30)
+    let verdicts = futures::future::join_all((0..20).map(|i| take("lobby", budget, now + i))).await;
+    let allowed = verdicts
+        .iter()
+        .filter(|v| **v == BudgetVerdict::Allowed)
+        .count();
+    assert_eq!(allowed, 2, "{verdicts:?}");
+    // AND a refusal says when the next second opens
+    assert_eq!(
+        take("lobby", budget, now + 250).await,
+        BudgetVerdict::Exceeded {
+            retry_after_ms: 750
+        }
+    );
+    // AND the next second pays again
+    assert_eq!(
+        take("lobby", budget, now + 1000).await,
+        BudgetVerdict::Allowed
+    );
+    // AND a budget smaller than one change still admits one change in an empty second
+    let tiny = PresenceBudget {
+        posts_per_second: 5,
+    };
+    assert_eq!(
+        take("lobby", tiny, now + 3000).await,
+        BudgetVerdict::Allowed
+    );
+    assert!(matches!(
+        take("lobby", tiny, now + 3001).await,
+        BudgetVerdict::Exceeded { .. }
+    ));
+    // AND each room has its own budget: an empty room's change costs 2
+    for _ in 0..12 {
+        assert_eq!(take("ops", budget, now + 10).await, BudgetVerdict::Allowed);
+    }
+    assert!(matches!(
+        take("ops", budget, now + 10).await,
+        BudgetVerdict::Exceeded { .. }
+    ));
+    // AND off admits everything
+    for _ in 0..5 {
+        assert_eq!(
+            take("lobby", PresenceBudget::OFF, now + 10).await,
+            BudgetVerdict::Allowed
+        );
+    }
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -2301,6 +2367,7 @@ contract!(
     a_principal_has_at_most_its_connections_at_once,
     concurrent_admissions_never_overfill_a_principal,
     requests_count_against_the_principal_across_its_connections,
+    a_rooms_presence_budget_admits_what_it_can_pay_for,
 );
 
 // ---------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ use super::{
 use crate::config::Retention;
 use crate::events::{ChatEvent, EventItem, LeaveReason, StoredEvent};
 use crate::keys::{self, DEFAULT_ROOM};
+use crate::presence::{self, BudgetVerdict, PresenceBudget};
 use crate::protocol::EventRef;
 use crate::ratelimit::{self, Bucket, RequestLimits, Verdict};
 use crate::redelivery::{Redelivery, RedeliveryItem};
@@ -390,6 +391,9 @@ struct State {
     /// Principals' request counters (`LIMIT#<principal>`/`REQ#<window>`): only the current
     /// window's matters, so each principal keeps its latest (window index, count).
     windows: HashMap<String, (i64, u32)>,
+    /// Rooms' presence budgets (`PRESENCE#<room>`/`W#<second>`): only the current second's
+    /// matters, so each room keeps its latest (second, POSTs charged).
+    presence_windows: HashMap<String, (i64, u64)>,
 }
 
 /// DynamoDB request units an embedded store has used, by the DynamoDB adapter's calls for the
@@ -3459,6 +3463,59 @@ impl ChatStore for EmbeddedStore {
                     }
                 }
                 Ok(())
+            },
+        )
+        .await
+    }
+
+    async fn take_presence_budget(
+        &self,
+        room: &str,
+        budget: PresenceBudget,
+        now_ms: i64,
+    ) -> Result<BudgetVerdict, StoreError> {
+        if budget.is_off() {
+            return Ok(BudgetVerdict::Allowed);
+        }
+        // As the adapter: the room's counter is read for the cost, then one conditional
+        // update of the room's window (none in a large room).
+        let rpk = keys::room_pk(room);
+        let bpk = keys::presence_budget_pk(room);
+        let (index, _) = presence::window(now_ms);
+        // Not a failure-injection point: like the rate limiter, it runs before the request's
+        // own writes, which the injected failures are meant for.
+        self.write(
+            "UpdateItem presence budget",
+            |state| {
+                let c = state.counter(room).unwrap_or_default().view();
+                let calls = Calls::default().get(rpk.clone());
+                if PresenceBudget::cost(c.members, c.large) == 0 {
+                    calls
+                } else {
+                    calls.item(bpk.clone(), 1)
+                }
+            },
+            |state| {
+                let c = state.counter(room).unwrap_or_default().view();
+                let cost = PresenceBudget::cost(c.members, c.large);
+                if cost == 0 {
+                    return Ok(BudgetVerdict::Allowed);
+                }
+                let entry = state
+                    .presence_windows
+                    .entry(room.to_owned())
+                    .or_insert((index, 0));
+                if entry.0 != index {
+                    *entry = (index, 0);
+                }
+                // An empty window admits any one change (see `crate::presence`).
+                if entry.1 > 0 && entry.1 as i64 > budget.admits_up_to(cost) {
+                    return Ok(BudgetVerdict::Exceeded {
+                        retry_after_ms: presence::retry_after_ms(now_ms),
+                    });
+                }
+                entry.1 += cost;
+                Ok(BudgetVerdict::Allowed)
             },
         )
         .await

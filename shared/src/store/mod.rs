@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 use crate::events::{LeaveReason, StoredEvent};
+use crate::presence::{BudgetVerdict, PresenceBudget};
 use crate::ratelimit::{RequestLimits, Verdict};
 use crate::redelivery::Redelivery;
 use crate::validation::ValidName;
@@ -428,6 +429,18 @@ pub trait ChatStore: Send + Sync {
         limits: &RequestLimits<'_>,
         now_ms: i64,
     ) -> Result<Verdict, StoreError>;
+
+    /// Charges one presence change of `room` to the room's budget for the current second
+    /// ([`crate::presence`]): its cost from the room's counter as read (2 × (members + 1), 0 in
+    /// a large room), added to the window's count with one conditional write, unless that
+    /// would take the window past `budget` (a window with nothing charged yet admits any one
+    /// change). `Exceeded` changes nothing. Off (`budget.is_off()`) allows without a call.
+    async fn take_presence_budget(
+        &self,
+        room: &str,
+        budget: PresenceBudget,
+        now_ms: i64,
+    ) -> Result<BudgetVerdict, StoreError>;
 
     /// Gives back a principal's connection slot (done by [`ChatStore::remove_connection`] for
     /// a connection that recorded one; idempotent).

@@ -13,6 +13,7 @@
 //! - [`expired`]: the leaves of a connection whose item DynamoDB's TTL deleted;
 //! - [`log`]: posts, private messages, history reads, redelivery items;
 //! - [`principals`]: connection slots and request counters across a principal's connections;
+//! - [`presence`]: a room's presence budget, per second;
 //! - [`tables`]: creating the tables as the template does.
 //!
 //! The calls each operation makes when nothing collides (reads are `GetItem`s, strongly
@@ -32,6 +33,7 @@
 //! | any write with a `requestId` | as without; `setName` also its request item first; a refused or cancelled one also its request item | as without, plus [request item put] in the (first) transaction |
 //! | `remove_connection` | connection, then per room a `leave`'s reads; the connection again (if it had rooms), its claim (if named) | per room a `leave`'s, then [connection delete, claim release], then `UpdateItem` the principal's slots (if it has one) |
 //! | `remove_expired` (a TTL deletion) | the connection (gone, normally), per room its counter and member item; the claim (if named) | per room still a member [member delete, counter, event] (large: [member delete]), then [claim release] if still its own, then `UpdateItem` the principal's slots |
+//! | `take_presence_budget` | room's counter (none with the budget off) | `UpdateItem` the room's window (not in a large room) |
 //! | `take_request_token` | connection | `UpdateItem` principal's window counter (with a principal limit), `UpdateItem` connection |
 //! | `member_shards` | room's counter | — |
 //! | `members_page` | one `Query` of `MEMBERS#<room>#<shard>` | — |
@@ -41,6 +43,7 @@ mod connections;
 mod expired;
 mod expr;
 mod log;
+mod presence;
 mod principals;
 mod requests;
 mod rooms;
@@ -57,6 +60,7 @@ use super::{
 };
 use crate::config::{Retention, Tables};
 use crate::events::{LeaveReason, StoredEvent};
+use crate::presence::{BudgetVerdict, PresenceBudget};
 use crate::ratelimit::{RequestLimits, Verdict};
 use crate::redelivery::Redelivery;
 use crate::store::requests::{Once, RequestKey};
@@ -297,6 +301,15 @@ impl ChatStore for DynamoStore {
         connection_id: &str,
     ) -> Result<(), StoreError> {
         self.release_slot(principal, connection_id).await
+    }
+
+    async fn take_presence_budget(
+        &self,
+        room: &str,
+        budget: PresenceBudget,
+        now_ms: i64,
+    ) -> Result<BudgetVerdict, StoreError> {
+        self.charge_presence(room, budget, now_ms).await
     }
 
     async fn schedule_redelivery(
