@@ -111,7 +111,8 @@ for (const mode of MODES) {
         }
         const name = alice.name;
         // WHEN her connection drops: the restore's setName (a join of lobby) and join meet
-        // the budget too
+        // the budget too (over it they go ahead unannounced; only renames and leaves are
+        // refused)
         await alice.join('ops').catch(async (error) => {
           assert.equal(error.code, 'presence_rate_limited');
           await sleep(error.retryAfterMs);

@@ -9,8 +9,9 @@
 //! ([`crate::protocol::ok_response`]). Every answer to a request with a `requestId` echoes it,
 //! and a write with one is performed at most once ([`crate::store::requests`]): a resend is
 //! answered from the first's request item. A presence change (a rename, `join`, first
-//! `setName`, `leave`) is first charged to its rooms' presence budgets ([`crate::presence`]),
-//! and refused with `presence_rate_limited` before anything is written when one is spent.
+//! `setName`, `leave`) is first charged to its rooms' presence budgets ([`crate::presence`]);
+//! when one is spent, a join goes ahead unannounced (unsequenced) and a rename or `leave` is
+//! refused with `presence_rate_limited` before anything is written.
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;
@@ -385,7 +386,7 @@ async fn perform(
     match &req {
         ClientRequest::SetName { name } => {
             let name = validate_name(name).map_err(|r| r.answering(request_id))?;
-            let rooms = set_name_rooms(store, connection_id, &name.display, now_ms)
+            let (rooms, joins) = set_name_rooms(store, connection_id, &name.display, now_ms)
                 .await
                 .map_err(|e| match e {
                     // Only a read ran: certainly nothing was written.
@@ -397,23 +398,27 @@ async fn perform(
                     .answering(request_id),
                     e => refuse(e),
                 })?;
-            within_presence_budget(
+            let presence = within_presence_budget(
                 store,
                 config,
                 connection_id,
                 action,
                 request_id,
                 &rooms,
+                joins,
                 now_ms,
             )
             .await?;
-            let outcome = match key {
-                Some(key) => store.set_name_once(connection_id, &name, key, now_ms).await,
-                None => store
-                    .set_name(connection_id, &name, now_ms)
-                    .await
-                    .map(Once::First),
-            }
+            let outcome = written(presence, async {
+                match key {
+                    Some(key) => store.set_name_once(connection_id, &name, key, now_ms).await,
+                    None => store
+                        .set_name(connection_id, &name, now_ms)
+                        .await
+                        .map(Once::First),
+                }
+            })
+            .await
             .map_err(refuse)?;
             match outcome {
                 Once::First(events) => {
@@ -496,27 +501,31 @@ async fn perform(
             }
         }
         ClientRequest::Join { room } => {
-            within_presence_budget(
+            let presence = within_presence_budget(
                 store,
                 config,
                 connection_id,
                 action,
                 request_id,
                 std::slice::from_ref(room),
+                true,
                 now_ms,
             )
             .await?;
-            let outcome = match key {
-                Some(key) => {
-                    store
-                        .join_room_once(connection_id, room, config.max_rooms, key, now_ms)
+            let outcome = written(presence, async {
+                match key {
+                    Some(key) => {
+                        store
+                            .join_room_once(connection_id, room, config.max_rooms, key, now_ms)
+                            .await
+                    }
+                    None => store
+                        .join_room(connection_id, room, config.max_rooms, now_ms)
                         .await
+                        .map(Once::First),
                 }
-                None => store
-                    .join_room(connection_id, room, config.max_rooms, now_ms)
-                    .await
-                    .map(Once::First),
-            }
+            })
+            .await
             .map_err(refuse)?;
             let (id, already) = match outcome {
                 Once::First(Joined::Now(event)) => {
@@ -562,6 +571,7 @@ async fn perform(
                 action,
                 request_id,
                 std::slice::from_ref(room),
+                false,
                 now_ms,
             )
             .await?;
@@ -614,17 +624,19 @@ async fn perform(
 
 /// The rooms whose presence a `setName` changes: `lobby` for a first name (or a connection that
 /// left lobby), every room of the connection for a rename, none for the same name again. An
-/// unknown connection changes none (the store refuses it).
+/// unknown connection changes none (the store refuses it). And whether the change is only a
+/// join of `lobby` (no rename), which the presence budget lets through unannounced.
 async fn set_name_rooms(
     store: &dyn ChatStore,
     connection_id: &str,
     display: &str,
     now_ms: i64,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<(Vec<String>, bool), StoreError> {
     let Some(conn) = store.connection(connection_id, now_ms).await? else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     };
-    let mut rooms = if conn.name.as_deref().is_some_and(|old| old != display) {
+    let renames = conn.name.as_deref().is_some_and(|old| old != display);
+    let mut rooms = if renames {
         conn.rooms.clone()
     } else {
         Vec::new()
@@ -632,13 +644,34 @@ async fn set_name_rooms(
     if !conn.rooms.iter().any(|r| r == DEFAULT_ROOM) {
         rooms.push(DEFAULT_ROOM.to_owned());
     }
-    Ok(rooms)
+    Ok((rooms, !renames))
+}
+
+/// How a presence change the budget has seen goes ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    /// Within every room's budget: written as usual (sequenced, broadcast).
+    Announced,
+    /// A join over its room's budget: written unsequenced, not broadcast
+    /// ([`crate::presence`], *Joins are not refused*).
+    Unannounced,
+}
+
+/// Runs a store call for a change the budget admitted as `presence`: an unannounced one with
+/// its joins unsequenced.
+async fn written<F: std::future::Future>(presence: Presence, store_call: F) -> F::Output {
+    match presence {
+        Presence::Announced => store_call.await,
+        Presence::Unannounced => crate::presence::unsequenced_joins(store_call).await,
+    }
 }
 
 /// Charges one presence change to each of `rooms`' budgets ([`crate::presence`]) before the
-/// change is written: refused with `presence_rate_limited` (and when to retry) if any room's
-/// second is spent, so a refused change writes nothing. A room charged before another refused
-/// keeps the charge: the budget errs on the side of fewer POSTs. A store error fails closed.
+/// change is written. Over a room's budget, a join (`joins`: a `join`, or a first `setName`)
+/// goes ahead unannounced; anything else is refused with `presence_rate_limited` (and when to
+/// retry), so a refused change writes nothing. A room charged before another refused keeps
+/// the charge: the budget errs on the side of fewer POSTs. A store error fails closed.
+#[allow(clippy::too_many_arguments)]
 async fn within_presence_budget(
     store: &dyn ChatStore,
     config: &HandlerConfig,
@@ -646,10 +679,11 @@ async fn within_presence_budget(
     action: &str,
     request_id: Option<&str>,
     rooms: &[String],
+    joins: bool,
     now_ms: i64,
-) -> Result<(), Refusal> {
+) -> Result<Presence, Refusal> {
     if config.presence_budget.is_off() || rooms.is_empty() {
-        return Ok(());
+        return Ok(Presence::Announced);
     }
     let verdicts = futures::future::try_join_all(
         rooms
@@ -671,8 +705,17 @@ async fn within_presence_budget(
         })
         .max();
     let Some((retry_after_ms, room)) = wait else {
-        return Ok(());
+        return Ok(Presence::Announced);
     };
+    if joins {
+        info!(
+            connection_id,
+            action,
+            room = room.as_str(),
+            "presence budget spent; joining unannounced"
+        );
+        return Ok(Presence::Unannounced);
+    }
     warn!(
         connection_id,
         action,

@@ -39,6 +39,19 @@
 //! a refused request (the check comes first). A window always admits its first change, however
 //! large the room, so every room can change at least once a second.
 //!
+//! **Joins are not refused: over the budget they are unsequenced.** A `join` (or a first
+//! `setName`, which joins `lobby`) the budget cannot pay for is written as an unsequenced join
+//! — the member item and the connection's `rooms` entry, no `MemberJoined`, so no broadcast —
+//! exactly as a join of a large room or one that lost the room's counter three times
+//! ([`crate::keys`], *Unsequenced joins*): the joiner is answered `{"joined":{"room","id"}}`
+//! with the room's last id and catches up from there; the room's members see it in the next
+//! `members` frame (the fan-out reads the member items), without a "has joined" message. A
+//! join storm therefore completes without errors (issue #10 item 13: 500 joins/s into one room)
+//! while the room's presence POSTs stay within the budget. The handler marks such a store call
+//! with [`unsequenced_joins`]; both stores ask [`joins_unsequenced`] where they decide whether a
+//! join is sequenced. Renames and `leave`s are refused instead: a rename storm is the abuse the
+//! budget is for, and a refused leave is simply retried.
+//!
 //! The default, 2,000 POSTs/s, is a fifth of the account's 10,000 requests/s quota: one change
 //! per second in a room at the presence limit, 100 per second in a room of 10. A room's
 //! presence at its worst leaves four fifths of the quota to messages and to everyone else.
@@ -53,8 +66,30 @@
 //! both. With the budget off, a storm of N joins into one room costs O(N × M) posts, as every
 //! change is announced to every member.
 
+use std::future::Future;
+
 use crate::events::{ChatEvent, StoredEvent};
 use crate::protocol::Frame;
+
+tokio::task_local! {
+    /// Set by the handler around the store call of a join its room's presence budget could
+    /// not pay for (see the module docs). A task-local rather than a parameter: the decision
+    /// sits deep in both stores' append loops, beside the large-room and contended cases, and
+    /// no other caller ever asks for it.
+    static UNSEQUENCED_JOINS: bool;
+}
+
+/// Runs `store_call` (a `join_room` or a first `set_name`) with its joins unsequenced: no
+/// `MemberJoined`, no broadcast (see the module docs).
+pub async fn unsequenced_joins<F: Future>(store_call: F) -> F::Output {
+    UNSEQUENCED_JOINS.scope(true, store_call).await
+}
+
+/// Whether the store call running now was asked to join unsequenced
+/// ([`unsequenced_joins`]); false outside one.
+pub fn joins_unsequenced() -> bool {
+    UNSEQUENCED_JOINS.try_with(|on| *on).unwrap_or(false)
+}
 
 /// The frames every member of the room gets for a run of presence changes of that room (see
 /// the module docs): one `systemMessage` per change, identical to the one `history` serves,

@@ -400,3 +400,119 @@ async fn a_rename_storm_from_20_connections_stays_within_the_rooms_presence_budg
         .collect();
     assert_eq!(held, current);
 }
+
+#[tokio::test]
+async fn a_join_storm_over_the_budget_is_unannounced_never_refused() {
+    // GIVEN a room `r` of 20 members, 10 more named connections in lobby, and a budget of 100
+    // @connections POSTs a second for a room's presence: a join of `r` costs 2 × 21 = 42, so
+    // a second pays for two of them (an empty second admits any one), not ten
+    const BUDGET: u32 = 100;
+    const MEMBERS: usize = 20;
+    const JOINERS: usize = 10;
+    let base = config();
+    let mut w = World::new(WorldConfig {
+        handler: HandlerConfig {
+            rate_limit: RateLimit {
+                per_second: 0,
+                burst: 0,
+            },
+            principal_limit: PrincipalLimit::OFF,
+            presence_budget: PresenceBudget::OFF,
+            ..base.handler
+        },
+        ..base
+    })
+    .await
+    .expect("world");
+    let ids: Vec<String> = (0..MEMBERS + JOINERS).map(|i| format!("j{i:02}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        w.join(id, &storm_name(i, 0)).await;
+        if i < MEMBERS {
+            let joined = w.send(id, json!({"action":"join","room":"r"})).await;
+            assert!(joined.is_some_and(|a| a.get("joined").is_some()));
+        }
+    }
+    w.fan_out().await;
+    w.handler.presence_budget = PresenceBudget {
+        posts_per_second: BUDGET,
+    };
+    let joiners = &ids[MEMBERS..];
+
+    // WHEN the 10 join `r` at once, released together by a barrier
+    let barrier = Arc::new(tokio::sync::Barrier::new(JOINERS));
+    let storm = &w;
+    let answers = futures::future::join_all(joiners.iter().map(|id| {
+        let barrier = barrier.clone();
+        async move {
+            barrier.wait().await;
+            storm.send(id, json!({"action":"join","room":"r"})).await
+        }
+    }))
+    .await;
+
+    // THEN every join is answered `joined` — none refused, whatever the budget
+    for (id, answer) in joiners.iter().zip(&answers) {
+        let answer = answer.as_ref().expect("an answer");
+        assert_eq!(answer["joined"]["room"], json!("r"), "{id}: {answer}");
+    }
+    // AND every one of them is a member of `r`
+    let now = chat_shared::now_ms();
+    for id in joiners {
+        let conn = w
+            .store
+            .connection(id, now)
+            .await
+            .expect("read")
+            .expect("conn");
+        assert!(
+            conn.rooms.iter().any(|r| r == "r"),
+            "{id}: {:?}",
+            conn.rooms
+        );
+    }
+    // AND only the joins the budget paid for were announced (sequenced `MemberJoined`s); the
+    // rest were unannounced (no event, so no broadcast)
+    let page = w
+        .store
+        .read_events("r", EventRange::After(MEMBERS as u64), 1_000, now)
+        .await
+        .expect("log");
+    let announced = page
+        .events
+        .iter()
+        .filter(|e| matches!(e.event, ChatEvent::MemberJoined { .. }))
+        .count();
+    eprintln!("joins announced {announced} of {JOINERS}");
+    assert!(
+        announced < JOINERS,
+        "the budget pays for a few joins a second, not {announced}"
+    );
+
+    // AND the next change of `r` tells its members the whole list, unannounced joiners
+    // included: j00 leaves (budget off again, so it is surely announced)
+    w.fan_out().await;
+    w.endpoint.clear();
+    w.handler.presence_budget = PresenceBudget::OFF;
+    let left = w.send(&ids[0], json!({"action":"leave","room":"r"})).await;
+    assert!(
+        left.as_ref().is_some_and(|a| a.get("left").is_some()),
+        "{left:?}"
+    );
+    w.fan_out().await;
+    let remaining = MEMBERS + JOINERS - 1;
+    let lists: Vec<Value> = w
+        .endpoint
+        .posts()
+        .into_iter()
+        .filter(|(_, f)| f["room"] == json!("r") && f.get("members").is_some())
+        .map(|(_, f)| f["members"].clone())
+        .collect();
+    assert_eq!(lists.len(), remaining, "one list to each remaining member");
+    for list in &lists {
+        assert_eq!(
+            list.as_array().map(Vec::len),
+            Some(remaining),
+            "every remaining member listed: {list}"
+        );
+    }
+}

@@ -1929,9 +1929,12 @@ fn join_step(
 }
 
 /// Whether a join of `room` on attempt `attempt` is unsequenced: the room is large, or the
-/// join has lost the counter [`keys::SEQUENCED_JOIN_ATTEMPTS`] times already.
+/// join has lost the counter [`keys::SEQUENCED_JOIN_ATTEMPTS`] times already, or the room's
+/// presence budget could not pay for it ([`crate::presence::joins_unsequenced`]).
 fn quiet_join(state: &State, room: &str, attempt: u32) -> bool {
-    attempt > keys::SEQUENCED_JOIN_ATTEMPTS || state.large(room)
+    attempt > keys::SEQUENCED_JOIN_ATTEMPTS
+        || state.large(room)
+        || crate::presence::joins_unsequenced()
 }
 
 /// The sender and the recipient of a private message.

@@ -20,9 +20,10 @@ use super::connections::live;
 
 /// Whether a join on attempt `attempt` (from 1) with the room's counter as read is
 /// unsequenced: the room is large, or the join lost the counter
-/// [`keys::SEQUENCED_JOIN_ATTEMPTS`] times already (see [`crate::keys`]).
+/// [`keys::SEQUENCED_JOIN_ATTEMPTS`] times already (see [`crate::keys`]), or the room's
+/// presence budget could not pay for it ([`crate::presence::joins_unsequenced`]).
 pub(super) fn unsequenced_join(counter: Counter, attempt: u32) -> bool {
-    counter.large || attempt > keys::SEQUENCED_JOIN_ATTEMPTS
+    counter.large || attempt > keys::SEQUENCED_JOIN_ATTEMPTS || crate::presence::joins_unsequenced()
 }
 
 /// Locks a small piece of state shared between a loop's attempts (never held across an
