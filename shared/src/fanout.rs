@@ -150,9 +150,19 @@ pub fn is_counter(record: &EventRecord) -> bool {
 }
 
 /// What is delivered together: one event, or a run of presence changes of one room.
-enum Unit {
+pub(crate) enum Unit {
     Single(StoredEvent),
     Presence(Vec<StoredEvent>),
+}
+
+impl Unit {
+    /// Its events, in id order.
+    pub(crate) fn events(&self) -> &[StoredEvent] {
+        match self {
+            Unit::Single(e) => std::slice::from_ref(e),
+            Unit::Presence(run) => run,
+        }
+    }
 }
 
 /// The Lambda handler's logic: every record in order, with a partial batch response.
@@ -272,28 +282,39 @@ async fn deliver_in_order(
     deadline: Option<Instant>,
 ) -> DynamoDbEventResponse {
     let mut response = DynamoDbEventResponse::default();
-    for (first_seq_no, unit) in units {
+    // A room's units of one batch go together, so a recipient that opted in gets them packed
+    // in as few POSTs as fit ([`crate::batching`]); a room with one unit goes as before.
+    for (first_seq_no, group) in crate::batching::by_room(units) {
         // A unit that starts after the deadline cannot send anything; without this check it
         // would "finish" on its first poll (every send refused as out of time) and be
         // checkpointed past unsent — the `timeout_at` backstop below never fires for a future
         // that is already ready.
         let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
         let started = crate::metrics::broadcast_started();
+        let ends = crate::batching::ends(&group);
         // Every line logged for this unit (retries, refusals, its outcome) names its room and ids.
-        let span = crate::telemetry::unit_span(match &unit {
-            Unit::Single(e) => std::slice::from_ref(e),
-            Unit::Presence(run) => run,
-        });
+        let span = crate::telemetry::unit_span(&ends);
         let work = async {
             if out_of_time {
                 return Err(FanoutError::OutOfTime);
             }
-            match &unit {
-                Unit::Single(event) => {
+            match group.as_slice() {
+                [Unit::Single(event)] => {
                     deliver_event_until(store, deliver, config, event, now_ms(), deadline).await
                 }
-                Unit::Presence(run) => {
+                [Unit::Presence(run)] => {
                     deliver_presence(store, deliver, config, run, now_ms(), deadline).await
+                }
+                units => {
+                    crate::batching::deliver_group(
+                        store,
+                        deliver,
+                        config,
+                        units,
+                        now_ms(),
+                        deadline,
+                    )
+                    .await
                 }
             }
         };
@@ -306,13 +327,10 @@ async fn deliver_in_order(
             None => work.await,
         };
         let _in_unit = span.enter();
-        let (first, last) = match &unit {
-            Unit::Single(e) => (e.seq, e.seq),
-            Unit::Presence(run) => (
-                run.first().map_or(0, |e| e.seq),
-                run.last().map_or(0, |e| e.seq),
-            ),
-        };
+        let (first, last) = (
+            ends.first().map_or(0, |e| e.seq),
+            ends.last().map_or(0, |e| e.seq),
+        );
         match outcome {
             Ok(report) => {
                 crate::metrics::broadcast_done(&report, started);
@@ -738,10 +756,10 @@ async fn settle(
 }
 
 /// Sends frames with bounded concurrency, retries and the deadline.
-struct Sender<'a> {
-    deliver: &'a dyn Deliver,
-    config: &'a FanoutConfig,
-    deadline: Option<Instant>,
+pub(crate) struct Sender<'a> {
+    pub(crate) deliver: &'a dyn Deliver,
+    pub(crate) config: &'a FanoutConfig,
+    pub(crate) deadline: Option<Instant>,
 }
 
 impl Sender<'_> {
@@ -776,7 +794,11 @@ impl Sender<'_> {
         Ok(())
     }
 
-    async fn send_with_retry(&self, connection_id: &str, data: &[u8]) -> Result<(), DeliveryError> {
+    pub(crate) async fn send_with_retry(
+        &self,
+        connection_id: &str,
+        data: &[u8],
+    ) -> Result<(), DeliveryError> {
         let pacer = &self.config.pacer;
         let mut attempt = 1;
         loop {

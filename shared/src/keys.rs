@@ -116,9 +116,9 @@
 //! ## Connections table (`CONNECTIONS_TABLE`) — current state, every item with TTL
 //! | `pk`                      | `sk`       | other attributes                                  |
 //! |---------------------------|------------|---------------------------------------------------|
-//! | `CONN#<connId>`           | `CONN`     | the connection: `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once named `name`, `nameKey`; `rooms` (M: room → its member shard) for every room it is a member of; the rate-limit bucket `rlTokens`, `rlAt`; `renaming` while a rename is not yet in every room |
+//! | `CONN#<connId>`           | `CONN`     | the connection: `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once named `name`, `nameKey`; `rooms` (M: room → its member shard) for every room it is a member of; the rate-limit bucket `rlTokens`, `rlAt`; `renaming` while a rename is not yet in every room; `batch` (BOOL, absent = false) when it opted in to batched frames at `$connect` |
 //! | `NAME#<nameKey>`          | `NAME`     | a name claim: `connectionId`, `name`, `expiresAt`, and `identity` when its holder is authenticated; without `connectionId` it is that identity's reservation |
-//! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's) |
+//! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's), `batch` (the connection's opt-in, copied by every write of the item: the fan-out's member read sees it) |
 //! | `LIMIT#<principal>`       | `CONNS`    | the principal's connection slots: `conns` (M: connection id → that connection's `expiresAt`), `v` (N, bumped by every change, the compare-and-swap of an admission), `expiresAt` (the latest slot's) |
 //! | `LIMIT#<principal>`       | `REQ#<window>` | the principal's request counter for one window: `n` (N), `expiresAt` (a minute after the window ends) |
 //! | `REQUEST#<scope>`         | `<requestId>` | a write request performed once (below)          |
@@ -210,6 +210,9 @@ pub const ROOMS: &str = "rooms";
 pub const RENAMING: &str = "renaming";
 /// The connection's principal (`id:<identity>` or `ip:<source IP>`), see above.
 pub const PRINCIPAL: &str = "principal";
+/// BOOL on a connection item and on each of its member items: the connection opted in to
+/// batched frames at `$connect` (see [`crate::batching`]); absent means false.
+pub const BATCH: &str = "batch";
 /// The slots item's map of connection id → expiry, and its version.
 pub const LIMIT_CONNS: &str = "conns";
 pub const LIMIT_VERSION: &str = "v";

@@ -97,6 +97,8 @@ struct ConnItem {
     renaming: Option<String>,
     /// `principal`: whom its requests and its connection slot count against.
     principal: Option<String>,
+    /// `batch`: opted in to batched frames at `$connect`; every member item it writes copies it.
+    batch: bool,
 }
 
 impl ConnItem {
@@ -108,6 +110,7 @@ impl ConnItem {
             name: self.name.as_ref().map(|n| n.display.clone()),
             identity: self.identity.clone(),
             rooms: self.rooms.keys().cloned().collect(),
+            batch: self.batch,
         }
     }
 
@@ -146,6 +149,8 @@ struct MemberItem {
     name: String,
     /// The connection's: a member item expires with its connection.
     expires_at: i64,
+    /// The connection's `batch` opt-in.
+    batch: bool,
 }
 
 /// A room's counter item (`ROOM#<room>`, `seq` 0).
@@ -1561,6 +1566,9 @@ fn conn_item_size(c: &ConnItem) -> usize {
     if let Some(p) = &c.principal {
         size += keys::PRINCIPAL.len() + p.len();
     }
+    if c.batch {
+        size += keys::BATCH.len() + 1;
+    }
     size
 }
 
@@ -1597,6 +1605,7 @@ fn member_item_size(pk: &str, m: &MemberItem) -> usize {
         + m.name.len()
         + keys::EXPIRES_AT.len()
         + 6
+        + if m.batch { keys::BATCH.len() + 1 } else { 0 }
 }
 
 /// Where the first transaction of a name change announces it (the DynamoDB adapter's order).
@@ -1951,6 +1960,7 @@ impl EmbeddedStore {
                 connection_id: connection_id.to_owned(),
                 name: name.display.clone(),
                 expires_at: named.expires_at,
+                batch: named.batch,
             };
             state.put_conn(connection_id, Some(named));
             state.put_member(&room, shard, connection_id, Some(member));
@@ -2122,6 +2132,7 @@ impl EmbeddedStore {
                 connection_id: connection_id.to_owned(),
                 name: display.to_owned(),
                 expires_at: conn.expires_at,
+                batch: conn.batch,
             };
             state.put_member(room, shard, connection_id, Some(member));
             Ok(Some(self.finish(state, pending)))
@@ -2514,6 +2525,7 @@ impl EmbeddedStore {
                     connection_id: connection_id.to_owned(),
                     name: conn.display_name(),
                     expires_at: conn.expires_at,
+                    batch: conn.batch,
                 };
                 conn.rooms.insert(room.to_owned(), shard);
                 state.put_conn(connection_id, Some(conn));
@@ -2722,6 +2734,7 @@ impl ChatStore for EmbeddedStore {
         connection_id: &str,
         identity: Option<&str>,
         admission: Option<Admission<'_>>,
+        batch: bool,
         now_ms: i64,
     ) -> Result<Option<Connection>, StoreError> {
         const OP: &str = "PutItem connection";
@@ -2737,6 +2750,7 @@ impl ChatStore for EmbeddedStore {
             rooms: BTreeMap::new(),
             renaming: None,
             principal: admission.map(|a| a.principal.to_owned()),
+            batch,
         };
         let pk = keys::conn_pk(connection_id);
         let units = conn_units(&item);
@@ -3261,6 +3275,7 @@ impl ChatStore for EmbeddedStore {
                     members.push(Member {
                         connection_id: m.connection_id.clone(),
                         name: m.name.clone(),
+                        batch: m.batch,
                     });
                 }
                 true
@@ -3391,6 +3406,7 @@ mod tests {
                     connection_id: id.clone(),
                     name: format!("{long}{i}"),
                     expires_at: epoch_secs(now) + 3_600,
+                    batch: false,
                 };
                 state.put_member("big", 0, &id, Some(member));
             }
