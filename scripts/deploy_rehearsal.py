@@ -302,7 +302,8 @@ def check_stack(clients: dict[str, Any], sam: dict[str, Any], c: Checks) -> None
     c.eq("mapping function", mapping.get("FunctionArn"), fanout["FunctionArn"])
     c.eq("mapping starting position", mapping.get("StartingPosition"), "LATEST")
     c.eq("mapping batch size", mapping.get("BatchSize"), 100)
-    c.eq("mapping batching window (s)", mapping.get("MaximumBatchingWindowInSeconds"), 0)
+    c.eq("mapping batching window (s)", mapping.get("MaximumBatchingWindowInSeconds"),
+         int(defaults["EventsBatchingWindowSeconds"]))
     c.eq("mapping parallelization factor", mapping.get("ParallelizationFactor"), 1)
     c.eq("mapping bisects on error", mapping.get("BisectBatchOnFunctionError"), True)
     c.eq("mapping retries", mapping.get("MaximumRetryAttempts"), 5)
