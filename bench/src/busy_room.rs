@@ -168,14 +168,9 @@ pub async fn run(opts: &BusyRoomOptions, exe: &Path) -> anyhow::Result<BusyRoomR
     let batched = m * usize::from(opts.batched_pct) / 100;
     let fd_limit = sys::raise_fd_limit((4 * opts.concurrency + 1024) as u64)?;
 
-    let sink = SinkProcess::spawn_with(
-        exe,
-        opts.latency_ms,
-        opts.limit_posts_per_second,
-        &[],
-        true,
-    )
-    .await?;
+    let sink =
+        SinkProcess::spawn_with(exe, opts.latency_ms, opts.limit_posts_per_second, &[], true)
+            .await?;
     progress(format_args!(
         "stand-in @connections at {}; {m} members, {batched} batched",
         sink.endpoint
@@ -296,9 +291,7 @@ pub async fn run(opts: &BusyRoomOptions, exe: &Path) -> anyhow::Result<BusyRoomR
     let ok = [&batched_report, &unbatched_report]
         .into_iter()
         .flatten()
-        .all(|g| {
-            g.loss == 0 && g.received.duplicates == 0 && g.received.out_of_order == 0
-        });
+        .all(|g| g.loss == 0 && g.received.duplicates == 0 && g.received.out_of_order == 0);
     Ok(BusyRoomReport {
         members: m,
         rate: opts.rate,
@@ -320,6 +313,9 @@ pub async fn run(opts: &BusyRoomOptions, exe: &Path) -> anyhow::Result<BusyRoomR
     })
 }
 
+/// One row of the text report: its label and how a group's cell reads.
+type Row<'a> = (&'a str, &'a dyn Fn(&GroupReport) -> String);
+
 pub fn print(r: &BusyRoomReport) {
     println!(
         "busy room: {} members, {} events/s for {} s ({} events, sent in {:.1} s), window {} s, BatchSize {}, stand-in limit {}",
@@ -336,25 +332,34 @@ pub fn print(r: &BusyRoomReport) {
             format!("{} POSTs/s", r.limit_posts_per_second)
         }
     );
-    println!(
-        "{:<34} {:>14} {:>14}",
-        "", "batched", "unbatched"
-    );
+    println!("{:<34} {:>14} {:>14}", "", "batched", "unbatched");
     let col = |g: &Option<GroupReport>, f: &dyn Fn(&GroupReport) -> String| {
         g.as_ref().map_or_else(|| "-".to_owned(), f)
     };
-    let rows: [(&str, &dyn Fn(&GroupReport) -> String); 11] = [
+    let rows: [Row<'_>; 11] = [
         ("members", &|g| g.members.to_string()),
         ("POSTs", &|g| g.received.posts.to_string()),
-        ("deliveries (after dedupe)", &|g| g.received.distinct.to_string()),
-        ("POSTs per delivered event", &|g| format!("{:.3}", g.posts_per_delivered_event)),
+        ("deliveries (after dedupe)", &|g| {
+            g.received.distinct.to_string()
+        }),
+        ("POSTs per delivered event", &|g| {
+            format!("{:.3}", g.posts_per_delivered_event)
+        }),
         ("loss", &|g| g.loss.to_string()),
         ("duplicates", &|g| g.received.duplicates.to_string()),
         ("out of order", &|g| g.received.out_of_order.to_string()),
-        ("latency p50 (ms)", &|g| g.received.latency_p50_ms.to_string()),
-        ("latency p99 (ms)", &|g| g.received.latency_p99_ms.to_string()),
-        ("latency max (ms)", &|g| g.received.latency_max_ms.to_string()),
-        ("events/s to every member", &|g| format!("{:.2}", g.events_per_sec_to_every_member)),
+        ("latency p50 (ms)", &|g| {
+            g.received.latency_p50_ms.to_string()
+        }),
+        ("latency p99 (ms)", &|g| {
+            g.received.latency_p99_ms.to_string()
+        }),
+        ("latency max (ms)", &|g| {
+            g.received.latency_max_ms.to_string()
+        }),
+        ("events/s to every member", &|g| {
+            format!("{:.2}", g.events_per_sec_to_every_member)
+        }),
     ];
     for (name, f) in rows {
         println!(

@@ -6,6 +6,7 @@
 //! - [`soak`]: steady public traffic; every member must get every message once, in order;
 //! - [`busy_room`]: one busy room, batched and unbatched members side by side: POSTs per
 //!   event, latency, loss, duplicates and order through the mapping's batching window;
+//! - [`cost`]: scripted scenarios priced by the local stack's bill meter;
 //! - [`sink`]: the stand-in `@connections` endpoint `fanout_only` runs as a child process;
 //! - [`agent`]: the process holding a block of WebSocket clients (`chat-bench clients`);
 //! - [`client`], [`stack`], [`mgmt`], [`stats`], [`sys`]: what those are built from.
@@ -15,6 +16,7 @@
 pub mod agent;
 pub mod busy_room;
 pub mod client;
+pub mod cost;
 pub mod fanout;
 pub mod fanout_only;
 pub mod joinstorm;

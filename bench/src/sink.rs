@@ -331,7 +331,11 @@ async fn frames(State(counts): State<Arc<Counts>>) -> String {
         g.last_arrival_ms = f.last_arrival.get(&c).copied().unwrap_or(0);
         let mut l = f.latencies.get(&c).cloned().unwrap_or_default();
         l.sort_unstable();
-        let at = |q: f64| l.get(((l.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
+        let at = |q: f64| {
+            l.get(((l.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(0)
+        };
         g.latency_p50_ms = at(0.5);
         g.latency_p99_ms = at(0.99);
         g.latency_max_ms = l.last().copied().unwrap_or(0);
@@ -428,9 +432,7 @@ impl SinkProcess {
     }
 
     /// What `--record-frames` recorded, by the first letter of the connection ids.
-    pub async fn frames(
-        &self,
-    ) -> anyhow::Result<std::collections::BTreeMap<String, FrameGroup>> {
+    pub async fn frames(&self) -> anyhow::Result<std::collections::BTreeMap<String, FrameGroup>> {
         let body = self.request_path("GET", "/frames").await?;
         serde_json::from_str(&body).with_context(|| format!("the sink's frames {body:?}"))
     }

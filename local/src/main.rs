@@ -105,7 +105,12 @@ struct Args {
     /// `EventsBatchingWindowSeconds`, Lambda's `MaximumBatchingWindowInSeconds`): the latency
     /// a busy room pays so that connections opted in with `?batch=1` get several events per
     /// POST. Fractions allowed here; AWS takes whole seconds.
-    #[arg(long, env = "BATCHING_WINDOW_SECONDS", default_value_t = 0.0, value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "BATCHING_WINDOW_SECONDS",
+        default_value_t = 0.0,
+        value_name = "SECONDS"
+    )]
     batching_window: f64,
     /// Never run $disconnect (models AWS losing it; stale connections are then pruned on 410).
     #[arg(long, hide = true)]

@@ -146,7 +146,11 @@ async fn scenario(aws_like: bool) {
     let expected: Vec<Value> = (0..MESSAGES)
         .map(|n| json!(format!("carol: m{n:02}")))
         .collect();
-    let texts = |v: &[Value]| v.iter().map(|f| f["publicMessage"].clone()).collect::<Vec<_>>();
+    let texts = |v: &[Value]| {
+        v.iter()
+            .map(|f| f["publicMessage"].clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(texts(&a), expected, "alice");
     assert_eq!(texts(&b), expected, "bob");
     // AND alice's are the same frames as bob's (ids included)
@@ -154,7 +158,10 @@ async fn scenario(aws_like: bool) {
     // AND bob's came one frame per message, never a batch; alice's in batches, far fewer
     assert_eq!((b_frames, b_batches), (MESSAGES, 0));
     assert!(a_batches >= 1, "alice got batches");
-    assert!(a_frames * 3 <= MESSAGES, "alice: {a_frames} frames for {MESSAGES} messages");
+    assert!(
+        a_frames * 3 <= MESSAGES,
+        "alice: {a_frames} frames for {MESSAGES} messages"
+    );
     stack.shutdown().await.expect("clean shutdown");
 }
 

@@ -120,7 +120,11 @@ pub(crate) fn by_room(units: Vec<(Option<String>, Unit)>) -> Vec<(Option<String>
     let mut groups: Vec<(Option<String>, Vec<Unit>)> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     for (seq_no, unit) in units {
-        let room = unit.events().first().map(|e| e.room.clone()).unwrap_or_default();
+        let room = unit
+            .events()
+            .first()
+            .map(|e| e.room.clone())
+            .unwrap_or_default();
         match index.get(&room) {
             Some(&i) => groups[i].1.push(unit),
             None => {
@@ -313,6 +317,9 @@ fn posts_for(frames: &[(Audience, Vec<u8>)], connection_id: &str, batch: bool) -
     }
 }
 
+/// Recipients owed the same POSTs: their list, the first POST not delivered, who they are.
+type Owing = (Arc<[Vec<u8>]>, usize, Vec<String>);
+
 /// The outcomes of a group's deliveries.
 #[derive(Default)]
 struct GroupTally {
@@ -322,7 +329,7 @@ struct GroupTally {
     out_of_time: bool,
     /// Recipients still failing, by what they are owed: (their POST list, the first POST not
     /// delivered) → the list and the connections.
-    failing: HashMap<(usize, usize), (Arc<[Vec<u8>]>, usize, Vec<String>)>,
+    failing: HashMap<(usize, usize), Owing>,
 }
 
 impl GroupTally {
@@ -448,7 +455,7 @@ mod tests {
     fn one_frame_goes_as_itself() {
         // GIVEN one frame WHEN packed THEN the POST is the frame, byte for byte
         let f = frame(1, 100);
-        assert_eq!(pack(&[f.clone()]), vec![f]);
+        assert_eq!(pack(std::slice::from_ref(&f)), vec![f]);
         assert!(pack::<Vec<u8>>(&[]).is_empty());
     }
 

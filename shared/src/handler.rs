@@ -187,13 +187,7 @@ pub async fn handle_request(
                     .first(crate::batching::BATCH_PARAMETER),
             );
             match store
-                .open_connection(
-                    connection_id,
-                    identity.as_deref(),
-                    admission,
-                    batch,
-                    now_ms,
-                )
+                .open_connection(connection_id, identity.as_deref(), admission, batch, now_ms)
                 .await
             {
                 Ok(None) => {

@@ -45,9 +45,7 @@ async fn join_batched(w: &World, id: &str, name: &str) {
         .await
         .expect("handler");
     assert_eq!(r.status_code, 200);
-    let err = w
-        .send(id, json!({"action":"setName","name":name}))
-        .await;
+    let err = w.send(id, json!({"action":"setName","name":name})).await;
     assert_eq!(err, None, "{name} joins");
 }
 
@@ -69,7 +67,10 @@ fn inner_frames(body: &[u8]) -> Vec<Vec<u8>> {
     if !body.starts_with(OPEN) {
         return vec![body.to_vec()];
     }
-    assert!(body.ends_with(b"]}"), "a batch frame ends the array and the object");
+    assert!(
+        body.ends_with(b"]}"),
+        "a batch frame ends the array and the object"
+    );
     let list = &body[OPEN.len() - 1..body.len() - 1];
     let raw: Vec<&serde_json::value::RawValue> =
         serde_json::from_slice(list).expect("the batch is an array of frames");
@@ -85,8 +86,8 @@ fn is_batch(body: &[u8]) -> bool {
 }
 
 #[tokio::test]
-async fn packed_frames_are_the_unbatched_frames_byte_for_byte_and_unbatched_members_see_no_change(
-) {
+async fn packed_frames_are_the_unbatched_frames_byte_for_byte_and_unbatched_members_see_no_change()
+{
     // GIVEN alice opted in with ?batch=1, bob and carol did not; all in lobby
     let mut w = world().await;
     join_batched(&w, "A", "alice").await;
@@ -102,17 +103,31 @@ async fn packed_frames_are_the_unbatched_frames_byte_for_byte_and_unbatched_memb
             .batch,
         "the opt-in is recorded on alice's connection"
     );
-    assert!(!w.store.connection("B", chat_shared::now_ms()).await.expect("read").expect("bob").batch);
+    assert!(
+        !w.store
+            .connection("B", chat_shared::now_ms())
+            .await
+            .expect("read")
+            .expect("bob")
+            .batch
+    );
     w.endpoint.clear();
     // AND one stream batch: four messages, a private message to alice, a join, a message
     for n in 1..=4 {
-        w.send("C", json!({"action":"sendPublic","message":format!("m{n}")}))
-            .await;
-    }
-    w.send("B", json!({"action":"sendPrivate","to":"alice","message":"psst"}))
+        w.send(
+            "C",
+            json!({"action":"sendPublic","message":format!("m{n}")}),
+        )
         .await;
+    }
+    w.send(
+        "B",
+        json!({"action":"sendPrivate","to":"alice","message":"psst"}),
+    )
+    .await;
     w.join("E", "erin").await;
-    w.send("C", json!({"action":"sendPublic","message":"m5"})).await;
+    w.send("C", json!({"action":"sendPublic","message":"m5"}))
+        .await;
 
     // WHEN the fan-out handles the batch
     let response = w.fan_out().await;
@@ -143,7 +158,10 @@ async fn packed_frames_are_the_unbatched_frames_byte_for_byte_and_unbatched_memb
         .filter(|f| text(f).get("privateMessage").is_none())
         .cloned()
         .collect();
-    assert_eq!(room_inner, bob, "inner frames are bob's POSTs, byte for byte");
+    assert_eq!(
+        room_inner, bob,
+        "inner frames are bob's POSTs, byte for byte"
+    );
     let ids: Vec<u64> = inner
         .iter()
         .map(|f| text(f)["id"].as_u64().expect("id"))
@@ -194,8 +212,11 @@ async fn a_failing_batched_recipient_is_redelivered_every_frame_once() {
     w.fan_out().await;
     w.endpoint.clear();
     for n in 1..=5 {
-        w.send("B", json!({"action":"sendPublic","message":format!("m{n}")}))
-            .await;
+        w.send(
+            "B",
+            json!({"action":"sendPublic","message":format!("m{n}")}),
+        )
+        .await;
     }
     // AND alice's endpoint answers 500 more often than the fan-out retries
     w.endpoint.fail_next("A", 500, 1_000);
@@ -207,7 +228,11 @@ async fn a_failing_batched_recipient_is_redelivered_every_frame_once() {
     assert!(response.batch_item_failures.is_empty(), "{response:?}");
     assert_eq!(posts_to(&w, "B").len(), 5);
     assert!(posts_to(&w, "A").is_empty());
-    assert_eq!(w.endpoint.faults_served(), 3, "max_attempts tries of her one POST");
+    assert_eq!(
+        w.endpoint.faults_served(),
+        3,
+        "max_attempts tries of her one POST"
+    );
 
     // WHEN the fault clears and the stream brings back her redelivery item
     w.endpoint.fail_next("A", 500, 0);
