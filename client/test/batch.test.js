@@ -60,7 +60,7 @@ for (const mode of MODES) {
         await waitUntil(() => publicTexts().length >= MESSAGES, 'alice got every message', 15_000);
         assert.deepEqual(publicTexts(), expected);
         // AND they came packed: at least one batch frame, and far fewer frames than messages
-        const carrying = sockets[0].received.filter(
+        const carrying = sockets[0].raw.filter(
           (f) => f.publicMessage !== undefined || (Array.isArray(f.batch) && f.batch.some((i) => i.publicMessage !== undefined)),
         );
         assert.ok(carrying.some((f) => Array.isArray(f.batch)), 'alice received batch frames');

@@ -33,6 +33,10 @@
 //!   its first record is reported as the batch item failure, so Lambda retries from there —
 //!   nothing is dropped silently, and records before it are done. A unit that starts after
 //!   the deadline fails at once. A record that can never be decoded is logged and skipped.
+//! - **Batched delivery.** A room's units of one stream batch (two or more) go to each member
+//!   together, in id order, packed into `{"batch":[…]}` POSTs of at most 32 KB for connections
+//!   that opted in with `?batch=1` ([`crate::batching`]); a room with one unit in the batch
+//!   goes unit by unit as above.
 //! - **Pruning in batches.** The 410s of a unit are removed together after it
 //!   ([`ChatStore::remove_connections`]); their leave events go through the stream like any other.
 

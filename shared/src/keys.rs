@@ -98,6 +98,14 @@
 //! keeps unsequenced joins, which is the hysteresis; its members are still exact in the
 //! member items, which is all the fan-out reads.
 //!
+//! **Batched connections** (`batch` on the connection and member items, `crate::batching`) get
+//! a room's frames of one stream batch packed into `{"batch":[…]}` POSTs. A failure mid-batch:
+//! a recipient whose POST keeps failing is owed every POST from that one on (a batched
+//! recipient's whole batch when its first POST fails), written as redelivery items below
+//! (split so no item holds more than 256 KB of frames) and retried round by round; a batch the
+//! fan-out cannot finish is reported from its first record and Lambda retries it (at least
+//! once; clients dedupe by id).
+//!
 //! The same table holds **redelivery items** (`crate::redelivery`): frames a broadcast still
 //! owes a few connections, brought back to the fan-out by the stream. Their partition is
 //! `REDELIVERY#<room>`, so no history read (which queries `ROOM#<room>`) ever sees them.
@@ -109,7 +117,7 @@
 //! | `v`, `ts`      | N    | schema version (1), write time (ms)                            |
 //! | `expiresAt`    | N    | TTL: an hour after the write                                   |
 //! | `room`, `eventId` | S, N | the event the frames are of                                |
-//! | `frames`       | L    | the frames (JSON strings), in the order each recipient gets them |
+//! | `frames`       | L    | the POST bodies (JSON strings), in the order each recipient gets them: plain frames, or for connections that opted in (`batch`) the `{"batch":[…]}` frames they were owed as packed |
 //! | `connectionIds`| L    | the connections still owed them (at most 500 per item)         |
 //! | `round`, `notBefore` | N | which retry round this is (1-based), and not before when (ms) |
 //!
