@@ -258,7 +258,7 @@ pub(crate) async fn deliver_group(
                 let posts = match privates.get_mut(&m.connection_id) {
                     Some(met) => {
                         *met = true;
-                        posts_for(frames, &m.connection_id, m.batch)
+                        posts_for(frames, &m.connection_id, true, m.batch)
                     }
                     None if m.batch => Arc::clone(&packed),
                     None => Arc::clone(&plain),
@@ -281,7 +281,8 @@ pub(crate) async fn deliver_group(
             .connection(&id, now_ms)
             .await?
             .is_some_and(|c| c.batch);
-        let posts = posts_for(frames, &id, batch);
+        // Not a member read here: its private frames only.
+        let posts = posts_for(frames, &id, false, batch);
         others.push((id, posts));
     }
     tally = send(&sender, stream::iter(others), tally).await;
@@ -300,12 +301,18 @@ fn push_presence(
     }
 }
 
-/// The POSTs of one connection: the room's frames and its own private ones, in id order.
-fn posts_for(frames: &[(Audience, Vec<u8>)], connection_id: &str, batch: bool) -> Arc<[Vec<u8>]> {
+/// The POSTs of one connection: the room's frames if it is a `member` of the room, and its
+/// own private ones, in id order.
+fn posts_for(
+    frames: &[(Audience, Vec<u8>)],
+    connection_id: &str,
+    member: bool,
+    batch: bool,
+) -> Arc<[Vec<u8>]> {
     let mine: Vec<&[u8]> = frames
         .iter()
         .filter(|(a, _)| match a {
-            Audience::Room => true,
+            Audience::Room => member,
             Audience::Only(id) => id == connection_id,
         })
         .map(|(_, f)| f.as_slice())

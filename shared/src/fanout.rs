@@ -331,23 +331,28 @@ async fn deliver_in_order(
             None => work.await,
         };
         let _in_unit = span.enter();
-        let (first, last) = (
-            ends.first().map_or(0, |e| e.seq),
-            ends.last().map_or(0, |e| e.seq),
-        );
+        let first = ends.first().map_or(0, |e| e.seq);
         match outcome {
             Ok(report) => {
                 crate::metrics::broadcast_done(&report, started);
-                info!(
-                    first_event_id = first,
-                    last_event_id = last,
-                    delivered = report.delivered,
-                    pruned = report.pruned.len(),
-                    rejected = report.rejected,
-                    redelivering = report.redelivering,
-                    presence_skipped = report.presence_skipped,
-                    "fanned out"
-                )
+                // One outcome line per unit, in its own span (room, ids), as before grouping:
+                // a message is followed from its commit to its delivery by room and id. A
+                // group's units share its counts.
+                drop(_in_unit);
+                for unit in &group {
+                    let events = unit.events();
+                    let _unit = crate::telemetry::unit_span(events).entered();
+                    info!(
+                        first_event_id = events.first().map_or(0, |e| e.seq),
+                        last_event_id = events.last().map_or(0, |e| e.seq),
+                        delivered = report.delivered,
+                        pruned = report.pruned.len(),
+                        rejected = report.rejected,
+                        redelivering = report.redelivering,
+                        presence_skipped = report.presence_skipped,
+                        "fanned out"
+                    )
+                }
             }
             Err(e) => {
                 warn!(first_event_id = first, error = %e, cause = ?std::error::Error::source(&e), "fan-out failed; Lambda will retry from this record");

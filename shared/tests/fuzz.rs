@@ -984,90 +984,105 @@ fn expected_deliveries(events: &[StoredEvent]) -> HashMap<String, Vec<ExpectedFr
             _ => units.push(vec![event]),
         }
     }
+    // A room's units of one batch go out together (chat_shared::batching): the member list
+    // is read once, before them, so a member pruned on the way leaves the lists after them.
+    let mut groups: Vec<Vec<Vec<&StoredEvent>>> = Vec::new();
     for unit in units {
-        let last = unit[unit.len() - 1];
-        // README: an event of a room goes to that room's members; only lobby has members here.
-        let room_members: Vec<String> = if last.room == "lobby" {
-            members.iter().map(|(id, _)| (*id).to_owned()).collect()
-        } else {
-            Vec::new()
-        };
-        let private = matches!(last.event, ChatEvent::PrivateMessageSent { .. });
-        let frame = |key: &'static str, body: Option<Value>| ExpectedFrame {
-            id: last.seq,
-            key,
-            body: body.map(|mut b| {
-                // Every room-scoped frame carries its room; a private message none.
-                if !private {
-                    b["room"] = json!(last.room);
-                }
-                b["id"] = json!(last.seq);
-                b["ts"] = json!(last.ts);
-                b
-            }),
-        };
-        let (recipients, frames): (Vec<String>, Vec<ExpectedFrame>) = match &last.event {
-            ChatEvent::MessagePosted { name, message, .. } => (
-                room_members,
-                vec![frame(
-                    "publicMessage",
-                    Some(json!({ "publicMessage": format!("{name}: {message}") })),
-                )],
-            ),
-            ChatEvent::PrivateMessageSent {
-                to_connection_id,
-                name,
-                message,
-                ..
-            } => (
-                vec![to_connection_id.clone()],
-                vec![frame(
-                    "privateMessage",
-                    Some(json!({ "privateMessage": format!("{name}: {message}") })),
-                )],
-            ),
-            _ => {
-                let mut names: Vec<&str> = members.iter().map(|(_, n)| *n).collect();
-                names.sort_by_key(|n| n.to_lowercase());
-                let list = frame("members", Some(json!({ "members": names })));
-                let said = match (&unit[..], &last.event) {
-                    ([_], ChatEvent::MemberJoined { name, .. }) => {
-                        Some(format!("{name} has joined the chat"))
+        match groups.iter_mut().find(|g| g[0][0].room == unit[0].room) {
+            Some(group) => group.push(unit),
+            None => groups.push(vec![unit]),
+        }
+    }
+    for group in groups {
+        let mut pruned = false;
+        for unit in group {
+            let last = unit[unit.len() - 1];
+            // README: an event of a room goes to that room's members; only lobby has members here.
+            let room_members: Vec<String> = if last.room == "lobby" {
+                members.iter().map(|(id, _)| (*id).to_owned()).collect()
+            } else {
+                Vec::new()
+            };
+            let private = matches!(last.event, ChatEvent::PrivateMessageSent { .. });
+            let frame = |key: &'static str, body: Option<Value>| ExpectedFrame {
+                id: last.seq,
+                key,
+                body: body.map(|mut b| {
+                    // Every room-scoped frame carries its room; a private message none.
+                    if !private {
+                        b["room"] = json!(last.room);
                     }
-                    ([_], ChatEvent::MemberLeft { name, .. }) => {
-                        Some(format!("{name} has left the chat"))
-                    }
-                    ([_], ChatEvent::MemberRenamed { old_name, name, .. }) => {
-                        Some(format!("{old_name} is now known as {name}"))
-                    }
-                    _ => None,
-                };
-                let system = frame(
-                    "systemMessage",
-                    said.map(|text| json!({ "systemMessage": text })),
-                );
-                let only_leaves = unit
-                    .iter()
-                    .all(|e| matches!(e.event, ChatEvent::MemberLeft { .. }));
-                (
+                    b["id"] = json!(last.seq);
+                    b["ts"] = json!(last.ts);
+                    b
+                }),
+            };
+            let (recipients, frames): (Vec<String>, Vec<ExpectedFrame>) = match &last.event {
+                ChatEvent::MessagePosted { name, message, .. } => (
                     room_members,
-                    if only_leaves {
-                        vec![system, list]
-                    } else {
-                        vec![list, system]
-                    },
-                )
+                    vec![frame(
+                        "publicMessage",
+                        Some(json!({ "publicMessage": format!("{name}: {message}") })),
+                    )],
+                ),
+                ChatEvent::PrivateMessageSent {
+                    to_connection_id,
+                    name,
+                    message,
+                    ..
+                } => (
+                    vec![to_connection_id.clone()],
+                    vec![frame(
+                        "privateMessage",
+                        Some(json!({ "privateMessage": format!("{name}: {message}") })),
+                    )],
+                ),
+                _ => {
+                    let mut names: Vec<&str> = members.iter().map(|(_, n)| *n).collect();
+                    names.sort_by_key(|n| n.to_lowercase());
+                    let list = frame("members", Some(json!({ "members": names })));
+                    let said = match (&unit[..], &last.event) {
+                        ([_], ChatEvent::MemberJoined { name, .. }) => {
+                            Some(format!("{name} has joined the chat"))
+                        }
+                        ([_], ChatEvent::MemberLeft { name, .. }) => {
+                            Some(format!("{name} has left the chat"))
+                        }
+                        ([_], ChatEvent::MemberRenamed { old_name, name, .. }) => {
+                            Some(format!("{old_name} is now known as {name}"))
+                        }
+                        _ => None,
+                    };
+                    let system = frame(
+                        "systemMessage",
+                        said.map(|text| json!({ "systemMessage": text })),
+                    );
+                    let only_leaves = unit
+                        .iter()
+                        .all(|e| matches!(e.event, ChatEvent::MemberLeft { .. }));
+                    (
+                        room_members,
+                        if only_leaves {
+                            vec![system, list]
+                        } else {
+                            vec![list, system]
+                        },
+                    )
+                }
+            };
+            for recipient in recipients {
+                if recipient == GONE {
+                    pruned = true;
+                } else if recipient != REFUSING {
+                    expected
+                        .entry(recipient)
+                        .or_default()
+                        .extend(frames.iter().cloned());
+                }
             }
-        };
-        for recipient in recipients {
-            if recipient == GONE {
-                members.retain(|(id, _)| *id != GONE);
-            } else if recipient != REFUSING {
-                expected
-                    .entry(recipient)
-                    .or_default()
-                    .extend(frames.iter().cloned());
-            }
+        }
+        if pruned {
+            members.retain(|(id, _)| *id != GONE);
         }
     }
     expected
