@@ -291,7 +291,9 @@ pub async fn run(opts: &BusyRoomOptions, exe: &Path) -> anyhow::Result<BusyRoomR
     let ok = [&batched_report, &unbatched_report]
         .into_iter()
         .flatten()
-        .all(|g| g.loss == 0 && g.received.duplicates == 0 && g.received.out_of_order == 0);
+        // Duplicates are counted (delivery is at least once: a POST retried after a lost
+        // answer arrives twice) and dropped by dedupe; loss and disorder fail the run.
+        .all(|g| g.loss == 0 && g.received.out_of_order == 0);
     Ok(BusyRoomReport {
         members: m,
         rate: opts.rate,
