@@ -324,7 +324,8 @@ def check_stack(clients: dict[str, Any], sam: dict[str, Any], c: Checks) -> None
         c.eq(f"{logical} function", mapping.get("FunctionArn"), fanout["FunctionArn"])
         c.eq(f"{logical} starting position", mapping.get("StartingPosition"), "LATEST")
         c.eq(f"{logical} batch size", mapping.get("BatchSize"), 100)
-        c.eq(f"{logical} batching window (s)", mapping.get("MaximumBatchingWindowInSeconds"), 0)
+        window = int(defaults["EventsBatchingWindowSeconds"]) if logical == "FanoutFunctionStream" else 0
+        c.eq(f"{logical} batching window (s)", mapping.get("MaximumBatchingWindowInSeconds"), window)
         c.eq(f"{logical} parallelization factor", mapping.get("ParallelizationFactor"), 1)
         c.eq(f"{logical} bisects on error", mapping.get("BisectBatchOnFunctionError"), True)
         c.eq(f"{logical} retries", mapping.get("MaximumRetryAttempts"), 5)

@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use chat_bench::agent::{self, AgentOptions};
+use chat_bench::busy_room::{self, BusyRoomOptions};
+use chat_bench::cost::{self, CostOptions};
 use chat_bench::fanout::{self, FanoutOptions};
 use chat_bench::fanout_only::{self, FanoutOnlyOptions};
 use chat_bench::joinstorm::{self, JoinstormOptions};
@@ -35,6 +37,11 @@ enum Command {
     /// New connections joining one room at a steady rate against the AWS-like store: the
     /// room's join ceiling, errors, latency, ids.
     Joinstorm(JoinstormOptions),
+    /// One busy room, some members batched (`?batch=1`) and some not, E events/s through the
+    /// mapping's batching window, against a stand-in @connections counting POSTs.
+    BusyRoom(BusyRoomOptions),
+    /// Scripted scenarios priced by the local stack's bill meter, batched and unbatched.
+    Cost(CostOptions),
     /// The stand-in @connections endpoint fanout-only runs (prints its URL on stdout).
     Sink(SinkOptions),
     /// A block of WebSocket clients, driven by fanout and soak over stdin/stdout.
@@ -84,6 +91,16 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Soak(opts) => {
             let report = soak::run(&opts, &exe()?).await?;
             emit(opts.json, &report, soak::print)?;
+            Ok(report.ok)
+        }
+        Command::BusyRoom(opts) => {
+            let report = busy_room::run(&opts, &exe()?).await?;
+            emit(opts.json, &report, busy_room::print)?;
+            Ok(report.ok)
+        }
+        Command::Cost(opts) => {
+            let report = cost::run(&opts).await?;
+            emit(opts.json, &report, cost::print)?;
             Ok(report.ok)
         }
         Command::Sink(opts) => {

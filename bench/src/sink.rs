@@ -49,6 +49,46 @@ pub struct SinkOptions {
     /// every POST, forever: recipients the fan-out can never reach.
     #[arg(long, value_delimiter = ',')]
     pub fail_ids: Vec<String>,
+    /// Parse every accepted POST (a frame, or `{"batch":[…]}` of frames) and keep, per
+    /// connection id, the ids of its `publicMessage` frames and their latency (arrival − the
+    /// frame's `ts`), for `GET /frames` (`chat-bench busy-room`).
+    #[arg(long)]
+    pub record_frames: bool,
+}
+
+/// What `GET /frames` reports for the connections whose ids start with one letter (the
+/// busy-room bench names batched members `b…` and unbatched ones `u…`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FrameGroup {
+    /// Connection ids that received at least one POST.
+    pub members: u64,
+    /// POSTs accepted.
+    pub posts: u64,
+    /// `publicMessage` frames received, duplicates included.
+    pub frames: u64,
+    /// Distinct (connection, frame id) pairs: deliveries after dedupe.
+    pub distinct: u64,
+    /// Frames whose id the connection already had.
+    pub duplicates: u64,
+    /// After dedupe: frames whose id is lower than one the connection received before.
+    pub out_of_order: u64,
+    /// The fewest distinct frames any connection of the group received.
+    pub min_per_member: u64,
+    /// Arrival − `ts` of each frame's first receipt, ms.
+    pub latency_p50_ms: i64,
+    pub latency_p99_ms: i64,
+    pub latency_max_ms: i64,
+    /// The last frame's arrival (ms since the epoch).
+    pub last_arrival_ms: i64,
+}
+
+/// Per connection: the frame ids in arrival order; latencies per group.
+#[derive(Default)]
+struct Frames {
+    per_id: HashMap<String, Vec<u64>>,
+    posts: HashMap<char, u64>,
+    latencies: HashMap<char, Vec<i64>>,
+    last_arrival: HashMap<char, i64>,
 }
 
 /// What the sink has received since it started (or since the last `DELETE /stats`).
@@ -80,6 +120,8 @@ struct Counts {
     per_id: Mutex<HashMap<String, u64>>,
     latency: Duration,
     throttle: Option<Mutex<Bucket>>,
+    /// With `--record-frames`.
+    frames: Option<Mutex<Frames>>,
 }
 
 /// The account quota's token bucket: `rate` tokens a second, at most `burst` saved.
@@ -133,6 +175,7 @@ pub async fn serve(opts: &SinkOptions) -> anyhow::Result<()> {
         latency: Duration::from_millis(opts.latency_ms),
         throttle,
         failing: opts.fail_ids.iter().cloned().collect(),
+        frames: opts.record_frames.then(Mutex::default),
         ..Counts::default()
     });
     let accepted = Arc::clone(&counts);
@@ -146,6 +189,7 @@ pub async fn serve(opts: &SinkOptions) -> anyhow::Result<()> {
             post(count_post),
         )
         .route("/stats", get(stats).delete(reset))
+        .route("/frames", get(frames))
         .with_state(counts);
     let mut stdout = tokio::io::stdout();
     stdout
@@ -179,7 +223,7 @@ pub async fn serve(opts: &SinkOptions) -> anyhow::Result<()> {
 async fn count_post(
     State(counts): State<Arc<Counts>>,
     UrlPath(id): UrlPath<String>,
-    _body: Bytes,
+    body: Bytes,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     if !counts.latency.is_zero() {
@@ -209,8 +253,94 @@ async fn count_post(
             .into_response();
     }
     counts.posts.fetch_add(1, Ordering::Relaxed);
+    if let Some(frames) = &counts.frames {
+        record_frames(frames, &id, &body);
+    }
     *counts.per_id().entry(id).or_insert(0) += 1;
     StatusCode::OK.into_response()
+}
+
+/// Notes the `publicMessage` frames of one POST (a frame, or a batch of them).
+fn record_frames(frames: &Mutex<Frames>, id: &str, body: &[u8]) {
+    let now = chat_shared::now_ms();
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return;
+    };
+    let inner = match value.get("batch").and_then(|b| b.as_array()) {
+        Some(list) => list.clone(),
+        None => vec![value],
+    };
+    let group = id.chars().next().unwrap_or('?');
+    let mut f = frames.lock().unwrap_or_else(PoisonError::into_inner);
+    *f.posts.entry(group).or_insert(0) += 1;
+    let mut got = Vec::new();
+    for frame in &inner {
+        if frame.get("publicMessage").is_none() {
+            continue;
+        }
+        if let (Some(seq), Some(ts)) = (frame["id"].as_u64(), frame["ts"].as_i64()) {
+            got.push((seq, now - ts));
+        }
+    }
+    let ids = f.per_id.entry(id.to_owned()).or_default();
+    let mut first = Vec::new();
+    for (seq, latency) in got {
+        if !ids.contains(&seq) {
+            first.push(latency);
+        }
+        ids.push(seq);
+    }
+    if !first.is_empty() {
+        f.latencies.entry(group).or_default().extend(first);
+        f.last_arrival.insert(group, now);
+    }
+}
+
+async fn frames(State(counts): State<Arc<Counts>>) -> String {
+    let Some(frames) = &counts.frames else {
+        return "{}".to_owned();
+    };
+    let f = frames.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut groups: std::collections::BTreeMap<String, FrameGroup> = Default::default();
+    for (id, ids) in &f.per_id {
+        let key = id.chars().next().unwrap_or('?');
+        let g = groups.entry(key.to_string()).or_insert_with(|| FrameGroup {
+            min_per_member: u64::MAX,
+            ..FrameGroup::default()
+        });
+        g.members += 1;
+        g.frames += ids.len() as u64;
+        let mut seen = std::collections::HashSet::new();
+        let mut highest = 0;
+        for &seq in ids {
+            if !seen.insert(seq) {
+                g.duplicates += 1;
+                continue;
+            }
+            if seq < highest {
+                g.out_of_order += 1;
+            }
+            highest = highest.max(seq);
+        }
+        g.distinct += seen.len() as u64;
+        g.min_per_member = g.min_per_member.min(seen.len() as u64);
+    }
+    for (key, g) in &mut groups {
+        let c = key.chars().next().unwrap_or('?');
+        g.posts = f.posts.get(&c).copied().unwrap_or(0);
+        g.last_arrival_ms = f.last_arrival.get(&c).copied().unwrap_or(0);
+        let mut l = f.latencies.get(&c).cloned().unwrap_or_default();
+        l.sort_unstable();
+        let at = |q: f64| {
+            l.get(((l.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        g.latency_p50_ms = at(0.5);
+        g.latency_p99_ms = at(0.99);
+        g.latency_max_ms = l.last().copied().unwrap_or(0);
+    }
+    serde_json::to_string(&groups).unwrap_or_default()
 }
 
 async fn stats(State(counts): State<Arc<Counts>>) -> String {
@@ -253,11 +383,25 @@ impl SinkProcess {
         throttle_rps: u64,
         fail_ids: &[String],
     ) -> anyhow::Result<SinkProcess> {
+        Self::spawn_with(exe, latency_ms, throttle_rps, fail_ids, false).await
+    }
+
+    /// [`SinkProcess::spawn`], recording frames (`--record-frames`) when asked.
+    pub async fn spawn_with(
+        exe: &Path,
+        latency_ms: u64,
+        throttle_rps: u64,
+        fail_ids: &[String],
+        record_frames: bool,
+    ) -> anyhow::Result<SinkProcess> {
         let mut command = Command::new(exe);
         command
             .args(["sink", "--port", "0"])
             .args(["--latency-ms", &latency_ms.to_string()])
             .args(["--throttle-rps", &throttle_rps.to_string()]);
+        if record_frames {
+            command.arg("--record-frames");
+        }
         if !fail_ids.is_empty() {
             command.args(["--fail-ids", &fail_ids.join(",")]);
         }
@@ -287,6 +431,12 @@ impl SinkProcess {
         Ok(SinkProcess { child, endpoint })
     }
 
+    /// What `--record-frames` recorded, by the first letter of the connection ids.
+    pub async fn frames(&self) -> anyhow::Result<std::collections::BTreeMap<String, FrameGroup>> {
+        let body = self.request_path("GET", "/frames").await?;
+        serde_json::from_str(&body).with_context(|| format!("the sink's frames {body:?}"))
+    }
+
     pub async fn stats(&self) -> anyhow::Result<SinkStats> {
         let body = self.request("GET").await?;
         serde_json::from_str(&body).with_context(|| format!("the sink's stats {body:?}"))
@@ -298,6 +448,10 @@ impl SinkProcess {
 
     /// One HTTP/1.0 request to `/stats`, by hand: the bench needs no HTTP client for this.
     async fn request(&self, method: &str) -> anyhow::Result<String> {
+        self.request_path(method, "/stats").await
+    }
+
+    async fn request_path(&self, method: &str, path: &str) -> anyhow::Result<String> {
         let authority = self
             .endpoint
             .trim_start_matches("http://")
@@ -309,7 +463,7 @@ impl SinkProcess {
             let mut stream = TcpStream::connect(&authority).await?;
             stream
                 .write_all(
-                    format!("{method} /stats HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes(),
+                    format!("{method} {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes(),
                 )
                 .await?;
             let mut response = String::new();

@@ -20,6 +20,10 @@ export interface ChatClientOptions {
    * requestId: the server stores them once per identity); without one they are rejected
    * with `connection_lost`, since the server's idempotency scope is then the old connection. */
   token?: string;
+  /** Ask for batched frames with `?batch=1` on every connect (default true): a busy room's
+   * events then come several to a WebSocket frame, `{"batch":[frame, …]}`, which the library
+   * unpacks — the application sees the same events either way. */
+  batch?: boolean;
   /** The WebSocket constructor; default `globalThis.WebSocket`. */
   WebSocket?: new (url: string) => WebSocketLike;
   /** First reconnect delay (default 250 ms), growth factor (2) and cap (10,000 ms); each delay

@@ -89,7 +89,12 @@ export function recordingWebSocket() {
       this.received = [];
       this.held = [];
       this.hold = Recorded.prototype.holdPredicate ?? null; // a predicate: outgoing frames it matches wait for release()
-      this.addEventListener('message', (event) => this.received.push(JSON.parse(String(event.data))));
+      this.raw = []; // frames as they came; `received` has a batch's frames one by one
+      this.addEventListener('message', (event) => {
+        const frame = JSON.parse(String(event.data));
+        this.raw.push(frame);
+        this.received.push(...(Array.isArray(frame?.batch) ? frame.batch : [frame]));
+      });
       const send = this.send.bind(this);
       this.send = (data, ...rest) => {
         if (this.hold?.(JSON.parse(String(data)))) {

@@ -11,6 +11,9 @@
 //! - after `max_retry_attempts` retries of the same record the batch's head is given up on —
 //!   logged as sent to the on-failure destination, as Lambda would — so one poison record
 //!   cannot stop the stream (template.yaml: `MaximumRetryAttempts`, `DestinationConfig`);
+//! - with a `batching_window` (`MaximumBatchingWindowInSeconds`), a batch smaller than
+//!   `batch_size` waits up to the window from its first record for more, as Lambda gathers
+//!   records before invoking (checked every [`WINDOW_RECHECK`], invoked at once when full);
 //! - records the template's `FilterCriteria` would drop (the rooms' counter records, see
 //!   [`chat_shared::stream::passes_template_filter`]) are dropped before the invocation and checkpointed past, as
 //!   Lambda discards filtered records; a batch of nothing else invokes nothing. The mapping of
@@ -56,7 +59,14 @@ pub struct EsmConfig {
     /// Apply template.yaml's `FilterCriteria` (default on, as deployed). Off, every record
     /// reaches the fan-out, which skips counter records itself.
     pub filter: bool,
+    /// `MaximumBatchingWindowInSeconds` (template.yaml's `EventsBatchingWindowSeconds`): how
+    /// long a batch that is not full waits for more records. Zero: invoke at once.
+    pub batching_window: Duration,
 }
+
+/// How often a batch waiting out its window looks for more records (to invoke as soon as it
+/// is full).
+pub const WINDOW_RECHECK: Duration = Duration::from_millis(100);
 
 impl Default for EsmConfig {
     fn default() -> Self {
@@ -67,6 +77,7 @@ impl Default for EsmConfig {
             max_retry_attempts: 5,
             retry_backoff: Duration::from_millis(200),
             filter: true,
+            batching_window: Duration::ZERO,
         }
     }
 }
@@ -194,6 +205,19 @@ pub async fn run_filtered(
             }
             continue;
         }
+        let batch = if config.batching_window.is_zero() || batch.len() >= config.batch_size {
+            batch
+        } else {
+            // The poll does not move the checkpoint: polling again returns these records and
+            // any that came since, up to `batch_size`.
+            match fill_window(source.as_mut(), &config, batch, &mut stop).await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    warn!(error = %e, "polling the stream failed; retrying");
+                    continue;
+                }
+            }
+        };
         let polled_last = batch.last().and_then(|r| r.change.sequence_number.clone());
         let polled = batch.len();
         let batch: Vec<EventRecord> = if config.filter {
@@ -256,6 +280,33 @@ pub async fn run_filtered(
         debug!(sequence_number = ?head_seq, attempt = attempts, ?backoff, "retrying from the reported record");
         wait_or_stop(&mut stop, backoff).await;
     }
+}
+
+/// Waits out the batching window from the first poll that found records, polling again every
+/// [`WINDOW_RECHECK`]; returns the last poll's records (at least `first`) once the batch is
+/// full, the window has passed, or the mapping is stopping.
+async fn fill_window(
+    source: &mut dyn RecordSource,
+    config: &EsmConfig,
+    first: Vec<EventRecord>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Vec<EventRecord>, chat_shared::stream::SourceError> {
+    let until = tokio::time::Instant::now() + config.batching_window;
+    let mut batch = first;
+    while batch.len() < config.batch_size && !*stop.borrow() {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if wait_or_stop(stop, left.min(WINDOW_RECHECK)).await {
+            break;
+        }
+        let again = source.poll(config.batch_size, Duration::ZERO).await?;
+        if again.len() >= batch.len() {
+            batch = again;
+        }
+    }
+    Ok(batch)
 }
 
 /// Sleeps for `d`, returning early (true) if the stop signal changes meanwhile.

@@ -110,6 +110,17 @@ struct Args {
     /// Stream records per fan-out invocation (template.yaml BatchSize).
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
+    /// How long a fan-out batch waits for more records (template.yaml's
+    /// `EventsBatchingWindowSeconds`, Lambda's `MaximumBatchingWindowInSeconds`): the latency
+    /// a busy room pays so that connections opted in with `?batch=1` get several events per
+    /// POST. Fractions allowed here; AWS takes whole seconds.
+    #[arg(
+        long,
+        env = "BATCHING_WINDOW_SECONDS",
+        default_value_t = 0.0,
+        value_name = "SECONDS"
+    )]
+    batching_window: f64,
     /// Never run $disconnect (models AWS losing it; stale connections are then pruned on 410).
     #[arg(long, hide = true)]
     drop_disconnect: bool,
@@ -255,6 +266,10 @@ async fn main() -> anyhow::Result<()> {
         "--fanout-concurrency must be at least 1"
     );
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(
+        (0.0..=300.0).contains(&args.batching_window),
+        "--batching-window must be 0 to 300 seconds"
+    );
     anyhow::ensure!(args.max_rooms > 0, "--max-rooms must be at least 1");
     anyhow::ensure!(
         args.rate_limit_per_second == 0 || args.rate_limit_burst > 0,
@@ -301,6 +316,7 @@ async fn main() -> anyhow::Result<()> {
         retention: Retention::default(),
         esm: EsmConfig {
             batch_size: args.batch_size,
+            batching_window: Duration::from_secs_f64(args.batching_window),
             ..EsmConfig::default()
         },
         ttl_sweep: Duration::from_secs(args.ttl_sweep_seconds.max(1)),

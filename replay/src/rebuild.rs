@@ -617,6 +617,9 @@ impl ConnectionsTable {
                         connection_id: connection_id.clone(),
                         name: name.clone(),
                         expires_at: *expires_at,
+                        // Not known here: the member gets unbatched frames, which a batched
+                        // client reads as well.
+                        batch: None,
                     };
                     let mut item: Key = serde_dynamo::to_item(item)
                         .map_err(Self::malformed(connection_id.clone()))?;
@@ -1101,6 +1104,7 @@ mod tests {
             principal: None,
             rooms: Some(rooms.iter().map(|(r, s)| ((*r).to_owned(), *s)).collect()),
             renaming: None,
+            batch: None,
         }
     }
 
@@ -1113,6 +1117,7 @@ mod tests {
                     connection_id: id.to_owned(),
                     name: name.to_owned(),
                     expires_at: 100,
+                    batch: None,
                 },
             },
         )

@@ -34,6 +34,10 @@
 //!   its first record is reported as the batch item failure, so Lambda retries from there —
 //!   nothing is dropped silently, and records before it are done. A unit that starts after
 //!   the deadline fails at once. A record that can never be decoded is logged and skipped.
+//! - **Batched delivery.** A room's units of one stream batch (two or more) go to each member
+//!   together, in id order, packed into `{"batch":[…]}` POSTs of at most 32 KB for connections
+//!   that opted in with `?batch=1` ([`crate::batching`]); a room with one unit in the batch
+//!   goes unit by unit as above.
 //! - **Pruning in batches.** The 410s of a unit are removed together after it
 //!   ([`ChatStore::remove_connections`]); their leave events go through the stream like any other.
 
@@ -150,9 +154,19 @@ pub fn is_counter(record: &EventRecord) -> bool {
 }
 
 /// What is delivered together: one event, or a run of presence changes of one room.
-enum Unit {
+pub(crate) enum Unit {
     Single(StoredEvent),
     Presence(Vec<StoredEvent>),
+}
+
+impl Unit {
+    /// Its events, in id order.
+    pub(crate) fn events(&self) -> &[StoredEvent] {
+        match self {
+            Unit::Single(e) => std::slice::from_ref(e),
+            Unit::Presence(run) => run,
+        }
+    }
 }
 
 /// The Lambda handler's logic: every record in order, with a partial batch response.
@@ -281,28 +295,39 @@ async fn deliver_in_order(
     deadline: Option<Instant>,
 ) -> DynamoDbEventResponse {
     let mut response = DynamoDbEventResponse::default();
-    for (first_seq_no, unit) in units {
+    // A room's units of one batch go together, so a recipient that opted in gets them packed
+    // in as few POSTs as fit ([`crate::batching`]); a room with one unit goes as before.
+    for (first_seq_no, group) in crate::batching::by_room(units) {
         // A unit that starts after the deadline cannot send anything; without this check it
         // would "finish" on its first poll (every send refused as out of time) and be
         // checkpointed past unsent — the `timeout_at` backstop below never fires for a future
         // that is already ready.
         let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
         let started = crate::metrics::broadcast_started();
+        let ends = crate::batching::ends(&group);
         // Every line logged for this unit (retries, refusals, its outcome) names its room and ids.
-        let span = crate::telemetry::unit_span(match &unit {
-            Unit::Single(e) => std::slice::from_ref(e),
-            Unit::Presence(run) => run,
-        });
+        let span = crate::telemetry::unit_span(&ends);
         let work = async {
             if out_of_time {
                 return Err(FanoutError::OutOfTime);
             }
-            match &unit {
-                Unit::Single(event) => {
+            match group.as_slice() {
+                [Unit::Single(event)] => {
                     deliver_event_until(store, deliver, config, event, now_ms(), deadline).await
                 }
-                Unit::Presence(run) => {
+                [Unit::Presence(run)] => {
                     deliver_presence(store, deliver, config, run, now_ms(), deadline).await
+                }
+                units => {
+                    crate::batching::deliver_group(
+                        store,
+                        deliver,
+                        config,
+                        units,
+                        now_ms(),
+                        deadline,
+                    )
+                    .await
                 }
             }
         };
@@ -315,26 +340,28 @@ async fn deliver_in_order(
             None => work.await,
         };
         let _in_unit = span.enter();
-        let (first, last) = match &unit {
-            Unit::Single(e) => (e.seq, e.seq),
-            Unit::Presence(run) => (
-                run.first().map_or(0, |e| e.seq),
-                run.last().map_or(0, |e| e.seq),
-            ),
-        };
+        let first = ends.first().map_or(0, |e| e.seq);
         match outcome {
             Ok(report) => {
                 crate::metrics::broadcast_done(&report, started);
-                info!(
-                    first_event_id = first,
-                    last_event_id = last,
-                    delivered = report.delivered,
-                    pruned = report.pruned.len(),
-                    rejected = report.rejected,
-                    redelivering = report.redelivering,
-                    presence_skipped = report.presence_skipped,
-                    "fanned out"
-                )
+                // One outcome line per unit, in its own span (room, ids), as before grouping:
+                // a message is followed from its commit to its delivery by room and id. A
+                // group's units share its counts.
+                drop(_in_unit);
+                for unit in &group {
+                    let events = unit.events();
+                    let _unit = crate::telemetry::unit_span(events).entered();
+                    info!(
+                        first_event_id = events.first().map_or(0, |e| e.seq),
+                        last_event_id = events.last().map_or(0, |e| e.seq),
+                        delivered = report.delivered,
+                        pruned = report.pruned.len(),
+                        rejected = report.rejected,
+                        redelivering = report.redelivering,
+                        presence_skipped = report.presence_skipped,
+                        "fanned out"
+                    )
+                }
             }
             Err(e) => {
                 warn!(first_event_id = first, error = %e, cause = ?std::error::Error::source(&e), "fan-out failed; Lambda will retry from this record");
@@ -690,10 +717,10 @@ async fn settle(
 }
 
 /// Sends frames with bounded concurrency, retries and the deadline.
-struct Sender<'a> {
-    deliver: &'a dyn Deliver,
-    config: &'a FanoutConfig,
-    deadline: Option<Instant>,
+pub(crate) struct Sender<'a> {
+    pub(crate) deliver: &'a dyn Deliver,
+    pub(crate) config: &'a FanoutConfig,
+    pub(crate) deadline: Option<Instant>,
 }
 
 impl Sender<'_> {
@@ -728,7 +755,11 @@ impl Sender<'_> {
         Ok(())
     }
 
-    async fn send_with_retry(&self, connection_id: &str, data: &[u8]) -> Result<(), DeliveryError> {
+    pub(crate) async fn send_with_retry(
+        &self,
+        connection_id: &str,
+        data: &[u8],
+    ) -> Result<(), DeliveryError> {
         let pacer = &self.config.pacer;
         let mut attempt = 1;
         loop {

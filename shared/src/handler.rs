@@ -185,8 +185,14 @@ pub async fn handle_request(
                 principal,
                 max_connections: config.principal_limit.max_connections,
             });
+            // `?batch=1`: the fan-out packs this connection's frames (crate::batching).
+            let batch = crate::batching::opts_in(
+                request
+                    .query_string_parameters
+                    .first(crate::batching::BATCH_PARAMETER),
+            );
             match store
-                .open_connection(connection_id, identity.as_deref(), admission, now_ms)
+                .open_connection(connection_id, identity.as_deref(), admission, batch, now_ms)
                 .await
             {
                 Ok(None) => {
@@ -203,6 +209,7 @@ pub async fn handle_request(
                     info!(
                         connection_id,
                         authenticated = identity.is_some(),
+                        batch,
                         "connected"
                     );
                     Ok(response(200, None))

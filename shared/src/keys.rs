@@ -98,6 +98,14 @@
 //! keeps unsequenced joins, which is the hysteresis; its members are still exact in the
 //! member items, which is all the fan-out reads.
 //!
+//! **Batched connections** (`batch` on the connection and member items, `crate::batching`) get
+//! a room's frames of one stream batch packed into `{"batch":[…]}` POSTs. A failure mid-batch:
+//! a recipient whose POST keeps failing is owed every POST from that one on (a batched
+//! recipient's whole batch when its first POST fails), written as redelivery items below
+//! (split so no item holds more than 256 KB of frames) and retried round by round; a batch the
+//! fan-out cannot finish is reported from its first record and Lambda retries it (at least
+//! once; clients dedupe by id).
+//!
 //! The same table holds **redelivery items** (`crate::redelivery`): frames a broadcast still
 //! owes a few connections, brought back to the fan-out by the stream. Their partition is
 //! `REDELIVERY#<room>`, so no history read (which queries `ROOM#<room>`) ever sees them.
@@ -109,7 +117,7 @@
 //! | `v`, `ts`      | N    | schema version (1), write time (ms)                            |
 //! | `expiresAt`    | N    | TTL: an hour after the write                                   |
 //! | `room`, `eventId` | S, N | the event the frames are of                                |
-//! | `frames`       | L    | the frames (JSON strings), in the order each recipient gets them |
+//! | `frames`       | L    | the POST bodies (JSON strings), in the order each recipient gets them: plain frames, or for connections that opted in (`batch`) the `{"batch":[…]}` frames they were owed as packed |
 //! | `connectionIds`| L    | the connections still owed them (at most 500 per item)         |
 //! | `round`, `notBefore` | N | which retry round this is (1-based), and not before when (ms) |
 //!
@@ -140,9 +148,9 @@
 //! this path existed) — see the README's *Guarantees*.
 //! | `pk`                      | `sk`       | other attributes                                  |
 //! |---------------------------|------------|---------------------------------------------------|
-//! | `CONN#<connId>`           | `CONN`     | the connection: `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once named `name`, `nameKey`; `rooms` (M: room → its member shard) for every room it is a member of; the rate-limit bucket `rlTokens`, `rlAt`; `renaming` while a rename is not yet in every room |
+//! | `CONN#<connId>`           | `CONN`     | the connection: `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once named `name`, `nameKey`; `rooms` (M: room → its member shard) for every room it is a member of; the rate-limit bucket `rlTokens`, `rlAt`; `renaming` while a rename is not yet in every room; `batch` (BOOL, absent = false) when it opted in to batched frames at `$connect` |
 //! | `NAME#<nameKey>`          | `NAME`     | a name claim: `connectionId`, `name`, `expiresAt`, and `identity` when its holder is authenticated; without `connectionId` it is that identity's reservation |
-//! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's) |
+//! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's), `batch` (the connection's opt-in, copied by every write of the item: the fan-out's member read sees it) |
 //! | `LIMIT#<principal>`       | `CONNS`    | the principal's connection slots: `conns` (M: connection id → that connection's `expiresAt`), `v` (N, bumped by every change, the compare-and-swap of an admission), `expiresAt` (the latest slot's) |
 //! | `LIMIT#<principal>`       | `REQ#<window>` | the principal's request counter for one window: `n` (N), `expiresAt` (a minute after the window ends) |
 //! | `PRESENCE#<room>`         | `W#<second>` | the room's presence budget for one second (epoch seconds, [`crate::presence`]): `n` (N, the `@connections` POSTs charged to it), `expiresAt` (a minute after the second) |
@@ -243,6 +251,9 @@ pub const ROOMS: &str = "rooms";
 pub const RENAMING: &str = "renaming";
 /// The connection's principal (`id:<identity>` or `ip:<source IP>`), see above.
 pub const PRINCIPAL: &str = "principal";
+/// BOOL on a connection item and on each of its member items: the connection opted in to
+/// batched frames at `$connect` (see [`crate::batching`]); absent means false.
+pub const BATCH: &str = "batch";
 /// The slots item's map of connection id → expiry, and its version.
 pub const LIMIT_CONNS: &str = "conns";
 pub const LIMIT_VERSION: &str = "v";

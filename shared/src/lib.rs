@@ -20,6 +20,7 @@
 //! - [`config`]: settings read from the environment, with their defaults.
 
 pub mod auth;
+pub mod batching;
 pub mod config;
 pub mod delivery;
 pub mod events;

@@ -265,18 +265,19 @@ async fn handler_and_fan_out_metrics_are_emf_documents_with_their_dimensions_and
     assert!(response.batch_item_failures.is_empty(), "{response:?}");
     let fanout_docs = flush(collector, "req-2");
 
-    // THEN the fan-out's metrics are one document without dimensions: the presence run reached
-    // alice and bob (bob after one 429 and a retry) and pruned gone; the message reached both
+    // THEN the fan-out's metrics are one document without dimensions: the presence run and
+    // the message, both of lobby, went out as one broadcast (crate::batching) that reached
+    // alice and bob (bob after one 429 and a retry) and pruned gone
     let doc = find(&fanout_docs, m::DELIVERIES, &[]);
     assert!(doc.dimensions().is_empty());
-    assert_eq!(doc.0[m::DELIVERIES], 4);
+    assert_eq!(doc.0[m::DELIVERIES], 2);
     assert_eq!(doc.0[m::PRUNED], 1);
     assert_eq!(doc.0[m::THROTTLED], 1);
     assert_eq!(doc.0[m::DELIVERY_RETRIES], 1);
-    assert_eq!(doc.0[m::RECIPIENTS_PER_EVENT], json!([3.0, 2.0]));
+    assert_eq!(doc.0[m::RECIPIENTS_PER_EVENT], json!([3.0]));
     assert_eq!(
         doc.0[m::BROADCAST_DURATION].as_array().map(Vec::len),
-        Some(2)
+        Some(1)
     );
     assert_eq!(doc.0[m::BATCH_SIZE], json!([batch as f64]));
     let lags = doc.0[m::STREAM_LAG].as_array().expect("lags");

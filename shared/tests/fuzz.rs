@@ -984,103 +984,118 @@ fn expected_deliveries(events: &[StoredEvent]) -> HashMap<String, Vec<ExpectedFr
             _ => units.push(vec![event]),
         }
     }
+    // A room's units of one batch go out together (chat_shared::batching): the member list
+    // is read once, before them, so a member pruned on the way leaves the lists after them.
+    let mut groups: Vec<Vec<Vec<&StoredEvent>>> = Vec::new();
     for unit in units {
-        let last = unit[unit.len() - 1];
-        // README: an event of a room goes to that room's members; only lobby has members here.
-        let room_members: Vec<String> = if last.room == "lobby" {
-            members.iter().map(|(id, _)| (*id).to_owned()).collect()
-        } else {
-            Vec::new()
-        };
-        let private = matches!(last.event, ChatEvent::PrivateMessageSent { .. });
-        let frame = |key: &'static str, body: Option<Value>| ExpectedFrame {
-            id: last.seq,
-            key,
-            body: body.map(|mut b| {
-                // Every room-scoped frame carries its room; a private message none.
-                if !private {
-                    b["room"] = json!(last.room);
-                }
-                b["id"] = json!(last.seq);
-                b["ts"] = json!(last.ts);
-                b
-            }),
-        };
-        let (recipients, frames): (Vec<String>, Vec<ExpectedFrame>) = match &last.event {
-            ChatEvent::MessagePosted { name, message, .. } => (
-                room_members,
-                vec![frame(
-                    "publicMessage",
-                    Some(json!({ "publicMessage": format!("{name}: {message}") })),
-                )],
-            ),
-            ChatEvent::PrivateMessageSent {
-                to_connection_id,
-                name,
-                message,
-                ..
-            } => (
-                vec![to_connection_id.clone()],
-                vec![frame(
-                    "privateMessage",
-                    Some(json!({ "privateMessage": format!("{name}: {message}") })),
-                )],
-            ),
-            _ => {
-                let mut names: Vec<&str> = members.iter().map(|(_, n)| *n).collect();
-                names.sort_by_key(|n| n.to_lowercase());
-                let list = frame("members", Some(json!({ "members": names })));
-                // crate::presence: each change its own systemMessage (its own id and ts, the
-                // text history serves), one list per run with the run's last id.
-                let said: Vec<ExpectedFrame> = unit
-                    .iter()
-                    .map(|e| {
-                        let text = match &e.event {
-                            ChatEvent::MemberJoined { name, .. } => {
-                                format!("{name} has joined the chat")
-                            }
-                            ChatEvent::MemberLeft { name, .. } => {
-                                format!("{name} has left the chat")
-                            }
-                            ChatEvent::MemberRenamed { old_name, name, .. } => {
-                                format!("{old_name} is now known as {name}")
-                            }
-                            other => panic!("not a presence change: {other:?}"),
-                        };
-                        ExpectedFrame {
-                            id: e.seq,
-                            key: "systemMessage",
-                            body: Some(json!({
-                                "systemMessage": text,
-                                "room": e.room,
-                                "id": e.seq,
-                                "ts": e.ts,
-                            })),
-                        }
-                    })
-                    .collect();
-                let only_leaves = unit
-                    .iter()
-                    .all(|e| matches!(e.event, ChatEvent::MemberLeft { .. }));
-                (
+        match groups.iter_mut().find(|g| g[0][0].room == unit[0].room) {
+            Some(group) => group.push(unit),
+            None => groups.push(vec![unit]),
+        }
+    }
+    for group in groups {
+        let mut pruned = false;
+        for unit in group {
+            let last = unit[unit.len() - 1];
+            // README: an event of a room goes to that room's members; only lobby has members here.
+            let room_members: Vec<String> = if last.room == "lobby" {
+                members.iter().map(|(id, _)| (*id).to_owned()).collect()
+            } else {
+                Vec::new()
+            };
+            let private = matches!(last.event, ChatEvent::PrivateMessageSent { .. });
+            let frame = |key: &'static str, body: Option<Value>| ExpectedFrame {
+                id: last.seq,
+                key,
+                body: body.map(|mut b| {
+                    // Every room-scoped frame carries its room; a private message none.
+                    if !private {
+                        b["room"] = json!(last.room);
+                    }
+                    b["id"] = json!(last.seq);
+                    b["ts"] = json!(last.ts);
+                    b
+                }),
+            };
+            let (recipients, frames): (Vec<String>, Vec<ExpectedFrame>) = match &last.event {
+                ChatEvent::MessagePosted { name, message, .. } => (
                     room_members,
-                    if only_leaves {
-                        said.into_iter().chain([list]).collect()
-                    } else {
-                        [list].into_iter().chain(said).collect()
-                    },
-                )
+                    vec![frame(
+                        "publicMessage",
+                        Some(json!({ "publicMessage": format!("{name}: {message}") })),
+                    )],
+                ),
+                ChatEvent::PrivateMessageSent {
+                    to_connection_id,
+                    name,
+                    message,
+                    ..
+                } => (
+                    vec![to_connection_id.clone()],
+                    vec![frame(
+                        "privateMessage",
+                        Some(json!({ "privateMessage": format!("{name}: {message}") })),
+                    )],
+                ),
+                _ => {
+                    let mut names: Vec<&str> = members.iter().map(|(_, n)| *n).collect();
+                    names.sort_by_key(|n| n.to_lowercase());
+                    let list = frame("members", Some(json!({ "members": names })));
+                    // crate::presence: each change its own systemMessage (its own id and ts, the
+                    // text history serves), one list per run with the run's last id.
+                    let said: Vec<ExpectedFrame> = unit
+                        .iter()
+                        .map(|e| {
+                            let text = match &e.event {
+                                ChatEvent::MemberJoined { name, .. } => {
+                                    format!("{name} has joined the chat")
+                                }
+                                ChatEvent::MemberLeft { name, .. } => {
+                                    format!("{name} has left the chat")
+                                }
+                                ChatEvent::MemberRenamed { old_name, name, .. } => {
+                                    format!("{old_name} is now known as {name}")
+                                }
+                                other => panic!("not a presence change: {other:?}"),
+                            };
+                            ExpectedFrame {
+                                id: e.seq,
+                                key: "systemMessage",
+                                body: Some(json!({
+                                    "systemMessage": text,
+                                    "room": e.room,
+                                    "id": e.seq,
+                                    "ts": e.ts,
+                                })),
+                            }
+                        })
+                        .collect();
+                    let only_leaves = unit
+                        .iter()
+                        .all(|e| matches!(e.event, ChatEvent::MemberLeft { .. }));
+                    (
+                        room_members,
+                        if only_leaves {
+                            said.into_iter().chain([list]).collect()
+                        } else {
+                            [list].into_iter().chain(said).collect()
+                        },
+                    )
+                }
+            };
+            for recipient in recipients {
+                if recipient == GONE {
+                    pruned = true;
+                } else if recipient != REFUSING {
+                    expected
+                        .entry(recipient)
+                        .or_default()
+                        .extend(frames.iter().cloned());
+                }
             }
-        };
-        for recipient in recipients {
-            if recipient == GONE {
-                members.retain(|(id, _)| *id != GONE);
-            } else if recipient != REFUSING {
-                expected
-                    .entry(recipient)
-                    .or_default()
-                    .extend(frames.iter().cloned());
-            }
+        }
+        if pruned {
+            members.retain(|(id, _)| *id != GONE);
         }
     }
     expected

@@ -145,10 +145,11 @@ impl ChatStore for Watched {
         connection_id: &str,
         identity: Option<&str>,
         admission: Option<Admission<'_>>,
+        batch: bool,
         now_ms: i64,
     ) -> Result<Option<Connection>, StoreError> {
         self.inner
-            .open_connection(connection_id, identity, admission, now_ms)
+            .open_connection(connection_id, identity, admission, batch, now_ms)
             .await
     }
     async fn release_connection_slot(

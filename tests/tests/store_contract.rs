@@ -2108,6 +2108,7 @@ async fn open_for(s: &dyn ChatStore, id: &str, principal: &str, max: u32, now: i
             principal,
             max_connections: max,
         }),
+        false,
         now,
     )
     .await

@@ -107,6 +107,8 @@ struct ConnItem {
     renaming: Option<String>,
     /// `principal`: whom its requests and its connection slot count against.
     principal: Option<String>,
+    /// `batch`: opted in to batched frames at `$connect`; every member item it writes copies it.
+    batch: bool,
 }
 
 impl ConnItem {
@@ -118,6 +120,7 @@ impl ConnItem {
             name: self.name.as_ref().map(|n| n.display.clone()),
             identity: self.identity.clone(),
             rooms: self.rooms.keys().cloned().collect(),
+            batch: self.batch,
         }
     }
 
@@ -135,6 +138,7 @@ impl ConnItem {
             rooms: Some(self.rooms.clone()),
             renaming: self.renaming.clone(),
             principal: self.principal.clone(),
+            batch: self.batch.then_some(true),
         }
     }
 
@@ -173,6 +177,8 @@ struct MemberItem {
     name: String,
     /// The connection's: a member item expires with its connection.
     expires_at: i64,
+    /// The connection's `batch` opt-in.
+    batch: bool,
 }
 
 /// A room's counter item (`ROOM#<room>`, `seq` 0).
@@ -1733,6 +1739,9 @@ fn conn_item_size(c: &ConnItem) -> usize {
     if let Some(p) = &c.principal {
         size += keys::PRINCIPAL.len() + p.len();
     }
+    if c.batch {
+        size += keys::BATCH.len() + 1;
+    }
     size
 }
 
@@ -1769,6 +1778,7 @@ fn member_item_size(pk: &str, m: &MemberItem) -> usize {
         + m.name.len()
         + keys::EXPIRES_AT.len()
         + 6
+        + if m.batch { keys::BATCH.len() + 1 } else { 0 }
 }
 
 /// Where the first transaction of a name change announces it (the DynamoDB adapter's order).
@@ -2126,6 +2136,7 @@ impl EmbeddedStore {
                 connection_id: connection_id.to_owned(),
                 name: name.display.clone(),
                 expires_at: named.expires_at,
+                batch: named.batch,
             };
             state.put_conn(connection_id, Some(named));
             state.put_member(&room, shard, connection_id, Some(member));
@@ -2297,6 +2308,7 @@ impl EmbeddedStore {
                 connection_id: connection_id.to_owned(),
                 name: display.to_owned(),
                 expires_at: conn.expires_at,
+                batch: conn.batch,
             };
             state.put_member(room, shard, connection_id, Some(member));
             Ok(Some(self.finish(state, pending)))
@@ -2689,6 +2701,7 @@ impl EmbeddedStore {
                     connection_id: connection_id.to_owned(),
                     name: conn.display_name(),
                     expires_at: conn.expires_at,
+                    batch: conn.batch,
                 };
                 conn.rooms.insert(room.to_owned(), shard);
                 state.put_conn(connection_id, Some(conn));
@@ -2897,6 +2910,7 @@ impl ChatStore for EmbeddedStore {
         connection_id: &str,
         identity: Option<&str>,
         admission: Option<Admission<'_>>,
+        batch: bool,
         now_ms: i64,
     ) -> Result<Option<Connection>, StoreError> {
         const OP: &str = "PutItem connection";
@@ -2912,6 +2926,7 @@ impl ChatStore for EmbeddedStore {
             rooms: BTreeMap::new(),
             renaming: None,
             principal: admission.map(|a| a.principal.to_owned()),
+            batch,
         };
         let pk = keys::conn_pk(connection_id);
         let units = conn_units(&item);
@@ -3605,6 +3620,7 @@ impl ChatStore for EmbeddedStore {
                     members.push(Member {
                         connection_id: m.connection_id.clone(),
                         name: m.name.clone(),
+                        batch: m.batch,
                     });
                 }
                 true
@@ -3743,6 +3759,7 @@ mod tests {
                     connection_id: id.clone(),
                     name: format!("{long}{i}"),
                     expires_at: epoch_secs(now) + 3_600,
+                    batch: false,
                 };
                 state.put_member("big", 0, &id, Some(member));
             }

@@ -43,6 +43,10 @@ pub struct ConnItem {
     /// (`crate::ratelimit`): `id:<identity>` or `ip:<source IP>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub principal: Option<String>,
+    /// Set when the connection opted in to batched frames at `$connect` (`?batch=1`); absent
+    /// means false. Copied to every member item it writes, where the fan-out reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<bool>,
 }
 
 impl ConnItem {
@@ -93,6 +97,9 @@ pub struct MemberItem {
     pub name: String,
     /// TTL, epoch seconds: the connection's.
     pub expires_at: i64,
+    /// The connection's `batch` opt-in (absent: false), read by the fan-out with the member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<bool>,
 }
 
 /// A room's sequence counter (`ROOM#<room>` / seq 0 in the events table). Every append writes

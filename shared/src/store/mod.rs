@@ -46,6 +46,8 @@ pub struct Connection {
     /// The rooms it is a member of, in name order (`lobby` once it has set a name, unless it
     /// left it).
     pub rooms: Vec<String>,
+    /// It opted in to batched frames at `$connect` (see [`crate::batching`]).
+    pub batch: bool,
 }
 
 /// The most rooms one connection may be a member of, unless configured otherwise.
@@ -84,6 +86,8 @@ pub const NAME_RESERVATION_SECS: i64 = 24 * 3600;
 pub struct Member {
     pub connection_id: String,
     pub name: String,
+    /// The connection opted in to batched frames (see [`crate::batching`]).
+    pub batch: bool,
 }
 
 /// Which stretch of the event log to read.
@@ -217,7 +221,7 @@ pub trait ChatStore: Send + Sync {
         identity: Option<&str>,
         now_ms: i64,
     ) -> Result<Connection, StoreError> {
-        self.open_connection(connection_id, identity, None, now_ms)
+        self.open_connection(connection_id, identity, None, false, now_ms)
             .await?
             // Without an admission there is no limit to refuse by.
             .ok_or_else(|| StoreError::Malformed("a connection without a limit was refused".into()))
@@ -227,12 +231,14 @@ pub trait ChatStore: Send + Sync {
     /// and, with an `admission`, records its principal and takes one of the principal's
     /// connection slots in the same transaction (see [`crate::ratelimit`]): `Ok(None)` when the
     /// principal already has `max_connections` live connections (nothing is written). Slots
-    /// of expired connections do not count.
+    /// of expired connections do not count. `batch` records its opt-in to batched frames
+    /// (`?batch=1`), which every member item it writes then carries.
     async fn open_connection(
         &self,
         connection_id: &str,
         identity: Option<&str>,
         admission: Option<Admission<'_>>,
+        batch: bool,
         now_ms: i64,
     ) -> Result<Option<Connection>, StoreError>;
 

@@ -106,6 +106,7 @@ impl DynamoStore {
         connection_id: &str,
         identity: Option<&str>,
         admission: Option<Admission<'_>>,
+        batch: bool,
         now_ms: i64,
     ) -> Result<Option<Connection>, StoreError> {
         let expires_at = epoch_secs(now_ms) + self.retention.connection_ttl.as_secs() as i64;
@@ -121,6 +122,7 @@ impl DynamoStore {
             rooms: Some(BTreeMap::new()),
             renaming: None,
             principal: admission.map(|a| a.principal.to_owned()),
+            batch: batch.then_some(true),
         };
         let item = serde_dynamo::to_item(&conn)
             .map_err(|e| StoreError::Malformed(format!("connection item: {e}")))?;
@@ -886,5 +888,6 @@ fn to_connection(c: ConnItem) -> Connection {
         expires_at: c.expires_at,
         name: c.name,
         identity: c.identity,
+        batch: c.batch.unwrap_or(false),
     }
 }

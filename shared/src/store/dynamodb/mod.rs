@@ -113,9 +113,10 @@ impl ChatStore for DynamoStore {
         connection_id: &str,
         identity: Option<&str>,
         admission: Option<Admission<'_>>,
+        batch: bool,
         now_ms: i64,
     ) -> Result<Option<Connection>, StoreError> {
-        self.add_connection_item(connection_id, identity, admission, now_ms)
+        self.add_connection_item(connection_id, identity, admission, batch, now_ms)
             .await
     }
 

@@ -314,6 +314,7 @@ impl DynamoStore {
             connection_id: conn.connection_id.clone(),
             name: name.to_owned(),
             expires_at: conn.expires_at,
+            batch: conn.batch,
         };
         let item = serde_dynamo::to_item(&member)
             .map_err(|e| StoreError::Malformed(format!("member item: {e}")))?;
@@ -575,6 +576,7 @@ impl DynamoStore {
             members.push(Member {
                 connection_id: m.connection_id,
                 name: m.name,
+                batch: m.batch.unwrap_or(false),
             });
         }
         let next = out

@@ -1,0 +1,379 @@
+//! `chat-bench busy-room`: one busy room, M members of which some opted in to batched frames
+//! (`?batch=1`), E public events a second from a few senders, the event source mapping's
+//! batching window W — what batching saves, side by side with unbatched members in the same
+//! run.
+//!
+//! No WebSockets: the members are connections in an embedded store (opened with and without
+//! the opt-in, as `$connect` records them), the events are written to it at a steady rate, the
+//! local stack's event source mapping ([`chat_local::esm`], honouring W and `BatchSize`) invokes
+//! the real fan-out, and the fan-out posts through the real SDK client to a stand-in
+//! `@connections` ([`crate::sink`], its own process) that counts POSTs, unpacks batches, and
+//! keeps per connection the ids it received, with each frame's latency (arrival − the event's
+//! commit time `ts`). `--limit-posts-per-second` makes the stand-in answer 429 over that rate,
+//! as API Gateway's account quota does. Batched members' ids start with `b`, unbatched ones'
+//! with `u`: the report has one column for each.
+//!
+//! Checked per group: nothing lost (every member has every event), nothing duplicated after
+//! dedupe, order by id kept per member.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use async_trait::async_trait;
+use aws_lambda_events::event::dynamodb::Event;
+use aws_lambda_events::event::streams::DynamoDbEventResponse;
+use chat_local::esm::{self, EsmConfig, Mapping, StreamTarget};
+use chat_shared::config::{FanoutConfig, Retention, DEFAULT_FANOUT_CONCURRENCY};
+use chat_shared::delivery::ManagementApi;
+use chat_shared::fanout::handle_stream_event;
+use chat_shared::pacing::Pacer;
+use chat_shared::store::embedded::EmbeddedStore;
+use chat_shared::store::ChatStore;
+use chat_shared::stream::RecordSource;
+use chat_shared::validation::validate_name;
+use serde::Serialize;
+
+use crate::mgmt;
+use crate::progress;
+use crate::sink::{FrameGroup, SinkProcess, SinkStats};
+use crate::sys::{self, FdLimit};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BusyRoomOptions {
+    /// Members of the room (lobby).
+    #[arg(long, default_value_t = 1000)]
+    pub members: usize,
+    /// Percentage of them that opted in to batched frames.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub batched_pct: u8,
+    /// Public events per second, over all senders.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Senders (the first members; they receive like the others).
+    #[arg(long, default_value_t = 3)]
+    pub senders: usize,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 20)]
+    pub duration: u64,
+    /// The mapping's batching window (`MaximumBatchingWindowInSeconds`), seconds.
+    #[arg(long, default_value_t = 1.0)]
+    pub window: f64,
+    /// The mapping's `BatchSize` (stream records per invocation).
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// The stand-in answers 429 to POSTs over this many per second (API Gateway's account
+    /// quota is 10,000/s, burst 5,000); 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub limit_posts_per_second: u64,
+    /// Delay the stand-in adds before answering each POST (the round trip from a Lambda).
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// The fan-out's @connections calls in flight.
+    #[arg(long, default_value_t = DEFAULT_FANOUT_CONCURRENCY)]
+    pub concurrency: usize,
+    /// The fan-out's pacer (`FANOUT_MAX_RPS`); 0: unpaced.
+    #[arg(long, default_value_t = chat_shared::pacing::DEFAULT_MAX_RPS)]
+    pub max_rps: u32,
+    /// Seconds allowed after the last event for every delivery to arrive.
+    #[arg(long, default_value_t = 120)]
+    pub drain_secs: u64,
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One group's figures (batched or unbatched members).
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupReport {
+    pub members: usize,
+    /// Deliveries owed: events × members.
+    pub expected: u64,
+    #[serde(flatten)]
+    pub received: FrameGroup,
+    /// expected − distinct.
+    pub loss: u64,
+    /// POSTs ÷ distinct deliveries: what one event costs per member.
+    pub posts_per_delivered_event: f64,
+    /// Events ÷ (the group's last arrival − the first event's commit): the rate every member
+    /// received at, over the run.
+    pub events_per_sec_to_every_member: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BusyRoomReport {
+    pub members: usize,
+    pub rate: f64,
+    pub duration_secs: u64,
+    pub window_secs: f64,
+    pub batch_size: usize,
+    pub limit_posts_per_second: u64,
+    pub events: usize,
+    pub send_secs: f64,
+    pub batched: Option<GroupReport>,
+    pub unbatched: Option<GroupReport>,
+    pub sink: SinkStats,
+    pub invocations: u64,
+    pub failed_invocations: u64,
+    pub fd_limit: FdLimit,
+    pub ok: bool,
+}
+
+/// The fan-out, invoked by the mapping, counting its invocations.
+struct Fanout {
+    store: EmbeddedStore,
+    api: ManagementApi,
+    config: FanoutConfig,
+    invocations: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait]
+impl StreamTarget for Fanout {
+    async fn invoke(&self, event: Event) -> Result<DynamoDbEventResponse, esm::BoxError> {
+        self.invocations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(handle_stream_event(
+            &self.store,
+            &self.api,
+            &self.config,
+            event,
+            chat_shared::now_ms,
+            Some(tokio::time::Instant::now() + Duration::from_secs(60)),
+        )
+        .await)
+    }
+}
+
+fn member_id(i: usize, batched: usize) -> String {
+    if i < batched {
+        format!("b{i:06}")
+    } else {
+        format!("u{i:06}")
+    }
+}
+
+/// Runs the busy room; `exe` is this program (the stand-in runs as `exe sink`).
+pub async fn run(opts: &BusyRoomOptions, exe: &Path) -> anyhow::Result<BusyRoomReport> {
+    if opts.members == 0 || !opts.rate.is_finite() || opts.rate <= 0.0 || opts.senders == 0 {
+        bail!("--members, --rate and --senders must be positive");
+    }
+    if opts.senders > opts.members {
+        bail!("--senders must be at most --members");
+    }
+    if !(0.0..=300.0).contains(&opts.window) {
+        bail!("--window must be 0 to 300 seconds");
+    }
+    let m = opts.members;
+    let batched = m * usize::from(opts.batched_pct) / 100;
+    let fd_limit = sys::raise_fd_limit((4 * opts.concurrency + 1024) as u64)?;
+
+    let sink =
+        SinkProcess::spawn_with(exe, opts.latency_ms, opts.limit_posts_per_second, &[], true)
+            .await?;
+    progress(format_args!(
+        "stand-in @connections at {}; {m} members, {batched} batched",
+        sink.endpoint
+    ));
+    let store = EmbeddedStore::new(Retention::default());
+    let now = chat_shared::now_ms();
+    for i in 0..m {
+        let id = member_id(i, batched);
+        store
+            .open_connection(&id, None, None, i < batched, now)
+            .await
+            .context("opening a connection")?;
+        let name = validate_name(&format!("member{i}"))
+            .map_err(|r| anyhow!("invalid generated name: {}", r.message))?;
+        store
+            .set_name(&id, &name, now)
+            .await
+            .context("setting a name")?;
+    }
+    // Past the joins: only the events of the run are fanned out.
+    let mut feed = store.feed();
+    while let Some(last) = feed
+        .poll(100_000, Duration::ZERO)
+        .await
+        .context("reading the store's stream")?
+        .last()
+        .and_then(|r| r.change.sequence_number.clone())
+    {
+        feed.checkpoint(&last);
+    }
+    let api = mgmt::management_api(&sink.endpoint);
+    let target = Arc::new(Fanout {
+        store: store.clone(),
+        api,
+        config: FanoutConfig {
+            concurrency: opts.concurrency,
+            pacer: Pacer::per_second(opts.max_rps),
+            ..FanoutConfig::default()
+        },
+        invocations: Default::default(),
+    });
+    let mapping = Mapping::spawn(
+        Box::new(feed),
+        target.clone(),
+        EsmConfig {
+            batch_size: opts.batch_size,
+            // As Lambda's poller: about four polls a second of an idle shard.
+            poll_wait: Duration::from_millis(250),
+            poll_interval: Duration::from_millis(250),
+            batching_window: Duration::from_secs_f64(opts.window),
+            ..EsmConfig::default()
+        },
+    );
+
+    let total = (opts.rate * opts.duration as f64).round() as usize;
+    progress(format_args!(
+        "sending {total} events at {}/s, window {} s",
+        opts.rate, opts.window
+    ));
+    let period = Duration::from_secs_f64(1.0 / opts.rate);
+    let start = tokio::time::Instant::now();
+    let first_ms = chat_shared::now_ms();
+    for k in 0..total {
+        tokio::time::sleep_until(start + period.mul_f64(k as f64)).await;
+        let sender = member_id(k % opts.senders, batched);
+        store
+            .post_public(&sender, &format!("busy-{k:06}"), chat_shared::now_ms())
+            .await
+            .context("posting an event")?;
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+
+    progress(format_args!("sent; waiting for every delivery"));
+    let expected_b = (total * batched) as u64;
+    let expected_u = (total * (m - batched)) as u64;
+    let deadline = Instant::now() + Duration::from_secs(opts.drain_secs);
+    let mut groups;
+    loop {
+        groups = sink.frames().await?;
+        let distinct = |k: &str| groups.get(k).map_or(0, |g| g.distinct);
+        if distinct("b") >= expected_b && distinct("u") >= expected_u {
+            break;
+        }
+        if Instant::now() >= deadline {
+            progress(format_args!("gave up waiting after {} s", opts.drain_secs));
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let stats = mapping
+        .drain(Duration::from_secs(30))
+        .await
+        .unwrap_or_default();
+    let sink_stats = sink.stats().await?;
+    sink.stop().await;
+
+    let group = |key: &str, members: usize, expected: u64| -> Option<GroupReport> {
+        (members > 0).then(|| {
+            let received = groups.get(key).cloned().unwrap_or_default();
+            let span_secs = (received.last_arrival_ms - first_ms).max(1) as f64 / 1000.0;
+            GroupReport {
+                members,
+                expected,
+                loss: expected.saturating_sub(received.distinct),
+                posts_per_delivered_event: received.posts as f64
+                    / (received.distinct.max(1)) as f64,
+                events_per_sec_to_every_member: if received.min_per_member as usize == total {
+                    total as f64 / span_secs
+                } else {
+                    0.0
+                },
+                received,
+            }
+        })
+    };
+    let batched_report = group("b", batched, expected_b);
+    let unbatched_report = group("u", m - batched, expected_u);
+    let ok = [&batched_report, &unbatched_report]
+        .into_iter()
+        .flatten()
+        // Duplicates are counted (delivery is at least once: a POST retried after a lost
+        // answer arrives twice) and dropped by dedupe; loss and disorder fail the run.
+        .all(|g| g.loss == 0 && g.received.out_of_order == 0);
+    Ok(BusyRoomReport {
+        members: m,
+        rate: opts.rate,
+        duration_secs: opts.duration,
+        window_secs: opts.window,
+        batch_size: opts.batch_size,
+        limit_posts_per_second: opts.limit_posts_per_second,
+        events: total,
+        send_secs,
+        batched: batched_report,
+        unbatched: unbatched_report,
+        sink: sink_stats,
+        invocations: target
+            .invocations
+            .load(std::sync::atomic::Ordering::Relaxed),
+        failed_invocations: stats.failed_invocations,
+        fd_limit,
+        ok,
+    })
+}
+
+/// One row of the text report: its label and how a group's cell reads.
+type Row<'a> = (&'a str, &'a dyn Fn(&GroupReport) -> String);
+
+pub fn print(r: &BusyRoomReport) {
+    println!(
+        "busy room: {} members, {} events/s for {} s ({} events, sent in {:.1} s), window {} s, BatchSize {}, stand-in limit {}",
+        r.members,
+        r.rate,
+        r.duration_secs,
+        r.events,
+        r.send_secs,
+        r.window_secs,
+        r.batch_size,
+        if r.limit_posts_per_second == 0 {
+            "none".to_owned()
+        } else {
+            format!("{} POSTs/s", r.limit_posts_per_second)
+        }
+    );
+    println!("{:<34} {:>14} {:>14}", "", "batched", "unbatched");
+    let col = |g: &Option<GroupReport>, f: &dyn Fn(&GroupReport) -> String| {
+        g.as_ref().map_or_else(|| "-".to_owned(), f)
+    };
+    let rows: [Row<'_>; 11] = [
+        ("members", &|g| g.members.to_string()),
+        ("POSTs", &|g| g.received.posts.to_string()),
+        ("deliveries (after dedupe)", &|g| {
+            g.received.distinct.to_string()
+        }),
+        ("POSTs per delivered event", &|g| {
+            format!("{:.3}", g.posts_per_delivered_event)
+        }),
+        ("loss", &|g| g.loss.to_string()),
+        ("duplicates", &|g| g.received.duplicates.to_string()),
+        ("out of order", &|g| g.received.out_of_order.to_string()),
+        ("latency p50 (ms)", &|g| {
+            g.received.latency_p50_ms.to_string()
+        }),
+        ("latency p99 (ms)", &|g| {
+            g.received.latency_p99_ms.to_string()
+        }),
+        ("latency max (ms)", &|g| {
+            g.received.latency_max_ms.to_string()
+        }),
+        ("events/s to every member", &|g| {
+            format!("{:.2}", g.events_per_sec_to_every_member)
+        }),
+    ];
+    for (name, f) in rows {
+        println!(
+            "{:<34} {:>14} {:>14}",
+            name,
+            col(&r.batched, f),
+            col(&r.unbatched, f)
+        );
+    }
+    println!(
+        "stand-in: {} POSTs accepted, {} answered 429; {} fan-out invocations, {} failed",
+        r.sink.posts, r.sink.throttled, r.invocations, r.failed_invocations
+    );
+    println!("{}", if r.ok { "OK" } else { "FAILED" });
+}
