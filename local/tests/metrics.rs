@@ -130,6 +130,8 @@ async fn metrics_after_a_scripted_chat_count_its_requests_and_deliveries() {
     );
 
     // WHEN alice says three things, sends an empty message and an unknown action
+    // (one at a time, each seen by both before the next: a room's events that share a stream
+    // batch go out together and count as one broadcast, crate::batching)
     for text in ["one", "two", "three"] {
         alice
             .send(Message::text(
@@ -137,6 +139,10 @@ async fn metrics_after_a_scripted_chat_count_its_requests_and_deliveries() {
             ))
             .await
             .expect("send");
+        let said = format!("alice: {text}");
+        for ws in [&mut alice, &mut bob] {
+            until_frame(ws, "publicMessage", |f| f["publicMessage"] == said.as_str()).await;
+        }
     }
     alice
         .send(Message::text(
@@ -148,13 +154,15 @@ async fn metrics_after_a_scripted_chat_count_its_requests_and_deliveries() {
         .send(Message::text(json!({"action":"dance"}).to_string()))
         .await
         .expect("send");
-    // AND both have received the three messages
-    for ws in [&mut alice, &mut bob] {
-        until_frame(ws, "publicMessage", |f| {
-            f["publicMessage"] == "alice: three"
-        })
-        .await;
-    }
+    // (both answered before the scrape: the empty message's error, then the dance's)
+    until_frame(&mut alice, "error", |f| {
+        f["error"]["code"] == "invalid_message"
+    })
+    .await;
+    until_frame(&mut alice, "error", |f| {
+        f["error"]["code"] == "unknown_action"
+    })
+    .await;
     // Wait, boundedly, for the three broadcasts to be counted.
     let deliveries =
         |s: &BTreeMap<String, f64>| sample(s, DELIVERIES) - sample(&before, DELIVERIES);
