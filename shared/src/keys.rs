@@ -221,6 +221,9 @@ pub const SK: &str = "sk";
 pub const SEQ: &str = "seq";
 pub const TYPE: &str = "type";
 pub const EXPIRES_AT: &str = "expiresAt";
+/// A member item's liveness: the connection's expiry (its `expiresAt` is later, see
+/// [`MEMBER_TTL_GRACE_SECS`]).
+pub const LIVE_UNTIL: &str = "liveUntil";
 pub const CONNECTION_ID: &str = "connectionId";
 pub const CONNECTED_AT: &str = "connectedAt";
 pub const NAME: &str = "name";
@@ -271,6 +274,18 @@ pub const REQUEST_TYPE: &str = "Request";
 pub const CONN_SK: &str = "CONN";
 /// Sort key of a name claim.
 pub const NAME_SK: &str = "NAME";
+
+/// How long a member item outlives its connection (seconds): its TTL attribute `expiresAt` is
+/// the connection's expiry plus this, its `liveUntil` the connection's expiry. DynamoDB deletes
+/// expired items "typically within two days of expiration" (UpdateTimeToLive, DynamoDB API
+/// Reference; the developer guide says "within a few days") and in no set order, and the
+/// connection item's TTL `REMOVE` is then handled within the expiry mapping's
+/// `MaximumRecordAgeInSeconds` (an hour; the stream keeps it 24 h at most): about three days
+/// from the connection's expiry to its leaves in the usual worst case. A week is more than
+/// twice that, so the member item the expiry path leaves the room by is still there. It
+/// costs little: the expiry path deletes the member item when it leaves the room, so only a
+/// member whose leave never ran waits out the grace (filtered out of every read meanwhile).
+pub const MEMBER_TTL_GRACE_SECS: i64 = 7 * 86_400;
 
 /// A room's member shards hold about this many members each before the room doubles them.
 pub const MEMBERS_PER_SHARD: u64 = 1_000;
