@@ -134,15 +134,21 @@
 //! transaction holds leaves them all. Then its claim goes (deleted, or an identity's
 //! reservation) only if it is still this connection's, and its principal's slot. A redelivered
 //! record, or one for a membership another path already ended, finds the member item gone
-//! and writes nothing; a newer holder of the name keeps its claim. The member item expires
-//! with the connection: if DynamoDB's TTL deletes it **before** the connection item's record
-//! is handled, that room's leave is silent (the member already reads as absent, as before
-//! this path existed) — see the README's *Guarantees*.
+//! and writes nothing; a newer holder of the name keeps its claim. **A member item outlives
+//! its connection**: DynamoDB's TTL deletes expired items in no set order, "typically within
+//! two days", so were the member item to expire with the connection it could go **before**
+//! the connection item's record is handled, and that room would get no leave. So its TTL
+//! attribute `expiresAt` is the connection's expiry plus [`MEMBER_TTL_GRACE_SECS`] (a week),
+//! and its `liveUntil` is the connection's expiry: every read of members (the fan-out's member
+//! queries, member lists, a sampler's count, `chat-replay rebuild`) treats a member whose
+//! `liveUntil` has passed as absent — or, on an item written before `liveUntil` existed, whose
+//! `expiresAt` has. The expiry path deletes the member item with its leave, so only a member
+//! whose leave never ran waits out the grace.
 //! | `pk`                      | `sk`       | other attributes                                  |
 //! |---------------------------|------------|---------------------------------------------------|
 //! | `CONN#<connId>`           | `CONN`     | the connection: `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once named `name`, `nameKey`; `rooms` (M: room → its member shard) for every room it is a member of; the rate-limit bucket `rlTokens`, `rlAt`; `renaming` while a rename is not yet in every room |
 //! | `NAME#<nameKey>`          | `NAME`     | a name claim: `connectionId`, `name`, `expiresAt`, and `identity` when its holder is authenticated; without `connectionId` it is that identity's reservation |
-//! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's) |
+//! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `liveUntil` (the connection's expiry: reads treat the member as absent after it), `expiresAt` (TTL: `liveUntil` + [`MEMBER_TTL_GRACE_SECS`]; absent `liveUntil`, on items written before it, means `expiresAt`) |
 //! | `LIMIT#<principal>`       | `CONNS`    | the principal's connection slots: `conns` (M: connection id → that connection's `expiresAt`), `v` (N, bumped by every change, the compare-and-swap of an admission), `expiresAt` (the latest slot's) |
 //! | `LIMIT#<principal>`       | `REQ#<window>` | the principal's request counter for one window: `n` (N), `expiresAt` (a minute after the window ends) |
 //! | `REQUEST#<scope>`         | `<requestId>` | a write request performed once (below)          |
@@ -209,8 +215,9 @@
 //! `nameKey` is the name's NFKC_Casefold without invisible characters (`validation::name_key`):
 //! names are unique ignoring case and Unicode compatibility differences. `expiresAt` is epoch
 //! seconds; DynamoDB deletes expired items only eventually, so every read also treats
-//! `expiresAt <= now` as absent (a member item expires with its connection; its rooms hear of
-//! it when the connection item's TTL deletion reaches the fan-out, above).
+//! `expiresAt <= now` as absent — a member item `liveUntil <= now` (its connection's expiry;
+//! its `expiresAt` is a grace later, so the expiry path above still finds it): its rooms hear
+//! of it when the connection item's TTL deletion reaches the fan-out, above.
 
 /// The room of the classic chat: `setName` joins it, and `sendPublic`/`history` without a
 /// `room` mean it.
