@@ -430,8 +430,9 @@ impl ConnectionsTable {
         }
     }
 
-    /// Every live member item of the room, shard by shard. Expired items are left out: every
-    /// read of the chat treats them as absent, and DynamoDB's TTL removes them.
+    /// Every live member item of the room, shard by shard. Items past their `liveUntil` (the
+    /// connection's expiry) are left out: every read of the chat treats them as absent, and
+    /// DynamoDB's TTL removes them a grace later.
     async fn member_items(
         &self,
         shards: u32,
