@@ -58,16 +58,13 @@ pub struct LocalOptions {
     pub retention: Retention,
     pub esm: EsmConfig,
     /// How often the embedded store's TTL sweeper runs (DynamoDB deletes expired items
-    /// "typically within a few days"; the local one is prompt). Each run deletes the expired
-    /// connection items (their TTL `REMOVE`s go on the connections feed), then the other
-    /// expired items that expired more than [`SWEEP_GRACE`] ago.
+    /// "typically within a few days"; the local one is prompt). Each run deletes every item
+    /// whose `expiresAt` has passed, as DynamoDB's TTL would; the expired connection items'
+    /// `REMOVE`s go on the connections feed. Their member items, which the expiry path leaves
+    /// each room by, are not among them: a member item's `expiresAt` is a week after its
+    /// connection's (`chat_shared::keys::MEMBER_TTL_GRACE_SECS`).
     pub ttl_sweep: Duration,
 }
-
-/// How long after their expiry the local sweeper leaves a connection's member items and name
-/// claim (which expire with it) in place: the expiry path leaves each room by its member item,
-/// so it must find them after the connection item's deletion (see docs/local-stack.md).
-pub const SWEEP_GRACE: Duration = Duration::from_secs(60);
 
 /// The sweeper's default interval.
 pub const DEFAULT_TTL_SWEEP: Duration = Duration::from_secs(60);
@@ -300,9 +297,9 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
                     .with_large_room_limit(options.handler.presence_limit);
                 let feed = store.feed();
                 let conn_feed = store.connections_feed();
-                // DynamoDB's TTL sweeper, in-process: expired connections first (their TTL
-                // REMOVEs drive the expiry path), the rest (member items, claims, history) a
-                // grace later, so the expiry path finds the member items it leaves by.
+                // DynamoDB's TTL sweeper, in-process: every expired item goes; the expired
+                // connections' TTL REMOVEs drive the expiry path, which finds the member items
+                // it leaves by, since those expire a grace after their connection.
                 let sweeping = store.clone();
                 let every = options.ttl_sweep.max(Duration::from_millis(10));
                 let sweeper = tokio::spawn(async move {
@@ -310,10 +307,9 @@ pub async fn start(options: LocalOptions) -> anyhow::Result<RunningStack> {
                     loop {
                         tick.tick().await;
                         let now = chat_shared::now_ms();
-                        let connections = sweeping.expire_connections(now);
-                        let rest = sweeping.expire(now - SWEEP_GRACE.as_millis() as i64);
-                        if connections + rest > 0 {
-                            info!(connections, rest, "expired items removed (TTL)");
+                        let removed = sweeping.expire(now);
+                        if removed > 0 {
+                            info!(removed, "expired items removed (TTL)");
                         }
                     }
                 });

@@ -5,9 +5,10 @@
 //! `seq = 0`) must be at least the highest event id (or the next write would collide with an
 //! existing event), and each connection's standing in the room is its last
 //! `MemberJoined`/`MemberRenamed` (a member, under that name) unless a `MemberLeft` follows.
-//! Against that, the room's live (unexpired) member items (`MEMBERS#<room>#<shard>`), the
-//! connections they belong to (`CONN#<id>`) and their name claims (`NAME#<key>`) drift in the
-//! ways [`Drift`] lists, each with its fix. Name claims are global (one per name, not per
+//! Against that, the room's live member items (`MEMBERS#<room>#<shard>` whose `liveUntil`,
+//! else `expiresAt`, has not passed: see `chat_shared::keys`), the connections they belong to
+//! (`CONN#<id>`) and their name claims (`NAME#<key>`) drift in the ways [`Drift`] lists, each
+//! with its fix. Name claims are global (one per name, not per
 //! room), so a claim nobody in this room holds is no drift of this room's: a claim whose
 //! holder is gone frees itself when it expires with its holder's connection.
 //!
@@ -67,7 +68,8 @@ pub enum Drift {
     /// (2) A live connection the log says is a member of the room has no member item there
     /// (`item_missing`) or no entry for the room in its `rooms` (`entry_missing`).
     /// Fix: put the member item in `shard` (the one its `rooms` entry names, else the room's
-    /// shard for it now) and the entry, expiring with the connection.
+    /// shard for it now) and the entry, live until the connection expires (`expires_at`, the
+    /// connection's; the item's TTL is a grace later, as the chat writes it).
     MemberMissing {
         connection_id: String,
         name: String,
@@ -428,8 +430,9 @@ impl ConnectionsTable {
         }
     }
 
-    /// Every live member item of the room, shard by shard. Expired items are left out: every
-    /// read of the chat treats them as absent, and DynamoDB's TTL removes them.
+    /// Every live member item of the room, shard by shard. Items past their `liveUntil` (the
+    /// connection's expiry) are left out: every read of the chat treats them as absent, and
+    /// DynamoDB's TTL removes them a grace later.
     async fn member_items(
         &self,
         shards: u32,
@@ -455,7 +458,7 @@ impl ConnectionsTable {
                 for item in out.items.unwrap_or_default() {
                     let item: MemberItem =
                         serde_dynamo::from_item(item).map_err(Self::malformed(pk.clone()))?;
-                    if item.expires_at > now_s {
+                    if item.is_live(now_s) {
                         members.insert(item.connection_id.clone(), Membership { shard, item });
                     }
                 }
@@ -614,12 +617,10 @@ impl ConnectionsTable {
                 };
                 if entry {
                     let item = MemberItem {
-                        connection_id: connection_id.clone(),
-                        name: name.clone(),
-                        expires_at: *expires_at,
                         // Not known here: the member gets unbatched frames, which a batched
                         // client reads as well.
                         batch: None,
+                        ..MemberItem::new(connection_id.clone(), name.clone(), *expires_at)
                     };
                     let mut item: Key = serde_dynamo::to_item(item)
                         .map_err(Self::malformed(connection_id.clone()))?;
@@ -1113,12 +1114,7 @@ mod tests {
             id.to_owned(),
             Membership {
                 shard,
-                item: MemberItem {
-                    connection_id: id.to_owned(),
-                    name: name.to_owned(),
-                    expires_at: 100,
-                    batch: None,
-                },
+                item: MemberItem::new(id.to_owned(), name.to_owned(), 100),
             },
         )
     }

@@ -1,8 +1,9 @@
 //! TTL expiry leaves every room: what happens when DynamoDB's TTL deletes a connection item
 //! whose `$disconnect` was lost and that never met a 410.
 //!
-//! Without this, such a connection drops out of every member list once its items expire
-//! (every read treats `expiresAt <= now` as absent), but no room hears of it: no `MemberLeft`,
+//! Without this, such a connection drops out of every member list once it expires (every
+//! read treats its items as absent from then: its member items' `liveUntil`, the connection's
+//! `expiresAt`), but no room hears of it: no `MemberLeft`,
 //! the room counter's `members` stays high, its name claim and principal slot linger until
 //! their own TTL. With it, the connections table has a stream (`OLD_IMAGE`) and a second event
 //! source mapping into the fan-out whose filter ([`crate::stream::EXPIRY_FILTER_PATTERN`])
@@ -13,6 +14,10 @@
 //! the connection's member item still being there — then gives back its name claim (only if
 //! still its own) and its principal's slot. The `MemberLeft`s reach the rooms' members through
 //! the event table's stream like any other event.
+//!
+//! The member items are there to find: their TTL is [`crate::keys::MEMBER_TTL_GRACE_SECS`]
+//! after the connection's, so DynamoDB's TTL, which deletes in no set order, deletes the
+//! connection item (and so sends its record here) well before them.
 //!
 //! Safe to repeat and to race: a redelivered record, or one for a connection another path
 //! (`$disconnect`, a prune) already took out of a room, finds the member item gone and writes

@@ -142,15 +142,21 @@
 //! transaction holds leaves them all. Then its claim goes (deleted, or an identity's
 //! reservation) only if it is still this connection's, and its principal's slot. A redelivered
 //! record, or one for a membership another path already ended, finds the member item gone
-//! and writes nothing; a newer holder of the name keeps its claim. The member item expires
-//! with the connection: if DynamoDB's TTL deletes it **before** the connection item's record
-//! is handled, that room's leave is silent (the member already reads as absent, as before
-//! this path existed) — see the README's *Guarantees*.
+//! and writes nothing; a newer holder of the name keeps its claim. **A member item outlives
+//! its connection**: DynamoDB's TTL deletes expired items in no set order, "typically within
+//! two days", so were the member item to expire with the connection it could go **before**
+//! the connection item's record is handled, and that room would get no leave. So its TTL
+//! attribute `expiresAt` is the connection's expiry plus [`MEMBER_TTL_GRACE_SECS`] (a week),
+//! and its `liveUntil` is the connection's expiry: every read of members (the fan-out's member
+//! queries, member lists, a sampler's count, `chat-replay rebuild`) treats a member whose
+//! `liveUntil` has passed as absent — or, on an item written before `liveUntil` existed, whose
+//! `expiresAt` has. The expiry path deletes the member item with its leave, so only a member
+//! whose leave never ran waits out the grace.
 //! | `pk`                      | `sk`       | other attributes                                  |
 //! |---------------------------|------------|---------------------------------------------------|
 //! | `CONN#<connId>`           | `CONN`     | the connection: `connectionId`, `connectedAt` (ms), `expiresAt`, `identity` when authenticated, once named `name`, `nameKey`; `rooms` (M: room → its member shard) for every room it is a member of; the rate-limit bucket `rlTokens`, `rlAt`; `renaming` while a rename is not yet in every room; `batch` (BOOL, absent = false) when it opted in to batched frames at `$connect` |
 //! | `NAME#<nameKey>`          | `NAME`     | a name claim: `connectionId`, `name`, `expiresAt`, and `identity` when its holder is authenticated; without `connectionId` it is that identity's reservation |
-//! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `expiresAt` (the connection's), `batch` (the connection's opt-in, copied by every write of the item: the fan-out's member read sees it) |
+//! | `MEMBERS#<room>#<shard>`  | `<connId>` | a member of the room: `connectionId`, `name`, `liveUntil` (the connection's expiry: reads treat the member as absent after it), `expiresAt` (TTL: `liveUntil` + [`MEMBER_TTL_GRACE_SECS`]; absent `liveUntil`, on items written before it, means `expiresAt`), `batch` (the connection's opt-in, copied by every write of the item: the fan-out's member read sees it) |
 //! | `LIMIT#<principal>`       | `CONNS`    | the principal's connection slots: `conns` (M: connection id → that connection's `expiresAt`), `v` (N, bumped by every change, the compare-and-swap of an admission), `expiresAt` (the latest slot's) |
 //! | `LIMIT#<principal>`       | `REQ#<window>` | the principal's request counter for one window: `n` (N), `expiresAt` (a minute after the window ends) |
 //! | `PRESENCE#<room>`         | `W#<second>` | the room's presence budget for one second (epoch seconds, [`crate::presence`]): `n` (N, the `@connections` POSTs charged to it), `expiresAt` (a minute after the second) |
@@ -224,8 +230,9 @@
 //! `nameKey` is the name's NFKC_Casefold without invisible characters (`validation::name_key`):
 //! names are unique ignoring case and Unicode compatibility differences. `expiresAt` is epoch
 //! seconds; DynamoDB deletes expired items only eventually, so every read also treats
-//! `expiresAt <= now` as absent (a member item expires with its connection; its rooms hear of
-//! it when the connection item's TTL deletion reaches the fan-out, above).
+//! `expiresAt <= now` as absent — a member item `liveUntil <= now` (its connection's expiry;
+//! its `expiresAt` is a grace later, so the expiry path above still finds it): its rooms hear
+//! of it when the connection item's TTL deletion reaches the fan-out, above.
 
 /// The room of the classic chat: `setName` joins it, and `sendPublic`/`history` without a
 /// `room` mean it.
@@ -236,6 +243,9 @@ pub const SK: &str = "sk";
 pub const SEQ: &str = "seq";
 pub const TYPE: &str = "type";
 pub const EXPIRES_AT: &str = "expiresAt";
+/// A member item's liveness: the connection's expiry (its `expiresAt` is later, see
+/// [`MEMBER_TTL_GRACE_SECS`]).
+pub const LIVE_UNTIL: &str = "liveUntil";
 pub const CONNECTION_ID: &str = "connectionId";
 pub const CONNECTED_AT: &str = "connectedAt";
 pub const NAME: &str = "name";
@@ -289,6 +299,18 @@ pub const REQUEST_TYPE: &str = "Request";
 pub const CONN_SK: &str = "CONN";
 /// Sort key of a name claim.
 pub const NAME_SK: &str = "NAME";
+
+/// How long a member item outlives its connection (seconds): its TTL attribute `expiresAt` is
+/// the connection's expiry plus this, its `liveUntil` the connection's expiry. DynamoDB deletes
+/// expired items "typically within two days of expiration" (UpdateTimeToLive, DynamoDB API
+/// Reference; the developer guide says "within a few days") and in no set order, and the
+/// connection item's TTL `REMOVE` is then handled within the expiry mapping's
+/// `MaximumRecordAgeInSeconds` (an hour; the stream keeps it 24 h at most): about three days
+/// from the connection's expiry to its leaves in the usual worst case. A week is more than
+/// twice that, so the member item the expiry path leaves the room by is still there. It
+/// costs little: the expiry path deletes the member item when it leaves the room, so only a
+/// member whose leave never ran waits out the grace (filtered out of every read meanwhile).
+pub const MEMBER_TTL_GRACE_SECS: i64 = 7 * 86_400;
 
 /// A room's member shards hold about this many members each before the room doubles them.
 pub const MEMBERS_PER_SHARD: u64 = 1_000;

@@ -447,7 +447,7 @@ async fn a_room_past_a_thousand_members_doubles_its_shards_and_keeps_everyone() 
 }
 
 #[tokio::test]
-async fn member_items_expire_with_their_connection() {
+async fn member_items_read_as_absent_with_their_connection_and_go_a_grace_later() {
     // GIVEN alice in lobby and dev, and the feed read
     let s = store();
     let mut feed = s.feed();
@@ -461,18 +461,35 @@ async fn member_items_expire_with_their_connection() {
     let later = now + ttl + 1_000;
     let removed = s.expire(later);
 
-    // THEN her connection, her claim and both member items go (the connection's record goes to
-    // the connections feed, not this one); the counters stay
-    assert_eq!(removed, 4);
+    // THEN her connection and her claim go (the connection's record goes to the connections
+    // feed, not this one), her member items read as absent (their liveUntil has passed) but
+    // stay for the expiry path to leave each room by; the counters stay
+    assert_eq!(removed, 2);
     assert!(drain(&mut feed).await.is_empty());
     assert!(members(&s, "dev", later).await.is_empty());
+    assert_eq!(
+        s.members_page("dev", 0, None, now)
+            .await
+            .expect("page")
+            .members
+            .len(),
+        1,
+        "the member item is still stored"
+    );
+    assert_eq!(s.counter("dev").map(|c| c.last), Some(1));
+
+    // WHEN the sweeper runs again once the member items' own TTL, a grace later, has passed
+    let grace_ms = chat_shared::keys::MEMBER_TTL_GRACE_SECS * 1_000;
+    let removed = s.expire(later + grace_ms);
+
+    // THEN both member items go
+    assert_eq!(removed, 2);
     assert!(s
         .members_page("dev", 0, None, now)
         .await
         .expect("page")
         .members
         .is_empty());
-    assert_eq!(s.counter("dev").map(|c| c.last), Some(1));
 }
 
 #[tokio::test]

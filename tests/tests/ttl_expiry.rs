@@ -492,3 +492,133 @@ async fn only_ttl_removals_of_connection_items_pass_the_expiry_filter() {
         .is_empty());
     assert_eq!(events_in(&w, "lobby").await.len(), lobby);
 }
+
+/// What DynamoDB's TTL does, all at once: deletes every item of the connections table whose
+/// TTL attribute (`expiresAt`) has passed at `now_s`. Returns the keys (`pk`) it deleted.
+async fn ttl_sweep(w: &World, now_s: i64) -> Vec<String> {
+    let mut deleted = Vec::new();
+    let mut start = None;
+    loop {
+        let out = w
+            .moto
+            .dynamodb()
+            .scan()
+            .table_name(&w.tables.connections)
+            .consistent_read(true)
+            .set_exclusive_start_key(start.take())
+            .send()
+            .await
+            .expect("Scan");
+        for item in out.items.unwrap_or_default() {
+            let expired = item
+                .get("expiresAt")
+                .and_then(|v| v.as_n().ok())
+                .and_then(|n| n.parse::<i64>().ok())
+                .is_some_and(|at| at <= now_s);
+            if !expired {
+                continue;
+            }
+            let key = HashMap::from([
+                ("pk".to_owned(), item["pk"].clone()),
+                ("sk".to_owned(), item["sk"].clone()),
+            ]);
+            w.moto
+                .dynamodb()
+                .delete_item()
+                .table_name(&w.tables.connections)
+                .set_key(Some(key))
+                .send()
+                .await
+                .expect("DeleteItem");
+            deleted.push(item["pk"].as_s().expect("pk").clone());
+        }
+        match out.last_evaluated_key {
+            Some(key) => start = Some(key),
+            None => break,
+        }
+    }
+    deleted
+}
+
+#[tokio::test]
+async fn member_items_outlive_their_connection_so_ttl_in_any_order_still_leaves_every_room() {
+    // GIVEN alice (A) in lobby and ops, connected so long ago that her connection has expired
+    // (her $disconnect was lost), and bob (B) in both rooms, live
+    let mut w = world().await;
+    let now = chat_shared::now_ms();
+    let ttl_ms = chat_shared::config::Retention::default()
+        .connection_ttl
+        .as_millis() as i64;
+    let then = now - ttl_ms - 60_000;
+    w.store.add_connection("A", then).await.expect("connect");
+    w.store
+        .set_name("A", &validate_name("alice").expect("name"), then)
+        .await
+        .expect("name");
+    w.store
+        .join_room("A", "ops", 50, then)
+        .await
+        .expect("join ops");
+    w.join("B", "bob").await;
+    w.send("B", json!({"action":"join","room":"ops"})).await;
+    assert!(w.fan_out().await.batch_item_failures.is_empty());
+    w.endpoint.clear();
+    let gone = stored_conn(&w, "A").await;
+    assert!(gone.expires_at <= chat_shared::store::epoch_secs(now));
+    // AND the member reads already leave her out (her member items' liveUntil has passed)
+    for room in ["lobby", "ops"] {
+        assert_eq!(member_ids(&w, room).await, vec!["B".to_owned()], "{room}");
+    }
+
+    // WHEN DynamoDB's TTL has deleted every item whose expiresAt has passed — her connection
+    // and her name claim, in whatever order — before her connection's record is handled
+    let deleted = ttl_sweep(&w, chat_shared::store::epoch_secs(now)).await;
+    assert!(deleted.contains(&"CONN#A".to_owned()), "{deleted:?}");
+    assert!(deleted.contains(&"NAME#alice".to_owned()), "{deleted:?}");
+    // (her member items are not among them: their TTL is a grace after the connection's)
+    assert!(
+        !deleted.iter().any(|pk| pk.starts_with("MEMBERS#")),
+        "{deleted:?}"
+    );
+    // AND then the connection item's TTL record reaches the fan-out
+    let response = w.fan_out_event(expiry_event(&gone, 5)).await;
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    assert!(w.fan_out().await.batch_item_failures.is_empty());
+
+    // THEN both of her rooms get her MemberLeft (reason expired), and bob hears it in each
+    for room in ["lobby", "ops"] {
+        assert_eq!(expired_leaves(&events_in(&w, room).await, "A"), 1, "{room}");
+        assert_eq!(
+            system_messages(&w, "B", room),
+            vec!["alice has left the chat"],
+            "{room}"
+        );
+        assert_eq!(
+            members_frames(&w, "B", room),
+            vec![json!(["bob"])],
+            "{room}"
+        );
+    }
+    // AND her member items are gone with the leaves
+    let member_items = w
+        .moto
+        .dynamodb()
+        .scan()
+        .table_name(&w.tables.connections)
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("Scan")
+        .items
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| {
+            i["pk"].as_s().is_ok_and(|pk| pk.starts_with("MEMBERS#"))
+                && i.get("connectionId")
+                    .and_then(|v| v.as_s().ok())
+                    .map(String::as_str)
+                    == Some("A")
+        })
+        .count();
+    assert_eq!(member_items, 0);
+}

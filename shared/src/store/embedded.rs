@@ -12,7 +12,8 @@
 //! finishes the job. It keeps that adapter's contract exactly (the shared contract suite in
 //! `tests/tests/store_contract.rs` runs against both): the same conditions, the same errors,
 //! the same TTL arithmetic (`expiresAt` in epoch seconds, every read treating
-//! `expiresAt <= now` as absent), the same member order and pagination.
+//! `expiresAt <= now` as absent — a member item's `liveUntil`, its connection's expiry, since
+//! its `expiresAt` is a grace later), the same member order and pagination.
 //!
 //! Every write to the event table also becomes a stream record, shaped exactly as DynamoDB
 //! Streams hands it to Lambda (`Keys`, `NewImage`, a `SequenceNumber` whose string order is its
@@ -28,8 +29,8 @@
 //! The connections table has a stream of its own (template.yaml: `OLD_IMAGE`), read by
 //! [`EmbeddedStore::connections_feed`]: the `REMOVE` record of every deleted connection item,
 //! with its last image ([`super::items::ConnItem`], the DynamoDB adapter's shape) — marked as
-//! done by the DynamoDB service when the TTL sweeper deleted it ([`EmbeddedStore::expire`],
-//! [`EmbeddedStore::expire_connections`]), unmarked when `$disconnect` (or a prune) did. The
+//! done by the DynamoDB service when the TTL sweeper deleted it ([`EmbeddedStore::expire`]),
+//! unmarked when `$disconnect` (or a prune) did. The
 //! other writes to that table would be on DynamoDB's stream too; the connections mapping's
 //! filter drops them before Lambda ([`crate::stream::passes_expiry_filter`]), so the feed does
 //! not carry them.
@@ -175,10 +176,33 @@ struct Claim {
 struct MemberItem {
     connection_id: String,
     name: String,
-    /// The connection's: a member item expires with its connection.
+    /// TTL (`expiresAt`): the connection's expiry plus [`keys::MEMBER_TTL_GRACE_SECS`], so the
+    /// sweeper deletes it only well after the connection item (whose removal leaves the room
+    /// by it).
     expires_at: i64,
     /// The connection's `batch` opt-in.
     batch: bool,
+    /// `liveUntil`: the connection's expiry, after which every read treats it as absent.
+    live_until: i64,
+}
+
+impl MemberItem {
+    /// The member item of a connection expiring at `conn_expires_at` (the DynamoDB adapter's
+    /// [`super::items::MemberItem::new`]).
+    fn new(connection_id: &str, name: String, conn_expires_at: i64) -> Self {
+        let item = super::items::MemberItem::new(connection_id.to_owned(), name, conn_expires_at);
+        MemberItem {
+            live_until: item.live_until(),
+            expires_at: item.expires_at,
+            connection_id: item.connection_id,
+            name: item.name,
+            batch: false,
+        }
+    }
+
+    fn is_live(&self, now_s: i64) -> bool {
+        self.live_until > now_s
+    }
 }
 
 /// A room's counter item (`ROOM#<room>`, `seq` 0).
@@ -538,8 +562,8 @@ impl State {
             .put(connection_id.to_owned(), item, lag);
     }
 
-    /// The connection's member item in `room`'s `shard`, expired or not (it expires with its
-    /// connection).
+    /// The connection's member item in `room`'s `shard`, live or not (its connection's item
+    /// decides that, or on the expiry path is gone).
     fn member(&self, room: &str, shard: u32, connection_id: &str) -> Option<&MemberItem> {
         self.members
             .get(&keys::members_pk(room, shard))
@@ -607,7 +631,7 @@ impl State {
         let mut bytes = 0;
         for m in items.items.values() {
             bytes += member_item_size(&pk, m);
-            if m.expires_at > now_s {
+            if m.is_live(now_s) {
                 count += 1;
             }
         }
@@ -1184,8 +1208,8 @@ impl EmbeddedStore {
         }
     }
 
-    /// Sets when a connection expires (its item, its member items and its name claim, which
-    /// expire with it), as if `$connect` had given it that TTL: a test's way to make one
+    /// Sets when a connection expires (its item, its member items' `liveUntil` — their
+    /// `expiresAt` a grace later — and its name claim), as if `$connect` had given it that TTL: a test's way to make one
     /// connection expire without waiting hours, or every connection with it. `false` if there
     /// is no such connection.
     pub fn set_connection_expiry(&self, connection_id: &str, expires_at: i64) -> bool {
@@ -1195,8 +1219,11 @@ impl EmbeddedStore {
         };
         conn.expires_at = expires_at;
         for (room, shard) in conn.rooms.clone() {
-            if let Some(mut member) = state.member(&room, shard, connection_id).cloned() {
-                member.expires_at = expires_at;
+            if let Some(member) = state.member(&room, shard, connection_id).cloned() {
+                let member = MemberItem {
+                    batch: member.batch,
+                    ..MemberItem::new(connection_id, member.name, expires_at)
+                };
                 state.put_member(&room, shard, connection_id, Some(member));
             }
         }
@@ -1209,22 +1236,6 @@ impl EmbeddedStore {
         }
         state.put_conn(connection_id, Some(conn));
         true
-    }
-
-    /// DynamoDB's TTL deletion of the connection items only (not their member items, claims
-    /// or anything else): each expired one goes, with a `REMOVE` record by the DynamoDB
-    /// service carrying its last image on the connections feed. The local stack's sweeper
-    /// runs this first and the rest of [`Self::expire`] a grace later, so the expiry path
-    /// finds the member items it leaves by (see docs/local-stack.md). Returns how many went.
-    pub fn expire_connections(&self, now_ms: i64) -> usize {
-        let now_s = epoch_secs(now_ms);
-        let mut state = self.shared.lock();
-        let expired = Self::sweep_connections(&self.shared, &mut state, now_s, now_ms);
-        drop(state);
-        if expired > 0 {
-            self.shared.changed.notify_waiters();
-        }
-        expired
     }
 
     /// Deletes the expired connection items, publishing their TTL `REMOVE` records.
@@ -1275,8 +1286,9 @@ impl EmbeddedStore {
     /// (events, redelivery items, connections, name claims, member items; never a room's
     /// counter). Each deleted item of the event table appears in the feed as a `REMOVE` record
     /// by the DynamoDB service, as TTL deletions do on a real stream; each deleted connection
-    /// item likewise on the connections feed, with its last image. Returns how many items were
-    /// deleted.
+    /// item likewise on the connections feed, with its last image. A member item goes only
+    /// [`keys::MEMBER_TTL_GRACE_SECS`] after its connection (its `expiresAt`), so the expiry
+    /// path finds it after the connection item's removal. Returns how many items were deleted.
     pub fn expire(&self, now_ms: i64) -> usize {
         let now_s = epoch_secs(now_ms);
         let mut state = self.shared.lock();
@@ -1779,6 +1791,8 @@ fn member_item_size(pk: &str, m: &MemberItem) -> usize {
         + keys::EXPIRES_AT.len()
         + 6
         + if m.batch { keys::BATCH.len() + 1 } else { 0 }
+        + keys::LIVE_UNTIL.len()
+        + 6
 }
 
 /// Where the first transaction of a name change announces it (the DynamoDB adapter's order).
@@ -2133,10 +2147,8 @@ impl EmbeddedStore {
             }
             named.rooms.insert(room.clone(), shard);
             let member = MemberItem {
-                connection_id: connection_id.to_owned(),
-                name: name.display.clone(),
-                expires_at: named.expires_at,
                 batch: named.batch,
+                ..MemberItem::new(connection_id, name.display.clone(), named.expires_at)
             };
             state.put_conn(connection_id, Some(named));
             state.put_member(&room, shard, connection_id, Some(member));
@@ -2305,10 +2317,8 @@ impl EmbeddedStore {
             state.injected_failure(RENAME)?;
             // A put of the whole member item, as the DynamoDB adapter writes it.
             let member = MemberItem {
-                connection_id: connection_id.to_owned(),
-                name: display.to_owned(),
-                expires_at: conn.expires_at,
                 batch: conn.batch,
+                ..MemberItem::new(connection_id, display.to_owned(), conn.expires_at)
             };
             state.put_member(room, shard, connection_id, Some(member));
             Ok(Some(self.finish(state, pending)))
@@ -2698,10 +2708,8 @@ impl EmbeddedStore {
                 };
                 state.injected_failure(JOIN)?;
                 let member = MemberItem {
-                    connection_id: connection_id.to_owned(),
-                    name: conn.display_name(),
-                    expires_at: conn.expires_at,
                     batch: conn.batch,
+                    ..MemberItem::new(connection_id, conn.display_name(), conn.expires_at)
                 };
                 conn.rooms.insert(room.to_owned(), shard);
                 state.put_conn(connection_id, Some(conn));
@@ -3616,7 +3624,7 @@ impl ChatStore for EmbeddedStore {
                 evaluated += 1;
                 bytes += member_item_size(&pk, m);
                 last = Some(sk.to_owned());
-                if m.expires_at > now_s {
+                if m.is_live(now_s) {
                     members.push(Member {
                         connection_id: m.connection_id.clone(),
                         name: m.name.clone(),
@@ -3756,10 +3764,8 @@ mod tests {
             for i in 0..600 {
                 let id = format!("c{i:03}");
                 let member = MemberItem {
-                    connection_id: id.clone(),
-                    name: format!("{long}{i}"),
-                    expires_at: epoch_secs(now) + 3_600,
                     batch: false,
+                    ..MemberItem::new(&id, format!("{long}{i}"), epoch_secs(now) + 3_600)
                 };
                 state.put_member("big", 0, &id, Some(member));
             }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::keys;
 use crate::protocol::EventRef;
 
 /// A connection (`CONN#<connectionId>` / `CONN`).
@@ -95,11 +96,42 @@ impl ClaimItem {
 pub struct MemberItem {
     pub connection_id: String,
     pub name: String,
-    /// TTL, epoch seconds: the connection's.
+    /// TTL, epoch seconds: the connection's expiry plus [`keys::MEMBER_TTL_GRACE_SECS`], so
+    /// DynamoDB's TTL deletes the member item only well after the connection item, whose TTL
+    /// deletion leaves the room by it (see [`crate::keys`], *TTL expiry*).
     pub expires_at: i64,
     /// The connection's `batch` opt-in (absent: false), read by the fan-out with the member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<bool>,
+    /// Epoch seconds: the connection's expiry, after which every read treats the member as
+    /// absent. `None` on an item written before the grace existed: `expires_at` is then the
+    /// connection's expiry ([`Self::live_until`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_until: Option<i64>,
+}
+
+impl MemberItem {
+    /// The member item of a connection that expires at `conn_expires_at` (epoch seconds).
+    pub fn new(connection_id: String, name: String, conn_expires_at: i64) -> Self {
+        MemberItem {
+            connection_id,
+            name,
+            expires_at: conn_expires_at.saturating_add(keys::MEMBER_TTL_GRACE_SECS),
+            live_until: Some(conn_expires_at),
+            batch: None,
+        }
+    }
+
+    /// Until when (epoch seconds) the member is live: `liveUntil`, else (an item written
+    /// before it) `expiresAt`.
+    pub fn live_until(&self) -> i64 {
+        self.live_until.unwrap_or(self.expires_at)
+    }
+
+    /// Whether the member is live at `now_s` (epoch seconds).
+    pub fn is_live(&self, now_s: i64) -> bool {
+        self.live_until() > now_s
+    }
 }
 
 /// A room's sequence counter (`ROOM#<room>` / seq 0 in the events table). Every append writes

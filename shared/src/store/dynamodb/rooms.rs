@@ -18,6 +18,13 @@ use crate::validation::ValidName;
 
 use super::connections::live;
 
+/// The filter of a live member item (`:now` in epoch seconds): its `liveUntil` (the
+/// connection's expiry) has not passed — or, on an item written before `liveUntil` existed,
+/// its `expiresAt`. Not `expiresAt` alone: a member item's TTL is a grace later than its
+/// connection's (see [`keys::MEMBER_TTL_GRACE_SECS`]).
+pub(super) const LIVE_MEMBER: &str =
+    "#live > :now OR (attribute_not_exists(#live) AND #exp > :now)";
+
 /// Whether a join on attempt `attempt` (from 1) with the room's counter as read is
 /// unsequenced: the room is large, or the join lost the counter
 /// [`keys::SEQUENCED_JOIN_ATTEMPTS`] times already (see [`crate::keys`]), or the room's
@@ -181,9 +188,10 @@ impl DynamoStore {
                 .query()
                 .table_name(&self.tables.connections)
                 .key_condition_expression("#pk = :pk")
-                .filter_expression("#exp > :now")
+                .filter_expression(LIVE_MEMBER)
                 .expression_attribute_names("#pk", keys::PK)
                 .expression_attribute_names("#exp", keys::EXPIRES_AT)
+                .expression_attribute_names("#live", keys::LIVE_UNTIL)
                 .expression_attribute_values(":pk", s(pk.clone()))
                 .expression_attribute_values(":now", n(epoch_secs(now_ms)))
                 .select(aws_sdk_dynamodb::types::Select::Count)
@@ -298,8 +306,8 @@ impl DynamoStore {
         Ok((items, shards))
     }
 
-    /// The member item of `conn` in `room`'s `shard`, named `name`, expiring with the
-    /// connection; with `was`, only if the item is there with that name (a rename the room
+    /// The member item of `conn` in `room`'s `shard`, named `name`, live until the connection
+    /// expires (its TTL a grace later, see [`keys::MEMBER_TTL_GRACE_SECS`]); with `was`, only if the item is there with that name (a rename the room
     /// has not heard of yet: two finishers of one rename cannot both announce it). A put (not
     /// an update): a rename rewrites it whole, so it can never be left as a partial item.
     pub(super) fn put_member(
@@ -311,10 +319,8 @@ impl DynamoStore {
         was: Option<&str>,
     ) -> Result<TransactWriteItem, StoreError> {
         let member = MemberItem {
-            connection_id: conn.connection_id.clone(),
-            name: name.to_owned(),
-            expires_at: conn.expires_at,
             batch: conn.batch,
+            ..MemberItem::new(conn.connection_id.clone(), name.to_owned(), conn.expires_at)
         };
         let item = serde_dynamo::to_item(&member)
             .map_err(|e| StoreError::Malformed(format!("member item: {e}")))?;
@@ -326,7 +332,8 @@ impl DynamoStore {
     }
 
     /// The connection's member item in `room`'s `shard`, if there is one (strongly
-    /// consistent, expired or not: it expires with its connection).
+    /// consistent, live or not: every caller acts for its connection, whose own item decides
+    /// whether it is live — or, on the expiry path, is gone).
     pub(super) async fn get_member(
         &self,
         room: &str,
@@ -558,9 +565,10 @@ impl DynamoStore {
             .query()
             .table_name(&self.tables.connections)
             .key_condition_expression("#pk = :pk")
-            .filter_expression("#exp > :now")
+            .filter_expression(LIVE_MEMBER)
             .expression_attribute_names("#pk", keys::PK)
             .expression_attribute_names("#exp", keys::EXPIRES_AT)
+            .expression_attribute_names("#live", keys::LIVE_UNTIL)
             .expression_attribute_values(":pk", s(pk))
             .expression_attribute_values(":now", n(epoch_secs(now_ms)))
             .set_exclusive_start_key(start)
