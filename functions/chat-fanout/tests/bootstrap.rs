@@ -114,18 +114,19 @@ async fn the_bootstrap_delivers_a_stream_event_and_answers_with_a_partial_batch_
         .collect();
     assert_eq!(failed.len(), 1, "{logs:#?}");
     assert_eq!(failed[0]["event_id"], 1);
-    // AND the EMF documents: four deliveries and two broadcasts in the first invocation, one
-    // record handed back in the second, one cold start
+    // AND the EMF documents: the room's joins and message, in one batch, go out together
+    // (crate::batching): one broadcast of two recipients in the first invocation, one record
+    // handed back in the second, one cold start
     let doc = |request_id: &str, metric: &str| -> Vec<Value> {
         docs.iter()
             .filter(|d| d["requestId"] == request_id && d.get(metric).is_some())
             .map(|d| d[metric].clone())
             .collect()
     };
-    assert_eq!(doc(&delivered_id, "Deliveries"), [json!(4)], "{docs:#?}");
+    assert_eq!(doc(&delivered_id, "Deliveries"), [json!(2)], "{docs:#?}");
     assert_eq!(
         doc(&delivered_id, "RecipientsPerEvent"),
-        [json!([2.0, 2.0])],
+        [json!([2.0])],
         "{docs:#?}"
     );
     assert_eq!(doc(&delivered_id, "BatchSize"), [json!([3.0])], "{docs:#?}");
