@@ -56,13 +56,23 @@ async fn three_members(w: &mut World) {
 
 #[tokio::test]
 async fn a_private_message_after_a_deadline_passed_mid_broadcast_is_retried_not_dropped() {
-    // GIVEN alice, bob and carol are members, and a batch [broadcast, private message, public
-    // message]
+    // GIVEN alice, bob and carol are members of lobby, alice and bob of `r`, and a batch
+    // [broadcast to r, private message, public message to lobby]: two groups, as a room's
+    // units of one batch go out together (crate::batching) and a private message with lobby
     let mut w = world().await;
     w.fanout.time_margin = Duration::ZERO;
     three_members(&mut w).await;
+    for id in ["A", "B"] {
+        let joined = w.send(id, json!({"action":"join","room":"r"})).await;
+        assert!(joined.is_some_and(|a| a.get("joined").is_some()));
+    }
+    w.fan_out().await;
+    w.endpoint.clear();
     let said = w
-        .send("B", json!({"action":"sendPublic","message":"slow"}))
+        .send(
+            "B",
+            json!({"action":"sendPublic","room":"r","message":"slow"}),
+        )
         .await;
     assert_eq!(said, None);
     let said = w
@@ -81,8 +91,8 @@ async fn a_private_message_after_a_deadline_passed_mid_broadcast_is_retried_not_
     assert_eq!(event.records.len(), 3);
 
     // WHEN the invocation's deadline passes between the broadcast and the private message:
-    // the fan-out reads the clock as each unit starts, and that read of the private message's
-    // unit holds the thread past the deadline (as a long broadcast's CPU would). Nothing
+    // the fan-out reads the clock as each group starts, and that read of the private message's
+    // group holds the thread past the deadline (as a long broadcast's CPU would). Nothing
     // yields between the hog and the unit's sends, so no timer can fire in between.
     // The deadline leaves the broadcast plenty of time; the hog outlasts it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -120,34 +130,49 @@ async fn a_private_message_after_a_deadline_passed_mid_broadcast_is_retried_not_
         "the private message must be retried, not checkpointed past unsent"
     );
     assert!(w
-        .frames("B")
+        .room_frames("B")
         .iter()
-        .all(|f| f.get("privateMessage").is_none()));
+        .all(|(_, f)| f.get("privateMessage").is_none()));
 
     // WHEN Lambda retries from the reported record (with time to spare)
     let mut retry = event.clone();
     retry.records.remove(0);
     let response = w.fan_out_event(retry).await;
 
-    // THEN bob gets the private message and both get the last public one
+    // THEN bob gets the private message and every lobby member the last public one
     assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    let frames = |id: &str| -> Vec<(Option<String>, Value)> {
+        w.room_frames(id)
+            .into_iter()
+            .map(|(room, mut f)| {
+                if let Some(o) = f.as_object_mut() {
+                    o.remove("id");
+                }
+                (room, f)
+            })
+            .collect()
+    };
+    let r = Some("r".to_owned());
+    let lobby = Some("lobby".to_owned());
     assert_eq!(
-        w.frames("B"),
+        frames("B"),
         vec![
-            json!({"publicMessage":"bob: slow"}),
-            json!({"privateMessage":"alice: psst"}),
-            json!({"publicMessage":"alice: after"}),
+            (r.clone(), json!({"publicMessage":"bob: slow"})),
+            (None, json!({"privateMessage":"alice: psst"})),
+            (lobby.clone(), json!({"publicMessage":"alice: after"})),
         ]
     );
-    for id in ["A", "C"] {
-        assert_eq!(
-            w.frames(id),
-            vec![
-                json!({"publicMessage":"bob: slow"}),
-                json!({"publicMessage":"alice: after"}),
-            ]
-        );
-    }
+    assert_eq!(
+        frames("A"),
+        vec![
+            (r, json!({"publicMessage":"bob: slow"})),
+            (lobby.clone(), json!({"publicMessage":"alice: after"})),
+        ]
+    );
+    assert_eq!(
+        frames("C"),
+        vec![(lobby, json!({"publicMessage":"alice: after"}))]
+    );
 }
 
 /// A store that counts the events its reads return (what a `history` request examined), and
