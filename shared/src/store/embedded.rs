@@ -717,8 +717,9 @@ impl State {
         ))
     }
 
-    /// Gives the next stream sequence number to `record` and appends it to the stream.
-    fn publish(&mut self, instance: u64, mut record: EventRecord) {
+    /// Gives `record` the next stream sequence number (shared by both tables' streams) and its
+    /// event id; returns the number.
+    fn stamp(&mut self, instance: u64, record: &mut EventRecord) -> u64 {
         self.stream_seq += 1;
         record.change.sequence_number = Some(format!(
             "{:0width$}",
@@ -727,19 +728,19 @@ impl State {
         ));
         // Unique across stores in one process and across runs, like DynamoDB's event ids.
         record.event_id = format!("{instance:016x}{:016x}", self.stream_seq);
-        self.log.push((self.stream_seq, record));
+        self.stream_seq
     }
 
-    /// Gives the next stream sequence number to a record of the connections table's stream.
+    /// Appends `record` to the events table's stream.
+    fn publish(&mut self, instance: u64, mut record: EventRecord) {
+        let seq = self.stamp(instance, &mut record);
+        self.log.push((seq, record));
+    }
+
+    /// Appends `record` to the connections table's stream.
     fn publish_conn(&mut self, instance: u64, mut record: EventRecord) {
-        self.stream_seq += 1;
-        record.change.sequence_number = Some(format!(
-            "{:0width$}",
-            self.stream_seq,
-            width = SEQUENCE_DIGITS
-        ));
-        record.event_id = format!("{instance:016x}{:016x}", self.stream_seq);
-        self.conn_log.push((self.stream_seq, record));
+        let seq = self.stamp(instance, &mut record);
+        self.conn_log.push((seq, record));
     }
 
     /// Commits a prepared append: the counter moves, the event item is stored, and the
