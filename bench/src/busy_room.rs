@@ -24,6 +24,7 @@ use anyhow::{anyhow, bail, Context};
 use async_trait::async_trait;
 use aws_lambda_events::event::dynamodb::Event;
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
+use chat_local::aws_like::AwsLike;
 use chat_local::esm::{self, EsmConfig, Mapping, StreamTarget};
 use chat_shared::config::{FanoutConfig, Retention, DEFAULT_FANOUT_CONCURRENCY};
 use chat_shared::delivery::ManagementApi;
@@ -45,9 +46,11 @@ pub struct BusyRoomOptions {
     /// Members of the room (lobby).
     #[arg(long, default_value_t = 1000)]
     pub members: usize,
-    /// Percentage of them that opted in to batched frames.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
-    pub batched_pct: u8,
+    /// Percentage of them that opted in to batched frames. Several (comma-separated, e.g.
+    /// `100,0`) run one after another in this command, reported side by side.
+    #[arg(long, value_delimiter = ',', default_value = "50",
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub batched_pct: Vec<u8>,
     /// Public events per second, over all senders.
     #[arg(long, default_value_t = 10.0)]
     pub rate: f64,
@@ -57,9 +60,10 @@ pub struct BusyRoomOptions {
     /// Seconds of sending.
     #[arg(long, default_value_t = 20)]
     pub duration: u64,
-    /// The mapping's batching window (`MaximumBatchingWindowInSeconds`), seconds.
-    #[arg(long, default_value_t = 1.0)]
-    pub window: f64,
+    /// The mapping's batching window (`MaximumBatchingWindowInSeconds`), seconds. Several
+    /// (comma-separated, e.g. `0,1,2`) sweep it: every window with every `--batched-pct`.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub window: Vec<f64>,
     /// The mapping's `BatchSize` (stream records per invocation).
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
@@ -79,9 +83,36 @@ pub struct BusyRoomOptions {
     /// Seconds allowed after the last event for every delivery to arrive.
     #[arg(long, default_value_t = 120)]
     pub drain_secs: u64,
+    /// AWS-like mode: the embedded store behaves like DynamoDB during the run (5 ms reads,
+    /// 10 ms writes, eventual consistency, counter contention, partition throughput), the
+    /// stand-in answers after 20 ms and limits POSTs to the account's 10,000/s — unless
+    /// `--latency-ms` / `--limit-posts-per-second` say otherwise.
+    #[arg(long)]
+    pub aws_like: bool,
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
+}
+
+impl Default for BusyRoomOptions {
+    fn default() -> Self {
+        BusyRoomOptions {
+            members: 1000,
+            batched_pct: vec![50],
+            rate: 10.0,
+            senders: 3,
+            duration: 20,
+            window: vec![1.0],
+            batch_size: 100,
+            limit_posts_per_second: 0,
+            latency_ms: 0,
+            concurrency: DEFAULT_FANOUT_CONCURRENCY,
+            max_rps: chat_shared::pacing::DEFAULT_MAX_RPS,
+            drain_secs: 120,
+            aws_like: false,
+            json: false,
+        }
+    }
 }
 
 /// One group's figures (batched or unbatched members).
@@ -101,9 +132,24 @@ pub struct GroupReport {
     pub events_per_sec_to_every_member: f64,
 }
 
+/// Every run of one command: each `--window` with each `--batched-pct`, in that order.
 #[derive(Debug, Clone, Serialize)]
 pub struct BusyRoomReport {
+    /// `ideal` or `aws-like`.
+    pub mode: &'static str,
+    pub runs: Vec<RunReport>,
+    pub ok: bool,
+}
+
+/// One run: one window, one share of batched members.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
     pub members: usize,
+    pub batched_pct: u8,
+    /// What the stand-in added to each POST, ms.
+    pub latency_ms: u64,
+    /// The fan-out's pacer, POSTs/s (0: unpaced).
+    pub max_rps: u32,
     pub rate: f64,
     pub duration_secs: u64,
     pub window_secs: f64,
@@ -161,16 +207,48 @@ pub async fn run(opts: &BusyRoomOptions, exe: &Path) -> anyhow::Result<BusyRoomR
     if opts.senders > opts.members {
         bail!("--senders must be at most --members");
     }
-    if !(0.0..=300.0).contains(&opts.window) {
-        bail!("--window must be 0 to 300 seconds");
+    if opts.window.is_empty() || opts.batched_pct.is_empty() {
+        bail!("--window and --batched-pct need at least one value");
     }
+    if let Some(w) = opts.window.iter().find(|w| !(0.0..=300.0).contains(*w)) {
+        bail!("--window must be 0 to 300 seconds (got {w})");
+    }
+    let mut runs = Vec::new();
+    for &window in &opts.window {
+        for &pct in &opts.batched_pct {
+            runs.push(run_one(opts, window, pct, exe).await?);
+        }
+    }
+    let ok = runs.iter().all(|r| r.ok);
+    Ok(BusyRoomReport {
+        mode: if opts.aws_like { "aws-like" } else { "ideal" },
+        runs,
+        ok,
+    })
+}
+
+/// One run: a fresh store, stand-in and mapping.
+async fn run_one(
+    opts: &BusyRoomOptions,
+    window: f64,
+    batched_pct: u8,
+    exe: &Path,
+) -> anyhow::Result<RunReport> {
+    // AWS-like figures where the options leave them open (see `chat_local::aws_like`).
+    let aws_like = opts.aws_like.then(AwsLike::default);
+    let latency_ms = match aws_like {
+        Some(a) if opts.latency_ms == 0 => a.management_latency.as_millis() as u64,
+        _ => opts.latency_ms,
+    };
+    let limit_posts_per_second = match aws_like.and_then(|a| a.account_throttle) {
+        Some(limit) if opts.limit_posts_per_second == 0 => limit.per_second as u64,
+        _ => opts.limit_posts_per_second,
+    };
     let m = opts.members;
-    let batched = m * usize::from(opts.batched_pct) / 100;
+    let batched = m * usize::from(batched_pct) / 100;
     let fd_limit = sys::raise_fd_limit((4 * opts.concurrency + 1024) as u64)?;
 
-    let sink =
-        SinkProcess::spawn_with(exe, opts.latency_ms, opts.limit_posts_per_second, &[], true)
-            .await?;
+    let sink = SinkProcess::spawn_with(exe, latency_ms, limit_posts_per_second, &[], true).await?;
     progress(format_args!(
         "stand-in @connections at {}; {m} members, {batched} batched",
         sink.endpoint
@@ -190,6 +268,11 @@ pub async fn run(opts: &BusyRoomOptions, exe: &Path) -> anyhow::Result<BusyRoomR
             .await
             .context("setting a name")?;
     }
+    // The members are set up instantly; the run itself pays DynamoDB's latencies.
+    let store = match aws_like {
+        Some(a) => store.with_behaviour(a.store),
+        None => store,
+    };
     // Past the joins: only the events of the run are fanned out.
     let mut feed = store.feed();
     while let Some(last) = feed
@@ -220,15 +303,15 @@ pub async fn run(opts: &BusyRoomOptions, exe: &Path) -> anyhow::Result<BusyRoomR
             // As Lambda's poller: about four polls a second of an idle shard.
             poll_wait: Duration::from_millis(250),
             poll_interval: Duration::from_millis(250),
-            batching_window: Duration::from_secs_f64(opts.window),
+            batching_window: Duration::from_secs_f64(window),
             ..EsmConfig::default()
         },
     );
 
     let total = (opts.rate * opts.duration as f64).round() as usize;
     progress(format_args!(
-        "sending {total} events at {}/s, window {} s",
-        opts.rate, opts.window
+        "sending {total} events at {}/s, window {window} s",
+        opts.rate
     ));
     let period = Duration::from_secs_f64(1.0 / opts.rate);
     let start = tokio::time::Instant::now();
@@ -294,13 +377,16 @@ pub async fn run(opts: &BusyRoomOptions, exe: &Path) -> anyhow::Result<BusyRoomR
         // Duplicates are counted (delivery is at least once: a POST retried after a lost
         // answer arrives twice) and dropped by dedupe; loss and disorder fail the run.
         .all(|g| g.loss == 0 && g.received.out_of_order == 0);
-    Ok(BusyRoomReport {
+    Ok(RunReport {
         members: m,
+        batched_pct,
+        latency_ms,
+        max_rps: opts.max_rps,
         rate: opts.rate,
         duration_secs: opts.duration,
-        window_secs: opts.window,
+        window_secs: window,
         batch_size: opts.batch_size,
-        limit_posts_per_second: opts.limit_posts_per_second,
+        limit_posts_per_second,
         events: total,
         send_secs,
         batched: batched_report,
@@ -315,65 +401,82 @@ pub async fn run(opts: &BusyRoomOptions, exe: &Path) -> anyhow::Result<BusyRoomR
     })
 }
 
-/// One row of the text report: its label and how a group's cell reads.
-type Row<'a> = (&'a str, &'a dyn Fn(&GroupReport) -> String);
-
+/// The text report: the settings, then one row per run and group (batched, unbatched).
 pub fn print(r: &BusyRoomReport) {
+    let Some(first) = r.runs.first() else {
+        return;
+    };
     println!(
-        "busy room: {} members, {} events/s for {} s ({} events, sent in {:.1} s), window {} s, BatchSize {}, stand-in limit {}",
-        r.members,
-        r.rate,
-        r.duration_secs,
-        r.events,
-        r.send_secs,
-        r.window_secs,
-        r.batch_size,
-        if r.limit_posts_per_second == 0 {
+        "busy room ({}): {} members, {} events/s for {} s ({} events), BatchSize {}, stand-in limit {}, latency {} ms, pacer {}",
+        r.mode,
+        first.members,
+        first.rate,
+        first.duration_secs,
+        first.events,
+        first.batch_size,
+        if first.limit_posts_per_second == 0 {
             "none".to_owned()
         } else {
-            format!("{} POSTs/s", r.limit_posts_per_second)
-        }
+            format!("{} POSTs/s", first.limit_posts_per_second)
+        },
+        first.latency_ms,
+        if first.max_rps == 0 {
+            "off".to_owned()
+        } else {
+            format!("{}/s", first.max_rps)
+        },
     );
-    println!("{:<34} {:>14} {:>14}", "", "batched", "unbatched");
-    let col = |g: &Option<GroupReport>, f: &dyn Fn(&GroupReport) -> String| {
-        g.as_ref().map_or_else(|| "-".to_owned(), f)
-    };
-    let rows: [Row<'_>; 11] = [
-        ("members", &|g| g.members.to_string()),
-        ("POSTs", &|g| g.received.posts.to_string()),
-        ("deliveries (after dedupe)", &|g| {
-            g.received.distinct.to_string()
-        }),
-        ("POSTs per delivered event", &|g| {
-            format!("{:.3}", g.posts_per_delivered_event)
-        }),
-        ("loss", &|g| g.loss.to_string()),
-        ("duplicates", &|g| g.received.duplicates.to_string()),
-        ("out of order", &|g| g.received.out_of_order.to_string()),
-        ("latency p50 (ms)", &|g| {
-            g.received.latency_p50_ms.to_string()
-        }),
-        ("latency p99 (ms)", &|g| {
-            g.received.latency_p99_ms.to_string()
-        }),
-        ("latency max (ms)", &|g| {
-            g.received.latency_max_ms.to_string()
-        }),
-        ("events/s to every member", &|g| {
-            format!("{:.2}", g.events_per_sec_to_every_member)
-        }),
-    ];
-    for (name, f) in rows {
-        println!(
-            "{:<34} {:>14} {:>14}",
-            name,
-            col(&r.batched, f),
-            col(&r.unbatched, f)
-        );
+    println!(
+        "{:>6} {:>8} {:<9} {:>7} {:>9} {:>10} {:>11} {:>7} {:>7} {:>7} {:>9} {:>5} {:>4} {:>4} {:>5} {:>5}",
+        "window",
+        "batched%",
+        "group",
+        "members",
+        "POSTs",
+        "delivered",
+        "POSTs/event",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "events/s",
+        "loss",
+        "dup",
+        "ooo",
+        "invoc",
+        "429s"
+    );
+    for run in &r.runs {
+        for (label, group) in [("batched", &run.batched), ("unbatched", &run.unbatched)] {
+            let Some(g) = group else { continue };
+            println!(
+                "{:>6} {:>8} {:<9} {:>7} {:>9} {:>10} {:>11.3} {:>7} {:>7} {:>7} {:>9.2} {:>5} {:>4} {:>4} {:>5} {:>5}",
+                run.window_secs,
+                run.batched_pct,
+                label,
+                g.members,
+                g.received.posts,
+                g.received.distinct,
+                g.posts_per_delivered_event,
+                g.received.latency_p50_ms,
+                g.received.latency_p99_ms,
+                g.received.latency_max_ms,
+                g.events_per_sec_to_every_member,
+                g.loss,
+                g.received.duplicates,
+                g.received.out_of_order,
+                run.invocations,
+                run.sink.throttled,
+            );
+        }
+        if run.failed_invocations > 0 {
+            println!(
+                "  (window {} s, {}% batched: {} failed invocations)",
+                run.window_secs, run.batched_pct, run.failed_invocations
+            );
+        }
     }
     println!(
-        "stand-in: {} POSTs accepted, {} answered 429; {} fan-out invocations, {} failed",
-        r.sink.posts, r.sink.throttled, r.invocations, r.failed_invocations
+        "events/s: events ÷ (the group's last arrival − the first event's commit); dup: POSTs delivered twice (at least once), dropped by dedupe; ooo: out of order after dedupe"
     );
     println!("{}", if r.ok { "OK" } else { "FAILED" });
 }

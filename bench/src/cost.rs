@@ -254,7 +254,7 @@ async fn price(scenario: &Scenario, batched: bool, opts: &CostOptions) -> anyhow
     if scenario.seconds == 0.0 {
         bill.connection_minutes = 0.0;
     }
-    reprice(&mut bill);
+    let bill = bill.repriced();
     Ok(Priced {
         batched,
         invocations: batches.len(),
@@ -262,7 +262,7 @@ async fn price(scenario: &Scenario, batched: bool, opts: &CostOptions) -> anyhow
     })
 }
 
-/// `after − before`, times `scale`.
+/// `after − before`, times `scale` (priced again by the caller: the message tier is monthly).
 fn scaled(before: &Bill, after: &Bill, scale: f64) -> Bill {
     let reads = after
         .dynamodb_read_units
@@ -284,21 +284,6 @@ fn scaled(before: &Bill, after: &Bill, scale: f64) -> Bill {
         dynamodb_write_units: writes,
         dollars: after.dollars.clone(),
     }
-}
-
-/// Prices a (scaled) bill with the meter's table.
-fn reprice(bill: &mut Bill) {
-    use chat_local::bill::*;
-    let api_gateway = bill.api_gateway_messages as f64 * PRICE_PER_MESSAGE
-        + bill.connection_minutes * PRICE_PER_CONNECTION_MINUTE;
-    let lambda = bill.lambda_requests as f64 * PRICE_PER_LAMBDA_REQUEST
-        + bill.lambda_gb_seconds * PRICE_PER_GB_SECOND;
-    let dynamodb = bill.dynamodb_read_units.unwrap_or(0.0) * PRICE_PER_READ_UNIT
-        + bill.dynamodb_write_units.unwrap_or(0) as f64 * PRICE_PER_WRITE_UNIT;
-    bill.dollars.api_gateway = api_gateway;
-    bill.dollars.lambda = lambda;
-    bill.dollars.dynamodb = dynamodb;
-    bill.dollars.total = api_gateway + lambda + dynamodb;
 }
 
 pub fn print(r: &CostReport) {

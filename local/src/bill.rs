@@ -8,16 +8,25 @@
 //! units of the embedded store (see `EmbeddedStore::consumed`). Against a DynamoDB API the
 //! store's units are not metered (AWS itself bills those).
 //!
-//! Prices (aws.amazon.com pricing pages for API Gateway, Lambda and DynamoDB, us-east-1):
+//! Prices (aws.amazon.com pricing pages for API Gateway, Lambda and DynamoDB, us-east-1;
+//! re-checked 2026-11-30 against AWS's price list for us-east-1 and the pages' worked examples,
+//! sources in docs/benchmarks.md):
 //!
 //! | item | price |
 //! |---|---|
-//! | API Gateway WebSocket messages | $1.00 per million (32 KB units) |
+//! | API Gateway WebSocket messages | $1.00 per million for the first billion a month, $0.80 per million after (32 KB units) |
 //! | API Gateway connection minutes | $0.25 per million |
 //! | Lambda requests | $0.20 per million |
 //! | Lambda duration, arm64 | $0.0000133334 per GB-second |
 //! | DynamoDB on-demand write request units | $0.625 per million |
 //! | DynamoDB on-demand read request units | $0.125 per million |
+//!
+//! The message tier is per account and month: a bill is priced as if it were the account's
+//! whole month (a local run's is far below the billion; the cost model's monthly scenarios are
+//! not). Not included: free tiers (Lambda's always-free million requests and 400,000 GB-s; new
+//! accounts get credits rather than API Gateway's old free tier), DynamoDB storage and data
+//! transfer out — small beside the messages for a chat, and the point is the marginal cost.
+//! Lambda's duration tiers start at 7.5 billion GB-s a month, far above any scenario here.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -28,6 +37,10 @@ use serde::Serialize;
 
 /// Prices in dollars per unit (see the module's table).
 pub const PRICE_PER_MESSAGE: f64 = 1.00 / 1e6;
+/// Messages past [`MESSAGE_TIER_1`] in a month.
+pub const PRICE_PER_MESSAGE_OVER_TIER_1: f64 = 0.80 / 1e6;
+/// The first billion messages a month are priced at [`PRICE_PER_MESSAGE`].
+pub const MESSAGE_TIER_1: u64 = 1_000_000_000;
 pub const PRICE_PER_CONNECTION_MINUTE: f64 = 0.25 / 1e6;
 pub const PRICE_PER_LAMBDA_REQUEST: f64 = 0.20 / 1e6;
 pub const PRICE_PER_GB_SECOND: f64 = 0.000_013_333_4;
@@ -120,19 +133,47 @@ impl Meter {
         let consumed = self.store.get().map(EmbeddedStore::consumed);
         let read_units = consumed.map(|c| c.read_units());
         let write_units = consumed.map(|c| c.write_units);
-        let api_gateway =
-            messages as f64 * PRICE_PER_MESSAGE + connection_minutes * PRICE_PER_CONNECTION_MINUTE;
-        let lambda = lambda_requests as f64 * PRICE_PER_LAMBDA_REQUEST
-            + lambda_gb_seconds * PRICE_PER_GB_SECOND;
-        let dynamodb = read_units.unwrap_or(0.0) * PRICE_PER_READ_UNIT
-            + write_units.unwrap_or(0) as f64 * PRICE_PER_WRITE_UNIT;
-        Bill {
-            api_gateway_messages: messages,
+        Bill::priced(
+            messages,
             connection_minutes,
             lambda_requests,
             lambda_gb_seconds,
-            dynamodb_read_units: read_units,
-            dynamodb_write_units: write_units,
+            read_units,
+            write_units,
+        )
+    }
+}
+
+/// What `messages` API Gateway messages cost in one month: the first billion at $1.00 per
+/// million, the rest at $0.80.
+pub fn message_dollars(messages: u64) -> f64 {
+    let first = messages.min(MESSAGE_TIER_1);
+    first as f64 * PRICE_PER_MESSAGE + (messages - first) as f64 * PRICE_PER_MESSAGE_OVER_TIER_1
+}
+
+impl Bill {
+    /// The bill for these quantities, priced with the module's table.
+    pub fn priced(
+        api_gateway_messages: u64,
+        connection_minutes: f64,
+        lambda_requests: u64,
+        lambda_gb_seconds: f64,
+        dynamodb_read_units: Option<f64>,
+        dynamodb_write_units: Option<u64>,
+    ) -> Bill {
+        let api_gateway = message_dollars(api_gateway_messages)
+            + connection_minutes * PRICE_PER_CONNECTION_MINUTE;
+        let lambda = lambda_requests as f64 * PRICE_PER_LAMBDA_REQUEST
+            + lambda_gb_seconds * PRICE_PER_GB_SECOND;
+        let dynamodb = dynamodb_read_units.unwrap_or(0.0) * PRICE_PER_READ_UNIT
+            + dynamodb_write_units.unwrap_or(0) as f64 * PRICE_PER_WRITE_UNIT;
+        Bill {
+            api_gateway_messages,
+            connection_minutes,
+            lambda_requests,
+            lambda_gb_seconds,
+            dynamodb_read_units,
+            dynamodb_write_units,
             dollars: Dollars {
                 api_gateway,
                 lambda,
@@ -140,6 +181,18 @@ impl Meter {
                 total: api_gateway + lambda + dynamodb,
             },
         }
+    }
+
+    /// Prices this bill's quantities again (after scaling them).
+    pub fn repriced(&self) -> Bill {
+        Bill::priced(
+            self.api_gateway_messages,
+            self.connection_minutes,
+            self.lambda_requests,
+            self.lambda_gb_seconds,
+            self.dynamodb_read_units,
+            self.dynamodb_write_units,
+        )
     }
 }
 
@@ -163,5 +216,24 @@ impl std::fmt::Display for Bill {
             self.dollars.dynamodb,
             self.dollars.total
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_past_the_first_billion_cost_less() {
+        // GIVEN the tier boundary WHEN priced THEN $1.00 per million up to a billion, $0.80
+        // per million after it
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        assert!(close(message_dollars(1_000_000), 1.00));
+        assert!(close(message_dollars(MESSAGE_TIER_1), 1_000.00));
+        assert!(close(message_dollars(2 * MESSAGE_TIER_1), 1_800.00));
+        // AND a bill's API Gateway line uses the tiered price
+        let bill = Bill::priced(3 * MESSAGE_TIER_1, 0.0, 0, 0.0, None, None);
+        assert!(close(bill.dollars.api_gateway, 2_600.00));
+        assert!(close(bill.repriced().dollars.total, bill.dollars.total));
     }
 }
