@@ -69,7 +69,9 @@ pub enum Drift {
     /// (`item_missing`) or no entry for the room in its `rooms` (`entry_missing`).
     /// Fix: put the member item in `shard` (the one its `rooms` entry names, else the room's
     /// shard for it now) and the entry, live until the connection expires (`expires_at`, the
-    /// connection's; the item's TTL is a grace later, as the chat writes it).
+    /// connection's; the item's TTL is a grace later, as the chat writes it), carrying the
+    /// connection's `batch` opt-in as the chat's own writes of the item do, so a batched
+    /// client stays batched.
     MemberMissing {
         connection_id: String,
         name: String,
@@ -77,6 +79,8 @@ pub enum Drift {
         expires_at: i64,
         item_missing: bool,
         entry_missing: bool,
+        /// The connection opted in to batched frames (its `CONN#` item's `batch`).
+        batch: bool,
     },
     /// (3) A member item whose name differs from the log. Fix: set it from the log.
     MemberNameDiffers {
@@ -574,6 +578,7 @@ impl ConnectionsTable {
                 name,
                 shard,
                 expires_at,
+                batch,
                 ..
             } => {
                 // The connection first, on the condition that it is still there: a member item
@@ -617,9 +622,9 @@ impl ConnectionsTable {
                 };
                 if entry {
                     let item = MemberItem {
-                        // Not known here: the member gets unbatched frames, which a batched
-                        // client reads as well.
-                        batch: None,
+                        // The fan-out reads the opt-in from the member item only: without it
+                        // a batched client would get unbatched frames until it rejoins.
+                        batch: batch.then_some(true),
                         ..MemberItem::new(connection_id.clone(), name.clone(), *expires_at)
                     };
                     let mut item: Key = serde_dynamo::to_item(item)
@@ -976,6 +981,7 @@ fn compare(snapshot: &Snapshot, derived: &Derived) -> (Vec<Drift>, Vec<MemberRef
                 expires_at: conn.expires_at,
                 item_missing: item.is_none(),
                 entry_missing: entry.is_none(),
+                batch: conn.batch.unwrap_or(false),
             });
         }
         if conn.renaming.is_some() {
@@ -1244,6 +1250,7 @@ mod tests {
                     expires_at: 100,
                     item_missing: true,
                     entry_missing: false,
+                    batch: false,
                 },
             ]
         );

@@ -9,6 +9,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use chat_replay::rebuild::{rebuild, Drift, MemberRef, RebuildReport};
 use chat_shared::events::{ChatEvent, LeaveReason};
 use chat_shared::store::{ChatStore, StoreError};
+use chat_tests::WorldConfig;
 use common::{stderr, stdout, valid, World};
 use indicatif::ProgressBar;
 use serde_json::Value;
@@ -190,6 +191,7 @@ async fn expected_drift(w: &World) -> Vec<Drift> {
             expires_at: bob.expires_at,
             item_missing: true,
             entry_missing: false,
+            batch: false,
         },
         Drift::ClaimMissing {
             connection_id: "B".into(),
@@ -581,4 +583,160 @@ async fn members_of_a_large_room_joined_or_left_without_events_are_not_drift() {
     assert!(report
         .to_string()
         .contains("unsequenced (no event, not drift): 2 members joined"));
+}
+
+/// The member items of `id` in any of lobby's shards, as (pk, sk).
+async fn lobby_items_of(backend: &chat_tests::World, id: &str) -> Vec<Item> {
+    backend
+        .moto
+        .dynamodb()
+        .scan()
+        .table_name(&backend.tables.connections)
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("scan")
+        .items
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| {
+            matches!(i.get("pk"), Some(AttributeValue::S(pk)) if pk.starts_with("MEMBERS#lobby#"))
+                && i.get("sk") == Some(&s(id))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn rebuilt_member_items_keep_the_connections_batch_opt_in_and_the_fan_out_still_batches() {
+    // GIVEN the whole backend on moto: alice (A) connected with ?batch=1, bob (B) without,
+    // both in lobby, their joins fanned out
+    let mut backend = chat_tests::World::new(WorldConfig {
+        handler: chat_shared::config::HandlerConfig {
+            rate_limit: chat_shared::ratelimit::RateLimit {
+                per_second: 0,
+                burst: 0,
+            },
+            principal_limit: chat_shared::ratelimit::PrincipalLimit::OFF,
+            ..chat_shared::config::HandlerConfig::default()
+        },
+        fanout: chat_shared::config::FanoutConfig::default(),
+    })
+    .await
+    .expect("moto must start (run scripts/test)");
+    let mut connect = chat_tests::World::event("$connect", "A", None);
+    connect.query_string_parameters = "batch=1".parse().expect("query");
+    let r = chat_shared::handler::handle_request(
+        &backend.store,
+        &backend.handler,
+        connect,
+        chat_shared::now_ms(),
+    )
+    .await
+    .expect("handler");
+    assert_eq!(r.status_code, 200);
+    let err = backend
+        .send("A", serde_json::json!({"action":"setName","name":"alice"}))
+        .await;
+    assert_eq!(err, None);
+    backend.join("B", "bob").await;
+    backend.fan_out().await;
+    // (the chat copied the opt-in onto alice's member item, not onto bob's)
+    let alice_before = lobby_items_of(&backend, "A").await;
+    assert_eq!(alice_before.len(), 1);
+    assert_eq!(
+        alice_before[0].get("batch"),
+        Some(&AttributeValue::Bool(true))
+    );
+
+    // AND both member items are lost behind the chat's back
+    for id in ["A", "B"] {
+        for item in lobby_items_of(&backend, id).await {
+            backend
+                .moto
+                .dynamodb()
+                .delete_item()
+                .table_name(&backend.tables.connections)
+                .key("pk", item["pk"].clone())
+                .key("sk", item["sk"].clone())
+                .send()
+                .await
+                .expect("delete");
+        }
+    }
+
+    // WHEN rebuild runs with --apply
+    let client = backend.moto.dynamodb();
+    let at = backend.moto.endpoint();
+    let report = rebuild(
+        &chat_replay::log::EventLog::new(client.clone(), &backend.tables.events, "lobby", &at),
+        &chat_replay::rebuild::ConnectionsTable::new(
+            client,
+            &backend.tables.connections,
+            &backend.tables.events,
+            "lobby",
+            &at,
+        ),
+        true,
+        chat_shared::now_ms(),
+        &ProgressBar::hidden(),
+    )
+    .await
+    .expect("rebuild");
+
+    // THEN it put both back, alice's as batched and bob's not
+    let missing: Vec<(&str, bool)> = report
+        .drifts()
+        .into_iter()
+        .filter_map(|d| match d {
+            Drift::MemberMissing {
+                connection_id,
+                batch,
+                ..
+            } => Some((connection_id.as_str(), *batch)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(missing, [("A", true), ("B", false)], "{report}");
+    assert_eq!(report.fixed, 2, "{report}");
+    let alice = lobby_items_of(&backend, "A").await;
+    assert_eq!(alice.len(), 1);
+    assert_eq!(alice[0].get("batch"), Some(&AttributeValue::Bool(true)));
+    assert_eq!(
+        alice, alice_before,
+        "alice's item is back as the chat wrote it"
+    );
+    let bob = lobby_items_of(&backend, "B").await;
+    assert_eq!(bob.len(), 1);
+    assert_eq!(bob[0].get("batch"), None);
+
+    // WHEN bob then posts twice and the fan-out handles the stream batch
+    backend.endpoint.clear();
+    for m in ["one", "two"] {
+        backend
+            .send("B", serde_json::json!({"action":"sendPublic","message":m}))
+            .await;
+    }
+    let response = backend.fan_out().await;
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+
+    // THEN alice, read from her rebuilt member item, gets both in one {"batch":[…]} POST,
+    // and bob one POST per message
+    let posts = |id: &str| -> Vec<Value> {
+        backend
+            .endpoint
+            .raw_posts()
+            .into_iter()
+            .filter(|p| p.connection_id == id)
+            .map(|p| serde_json::from_slice(&p.body).expect("a JSON POST"))
+            .collect()
+    };
+    let alice_posts = posts("A");
+    assert_eq!(alice_posts.len(), 1, "{alice_posts:?}");
+    let inner = alice_posts[0]["batch"].as_array().expect("a batch frame");
+    assert_eq!(inner.len(), 2, "{alice_posts:?}");
+    assert_eq!(inner[0]["publicMessage"], "bob: one");
+    assert_eq!(inner[1]["publicMessage"], "bob: two");
+    let bob_posts = posts("B");
+    assert_eq!(bob_posts.len(), 2, "{bob_posts:?}");
+    assert!(bob_posts.iter().all(|p| p.get("batch").is_none()));
 }
