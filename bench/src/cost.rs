@@ -6,9 +6,11 @@
 //! - the events are written to an embedded store (each an inbound API Gateway message and a
 //!   chat-api-handler invocation, metered with the store write's measured time);
 //! - they are grouped into fan-out invocations as the event source mapping would with a
-//!   batching window W: a batch opens at its first event and takes every event written before
-//!   W has passed (strictly), up to `BatchSize` records — on a simulated clock, so a month's
-//!   pace needs no month;
+//!   batching window W, polling the shard four times a second as Lambda does: a batch opens at
+//!   the first poll that finds an event and takes every event written by then and before W has
+//!   passed since (strictly), up to `BatchSize` records — on a simulated clock, so a month's
+//!   pace needs no month (so with W = 0 a busy room's events still share a batch when several
+//!   are written between two polls);
 //! - each batch's stream records (through the template's filter) go to the real fan-out,
 //!   whose POSTs go to a stand-in that meters each as API Gateway bills it (32 KB units) and
 //!   answers after a 20 ms round trip (so the fan-out's billed duration includes its waits,
@@ -26,6 +28,7 @@ use chat_local::bill::{Bill, Function, Meter};
 use chat_shared::config::{FanoutConfig, Retention};
 use chat_shared::delivery::{Deliver, DeliveryError};
 use chat_shared::fanout::handle_stream_event;
+use chat_shared::store::aws_like::StoreBehaviour;
 use chat_shared::store::embedded::EmbeddedStore;
 use chat_shared::store::ChatStore;
 use chat_shared::stream::{passes_template_filter, RecordSource};
@@ -36,12 +39,18 @@ use crate::progress;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CostOptions {
-    /// The batching window (`MaximumBatchingWindowInSeconds`) the scenarios run with.
-    #[arg(long, default_value_t = 1.0)]
-    pub window: f64,
+    /// The batching windows (`MaximumBatchingWindowInSeconds`, comma-separated) each
+    /// scenario runs with.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub window: Vec<f64>,
     /// Round trip of one `@connections` POST (a Lambda to API Gateway).
     #[arg(long, default_value_t = 20)]
     pub latency_ms: u64,
+    /// AWS-like store: after the members are set up, the embedded store takes DynamoDB's
+    /// latencies (5 ms reads, 10 ms writes), eventual consistency and contention, so the
+    /// functions' billed durations include them.
+    #[arg(long)]
+    pub aws_like: bool,
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -64,6 +73,7 @@ pub struct Scenario {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Priced {
+    pub window_secs: f64,
     pub batched: bool,
     /// Fan-out invocations in the sample.
     pub invocations: usize,
@@ -80,7 +90,9 @@ pub struct ScenarioReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CostReport {
-    pub window_secs: f64,
+    /// `ideal` or `aws-like` (the store's behaviour).
+    pub mode: &'static str,
+    pub window_secs: Vec<f64>,
     pub latency_ms: u64,
     pub scenarios: Vec<ScenarioReport>,
     pub ok: bool,
@@ -145,25 +157,37 @@ pub async fn run(opts: &CostOptions) -> anyhow::Result<CostReport> {
     let mut reports = Vec::new();
     for scenario in scenarios() {
         let mut runs = Vec::new();
-        for batched in [false, true] {
-            progress(format_args!(
-                "{}: {}",
-                scenario.name,
-                if batched { "batched" } else { "unbatched" }
-            ));
-            runs.push(price(&scenario, batched, opts).await?);
+        for &window in &opts.window {
+            for batched in [false, true] {
+                progress(format_args!(
+                    "{}: window {window} s, {}",
+                    scenario.name,
+                    if batched { "batched" } else { "unbatched" }
+                ));
+                runs.push(price(&scenario, window, batched, opts).await?);
+            }
         }
         reports.push(ScenarioReport { scenario, runs });
     }
     Ok(CostReport {
-        window_secs: opts.window,
+        mode: if opts.aws_like { "aws-like" } else { "ideal" },
+        window_secs: opts.window.clone(),
         latency_ms: opts.latency_ms,
         scenarios: reports,
         ok: true,
     })
 }
 
-async fn price(scenario: &Scenario, batched: bool, opts: &CostOptions) -> anyhow::Result<Priced> {
+/// Lambda polls each stream shard about four times a second (Lambda developer guide, "Using
+/// AWS Lambda with Amazon DynamoDB"); `chat_local::aws_like` polls as often.
+const POLL_INTERVAL_SECS: f64 = 0.25;
+
+async fn price(
+    scenario: &Scenario,
+    window: f64,
+    batched: bool,
+    opts: &CostOptions,
+) -> anyhow::Result<Priced> {
     let store = EmbeddedStore::new(Retention::default());
     let now = chat_shared::now_ms();
     for i in 0..scenario.members {
@@ -185,6 +209,11 @@ async fn price(scenario: &Scenario, batched: bool, opts: &CostOptions) -> anyhow
     {
         feed.checkpoint(&last);
     }
+    let store = if opts.aws_like {
+        store.with_behaviour(StoreBehaviour::aws_like())
+    } else {
+        store
+    };
     let meter = Arc::new(Meter::default());
     meter.meter_store(store.clone());
     let before = meter.bill(0);
@@ -193,17 +222,21 @@ async fn price(scenario: &Scenario, batched: bool, opts: &CostOptions) -> anyhow
         latency: Duration::from_millis(opts.latency_ms),
     };
     let config = FanoutConfig::default();
-    // The batches on the simulated clock: event k at k / rate.
-    let window = opts.window.max(0.0);
+    // The batches on the simulated clock: event k at k / rate, polls at multiples of the
+    // poll interval.
+    let window = window.max(0.0);
     let mut batches: Vec<Vec<usize>> = Vec::new();
     let mut open_at = f64::NEG_INFINITY;
     for k in 0..scenario.sample_events {
         let t = k as f64 / scenario.rate;
         match batches.last_mut() {
-            // BatchSize 100 records: an event is one record after the filter.
-            Some(batch) if t < open_at + window && batch.len() < 100 => batch.push(k),
+            // BatchSize 100 records: an event is one record after the filter. Written by the
+            // poll that opened the batch, or within the window after it.
+            Some(batch) if (t <= open_at || t < open_at + window) && batch.len() < 100 => {
+                batch.push(k)
+            }
             _ => {
-                open_at = t;
+                open_at = (t / POLL_INTERVAL_SECS).ceil() * POLL_INTERVAL_SECS;
                 batches.push(vec![k]);
             }
         }
@@ -256,6 +289,7 @@ async fn price(scenario: &Scenario, batched: bool, opts: &CostOptions) -> anyhow
     }
     let bill = bill.repriced();
     Ok(Priced {
+        window_secs: window,
         batched,
         invocations: batches.len(),
         bill,
@@ -288,20 +322,21 @@ fn scaled(before: &Bill, after: &Bill, scale: f64) -> Bill {
 
 pub fn print(r: &CostReport) {
     println!(
-        "cost model (us-east-1, on-demand, arm64; chat-local's bill meter), batching window {} s, {} ms per POST",
-        r.window_secs, r.latency_ms
+        "cost model (us-east-1, on-demand, arm64; chat-local's bill meter), {} store, {} ms per POST, shard polled every {POLL_INTERVAL_SECS} s",
+        r.mode, r.latency_ms
     );
     println!(
-        "| scenario | members | mode | fan-out invocations (sample) | API Gateway messages | connection min | Lambda req | Lambda GB-s | DynamoDB RRU | DynamoDB WRU | API Gateway $ | Lambda $ | DynamoDB $ | total $ |"
+        "| scenario | members | window s | mode | fan-out invocations (sample) | API Gateway messages | connection min | Lambda req | Lambda GB-s | DynamoDB RRU | DynamoDB WRU | API Gateway $ | Lambda $ | DynamoDB $ | total $ |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &r.scenarios {
         for p in &s.runs {
             let b = &p.bill;
             println!(
-                "| {} | {} | {} | {} | {} | {:.0} | {} | {:.1} | {:.0} | {} | {:.4} | {:.4} | {:.4} | {:.4} |",
+                "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {:.1} | {:.0} | {} | {:.4} | {:.4} | {:.4} | {:.4} |",
                 s.scenario.name,
                 s.scenario.members,
+                p.window_secs,
                 if p.batched { "batched" } else { "unbatched" },
                 p.invocations,
                 b.api_gateway_messages,

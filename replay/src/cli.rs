@@ -85,7 +85,7 @@ pub enum Command {
         MemberJoined/MemberRenamed name unless a MemberLeft follows. Drift, and what --apply \
         does about it:\n  \
         counterBehind      counter missing or below the highest id: set it to that id\n  \
-        memberMissing      a live member per the log without its MEMBERS# item or rooms entry: put them\n  \
+        memberMissing      a live member per the log without its MEMBERS# item or rooms entry: put them (with the connection's batch opt-in)\n  \
         memberNameDiffers  a MEMBERS# item's name differs from the log: set it from the log\n  \
         leftButPresent     a MEMBERS# item of a connection that left the room: delete it (and the rooms entry)\n  \
         orphanMember       a MEMBERS# item whose connection is gone: delete it\n  \
