@@ -6,9 +6,10 @@
 //! - the events are written to an embedded store (each an inbound API Gateway message and a
 //!   chat-api-handler invocation, metered with the store write's measured time);
 //! - they are grouped into fan-out invocations as the event source mapping would with a
-//!   batching window W, polling the shard four times a second as Lambda does: a batch opens at
-//!   the first poll that finds an event and takes every event written by then and before W has
-//!   passed since (strictly), up to `BatchSize` records — on a simulated clock, so a month's
+//!   batching window W, polling the shard four times a second as Lambda does (half an interval
+//!   out of step with the writes): a batch opens at the first poll that finds an event and
+//!   takes every event written by then and before W has passed since (strictly), up to
+//!   `BatchSize` records — on a simulated clock, so a month's
 //!   pace needs no month (so with W = 0 a busy room's events still share a batch when several
 //!   are written between two polls);
 //! - each batch's stream records (through the template's filter) go to the real fan-out,
@@ -181,6 +182,12 @@ pub async fn run(opts: &CostOptions) -> anyhow::Result<CostReport> {
 /// Lambda polls each stream shard about four times a second (Lambda developer guide, "Using
 /// AWS Lambda with Amazon DynamoDB"); `chat_local::aws_like` polls as often.
 const POLL_INTERVAL_SECS: f64 = 0.25;
+/// The polls' phase against the scripted writes: half an interval, the mean wait for a poll
+/// (the poller is not in step with the writers). It matters: a window opens at the poll that
+/// finds a record, so with W = 1 s events one second apart share a batch (as `chat-bench
+/// busy-room --rate 1 --window 1` measures on the local mapping), which a poll falling
+/// exactly on each write would hide.
+const POLL_PHASE_SECS: f64 = POLL_INTERVAL_SECS / 2.0;
 
 async fn price(
     scenario: &Scenario,
@@ -236,7 +243,8 @@ async fn price(
                 batch.push(k)
             }
             _ => {
-                open_at = (t / POLL_INTERVAL_SECS).ceil() * POLL_INTERVAL_SECS;
+                open_at = ((t - POLL_PHASE_SECS) / POLL_INTERVAL_SECS).ceil() * POLL_INTERVAL_SECS
+                    + POLL_PHASE_SECS;
                 batches.push(vec![k]);
             }
         }
