@@ -568,6 +568,29 @@ async fn rate_limit_scenario(mode: Mode) {
     local.stop().await;
 }
 
+/// One frame of a catch-up: a `history` page's messages go into `got` by id (and the next
+/// page is asked for), a live `publicMessage` too, deduped by id. False once the last page
+/// has come.
+async fn catch_up_frame(f: &Value, got: &mut BTreeMap<u64, String>, client: &mut Client) -> bool {
+    if let Some(page) = f.get("history") {
+        for frame in page["frames"].as_array().expect("frames") {
+            if let Some(text) = frame["publicMessage"].as_str() {
+                got.insert(frame["id"].as_u64().expect("id"), text.to_owned());
+            }
+        }
+        match page.get("next") {
+            Some(next) => client.send(next.clone()).await,
+            None => return false,
+        }
+    } else if let Some(text) = f["publicMessage"].as_str() {
+        let id = f["id"].as_u64().expect("id");
+        if let Some(previous) = got.insert(id, text.to_owned()) {
+            assert_eq!(previous, text, "one id, one message");
+        }
+    }
+    true
+}
+
 /// The README's catch-up recipe, first step: `setName` with a `requestId` until its `ok`
 /// answer, which comes once the connection is a member of lobby again. Returns the answer.
 ///
@@ -662,21 +685,8 @@ async fn catch_up_scenario(mode: Mode) {
                     .collect::<Vec<_>>()
             ),
         };
-        if let Some(page) = f.get("history") {
-            for frame in page["frames"].as_array().expect("frames") {
-                if let Some(text) = frame["publicMessage"].as_str() {
-                    got.insert(frame["id"].as_u64().expect("id"), text.to_owned());
-                }
-            }
-            match page.get("next") {
-                Some(next) => again.send(next.clone()).await,
-                None => paging = false,
-            }
-        } else if let Some(text) = f["publicMessage"].as_str() {
-            let id = f["id"].as_u64().expect("id");
-            if let Some(previous) = got.insert(id, text.to_owned()) {
-                assert_eq!(previous, text, "one id, one message");
-            }
+        if !catch_up_frame(&f, &mut got, &mut again).await {
+            paging = false;
         }
     }
     bob_writes.await.expect("bob");
@@ -753,21 +763,8 @@ async fn unsequenced_rejoin_scenario(mode: Mode) {
     let mut paging = true;
     while paging || !expected.iter().all(|m| got.values().any(|g| g == m)) {
         let f = again.next().await;
-        if let Some(page) = f.get("history") {
-            for frame in page["frames"].as_array().expect("frames") {
-                if let Some(text) = frame["publicMessage"].as_str() {
-                    got.insert(frame["id"].as_u64().expect("id"), text.to_owned());
-                }
-            }
-            match page.get("next") {
-                Some(next) => again.send(next.clone()).await,
-                None => paging = false,
-            }
-        } else if let Some(text) = f["publicMessage"].as_str() {
-            let id = f["id"].as_u64().expect("id");
-            if let Some(previous) = got.insert(id, text.to_owned()) {
-                assert_eq!(previous, text, "one id, one message");
-            }
+        if !catch_up_frame(&f, &mut got, &mut again).await {
+            paging = false;
         }
     }
     // AND she has every message of both stretches, each once, none she had seen
